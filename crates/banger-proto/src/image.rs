@@ -1,0 +1,59 @@
+//! Image and kernel records and their method parameters.
+
+use serde::{Deserialize, Serialize};
+
+/// A root filesystem image registered with the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    /// Path of the ext4 file in the state dir.
+    pub path: String,
+    pub size_bytes: u64,
+    /// `sha256:<hex>` of the ext4 file.
+    pub digest: String,
+    /// Where it came from (the imported path).
+    pub source: String,
+    pub created_at: String,
+}
+
+/// A guest kernel registered with the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Kernel {
+    pub id: String,
+    pub name: String,
+    pub kernel_path: String,
+    pub initrd_path: Option<String>,
+    /// Default kernel command line; banger appends its own arguments.
+    pub cmdline: String,
+    pub source: String,
+    pub created_at: String,
+}
+
+/// Parameters of `image.import`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImageParams {
+    pub name: String,
+    /// Absolute path on the host, readable by the caller.
+    pub path: String,
+}
+
+/// Parameters of `kernel.import`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportKernelParams {
+    pub name: String,
+    pub path: String,
+    #[serde(default)]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// Parameters of `image.rm`, `kernel.rm`, `image.show`, `kernel.show`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveParams {
+    pub name: String,
+}

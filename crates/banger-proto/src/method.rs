@@ -1,0 +1,34 @@
+//! Method names of the control protocol.
+
+pub const DAEMON_STATUS: &str = "daemon.status";
+
+pub const VM_CREATE: &str = "vm.create";
+pub const VM_LIST: &str = "vm.list";
+pub const VM_SHOW: &str = "vm.show";
+pub const VM_START: &str = "vm.start";
+pub const VM_STOP: &str = "vm.stop";
+pub const VM_RESTART: &str = "vm.restart";
+pub const VM_DELETE: &str = "vm.delete";
+pub const VM_SET: &str = "vm.set";
+
+pub const IMAGE_IMPORT: &str = "image.import";
+pub const IMAGE_LIST: &str = "image.list";
+pub const IMAGE_SHOW: &str = "image.show";
+pub const IMAGE_REMOVE: &str = "image.rm";
+
+pub const KERNEL_IMPORT: &str = "kernel.import";
+pub const KERNEL_LIST: &str = "kernel.list";
+pub const KERNEL_SHOW: &str = "kernel.show";
+pub const KERNEL_REMOVE: &str = "kernel.rm";
+
+pub const OPERATION_LIST: &str = "operation.list";
+pub const OPERATION_STATUS: &str = "operation.status";
+pub const OPERATION_CANCEL: &str = "operation.cancel";
+/// Streams the operation's stage events (history first, then live) and a
+/// final [`crate::StreamFrame::Done`].
+pub const OPERATION_WATCH: &str = "operation.watch";
+
+/// Whether a successful call of `method` turns the connection into a stream.
+pub fn is_streaming(method: &str) -> bool {
+    method == OPERATION_WATCH
+}

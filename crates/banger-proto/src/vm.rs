@@ -1,0 +1,174 @@
+//! VM records and the parameters of the `vm.*` methods.
+
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle state. `creating → starting → running → stopping → stopped`,
+/// plus `failed` (the error is kept in [`Vm::error`]) and `crashed` (the VMM
+/// process died without being asked to).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Creating,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+    Crashed,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 7] = [
+        Self::Creating,
+        Self::Starting,
+        Self::Running,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Failed,
+        Self::Crashed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+            Self::Crashed => "crashed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == text)
+    }
+
+    /// States in which a VMM process may exist for the VM.
+    pub fn has_process(self) -> bool {
+        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// A VM as the daemon reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub state: VmState,
+    /// Image name.
+    pub image: String,
+    /// Kernel name.
+    pub kernel: String,
+    pub backend: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    /// Root disk size in bytes.
+    pub disk_bytes: u64,
+    /// VMM process id while one exists.
+    pub pid: Option<u32>,
+    /// RFC 3339 timestamps.
+    pub created_at: String,
+    pub started_at: Option<String>,
+    /// The last error, kept for `failed` and `crashed` VMs.
+    pub error: Option<String>,
+    /// Per-VM directory on the host (root disk, sockets, logs).
+    pub dir: String,
+}
+
+/// Parameters of `vm.create`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmParams {
+    pub name: String,
+    /// Image name; the configured default when absent.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Kernel name; the configured default when absent.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Create the VM stopped.
+    #[serde(default)]
+    pub no_start: bool,
+}
+
+/// Result of `vm.create`: the operation to watch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CreateVmResult {
+    pub operation_id: String,
+    pub vm_id: String,
+}
+
+/// A VM named by name or by a unique id prefix.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmRef {
+    pub vm: String,
+}
+
+/// Parameters of `vm.stop`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StopVmParams {
+    pub vm: String,
+    /// Kill the VMM at once instead of asking the guest to shut down.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Parameters of `vm.delete`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteVmParams {
+    pub vm: String,
+    /// Delete a VM that is running (killing it) or in a transitional state.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Parameters of `vm.set` (stopped VMs only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetVmParams {
+    pub vm: String,
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        for state in VmState::ALL {
+            assert_eq!(VmState::parse(state.as_str()), Some(state));
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::Value::from(state.as_str())
+            );
+        }
+        assert_eq!(VmState::parse("bogus"), None);
+    }
+
+    #[test]
+    fn create_params_refuse_unknown_fields() {
+        let error = serde_json::from_str::<CreateVmParams>(r#"{"name":"a","cpus":2}"#).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown field `cpus`"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,558 @@
+//! SQLite state of the daemon: what banger made, and the source of truth for
+//! reconciliation.
+//!
+//! The store is a thin repository layer: it maps rows to the wire types of
+//! `banger-proto` and enforces integrity (unique names, images and kernels
+//! that VMs still reference cannot be removed). It has no policy.
+//!
+//! Concurrency: one connection behind a mutex. Every call is a short
+//! statement; callers never hold the store across an await point or while
+//! waiting on anything else (see the lock order in `docs/ARCHITECTURE.md`).
+
+mod migrations;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use banger_proto::{Image, Kernel, Operation, OperationState, StageEvent, Vm, VmState};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use migrations::MIGRATIONS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("Failed to open database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "Database {path} has schema version {found}, newer than this banger supports ({supported})"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: usize,
+        supported: usize,
+    },
+    #[error("Failed to apply database migration {version}")]
+    Migrate {
+        version: usize,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{kind} `{name}` already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("{kind} `{name}` is used by VM(s): {users}")]
+    InUse {
+        kind: &'static str,
+        name: String,
+        users: String,
+    },
+    #[error("Corrupt row in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+    #[error("Database query failed")]
+    Query(#[from] rusqlite::Error),
+}
+
+/// Handle to the state database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    connection: Arc<Mutex<Connection>>,
+}
+
+/// A VM lookup that may match by id prefix.
+#[derive(Debug)]
+pub enum VmLookup {
+    Found(Vm),
+    NotFound,
+    Ambiguous(Vec<String>),
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, in WAL mode, and
+    /// applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let connection = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .and_then(|()| connection.pragma_update(None, "synchronous", "NORMAL"))
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::initialise(connection, path)
+    }
+
+    /// An in-memory database, for tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let connection = Connection::open_in_memory().map_err(|source| StoreError::Open {
+            path: PathBuf::from(":memory:"),
+            source,
+        })?;
+        Self::initialise(connection, Path::new(":memory:"))
+    }
+
+    fn initialise(mut connection: Connection, path: &Path) -> Result<Self, StoreError> {
+        connection
+            .pragma_update(None, "foreign_keys", "ON")
+            .and_then(|()| connection.busy_timeout(std::time::Duration::from_secs(5)))
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        migrate(&mut connection, path)?;
+        Ok(Self {
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (statements
+        // are atomic), so a poisoned mutex is still safe to use.
+        self.connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<usize, StoreError> {
+        Ok(user_version(&self.lock())?)
+    }
+
+    // ---- images ----
+
+    pub fn insert_image(&self, image: &Image) -> Result<(), StoreError> {
+        let result = self.lock().execute(
+            "INSERT INTO images (id, name, path, size_bytes, digest, source, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                image.id,
+                image.name,
+                image.path,
+                to_i64(image.size_bytes),
+                image.digest,
+                image.source,
+                image.created_at
+            ],
+        );
+        map_unique(result, "Image", &image.name)
+    }
+
+    pub fn list_images(&self) -> Result<Vec<Image>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(
+            "SELECT id, name, path, size_bytes, digest, source, created_at FROM images ORDER BY name",
+        )?;
+        let rows = statement.query_map([], image_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn find_image(&self, name: &str) -> Result<Option<Image>, StoreError> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id, name, path, size_bytes, digest, source, created_at FROM images WHERE name = ?1",
+                [name],
+                image_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Removes the image row; refused while a VM references it.
+    pub fn delete_image(&self, name: &str) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        let users = users_of(&connection, "image_id", "images", name)?;
+        if !users.is_empty() {
+            return Err(StoreError::InUse {
+                kind: "Image",
+                name: name.to_owned(),
+                users: users.join(", "),
+            });
+        }
+        Ok(connection.execute("DELETE FROM images WHERE name = ?1", [name])? > 0)
+    }
+
+    // ---- kernels ----
+
+    pub fn insert_kernel(&self, kernel: &Kernel) -> Result<(), StoreError> {
+        let result = self.lock().execute(
+            "INSERT INTO kernels (id, name, kernel_path, initrd_path, cmdline, source, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                kernel.id,
+                kernel.name,
+                kernel.kernel_path,
+                kernel.initrd_path,
+                kernel.cmdline,
+                kernel.source,
+                kernel.created_at
+            ],
+        );
+        map_unique(result, "Kernel", &kernel.name)
+    }
+
+    pub fn list_kernels(&self) -> Result<Vec<Kernel>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(
+            "SELECT id, name, kernel_path, initrd_path, cmdline, source, created_at FROM kernels ORDER BY name",
+        )?;
+        let rows = statement.query_map([], kernel_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn find_kernel(&self, name: &str) -> Result<Option<Kernel>, StoreError> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id, name, kernel_path, initrd_path, cmdline, source, created_at FROM kernels WHERE name = ?1",
+                [name],
+                kernel_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Removes the kernel row; refused while a VM references it.
+    pub fn delete_kernel(&self, name: &str) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        let users = users_of(&connection, "kernel_id", "kernels", name)?;
+        if !users.is_empty() {
+            return Err(StoreError::InUse {
+                kind: "Kernel",
+                name: name.to_owned(),
+                users: users.join(", "),
+            });
+        }
+        Ok(connection.execute("DELETE FROM kernels WHERE name = ?1", [name])? > 0)
+    }
+
+    // ---- VMs ----
+
+    /// Inserts a VM; `vm.image` and `vm.kernel` name registered ones. The
+    /// unique name constraint is what makes concurrent creates of one name
+    /// safe.
+    pub fn insert_vm(&self, vm: &Vm) -> Result<(), StoreError> {
+        let connection = self.lock();
+        let result = connection.execute(
+            "INSERT INTO vms (id, name, state, image_id, kernel_id, backend, vcpus, memory_mib,
+                              disk_bytes, pid, dir, created_at, started_at, error)
+             VALUES (?1, ?2, ?3,
+                     (SELECT id FROM images WHERE name = ?4),
+                     (SELECT id FROM kernels WHERE name = ?5),
+                     ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                vm.id,
+                vm.name,
+                vm.state.as_str(),
+                vm.image,
+                vm.kernel,
+                vm.backend,
+                vm.vcpus,
+                vm.memory_mib,
+                to_i64(vm.disk_bytes),
+                vm.pid,
+                vm.dir,
+                vm.created_at,
+                vm.started_at,
+                vm.error
+            ],
+        );
+        map_unique(result, "VM", &vm.name)
+    }
+
+    /// Writes every mutable field of `vm` (state, pid, sizes, times, error).
+    pub fn update_vm(&self, vm: &Vm) -> Result<(), StoreError> {
+        self.lock().execute(
+            "UPDATE vms SET state = ?2, vcpus = ?3, memory_mib = ?4, disk_bytes = ?5, pid = ?6,
+                            started_at = ?7, error = ?8
+             WHERE id = ?1",
+            params![
+                vm.id,
+                vm.state.as_str(),
+                vm.vcpus,
+                vm.memory_mib,
+                to_i64(vm.disk_bytes),
+                vm.pid,
+                vm.started_at,
+                vm.error
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_vm(&self, id: &str) -> Result<Option<Vm>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(&format!("{VM_SELECT} WHERE vms.id = ?1"))?;
+        Ok(statement.query_row([id], vm_from_row).optional()?)
+    }
+
+    /// Finds a VM by exact name, else by unique id prefix.
+    pub fn lookup_vm(&self, reference: &str) -> Result<VmLookup, StoreError> {
+        let connection = self.lock();
+        let mut by_name = connection.prepare(&format!("{VM_SELECT} WHERE vms.name = ?1"))?;
+        if let Some(vm) = by_name.query_row([reference], vm_from_row).optional()? {
+            return Ok(VmLookup::Found(vm));
+        }
+        if reference.is_empty() || !reference.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return Ok(VmLookup::NotFound);
+        }
+        let mut by_prefix = connection.prepare(&format!(
+            "{VM_SELECT} WHERE vms.id LIKE ?1 || '%' ORDER BY vms.name"
+        ))?;
+        let mut matches: Vec<Vm> = by_prefix
+            .query_map([reference.to_ascii_lowercase()], vm_from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(match matches.len() {
+            0 => VmLookup::NotFound,
+            1 => VmLookup::Found(matches.remove(0)),
+            _ => VmLookup::Ambiguous(matches.into_iter().map(|vm| vm.name).collect()),
+        })
+    }
+
+    pub fn list_vms(&self) -> Result<Vec<Vm>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare(&format!("{VM_SELECT} ORDER BY vms.created_at, vms.name"))?;
+        let rows = statement.query_map([], vm_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn delete_vm(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
+    }
+
+    // ---- operations ----
+
+    /// Inserts or replaces the operation's row (operations are written at
+    /// start, at each stage, and at the end).
+    pub fn save_operation(&self, operation: &Operation) -> Result<(), StoreError> {
+        let stages =
+            serde_json::to_string(&operation.stages).map_err(|error| StoreError::Corrupt {
+                table: "operations",
+                detail: error.to_string(),
+            })?;
+        self.lock().execute(
+            "INSERT INTO operations (id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, stages = excluded.stages,
+                 error = excluded.error, finished_at = excluded.finished_at",
+            params![
+                operation.id,
+                operation.kind,
+                operation.vm_id,
+                operation.vm_name,
+                operation.state.as_str(),
+                stages,
+                operation.error,
+                operation.created_at,
+                operation.finished_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn get_operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(&format!("{OPERATION_SELECT} WHERE id = ?1"))?;
+        let row = statement.query_row([id], operation_columns).optional()?;
+        row.map(operation_from_columns).transpose()
+    }
+
+    /// All operations, newest first.
+    pub fn list_operations(&self) -> Result<Vec<Operation>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare(&format!("{OPERATION_SELECT} ORDER BY created_at DESC, id"))?;
+        let rows: Vec<OperationColumns> = statement
+            .query_map([], operation_columns)?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter().map(operation_from_columns).collect()
+    }
+}
+
+const VM_SELECT: &str =
+    "SELECT vms.id, vms.name, vms.state, images.name, kernels.name, vms.backend,
+        vms.vcpus, vms.memory_mib, vms.disk_bytes, vms.pid, vms.created_at, vms.started_at,
+        vms.error, vms.dir
+    FROM vms JOIN images ON images.id = vms.image_id JOIN kernels ON kernels.id = vms.kernel_id";
+
+const OPERATION_SELECT: &str =
+    "SELECT id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at FROM operations";
+
+fn migrate(connection: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let current = user_version(connection).map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: current,
+            supported: MIGRATIONS.len(),
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let version = index + 1;
+        let apply = |connection: &mut Connection| -> rusqlite::Result<()> {
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(sql)?;
+            transaction.pragma_update(None, "user_version", version)?;
+            transaction.commit()
+        };
+        apply(connection).map_err(|source| StoreError::Migrate { version, source })?;
+    }
+    Ok(())
+}
+
+fn user_version(connection: &Connection) -> rusqlite::Result<usize> {
+    connection.query_row("PRAGMA user_version", [], |row| row.get(0))
+}
+
+fn users_of(
+    connection: &Connection,
+    column: &str,
+    table: &str,
+    name: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut statement = connection.prepare(&format!(
+        "SELECT vms.name FROM vms JOIN {table} ON {table}.id = vms.{column} WHERE {table}.name = ?1 ORDER BY vms.name"
+    ))?;
+    let rows = statement.query_map([name], |row| row.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn map_unique(
+    result: rusqlite::Result<usize>,
+    kind: &'static str,
+    name: &str,
+) -> Result<(), StoreError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(error, Some(message)))
+            if error.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                && message.ends_with(".name") =>
+        {
+            Err(StoreError::AlreadyExists {
+                kind,
+                name: name.to_owned(),
+            })
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn get_u64(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
+    let value: i64 = row.get(index)?;
+    Ok(u64::try_from(value).unwrap_or(0))
+}
+
+fn image_from_row(row: &Row<'_>) -> rusqlite::Result<Image> {
+    Ok(Image {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        path: row.get(2)?,
+        size_bytes: get_u64(row, 3)?,
+        digest: row.get(4)?,
+        source: row.get(5)?,
+        created_at: row.get(6)?,
+    })
+}
+
+fn kernel_from_row(row: &Row<'_>) -> rusqlite::Result<Kernel> {
+    Ok(Kernel {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        kernel_path: row.get(2)?,
+        initrd_path: row.get(3)?,
+        cmdline: row.get(4)?,
+        source: row.get(5)?,
+        created_at: row.get(6)?,
+    })
+}
+
+fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
+    let state: String = row.get(2)?;
+    let state = VmState::parse(&state).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            2,
+            rusqlite::types::Type::Text,
+            format!("unknown VM state `{state}`").into(),
+        )
+    })?;
+    Ok(Vm {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        state,
+        image: row.get(3)?,
+        kernel: row.get(4)?,
+        backend: row.get(5)?,
+        vcpus: row.get(6)?,
+        memory_mib: row.get(7)?,
+        disk_bytes: get_u64(row, 8)?,
+        pid: row.get(9)?,
+        created_at: row.get(10)?,
+        started_at: row.get(11)?,
+        error: row.get(12)?,
+        dir: row.get(13)?,
+    })
+}
+
+type OperationColumns = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+);
+
+fn operation_columns(row: &Row<'_>) -> rusqlite::Result<OperationColumns> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+        row.get(8)?,
+    ))
+}
+
+fn operation_from_columns(columns: OperationColumns) -> Result<Operation, StoreError> {
+    let (id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at) = columns;
+    let state = OperationState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+        table: "operations",
+        detail: format!("unknown state `{state}` of operation {id}"),
+    })?;
+    let stages: Vec<StageEvent> =
+        serde_json::from_str(&stages).map_err(|parse| StoreError::Corrupt {
+            table: "operations",
+            detail: format!("stages of operation {id}: {parse}"),
+        })?;
+    Ok(Operation {
+        id,
+        kind,
+        vm_id,
+        vm_name,
+        state,
+        stages,
+        error,
+        created_at,
+        finished_at,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,52 @@
+//! Embedded schema migrations, applied in order and recorded in SQLite's
+//! `user_version`. A migration is never edited once released; changes are
+//! new entries at the end.
+
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: images, kernels, VMs, operations.
+    "CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        path TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE kernels (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kernel_path TEXT NOT NULL,
+        initrd_path TEXT,
+        cmdline TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        image_id TEXT NOT NULL REFERENCES images(id) ON DELETE RESTRICT,
+        kernel_id TEXT NOT NULL REFERENCES kernels(id) ON DELETE RESTRICT,
+        backend TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_bytes INTEGER NOT NULL,
+        pid INTEGER,
+        dir TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        error TEXT
+    );
+    CREATE TABLE operations (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        vm_id TEXT NOT NULL,
+        vm_name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        stages TEXT NOT NULL,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        finished_at TEXT
+    );",
+];

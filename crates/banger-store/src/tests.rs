@@ -1,0 +1,196 @@
+use super::*;
+use banger_proto::StageStatus;
+
+fn image(name: &str) -> Image {
+    Image {
+        id: format!("img-{name}"),
+        name: name.to_owned(),
+        path: format!("/state/images/{name}.ext4"),
+        size_bytes: 1 << 30,
+        digest: "sha256:00".to_owned(),
+        source: "/tmp/x.ext4".to_owned(),
+        created_at: "2026-01-01T00:00:00Z".to_owned(),
+    }
+}
+
+fn kernel(name: &str) -> Kernel {
+    Kernel {
+        id: format!("krn-{name}"),
+        name: name.to_owned(),
+        kernel_path: "/state/kernels/vmlinux".to_owned(),
+        initrd_path: None,
+        cmdline: "console=ttyS0".to_owned(),
+        source: "/tmp/vmlinux".to_owned(),
+        created_at: "2026-01-01T00:00:00Z".to_owned(),
+    }
+}
+
+fn vm(id: &str, name: &str) -> Vm {
+    Vm {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        state: VmState::Creating,
+        image: "debian".to_owned(),
+        kernel: "default".to_owned(),
+        backend: "firecracker".to_owned(),
+        vcpus: 2,
+        memory_mib: 1024,
+        disk_bytes: 1 << 30,
+        pid: None,
+        created_at: "2026-01-01T00:00:00Z".to_owned(),
+        started_at: None,
+        error: None,
+        dir: format!("/state/vms/{id}"),
+    }
+}
+
+fn seeded() -> Store {
+    let store = Store::open_in_memory().unwrap();
+    store.insert_image(&image("debian")).unwrap();
+    store.insert_kernel(&kernel("default")).unwrap();
+    store
+}
+
+#[test]
+fn migrations_apply_once_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len());
+        store.insert_image(&image("debian")).unwrap();
+        store.insert_kernel(&kernel("default")).unwrap();
+        store.insert_vm(&vm("abc123", "dev")).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len());
+    assert_eq!(store.list_vms().unwrap().len(), 1);
+    assert_eq!(store.list_images().unwrap()[0].name, "debian");
+    let mode: String = store
+        .lock()
+        .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let connection = Connection::open(&path).unwrap();
+        connection
+            .pragma_update(None, "user_version", MIGRATIONS.len() + 1)
+            .unwrap();
+    }
+    let error = Store::open(&path).err().unwrap();
+    assert!(matches!(error, StoreError::TooNew { .. }), "{error}");
+}
+
+#[test]
+fn duplicate_names_are_refused() {
+    let store = seeded();
+    assert!(matches!(
+        store.insert_image(&Image {
+            id: "other".into(),
+            ..image("debian")
+        }),
+        Err(StoreError::AlreadyExists { kind: "Image", .. })
+    ));
+    store.insert_vm(&vm("aaa111", "dev")).unwrap();
+    let error = store.insert_vm(&vm("bbb222", "dev")).unwrap_err();
+    assert_eq!(error.to_string(), "VM `dev` already exists");
+}
+
+#[test]
+fn vm_needs_registered_image_and_kernel() {
+    let store = seeded();
+    let mut orphan = vm("ccc333", "orphan");
+    orphan.image = "missing".into();
+    assert!(matches!(
+        store.insert_vm(&orphan),
+        Err(StoreError::Query(_))
+    ));
+    assert!(store.list_vms().unwrap().is_empty());
+}
+
+#[test]
+fn images_and_kernels_in_use_cannot_be_removed() {
+    let store = seeded();
+    store.insert_vm(&vm("aaa111", "dev")).unwrap();
+    let error = store.delete_image("debian").unwrap_err();
+    assert_eq!(error.to_string(), "Image `debian` is used by VM(s): dev");
+    assert!(matches!(
+        store.delete_kernel("default"),
+        Err(StoreError::InUse { .. })
+    ));
+    assert!(store.delete_vm("aaa111").unwrap());
+    assert!(store.delete_image("debian").unwrap());
+    assert!(store.delete_kernel("default").unwrap());
+    assert!(!store.delete_image("debian").unwrap());
+}
+
+#[test]
+fn lookup_by_name_then_unique_prefix() {
+    let store = seeded();
+    store.insert_vm(&vm("abc111", "one")).unwrap();
+    store.insert_vm(&vm("abd222", "two")).unwrap();
+    assert!(
+        matches!(store.lookup_vm("one").unwrap(), VmLookup::Found(found) if found.id == "abc111")
+    );
+    assert!(
+        matches!(store.lookup_vm("abd").unwrap(), VmLookup::Found(found) if found.name == "two")
+    );
+    assert!(
+        matches!(store.lookup_vm("ab").unwrap(), VmLookup::Ambiguous(names) if names == ["one", "two"])
+    );
+    assert!(matches!(
+        store.lookup_vm("ffff").unwrap(),
+        VmLookup::NotFound
+    ));
+    assert!(matches!(store.lookup_vm("%").unwrap(), VmLookup::NotFound));
+}
+
+#[test]
+fn update_vm_writes_state_and_pid() {
+    let store = seeded();
+    let mut record = vm("abc111", "one");
+    store.insert_vm(&record).unwrap();
+    record.state = VmState::Running;
+    record.pid = Some(4242);
+    record.vcpus = 4;
+    record.error = Some("x".into());
+    store.update_vm(&record).unwrap();
+    assert_eq!(store.get_vm("abc111").unwrap().unwrap(), record);
+}
+
+#[test]
+fn operations_round_trip() {
+    let store = seeded();
+    let mut operation = Operation {
+        id: "op1".into(),
+        kind: "vm.create".into(),
+        vm_id: "abc111".into(),
+        vm_name: "one".into(),
+        state: OperationState::Running,
+        stages: vec![],
+        error: None,
+        created_at: "2026-01-01T00:00:00Z".into(),
+        finished_at: None,
+    };
+    store.save_operation(&operation).unwrap();
+    operation.stages.push(StageEvent {
+        operation_id: "op1".into(),
+        stage: "clone root disk".into(),
+        status: StageStatus::Finished,
+        elapsed_ms: 5,
+        message: None,
+    });
+    operation.state = OperationState::Failed;
+    operation.error = Some("boom".into());
+    operation.finished_at = Some("2026-01-01T00:00:01Z".into());
+    store.save_operation(&operation).unwrap();
+    assert_eq!(store.get_operation("op1").unwrap().unwrap(), operation);
+    assert_eq!(store.list_operations().unwrap(), vec![operation]);
+    assert!(store.get_operation("nope").unwrap().is_none());
+}
