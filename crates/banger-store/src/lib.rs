@@ -64,7 +64,7 @@ pub struct Store {
 /// A VM lookup that may match by id prefix.
 #[derive(Debug)]
 pub enum VmLookup {
-    Found(Vm),
+    Found(Box<Vm>),
     NotFound,
     Ambiguous(Vec<String>),
 }
@@ -294,7 +294,7 @@ impl Store {
         let connection = self.lock();
         let mut by_name = connection.prepare(&format!("{VM_SELECT} WHERE vms.name = ?1"))?;
         if let Some(vm) = by_name.query_row([reference], vm_from_row).optional()? {
-            return Ok(VmLookup::Found(vm));
+            return Ok(VmLookup::Found(Box::new(vm)));
         }
         if reference.is_empty() || !reference.bytes().all(|byte| byte.is_ascii_hexdigit()) {
             return Ok(VmLookup::NotFound);
@@ -307,7 +307,7 @@ impl Store {
             .collect::<Result<_, _>>()?;
         Ok(match matches.len() {
             0 => VmLookup::NotFound,
-            1 => VmLookup::Found(matches.remove(0)),
+            1 => VmLookup::Found(Box::new(matches.remove(0))),
             _ => VmLookup::Ambiguous(matches.into_iter().map(|vm| vm.name).collect()),
         })
     }

@@ -1,0 +1,287 @@
+//! `bangerd`'s TOML configuration. Every key has a default; unknown keys and
+//! bad values are refused at start with one line naming the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/banger/config.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger";
+pub const DEFAULT_SOCKET_PATH: &str = "/run/banger/bangerd.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Failed to read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("Invalid config {path}: `{key}` {problem}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub access: AccessConfig,
+    pub vm: VmDefaults,
+    pub vmm: VmmConfig,
+    pub firecracker: FirecrackerConfig,
+}
+
+/// Who may use the control socket besides root.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    pub group: String,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            group: "banger".to_owned(),
+        }
+    }
+}
+
+/// Defaults for `vm create`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmDefaults {
+    pub image: String,
+    pub kernel: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    /// How long `vm stop` waits for the guest to shut down before killing it.
+    pub stop_grace_seconds: u64,
+}
+
+impl Default for VmDefaults {
+    fn default() -> Self {
+        Self {
+            image: "default".to_owned(),
+            kernel: "default".to_owned(),
+            vcpus: 2,
+            memory_mib: 1024,
+            stop_grace_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmmConfig {
+    /// The backend new VMs use. Only `firecracker` exists so far.
+    pub backend: String,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        Self {
+            backend: "firecracker".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirecrackerConfig {
+    /// The Firecracker binary: a path, or a name looked up in `PATH`.
+    pub binary: PathBuf,
+    /// Timeout of one API request.
+    pub api_timeout_ms: u64,
+    /// How long a freshly spawned Firecracker may take to open its API socket.
+    pub startup_timeout_ms: u64,
+    /// Firecracker's own log level (`Error`, `Warning`, `Info`, `Debug`).
+    pub log_level: String,
+}
+
+impl Default for FirecrackerConfig {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("firecracker"),
+            api_timeout_ms: 5_000,
+            startup_timeout_ms: 5_000,
+            log_level: "Warning".to_owned(),
+        }
+    }
+}
+
+pub const MAX_VCPUS: u8 = 32;
+pub const MIN_MEMORY_MIB: u32 = 128;
+
+impl Config {
+    /// Loads `path`. A missing file is the all-defaults config only when
+    /// `required` is false (the default path); a path the user named must exist.
+    pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Self::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: one_line(&error, text),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, problem: String| ConfigError::Value {
+            path: path.to_owned(),
+            key,
+            problem,
+        };
+        if self.vm.vcpus == 0 || self.vm.vcpus > MAX_VCPUS {
+            return Err(bad(
+                "vm.vcpus",
+                format!("must be between 1 and {MAX_VCPUS}, not {}", self.vm.vcpus),
+            ));
+        }
+        if self.vm.memory_mib < MIN_MEMORY_MIB {
+            return Err(bad(
+                "vm.memory_mib",
+                format!(
+                    "must be at least {MIN_MEMORY_MIB}, not {}",
+                    self.vm.memory_mib
+                ),
+            ));
+        }
+        if self.vmm.backend != "firecracker" {
+            return Err(bad(
+                "vmm.backend",
+                format!("must be \"firecracker\", not {:?}", self.vmm.backend),
+            ));
+        }
+        if self.firecracker.binary.as_os_str().is_empty() {
+            return Err(bad("firecracker.binary", "must not be empty".to_owned()));
+        }
+        if self.firecracker.api_timeout_ms == 0 || self.firecracker.startup_timeout_ms == 0 {
+            return Err(bad(
+                "firecracker.api_timeout_ms",
+                "and startup_timeout_ms must be positive".to_owned(),
+            ));
+        }
+        if !["Error", "Warning", "Info", "Debug", "Trace", "Off"]
+            .contains(&self.firecracker.log_level.as_str())
+        {
+            return Err(bad(
+                "firecracker.log_level",
+                format!(
+                    "must be one of Error, Warning, Info, Debug, Trace, Off, not {:?}",
+                    self.firecracker.log_level
+                ),
+            ));
+        }
+        if self.access.group.is_empty() {
+            return Err(bad("access.group", "must not be empty".to_owned()));
+        }
+        Ok(())
+    }
+
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_secs(self.vm.stop_grace_seconds)
+    }
+}
+
+/// toml's errors span several lines with a source excerpt; the daemon reports
+/// one line: `line N: message`.
+fn one_line(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/banger/config.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.access.group, "banger");
+        assert_eq!(config.vm.vcpus, 2);
+        assert_eq!(config.firecracker.binary, PathBuf::from("firecracker"));
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let config = parse(
+            "[vm]\nvcpus = 4\nmemory_mib = 2048\n[firecracker]\nbinary = \"/opt/fc\"\n[access]\ngroup = \"wheel\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.vm.vcpus, 4);
+        assert_eq!(config.vm.memory_mib, 2048);
+        assert_eq!(config.vm.image, "default");
+        assert_eq!(config.firecracker.binary, PathBuf::from("/opt/fc"));
+        assert_eq!(config.access.group, "wheel");
+    }
+
+    #[test]
+    fn unknown_key_is_one_line_naming_it() {
+        let error = parse("[vm]\nvcpus = 2\ncpus = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `cpus`"), "{error}");
+        assert!(error.contains("line 3"), "{error}");
+        assert!(!error.contains('\n'), "{error}");
+        let error = parse("[network]\n").unwrap_err().to_string();
+        assert!(error.contains("unknown field `network`"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let error = parse("[vm]\nvcpus = 0\n").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "Invalid config /etc/banger/config.toml: `vm.vcpus` must be between 1 and 32, not 0"
+        );
+        assert!(parse("[vm]\nmemory_mib = 64\n").is_err());
+        assert!(parse("[vm]\nvcpus = \"two\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("invalid type"));
+        assert!(parse("[vmm]\nbackend = \"xen\"\n").is_err());
+        assert!(parse("[firecracker]\nlog_level = \"loud\"\n").is_err());
+    }
+
+    #[test]
+    fn missing_file_is_defaults_only_when_optional() {
+        let path = Path::new("/nonexistent/banger.toml");
+        assert_eq!(Config::load(path, false).unwrap(), Config::default());
+        assert!(matches!(
+            Config::load(path, true),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

@@ -1,0 +1,297 @@
+//! ImageService: registers root filesystem images and guest kernels.
+//!
+//! Import protocol, the same for both kinds:
+//! 1. Check the name and that the caller may read the source.
+//! 2. Copy the source into `STATE_DIR/tmp/` (sparse), checking its format.
+//! 3. Rename it into place (`images/` or `kernels/`), then insert the row.
+//!    A failure at any step removes what steps 2-3 made, so a failed import
+//!    registers nothing and leaves no file behind.
+
+use std::path::{Path, PathBuf};
+
+use banger_proto::{ErrorKind, Image, ImportImageParams, ImportKernelParams, Kernel};
+use banger_store::Store;
+
+use crate::access::{peer_can_read, Peer};
+use crate::error::{DaemonError, DaemonResult};
+use crate::files;
+use crate::ids::{new_id, now, validate_artifact_name};
+use crate::paths::StatePaths;
+
+/// Kernel arguments used when an imported kernel gives none: serial console,
+/// reboot on triple fault/panic so the VMM exits instead of hanging.
+pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Clone)]
+pub struct ImageService {
+    store: Store,
+    paths: StatePaths,
+}
+
+/// Removes a path when dropped unless disarmed: the undo of an import step.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+}
+
+impl ImageService {
+    pub fn new(store: Store, paths: StatePaths) -> Self {
+        Self { store, paths }
+    }
+
+    pub fn list_images(&self) -> DaemonResult<Vec<Image>> {
+        Ok(self.store.list_images()?)
+    }
+
+    pub fn image(&self, name: &str) -> DaemonResult<Image> {
+        self.store.find_image(name)?.ok_or_else(|| {
+            DaemonError::not_found(format!("No image named `{name}`"))
+                .with_hint("`banger image list` shows the images; `banger image import` adds one")
+        })
+    }
+
+    pub fn list_kernels(&self) -> DaemonResult<Vec<Kernel>> {
+        Ok(self.store.list_kernels()?)
+    }
+
+    pub fn kernel(&self, name: &str) -> DaemonResult<Kernel> {
+        self.store.find_kernel(name)?.ok_or_else(|| {
+            DaemonError::not_found(format!("No kernel named `{name}`")).with_hint(
+                "`banger kernel list` shows the kernels; `banger kernel import` adds one",
+            )
+        })
+    }
+
+    pub async fn import_image(&self, peer: Peer, params: ImportImageParams) -> DaemonResult<Image> {
+        validate_artifact_name("image", &params.name).map_err(DaemonError::invalid_params)?;
+        if self.store.find_image(&params.name)?.is_some() {
+            return Err(DaemonError::new(
+                ErrorKind::AlreadyExists,
+                format!("Image `{}` already exists", params.name),
+            )
+            .with_hint(format!(
+                "remove it first with `banger image rm {}`",
+                params.name
+            )));
+        }
+        let source = readable_source(peer, &params.path, "image")?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.import_image_blocking(&params.name, &source))
+            .await
+            .map_err(|error| DaemonError::failed("Image import task failed", error))?
+    }
+
+    fn import_image_blocking(&self, name: &str, source: &Path) -> DaemonResult<Image> {
+        let context = |message: &str| {
+            let message = format!("{message} {}", source.display());
+            move |error: files::FileError| DaemonError::failed(message, error)
+        };
+        if !files::is_ext4(source).map_err(context("Failed to read image"))? {
+            return Err(DaemonError::invalid_params(format!(
+                "{} is not an ext4 filesystem image",
+                source.display()
+            ))
+            .with_hint(
+                "this version imports ext4 images; make one with `mkfs.ext4 -d DIR FILE SIZE`",
+            ));
+        }
+        let id = new_id();
+        let temporary = self.paths.tmp().join(format!("image-{id}.ext4"));
+        let mut temporary_guard = RemoveOnDrop(Some(temporary.clone()));
+        let digest =
+            files::copy_with_digest(source, &temporary).map_err(context("Failed to copy image"))?;
+        let size_bytes = std::fs::metadata(&temporary)
+            .map_err(|error| DaemonError::failed("Failed to read copied image", error))?
+            .len();
+        let destination = self.paths.images().join(format!("{id}.ext4"));
+        std::fs::rename(&temporary, &destination)
+            .map_err(|error| DaemonError::failed("Failed to move image into place", error))?;
+        temporary_guard.disarm();
+        let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
+        let image = Image {
+            id,
+            name: name.to_owned(),
+            path: destination.display().to_string(),
+            size_bytes,
+            digest,
+            source: source.display().to_string(),
+            created_at: now(),
+        };
+        self.store.insert_image(&image)?;
+        destination_guard.disarm();
+        Ok(image)
+    }
+
+    pub fn remove_image(&self, name: &str) -> DaemonResult<Image> {
+        let image = self.image(name)?;
+        self.store.delete_image(name)?;
+        remove_file_if_present(Path::new(&image.path))?;
+        Ok(image)
+    }
+
+    pub async fn import_kernel(
+        &self,
+        peer: Peer,
+        params: ImportKernelParams,
+    ) -> DaemonResult<Kernel> {
+        validate_artifact_name("kernel", &params.name).map_err(DaemonError::invalid_params)?;
+        if self.store.find_kernel(&params.name)?.is_some() {
+            return Err(DaemonError::new(
+                ErrorKind::AlreadyExists,
+                format!("Kernel `{}` already exists", params.name),
+            )
+            .with_hint(format!(
+                "remove it first with `banger kernel rm {}`",
+                params.name
+            )));
+        }
+        let kernel = readable_source(peer, &params.path, "kernel")?;
+        let initrd = params
+            .initrd
+            .as_deref()
+            .map(|path| readable_source(peer, path, "initrd"))
+            .transpose()?;
+        let cmdline = params
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| DEFAULT_KERNEL_CMDLINE.to_owned());
+        if cmdline.contains('\n') {
+            return Err(DaemonError::invalid_params(
+                "Kernel command line must be one line",
+            ));
+        }
+        let this = self.clone();
+        let name = params.name;
+        tokio::task::spawn_blocking(move || {
+            this.import_kernel_blocking(&name, &kernel, initrd.as_deref(), cmdline)
+        })
+        .await
+        .map_err(|error| DaemonError::failed("Kernel import task failed", error))?
+    }
+
+    fn import_kernel_blocking(
+        &self,
+        name: &str,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        cmdline: String,
+    ) -> DaemonResult<Kernel> {
+        if !files::is_kernel_image(kernel)
+            .map_err(|error| DaemonError::failed("Failed to read kernel", error))?
+        {
+            return Err(DaemonError::invalid_params(format!(
+                "{} is neither an ELF vmlinux nor a bzImage",
+                kernel.display()
+            )));
+        }
+        let id = new_id();
+        let staging = self.paths.tmp().join(format!("kernel-{id}"));
+        let mut staging_guard = RemoveOnDrop(Some(staging.clone()));
+        std::fs::create_dir(&staging)
+            .map_err(|error| DaemonError::failed("Failed to create kernel staging dir", error))?;
+        files::copy_with_digest(kernel, &staging.join("vmlinux"))
+            .map_err(|error| DaemonError::failed("Failed to copy kernel", error))?;
+        if let Some(initrd) = initrd {
+            files::copy_with_digest(initrd, &staging.join("initrd"))
+                .map_err(|error| DaemonError::failed("Failed to copy initrd", error))?;
+        }
+        let destination = self.paths.kernels().join(&id);
+        std::fs::rename(&staging, &destination)
+            .map_err(|error| DaemonError::failed("Failed to move kernel into place", error))?;
+        staging_guard.disarm();
+        let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
+        let record = Kernel {
+            id,
+            name: name.to_owned(),
+            kernel_path: destination.join("vmlinux").display().to_string(),
+            initrd_path: initrd.map(|_| destination.join("initrd").display().to_string()),
+            cmdline,
+            source: kernel.display().to_string(),
+            created_at: now(),
+        };
+        self.store.insert_kernel(&record)?;
+        destination_guard.disarm();
+        Ok(record)
+    }
+
+    pub fn remove_kernel(&self, name: &str) -> DaemonResult<Kernel> {
+        let kernel = self.kernel(name)?;
+        self.store.delete_kernel(name)?;
+        if let Some(directory) = Path::new(&kernel.kernel_path).parent() {
+            match std::fs::remove_dir_all(directory) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    return Err(DaemonError::failed(
+                        format!("Failed to remove {}", directory.display()),
+                        error,
+                    ))
+                }
+            }
+        }
+        Ok(kernel)
+    }
+}
+
+/// The source path of an import, checked: absolute, an existing regular
+/// file, readable by the caller.
+fn readable_source(peer: Peer, path: &str, what: &str) -> DaemonResult<PathBuf> {
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(DaemonError::invalid_params(format!(
+            "The {what} path {} is not absolute",
+            path.display()
+        )));
+    }
+    let metadata = std::fs::metadata(&path).map_err(|error| {
+        DaemonError::new(
+            ErrorKind::InvalidParams,
+            format!("Cannot read {what} {}", path.display()),
+        )
+        .with_source(error)
+    })?;
+    if !metadata.is_file() {
+        return Err(DaemonError::invalid_params(format!(
+            "The {what} {} is not a regular file",
+            path.display()
+        )));
+    }
+    match peer_can_read(&peer, &path) {
+        Ok(true) => Ok(path),
+        Ok(false) => Err(DaemonError::new(
+            ErrorKind::NotAllowed,
+            format!("You cannot read {}", path.display()),
+        )),
+        Err(error) => Err(DaemonError::new(
+            ErrorKind::InvalidParams,
+            format!("Cannot read {what} {}", path.display()),
+        )
+        .with_source(error)),
+    }
+}
+
+fn remove_file_if_present(path: &Path) -> DaemonResult<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(DaemonError::failed(
+            format!("Failed to remove {}", path.display()),
+            error,
+        )),
+    }
+}

@@ -1,0 +1,201 @@
+//! `bangerd`: the daemon that owns banger's state and VMM processes.
+//!
+//! [`run`] is the composition root: it loads the config, takes the state
+//! dir's lock, opens the store, builds the services with their seams (the
+//! VMM backend, the store), reconciles, and serves the control socket until
+//! SIGINT/SIGTERM. VMs keep running when the daemon stops; the next daemon
+//! re-adopts them.
+
+pub mod access;
+pub mod config;
+pub mod error;
+pub mod files;
+pub mod ids;
+pub mod images;
+pub mod operations;
+pub mod paths;
+pub mod server;
+pub mod vms;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use banger_store::Store;
+use banger_vmm::firecracker::{Firecracker, FirecrackerConfig};
+use banger_vmm::Vmm;
+use tokio::net::UnixListener;
+
+use crate::access::AccessPolicy;
+use crate::config::Config;
+use crate::images::ImageService;
+use crate::operations::OperationRegistry;
+use crate::paths::StatePaths;
+use crate::server::{Daemon, DaemonInfo};
+use crate::vms::VmService;
+
+/// Where the daemon keeps things; every path is overridable by flag and env.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    /// Whether `config` must exist (it was named explicitly).
+    pub config_required: bool,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(&options.config, options.config_required)?);
+    let paths = StatePaths::new(&options.state_dir);
+    paths
+        .create()
+        .with_context(|| format!("Failed to create state dir {}", paths.root.display()))?;
+    let _state_lock = lock_state_dir(&paths)?;
+    clear_dir(&paths.tmp())?;
+    let store = Store::open(&paths.database())?;
+
+    let vmm: Arc<dyn Vmm> = Arc::new(Firecracker::new(FirecrackerConfig {
+        binary: config.firecracker.binary.clone(),
+        api_timeout: Duration::from_millis(config.firecracker.api_timeout_ms),
+        startup_timeout: Duration::from_millis(config.firecracker.startup_timeout_ms),
+        log_level: config.firecracker.log_level.clone(),
+    })?);
+    let operations = Arc::new(OperationRegistry::new(store.clone()));
+    let images = ImageService::new(store.clone(), paths.clone());
+    let vms = VmService::new(
+        store,
+        paths.clone(),
+        Arc::clone(&config),
+        images.clone(),
+        vmm,
+        Arc::clone(&operations),
+    );
+    let report = vms.reconcile().await?;
+    tracing::info!(
+        adopted = ?report.adopted,
+        crashed = ?report.crashed,
+        removed_interrupted = ?report.removed_interrupted,
+        removed_orphan_dirs = ?report.removed_orphan_dirs,
+        "reconciled state"
+    );
+
+    let access = AccessPolicy::new(&config.access.group);
+    let listener = bind_socket(&options.socket, &access)?;
+    let daemon = Arc::new(Daemon {
+        vms,
+        images,
+        operations,
+        access,
+        info: DaemonInfo {
+            socket: options.socket.display().to_string(),
+            state_dir: paths.root.display().to_string(),
+            config: options.config.display().to_string(),
+            started: Instant::now(),
+        },
+    });
+    tracing::info!(
+        socket = %options.socket.display(),
+        state_dir = %paths.root.display(),
+        version = banger_proto::VERSION,
+        "bangerd serving"
+    );
+    server::serve(listener, shutdown_signal(), daemon).await;
+    let _ = std::fs::remove_file(&options.socket);
+    tracing::info!("bangerd stopped; VMs keep running");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+/// One daemon per state dir: an exclusive `flock` held for the process's life.
+fn lock_state_dir(paths: &StatePaths) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = paths.lock_file();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("Failed to open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            anyhow::anyhow!(
+                "Another bangerd is using state dir {} ({errno})",
+                paths.root.display()
+            )
+        },
+    )
+}
+
+fn clear_dir(path: &Path) -> anyhow::Result<()> {
+    for entry in
+        std::fs::read_dir(path).with_context(|| format!("Failed to read {}", path.display()))?
+    {
+        let entry = entry?;
+        let removed = if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
+        removed.with_context(|| format!("Failed to remove {}", entry.path().display()))?;
+    }
+    Ok(())
+}
+
+/// Binds the control socket: refuses if another daemon answers on it,
+/// replaces a stale file, then sets mode 0660 and the access group.
+fn bind_socket(path: &Path, access: &AccessPolicy) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("Failed to create {}", parent.display()))?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("Failed to set mode of {}", parent.display()))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("Another bangerd is already serving {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("Failed to remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("Failed to bind control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("Failed to set mode of {}", path.display()))?;
+    match access.group_id {
+        Some(gid) if nix::unistd::geteuid().is_root() => {
+            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).with_context(
+                || {
+                    format!(
+                        "Failed to give {} to group {}",
+                        path.display(),
+                        access.group_name
+                    )
+                },
+            )?;
+        }
+        Some(_) => {}
+        None => tracing::warn!(
+            group = %access.group_name,
+            "access group does not exist; only root can use the daemon"
+        ),
+    }
+    Ok(listener)
+}

@@ -1,0 +1,393 @@
+//! The operation registry: long-running work (`vm.create`) with an id, named
+//! stages, status, cancel, and watchers.
+//!
+//! Watch protocol:
+//! 1. A watcher takes the operation's state lock, copies the stage history,
+//!    and subscribes to its broadcast channel before releasing the lock, so
+//!    no event falls between history and live frames.
+//! 2. It replays the history, then forwards live events until the terminal
+//!    [`StreamFrame::Done`].
+//! 3. Operations that already ended (also before a daemon restart) are read
+//!    from the store: history plus `Done`.
+//!
+//! Every stage event is also written to the store, so `operation.status`
+//! survives a restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use banger_proto::{
+    ErrorKind, Operation, OperationState, StageEvent, StageStatus, StreamFrame, Vm,
+};
+use banger_store::Store;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{DaemonError, DaemonResult};
+use crate::ids::{new_id, now};
+
+pub struct OperationRegistry {
+    store: Store,
+    live: Mutex<HashMap<String, Arc<LiveOperation>>>,
+}
+
+/// An operation in progress.
+pub struct LiveOperation {
+    pub id: String,
+    record: Mutex<Operation>,
+    events: broadcast::Sender<StreamFrame>,
+    cancel: CancellationToken,
+    store: Store,
+}
+
+/// What a watcher gets: frames so far, and the live feed if the operation is
+/// still running.
+pub struct Subscription {
+    pub history: Vec<StreamFrame>,
+    pub live: Option<broadcast::Receiver<StreamFrame>>,
+}
+
+/// A started stage; finishing it reports the elapsed time.
+pub struct Stage {
+    name: &'static str,
+    started: Instant,
+}
+
+impl OperationRegistry {
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveOperation>>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers and persists a new running operation on `vm`.
+    pub fn begin(&self, kind: &str, vm: &Vm) -> DaemonResult<Arc<LiveOperation>> {
+        let record = Operation {
+            id: new_id(),
+            kind: kind.to_owned(),
+            vm_id: vm.id.clone(),
+            vm_name: vm.name.clone(),
+            state: OperationState::Running,
+            stages: Vec::new(),
+            error: None,
+            created_at: now(),
+            finished_at: None,
+        };
+        self.store.save_operation(&record)?;
+        let (events, _) = broadcast::channel(256);
+        let operation = Arc::new(LiveOperation {
+            id: record.id.clone(),
+            record: Mutex::new(record),
+            events,
+            cancel: CancellationToken::new(),
+            store: self.store.clone(),
+        });
+        self.live()
+            .insert(operation.id.clone(), Arc::clone(&operation));
+        Ok(operation)
+    }
+
+    /// Forgets a finished operation (its record stays in the store).
+    pub fn retire(&self, id: &str) {
+        self.live().remove(id);
+    }
+
+    pub fn status(&self, id: &str) -> DaemonResult<Operation> {
+        if let Some(operation) = self.live().get(id) {
+            return Ok(operation.snapshot());
+        }
+        self.store
+            .get_operation(id)?
+            .ok_or_else(|| DaemonError::not_found(format!("No operation with id `{id}`")))
+    }
+
+    pub fn list(&self) -> DaemonResult<Vec<Operation>> {
+        Ok(self.store.list_operations()?)
+    }
+
+    /// The running operation on `vm_id`, if any.
+    pub fn running_for_vm(&self, vm_id: &str) -> Option<Arc<LiveOperation>> {
+        self.live()
+            .values()
+            .find(|operation| operation.snapshot().vm_id == vm_id)
+            .cloned()
+    }
+
+    /// Asks a running operation to stop; it rolls back what it made.
+    pub fn cancel(&self, id: &str) -> DaemonResult<Operation> {
+        if let Some(operation) = self.live().get(id) {
+            operation.cancel.cancel();
+            return Ok(operation.snapshot());
+        }
+        match self.store.get_operation(id)? {
+            Some(operation) => Err(DaemonError::invalid_state(format!(
+                "Operation `{id}` already ended ({})",
+                operation.state.as_str()
+            ))),
+            None => Err(DaemonError::not_found(format!(
+                "No operation with id `{id}`"
+            ))),
+        }
+    }
+
+    /// See the module docs. `vm_of` supplies the VM for the `Done` frame of
+    /// operations that are no longer live.
+    pub fn subscribe(
+        &self,
+        id: &str,
+        vm_of: impl FnOnce(&str) -> Option<Vm>,
+    ) -> DaemonResult<Subscription> {
+        let live = self.live().get(id).cloned();
+        if let Some(operation) = live {
+            let record = operation.lock_record();
+            let history = record
+                .stages
+                .iter()
+                .cloned()
+                .map(StreamFrame::Stage)
+                .collect();
+            let receiver = operation.events.subscribe();
+            drop(record);
+            return Ok(Subscription {
+                history,
+                live: Some(receiver),
+            });
+        }
+        let record = self
+            .store
+            .get_operation(id)?
+            .ok_or_else(|| DaemonError::not_found(format!("No operation with id `{id}`")))?;
+        let mut history: Vec<StreamFrame> = record
+            .stages
+            .iter()
+            .cloned()
+            .map(StreamFrame::Stage)
+            .collect();
+        let vm = if record.state == OperationState::Cancelled {
+            None
+        } else {
+            vm_of(&record.vm_id).map(Box::new)
+        };
+        history.push(StreamFrame::Done {
+            operation: record,
+            vm,
+        });
+        Ok(Subscription {
+            history,
+            live: None,
+        })
+    }
+
+    /// Marks operations the store says are running but no task runs (the
+    /// daemon was restarted mid-operation) as failed.
+    pub fn fail_orphans(&self, reason: &str) -> DaemonResult<usize> {
+        let live: Vec<String> = self.live().keys().cloned().collect();
+        let mut count = 0;
+        for mut operation in self.store.list_operations()? {
+            if operation.state == OperationState::Running && !live.contains(&operation.id) {
+                operation.state = OperationState::Failed;
+                operation.error = Some(reason.to_owned());
+                operation.finished_at = Some(now());
+                self.store.save_operation(&operation)?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+}
+
+impl LiveOperation {
+    fn lock_record(&self) -> std::sync::MutexGuard<'_, Operation> {
+        self.record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn snapshot(&self) -> Operation {
+        self.lock_record().clone()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    pub fn cancellation(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// The error a step returns when it noticed cancellation.
+    pub fn cancelled_error(&self) -> DaemonError {
+        DaemonError::new(ErrorKind::Cancelled, "Operation was cancelled")
+    }
+
+    fn record_event(
+        &self,
+        stage: &str,
+        status: StageStatus,
+        elapsed_ms: u64,
+        message: Option<String>,
+    ) {
+        let event = StageEvent {
+            operation_id: self.id.clone(),
+            stage: stage.to_owned(),
+            status,
+            elapsed_ms,
+            message,
+        };
+        let mut record = self.lock_record();
+        record.stages.push(event.clone());
+        if let Err(error) = self.store.save_operation(&record) {
+            tracing::warn!(operation = %self.id, %error, "failed to persist stage event");
+        }
+        // Sent under the record lock so subscribers see history and live
+        // events without gap or repeat.
+        let _ = self.events.send(StreamFrame::Stage(event));
+    }
+
+    pub fn start_stage(&self, name: &'static str) -> Stage {
+        self.record_event(name, StageStatus::Started, 0, None);
+        Stage {
+            name,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn finish_stage(&self, stage: &Stage, message: Option<String>) {
+        self.record_event(
+            stage.name,
+            StageStatus::Finished,
+            elapsed_ms(stage.started),
+            message,
+        );
+    }
+
+    pub fn fail_stage(&self, stage: &Stage, error: &DaemonError) {
+        self.record_event(
+            stage.name,
+            StageStatus::Failed,
+            elapsed_ms(stage.started),
+            Some(error.chain()),
+        );
+    }
+
+    pub fn rolled_back(&self, stage: &str) {
+        self.record_event(stage, StageStatus::RolledBack, 0, None);
+    }
+
+    /// Ends the operation: persists the outcome and sends `Done`.
+    pub fn finish(&self, state: OperationState, error: Option<String>, vm: Option<Vm>) {
+        let mut record = self.lock_record();
+        record.state = state;
+        record.error = error;
+        record.finished_at = Some(now());
+        if let Err(error) = self.store.save_operation(&record) {
+            tracing::warn!(operation = %self.id, %error, "failed to persist operation outcome");
+        }
+        let _ = self.events.send(StreamFrame::Done {
+            operation: record.clone(),
+            vm: vm.map(Box::new),
+        });
+    }
+}
+
+fn elapsed_ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_proto::VmState;
+
+    fn vm() -> Vm {
+        Vm {
+            id: "0123456789abcdef".into(),
+            name: "dev".into(),
+            state: VmState::Creating,
+            image: "img".into(),
+            kernel: "krn".into(),
+            backend: "firecracker".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            disk_bytes: 0,
+            pid: None,
+            created_at: now(),
+            started_at: None,
+            error: None,
+            dir: "/x".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn watchers_get_history_then_live_then_done() {
+        let registry = OperationRegistry::new(Store::open_in_memory().unwrap());
+        let operation = registry.begin("vm.create", &vm()).unwrap();
+        let stage = operation.start_stage("clone root disk");
+        operation.finish_stage(&stage, None);
+        let mut subscription = registry.subscribe(&operation.id, |_| None).unwrap();
+        assert_eq!(subscription.history.len(), 2);
+        let _stage = operation.start_stage("boot");
+        operation.finish(OperationState::Succeeded, None, Some(vm()));
+        registry.retire(&operation.id);
+        let live = subscription.live.as_mut().unwrap();
+        assert!(
+            matches!(live.recv().await.unwrap(), StreamFrame::Stage(event) if event.stage == "boot")
+        );
+        assert!(
+            matches!(live.recv().await.unwrap(), StreamFrame::Done { operation, vm: Some(_) } if operation.state == OperationState::Succeeded)
+        );
+
+        // After retirement the store answers, ending with Done.
+        let late = registry.subscribe(&operation.id, |_| Some(vm())).unwrap();
+        assert!(late.live.is_none());
+        assert_eq!(late.history.len(), 4);
+        assert!(matches!(
+            late.history.last(),
+            Some(StreamFrame::Done { .. })
+        ));
+    }
+
+    #[test]
+    fn cancel_reaches_running_and_refuses_finished() {
+        let registry = OperationRegistry::new(Store::open_in_memory().unwrap());
+        let operation = registry.begin("vm.create", &vm()).unwrap();
+        assert!(!operation.is_cancelled());
+        registry.cancel(&operation.id).unwrap();
+        assert!(operation.is_cancelled());
+        operation.finish(OperationState::Cancelled, None, None);
+        registry.retire(&operation.id);
+        assert_eq!(
+            registry.cancel(&operation.id).unwrap_err().kind,
+            ErrorKind::InvalidState
+        );
+        assert_eq!(
+            registry.cancel("nope").unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            registry.status(&operation.id).unwrap().state,
+            OperationState::Cancelled
+        );
+    }
+
+    #[test]
+    fn orphans_are_failed() {
+        let store = Store::open_in_memory().unwrap();
+        let registry = OperationRegistry::new(store.clone());
+        let operation = registry.begin("vm.create", &vm()).unwrap();
+        let fresh = OperationRegistry::new(store);
+        assert_eq!(fresh.fail_orphans("interrupted").unwrap(), 1);
+        let record = fresh.status(&operation.id).unwrap();
+        assert_eq!(record.state, OperationState::Failed);
+        assert_eq!(record.error.as_deref(), Some("interrupted"));
+        assert_eq!(fresh.fail_orphans("interrupted").unwrap(), 0);
+    }
+}

@@ -1,0 +1,75 @@
+//! Layout of the state directory.
+
+use std::path::{Path, PathBuf};
+
+/// ```text
+/// STATE_DIR/
+///   state.db        SQLite (WAL)
+///   bangerd.lock    held by the running daemon
+///   images/ID.ext4  imported root filesystems
+///   kernels/ID/     kernel (+ initrd)
+///   vms/ID/         root disk, VMM sockets, console and VMM logs
+///   tmp/            imports in progress; emptied at start
+/// ```
+#[derive(Debug, Clone)]
+pub struct StatePaths {
+    pub root: PathBuf,
+}
+
+impl StatePaths {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.root.join("state.db")
+    }
+
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("bangerd.lock")
+    }
+
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    pub fn kernels(&self) -> PathBuf {
+        self.root.join("kernels")
+    }
+
+    pub fn vms(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.vms().join(vm_id)
+    }
+
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Creates every directory of the layout (mode 0700: VM disks and
+    /// sockets are root's business).
+    pub fn create(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        for dir in [
+            self.root.clone(),
+            self.images(),
+            self.kernels(),
+            self.vms(),
+            self.tmp(),
+        ] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// The root disk inside a VM's directory.
+pub fn root_disk(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("rootfs.ext4")
+}

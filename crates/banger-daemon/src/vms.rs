@@ -1,0 +1,797 @@
+//! VMService: VM lifecycle, per-VM locks, create operations, supervision of
+//! VMM processes, and reconciliation at start.
+//!
+//! Lock order (see docs/ARCHITECTURE.md): a per-VM async lock is taken first
+//! and may be held across awaits for as long as the lifecycle step runs; the
+//! short std mutexes (`locks`, `processes`, the store's connection) are taken
+//! after it, never held across an await, and never two at once. No lock spans
+//! more than one VM, so operations on different VMs run in parallel.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use banger_proto::{
+    validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Kernel, OperationState,
+    SetVmParams, Vm, VmState,
+};
+use banger_store::{Store, VmLookup};
+use banger_vmm::{DriveSpec, LaunchSpec, Vmm, VmmHandle};
+use tokio::sync::OwnedMutexGuard;
+
+use crate::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
+use crate::error::{DaemonError, DaemonResult};
+use crate::files;
+use crate::ids::{new_id, now};
+use crate::images::ImageService;
+use crate::operations::{LiveOperation, OperationRegistry};
+use crate::paths::{root_disk, StatePaths};
+
+type VmLock = Arc<tokio::sync::Mutex<()>>;
+
+pub struct VmService {
+    store: Store,
+    paths: StatePaths,
+    config: Arc<Config>,
+    images: ImageService,
+    vmm: Arc<dyn Vmm>,
+    operations: Arc<OperationRegistry>,
+    locks: Mutex<HashMap<String, VmLock>>,
+    /// The live VMM process of each VM that has one.
+    processes: Mutex<HashMap<String, VmmHandle>>,
+}
+
+/// What a create step made, undone in reverse order if a later step fails.
+enum Undo {
+    RemoveDir {
+        stage: &'static str,
+        path: PathBuf,
+    },
+    KillProcess {
+        stage: &'static str,
+        handle: VmmHandle,
+    },
+}
+
+impl VmService {
+    pub fn new(
+        store: Store,
+        paths: StatePaths,
+        config: Arc<Config>,
+        images: ImageService,
+        vmm: Arc<dyn Vmm>,
+        operations: Arc<OperationRegistry>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            paths,
+            config,
+            images,
+            vmm,
+            operations,
+            locks: Mutex::new(HashMap::new()),
+            processes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.vmm.backend()
+    }
+
+    fn lock_of(&self, vm_id: &str) -> VmLock {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(locks.entry(vm_id.to_owned()).or_default())
+    }
+
+    fn processes(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmmHandle>> {
+        self.processes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn process_of(&self, vm_id: &str) -> Option<VmmHandle> {
+        self.processes().get(vm_id).cloned()
+    }
+
+    // ---- reads ----
+
+    pub fn list(&self) -> DaemonResult<Vec<Vm>> {
+        Ok(self.store.list_vms()?)
+    }
+
+    /// Resolves a name or unique id prefix.
+    pub fn find(&self, reference: &str) -> DaemonResult<Vm> {
+        match self.store.lookup_vm(reference)? {
+            VmLookup::Found(vm) => Ok(*vm),
+            VmLookup::NotFound => Err(DaemonError::not_found(format!("No VM named `{reference}`"))
+                .with_hint("`banger vm list` shows the VMs")),
+            VmLookup::Ambiguous(names) => Err(DaemonError::invalid_params(format!(
+                "`{reference}` matches several VMs: {}",
+                names.join(", ")
+            ))),
+        }
+    }
+
+    pub fn get(&self, vm_id: &str) -> Option<Vm> {
+        self.store.get_vm(vm_id).ok().flatten()
+    }
+
+    /// Reloads `vm` under its lock; it may have changed while we waited.
+    fn reload(&self, vm: &Vm) -> DaemonResult<Vm> {
+        self.store
+            .get_vm(&vm.id)?
+            .ok_or_else(|| DaemonError::not_found(format!("VM `{}` was deleted", vm.name)))
+    }
+
+    // ---- create ----
+
+    /// Validates, reserves the name (a `creating` row), and starts the create
+    /// operation in the background.
+    pub async fn create(self: &Arc<Self>, params: CreateVmParams) -> DaemonResult<CreateVmResult> {
+        validate_vm_name(&params.name)
+            .map_err(|error| DaemonError::invalid_params(error.to_string()))?;
+        let vcpus = params.vcpus.unwrap_or(self.config.vm.vcpus);
+        let memory_mib = params.memory_mib.unwrap_or(self.config.vm.memory_mib);
+        validate_size(vcpus, memory_mib)?;
+        let image = self
+            .images
+            .image(params.image.as_deref().unwrap_or(&self.config.vm.image))?;
+        let kernel = self
+            .images
+            .kernel(params.kernel.as_deref().unwrap_or(&self.config.vm.kernel))?;
+        let id = new_id();
+        let vm = Vm {
+            dir: self.paths.vm_dir(&id).display().to_string(),
+            id,
+            name: params.name,
+            state: VmState::Creating,
+            image: image.name.clone(),
+            kernel: kernel.name.clone(),
+            backend: self.vmm.backend().to_owned(),
+            vcpus,
+            memory_mib,
+            disk_bytes: image.size_bytes,
+            pid: None,
+            created_at: now(),
+            started_at: None,
+            error: None,
+        };
+        self.store.insert_vm(&vm).map_err(|error| {
+            let error = DaemonError::from(error);
+            if error.kind == ErrorKind::AlreadyExists {
+                error.with_hint("pick another name, or `banger vm delete` the old VM")
+            } else {
+                error
+            }
+        })?;
+        // Uncontended: the id was generated a moment ago.
+        let guard = self.lock_of(&vm.id).lock_owned().await;
+        let operation = match self.operations.begin("vm.create", &vm) {
+            Ok(operation) => operation,
+            Err(error) => {
+                let _ = self.store.delete_vm(&vm.id);
+                return Err(error);
+            }
+        };
+        let result = CreateVmResult {
+            operation_id: operation.id.clone(),
+            vm_id: vm.id.clone(),
+        };
+        let this = Arc::clone(self);
+        let image_path = PathBuf::from(&image.path);
+        tokio::spawn(async move {
+            this.run_create(operation, vm, image_path, kernel, params.no_start, guard)
+                .await;
+        });
+        Ok(result)
+    }
+
+    async fn run_create(
+        self: Arc<Self>,
+        operation: Arc<LiveOperation>,
+        mut vm: Vm,
+        image_path: PathBuf,
+        kernel: Kernel,
+        no_start: bool,
+        _guard: OwnedMutexGuard<()>,
+    ) {
+        let mut undo = Vec::new();
+        let result = self
+            .create_steps(
+                &operation,
+                &mut vm,
+                &image_path,
+                &kernel,
+                no_start,
+                &mut undo,
+            )
+            .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %vm.name, state = %vm.state, "created VM");
+                operation.finish(OperationState::Succeeded, None, Some(vm));
+            }
+            Err(error) => {
+                let cancelled = operation.is_cancelled();
+                self.roll_back(&operation, undo).await;
+                vm.pid = None;
+                if cancelled {
+                    tracing::info!(vm = %vm.name, "create cancelled; rolled back");
+                    if let Err(error) = self.store.delete_vm(&vm.id) {
+                        tracing::error!(vm = %vm.name, %error, "failed to delete row of cancelled VM");
+                    }
+                    self.forget_lock(&vm.id);
+                    operation.finish(OperationState::Cancelled, Some(error.chain()), None);
+                } else {
+                    tracing::warn!(vm = %vm.name, error = %error, "create failed; rolled back");
+                    vm.state = VmState::Failed;
+                    vm.error = Some(error.chain());
+                    if let Err(store_error) = self.store.update_vm(&vm) {
+                        tracing::error!(vm = %vm.name, %store_error, "failed to record failed VM");
+                    }
+                    operation.finish(OperationState::Failed, Some(error.chain()), Some(vm));
+                }
+            }
+        }
+        self.operations.retire(&operation.id);
+    }
+
+    /// The create stages, in order. Each pushes its undo before the next runs.
+    async fn create_steps(
+        self: &Arc<Self>,
+        operation: &Arc<LiveOperation>,
+        vm: &mut Vm,
+        image_path: &Path,
+        kernel: &Kernel,
+        no_start: bool,
+        undo: &mut Vec<Undo>,
+    ) -> DaemonResult<()> {
+        let stage = begin_stage(operation, "resolve image")?;
+        let outcome = check_artifacts(image_path, kernel);
+        end_stage(operation, &stage, outcome, None)?;
+
+        let stage = begin_stage(operation, "clone root disk")?;
+        let directory = PathBuf::from(&vm.dir);
+        let outcome = self
+            .clone_root_disk(operation, image_path, &directory, undo)
+            .await;
+        end_stage(operation, &stage, outcome, Some("sparse copy".to_owned()))?;
+
+        if no_start {
+            vm.state = VmState::Stopped;
+            self.store.update_vm(vm)?;
+            let stage = begin_stage(operation, "ready")?;
+            return end_stage(
+                operation,
+                &stage,
+                Ok(()),
+                Some("created stopped".to_owned()),
+            );
+        }
+
+        vm.state = VmState::Starting;
+        self.store.update_vm(vm)?;
+        let stage = begin_stage(operation, "start vmm")?;
+        let outcome = self.spawn_vmm(vm, kernel).await;
+        let handle = end_stage(operation, &stage, outcome, None)?;
+        undo.push(Undo::KillProcess {
+            stage: "start vmm",
+            handle: handle.clone(),
+        });
+
+        let stage = begin_stage(operation, "boot")?;
+        let cancellation = operation.cancellation();
+        let outcome = tokio::select! {
+            outcome = self.boot_vmm(vm, &handle) => outcome,
+            () = cancellation.cancelled() => Err(operation.cancelled_error()),
+        };
+        end_stage(operation, &stage, outcome, None)?;
+
+        let stage = begin_stage(operation, "ready")?;
+        end_stage(operation, &stage, Ok(()), None)
+    }
+
+    async fn clone_root_disk(
+        &self,
+        operation: &Arc<LiveOperation>,
+        image_path: &Path,
+        directory: &Path,
+        undo: &mut Vec<Undo>,
+    ) -> DaemonResult<()> {
+        std::fs::create_dir(directory).map_err(|error| {
+            DaemonError::failed(format!("Failed to create {}", directory.display()), error)
+        })?;
+        undo.push(Undo::RemoveDir {
+            stage: "clone root disk",
+            path: directory.to_owned(),
+        });
+        let source = image_path.to_owned();
+        let destination = root_disk(directory);
+        let cancellation = operation.cancellation();
+        let copied = tokio::task::spawn_blocking(move || {
+            files::sparse_copy(&source, &destination, &|| cancellation.is_cancelled())
+        })
+        .await
+        .map_err(|error| DaemonError::failed("Root disk copy task failed", error))?;
+        match copied {
+            Ok(_) => Ok(()),
+            Err(files::FileError::Cancelled { .. }) => Err(operation.cancelled_error()),
+            Err(error) => Err(DaemonError::failed("Failed to clone root disk", error)),
+        }
+    }
+
+    async fn roll_back(&self, operation: &LiveOperation, undo: Vec<Undo>) {
+        for step in undo.into_iter().rev() {
+            match step {
+                Undo::KillProcess { stage, handle } => {
+                    self.discard_process(&operation.snapshot().vm_id, &handle)
+                        .await;
+                    operation.rolled_back(stage);
+                }
+                Undo::RemoveDir { stage, path } => {
+                    if let Err(error) = remove_dir_if_present(&path) {
+                        tracing::error!(path = %path.display(), %error, "rollback failed to remove directory");
+                    }
+                    operation.rolled_back(stage);
+                }
+            }
+        }
+    }
+
+    // ---- VMM process handling shared by create and start ----
+
+    fn launch_spec(&self, vm: &Vm, kernel: &Kernel) -> LaunchSpec {
+        let directory = PathBuf::from(&vm.dir);
+        LaunchSpec {
+            vm_id: vm.id.clone(),
+            vm_name: vm.name.clone(),
+            runtime_dir: directory.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel_path: PathBuf::from(&kernel.kernel_path),
+            initrd_path: kernel.initrd_path.as_ref().map(PathBuf::from),
+            kernel_cmdline: format!("{} banger.name={}", kernel.cmdline, vm.name),
+            drives: vec![DriveSpec {
+                id: "rootfs".to_owned(),
+                path: root_disk(&directory),
+                is_root: true,
+                read_only: false,
+            }],
+            network_interfaces: Vec::new(),
+            vsock: None,
+        }
+    }
+
+    /// Spawns and configures the VMM, records its pid, and starts
+    /// supervising it. Nothing is left running on error.
+    async fn spawn_vmm(self: &Arc<Self>, vm: &mut Vm, kernel: &Kernel) -> DaemonResult<VmmHandle> {
+        let spec = self.launch_spec(vm, kernel);
+        let handle = self
+            .vmm
+            .spawn(&spec)
+            .await
+            .map_err(|error| DaemonError::failed("Failed to start the VMM", error))?;
+        self.processes().insert(vm.id.clone(), handle.clone());
+        vm.pid = Some(handle.pid());
+        if let Err(error) = self.store.update_vm(vm) {
+            self.discard_process(&vm.id, &handle).await;
+            vm.pid = None;
+            return Err(error.into());
+        }
+        self.supervise(&vm.id, handle.clone());
+        Ok(handle)
+    }
+
+    async fn boot_vmm(&self, vm: &mut Vm, handle: &VmmHandle) -> DaemonResult<()> {
+        self.vmm
+            .boot(handle)
+            .await
+            .map_err(|error| DaemonError::failed("Failed to boot the VM", error))?;
+        if handle.has_exited() {
+            return Err(DaemonError::new(
+                ErrorKind::Failed,
+                "The VMM exited right after boot",
+            ));
+        }
+        vm.state = VmState::Running;
+        vm.started_at = Some(now());
+        vm.error = None;
+        self.store.update_vm(vm)?;
+        Ok(())
+    }
+
+    /// Kills a VMM process we no longer want and forgets it.
+    async fn discard_process(&self, vm_id: &str, handle: &VmmHandle) {
+        self.forget_process(vm_id, handle);
+        if let Err(error) = self.vmm.kill(handle).await {
+            tracing::error!(vm = vm_id, pid = handle.pid(), %error, "failed to kill VMM");
+        }
+    }
+
+    fn forget_process(&self, vm_id: &str, handle: &VmmHandle) {
+        let mut processes = self.processes();
+        if processes
+            .get(vm_id)
+            .is_some_and(|current| current.pid() == handle.pid())
+        {
+            processes.remove(vm_id);
+        }
+    }
+
+    fn forget_lock(&self, vm_id: &str) {
+        self.locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(vm_id);
+    }
+
+    /// Watches a VMM process: when it exits while it is still the VM's
+    /// process (nobody stopped or discarded it), the VM becomes `crashed`.
+    fn supervise(self: &Arc<Self>, vm_id: &str, handle: VmmHandle) {
+        let this = Arc::clone(self);
+        let vm_id = vm_id.to_owned();
+        tokio::spawn(async move {
+            let exit = handle.wait_exit().await;
+            let still_current = this
+                .process_of(&vm_id)
+                .is_some_and(|current| current.pid() == handle.pid());
+            if !still_current {
+                return;
+            }
+            let lock = this.lock_of(&vm_id);
+            let _guard = lock.lock().await;
+            if this
+                .process_of(&vm_id)
+                .is_none_or(|current| current.pid() != handle.pid())
+            {
+                return;
+            }
+            this.forget_process(&vm_id, &handle);
+            let Some(mut vm) = this.get(&vm_id) else {
+                return;
+            };
+            if vm.state.has_process() {
+                tracing::warn!(vm = %vm.name, pid = handle.pid(), ?exit, "VMM exited unexpectedly");
+                vm.state = VmState::Crashed;
+                vm.pid = None;
+                vm.error = Some(format!(
+                    "The VMM process {} exited unexpectedly ({exit})",
+                    handle.pid()
+                ));
+                if let Err(error) = this.store.update_vm(&vm) {
+                    tracing::error!(vm = %vm.name, %error, "failed to record crash");
+                }
+            }
+        });
+    }
+
+    // ---- lifecycle ----
+
+    pub async fn start(self: &Arc<Self>, reference: &str) -> DaemonResult<Vm> {
+        let vm = self.find(reference)?;
+        let lock = self.lock_of(&vm.id);
+        let _guard = lock.lock().await;
+        let mut vm = self.reload(&vm)?;
+        match vm.state {
+            VmState::Running => return Ok(vm),
+            VmState::Stopped | VmState::Crashed | VmState::Failed => {}
+            state => {
+                return Err(DaemonError::invalid_state(format!(
+                    "VM `{}` is {state}",
+                    vm.name
+                )))
+            }
+        }
+        if !root_disk(Path::new(&vm.dir)).exists() {
+            return Err(DaemonError::invalid_state(format!(
+                "VM `{}` has no root disk (it failed during create)",
+                vm.name
+            ))
+            .with_hint(format!(
+                "delete it with `banger vm delete {}` and create it again",
+                vm.name
+            )));
+        }
+        let kernel = self.images.kernel(&vm.kernel)?;
+        vm.state = VmState::Starting;
+        vm.error = None;
+        self.store.update_vm(&vm)?;
+        let outcome = match self.spawn_vmm(&mut vm, &kernel).await {
+            Ok(handle) => match self.boot_vmm(&mut vm, &handle).await {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    self.discard_process(&vm.id, &handle).await;
+                    Err(error)
+                }
+            },
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(()) => Ok(vm),
+            Err(error) => {
+                vm.state = VmState::Failed;
+                vm.pid = None;
+                vm.error = Some(error.chain());
+                self.store.update_vm(&vm)?;
+                Err(error)
+            }
+        }
+    }
+
+    pub async fn stop(self: &Arc<Self>, reference: &str, force: bool) -> DaemonResult<Vm> {
+        let vm = self.find(reference)?;
+        if vm.state == VmState::Creating {
+            return Err(self.busy_creating(&vm));
+        }
+        let lock = self.lock_of(&vm.id);
+        let _guard = lock.lock().await;
+        let mut vm = self.reload(&vm)?;
+        match vm.state {
+            VmState::Stopped | VmState::Failed => return Ok(vm),
+            VmState::Crashed => {
+                vm.state = VmState::Stopped;
+                self.store.update_vm(&vm)?;
+                return Ok(vm);
+            }
+            _ => {}
+        }
+        if let Some(handle) = self.process_of(&vm.id) {
+            vm.state = VmState::Stopping;
+            self.store.update_vm(&vm)?;
+            let outcome = if force {
+                self.vmm.kill(&handle).await.map(|()| None)
+            } else {
+                self.vmm
+                    .stop(&handle, self.config.stop_grace())
+                    .await
+                    .map(Some)
+            };
+            if let Err(error) = outcome {
+                tracing::warn!(vm = %vm.name, %error, "graceful stop failed; killing");
+                self.vmm
+                    .kill(&handle)
+                    .await
+                    .map_err(|error| DaemonError::failed("Failed to kill the VMM", error))?;
+            }
+            self.forget_process(&vm.id, &handle);
+        }
+        vm.state = VmState::Stopped;
+        vm.pid = None;
+        vm.started_at = None;
+        self.store.update_vm(&vm)?;
+        Ok(vm)
+    }
+
+    pub async fn restart(self: &Arc<Self>, reference: &str) -> DaemonResult<Vm> {
+        let vm = self.stop(reference, false).await?;
+        self.start(&vm.id).await
+    }
+
+    pub async fn delete(self: &Arc<Self>, reference: &str, force: bool) -> DaemonResult<Vm> {
+        let vm = self.find(reference)?;
+        if vm.state == VmState::Creating {
+            if !force {
+                return Err(self.busy_creating(&vm));
+            }
+            if let Some(operation) = self.operations.running_for_vm(&vm.id) {
+                self.operations.cancel(&operation.id)?;
+            }
+        }
+        let lock = self.lock_of(&vm.id);
+        let _guard = lock.lock().await;
+        let Some(vm) = self.store.get_vm(&vm.id)? else {
+            // A cancelled create removed it while we waited.
+            return Ok(vm);
+        };
+        if vm.state.has_process() && !force {
+            return Err(
+                DaemonError::invalid_state(format!("VM `{}` is {}", vm.name, vm.state)).with_hint(
+                    format!(
+                        "stop it first with `banger vm stop {}`, or pass --force",
+                        vm.name
+                    ),
+                ),
+            );
+        }
+        if let Some(handle) = self.process_of(&vm.id) {
+            self.discard_process(&vm.id, &handle).await;
+        }
+        remove_dir_if_present(Path::new(&vm.dir))
+            .map_err(|error| DaemonError::failed(format!("Failed to remove {}", vm.dir), error))?;
+        self.store.delete_vm(&vm.id)?;
+        self.forget_lock(&vm.id);
+        Ok(vm)
+    }
+
+    pub async fn set(self: &Arc<Self>, params: SetVmParams) -> DaemonResult<Vm> {
+        if params.vcpus.is_none() && params.memory_mib.is_none() {
+            return Err(DaemonError::invalid_params(
+                "Nothing to change: give vcpus and/or memory_mib",
+            ));
+        }
+        let vm = self.find(&params.vm)?;
+        let lock = self.lock_of(&vm.id);
+        let _guard = lock.lock().await;
+        let mut vm = self.reload(&vm)?;
+        if !matches!(vm.state, VmState::Stopped | VmState::Crashed) {
+            return Err(DaemonError::invalid_state(format!(
+                "VM `{}` is {}; `vm set` changes stopped VMs only",
+                vm.name, vm.state
+            ))
+            .with_hint(format!("stop it first with `banger vm stop {}`", vm.name)));
+        }
+        let vcpus = params.vcpus.unwrap_or(vm.vcpus);
+        let memory_mib = params.memory_mib.unwrap_or(vm.memory_mib);
+        validate_size(vcpus, memory_mib)?;
+        vm.vcpus = vcpus;
+        vm.memory_mib = memory_mib;
+        self.store.update_vm(&vm)?;
+        Ok(vm)
+    }
+
+    fn busy_creating(&self, vm: &Vm) -> DaemonError {
+        let operation = self
+            .operations
+            .running_for_vm(&vm.id)
+            .map(|operation| operation.id.clone())
+            .unwrap_or_default();
+        DaemonError::invalid_state(format!("VM `{}` is being created", vm.name)).with_hint(
+            format!("wait for it, cancel it with `banger operation cancel {operation}`, or pass --force to delete"),
+        )
+    }
+
+    // ---- reconciliation ----
+
+    /// Brings the store and the host back in line after a (re)start:
+    /// re-adopts VMM processes that still run, marks dead ones `crashed`,
+    /// removes leftovers of interrupted creates and orphaned VM directories.
+    pub async fn reconcile(self: &Arc<Self>) -> DaemonResult<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        for mut vm in self.store.list_vms()? {
+            let directory = PathBuf::from(&vm.dir);
+            let adopted = match vm.pid {
+                Some(pid) => self
+                    .vmm
+                    .adopt(&vm.id, &directory, pid)
+                    .await
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(vm = %vm.name, pid, %error, "cannot adopt VMM");
+                        None
+                    }),
+                None => None,
+            };
+            match vm.state {
+                VmState::Creating => {
+                    // An interrupted create leaves nothing.
+                    if let Some(handle) = adopted {
+                        let _ = self.vmm.kill(&handle).await;
+                    }
+                    remove_dir_if_present(&directory).map_err(|error| {
+                        DaemonError::failed(format!("Failed to remove {}", vm.dir), error)
+                    })?;
+                    self.store.delete_vm(&vm.id)?;
+                    report.removed_interrupted.push(vm.name);
+                }
+                VmState::Starting | VmState::Running | VmState::Stopping => match adopted {
+                    Some(handle) if vm.state != VmState::Starting => {
+                        self.processes().insert(vm.id.clone(), handle.clone());
+                        self.supervise(&vm.id, handle);
+                        if vm.state == VmState::Stopping {
+                            vm.state = VmState::Running;
+                            self.store.update_vm(&vm)?;
+                        }
+                        report.adopted.push(vm.name);
+                    }
+                    other => {
+                        if let Some(handle) = other {
+                            // A start that was interrupted before boot.
+                            let _ = self.vmm.kill(&handle).await;
+                        }
+                        vm.state = VmState::Crashed;
+                        vm.pid = None;
+                        vm.error = Some(
+                            "The VMM process ended while the daemon was not running".to_owned(),
+                        );
+                        self.store.update_vm(&vm)?;
+                        report.crashed.push(vm.name);
+                    }
+                },
+                _ => {
+                    if vm.pid.is_some() {
+                        vm.pid = None;
+                        self.store.update_vm(&vm)?;
+                    }
+                }
+            }
+        }
+        let known: Vec<String> = self.store.list_vms()?.into_iter().map(|vm| vm.id).collect();
+        if let Ok(entries) = std::fs::read_dir(self.paths.vms()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    remove_dir_if_present(&entry.path()).map_err(|error| {
+                        DaemonError::failed(
+                            format!("Failed to remove {}", entry.path().display()),
+                            error,
+                        )
+                    })?;
+                    report.removed_orphan_dirs.push(name);
+                }
+            }
+        }
+        self.operations
+            .fail_orphans("Interrupted: the daemon stopped during the operation")?;
+        Ok(report)
+    }
+}
+
+/// What reconciliation did, for the log and tests.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    pub adopted: Vec<String>,
+    pub crashed: Vec<String>,
+    pub removed_interrupted: Vec<String>,
+    pub removed_orphan_dirs: Vec<String>,
+}
+
+fn validate_size(vcpus: u8, memory_mib: u32) -> DaemonResult<()> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(DaemonError::invalid_params(format!(
+            "vcpus must be between 1 and {MAX_VCPUS}, not {vcpus}"
+        )));
+    }
+    if memory_mib < MIN_MEMORY_MIB {
+        return Err(DaemonError::invalid_params(format!(
+            "memory must be at least {MIN_MEMORY_MIB} MiB, not {memory_mib}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_artifacts(image_path: &Path, kernel: &Kernel) -> DaemonResult<()> {
+    let mut required = vec![image_path.to_owned(), PathBuf::from(&kernel.kernel_path)];
+    required.extend(kernel.initrd_path.as_ref().map(PathBuf::from));
+    for path in required {
+        if !path.is_file() {
+            return Err(DaemonError::new(
+                ErrorKind::Failed,
+                format!("{} is missing from the state dir", path.display()),
+            )
+            .with_hint("remove and import the image or kernel again"));
+        }
+    }
+    Ok(())
+}
+
+fn begin_stage(
+    operation: &LiveOperation,
+    name: &'static str,
+) -> DaemonResult<crate::operations::Stage> {
+    if operation.is_cancelled() {
+        return Err(operation.cancelled_error());
+    }
+    Ok(operation.start_stage(name))
+}
+
+fn end_stage<T>(
+    operation: &LiveOperation,
+    stage: &crate::operations::Stage,
+    outcome: DaemonResult<T>,
+    message: Option<String>,
+) -> DaemonResult<T> {
+    match &outcome {
+        Ok(_) => operation.finish_stage(stage, message),
+        Err(error) => operation.fail_stage(stage, error),
+    }
+    outcome
+}
+
+fn remove_dir_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
