@@ -1,0 +1,274 @@
+//! Command-line arguments (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_SOCKET: &str = "/run/banger/bangerd.sock";
+
+/// Fast, disposable microVMs for development.
+#[derive(Debug, Parser)]
+#[command(name = "banger", version, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "BANGER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print only data and errors.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// No spinners or progress bars.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Manage root filesystem images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Manage guest kernels.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
+    /// Inspect and cancel long-running operations.
+    #[command(subcommand)]
+    Operation(OperationCommand),
+    /// The daemon itself.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VmName {
+    /// VM name or unique id prefix.
+    pub vm: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM and start it.
+    Create(CreateArgs),
+    /// List VMs.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Show one VM.
+    Show {
+        #[command(flatten)]
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Start a stopped VM.
+    Start {
+        #[command(flatten)]
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Stop a VM: ask the guest to shut down, kill it after the grace period.
+    Stop {
+        #[command(flatten)]
+        name: VmName,
+        /// Kill the VMM at once.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Stop and start a VM.
+    Restart {
+        #[command(flatten)]
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Delete a VM and its disks.
+    #[command(alias = "rm")]
+    Delete {
+        #[command(flatten)]
+        name: VmName,
+        /// Also delete a running VM (killing it) or one being created.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Change a stopped VM's size.
+    Set(SetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM name (a DNS label); a random one when absent.
+    pub name: Option<String>,
+    /// Image name (default: the daemon's configured default).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Kernel name (default: the daemon's configured default).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    pub vcpus: Option<u8>,
+    /// Memory in MiB.
+    #[arg(long = "memory")]
+    pub memory_mib: Option<u32>,
+    /// Create the VM without starting it.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Print stage events and the VM as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["vcpus", "memory_mib"])))]
+pub struct SetArgs {
+    #[command(flatten)]
+    pub name: VmName,
+    /// Number of vCPUs.
+    #[arg(long)]
+    pub vcpus: Option<u8>,
+    /// Memory in MiB.
+    #[arg(long = "memory")]
+    pub memory_mib: Option<u32>,
+    #[command(flatten)]
+    pub json: JsonFlag,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Register an ext4 root filesystem image.
+    Import {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List images.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Show one image.
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Remove an image no VM uses.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Register a guest kernel (vmlinux or bzImage).
+    Import {
+        name: String,
+        file: PathBuf,
+        /// An initramfs to boot with it.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line (banger appends its own arguments).
+        #[arg(long)]
+        cmdline: Option<String>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List kernels.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Show one kernel.
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Remove a kernel no VM uses.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperationCommand {
+    /// List operations, newest first.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Show one operation with its stages.
+    Show {
+        id: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Cancel a running operation; it rolls back what it made.
+    Cancel { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Version, uptime, socket, state dir, backend, VM counts.
+    Status(JsonFlag),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("banger").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn create_with_and_without_name() {
+        let cli = parse(&["vm", "create", "dev", "--memory", "512", "--json"]).unwrap();
+        let Command::Vm(VmCommand::Create(create)) = cli.command else {
+            panic!("not create");
+        };
+        assert_eq!(create.name.as_deref(), Some("dev"));
+        assert_eq!(create.memory_mib, Some(512));
+        assert!(create.json);
+        let cli = parse(&["vm", "create"]).unwrap();
+        let Command::Vm(VmCommand::Create(create)) = cli.command else {
+            panic!("not create");
+        };
+        assert!(create.name.is_none());
+    }
+
+    #[test]
+    fn set_needs_a_change() {
+        let error = parse(&["vm", "set", "dev"]).unwrap_err();
+        assert_eq!(
+            error.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        assert!(parse(&["vm", "set", "dev", "--vcpus", "2"]).is_ok());
+    }
+
+    #[test]
+    fn socket_flag_and_default() {
+        let cli = parse(&["--socket", "/tmp/x.sock", "vm", "list"]).unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
+        let cli = parse(&["vm", "ls", "--json"]).unwrap();
+        if std::env::var_os("BANGER_SOCKET").is_none() {
+            assert_eq!(cli.socket, PathBuf::from(DEFAULT_SOCKET));
+        }
+        assert!(matches!(
+            cli.command,
+            Command::Vm(VmCommand::List(JsonFlag { json: true }))
+        ));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,44 @@
+//! `banger daemon ...`.
+
+use std::path::Path;
+
+use banger_proto::{method, DaemonStatus};
+
+use crate::args::DaemonCommand;
+use crate::client::Client;
+use crate::printer::Printer;
+use crate::CliResult;
+
+pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> CliResult {
+    match command {
+        DaemonCommand::Status(flag) => {
+            let status: DaemonStatus = Client::connect(socket)
+                .await?
+                .call(method::DAEMON_STATUS, serde_json::json!({}))
+                .await?;
+            if flag.json {
+                printer.json(&status);
+                return Ok(());
+            }
+            let counts: Vec<String> = status
+                .vms
+                .iter()
+                .filter(|(_, count)| **count > 0)
+                .map(|(state, count)| format!("{count} {state}"))
+                .collect();
+            printer.data(&format!(
+                "version:         {}\npid:             {}\nuptime:          {}s\nsocket:          {}\nstate dir:       {}\nconfig:          {}\nbackend:         {}\nclone strategy:  {}\nvms:             {}",
+                status.version,
+                status.pid,
+                status.uptime_seconds,
+                status.socket,
+                status.state_dir,
+                status.config,
+                status.backend,
+                status.clone_strategy,
+                if counts.is_empty() { "none".to_owned() } else { counts.join(", ") }
+            ));
+            Ok(())
+        }
+    }
+}

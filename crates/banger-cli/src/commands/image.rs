@@ -1,0 +1,190 @@
+//! `banger image ...` and `banger kernel ...`.
+
+use std::path::{Path, PathBuf};
+
+use banger_proto::method;
+use banger_proto::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
+
+use crate::args::{ImageCommand, KernelCommand};
+use crate::client::Client;
+use crate::printer::{table, Printer};
+use crate::{CliError, CliResult};
+
+/// The daemon runs elsewhere (another cwd): send absolute, existing paths.
+pub fn absolute(path: &Path) -> CliResult<String> {
+    let absolute: PathBuf = std::fs::canonicalize(path)
+        .map_err(|error| CliError::new(format!("Cannot use {}: {error}", path.display())))?;
+    absolute
+        .to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| CliError::new(format!("{} is not valid UTF-8", absolute.display())))
+}
+
+pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -> CliResult {
+    let mut client = Client::connect(socket).await?;
+    match command {
+        ImageCommand::Import { name, file, json } => {
+            let path = absolute(&file)?;
+            printer.message(&format!("importing {path} as image {name}…"));
+            let image: Image = client
+                .call(method::IMAGE_IMPORT, ImportImageParams { name, path })
+                .await?;
+            if json.json {
+                printer.json(&image);
+            } else {
+                printer.message(&format!(
+                    "imported image {} ({} MiB, {})",
+                    image.name,
+                    image.size_bytes >> 20,
+                    image.digest
+                ));
+            }
+        }
+        ImageCommand::List(flag) => {
+            let images: Vec<Image> = client
+                .call(method::IMAGE_LIST, serde_json::json!({}))
+                .await?;
+            if flag.json {
+                printer.json(&images);
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|image| {
+                        vec![
+                            image.name.clone(),
+                            format!("{} MiB", image.size_bytes >> 20),
+                            image.digest.chars().take(19).collect(),
+                            image.created_at.clone(),
+                            image.source.clone(),
+                        ]
+                    })
+                    .collect();
+                printer.data(&table(
+                    &["NAME", "SIZE", "DIGEST", "CREATED", "SOURCE"],
+                    &rows,
+                ));
+            }
+        }
+        ImageCommand::Show { name, json } => {
+            let image: Image = client
+                .call(method::IMAGE_SHOW, RemoveParams { name })
+                .await?;
+            if json.json {
+                printer.json(&image);
+            } else {
+                printer.data(&format!(
+                    "name:     {}\nid:       {}\nsize:     {} bytes\ndigest:   {}\nsource:   {}\ncreated:  {}\npath:     {}",
+                    image.name, image.id, image.size_bytes, image.digest, image.source, image.created_at, image.path
+                ));
+            }
+        }
+        ImageCommand::Rm { name } => {
+            let image: Image = client
+                .call(method::IMAGE_REMOVE, RemoveParams { name })
+                .await?;
+            printer.message(&format!("removed image {}", image.name));
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand) -> CliResult {
+    let mut client = Client::connect(socket).await?;
+    match command {
+        KernelCommand::Import {
+            name,
+            file,
+            initrd,
+            cmdline,
+            json,
+        } => {
+            let path = absolute(&file)?;
+            let initrd = initrd.as_deref().map(absolute).transpose()?;
+            let kernel: Kernel = client
+                .call(
+                    method::KERNEL_IMPORT,
+                    ImportKernelParams {
+                        name,
+                        path,
+                        initrd,
+                        cmdline,
+                    },
+                )
+                .await?;
+            if json.json {
+                printer.json(&kernel);
+            } else {
+                printer.message(&format!("imported kernel {}", kernel.name));
+            }
+        }
+        KernelCommand::List(flag) => {
+            let kernels: Vec<Kernel> = client
+                .call(method::KERNEL_LIST, serde_json::json!({}))
+                .await?;
+            if flag.json {
+                printer.json(&kernels);
+            } else {
+                let rows: Vec<Vec<String>> = kernels
+                    .iter()
+                    .map(|kernel| {
+                        vec![
+                            kernel.name.clone(),
+                            if kernel.initrd_path.is_some() {
+                                "yes"
+                            } else {
+                                "no"
+                            }
+                            .to_owned(),
+                            kernel.cmdline.clone(),
+                            kernel.created_at.clone(),
+                        ]
+                    })
+                    .collect();
+                printer.data(&table(&["NAME", "INITRD", "CMDLINE", "CREATED"], &rows));
+            }
+        }
+        KernelCommand::Show { name, json } => {
+            let kernel: Kernel = client
+                .call(method::KERNEL_SHOW, RemoveParams { name })
+                .await?;
+            if json.json {
+                printer.json(&kernel);
+            } else {
+                printer.data(&format!(
+                    "name:     {}\nid:       {}\nkernel:   {}\ninitrd:   {}\ncmdline:  {}\nsource:   {}\ncreated:  {}",
+                    kernel.name,
+                    kernel.id,
+                    kernel.kernel_path,
+                    kernel.initrd_path.as_deref().unwrap_or("-"),
+                    kernel.cmdline,
+                    kernel.source,
+                    kernel.created_at
+                ));
+            }
+        }
+        KernelCommand::Rm { name } => {
+            let kernel: Kernel = client
+                .call(method::KERNEL_REMOVE, RemoveParams { name })
+                .await?;
+            printer.message(&format!("removed kernel {}", kernel.name));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn absolute_names_missing_paths() {
+        let error = super::absolute(std::path::Path::new("/nonexistent/disk.ext4")).unwrap_err();
+        assert!(
+            error
+                .message
+                .starts_with("Cannot use /nonexistent/disk.ext4"),
+            "{}",
+            error.message
+        );
+        let here = super::absolute(std::path::Path::new(".")).unwrap();
+        assert!(here.starts_with('/'));
+    }
+}

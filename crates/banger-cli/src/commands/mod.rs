@@ -1,0 +1,6 @@
+//! One module per command group.
+
+pub mod daemon;
+pub mod image;
+pub mod operation;
+pub mod vm;

@@ -1,0 +1,80 @@
+//! `banger operation ...`.
+
+use std::path::Path;
+
+use banger_proto::method;
+use banger_proto::{Operation, OperationParams, OperationRef};
+
+use crate::args::OperationCommand;
+use crate::client::Client;
+use crate::printer::{table, Printer};
+use crate::CliResult;
+
+pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> CliResult {
+    let mut client = Client::connect(socket).await?;
+    match command {
+        OperationCommand::List(flag) => {
+            let operations: Vec<Operation> = client
+                .call(method::OPERATION_LIST, OperationParams::default())
+                .await?;
+            if flag.json {
+                printer.json(&operations);
+            } else {
+                let rows: Vec<Vec<String>> = operations
+                    .iter()
+                    .map(|operation| {
+                        vec![
+                            operation.id.clone(),
+                            operation.kind.clone(),
+                            operation.vm_name.clone(),
+                            operation.state.as_str().to_owned(),
+                            operation.created_at.clone(),
+                            operation.error.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                printer.data(&table(
+                    &["ID", "KIND", "VM", "STATE", "CREATED", "ERROR"],
+                    &rows,
+                ));
+            }
+        }
+        OperationCommand::Show { id, json } => {
+            let operation: Operation = client
+                .call(method::OPERATION_STATUS, OperationRef { id })
+                .await?;
+            if json.json {
+                printer.json(&operation);
+            } else {
+                let mut lines = vec![
+                    format!("id:       {}", operation.id),
+                    format!("kind:     {}", operation.kind),
+                    format!("vm:       {}", operation.vm_name),
+                    format!("state:    {}", operation.state.as_str()),
+                    format!("created:  {}", operation.created_at),
+                ];
+                if let Some(error) = &operation.error {
+                    lines.push(format!("error:    {error}"));
+                }
+                lines.push("stages:".to_owned());
+                for stage in &operation.stages {
+                    lines.push(format!(
+                        "  {:<16} {:<12} {:>6} ms  {}",
+                        stage.stage,
+                        format!("{:?}", stage.status).to_lowercase(),
+                        stage.elapsed_ms,
+                        stage.message.as_deref().unwrap_or("")
+                    ));
+                }
+                printer.data(&lines.join("\n"));
+            }
+        }
+        OperationCommand::Cancel { id } => {
+            let operation: Operation = client
+                .call(method::OPERATION_CANCEL, OperationRef { id })
+                .await?;
+            printer.message(&format!("cancelling operation {}", operation.id));
+        }
+    }
+    Ok(())
+}

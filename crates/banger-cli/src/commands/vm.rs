@@ -1,0 +1,363 @@
+//! `banger vm ...`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use banger_proto::method;
+use banger_proto::{
+    CreateVmParams, CreateVmResult, DeleteVmParams, OperationRef, OperationState, SetVmParams,
+    StageEvent, StageStatus, StopVmParams, StreamFrame, Vm, VmRef,
+};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::args::{CreateArgs, SetArgs, VmCommand};
+use crate::client::{Client, Watch};
+use crate::printer::{table, Printer};
+use crate::{CliError, CliResult};
+
+pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResult {
+    match command {
+        VmCommand::Create(args) => create(socket, printer, args).await,
+        VmCommand::List(flag) => {
+            let vms: Vec<Vm> = Client::connect(socket)
+                .await?
+                .call(method::VM_LIST, serde_json::json!({}))
+                .await?;
+            if flag.json {
+                printer.json(&vms);
+            } else {
+                printer.data(&vm_table(&vms));
+            }
+            Ok(())
+        }
+        VmCommand::Show { name, json } => {
+            let vm: Vm = Client::connect(socket)
+                .await?
+                .call(method::VM_SHOW, VmRef { vm: name.vm })
+                .await?;
+            if json.json {
+                printer.json(&vm);
+            } else {
+                printer.data(&vm_details(&vm));
+            }
+            Ok(())
+        }
+        VmCommand::Start { name, json } => {
+            let vm = call_vm(socket, method::VM_START, VmRef { vm: name.vm }).await?;
+            report(printer, json.json, &vm, "started")
+        }
+        VmCommand::Stop { name, force, json } => {
+            let vm = call_vm(socket, method::VM_STOP, StopVmParams { vm: name.vm, force }).await?;
+            report(printer, json.json, &vm, "stopped")
+        }
+        VmCommand::Restart { name, json } => {
+            let vm = call_vm(socket, method::VM_RESTART, VmRef { vm: name.vm }).await?;
+            report(printer, json.json, &vm, "restarted")
+        }
+        VmCommand::Delete { name, force, json } => {
+            let vm = call_vm(
+                socket,
+                method::VM_DELETE,
+                DeleteVmParams { vm: name.vm, force },
+            )
+            .await?;
+            report(printer, json.json, &vm, "deleted")
+        }
+        VmCommand::Set(SetArgs {
+            name,
+            vcpus,
+            memory_mib,
+            json,
+        }) => {
+            let vm = call_vm(
+                socket,
+                method::VM_SET,
+                SetVmParams {
+                    vm: name.vm,
+                    vcpus,
+                    memory_mib,
+                },
+            )
+            .await?;
+            report(printer, json.json, &vm, "updated")
+        }
+    }
+}
+
+async fn call_vm(socket: &Path, method_name: &str, params: impl serde::Serialize) -> CliResult<Vm> {
+    Ok(Client::connect(socket)
+        .await?
+        .call(method_name, params)
+        .await?)
+}
+
+fn report(printer: Printer, json: bool, vm: &Vm, verb: &str) -> CliResult {
+    if json {
+        printer.json(vm);
+    } else {
+        printer.message(&format!("{verb} {} ({})", vm.name, vm.state));
+    }
+    Ok(())
+}
+
+fn short_id(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+fn vm_table(vms: &[Vm]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.clone(),
+                short_id(&vm.id).to_owned(),
+                vm.state.to_string(),
+                vm.image.clone(),
+                vm.kernel.clone(),
+                vm.vcpus.to_string(),
+                format!("{} MiB", vm.memory_mib),
+                vm.pid
+                    .map(|pid| pid.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                vm.created_at.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "ID", "STATE", "IMAGE", "KERNEL", "VCPUS", "MEMORY", "PID", "CREATED",
+        ],
+        &rows,
+    )
+}
+
+fn vm_details(vm: &Vm) -> String {
+    let mut lines = vec![
+        format!("name:      {}", vm.name),
+        format!("id:        {}", vm.id),
+        format!("state:     {}", vm.state),
+        format!("image:     {}", vm.image),
+        format!("kernel:    {}", vm.kernel),
+        format!("backend:   {}", vm.backend),
+        format!("vcpus:     {}", vm.vcpus),
+        format!("memory:    {} MiB", vm.memory_mib),
+        format!("disk:      {} MiB", vm.disk_bytes >> 20),
+        format!(
+            "pid:       {}",
+            vm.pid
+                .map(|pid| pid.to_string())
+                .unwrap_or_else(|| "-".into())
+        ),
+        format!("created:   {}", vm.created_at),
+        format!("dir:       {}", vm.dir),
+    ];
+    if let Some(started) = &vm.started_at {
+        lines.push(format!("started:   {started}"));
+    }
+    if let Some(error) = &vm.error {
+        lines.push(format!("error:     {error}"));
+    }
+    lines.join("\n")
+}
+
+async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult {
+    let name = args.name.unwrap_or_else(crate::names::random_name);
+    if let Err(error) = banger_proto::validate_vm_name(&name) {
+        return Err(CliError {
+            message: error.to_string(),
+            hint: Some("VM names are DNS labels: lowercase letters, digits and `-`".into()),
+            exit_code: 2,
+        });
+    }
+    let started = Instant::now();
+    let mut client = Client::connect(socket).await?;
+    let created: CreateVmResult = client
+        .call(
+            method::VM_CREATE,
+            CreateVmParams {
+                name: name.clone(),
+                image: args.image,
+                kernel: args.kernel,
+                vcpus: args.vcpus,
+                memory_mib: args.memory_mib,
+                no_start: args.no_start,
+            },
+        )
+        .await?;
+    let watch = Client::connect(socket)
+        .await?
+        .watch(&created.operation_id)
+        .await?;
+    follow(
+        socket,
+        printer,
+        args.json,
+        watch,
+        &created.operation_id,
+        started,
+    )
+    .await
+}
+
+/// Renders an operation's frames until it ends; Ctrl-C cancels it (a second
+/// Ctrl-C leaves at once).
+async fn follow(
+    socket: &Path,
+    printer: Printer,
+    json: bool,
+    mut watch: Watch,
+    operation_id: &str,
+    started: Instant,
+) -> CliResult {
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
+    let mut view = StageView::new(printer, json);
+    let mut cancelling = false;
+    loop {
+        tokio::select! {
+            frame = watch.next() => match frame? {
+                Some(StreamFrame::Stage(event)) => view.stage(&event),
+                Some(done @ StreamFrame::Done { .. }) => {
+                    view.clear();
+                    let StreamFrame::Done { operation, vm } = &done else { unreachable!() };
+                    if json {
+                        printer.json_line(&done);
+                        if let Some(vm) = vm {
+                            printer.json_line(vm);
+                        }
+                    }
+                    return match operation.state {
+                        OperationState::Succeeded => {
+                            if let (false, Some(vm)) = (json, vm) {
+                                printer.message(&format!(
+                                    "{} is {} (id {}, {:.1}s)",
+                                    vm.name,
+                                    vm.state,
+                                    short_id(&vm.id),
+                                    started.elapsed().as_secs_f64()
+                                ));
+                            }
+                            Ok(())
+                        }
+                        OperationState::Cancelled => Err(CliError {
+                            message: String::new(),
+                            hint: None,
+                            exit_code: 130,
+                        })
+                        .inspect_err(|_| printer.message("cancelled; everything it made was removed")),
+                        OperationState::Failed | OperationState::Running => Err(CliError::new(
+                            operation
+                                .error
+                                .clone()
+                                .unwrap_or_else(|| "The operation failed".to_owned()),
+                        )),
+                    };
+                }
+                None => return Err(CliError::new("The daemon closed the operation stream early")),
+            },
+            _ = interrupts.recv() => {
+                if cancelling {
+                    return Err(CliError { message: String::new(), hint: None, exit_code: 130 });
+                }
+                cancelling = true;
+                printer.message("cancelling… (Ctrl-C again to stop waiting)");
+                let mut client = Client::connect(socket).await?;
+                let cancelled: Result<serde_json::Value, _> = client
+                    .call(method::OPERATION_CANCEL, OperationRef { id: operation_id.to_owned() })
+                    .await;
+                if let Err(error) = cancelled {
+                    printer.message(&format!("cancel failed: {error}"));
+                }
+            }
+        }
+    }
+}
+
+/// Stage lines: spinners on a terminal, plain lines otherwise, JSON lines
+/// with `--json`.
+struct StageView {
+    printer: Printer,
+    json: bool,
+    bars: Option<MultiProgress>,
+    active: HashMap<String, ProgressBar>,
+}
+
+impl StageView {
+    fn new(printer: Printer, json: bool) -> Self {
+        let bars = (printer.progress && !json).then(MultiProgress::new);
+        Self {
+            printer,
+            json,
+            bars,
+            active: HashMap::new(),
+        }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bars {
+            Some(bars) => {
+                let _ = bars.println(text);
+            }
+            None => self.printer.message(&text),
+        }
+    }
+
+    fn stage(&mut self, event: &StageEvent) {
+        if self.json {
+            self.printer.json_line(&StreamFrame::Stage(event.clone()));
+            return;
+        }
+        let seconds = Duration::from_millis(event.elapsed_ms).as_secs_f64();
+        match event.status {
+            StageStatus::Started => {
+                if let Some(bars) = &self.bars {
+                    let bar = bars.add(ProgressBar::new_spinner());
+                    bar.set_style(
+                        ProgressStyle::with_template("  {spinner} {msg} {elapsed:.dim}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    );
+                    bar.set_message(event.stage.clone());
+                    bar.enable_steady_tick(Duration::from_millis(100));
+                    self.active.insert(event.stage.clone(), bar);
+                }
+            }
+            StageStatus::Finished => {
+                self.remove(&event.stage);
+                let detail = event
+                    .message
+                    .as_deref()
+                    .map(|message| format!(", {message}"))
+                    .unwrap_or_default();
+                self.line(format!("  ✓ {} ({seconds:.2}s{detail})", event.stage));
+            }
+            StageStatus::Failed => {
+                self.remove(&event.stage);
+                self.line(format!(
+                    "  ✗ {} ({seconds:.2}s): {}",
+                    event.stage,
+                    event.message.as_deref().unwrap_or("failed")
+                ));
+            }
+            StageStatus::RolledBack => {
+                self.line(format!("  ↺ {} rolled back", event.stage));
+            }
+        }
+    }
+
+    fn remove(&mut self, stage: &str) {
+        if let Some(bar) = self.active.remove(stage) {
+            bar.finish_and_clear();
+            if let Some(bars) = &self.bars {
+                bars.remove(&bar);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        let stages: Vec<String> = self.active.keys().cloned().collect();
+        for stage in stages {
+            self.remove(&stage);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The printer owns the terminal: data goes to stdout, everything for the
+//! human (progress, confirmations, errors) to stderr. It honours `--quiet`,
+//! `--no-progress`, `NO_COLOR`, and whether stderr is a terminal.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::IsTerminal;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Printer {
+    pub quiet: bool,
+    /// Spinners and live lines (stderr is a terminal, not disabled).
+    pub progress: bool,
+    pub color: bool,
+}
+
+impl Printer {
+    pub fn new(quiet: bool, no_progress: bool) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        Self {
+            quiet,
+            progress: terminal && !no_progress && !quiet,
+            color: terminal && std::env::var_os("NO_COLOR").is_none(),
+        }
+    }
+
+    /// A line of data on stdout.
+    pub fn data(&self, text: &str) {
+        println!("{text}");
+    }
+
+    /// Pretty JSON on stdout.
+    pub fn json(&self, value: &impl Serialize) {
+        match serde_json::to_string_pretty(value) {
+            Ok(text) => println!("{text}"),
+            Err(error) => eprintln!("error: Failed to encode JSON: {error}"),
+        }
+    }
+
+    /// One compact JSON line on stdout (streams).
+    pub fn json_line(&self, value: &impl Serialize) {
+        match serde_json::to_string(value) {
+            Ok(text) => println!("{text}"),
+            Err(error) => eprintln!("error: Failed to encode JSON: {error}"),
+        }
+    }
+
+    /// A message for the human, unless quiet.
+    pub fn message(&self, text: &str) {
+        if !self.quiet {
+            eprintln!("{text}");
+        }
+    }
+
+    pub fn error(&self, message: &str, hint: Option<&str>) {
+        if self.color {
+            eprintln!("\x1b[1;31merror\x1b[0m: {message}");
+        } else {
+            eprintln!("error: {message}");
+        }
+        if let Some(hint) = hint {
+            if self.color {
+                eprintln!("\x1b[1;36mhint\x1b[0m: {hint}");
+            } else {
+                eprintln!("hint: {hint}");
+            }
+        }
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|header| header.len()).collect();
+    for row in rows {
+        for (index, cell) in row.iter().enumerate() {
+            if let Some(width) = widths.get_mut(index) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+    }
+    let render = |cells: Vec<&str>| -> String {
+        let mut line = String::new();
+        for (index, cell) in cells.iter().enumerate() {
+            if index + 1 == cells.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                let pad = widths[index] - cell.chars().count() + 2;
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        line.trim_end().to_owned()
+    };
+    let mut lines = vec![render(headers.to_vec())];
+    lines.extend(
+        rows.iter()
+            .map(|row| render(row.iter().map(String::as_str).collect())),
+    );
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_aligns_columns() {
+        let text = super::table(
+            &["NAME", "STATE"],
+            &[
+                vec!["a".into(), "running".into()],
+                vec!["longer-name".into(), "stopped".into()],
+            ],
+        );
+        assert_eq!(
+            text,
+            "NAME         STATE\na            running\nlonger-name  stopped"
+        );
+    }
+}

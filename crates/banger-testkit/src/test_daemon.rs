@@ -1,0 +1,388 @@
+//! A real `bangerd` in a temporary directory, driven through the real
+//! `banger` CLI, with `fake-firecracker` as its Firecracker binary.
+//!
+//! The binaries are taken from the cargo target dir the test runs from
+//! (`cargo test --workspace` builds them all) or from `BANGER_BIN_DIR`.
+//! Dropping a [`TestDaemon`] kills the daemon and every VMM process under
+//! its state dir, so a failing test does not leak processes into the next.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Directory holding `bangerd`, `banger` and `fake-firecracker`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("BANGER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe.parent().expect("test executable dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of one of the workspace's binaries; panics with how to build it.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// Prints why a root-only test is skipped and returns false when not root.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: needs root (CI runs as root)");
+    false
+}
+
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    /// Where fake-firecracker appends every API request it receives.
+    pub request_log: PathBuf,
+    /// Where bangerd's log goes.
+    pub log: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    /// A daemon (not yet started) using fake-firecracker; `env` is passed to
+    /// bangerd and thus to every fake-firecracker it spawns.
+    pub fn new(env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("banger-test-")
+            .tempdir()
+            .expect("temp dir");
+        // Searchable by everyone, so tests that connect as another uid work.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
+        let state_dir = dir.path().join("state");
+        let socket = dir.path().join("bangerd.sock");
+        let config = dir.path().join("config.toml");
+        let request_log = dir.path().join("firecracker-requests.jsonl");
+        let log = dir.path().join("bangerd.log");
+        std::fs::write(
+            &config,
+            format!(
+                "[firecracker]\nbinary = \"{}\"\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n",
+                binary("fake-firecracker").display()
+            ),
+        )
+        .expect("write config");
+        let mut all_env: Vec<(String, String)> = vec![(
+            "FAKE_FIRECRACKER_REQUEST_LOG".to_owned(),
+            request_log.display().to_string(),
+        )];
+        all_env.extend(
+            env.iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned())),
+        );
+        Self {
+            dir,
+            state_dir,
+            socket,
+            config,
+            request_log,
+            log,
+            env: all_env,
+            child: None,
+        }
+    }
+
+    /// Starts `new(env)` and waits until it serves.
+    pub fn start_with(env: &[(&str, &str)]) -> Self {
+        let mut daemon = Self::new(env);
+        daemon.start();
+        daemon
+    }
+
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(existing, _)| existing != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    pub fn remove_env(&mut self, key: &str) {
+        self.env.retain(|(existing, _)| existing != key);
+    }
+
+    /// Spawns bangerd and waits (up to 20 s) until its socket answers.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open daemon log");
+        let mut command = Command::new(binary("bangerd"));
+        command
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(&self.config)
+            .env("BANGER_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn bangerd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("poll bangerd") {
+                panic!(
+                    "bangerd exited at start ({status}); log:\n{}",
+                    self.log_text()
+                );
+            }
+            if UnixStream::connect(&self.socket).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bangerd did not serve within 20 s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs the daemon (VMs keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERMs the daemon and waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        child.wait().expect("wait bangerd")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A `banger` command pointed at this daemon.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(binary("banger"));
+        command
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `banger ARGS` to completion.
+    pub fn banger(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run banger")
+    }
+
+    /// Runs `banger ARGS`, asserts success, returns stdout.
+    pub fn banger_ok(&self, args: &[&str]) -> String {
+        let output = self.banger(args);
+        assert!(
+            output.status.success(),
+            "banger {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.log_text()
+        );
+        String::from_utf8(output.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs `banger ARGS --json` and parses stdout as one JSON value.
+    pub fn banger_json(&self, args: &[&str]) -> Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--json");
+        let stdout = self.banger_ok(&all);
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|error| panic!("banger {all:?} printed no JSON ({error}): {stdout}"))
+    }
+
+    /// Runs `banger ARGS`, asserts failure, returns stderr.
+    pub fn banger_err(&self, args: &[&str]) -> String {
+        let output = self.banger(args);
+        assert!(
+            !output.status.success(),
+            "banger {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stderr).expect("utf-8 stderr")
+    }
+
+    /// The VM as `vm show --json` reports it.
+    pub fn vm(&self, name: &str) -> Value {
+        self.banger_json(&["vm", "show", name])
+    }
+
+    /// Polls `vm show` until `state` (or panics after `timeout`).
+    pub fn wait_for_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let vm = self.vm(name);
+            if vm["state"] == state {
+                return vm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VM {name} did not become {state} within {timeout:?}: {vm}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Registers a small real ext4 image (`mkfs.ext4`) and a stand-in kernel
+    /// as `image` / `kernel`, the names the tests use.
+    pub fn import_fixtures(&self) {
+        let image = self.dir.path().join("fixture.ext4");
+        make_ext4(&image, 64);
+        let kernel = self.dir.path().join("vmlinux");
+        write_fake_kernel(&kernel);
+        self.banger_ok(&["image", "import", "image", image.to_str().expect("utf-8")]);
+        self.banger_ok(&[
+            "kernel",
+            "import",
+            "kernel",
+            kernel.to_str().expect("utf-8"),
+        ]);
+    }
+
+    /// Every request fake-firecracker logged, in order.
+    pub fn requests(&self) -> Vec<Value> {
+        let Ok(file) = std::fs::File::open(&self.request_log) else {
+            return Vec::new();
+        };
+        BufReader::new(file)
+            .lines()
+            .map(|line| serde_json::from_str(&line.expect("read request log")).expect("JSON line"))
+            .collect()
+    }
+
+    /// Requests logged by the fake-firecracker of VM `vm_id`.
+    pub fn requests_of(&self, vm_id: &str) -> Vec<Value> {
+        self.requests()
+            .into_iter()
+            .filter(|request| request["id"] == vm_id)
+            .collect()
+    }
+
+    /// Pids of VMM processes whose command line points into this state dir.
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        let needle = self.state_dir.display().to_string();
+        let mut pids = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return pids;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("--api-sock") && cmdline.contains(&needle) {
+                // Zombies have an empty cmdline, so a match is a live process.
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Entries left under `state/vms` and `state/tmp`.
+    pub fn leftover_files(&self) -> Vec<PathBuf> {
+        let mut leftovers = Vec::new();
+        for dir in [self.state_dir.join("vms"), self.state_dir.join("tmp")] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                leftovers.extend(entries.flatten().map(|entry| entry.path()));
+            }
+        }
+        leftovers
+    }
+
+    /// Asserts no VMM process and no VM/temp file remains.
+    pub fn assert_no_leaks(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.vmm_pids().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(self.vmm_pids(), Vec::<u32>::new(), "VMM processes leaked");
+        assert_eq!(self.leftover_files(), Vec::<PathBuf>::new(), "files leaked");
+    }
+
+    /// One raw JSON-RPC exchange on a fresh connection: sends `line`, returns
+    /// the first response line parsed.
+    pub fn raw_call(&self, line: &str) -> Value {
+        let mut stream = UnixStream::connect(&self.socket).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream.write_all(line.as_bytes()).expect("send");
+        stream.write_all(b"\n").expect("send");
+        let mut reader = BufReader::new(stream);
+        let mut response = String::new();
+        reader.read_line(&mut response).expect("read response");
+        serde_json::from_str(&response).expect("response is JSON")
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in self.vmm_pids() {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Makes a real ext4 filesystem image of `size_mib` with `mkfs.ext4`.
+pub fn make_ext4(path: &Path, size_mib: u64) {
+    let file = std::fs::File::create(path).expect("create image");
+    file.set_len(size_mib << 20).expect("size image");
+    drop(file);
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .status()
+        .expect("mkfs.ext4 is needed (apt install e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4 failed");
+}
+
+/// A stand-in kernel: an ELF header, enough for banger's format check and
+/// for fake-firecracker, which does not boot it.
+pub fn write_fake_kernel(path: &Path) {
+    let mut bytes = b"\x7fELF\x02\x01\x01".to_vec();
+    bytes.resize(4096, 0);
+    std::fs::write(path, bytes).expect("write kernel");
+}

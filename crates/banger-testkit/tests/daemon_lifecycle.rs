@@ -1,0 +1,518 @@
+//! The daemon end to end against fake-firecracker: a real `bangerd` in a
+//! temp dir driven through the real `banger` CLI.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use banger_testkit::test_daemon::{require_root, TestDaemon};
+use serde_json::Value;
+
+fn methods_and_paths(requests: &[Value]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|request| {
+            format!(
+                "{} {}",
+                request["method"].as_str().unwrap_or_default(),
+                request["path"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn create_list_show_stop_start_set_delete() {
+    let daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+
+    daemon.banger_ok(&[
+        "vm", "create", "dev", "--image", "image", "--kernel", "kernel", "--vcpus", "2",
+        "--memory", "512",
+    ]);
+    let list = daemon.banger_json(&["vm", "list"]);
+    let vms = list.as_array().expect("array");
+    assert_eq!(vms.len(), 1);
+    let vm = &vms[0];
+    for field in [
+        "id",
+        "name",
+        "state",
+        "image",
+        "kernel",
+        "vcpus",
+        "memory_mib",
+        "pid",
+        "created_at",
+    ] {
+        assert!(
+            vm.get(field).is_some(),
+            "vm list --json lacks {field}: {vm}"
+        );
+    }
+    assert_eq!(vm["name"], "dev");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["image"], "image");
+    assert_eq!(vm["kernel"], "kernel");
+    assert_eq!(vm["vcpus"], 2);
+    assert_eq!(vm["memory_mib"], 512);
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let pid = vm["pid"].as_u64().expect("pid") as u32;
+    assert_eq!(daemon.vmm_pids(), vec![pid]);
+
+    // What banger sent Firecracker, in order, and the bodies.
+    let requests = daemon.requests_of(&id);
+    assert_eq!(
+        methods_and_paths(&requests),
+        [
+            "PUT /logger",
+            "PUT /metrics",
+            "PUT /machine-config",
+            "PUT /boot-source",
+            "PUT /drives/rootfs",
+            "PUT /actions"
+        ]
+    );
+    assert!(
+        requests.iter().all(|request| request["status"] == 204),
+        "{requests:?}"
+    );
+    assert_eq!(requests[2]["body"]["vcpu_count"], 2);
+    assert_eq!(requests[2]["body"]["mem_size_mib"], 512);
+    let vm_dir = daemon.state_dir.join("vms").join(&id);
+    assert_eq!(
+        requests[4]["body"]["path_on_host"],
+        vm_dir.join("rootfs.ext4").display().to_string()
+    );
+    assert_eq!(requests[4]["body"]["is_root_device"], true);
+    assert!(requests[3]["body"]["boot_args"]
+        .as_str()
+        .unwrap()
+        .contains("banger.name=dev"));
+    assert_eq!(requests[5]["body"]["action_type"], "InstanceStart");
+
+    // Show by name and by id prefix.
+    assert_eq!(daemon.vm("dev")["id"], id.as_str());
+    assert_eq!(daemon.vm(&id[..8])["name"], "dev");
+
+    // A running VM cannot be changed or deleted without force.
+    let error = daemon.banger_err(&["vm", "set", "dev", "--vcpus", "4"]);
+    assert!(error.contains("stopped VMs only"), "{error}");
+    let error = daemon.banger_err(&["vm", "delete", "dev"]);
+    assert!(error.contains("is running"), "{error}");
+
+    daemon.banger_ok(&["vm", "stop", "dev"]);
+    let vm = daemon.vm("dev");
+    assert_eq!(vm["state"], "stopped");
+    assert!(vm["pid"].is_null());
+    assert!(daemon.vmm_pids().is_empty());
+    let last = daemon.requests_of(&id).last().cloned().unwrap();
+    assert_eq!(last["body"]["action_type"], "SendCtrlAltDel");
+
+    daemon.banger_ok(&["vm", "set", "dev", "--vcpus", "4", "--memory", "1024"]);
+    daemon.banger_ok(&["vm", "start", "dev"]);
+    let vm = daemon.vm("dev");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["vcpus"], 4);
+    let machine_configs: Vec<Value> = daemon
+        .requests_of(&id)
+        .into_iter()
+        .filter(|request| request["path"] == "/machine-config")
+        .collect();
+    assert_eq!(machine_configs.last().unwrap()["body"]["vcpu_count"], 4);
+    assert_eq!(
+        machine_configs.last().unwrap()["body"]["mem_size_mib"],
+        1024
+    );
+
+    let old_pid = vm["pid"].as_u64().unwrap();
+    daemon.banger_ok(&["vm", "restart", "dev"]);
+    let vm = daemon.vm("dev");
+    assert_eq!(vm["state"], "running");
+    assert_ne!(vm["pid"].as_u64().unwrap(), old_pid);
+
+    // Images and kernels in use cannot be removed.
+    let error = daemon.banger_err(&["image", "rm", "image"]);
+    assert!(error.contains("used by"), "{error}");
+
+    daemon.banger_ok(&["vm", "delete", "dev", "--force"]);
+    assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
+    daemon.assert_no_leaks();
+    daemon.banger_ok(&["image", "rm", "image"]);
+    daemon.banger_ok(&["kernel", "rm", "kernel"]);
+    assert_eq!(
+        std::fs::read_dir(daemon.state_dir.join("images"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(daemon.state_dir.join("kernels"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn bad_names_duplicates_and_missing_artifacts_are_refused() {
+    let daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+    let error = daemon.banger_err(&[
+        "vm", "create", "Bad_Name", "--image", "image", "--kernel", "kernel",
+    ]);
+    assert!(error.contains("Bad_Name"), "{error}");
+    let error = daemon.banger_err(&[
+        "vm", "create", "one", "--image", "nope", "--kernel", "kernel",
+    ]);
+    assert!(error.contains("No image named `nope`"), "{error}");
+    daemon.banger_ok(&[
+        "vm",
+        "create",
+        "one",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "--no-start",
+    ]);
+    assert_eq!(daemon.vm("one")["state"], "stopped");
+    assert!(daemon.vmm_pids().is_empty());
+    let error = daemon.banger_err(&[
+        "vm", "create", "one", "--image", "image", "--kernel", "kernel",
+    ]);
+    assert!(error.contains("already exists"), "{error}");
+    let error = daemon.banger_err(&["image", "import", "bad", daemon.config.to_str().unwrap()]);
+    assert!(error.contains("not an ext4"), "{error}");
+    let error = daemon.banger_err(&["vm", "show", "ghost"]);
+    assert!(error.contains("No VM named `ghost`"), "{error}");
+    daemon.banger_ok(&["vm", "delete", "one"]);
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn ten_concurrent_creates_all_succeed() {
+    let daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+    let children: Vec<_> = (0..10)
+        .map(|index| {
+            daemon
+                .command()
+                .args([
+                    "vm",
+                    "create",
+                    &format!("vm{index}"),
+                    "--image",
+                    "image",
+                    "--kernel",
+                    "kernel",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn banger")
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let list = daemon.banger_json(&["vm", "list"]);
+    let vms = list.as_array().unwrap();
+    assert_eq!(vms.len(), 10);
+    assert!(vms.iter().all(|vm| vm["state"] == "running"));
+    let mut pids: Vec<u64> = vms.iter().map(|vm| vm["pid"].as_u64().unwrap()).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 10);
+    assert_eq!(daemon.vmm_pids().len(), 10);
+    for index in 0..10 {
+        daemon.banger_ok(&["vm", "delete", &format!("vm{index}"), "--force"]);
+    }
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn failed_firecracker_call_leaves_failed_vm_and_nothing_else() {
+    let daemon = TestDaemon::start_with(&[("FAKE_FIRECRACKER_FAIL", "PUT /drives/rootfs")]);
+    daemon.import_fixtures();
+    let output = daemon.banger(&[
+        "vm", "create", "broken", "--image", "image", "--kernel", "kernel",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("injected failure"), "{stderr}");
+    let vm = daemon.vm("broken");
+    assert_eq!(vm["state"], "failed");
+    assert!(
+        vm["error"].as_str().unwrap().contains("injected failure"),
+        "{vm}"
+    );
+    assert!(vm["pid"].is_null());
+    // No process, no file: the operation rolled back.
+    daemon.assert_no_leaks();
+    let error = daemon.banger_err(&["vm", "start", "broken"]);
+    assert!(error.contains("no root disk"), "{error}");
+    daemon.banger_ok(&["vm", "delete", "broken"]);
+    assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
+}
+
+#[test]
+fn ctrl_c_mid_create_cancels_and_rolls_back() {
+    let daemon = TestDaemon::start_with(&[("FAKE_FIRECRACKER_DELAY", "PUT /actions=20000")]);
+    daemon.import_fixtures();
+    let mut child = daemon
+        .command()
+        .args([
+            "vm", "create", "slow", "--image", "image", "--kernel", "kernel", "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    // Wait until the boot stage has started: a VMM process exists then.
+    loop {
+        let line = lines.next().expect("stage events").unwrap();
+        let event: Value = serde_json::from_str(&line).unwrap();
+        if event["stage"] == "boot" && event["status"] == "started" {
+            break;
+        }
+    }
+    assert_eq!(daemon.vmm_pids().len(), 1);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let rest: Vec<Value> = lines
+        .map(|line| serde_json::from_str(&line.unwrap()).unwrap())
+        .collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        rest.iter().any(|event| event["status"] == "rolled_back"),
+        "{rest:?}"
+    );
+    assert!(rest
+        .iter()
+        .any(|event| event["event"] == "done" && event["operation"]["state"] == "cancelled"));
+    assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn vmm_that_dies_marks_vm_crashed() {
+    let daemon = TestDaemon::start_with(&[("FAKE_FIRECRACKER_EXIT_AFTER_BOOT_MS", "1000")]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "fragile", "--image", "image", "--kernel", "kernel",
+    ]);
+    let started = Instant::now();
+    let vm = daemon.wait_for_state("fragile", "crashed", Duration::from_secs(10));
+    eprintln!(
+        "crash noticed {:?} after create returned",
+        started.elapsed()
+    );
+    assert!(vm["pid"].is_null());
+    assert!(
+        vm["error"]
+            .as_str()
+            .unwrap()
+            .contains("exited unexpectedly"),
+        "{vm}"
+    );
+    assert!(daemon.vmm_pids().is_empty());
+    // A crashed VM starts again.
+    let mut daemon = daemon;
+    daemon.kill9();
+    daemon.remove_env("FAKE_FIRECRACKER_EXIT_AFTER_BOOT_MS");
+    daemon.start();
+    daemon.banger_ok(&["vm", "start", "fragile"]);
+    assert_eq!(daemon.vm("fragile")["state"], "running");
+    daemon.banger_ok(&["vm", "delete", "fragile", "--force"]);
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn sigkill_of_daemon_then_restart_readopts_running_vms() {
+    let mut daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "survivor", "--image", "image", "--kernel", "kernel",
+    ]);
+    daemon.banger_ok(&[
+        "vm", "create", "victim", "--image", "image", "--kernel", "kernel",
+    ]);
+    let survivor_pid = daemon.vm("survivor")["pid"].as_u64().unwrap();
+    let victim_pid = daemon.vm("victim")["pid"].as_u64().unwrap();
+    daemon.kill9();
+    // While the daemon is down, one VMM dies.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.start();
+    let survivor = daemon.vm("survivor");
+    assert_eq!(survivor["state"], "running");
+    assert_eq!(survivor["pid"].as_u64().unwrap(), survivor_pid);
+    assert_eq!(daemon.vm("victim")["state"], "crashed");
+    // The adopted VM is manageable: stop goes through its API socket.
+    daemon.banger_ok(&["vm", "stop", "survivor"]);
+    assert_eq!(daemon.vm("survivor")["state"], "stopped");
+    assert!(daemon.vmm_pids().is_empty());
+    daemon.banger_ok(&["vm", "delete", "survivor"]);
+    daemon.banger_ok(&["vm", "delete", "victim"]);
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn adopted_vm_crash_is_still_noticed() {
+    let mut daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "adoptee", "--image", "image", "--kernel", "kernel",
+    ]);
+    let pid = daemon.vm("adoptee")["pid"].as_u64().unwrap();
+    daemon.kill9();
+    daemon.start();
+    assert_eq!(daemon.vm("adoptee")["state"], "running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    daemon.wait_for_state("adoptee", "crashed", Duration::from_secs(5));
+    daemon.banger_ok(&["vm", "delete", "adoptee"]);
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn create_interrupted_by_daemon_death_leaves_nothing() {
+    let mut daemon = TestDaemon::start_with(&[("FAKE_FIRECRACKER_DELAY", "PUT /actions=20000")]);
+    daemon.import_fixtures();
+    let mut child = daemon
+        .command()
+        .args([
+            "vm", "create", "halfway", "--image", "image", "--kernel", "kernel", "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let event: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if event["stage"] == "boot" && event["status"] == "started" {
+            break;
+        }
+    }
+    daemon.kill9();
+    let _ = child.wait();
+    daemon.remove_env("FAKE_FIRECRACKER_DELAY");
+    daemon.start();
+    assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
+    daemon.assert_no_leaks();
+    let operations = daemon.banger_json(&["operation", "list"]);
+    assert_eq!(operations[0]["state"], "failed", "{operations}");
+}
+
+#[test]
+fn malformed_rpc_gets_errors_and_the_daemon_keeps_serving() {
+    let daemon = TestDaemon::start_with(&[]);
+    let response = daemon.raw_call("this is not json");
+    assert_eq!(response["error"]["code"], -32700);
+    let response = daemon.raw_call(r#"{"jsonrpc":"2.0","id":1,"method":"vm.explode"}"#);
+    assert_eq!(response["error"]["code"], -32601);
+    assert_eq!(response["id"], 1);
+    let response =
+        daemon.raw_call(r#"{"jsonrpc":"2.0","id":2,"method":"vm.show","params":{"name":5}}"#);
+    assert_eq!(response["error"]["code"], -32602);
+    let response = daemon.raw_call(r#"{"jsonrpc":"1.0","id":3,"method":"vm.list"}"#);
+    assert_eq!(response["error"]["code"], -32600);
+    let response = daemon.raw_call(r#"[1,2,3]"#);
+    assert_eq!(response["error"]["code"], -32600);
+    let huge = format!(
+        r#"{{"jsonrpc":"2.0","id":4,"method":"{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let response = daemon.raw_call(&huge);
+    assert_eq!(response["error"]["code"], -32600);
+
+    // Several calls on one connection, after a bad one.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    use std::io::Write;
+    stream
+        .write_all(b"{oops\n{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"daemon.status\"}\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    let mut second = String::new();
+    reader.read_line(&mut second).unwrap();
+    let second: Value = serde_json::from_str(&second).unwrap();
+    assert_eq!(second["id"], 9);
+    assert_eq!(second["result"]["version"], env!("CARGO_PKG_VERSION"));
+
+    let status = daemon.banger_json(&["daemon", "status"]);
+    assert_eq!(status["backend"], "firecracker");
+    assert_eq!(status["vms"]["running"], 0);
+    assert_eq!(status["state_dir"], daemon.state_dir.display().to_string());
+}
+
+#[test]
+fn unauthorised_peer_is_refused_and_daemon_keeps_serving() {
+    if !require_root("unauthorised_peer_is_refused_and_daemon_keeps_serving") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let daemon = TestDaemon::start_with(&[]);
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    // The mode keeps strangers out; open it up to reach the credential check.
+    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let output = daemon
+        .command()
+        .args(["vm", "list"])
+        .uid(65_534)
+        .gid(65_534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not allowed"), "{stderr}");
+    assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
+}
+
+#[test]
+fn bad_config_is_a_one_line_error_at_start() {
+    let daemon = TestDaemon::new(&[]);
+    std::fs::write(&daemon.config, "[vm]\nvcpus = 2\nturbo = true\n").unwrap();
+    let output = std::process::Command::new(banger_testkit::test_daemon::binary("bangerd"))
+        .arg("--state-dir")
+        .arg(&daemon.state_dir)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("--config")
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("error"))
+        .collect();
+    assert_eq!(error_lines.len(), 1, "{stderr}");
+    assert!(error_lines[0].contains("unknown field `turbo`"), "{stderr}");
+    assert!(!daemon.socket.exists());
+}
