@@ -650,6 +650,16 @@ impl VmService {
     /// removes leftovers of interrupted creates and orphaned VM directories.
     pub async fn reconcile(self: &Arc<Self>) -> DaemonResult<ReconcileReport> {
         let mut report = ReconcileReport::default();
+        // VMs whose create operation never ended: the create was interrupted.
+        let interrupted_creates: Vec<String> = self
+            .operations
+            .list()?
+            .into_iter()
+            .filter(|operation| {
+                operation.kind == "vm.create" && operation.state == OperationState::Running
+            })
+            .map(|operation| operation.vm_id)
+            .collect();
         for mut vm in self.store.list_vms()? {
             let directory = PathBuf::from(&vm.dir);
             let adopted = match vm.pid {
@@ -663,6 +673,9 @@ impl VmService {
                     }),
                 None => None,
             };
+            if interrupted_creates.contains(&vm.id) {
+                vm.state = VmState::Creating;
+            }
             match vm.state {
                 VmState::Creating => {
                     // An interrupted create leaves nothing.

@@ -343,8 +343,10 @@ impl TestDaemon {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        stream.write_all(line.as_bytes()).expect("send");
-        stream.write_all(b"\n").expect("send");
+        // The daemon may answer and hang up before reading all of an
+        // oversized request; the answer is still there to read.
+        let _ = stream.write_all(line.as_bytes());
+        let _ = stream.write_all(b"\n");
         let mut reader = BufReader::new(stream);
         let mut response = String::new();
         reader.read_line(&mut response).expect("read response");
