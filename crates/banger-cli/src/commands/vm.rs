@@ -95,6 +95,8 @@ async fn call_vm(socket: &Path, method_name: &str, params: impl serde::Serialize
 fn report(printer: Printer, json: bool, vm: &Vm, verb: &str) -> CliResult {
     if json {
         printer.json(vm);
+    } else if verb == "deleted" {
+        printer.message(&format!("deleted {}", vm.name));
     } else {
         printer.message(&format!("{verb} {} ({})", vm.name, vm.state));
     }
