@@ -464,6 +464,7 @@ impl VmService {
                 if let Err(error) = this.store.update_vm(&vm) {
                     tracing::error!(vm = %vm.name, %error, "failed to record crash");
                 }
+                this.vmm.release(handle.runtime_dir());
             }
         });
     }
@@ -703,6 +704,7 @@ impl VmService {
                             // A start that was interrupted before boot.
                             let _ = self.vmm.kill(&handle).await;
                         }
+                        self.vmm.release(&directory);
                         vm.state = VmState::Crashed;
                         vm.pid = None;
                         vm.error = Some(

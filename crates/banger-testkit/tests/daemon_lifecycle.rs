@@ -325,6 +325,13 @@ fn vmm_that_dies_marks_vm_crashed() {
         "{vm}"
     );
     assert!(daemon.vmm_pids().is_empty());
+    // Its resources are released: the API socket the dead VMM left is gone.
+    let api_socket = daemon
+        .state_dir
+        .join("vms")
+        .join(vm["id"].as_str().unwrap())
+        .join("firecracker.sock");
+    assert!(!api_socket.exists(), "{} left behind", api_socket.display());
     // A crashed VM starts again.
     let mut daemon = daemon;
     daemon.kill9();

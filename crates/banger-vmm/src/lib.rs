@@ -250,6 +250,11 @@ pub trait Vmm: Send + Sync + 'static {
     /// `SIGKILL` the process and wait until it is gone.
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError>;
 
+    /// Remove what a VMM process leaves behind in `runtime_dir` once it is
+    /// gone (its control sockets). Called after a crash; stop and kill
+    /// already do it.
+    fn release(&self, runtime_dir: &Path);
+
     /// Re-attach to a VMM process started by an earlier daemon instance.
     /// `Ok(Some)` if `pid` is alive and is this VM's monitor (its command
     /// line carries `--id <vm_id>`), `Ok(None)` if it is gone or is some

@@ -382,6 +382,13 @@ impl Vmm for Firecracker {
         Ok(())
     }
 
+    fn release(&self, runtime_dir: &Path) {
+        let api_socket = RuntimeFiles::new(runtime_dir).api_socket;
+        if let Err(error) = remove_file_if_exists(&api_socket) {
+            tracing::warn!(path = %api_socket.display(), %error, "could not remove the Firecracker API socket");
+        }
+    }
+
     async fn adopt(
         &self,
         vm_id: &str,
