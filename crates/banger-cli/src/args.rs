@@ -40,6 +40,8 @@ pub enum Command {
     /// The daemon itself.
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Check the host and configuration; exits 1 if a check fails.
+    Doctor(JsonFlag),
 }
 
 #[derive(Debug, Args)]

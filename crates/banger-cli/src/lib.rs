@@ -99,5 +99,6 @@ async fn run(cli: Cli, printer: Printer) -> CliResult {
         Command::Kernel(command) => commands::image::run_kernel(&socket, printer, command).await,
         Command::Operation(command) => commands::operation::run(&socket, printer, command).await,
         Command::Daemon(command) => commands::daemon::run(&socket, printer, command).await,
+        Command::Doctor(flag) => commands::daemon::doctor(&socket, printer, flag.json).await,
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod files;
 pub mod ids;
@@ -85,6 +86,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let access = AccessPolicy::new(&config.access.group);
     let listener = bind_socket(&options.socket, &access)?;
     let daemon = Arc::new(Daemon {
+        config: Arc::clone(&config),
+        paths: paths.clone(),
         vms,
         images,
         operations,

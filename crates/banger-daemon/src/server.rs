@@ -44,6 +44,8 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 /// Everything the RPC layer dispatches to; built in the composition root.
 pub struct Daemon {
+    pub config: Arc<crate::config::Config>,
+    pub paths: crate::paths::StatePaths,
     pub vms: Arc<VmService>,
     pub images: ImageService,
     pub operations: Arc<OperationRegistry>,
@@ -236,6 +238,16 @@ async fn dispatch(
         method::DAEMON_STATUS => {
             no_params(raw)?;
             to_value(status(daemon)?)
+        }
+        method::DAEMON_DOCTOR => {
+            no_params(raw)?;
+            let doctor = crate::doctor::Doctor {
+                config: &daemon.config,
+                paths: &daemon.paths,
+                images: &daemon.images,
+                access: &daemon.access,
+            };
+            to_value(doctor.run().await)
         }
         method::VM_CREATE => to_value(daemon.vms.create(params::<CreateVmParams>(raw)?).await?),
         method::VM_LIST => {

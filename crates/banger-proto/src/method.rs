@@ -1,6 +1,8 @@
 //! Method names of the control protocol.
 
 pub const DAEMON_STATUS: &str = "daemon.status";
+/// Checks the host and configuration; returns a `DoctorReport`.
+pub const DAEMON_DOCTOR: &str = "daemon.doctor";
 
 pub const VM_CREATE: &str = "vm.create";
 pub const VM_LIST: &str = "vm.list";

@@ -19,3 +19,39 @@ pub struct DaemonStatus {
     /// VM counts by state name; every state is present.
     pub vms: BTreeMap<String, u64>,
 }
+
+/// How a `doctor` check came out.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One `doctor` check: what was looked at, what was found, how to fix it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub status: CheckStatus,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+/// Result of `daemon.doctor`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DoctorReport {
+    pub checks: Vec<Check>,
+}
+
+impl DoctorReport {
+    /// The worst status of all checks.
+    pub fn worst(&self) -> CheckStatus {
+        self.checks
+            .iter()
+            .map(|check| check.status)
+            .max()
+            .unwrap_or(CheckStatus::Ok)
+    }
+}

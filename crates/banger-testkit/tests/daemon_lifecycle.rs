@@ -523,3 +523,34 @@ fn bad_config_is_a_one_line_error_at_start() {
     assert!(error_lines[0].contains("unknown field `turbo`"), "{stderr}");
     assert!(!daemon.socket.exists());
 }
+
+#[test]
+fn doctor_reports_checks_with_hints() {
+    let daemon = TestDaemon::start_with(&[]);
+    let output = daemon.banger(&["doctor", "--json"]);
+    let report: Value = serde_json::from_slice(&output.stdout).expect("doctor JSON");
+    let checks = report["checks"].as_array().unwrap();
+    let find = |name: &str| {
+        checks
+            .iter()
+            .find(|check| check["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check in {report}"))
+    };
+    let firecracker = find("firecracker");
+    assert_eq!(firecracker["status"], "ok", "{firecracker}");
+    assert!(firecracker["detail"]
+        .as_str()
+        .unwrap()
+        .contains("Firecracker v1.17.0"));
+    let image = find("default image");
+    assert_eq!(image["status"], "warn");
+    assert!(image["hint"]
+        .as_str()
+        .unwrap()
+        .contains("banger image import default"));
+    let any_fail = checks.iter().any(|check| check["status"] == "fail");
+    assert_eq!(output.status.success(), !any_fail);
+    daemon.import_fixtures();
+    let text = String::from_utf8(daemon.banger(&["doctor"]).stdout).unwrap();
+    assert!(text.contains("[ok  ] firecracker"), "{text}");
+}

@@ -2,12 +2,13 @@
 
 use std::path::Path;
 
+use banger_proto::status::{CheckStatus, DoctorReport};
 use banger_proto::{method, DaemonStatus};
 
 use crate::args::DaemonCommand;
 use crate::client::Client;
 use crate::printer::Printer;
-use crate::CliResult;
+use crate::{CliError, CliResult};
 
 pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> CliResult {
     match command {
@@ -41,4 +42,34 @@ pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> Cli
             Ok(())
         }
     }
+}
+
+pub async fn doctor(socket: &Path, printer: Printer, json: bool) -> CliResult {
+    let report: DoctorReport = Client::connect(socket)
+        .await?
+        .call(method::DAEMON_DOCTOR, serde_json::json!({}))
+        .await?;
+    if json {
+        printer.json(&report);
+    } else {
+        for check in &report.checks {
+            let mark = match check.status {
+                CheckStatus::Ok => "ok  ",
+                CheckStatus::Warn => "warn",
+                CheckStatus::Fail => "FAIL",
+            };
+            printer.data(&format!("[{mark}] {}: {}", check.name, check.detail));
+            if let (Some(hint), false) = (&check.hint, check.status == CheckStatus::Ok) {
+                printer.data(&format!("       fix: {hint}"));
+            }
+        }
+    }
+    if report.worst() == CheckStatus::Fail {
+        return Err(CliError {
+            message: String::new(),
+            hint: None,
+            exit_code: 1,
+        });
+    }
+    Ok(())
 }
