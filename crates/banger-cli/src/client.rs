@@ -1,4 +1,16 @@
-//! The JSON-RPC client of the control socket (protocol: see `banger_proto`).
+//! The JSON-RPC client of the control socket, public so integration tests
+//! can make raw calls.
+//!
+//! The protocol (see `banger_proto` for the wire types):
+//!
+//! 1. [`Client::connect`] opens the Unix socket; a missing socket or a refused
+//!    connection means the daemon is not running, `EACCES` means the caller
+//!    is neither root nor in the daemon's access group.
+//! 2. [`Client::call`] writes one JSON-RPC request line and reads one response
+//!    line; calls on one connection are answered in order.
+//! 3. [`Client::watch`] calls `operation.watch` and turns the connection into
+//!    a [`Watch`]: newline-delimited [`StreamFrame`]s (history first, then
+//!    live) up to and including the terminal [`StreamFrame::Done`].
 
 use std::path::{Path, PathBuf};
 
@@ -9,12 +21,14 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
+/// Why a call to the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("The banger daemon is not running (no socket at {})", socket.display())]
     DaemonNotRunning { socket: PathBuf },
     #[error("Permission denied on the daemon socket {}", socket.display())]
     PermissionDenied { socket: PathBuf },
+    /// The daemon refused or failed the call; its message is kept verbatim.
     #[error("{0}")]
     Rpc(RpcError),
     #[error("Failed to talk to the daemon at {}", socket.display())]
@@ -23,6 +37,7 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The daemon's answer did not follow the protocol.
     #[error("Unexpected answer from the daemon: {0}")]
     Protocol(String),
 }
@@ -52,6 +67,7 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to the daemon's control socket.
     pub async fn connect(socket: &Path) -> Result<Self, ClientError> {
         let stream = UnixStream::connect(socket)
             .await
@@ -115,10 +131,14 @@ impl Client {
         if let Some(error) = response.error {
             return Err(ClientError::Rpc(error));
         }
-        let result = response
-            .result
-            .ok_or_else(|| ClientError::Protocol("response without result".to_owned()))?;
-        serde_json::from_value(result).map_err(|error| ClientError::Protocol(error.to_string()))
+        // `Response::result` cannot tell `"result": null` from a missing
+        // field; both mean a null result, valid for methods returning nothing.
+        let result = response.result.unwrap_or(serde_json::Value::Null);
+        serde_json::from_value(result).map_err(|error| {
+            ClientError::Protocol(format!(
+                "{method_name} returned an unexpected result: {error}"
+            ))
+        })
     }
 
     /// Turns this connection into the frame stream of `operation_id`.
@@ -131,33 +151,42 @@ impl Client {
                 },
             )
             .await?;
-        Ok(Watch { client: self })
+        Ok(Watch {
+            client: self,
+            done: false,
+        })
     }
 }
 
 /// The frames of a watched operation; ends after `Done`.
 pub struct Watch {
     client: Client,
+    done: bool,
 }
 
 impl Watch {
-    /// The next frame, or `None` when the daemon closed the stream.
+    /// The next frame; `None` after the `Done` frame or when the daemon
+    /// closed the stream. Cancel-safe, so it can sit in `tokio::select!`.
     pub async fn next(&mut self) -> Result<Option<StreamFrame>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
         let line = match self.client.lines.next_line().await {
             Ok(Some(line)) => line,
             Ok(None) => return Ok(None),
             Err(error) => return Err(self.client.io_error(error)),
         };
-        serde_json::from_str(&line)
-            .map(Some)
-            .map_err(|error| ClientError::Protocol(format!("{error}: {line}")))
+        let frame: StreamFrame = serde_json::from_str(&line)
+            .map_err(|error| ClientError::Protocol(format!("{error}: {line}")))?;
+        self.done = matches!(frame, StreamFrame::Done { .. });
+        Ok(Some(frame))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use banger_proto::{ErrorKind, StageEvent, StageStatus};
+    use banger_proto::{ErrorKind, Operation, OperationState, StageEvent, StageStatus};
     use tokio::net::UnixListener;
 
     /// A daemon stand-in answering each request line with the next canned line(s).
@@ -176,6 +205,7 @@ mod tests {
                     write.write_all(b"\n").await.unwrap();
                 }
             }
+            // Closing here lets tests see end-of-stream.
         });
         (dir, socket)
     }
@@ -213,8 +243,25 @@ mod tests {
         assert!(error.hint().unwrap().contains("sudo bangerd"));
     }
 
+    fn done_frame() -> StreamFrame {
+        StreamFrame::Done {
+            operation: Operation {
+                id: "op".into(),
+                kind: "vm.create".into(),
+                vm_id: "3f2a".into(),
+                vm_name: "dev-1".into(),
+                state: OperationState::Succeeded,
+                stages: Vec::new(),
+                error: None,
+                created_at: "2026-01-01T00:00:00Z".into(),
+                finished_at: Some("2026-01-01T00:00:01Z".into()),
+            },
+            vm: None,
+        }
+    }
+
     #[tokio::test]
-    async fn watch_yields_frames_until_the_stream_ends() {
+    async fn watch_yields_frames_then_ends_after_done() {
         let stage = StreamFrame::Stage(StageEvent {
             operation_id: "op".into(),
             stage: "boot".into(),
@@ -222,14 +269,78 @@ mod tests {
             elapsed_ms: 0,
             message: None,
         });
+        // The stand-in keeps the connection open and even sends a stray line
+        // after `Done`: the watch must stop at `Done` regardless.
         let (_dir, socket) = canned(vec![vec![
             r#"{"jsonrpc":"2.0","result":{"streaming":true},"id":1}"#.to_owned(),
+            serde_json::to_string(&stage).unwrap(),
+            serde_json::to_string(&done_frame()).unwrap(),
             serde_json::to_string(&stage).unwrap(),
         ]])
         .await;
         let client = Client::connect(&socket).await.unwrap();
         let mut watch = client.watch("op").await.unwrap();
         assert_eq!(watch.next().await.unwrap(), Some(stage));
+        assert_eq!(watch.next().await.unwrap(), Some(done_frame()));
         assert_eq!(watch.next().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn watch_ends_when_the_daemon_closes() {
+        let (_dir, socket) = canned(vec![vec![
+            r#"{"jsonrpc":"2.0","result":null,"id":1}"#.to_owned()
+        ]])
+        .await;
+        let mut watch = Client::connect(&socket)
+            .await
+            .unwrap()
+            .watch("op")
+            .await
+            .unwrap();
+        assert_eq!(watch.next().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn watch_of_unknown_operation_is_an_rpc_error() {
+        let error = RpcError::new(ErrorKind::NotFound, "No operation `op`");
+        let (_dir, socket) = canned(vec![vec![serde_json::to_string(&Response::failure(
+            1.into(),
+            error,
+        ))
+        .unwrap()]])
+        .await;
+        let error = Client::connect(&socket)
+            .await
+            .unwrap()
+            .watch("op")
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(&error, ClientError::Rpc(rpc) if rpc.kind() == ErrorKind::NotFound));
+    }
+
+    #[tokio::test]
+    async fn garbage_answer_is_a_protocol_error() {
+        let (_dir, socket) = canned(vec![vec!["not json".to_owned()]]).await;
+        let error = Client::connect(&socket)
+            .await
+            .unwrap()
+            .call::<_, serde_json::Value>("x", serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ClientError::Protocol(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn refused_connection_means_daemon_not_running() {
+        // A socket file nobody listens on: connect gets ECONNREFUSED.
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        let error = Client::connect(&socket).await.err().unwrap();
+        assert!(
+            matches!(error, ClientError::DaemonNotRunning { .. }),
+            "{error}"
+        );
     }
 }

@@ -1,48 +1,57 @@
 //! The printer owns the terminal: data goes to stdout, everything for the
 //! human (progress, confirmations, errors) to stderr. It honours `--quiet`,
 //! `--no-progress`, `NO_COLOR`, and whether stderr is a terminal.
+//!
+//! It is the only module that prints. Writes to stdout ignore errors so that
+//! `banger vm list | head -1` ends quietly instead of panicking on a closed
+//! pipe.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Printer {
+    /// Suppress messages and progress; data and errors still print.
     pub quiet: bool,
     /// Spinners and live lines (stderr is a terminal, not disabled).
     pub progress: bool,
+    /// ANSI colours on stderr (a terminal, and `NO_COLOR` unset or empty).
     pub color: bool,
 }
 
 impl Printer {
+    /// A printer for this process's terminal.
     pub fn new(quiet: bool, no_progress: bool) -> Self {
         let terminal = std::io::stderr().is_terminal();
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
         Self {
             quiet,
             progress: terminal && !no_progress && !quiet,
-            color: terminal && std::env::var_os("NO_COLOR").is_none(),
+            color: terminal && !no_color,
         }
     }
 
     /// A line of data on stdout.
     pub fn data(&self, text: &str) {
-        println!("{text}");
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
     }
 
     /// Pretty JSON on stdout.
     pub fn json(&self, value: &impl Serialize) {
         match serde_json::to_string_pretty(value) {
-            Ok(text) => println!("{text}"),
-            Err(error) => eprintln!("error: Failed to encode JSON: {error}"),
+            Ok(text) => self.data(&text),
+            Err(error) => self.error(&format!("Failed to encode JSON: {error}"), None),
         }
     }
 
-    /// One compact JSON line on stdout (streams).
+    /// One compact JSON line on stdout, flushed at once (streams).
     pub fn json_line(&self, value: &impl Serialize) {
         match serde_json::to_string(value) {
-            Ok(text) => println!("{text}"),
-            Err(error) => eprintln!("error: Failed to encode JSON: {error}"),
+            Ok(text) => self.data(&text),
+            Err(error) => self.error(&format!("Failed to encode JSON: {error}"), None),
         }
     }
 
@@ -53,6 +62,8 @@ impl Printer {
         }
     }
 
+    /// `error: <message>` and, when there is one, `hint: <hint>` on stderr,
+    /// even when quiet.
     pub fn error(&self, message: &str, hint: Option<&str>) {
         if self.color {
             eprintln!("\x1b[1;31merror\x1b[0m: {message}");

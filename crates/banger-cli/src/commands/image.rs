@@ -21,6 +21,10 @@ pub fn absolute(path: &Path) -> CliResult<String> {
 }
 
 pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -> CliResult {
+    // Local mistakes (a missing file) are reported before the daemon is asked.
+    if let ImageCommand::Import { file, .. } = &command {
+        absolute(file)?;
+    }
     let mut client = Client::connect(socket).await?;
     match command {
         ImageCommand::Import { name, file, json } => {
@@ -89,6 +93,10 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
 }
 
 pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand) -> CliResult {
+    if let KernelCommand::Import { file, initrd, .. } = &command {
+        absolute(file)?;
+        initrd.as_deref().map(absolute).transpose()?;
+    }
     let mut client = Client::connect(socket).await?;
     match command {
         KernelCommand::Import {

@@ -9,7 +9,7 @@ use banger_proto::{
     CreateVmParams, CreateVmResult, DeleteVmParams, OperationRef, OperationState, SetVmParams,
     StageEvent, StageStatus, StopVmParams, StreamFrame, Vm, VmRef,
 };
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressState, ProgressStyle};
 
 use crate::args::{CreateArgs, SetArgs, VmCommand};
 use crate::client::{Client, Watch};
@@ -173,6 +173,11 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
         });
     }
     let started = Instant::now();
+    // Catch Ctrl-C before the operation exists: one pressed during the
+    // `vm.create` call is then seen by `follow` and cancels the operation
+    // instead of killing the CLI and leaving it unwatched.
+    let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
     let mut client = Client::connect(socket).await?;
     let created: CreateVmResult = client
         .call(
@@ -196,6 +201,7 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
         printer,
         args.json,
         watch,
+        interrupts,
         &created.operation_id,
         started,
     )
@@ -209,11 +215,10 @@ async fn follow(
     printer: Printer,
     json: bool,
     mut watch: Watch,
+    mut interrupts: tokio::signal::unix::Signal,
     operation_id: &str,
     started: Instant,
 ) -> CliResult {
-    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
     let mut view = StageView::new(printer, json);
     let mut cancelling = false;
     loop {
@@ -315,9 +320,20 @@ impl StageView {
             StageStatus::Started => {
                 if let Some(bars) = &self.bars {
                     let bar = bars.add(ProgressBar::new_spinner());
+                    let template = if self.printer.color {
+                        "  {spinner} {msg} {seconds:.dim}"
+                    } else {
+                        "  {spinner} {msg} {seconds}"
+                    };
                     bar.set_style(
-                        ProgressStyle::with_template("  {spinner} {msg} {elapsed:.dim}")
-                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                        ProgressStyle::with_template(template)
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner())
+                            .with_key(
+                                "seconds",
+                                |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                                    let _ = write!(out, "{:.1}s", state.elapsed().as_secs_f64());
+                                },
+                            ),
                     );
                     bar.set_message(event.stage.clone());
                     bar.enable_steady_tick(Duration::from_millis(100));
@@ -361,5 +377,57 @@ impl StageView {
         for stage in stages {
             self.remove(&stage);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_proto::VmState;
+
+    fn vm(name: &str, state: VmState, pid: Option<u32>) -> Vm {
+        Vm {
+            id: "3f2a9c0d1e2b4a5f6789".into(),
+            name: name.into(),
+            state,
+            image: "debian-12".into(),
+            kernel: "6.1".into(),
+            backend: "firecracker".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_bytes: 4 << 30,
+            pid,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            started_at: None,
+            error: None,
+            dir: "/var/lib/banger/vms/x".into(),
+        }
+    }
+
+    #[test]
+    fn vm_table_is_aligned_with_short_ids() {
+        let text = vm_table(&[
+            vm("dev-1", VmState::Running, Some(4242)),
+            vm("a-much-longer-name", VmState::Stopped, None),
+        ]);
+        let expected = "\
+NAME                ID            STATE    IMAGE      KERNEL  VCPUS  MEMORY    PID   CREATED
+dev-1               3f2a9c0d1e2b  running  debian-12  6.1     2      1024 MiB  4242  2026-01-01T00:00:00Z
+a-much-longer-name  3f2a9c0d1e2b  stopped  debian-12  6.1     2      1024 MiB  -     2026-01-01T00:00:00Z";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn empty_vm_table_is_just_the_header() {
+        assert_eq!(
+            vm_table(&[]),
+            "NAME  ID  STATE  IMAGE  KERNEL  VCPUS  MEMORY  PID  CREATED"
+        );
+    }
+
+    #[test]
+    fn short_id_handles_short_ids() {
+        assert_eq!(short_id("abc"), "abc");
+        assert_eq!(short_id("0123456789abcdef"), "0123456789ab");
     }
 }
