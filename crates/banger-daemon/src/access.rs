@@ -5,7 +5,6 @@
 //! every connection is checked again with the peer's kernel-reported
 //! credentials (`SO_PEERCRED`): root, and members of the group, are served.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use nix::unistd::{Gid, Group, Uid, User};
@@ -76,38 +75,56 @@ pub fn peer_groups(peer: &Peer) -> Vec<u32> {
     groups
 }
 
-/// Whether `peer` could read `path` itself: the daemon runs as root and must
-/// not become a way to read files the caller cannot.
-pub fn peer_can_read(peer: &Peer, path: &Path) -> std::io::Result<bool> {
-    if peer.uid == 0 {
-        return Ok(true);
+/// Opens `path` for reading with the peer's filesystem identity (fsuid,
+/// fsgid, supplementary groups), so the kernel decides, through every
+/// symlink and directory on the way, exactly as if the peer had opened it.
+/// The daemon runs as root and must not become a way to read files the
+/// caller cannot. Callers then work on the returned descriptor only, so
+/// swapping the path afterwards changes nothing.
+///
+/// Runs on a short-lived thread: credentials set with the raw syscalls are
+/// per-thread (the libc wrappers would change every thread of the daemon).
+/// `O_NONBLOCK` keeps a FIFO from blocking the open; callers check the file
+/// type with `fstat`.
+pub fn open_as_peer(peer: &Peer, path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(path)
+    };
+    if peer.uid == 0 || !nix::unistd::geteuid().is_root() {
+        return open(path);
     }
-    let groups = peer_groups(peer);
-    // Every directory on the way must be searchable.
-    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
-    ancestors.reverse();
-    for directory in ancestors {
-        if directory.as_os_str().is_empty() {
-            continue;
-        }
-        let metadata = std::fs::metadata(directory)?;
-        if !permits(&metadata, peer.uid, &groups, 0o1) {
-            return Ok(false);
-        }
-    }
-    let metadata = std::fs::metadata(path)?;
-    Ok(permits(&metadata, peer.uid, &groups, 0o4))
-}
-
-fn permits(metadata: &std::fs::Metadata, uid: u32, groups: &[u32], bit: u32) -> bool {
-    let mode = metadata.mode();
-    if metadata.uid() == uid {
-        mode & (bit << 6) != 0
-    } else if groups.contains(&metadata.gid()) {
-        mode & (bit << 3) != 0
-    } else {
-        mode & bit != 0
-    }
+    let groups: Vec<libc::gid_t> = peer_groups(peer);
+    let peer = *peer;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                #[allow(unsafe_code)]
+                // SAFETY: plain syscalls with valid arguments (a live slice and
+                // its length, integer ids); they change only this thread's
+                // credentials, and the thread ends after the open.
+                let fsuid = unsafe {
+                    if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::syscall(libc::SYS_setfsgid, peer.gid);
+                    libc::syscall(libc::SYS_setfsuid, peer.uid);
+                    // setfsuid returns the previous id, not an error: ask again.
+                    libc::syscall(libc::SYS_setfsuid, peer.uid)
+                };
+                if u32::try_from(fsuid).ok() != Some(peer.uid) {
+                    return Err(std::io::Error::other(
+                        "could not assume the caller's identity",
+                    ));
+                }
+                open(path)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("open thread panicked")))
+    })
 }
 
 #[cfg(test)]
@@ -171,26 +188,50 @@ mod tests {
     }
 
     #[test]
-    fn file_readability_follows_mode_bits() {
+    fn files_open_with_the_callers_rights() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED files_open_with_the_callers_rights: needs root");
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("secret");
-        std::fs::write(&path, b"x").unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let stranger = Peer {
             uid: 65_534,
             gid: 65_534,
             pid: None,
         };
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let owner = std::fs::metadata(&path).unwrap().uid();
-        if owner == stranger.uid {
-            eprintln!("skipping: test runs as the stranger uid");
-            return;
-        }
-        assert!(!peer_can_read(&stranger, &path).unwrap());
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(peer_can_read(&stranger, &path).unwrap());
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(!peer_can_read(&stranger, &path).unwrap());
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"x").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let error = open_as_peer(&stranger, &secret).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
+        // A symlink the stranger may read does not lend the target's rights.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(open_as_peer(&stranger, &link).is_err());
+        // A readable file in a closed directory stays closed.
+        let closed = dir.path().join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let inner = closed.join("file");
+        std::fs::write(&inner, b"y").unwrap();
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(open_as_peer(&stranger, &inner).is_err());
+        // What the stranger may read opens.
+        let public = dir.path().join("public");
+        std::fs::write(&public, b"z").unwrap();
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(open_as_peer(&stranger, &public).is_ok());
+        // Root (and the daemon's own threads afterwards) keep their rights.
+        assert!(open_as_peer(
+            &Peer {
+                uid: 0,
+                gid: 0,
+                pid: None
+            },
+            &secret
+        )
+        .is_ok());
+        assert!(std::fs::File::open(&secret).is_ok());
     }
 }

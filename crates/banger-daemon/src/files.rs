@@ -129,13 +129,20 @@ fn next_data_segment(file: &File, offset: u64, length: u64) -> std::io::Result<O
     )))
 }
 
-/// Copies `source` to `destination` (created new) and returns the sha256 of
-/// the content as `sha256:<hex>`.
-pub fn copy_with_digest(source: &Path, destination: &Path) -> Result<String, FileError> {
-    let mut input = File::open(source).map_err(|error| FileError::Open {
-        path: source.to_owned(),
-        source: error,
-    })?;
+/// Copies the open file `input` (read from its current offset; `source`
+/// names it in errors) to `destination` (created new) and returns the
+/// sha256 of the content as `sha256:<hex>`.
+pub fn copy_with_digest(
+    input: &mut File,
+    source: &Path,
+    destination: &Path,
+) -> Result<String, FileError> {
+    input
+        .seek(SeekFrom::Start(0))
+        .map_err(|error| FileError::Read {
+            path: source.to_owned(),
+            source: error,
+        })?;
     let mut output = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -186,12 +193,8 @@ pub fn copy_with_digest(source: &Path, destination: &Path) -> Result<String, Fil
     Ok(format!("sha256:{:x}", hasher.finalize()))
 }
 
-/// Whether `path` holds an ext2/3/4 filesystem (superblock magic 0xEF53 at byte 1080).
-pub fn is_ext4(path: &Path) -> Result<bool, FileError> {
-    let file = File::open(path).map_err(|error| FileError::Open {
-        path: path.to_owned(),
-        source: error,
-    })?;
+/// Whether `file` holds an ext2/3/4 filesystem (superblock magic 0xEF53 at byte 1080).
+pub fn is_ext4(file: &File, path: &Path) -> Result<bool, FileError> {
     let mut magic = [0_u8; 2];
     match file.read_exact_at(&mut magic, 1080) {
         Ok(()) => Ok(magic == [0x53, 0xEF]),
@@ -203,13 +206,9 @@ pub fn is_ext4(path: &Path) -> Result<bool, FileError> {
     }
 }
 
-/// Whether `path` looks like a kernel Firecracker or QEMU can boot: an ELF
+/// Whether `file` looks like a kernel Firecracker or QEMU can boot: an ELF
 /// `vmlinux` or an x86 `bzImage` (setup header magic `HdrS` at 0x202).
-pub fn is_kernel_image(path: &Path) -> Result<bool, FileError> {
-    let file = File::open(path).map_err(|error| FileError::Open {
-        path: path.to_owned(),
-        source: error,
-    })?;
+pub fn is_kernel_image(file: &File, path: &Path) -> Result<bool, FileError> {
     let mut head = [0_u8; 0x206];
     let mut filled = 0;
     while filled < head.len() {
@@ -272,20 +271,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = dir.path().join("a");
         std::fs::write(&source, b"abc").unwrap();
-        let digest = copy_with_digest(&source, &dir.path().join("b")).unwrap();
+        let mut input = File::open(&source).unwrap();
+        let digest = copy_with_digest(&mut input, &source, &dir.path().join("b")).unwrap();
         assert_eq!(
             digest,
             "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b"abc");
-        assert!(!is_ext4(&source).unwrap());
+        assert!(!is_ext4(&input, &source).unwrap());
         let mut superblock = vec![0_u8; 2048];
         superblock[1080] = 0x53;
         superblock[1081] = 0xEF;
         std::fs::write(dir.path().join("fs"), &superblock).unwrap();
-        assert!(is_ext4(&dir.path().join("fs")).unwrap());
+        let fs = dir.path().join("fs");
+        assert!(is_ext4(&File::open(&fs).unwrap(), &fs).unwrap());
         std::fs::write(dir.path().join("elf"), b"\x7fELF\x02\x01").unwrap();
-        assert!(is_kernel_image(&dir.path().join("elf")).unwrap());
-        assert!(!is_kernel_image(&source).unwrap());
+        let elf = dir.path().join("elf");
+        assert!(is_kernel_image(&File::open(&elf).unwrap(), &elf).unwrap());
+        assert!(!is_kernel_image(&input, &source).unwrap());
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use banger_proto::{ErrorKind, Image, ImportImageParams, ImportKernelParams, Kernel};
 use banger_store::Store;
 
-use crate::access::{peer_can_read, Peer};
+use crate::access::{open_as_peer, Peer};
 use crate::error::{DaemonError, DaemonResult};
 use crate::files;
 use crate::ids::{new_id, now, validate_artifact_name};
@@ -89,19 +89,25 @@ impl ImageService {
                 params.name
             )));
         }
-        let source = readable_source(peer, &params.path, "image")?;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.import_image_blocking(&params.name, &source))
-            .await
-            .map_err(|error| DaemonError::failed("Image import task failed", error))?
+        tokio::task::spawn_blocking(move || {
+            let source = open_source(&peer, &params.path, "image")?;
+            this.import_image_blocking(&params.name, source)
+        })
+        .await
+        .map_err(|error| DaemonError::failed("Image import task failed", error))?
     }
 
-    fn import_image_blocking(&self, name: &str, source: &Path) -> DaemonResult<Image> {
+    fn import_image_blocking(&self, name: &str, source: OpenSource) -> DaemonResult<Image> {
+        let OpenSource {
+            path: source,
+            mut file,
+        } = source;
         let context = |message: &str| {
             let message = format!("{message} {}", source.display());
             move |error: files::FileError| DaemonError::failed(message, error)
         };
-        if !files::is_ext4(source).map_err(context("Failed to read image"))? {
+        if !files::is_ext4(&file, &source).map_err(context("Failed to read image"))? {
             return Err(DaemonError::invalid_params(format!(
                 "{} is not an ext4 filesystem image",
                 source.display()
@@ -113,8 +119,8 @@ impl ImageService {
         let id = new_id();
         let temporary = self.paths.tmp().join(format!("image-{id}.ext4"));
         let mut temporary_guard = RemoveOnDrop(Some(temporary.clone()));
-        let digest =
-            files::copy_with_digest(source, &temporary).map_err(context("Failed to copy image"))?;
+        let digest = files::copy_with_digest(&mut file, &source, &temporary)
+            .map_err(context("Failed to copy image"))?;
         let size_bytes = std::fs::metadata(&temporary)
             .map_err(|error| DaemonError::failed("Failed to read copied image", error))?
             .len();
@@ -135,6 +141,48 @@ impl ImageService {
         self.store.insert_image(&image)?;
         destination_guard.disarm();
         Ok(image)
+    }
+
+    /// Removes files under `images/` and `kernels/` that no row references
+    /// (an import interrupted between moving the file into place and
+    /// registering it). Returns what was removed.
+    pub fn remove_unreferenced_files(&self) -> DaemonResult<Vec<String>> {
+        let mut referenced: Vec<PathBuf> = self
+            .store
+            .list_images()?
+            .into_iter()
+            .map(|image| PathBuf::from(image.path))
+            .collect();
+        referenced.extend(
+            self.store
+                .list_kernels()?
+                .into_iter()
+                .filter_map(|kernel| Path::new(&kernel.kernel_path).parent().map(Path::to_owned)),
+        );
+        let mut removed = Vec::new();
+        for directory in [self.paths.images(), self.paths.kernels()] {
+            let Ok(entries) = std::fs::read_dir(&directory) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if referenced.contains(&path) {
+                    continue;
+                }
+                let outcome = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match outcome {
+                    Ok(()) => removed.push(path.display().to_string()),
+                    Err(error) => {
+                        tracing::error!(path = %path.display(), %error, "failed to remove unreferenced file");
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     pub fn remove_image(&self, name: &str) -> DaemonResult<Image> {
@@ -160,12 +208,6 @@ impl ImageService {
                 params.name
             )));
         }
-        let kernel = readable_source(peer, &params.path, "kernel")?;
-        let initrd = params
-            .initrd
-            .as_deref()
-            .map(|path| readable_source(peer, path, "initrd"))
-            .transpose()?;
         let cmdline = params
             .cmdline
             .clone()
@@ -176,9 +218,14 @@ impl ImageService {
             ));
         }
         let this = self.clone();
-        let name = params.name;
         tokio::task::spawn_blocking(move || {
-            this.import_kernel_blocking(&name, &kernel, initrd.as_deref(), cmdline)
+            let kernel = open_source(&peer, &params.path, "kernel")?;
+            let initrd = params
+                .initrd
+                .as_deref()
+                .map(|path| open_source(&peer, path, "initrd"))
+                .transpose()?;
+            this.import_kernel_blocking(&params.name, kernel, initrd, cmdline)
         })
         .await
         .map_err(|error| DaemonError::failed("Kernel import task failed", error))?
@@ -187,16 +234,16 @@ impl ImageService {
     fn import_kernel_blocking(
         &self,
         name: &str,
-        kernel: &Path,
-        initrd: Option<&Path>,
+        mut kernel: OpenSource,
+        initrd: Option<OpenSource>,
         cmdline: String,
     ) -> DaemonResult<Kernel> {
-        if !files::is_kernel_image(kernel)
+        if !files::is_kernel_image(&kernel.file, &kernel.path)
             .map_err(|error| DaemonError::failed("Failed to read kernel", error))?
         {
             return Err(DaemonError::invalid_params(format!(
                 "{} is neither an ELF vmlinux nor a bzImage",
-                kernel.display()
+                kernel.path.display()
             )));
         }
         let id = new_id();
@@ -204,10 +251,11 @@ impl ImageService {
         let mut staging_guard = RemoveOnDrop(Some(staging.clone()));
         std::fs::create_dir(&staging)
             .map_err(|error| DaemonError::failed("Failed to create kernel staging dir", error))?;
-        files::copy_with_digest(kernel, &staging.join("vmlinux"))
+        files::copy_with_digest(&mut kernel.file, &kernel.path, &staging.join("vmlinux"))
             .map_err(|error| DaemonError::failed("Failed to copy kernel", error))?;
-        if let Some(initrd) = initrd {
-            files::copy_with_digest(initrd, &staging.join("initrd"))
+        let has_initrd = initrd.is_some();
+        if let Some(mut initrd) = initrd {
+            files::copy_with_digest(&mut initrd.file, &initrd.path, &staging.join("initrd"))
                 .map_err(|error| DaemonError::failed("Failed to copy initrd", error))?;
         }
         let destination = self.paths.kernels().join(&id);
@@ -219,9 +267,9 @@ impl ImageService {
             id,
             name: name.to_owned(),
             kernel_path: destination.join("vmlinux").display().to_string(),
-            initrd_path: initrd.map(|_| destination.join("initrd").display().to_string()),
+            initrd_path: has_initrd.then(|| destination.join("initrd").display().to_string()),
             cmdline,
-            source: kernel.display().to_string(),
+            source: kernel.path.display().to_string(),
             created_at: now(),
         };
         self.store.insert_kernel(&record)?;
@@ -248,9 +296,17 @@ impl ImageService {
     }
 }
 
-/// The source path of an import, checked: absolute, an existing regular
-/// file, readable by the caller.
-fn readable_source(peer: Peer, path: &str, what: &str) -> DaemonResult<PathBuf> {
+/// An import source, opened once with the caller's rights; everything
+/// after reads this descriptor.
+struct OpenSource {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+/// Opens the source of an import: an absolute path to a regular file the
+/// caller may read (checked by the kernel as the caller, see
+/// [`open_as_peer`]).
+fn open_source(peer: &Peer, path: &str, what: &str) -> DaemonResult<OpenSource> {
     let path = PathBuf::from(path);
     if !path.is_absolute() {
         return Err(DaemonError::invalid_params(format!(
@@ -258,12 +314,16 @@ fn readable_source(peer: Peer, path: &str, what: &str) -> DaemonResult<PathBuf> 
             path.display()
         )));
     }
-    let metadata = std::fs::metadata(&path).map_err(|error| {
-        DaemonError::new(
-            ErrorKind::InvalidParams,
-            format!("Cannot read {what} {}", path.display()),
-        )
-        .with_source(error)
+    let file = open_as_peer(peer, &path).map_err(|error| {
+        let kind = if error.kind() == std::io::ErrorKind::PermissionDenied {
+            ErrorKind::NotAllowed
+        } else {
+            ErrorKind::InvalidParams
+        };
+        DaemonError::new(kind, format!("Cannot read {what} {}", path.display())).with_source(error)
+    })?;
+    let metadata = file.metadata().map_err(|error| {
+        DaemonError::failed(format!("Cannot stat {what} {}", path.display()), error)
     })?;
     if !metadata.is_file() {
         return Err(DaemonError::invalid_params(format!(
@@ -271,18 +331,7 @@ fn readable_source(peer: Peer, path: &str, what: &str) -> DaemonResult<PathBuf> 
             path.display()
         )));
     }
-    match peer_can_read(&peer, &path) {
-        Ok(true) => Ok(path),
-        Ok(false) => Err(DaemonError::new(
-            ErrorKind::NotAllowed,
-            format!("You cannot read {}", path.display()),
-        )),
-        Err(error) => Err(DaemonError::new(
-            ErrorKind::InvalidParams,
-            format!("Cannot read {what} {}", path.display()),
-        )
-        .with_source(error)),
-    }
+    Ok(OpenSource { path, file })
 }
 
 fn remove_file_if_present(path: &Path) -> DaemonResult<()> {

@@ -80,6 +80,10 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         crashed = ?report.crashed,
         removed_interrupted = ?report.removed_interrupted,
         removed_orphan_dirs = ?report.removed_orphan_dirs,
+        stopped = ?report.stopped,
+        unresolved = ?report.unresolved,
+        killed_orphan_processes = ?report.killed_orphan_processes,
+        removed_orphan_files = ?report.removed_orphan_files,
         "reconciled state"
     );
 

@@ -146,25 +146,31 @@ impl OperationRegistry {
         vm_of: impl FnOnce(&str) -> Option<Vm>,
     ) -> DaemonResult<Subscription> {
         let live = self.live().get(id).cloned();
-        if let Some(operation) = live {
-            let record = operation.lock_record();
-            let history = record
-                .stages
-                .iter()
-                .cloned()
-                .map(StreamFrame::Stage)
-                .collect();
-            let receiver = operation.events.subscribe();
-            drop(record);
-            return Ok(Subscription {
-                history,
-                live: Some(receiver),
-            });
-        }
-        let record = self
-            .store
-            .get_operation(id)?
-            .ok_or_else(|| DaemonError::not_found(format!("No operation with id `{id}`")))?;
+        let record = match live {
+            Some(operation) => {
+                let record = operation.lock_record();
+                if !record.state.is_terminal() {
+                    let history = record
+                        .stages
+                        .iter()
+                        .cloned()
+                        .map(StreamFrame::Stage)
+                        .collect();
+                    let receiver = operation.events.subscribe();
+                    drop(record);
+                    return Ok(Subscription {
+                        history,
+                        live: Some(receiver),
+                    });
+                }
+                // Finished but not yet retired: its Done was already sent.
+                record.clone()
+            }
+            None => self
+                .store
+                .get_operation(id)?
+                .ok_or_else(|| DaemonError::not_found(format!("No operation with id `{id}`")))?,
+        };
         let mut history: Vec<StreamFrame> = record
             .stages
             .iter()
@@ -352,6 +358,19 @@ mod tests {
         assert!(matches!(
             late.history.last(),
             Some(StreamFrame::Done { .. })
+        ));
+    }
+
+    #[test]
+    fn watcher_arriving_between_finish_and_retire_gets_done() {
+        let registry = OperationRegistry::new(Store::open_in_memory().unwrap());
+        let operation = registry.begin("vm.create", &vm()).unwrap();
+        operation.finish(OperationState::Succeeded, None, Some(vm()));
+        let subscription = registry.subscribe(&operation.id, |_| Some(vm())).unwrap();
+        assert!(subscription.live.is_none());
+        assert!(matches!(
+            subscription.history.last(),
+            Some(StreamFrame::Done { operation, vm: Some(_) }) if operation.state == OperationState::Succeeded
         ));
     }
 

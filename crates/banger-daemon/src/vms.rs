@@ -159,7 +159,11 @@ impl VmService {
             started_at: None,
             error: None,
         };
+        // Taken before the row is visible, so a concurrent delete of the new
+        // name waits for the create to finish (or be cancelled) first.
+        let guard = Arc::clone(&self.lock_of(&vm.id)).lock_owned().await;
         self.store.insert_vm(&vm).map_err(|error| {
+            self.forget_lock(&vm.id);
             let error = DaemonError::from(error);
             if error.kind == ErrorKind::AlreadyExists {
                 error.with_hint("pick another name, or `banger vm delete` the old VM")
@@ -167,8 +171,6 @@ impl VmService {
                 error
             }
         })?;
-        // Uncontended: the id was generated a moment ago.
-        let guard = self.lock_of(&vm.id).lock_owned().await;
         let operation = match self.operations.begin("vm.create", &vm) {
             Ok(operation) => operation,
             Err(error) => {
@@ -415,7 +417,7 @@ impl VmService {
         let mut processes = self.processes();
         if processes
             .get(vm_id)
-            .is_some_and(|current| current.pid() == handle.pid())
+            .is_some_and(|current| current.same_as(handle))
         {
             processes.remove(vm_id);
         }
@@ -437,7 +439,7 @@ impl VmService {
             let exit = handle.wait_exit().await;
             let still_current = this
                 .process_of(&vm_id)
-                .is_some_and(|current| current.pid() == handle.pid());
+                .is_some_and(|current| current.same_as(&handle));
             if !still_current {
                 return;
             }
@@ -445,7 +447,7 @@ impl VmService {
             let _guard = lock.lock().await;
             if this
                 .process_of(&vm_id)
-                .is_none_or(|current| current.pid() != handle.pid())
+                .is_none_or(|current| !current.same_as(&handle))
             {
                 return;
             }
@@ -454,17 +456,25 @@ impl VmService {
                 return;
             };
             if vm.state.has_process() {
-                tracing::warn!(vm = %vm.name, pid = handle.pid(), ?exit, "VMM exited unexpectedly");
-                vm.state = VmState::Crashed;
-                vm.pid = None;
-                vm.error = Some(format!(
-                    "The VMM process {} exited unexpectedly ({exit})",
-                    handle.pid()
-                ));
-                if let Err(error) = this.store.update_vm(&vm) {
-                    tracing::error!(vm = %vm.name, %error, "failed to record crash");
-                }
+                // Resources first, so whoever sees the new state sees them gone.
                 this.vmm.release(handle.runtime_dir());
+                vm.pid = None;
+                vm.started_at = None;
+                if exit.code() == Some(0) && vm.state == VmState::Running {
+                    // The guest powered itself off: a clean stop.
+                    tracing::info!(vm = %vm.name, "guest shut down");
+                    vm.state = VmState::Stopped;
+                } else {
+                    tracing::warn!(vm = %vm.name, pid = handle.pid(), ?exit, "VMM exited unexpectedly");
+                    vm.state = VmState::Crashed;
+                    vm.error = Some(format!(
+                        "The VMM process {} exited unexpectedly ({exit})",
+                        handle.pid()
+                    ));
+                }
+                if let Err(error) = this.store.update_vm(&vm) {
+                    tracing::error!(vm = %vm.name, %error, "failed to record VMM exit");
+                }
             }
         });
     }
@@ -648,7 +658,9 @@ impl VmService {
 
     /// Brings the store and the host back in line after a (re)start:
     /// re-adopts VMM processes that still run, marks dead ones `crashed`,
-    /// removes leftovers of interrupted creates and orphaned VM directories.
+    /// finishes interrupted stops, removes leftovers of interrupted creates,
+    /// orphaned VM directories and VMM processes no row accounts for.
+    /// Failures to remove a leftover are logged and do not stop the daemon.
     pub async fn reconcile(self: &Arc<Self>) -> DaemonResult<ReconcileReport> {
         let mut report = ReconcileReport::default();
         // VMs whose create operation never ended: the create was interrupted.
@@ -664,57 +676,63 @@ impl VmService {
         for mut vm in self.store.list_vms()? {
             let directory = PathBuf::from(&vm.dir);
             let adopted = match vm.pid {
-                Some(pid) => self
-                    .vmm
-                    .adopt(&vm.id, &directory, pid)
-                    .await
-                    .unwrap_or_else(|error| {
-                        tracing::warn!(vm = %vm.name, pid, %error, "cannot adopt VMM");
-                        None
-                    }),
+                Some(pid) => match self.vmm.adopt(&vm.id, &directory, pid).await {
+                    Ok(found) => found,
+                    Err(error) => {
+                        // Whether it still runs is unknown: leave the VM as
+                        // recorded rather than risk a second VMM on its disk.
+                        tracing::warn!(vm = %vm.name, pid, %error, "cannot check the VMM; leaving the VM as recorded");
+                        report.unresolved.push(vm.name);
+                        continue;
+                    }
+                },
                 None => None,
             };
             if interrupted_creates.contains(&vm.id) {
                 vm.state = VmState::Creating;
             }
-            match vm.state {
-                VmState::Creating => {
+            match (vm.state, adopted) {
+                (VmState::Creating, adopted) => {
                     // An interrupted create leaves nothing.
                     if let Some(handle) = adopted {
                         let _ = self.vmm.kill(&handle).await;
                     }
-                    remove_dir_if_present(&directory).map_err(|error| {
-                        DaemonError::failed(format!("Failed to remove {}", vm.dir), error)
-                    })?;
+                    remove_leftover(&directory);
                     self.store.delete_vm(&vm.id)?;
                     report.removed_interrupted.push(vm.name);
                 }
-                VmState::Starting | VmState::Running | VmState::Stopping => match adopted {
-                    Some(handle) if vm.state != VmState::Starting => {
-                        self.processes().insert(vm.id.clone(), handle.clone());
-                        self.supervise(&vm.id, handle);
-                        if vm.state == VmState::Stopping {
-                            vm.state = VmState::Running;
-                            self.store.update_vm(&vm)?;
-                        }
-                        report.adopted.push(vm.name);
+                (VmState::Running, Some(handle)) => {
+                    self.processes().insert(vm.id.clone(), handle.clone());
+                    self.supervise(&vm.id, handle);
+                    report.adopted.push(vm.name);
+                }
+                (VmState::Stopping, adopted) => {
+                    // The user asked for a stop; finish it.
+                    if let Some(handle) = adopted {
+                        let _ = self.vmm.kill(&handle).await;
                     }
-                    other => {
-                        if let Some(handle) = other {
-                            // A start that was interrupted before boot.
-                            let _ = self.vmm.kill(&handle).await;
-                        }
-                        self.vmm.release(&directory);
-                        vm.state = VmState::Crashed;
-                        vm.pid = None;
-                        vm.error = Some(
-                            "The VMM process ended while the daemon was not running".to_owned(),
-                        );
-                        self.store.update_vm(&vm)?;
-                        report.crashed.push(vm.name);
+                    self.vmm.release(&directory);
+                    vm.state = VmState::Stopped;
+                    vm.pid = None;
+                    vm.started_at = None;
+                    self.store.update_vm(&vm)?;
+                    report.stopped.push(vm.name);
+                }
+                (VmState::Starting | VmState::Running, adopted) => {
+                    // Dead, or a start interrupted before boot finished.
+                    if let Some(handle) = adopted {
+                        let _ = self.vmm.kill(&handle).await;
                     }
-                },
-                _ => {
+                    self.vmm.release(&directory);
+                    vm.state = VmState::Crashed;
+                    vm.pid = None;
+                    vm.started_at = None;
+                    vm.error =
+                        Some("The VMM process ended while the daemon was not running".to_owned());
+                    self.store.update_vm(&vm)?;
+                    report.crashed.push(vm.name);
+                }
+                (_, _) => {
                     if vm.pid.is_some() {
                         vm.pid = None;
                         self.store.update_vm(&vm)?;
@@ -727,19 +745,64 @@ impl VmService {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !known.contains(&name) {
-                    remove_dir_if_present(&entry.path()).map_err(|error| {
-                        DaemonError::failed(
-                            format!("Failed to remove {}", entry.path().display()),
-                            error,
-                        )
-                    })?;
+                    remove_leftover(&entry.path());
                     report.removed_orphan_dirs.push(name);
                 }
             }
         }
+        let adopted_pids: Vec<u32> = self.processes().values().map(VmmHandle::pid).collect();
+        for pid in vmm_processes_under(&self.paths.vms()) {
+            if !adopted_pids.contains(&pid) {
+                tracing::warn!(pid, "killing a VMM process no VM accounts for");
+                if let Ok(raw) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(raw),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                report.killed_orphan_processes.push(pid);
+            }
+        }
+        report.removed_orphan_files = self.images.remove_unreferenced_files()?;
         self.operations
             .fail_orphans("Interrupted: the daemon stopped during the operation")?;
         Ok(report)
+    }
+}
+
+/// Processes whose command line names a socket in a VM directory under
+/// `vms_dir` (`--api-sock DIR/ID/firecracker.sock`, `unix:DIR/ID/qmp.sock`):
+/// VMM processes of this state dir, whoever started them.
+fn vmm_processes_under(vms_dir: &Path) -> Vec<u32> {
+    let prefix = format!("{}/", vms_dir.display());
+    let own = std::process::id();
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let names_vm_socket = cmdline.split(|&byte| byte == 0).any(|argument| {
+            let argument = String::from_utf8_lossy(argument);
+            let path = argument.strip_prefix("unix:").unwrap_or(&argument);
+            let path = path.split(',').next().unwrap_or_default();
+            path.starts_with(&prefix) && path.ends_with(".sock")
+        });
+        if names_vm_socket && pid != own {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn remove_leftover(path: &Path) {
+    if let Err(error) = remove_dir_if_present(path) {
+        tracing::error!(path = %path.display(), %error, "failed to remove leftover; remove it by hand");
     }
 }
 
@@ -748,6 +811,11 @@ impl VmService {
 pub struct ReconcileReport {
     pub adopted: Vec<String>,
     pub crashed: Vec<String>,
+    pub stopped: Vec<String>,
+    /// VMs whose VMM could not be checked; left as recorded.
+    pub unresolved: Vec<String>,
+    pub killed_orphan_processes: Vec<u32>,
+    pub removed_orphan_files: Vec<String>,
     pub removed_interrupted: Vec<String>,
     pub removed_orphan_dirs: Vec<String>,
 }

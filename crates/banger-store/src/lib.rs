@@ -49,6 +49,8 @@ pub enum StoreError {
         name: String,
         users: String,
     },
+    #[error("VM `{name}` is no longer in the database")]
+    MissingVm { name: String },
     #[error("Corrupt row in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
     #[error("Database query failed")]
@@ -264,8 +266,9 @@ impl Store {
     }
 
     /// Writes every mutable field of `vm` (state, pid, sizes, times, error).
+    /// Fails with [`StoreError::MissingVm`] if the row is gone.
     pub fn update_vm(&self, vm: &Vm) -> Result<(), StoreError> {
-        self.lock().execute(
+        let changed = self.lock().execute(
             "UPDATE vms SET state = ?2, vcpus = ?3, memory_mib = ?4, disk_bytes = ?5, pid = ?6,
                             started_at = ?7, error = ?8
              WHERE id = ?1",
@@ -280,6 +283,11 @@ impl Store {
                 vm.error
             ],
         )?;
+        if changed == 0 {
+            return Err(StoreError::MissingVm {
+                name: vm.name.clone(),
+            });
+        }
         Ok(())
     }
 

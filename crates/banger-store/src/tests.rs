@@ -194,3 +194,15 @@ fn operations_round_trip() {
     assert_eq!(store.list_operations().unwrap(), vec![operation]);
     assert!(store.get_operation("nope").unwrap().is_none());
 }
+
+#[test]
+fn update_of_a_deleted_vm_fails() {
+    let store = seeded();
+    let record = vm("abc111", "one");
+    store.insert_vm(&record).unwrap();
+    store.delete_vm("abc111").unwrap();
+    assert!(matches!(
+        store.update_vm(&record),
+        Err(StoreError::MissingVm { .. })
+    ));
+}

@@ -554,3 +554,39 @@ fn doctor_reports_checks_with_hints() {
     let text = String::from_utf8(daemon.banger(&["doctor"]).stdout).unwrap();
     assert!(text.contains("[ok  ] firecracker"), "{text}");
 }
+
+#[test]
+fn daemon_death_while_the_vmm_is_being_configured_leaves_nothing() {
+    // The pid is not recorded yet at this point: only the sweep of VMM
+    // processes under the state dir can find this one.
+    let mut daemon =
+        TestDaemon::start_with(&[("FAKE_FIRECRACKER_DELAY", "PUT /machine-config=20000")]);
+    daemon.import_fixtures();
+    let mut child = daemon
+        .command()
+        .args([
+            "vm", "create", "early", "--image", "image", "--kernel", "kernel", "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let event: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if event["stage"] == "start vmm" && event["status"] == "started" {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.vmm_pids().is_empty() {
+        assert!(Instant::now() < deadline, "no VMM process appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon.kill9();
+    let _ = child.wait();
+    daemon.remove_env("FAKE_FIRECRACKER_DELAY");
+    daemon.start();
+    assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
+    daemon.assert_no_leaks();
+}

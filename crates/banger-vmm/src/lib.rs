@@ -136,6 +136,14 @@ struct HandleInner {
 }
 
 impl VmmHandle {
+    /// Whether both handles are clones of one handle (the same spawn or
+    /// adoption). Unlike comparing pids, this cannot confuse a process with a
+    /// later one that reused its pid.
+    #[must_use]
+    pub fn same_as(&self, other: &VmmHandle) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Wraps a watched process. Backends build handles; tests with a fake
     /// [`Vmm`] can build them around any process.
     #[must_use]
