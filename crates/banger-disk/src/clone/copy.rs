@@ -1,0 +1,213 @@
+//! `copy`: a sparse copy of the image, the fallback that works everywhere.
+//! Only data segments (`SEEK_DATA`/`SEEK_HOLE`) are read, and all-zero
+//! chunks stay holes, so the cost is the image's data, not its size.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::{
+    remove_file_if_present, CloneError, CloneRequest, CloneStrategy, RootDisk, StrategyKind,
+    ROOT_DISK_FILE,
+};
+
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Copy;
+
+impl CloneStrategy for Copy {
+    fn kind(&self) -> StrategyKind {
+        StrategyKind::Copy
+    }
+
+    fn describe(&self) -> String {
+        "copy (sparse copy: time and space grow with the image's data)".to_owned()
+    }
+
+    fn clone_image(&self, request: &CloneRequest<'_>) -> Result<RootDisk, CloneError> {
+        let destination = request.vm_dir.join(ROOT_DISK_FILE);
+        if let Err(error) = sparse_copy(request.image, &destination, request.cancelled) {
+            // create_new failing means the file was someone else's: keep it.
+            if !matches!(error, CloneError::Open { ref path, .. } if path == &destination) {
+                let _ = std::fs::remove_file(&destination);
+            }
+            return Err(error);
+        }
+        Ok(RootDisk {
+            strategy: StrategyKind::Copy,
+            path: destination,
+            file_backed: true,
+        })
+    }
+
+    fn attach(&self, _vm_id: &str, _image: &Path, vm_dir: &Path) -> Result<RootDisk, CloneError> {
+        existing_file_disk(StrategyKind::Copy, vm_dir)
+    }
+
+    fn remove(&self, _vm_id: &str, vm_dir: &Path) -> Result<(), CloneError> {
+        remove_file_if_present(&vm_dir.join(ROOT_DISK_FILE))
+    }
+}
+
+pub(super) fn existing_file_disk(
+    strategy: StrategyKind,
+    vm_dir: &Path,
+) -> Result<RootDisk, CloneError> {
+    let path = vm_dir.join(ROOT_DISK_FILE);
+    std::fs::metadata(&path).map_err(|source| CloneError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(RootDisk {
+        strategy,
+        path,
+        file_backed: true,
+    })
+}
+
+/// Copies `source` to the new file `destination`, keeping holes. Returns the
+/// length. `cancelled` is polled between chunks.
+///
+/// # Errors
+/// [`CloneError`] with the path that failed, or [`CloneError::Cancelled`].
+pub fn sparse_copy(
+    source: &Path,
+    destination: &Path,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<u64, CloneError> {
+    let read_error = |error| CloneError::Read {
+        path: source.to_owned(),
+        source: error,
+    };
+    let write_error = |error| CloneError::Write {
+        path: destination.to_owned(),
+        source: error,
+    };
+    let input = File::open(source).map_err(|error| CloneError::Open {
+        path: source.to_owned(),
+        source: error,
+    })?;
+    let length = input.metadata().map_err(read_error)?.len();
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(destination)
+        .map_err(|error| CloneError::Open {
+            path: destination.to_owned(),
+            source: error,
+        })?;
+    output.set_len(length).map_err(write_error)?;
+    let mut buffer = vec![0_u8; CHUNK];
+    let mut offset = 0_u64;
+    while offset < length {
+        let Some((data_start, data_end)) =
+            next_data_segment(&input, offset, length).map_err(read_error)?
+        else {
+            break;
+        };
+        let mut position = data_start;
+        while position < data_end {
+            if cancelled() {
+                return Err(CloneError::Cancelled {
+                    path: destination.to_owned(),
+                });
+            }
+            let want = usize::try_from((data_end - position).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let read = input
+                .read_at(&mut buffer[..want], position)
+                .map_err(read_error)?;
+            if read == 0 {
+                break;
+            }
+            if buffer[..read].iter().any(|&byte| byte != 0) {
+                output
+                    .write_all_at(&buffer[..read], position)
+                    .map_err(write_error)?;
+            }
+            position += read as u64;
+        }
+        offset = data_end;
+    }
+    output.sync_all().map_err(write_error)?;
+    Ok(length)
+}
+
+/// The next `[start, end)` data range at or after `offset`, or `None` when
+/// only a hole remains. Without `SEEK_DATA` the rest counts as data.
+fn next_data_segment(file: &File, offset: u64, length: u64) -> std::io::Result<Option<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let Ok(signed_offset) = i64::try_from(offset) else {
+        return Ok(None);
+    };
+    let start = match nix::unistd::lseek(fd, signed_offset, nix::unistd::Whence::SeekData) {
+        Ok(start) => start,
+        Err(nix::errno::Errno::ENXIO) => return Ok(None),
+        Err(nix::errno::Errno::EINVAL) => return Ok(Some((offset, length))),
+        Err(errno) => return Err(errno.into()),
+    };
+    let end = nix::unistd::lseek(fd, start, nix::unistd::Whence::SeekHole)?;
+    Ok(Some((
+        u64::try_from(start).unwrap_or(offset),
+        u64::try_from(end).unwrap_or(length).min(length),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn copy_strategy_keeps_content_and_holes_and_removes() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = directory.path().join("image.ext4");
+        let file = File::create(&image).unwrap();
+        file.set_len(64 << 20).unwrap();
+        file.write_all_at(b"head", 0).unwrap();
+        file.write_all_at(b"middle", 32 << 20).unwrap();
+        file.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+        drop(file);
+        let vm_dir = directory.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let disk = Copy
+            .clone_image(&CloneRequest {
+                vm_id: "vm1",
+                image: &image,
+                vm_dir: &vm_dir,
+                cancelled: &|| false,
+            })
+            .unwrap();
+        assert!(disk.file_backed);
+        assert_eq!(
+            std::fs::read(&image).unwrap(),
+            std::fs::read(&disk.path).unwrap()
+        );
+        let allocated = std::fs::metadata(&disk.path).unwrap().blocks() * 512;
+        assert!(allocated < 4 << 20, "copy allocated {allocated} bytes");
+        assert_eq!(Copy.attach("vm1", &image, &vm_dir).unwrap(), disk);
+        Copy.remove("vm1", &vm_dir).unwrap();
+        Copy.remove("vm1", &vm_dir).unwrap();
+        assert_eq!(std::fs::read_dir(&vm_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn cancelled_copy_leaves_nothing() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = directory.path().join("image");
+        std::fs::write(&image, vec![1_u8; 3 << 20]).unwrap();
+        let vm_dir = directory.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let error = Copy
+            .clone_image(&CloneRequest {
+                vm_id: "vm1",
+                image: &image,
+                vm_dir: &vm_dir,
+                cancelled: &|| true,
+            })
+            .unwrap_err();
+        assert!(matches!(error, CloneError::Cancelled { .. }), "{error}");
+        assert_eq!(std::fs::read_dir(&vm_dir).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,19 @@
+//! Disks for banger: per-VM root disk clones, unpacking of untrusted image
+//! sources, and ext4 images.
+//!
+//! - [`clone`]: the [`clone::CloneStrategy`] trait with `reflink` (FICLONE),
+//!   `dm-snapshot` (device-mapper over loop devices) and `copy` (sparse copy),
+//!   [`clone::select_strategy`] for `auto`, and the host scan that lets
+//!   reconciliation find and remove leaked banger devices.
+//! - [`unpack`]: extraction of tarballs (plain, gzip, zstd), directory trees,
+//!   OCI image layouts and `docker save` archives into a staging directory,
+//!   refusing anything that would escape it.
+//! - [`ext4`]: `mkfs.ext4 -d` images from a directory, empty work disks,
+//!   growing (never shrinking) a disk.
+//!
+//! Everything here is blocking; the daemon calls it from `spawn_blocking`.
+
+pub mod clone;
+pub mod command;
+pub mod ext4;
+pub mod unpack;
