@@ -1,0 +1,782 @@
+//! Root-only tests against the real kernel. Each test builds its own network
+//! namespaces (`ip netns add`), runs the library in a thread that entered
+//! the "host" namespace (netlink sockets, `/dev/net/tun`, nft and the
+//! sysctl all act on the calling thread's namespace), and deletes every
+//! namespace afterwards, which also deletes every link, tap and nft table
+//! made in it. The host's own network is never touched.
+//!
+//! Topology of the NAT test:
+//!
+//! ```text
+//!  guest ns            host ns                                  outside ns
+//!  eth0 172.30.0.2 ── bgveth1 ─ banger0 172.30.0.1   up0 192.0.2.1 ── wan0 192.0.2.2 (HTTP)
+//! ```
+
+#![allow(clippy::missing_panics_doc)]
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use banger_net::nat::{self, NatConfig, Nft, NftCommand};
+use banger_net::netlink::{BridgeConfig, HostNetwork, LinuxHostNetwork, TAP_PREFIX};
+use banger_net::{GuestNetwork, MacAddress, Subnet};
+
+/// Network tests run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn require_root(name: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        eprintln!("SKIPPED {name}: needs root");
+        return false;
+    }
+    true
+}
+
+/// Named network namespaces, deleted on drop (also when a test panics).
+struct Namespaces {
+    names: Vec<String>,
+}
+
+impl Namespaces {
+    fn new(test: &str, roles: &[&str]) -> Self {
+        let mut namespaces = Self { names: Vec::new() };
+        for role in roles {
+            let name = format!("bnt{}-{test}-{role}", std::process::id());
+            run("ip", &["netns", "add", &name]);
+            namespaces.names.push(name.clone());
+            ip(&name, &["link", "set", "lo", "up"]);
+        }
+        namespaces
+    }
+
+    fn name(&self, role: &str) -> &str {
+        self.names
+            .iter()
+            .find(|name| name.ends_with(&format!("-{role}")))
+            .expect("unknown role")
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+fn assert_gone(names: &[String]) {
+    for name in names {
+        assert!(
+            !std::path::Path::new(&format!("/run/netns/{name}")).exists(),
+            "namespace {name} leaked"
+        );
+    }
+}
+
+fn output(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("failed to run {program}: {error}"))
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let output = output(program, args);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `ip -n NETNS ARGS`.
+fn ip(netns: &str, args: &[&str]) -> String {
+    let mut all = vec!["-n", netns];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+/// `ip netns exec NETNS ARGS`.
+fn exec(netns: &str, args: &[&str]) -> String {
+    let mut all = vec!["netns", "exec", netns];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+/// Whether `target` answers within a few tries: right after ports are
+/// attached the first ARP exchange can be lost while the links settle.
+fn reaches(netns: &str, target: Ipv4Addr) -> bool {
+    (0..5).any(|_| pings(netns, target))
+}
+
+/// One ping, one second: for checks that something is unreachable, made
+/// after [`reaches`] showed the links are live.
+fn pings(netns: &str, target: Ipv4Addr) -> bool {
+    let target = target.to_string();
+    output(
+        "ip",
+        &[
+            "netns", "exec", netns, "ping", "-c", "1", "-W", "1", &target,
+        ],
+    )
+    .status
+    .success()
+}
+
+/// Runs `body` on a thread that entered network namespace `netns`.
+fn in_netns<T: Send + 'static>(netns: &str, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: `file` is an open namespace file; setns only changes this
+        // thread's network namespace, which is what we want.
+        #[allow(unsafe_code)]
+        let result = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(result, 0, "setns: {}", std::io::Error::last_os_error());
+        body()
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Runs an async body on a current-thread runtime inside `netns`.
+fn block_in_netns<F, T>(netns: &str, make: impl FnOnce() -> F + Send + 'static) -> T
+where
+    F: Future<Output = T>,
+    T: Send + 'static,
+{
+    in_netns(netns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(make())
+    })
+}
+
+/// A veth pair: `host_end` in `host`, `eth0` in `guest`, configured from
+/// the `banger.net=` argument the daemon would put on the kernel command
+/// line (as the agent would).
+fn add_guest(host: &str, guest: &str, host_end: &str, kernel_argument: &str) -> GuestNetwork {
+    let cmdline = format!("console=ttyS0 {kernel_argument} banger.name=test");
+    let network = GuestNetwork::from_kernel_cmdline(&cmdline)
+        .unwrap()
+        .unwrap();
+    ip(
+        host,
+        &[
+            "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", guest,
+        ],
+    );
+    if let Some(mac) = network.mac {
+        ip(guest, &["link", "set", "eth0", "address", &mac.to_string()]);
+    }
+    let cidr = format!("{}/{}", network.address, network.prefix_len);
+    ip(guest, &["addr", "add", &cidr, "dev", "eth0"]);
+    ip(guest, &["link", "set", "eth0", "up"]);
+    ip(
+        guest,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &network.gateway.to_string(),
+        ],
+    );
+    // Keep the routed-path checks deterministic: no ICMP redirects.
+    exec(
+        guest,
+        &["sysctl", "-q", "-w", "net.ipv4.conf.all.accept_redirects=0"],
+    );
+    exec(
+        guest,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.eth0.accept_redirects=0",
+        ],
+    );
+    network
+}
+
+fn guest_argument(subnet: Subnet, address: Ipv4Addr, vm_id: &str) -> String {
+    GuestNetwork {
+        address,
+        prefix_len: subnet.prefix_len(),
+        gateway: subnet.gateway(),
+        dns: vec![subnet.gateway()],
+        mac: Some(MacAddress::for_vm(vm_id)),
+        domain: Some("banger".to_owned()),
+    }
+    .to_kernel_argument()
+}
+
+#[test]
+fn bridge_and_taps_are_created_and_attached() {
+    if !require_root("bridge_and_taps_are_created_and_attached") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let namespaces = Namespaces::new("taps", &["host"]);
+    let host = namespaces.name("host").to_owned();
+
+    let (listed, route) = block_in_netns(&host, || async {
+        let network = LinuxHostNetwork::connect().unwrap();
+        let bridge = BridgeConfig::default();
+        for _ in 0..2 {
+            network.ensure_bridge(&bridge).await.unwrap();
+            network.create_tap("bgtap0").await.unwrap();
+            network.create_tap("bgtap1").await.unwrap();
+            network
+                .attach_to_bridge("bgtap0", "banger0", true)
+                .await
+                .unwrap();
+            network
+                .attach_to_bridge("bgtap1", "banger0", false)
+                .await
+                .unwrap();
+        }
+        let listed = network.list_links(TAP_PREFIX).await.unwrap();
+        let route = network.default_route_interface().await.unwrap();
+        (listed, route)
+    });
+    assert_eq!(listed, ["bgtap0", "bgtap1"]);
+    assert_eq!(route, None, "a fresh namespace has no default route");
+
+    let addresses = ip(&host, &["-4", "addr", "show", "dev", "banger0"]);
+    assert_eq!(
+        addresses.matches("inet 172.30.0.1/24").count(),
+        1,
+        "{addresses}"
+    );
+    assert!(ip(&host, &["link", "show", "banger0"]).contains(",UP"));
+    let tap0 = ip(&host, &["-d", "link", "show", "bgtap0"]);
+    assert!(tap0.contains("master banger0"), "{tap0}");
+    assert!(tap0.contains("isolated on"), "{tap0}");
+    assert!(tap0.contains("tun type tap"), "{tap0}");
+    assert!(tap0.contains("vnet_hdr on"), "{tap0}");
+    assert!(tap0.contains("persist on"), "{tap0}");
+    assert!(
+        tap0.contains("user 0") || tap0.contains("user root"),
+        "{tap0}"
+    );
+    let tap1 = ip(&host, &["-d", "link", "show", "bgtap1"]);
+    assert!(
+        tap1.contains("master banger0") && tap1.contains("isolated off"),
+        "{tap1}"
+    );
+
+    let (after_tap_delete, after_bridge_delete) = block_in_netns(&host, || async {
+        let network = LinuxHostNetwork::connect().unwrap();
+        network.delete_link("bgtap1").await.unwrap();
+        network.delete_link("bgtap1").await.unwrap();
+        let after_tap_delete = network.list_links(TAP_PREFIX).await.unwrap();
+        network.delete_link("bgtap0").await.unwrap();
+        network.delete_link("banger0").await.unwrap();
+        network.delete_link("banger0").await.unwrap();
+        (after_tap_delete, network.list_links("b").await.unwrap())
+    });
+    assert_eq!(after_tap_delete, ["bgtap0"]);
+    assert!(after_bridge_delete.is_empty(), "{after_bridge_delete:?}");
+
+    let names = namespaces.names();
+    drop(namespaces);
+    assert_gone(&names);
+}
+
+/// An HTTP server in `netns` on `address` that answers one request with the
+/// peer address it saw.
+fn serve_peer_address(netns: &str, address: SocketAddr) -> std::thread::JoinHandle<Option<String>> {
+    let path = format!("/run/netns/{netns}");
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: see `in_netns`.
+        #[allow(unsafe_code)]
+        let result = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(result, 0);
+        let listener = TcpListener::bind(address).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        ready.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    stream.set_nonblocking(false).unwrap();
+                    let mut request = [0_u8; 1024];
+                    let _ = stream.read(&mut request);
+                    let body = peer.ip().to_string();
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return Some(body);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        None
+    });
+    is_ready.recv().unwrap();
+    handle
+}
+
+fn http_get(netns: &str, address: SocketAddr, timeout: Duration) -> Result<String, std::io::Error> {
+    in_netns(netns, move || {
+        let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET / HTTP/1.0\r\nHost: outside\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
+}
+
+#[test]
+fn guest_reaches_gateway_and_outside_through_nat() {
+    if !require_root("guest_reaches_gateway_and_outside_through_nat") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let namespaces = Namespaces::new("nat", &["host", "guest", "outside"]);
+    let (host, guest, outside) = (
+        namespaces.name("host").to_owned(),
+        namespaces.name("guest").to_owned(),
+        namespaces.name("outside").to_owned(),
+    );
+    // The uplink: the host's default route leads to the outside world.
+    ip(
+        &host,
+        &[
+            "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", &outside,
+        ],
+    );
+    ip(&host, &["addr", "add", "192.0.2.1/24", "dev", "up0"]);
+    ip(&host, &["link", "set", "up0", "up"]);
+    ip(&host, &["route", "add", "default", "via", "192.0.2.2"]);
+    ip(&outside, &["addr", "add", "192.0.2.2/24", "dev", "wan0"]);
+    ip(&outside, &["link", "set", "wan0", "up"]);
+
+    let subnet = Subnet::default();
+    let address = subnet.allocate(|_| false).unwrap();
+    assert_eq!(address, Ipv4Addr::new(172, 30, 0, 2));
+    let guest_network = add_guest(
+        &host,
+        &guest,
+        "bgveth1",
+        &guest_argument(subnet, address, "00000000000000a1"),
+    );
+
+    let uplink = block_in_netns(&host, move || async move {
+        let network = LinuxHostNetwork::connect().unwrap();
+        network
+            .ensure_bridge(&BridgeConfig {
+                name: "banger0".to_owned(),
+                subnet,
+            })
+            .await
+            .unwrap();
+        network
+            .attach_to_bridge("bgveth1", "banger0", true)
+            .await
+            .unwrap();
+        network.enable_ip_forwarding().await.unwrap();
+        network.default_route_interface().await.unwrap()
+    });
+    assert_eq!(uplink.as_deref(), Some("up0"));
+    assert_eq!(
+        exec(&host, &["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
+        "1"
+    );
+    assert!(ip(&guest, &["link", "show", "eth0"])
+        .contains(&MacAddress::for_vm("00000000000000a1").to_string()));
+
+    assert!(
+        reaches(&guest, guest_network.gateway),
+        "guest cannot ping the gateway"
+    );
+
+    let server_address: SocketAddr = "192.0.2.2:8080".parse().unwrap();
+    // Without NAT the outside world has no route back to the guest.
+    assert!(http_get(&guest, server_address, Duration::from_secs(1)).is_err());
+
+    let config = NatConfig {
+        bridge: "banger0".to_owned(),
+        subnet,
+        uplink: uplink.unwrap(),
+        isolate_vms: true,
+    };
+    block_in_netns(&host, move || async move {
+        nat::apply(&NftCommand::new(), &config).await.unwrap();
+    });
+    let server = serve_peer_address(&outside, server_address);
+    let response = http_get(&guest, server_address, Duration::from_secs(5))
+        .expect("guest cannot reach outside");
+    assert!(response.starts_with("HTTP/1.0 200 OK"), "{response}");
+    assert!(
+        response.ends_with("\r\n\r\n192.0.2.1"),
+        "not masqueraded: {response}"
+    );
+    assert_eq!(server.join().unwrap().as_deref(), Some("192.0.2.1"));
+
+    let names = namespaces.names();
+    drop(namespaces);
+    assert_gone(&names);
+}
+
+#[test]
+fn isolated_guests_cannot_reach_each_other() {
+    if !require_root("isolated_guests_cannot_reach_each_other") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let namespaces = Namespaces::new("iso", &["host", "one", "two"]);
+    let (host, one, two) = (
+        namespaces.name("host").to_owned(),
+        namespaces.name("one").to_owned(),
+        namespaces.name("two").to_owned(),
+    );
+    let subnet = Subnet::default();
+    let first = subnet.allocate(|_| false).unwrap();
+    let second = subnet.allocate(|address| address == first).unwrap();
+    add_guest(
+        &host,
+        &one,
+        "bgveth1",
+        &guest_argument(subnet, first, "00000000000000b1"),
+    );
+    add_guest(
+        &host,
+        &two,
+        "bgveth2",
+        &guest_argument(subnet, second, "00000000000000b2"),
+    );
+    // The uplink is only a name in the ruleset here; it need not exist.
+
+    let setup = |isolated_ports: bool, isolate_vms: bool| {
+        block_in_netns(&host, move || async move {
+            let network = LinuxHostNetwork::connect().unwrap();
+            network
+                .ensure_bridge(&BridgeConfig {
+                    name: "banger0".to_owned(),
+                    subnet,
+                })
+                .await
+                .unwrap();
+            network
+                .attach_to_bridge("bgveth1", "banger0", isolated_ports)
+                .await
+                .unwrap();
+            network
+                .attach_to_bridge("bgveth2", "banger0", isolated_ports)
+                .await
+                .unwrap();
+            network.enable_ip_forwarding().await.unwrap();
+            let config = NatConfig {
+                bridge: "banger0".to_owned(),
+                subnet,
+                uplink: "up0".to_owned(),
+                isolate_vms,
+            };
+            nat::apply(&NftCommand::new(), &config).await.unwrap();
+        });
+    };
+
+    // Control: without isolation the guests talk.
+    setup(false, false);
+    assert!(
+        reaches(&one, second),
+        "control: guests should reach each other"
+    );
+
+    // Isolated bridge ports stop layer 2 traffic between guests...
+    setup(true, false);
+    assert!(reaches(&one, subnet.gateway()));
+    assert!(reaches(&two, subnet.gateway()));
+    assert!(!pings(&one, second), "isolated ports still switch frames");
+    // ...but guests routing to each other through the gateway would still
+    // get through (both directions: replies must be routed too).
+    let gateway = subnet.gateway().to_string();
+    ip(
+        &one,
+        &["route", "add", &format!("{second}/32"), "via", &gateway],
+    );
+    ip(
+        &two,
+        &["route", "add", &format!("{first}/32"), "via", &gateway],
+    );
+    assert!(
+        reaches(&one, second),
+        "control: routed path should work without the nft rule"
+    );
+
+    // isolate_vms closes the routed path too.
+    setup(true, true);
+    assert!(reaches(&one, subnet.gateway()));
+    assert!(!pings(&one, second), "routed path between guests is open");
+    assert!(!pings(&two, first), "routed path between guests is open");
+    ip(&one, &["route", "del", &format!("{second}/32")]);
+    ip(&two, &["route", "del", &format!("{first}/32")]);
+    assert!(!pings(&one, second));
+    assert!(!pings(&two, first));
+    assert!(reaches(&one, subnet.gateway()));
+    assert!(reaches(&two, subnet.gateway()));
+
+    let names = namespaces.names();
+    drop(namespaces);
+    assert_gone(&names);
+}
+
+#[test]
+fn applying_nat_repeatedly_keeps_one_table() {
+    if !require_root("applying_nat_repeatedly_keeps_one_table") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let namespaces = Namespaces::new("nft", &["host"]);
+    let host = namespaces.name("host").to_owned();
+
+    let (first, hundredth, removed, removed_twice) = block_in_netns(&host, || async {
+        let nft = NftCommand::new();
+        let config = NatConfig {
+            bridge: "banger0".to_owned(),
+            subnet: Subnet::default(),
+            uplink: "eth0".to_owned(),
+            isolate_vms: true,
+        };
+        nat::apply(&nft, &config).await.unwrap();
+        let first = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
+        for _ in 1..100 {
+            nat::apply(&nft, &config).await.unwrap();
+        }
+        let hundredth = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
+        nat::remove(&nft).await.unwrap();
+        let removed = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
+        nat::remove(&nft).await.unwrap();
+        let removed_twice = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
+        (first, hundredth, removed, removed_twice)
+    });
+    assert_eq!(first.tables, 1);
+    assert_eq!(first.chains, 2);
+    assert_eq!(first.rules, 4);
+    assert_eq!(hundredth, first);
+    assert_eq!(removed, nat::TableSummary::default());
+    assert_eq!(removed_twice, nat::TableSummary::default());
+
+    let names = namespaces.names();
+    drop(namespaces);
+    assert_gone(&names);
+}
+
+#[test]
+fn a_refused_ruleset_keeps_the_previous_table() {
+    if !require_root("a_refused_ruleset_keeps_the_previous_table") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let namespaces = Namespaces::new("nftfail", &["host"]);
+    let host = namespaces.name("host").to_owned();
+    let (before, error, after) = block_in_netns(&host, || async {
+        let nft = NftCommand::new();
+        let config = NatConfig {
+            bridge: "banger0".to_owned(),
+            subnet: Subnet::default(),
+            uplink: "eth0".to_owned(),
+            isolate_vms: false,
+        };
+        nat::apply(&nft, &config).await.unwrap();
+        let before = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
+        // A script that fails half-way: the transaction is all or nothing.
+        let broken = format!(
+            "{}add rule inet banger nosuchchain accept\n",
+            nat::ruleset(&config).unwrap()
+        );
+        let error = nft.run_script(&broken).await.unwrap_err();
+        let after = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
+        (before, error.to_string(), after)
+    });
+    assert!(error.starts_with("nft refused the ruleset"), "{error}");
+    assert_eq!(before, after);
+    assert_eq!(after.rules, 3);
+    drop(namespaces);
+}
+
+/// A stand-in for the host's resolver: answers every query with 192.0.2.53.
+async fn fake_upstream(address: SocketAddr) {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::{rdata::A, RData, Record};
+    let socket = tokio::net::UdpSocket::bind(address).await.unwrap();
+    let mut buffer = vec![0_u8; 4096];
+    while let Ok((length, peer)) = socket.recv_from(&mut buffer).await {
+        let query = Message::from_vec(&buffer[..length]).unwrap();
+        let mut response = Message::new();
+        response
+            .set_id(query.id())
+            .set_message_type(MessageType::Response)
+            .add_queries(query.queries().to_vec());
+        let name = query.queries()[0].name().clone();
+        response.add_answer(Record::from_rdata(
+            name,
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 53))),
+        ));
+        let _ = socket.send_to(&response.to_vec().unwrap(), peer).await;
+    }
+}
+
+/// Asks `server` for the A record of `name` from inside `netns`.
+fn resolve(
+    netns: &str,
+    server: SocketAddr,
+    name: &str,
+) -> (hickory_proto::op::ResponseCode, Vec<Ipv4Addr>) {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{rdata::A, Name, RData, RecordType};
+    let name = name.to_owned();
+    in_netns(netns, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut message = Message::new();
+        message
+            .set_id(99)
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(true)
+            .add_query(Query::query(
+                Name::from_ascii(&name).unwrap(),
+                RecordType::A,
+            ));
+        socket.send_to(&message.to_vec().unwrap(), server).unwrap();
+        let mut buffer = vec![0_u8; 4096];
+        let (length, _) = socket.recv_from(&mut buffer).expect("no DNS answer");
+        let answer = Message::from_vec(&buffer[..length]).unwrap();
+        let addresses = answer
+            .answers()
+            .iter()
+            .filter_map(|record| match record.data() {
+                RData::A(A(address)) => Some(*address),
+                _ => None,
+            })
+            .collect();
+        (answer.response_code(), addresses)
+    })
+}
+
+#[test]
+fn guest_resolves_vm_names_through_the_gateway() {
+    use banger_net::dns::{DnsConfig, DnsRecords, DnsServer};
+    use hickory_proto::op::ResponseCode;
+    if !require_root("guest_resolves_vm_names_through_the_gateway") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let namespaces = Namespaces::new("dns", &["host", "guest"]);
+    let (host, guest) = (
+        namespaces.name("host").to_owned(),
+        namespaces.name("guest").to_owned(),
+    );
+    let subnet = Subnet::default();
+    let address = subnet.allocate(|_| false).unwrap();
+    let network = add_guest(
+        &host,
+        &guest,
+        "bgveth1",
+        &guest_argument(subnet, address, "00000000000000c1"),
+    );
+    let dns_server = SocketAddr::new(network.dns[0].into(), 53);
+
+    let records = DnsRecords::new();
+    records.insert("dev", address);
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let host_side = {
+        let records = records.clone();
+        let host = host.clone();
+        std::thread::spawn(move || {
+            block_in_netns(&host, move || async move {
+                let network = LinuxHostNetwork::connect().unwrap();
+                network
+                    .ensure_bridge(&BridgeConfig {
+                        name: "banger0".to_owned(),
+                        subnet,
+                    })
+                    .await
+                    .unwrap();
+                network
+                    .attach_to_bridge("bgveth1", "banger0", true)
+                    .await
+                    .unwrap();
+                let upstream: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+                tokio::spawn(fake_upstream(upstream));
+                let server = DnsServer::bind(dns_server, DnsConfig::new(vec![upstream]), records)
+                    .await
+                    .unwrap();
+                ready.send(()).unwrap();
+                tokio::task::spawn_blocking(move || stopped.recv())
+                    .await
+                    .unwrap()
+                    .ok();
+                server.shutdown().await.unwrap();
+            });
+        })
+    };
+    is_ready.recv().expect("DNS server did not start");
+    let results = std::panic::catch_unwind(|| {
+        assert!(reaches(&guest, network.gateway));
+        let local = resolve(&guest, dns_server, "dev.banger.");
+        records.insert("late", Ipv4Addr::new(172, 30, 0, 9));
+        let late = resolve(&guest, dns_server, "late.banger.");
+        let unknown = resolve(&guest, dns_server, "nope.banger.");
+        let forwarded = resolve(&guest, dns_server, "example.com.");
+        (local, late, unknown, forwarded)
+    });
+    let _ = stop.send(());
+    host_side.join().unwrap();
+    let (local, late, unknown, forwarded) =
+        results.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    assert_eq!(local, (ResponseCode::NoError, vec![address]));
+    assert_eq!(
+        late,
+        (ResponseCode::NoError, vec![Ipv4Addr::new(172, 30, 0, 9)])
+    );
+    assert_eq!(unknown, (ResponseCode::NXDomain, vec![]));
+    assert_eq!(
+        forwarded,
+        (ResponseCode::NoError, vec![Ipv4Addr::new(192, 0, 2, 53)])
+    );
+
+    let names = namespaces.names();
+    drop(namespaces);
+    assert_gone(&names);
+}
