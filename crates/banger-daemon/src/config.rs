@@ -35,6 +35,28 @@ pub struct Config {
     pub vm: VmDefaults,
     pub vmm: VmmConfig,
     pub firecracker: FirecrackerConfig,
+    pub storage: StorageConfig,
+}
+
+/// Disks and image imports.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// How root disks are made from images: `auto` (reflink where the state
+    /// dir's filesystem supports it, else dm-snapshot where device-mapper
+    /// works, else copy), `reflink`, `dm-snapshot` or `copy`.
+    pub clone: String,
+    /// Let imported archives create device nodes and FIFOs.
+    pub allow_device_nodes: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            clone: "auto".to_owned(),
+            allow_device_nodes: false,
+        }
+    }
 }
 
 /// Who may use the control socket besides root.
@@ -193,6 +215,15 @@ impl Config {
                 ),
             ));
         }
+        if !["auto", "reflink", "dm-snapshot", "copy"].contains(&self.storage.clone.as_str()) {
+            return Err(bad(
+                "storage.clone",
+                format!(
+                    "must be one of auto, reflink, dm-snapshot, copy, not {:?}",
+                    self.storage.clone
+                ),
+            ));
+        }
         if self.access.group.is_empty() {
             return Err(bad("access.group", "must not be empty".to_owned()));
         }
@@ -273,6 +304,10 @@ mod tests {
             .contains("invalid type"));
         assert!(parse("[vmm]\nbackend = \"xen\"\n").is_err());
         assert!(parse("[firecracker]\nlog_level = \"loud\"\n").is_err());
+        assert!(parse("[storage]\nclone = \"magic\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("`storage.clone` must be one of"));
     }
 
     #[test]

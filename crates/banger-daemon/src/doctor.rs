@@ -16,6 +16,7 @@ const LOW_SPACE_BYTES: u64 = 5 << 30;
 const CRITICAL_SPACE_BYTES: u64 = 1 << 30;
 
 pub struct Doctor<'a> {
+    pub clone_reason: &'a str,
     pub config: &'a Config,
     pub paths: &'a StatePaths,
     pub images: &'a ImageService,
@@ -38,12 +39,7 @@ impl Doctor<'_> {
             self.firecracker().await,
             kvm(),
             tool("mkfs.ext4", "apt install e2fsprogs"),
-            check(
-                "clone strategy",
-                CheckStatus::Ok,
-                "copy: root disks are sparse copies of the image (reflink and dm-snapshot are not built yet)".to_owned(),
-                None,
-            ),
+            self.clone_strategy(),
         ];
         checks.push(self.default_artifact("image"));
         checks.push(self.default_artifact("kernel"));
@@ -139,6 +135,24 @@ impl Doctor<'_> {
                 format!("{} --version did not answer within 5 s", path.display()),
                 None,
             ),
+        }
+    }
+
+    fn clone_strategy(&self) -> Check {
+        if self.clone_reason.starts_with("copy") {
+            check(
+                "clone strategy",
+                CheckStatus::Warn,
+                self.clone_reason.to_owned(),
+                Some("put the state dir on XFS (mkfs.xfs -m reflink=1) or btrfs for O(1) clones"),
+            )
+        } else {
+            check(
+                "clone strategy",
+                CheckStatus::Ok,
+                self.clone_reason.to_owned(),
+                None,
+            )
         }
     }
 

@@ -2,7 +2,10 @@
 //!
 //! Import protocol, the same for both kinds:
 //! 1. Check the name and that the caller may read the source.
-//! 2. Copy the source into `STATE_DIR/tmp/` (sparse), checking its format.
+//! 2. Copy the source into `STATE_DIR/tmp/` (sparse) if it is an ext4
+//!    image; otherwise unpack it there (tarball, OCI layout, `docker save`
+//!    archive, directory; hostile entries refused) and build an ext4 image
+//!    of it with `mkfs.ext4 -d`.
 //! 3. Rename it into place (`images/` or `kernels/`), then insert the row.
 //!    A failure at any step removes what steps 2-3 made, so a failed import
 //!    registers nothing and leaves no file behind.
@@ -26,6 +29,8 @@ pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 pub struct ImageService {
     store: Store,
     paths: StatePaths,
+    /// Let imported archives create device nodes and FIFOs.
+    allow_device_nodes: bool,
 }
 
 /// Removes a path when dropped unless disarmed: the undo of an import step.
@@ -50,8 +55,12 @@ impl Drop for RemoveOnDrop {
 }
 
 impl ImageService {
-    pub fn new(store: Store, paths: StatePaths) -> Self {
-        Self { store, paths }
+    pub fn new(store: Store, paths: StatePaths, allow_device_nodes: bool) -> Self {
+        Self {
+            store,
+            paths,
+            allow_device_nodes,
+        }
     }
 
     pub fn list_images(&self) -> DaemonResult<Vec<Image>> {
@@ -91,38 +100,46 @@ impl ImageService {
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let source = open_source(&peer, &params.path, "image")?;
-            this.import_image_blocking(&params.name, source)
+            let source = open_source(&peer, &params.path, "image", true)?;
+            this.import_image_blocking(&peer, &params.name, source)
         })
         .await
         .map_err(|error| DaemonError::failed("Image import task failed", error))?
     }
 
-    fn import_image_blocking(&self, name: &str, source: OpenSource) -> DaemonResult<Image> {
+    fn import_image_blocking(
+        &self,
+        peer: &Peer,
+        name: &str,
+        source: OpenSource,
+    ) -> DaemonResult<Image> {
         let OpenSource {
             path: source,
             mut file,
+            is_directory,
         } = source;
-        let context = |message: &str| {
-            let message = format!("{message} {}", source.display());
-            move |error: files::FileError| DaemonError::failed(message, error)
-        };
-        if !files::is_ext4(&file, &source).map_err(context("Failed to read image"))? {
-            return Err(DaemonError::invalid_params(format!(
-                "{} is not an ext4 filesystem image",
-                source.display()
-            ))
-            .with_hint(
-                "this version imports ext4 images; make one with `mkfs.ext4 -d DIR FILE SIZE`",
-            ));
-        }
         let id = new_id();
         let temporary = self.paths.tmp().join(format!("image-{id}.ext4"));
         let mut temporary_guard = RemoveOnDrop(Some(temporary.clone()));
-        let digest = files::copy_with_digest(&mut file, &source, &temporary)
-            .map_err(context("Failed to copy image"))?;
+        let is_ext4 = !is_directory
+            && files::is_ext4(&file, &source)
+                .map_err(|error| DaemonError::failed("Failed to read the image", error))?;
+        let (digest, description) = if is_ext4 {
+            let digest =
+                files::copy_with_digest(&mut file, &source, &temporary).map_err(|error| {
+                    DaemonError::failed(format!("Failed to copy {}", source.display()), error)
+                })?;
+            (digest, "ext4 image".to_owned())
+        } else {
+            let kind = self.build_image(peer, &source, &file, is_directory, &id, &temporary)?;
+            let mut built = std::fs::File::open(&temporary)
+                .map_err(|error| DaemonError::failed("Failed to open the built image", error))?;
+            let digest = files::digest(&mut built, &temporary)
+                .map_err(|error| DaemonError::failed("Failed to hash the built image", error))?;
+            (digest, kind)
+        };
         let size_bytes = std::fs::metadata(&temporary)
-            .map_err(|error| DaemonError::failed("Failed to read copied image", error))?
+            .map_err(|error| DaemonError::failed("Failed to read the new image", error))?
             .len();
         let destination = self.paths.images().join(format!("{id}.ext4"));
         std::fs::rename(&temporary, &destination)
@@ -135,12 +152,68 @@ impl ImageService {
             path: destination.display().to_string(),
             size_bytes,
             digest,
-            source: source.display().to_string(),
+            source: format!("{} ({description})", source.display()),
             created_at: now(),
         };
         self.store.insert_image(&image)?;
         destination_guard.disarm();
         Ok(image)
+    }
+
+    /// Unpacks a non-ext4 source (tarball, OCI layout, `docker save`
+    /// archive, directory) into a staging dir, refusing hostile entries, and
+    /// builds an ext4 image of it at `output`. Returns what the source was.
+    fn build_image(
+        &self,
+        peer: &Peer,
+        source: &Path,
+        file: &std::fs::File,
+        is_directory: bool,
+        id: &str,
+        output: &Path,
+    ) -> DaemonResult<String> {
+        use banger_disk::unpack;
+        use std::os::fd::AsRawFd;
+        // Archives are read through the descriptor opened as the caller.
+        // A directory tree is read as root file by file, so only root may
+        // import one.
+        let readable = if is_directory {
+            if peer.uid != 0 {
+                return Err(DaemonError::new(
+                    ErrorKind::NotAllowed,
+                    format!("Importing the directory {} needs root", source.display()),
+                )
+                .with_hint(format!(
+                    "pack it first: `tar -C {} -cf rootfs.tar .`, then import rootfs.tar",
+                    source.display()
+                )));
+            }
+            source.to_owned()
+        } else {
+            PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        };
+        let kind = unpack::detect(&readable).map_err(|error| {
+            DaemonError::invalid_params(format!("Cannot import {}", source.display()))
+                .with_source(error)
+                .with_hint("images are ext4 files, tarballs (plain, gzip, zstd), OCI layouts, `docker save` archives or directories")
+        })?;
+        let staging = self.paths.tmp().join(format!("unpack-{id}"));
+        let _staging_guard = RemoveOnDrop(Some(staging.clone()));
+        let options = unpack::UnpackOptions {
+            allow_devices: self.allow_device_nodes,
+            ..unpack::UnpackOptions::default()
+        };
+        unpack::unpack(&readable, &staging, &options).map_err(|error| {
+            DaemonError::invalid_params(format!("Refused to import {}", source.display()))
+                .with_source(error)
+        })?;
+        banger_disk::ext4::build_from_directory(
+            &staging,
+            output,
+            &banger_disk::ext4::BuildOptions::default(),
+        )
+        .map_err(|error| DaemonError::failed("Failed to build the ext4 image", error))?;
+        Ok(kind.describe().to_owned())
     }
 
     /// Removes files under `images/` and `kernels/` that no row references
@@ -219,11 +292,11 @@ impl ImageService {
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let kernel = open_source(&peer, &params.path, "kernel")?;
+            let kernel = open_source(&peer, &params.path, "kernel", false)?;
             let initrd = params
                 .initrd
                 .as_deref()
-                .map(|path| open_source(&peer, path, "initrd"))
+                .map(|path| open_source(&peer, path, "initrd", false))
                 .transpose()?;
             this.import_kernel_blocking(&params.name, kernel, initrd, cmdline)
         })
@@ -301,12 +374,18 @@ impl ImageService {
 struct OpenSource {
     path: PathBuf,
     file: std::fs::File,
+    is_directory: bool,
 }
 
 /// Opens the source of an import: an absolute path to a regular file the
 /// caller may read (checked by the kernel as the caller, see
 /// [`open_as_peer`]).
-fn open_source(peer: &Peer, path: &str, what: &str) -> DaemonResult<OpenSource> {
+fn open_source(
+    peer: &Peer,
+    path: &str,
+    what: &str,
+    directory_allowed: bool,
+) -> DaemonResult<OpenSource> {
     let path = PathBuf::from(path);
     if !path.is_absolute() {
         return Err(DaemonError::invalid_params(format!(
@@ -325,13 +404,18 @@ fn open_source(peer: &Peer, path: &str, what: &str) -> DaemonResult<OpenSource> 
     let metadata = file.metadata().map_err(|error| {
         DaemonError::failed(format!("Cannot stat {what} {}", path.display()), error)
     })?;
-    if !metadata.is_file() {
+    let is_directory = metadata.is_dir() && directory_allowed;
+    if !metadata.is_file() && !is_directory {
         return Err(DaemonError::invalid_params(format!(
             "The {what} {} is not a regular file",
             path.display()
         )));
     }
-    Ok(OpenSource { path, file })
+    Ok(OpenSource {
+        path,
+        file,
+        is_directory,
+    })
 }
 
 fn remove_file_if_present(path: &Path) -> DaemonResult<()> {

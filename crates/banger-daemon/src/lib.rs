@@ -64,14 +64,22 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         startup_timeout: Duration::from_millis(config.firecracker.startup_timeout_ms),
         log_level: config.firecracker.log_level.clone(),
     })?);
+    let (clone, clone_reason) =
+        banger_disk::clone::select_strategy(&config.storage.clone, &paths.root)?;
+    tracing::info!(strategy = %clone.kind(), reason = %clone_reason, "root disk clone strategy");
     let operations = Arc::new(OperationRegistry::new(store.clone()));
-    let images = ImageService::new(store.clone(), paths.clone());
+    let images = ImageService::new(
+        store.clone(),
+        paths.clone(),
+        config.storage.allow_device_nodes,
+    );
     let vms = VmService::new(
         store,
         paths.clone(),
         Arc::clone(&config),
         images.clone(),
         vmm,
+        Arc::from(clone),
         Arc::clone(&operations),
     );
     let report = vms.reconcile().await?;
@@ -84,6 +92,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         unresolved = ?report.unresolved,
         killed_orphan_processes = ?report.killed_orphan_processes,
         removed_orphan_files = ?report.removed_orphan_files,
+        released_devices = %report.released_devices,
         "reconciled state"
     );
 
@@ -101,6 +110,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
             state_dir: paths.root.display().to_string(),
             config: options.config.display().to_string(),
             started: Instant::now(),
+            clone_reason,
         },
     });
     tracing::info!(

@@ -1,6 +1,6 @@
 //! Layout of the state directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// ```text
 /// STATE_DIR/
@@ -67,9 +67,4 @@ impl StatePaths {
         }
         Ok(())
     }
-}
-
-/// The root disk inside a VM's directory.
-pub fn root_disk(vm_dir: &Path) -> PathBuf {
-    vm_dir.join("rootfs.ext4")
 }

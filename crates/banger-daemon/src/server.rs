@@ -59,6 +59,8 @@ pub struct DaemonInfo {
     pub state_dir: String,
     pub config: String,
     pub started: Instant,
+    /// Why the clone strategy was chosen.
+    pub clone_reason: String,
 }
 
 /// Serves connections from `listener` until `shutdown` resolves.
@@ -242,6 +244,7 @@ async fn dispatch(
         method::DAEMON_DOCTOR => {
             no_params(raw)?;
             let doctor = crate::doctor::Doctor {
+                clone_reason: &daemon.info.clone_reason,
                 config: &daemon.config,
                 paths: &daemon.paths,
                 images: &daemon.images,
@@ -335,7 +338,7 @@ fn status(daemon: &Daemon) -> DaemonResult<DaemonStatus> {
         state_dir: daemon.info.state_dir.clone(),
         config: daemon.info.config.clone(),
         backend: daemon.vms.backend().to_owned(),
-        clone_strategy: "copy".to_owned(),
+        clone_strategy: daemon.info.clone_reason.clone(),
         vms,
     })
 }

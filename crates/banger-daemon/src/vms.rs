@@ -21,11 +21,11 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::error::{DaemonError, DaemonResult};
-use crate::files;
 use crate::ids::{new_id, now};
 use crate::images::ImageService;
 use crate::operations::{LiveOperation, OperationRegistry};
-use crate::paths::{root_disk, StatePaths};
+use crate::paths::StatePaths;
+use banger_disk::clone::{CloneError, CloneRequest, CloneStrategy, RootDisk};
 
 type VmLock = Arc<tokio::sync::Mutex<()>>;
 
@@ -35,6 +35,7 @@ pub struct VmService {
     config: Arc<Config>,
     images: ImageService,
     vmm: Arc<dyn Vmm>,
+    clone: Arc<dyn CloneStrategy>,
     operations: Arc<OperationRegistry>,
     locks: Mutex<HashMap<String, VmLock>>,
     /// The live VMM process of each VM that has one.
@@ -43,8 +44,10 @@ pub struct VmService {
 
 /// What a create step made, undone in reverse order if a later step fails.
 enum Undo {
-    RemoveDir {
+    /// The VM's clone and its directory.
+    RemoveDisk {
         stage: &'static str,
+        vm_id: String,
         path: PathBuf,
     },
     KillProcess {
@@ -60,6 +63,7 @@ impl VmService {
         config: Arc<Config>,
         images: ImageService,
         vmm: Arc<dyn Vmm>,
+        clone: Arc<dyn CloneStrategy>,
         operations: Arc<OperationRegistry>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -68,6 +72,7 @@ impl VmService {
             config,
             images,
             vmm,
+            clone,
             operations,
             locks: Mutex::new(HashMap::new()),
             processes: Mutex::new(HashMap::new()),
@@ -76,6 +81,11 @@ impl VmService {
 
     pub fn backend(&self) -> &'static str {
         self.vmm.backend()
+    }
+
+    /// The clone strategy's one-line description.
+    pub fn clone_strategy(&self) -> String {
+        self.clone.describe()
     }
 
     fn lock_of(&self, vm_id: &str) -> VmLock {
@@ -258,9 +268,14 @@ impl VmService {
         let stage = begin_stage(operation, "clone root disk")?;
         let directory = PathBuf::from(&vm.dir);
         let outcome = self
-            .clone_root_disk(operation, image_path, &directory, undo)
+            .clone_root_disk(operation, &vm.id, image_path, &directory, undo)
             .await;
-        end_stage(operation, &stage, outcome, Some("sparse copy".to_owned()))?;
+        let root_disk = end_stage(
+            operation,
+            &stage,
+            outcome,
+            Some(self.clone.kind().to_string()),
+        )?;
 
         if no_start {
             vm.state = VmState::Stopped;
@@ -277,7 +292,7 @@ impl VmService {
         vm.state = VmState::Starting;
         self.store.update_vm(vm)?;
         let stage = begin_stage(operation, "start vmm")?;
-        let outcome = self.spawn_vmm(vm, kernel).await;
+        let outcome = self.spawn_vmm(vm, kernel, &root_disk).await;
         let handle = end_stage(operation, &stage, outcome, None)?;
         undo.push(Undo::KillProcess {
             stage: "start vmm",
@@ -299,30 +314,61 @@ impl VmService {
     async fn clone_root_disk(
         &self,
         operation: &Arc<LiveOperation>,
+        vm_id: &str,
         image_path: &Path,
         directory: &Path,
         undo: &mut Vec<Undo>,
-    ) -> DaemonResult<()> {
+    ) -> DaemonResult<RootDisk> {
         std::fs::create_dir(directory).map_err(|error| {
             DaemonError::failed(format!("Failed to create {}", directory.display()), error)
         })?;
-        undo.push(Undo::RemoveDir {
+        undo.push(Undo::RemoveDisk {
             stage: "clone root disk",
+            vm_id: vm_id.to_owned(),
             path: directory.to_owned(),
         });
-        let source = image_path.to_owned();
-        let destination = root_disk(directory);
+        let strategy = Arc::clone(&self.clone);
+        let (vm_id, image, directory) = (
+            vm_id.to_owned(),
+            image_path.to_owned(),
+            directory.to_owned(),
+        );
         let cancellation = operation.cancellation();
-        let copied = tokio::task::spawn_blocking(move || {
-            files::sparse_copy(&source, &destination, &|| cancellation.is_cancelled())
+        let cloned = tokio::task::spawn_blocking(move || {
+            strategy.clone_image(&CloneRequest {
+                vm_id: &vm_id,
+                image: &image,
+                vm_dir: &directory,
+                cancelled: &|| cancellation.is_cancelled(),
+            })
         })
         .await
-        .map_err(|error| DaemonError::failed("Root disk copy task failed", error))?;
-        match copied {
-            Ok(_) => Ok(()),
-            Err(files::FileError::Cancelled { .. }) => Err(operation.cancelled_error()),
+        .map_err(|error| DaemonError::failed("Root disk clone task failed", error))?;
+        match cloned {
+            Ok(root_disk) => Ok(root_disk),
+            Err(CloneError::Cancelled { .. }) => Err(operation.cancelled_error()),
             Err(error) => Err(DaemonError::failed("Failed to clone root disk", error)),
         }
+    }
+
+    /// [`Self::remove_disk`] for reconciliation: logs instead of failing.
+    async fn remove_leftover_disk(&self, vm_id: &str, directory: &Path) {
+        if let Err(error) = self.remove_disk(vm_id, directory).await {
+            tracing::error!(path = %directory.display(), %error, "failed to remove leftover; remove it by hand");
+        }
+    }
+
+    /// Removes a VM's clone (devices first) and then its directory.
+    async fn remove_disk(&self, vm_id: &str, directory: &Path) -> DaemonResult<()> {
+        let strategy = Arc::clone(&self.clone);
+        let (vm_id, owned_directory) = (vm_id.to_owned(), directory.to_owned());
+        tokio::task::spawn_blocking(move || strategy.remove(&vm_id, &owned_directory))
+            .await
+            .map_err(|error| DaemonError::failed("Root disk removal task failed", error))?
+            .map_err(|error| DaemonError::failed("Failed to remove the root disk", error))?;
+        remove_dir_if_present(directory).map_err(|error| {
+            DaemonError::failed(format!("Failed to remove {}", directory.display()), error)
+        })
     }
 
     async fn roll_back(&self, operation: &LiveOperation, undo: Vec<Undo>) {
@@ -333,9 +379,9 @@ impl VmService {
                         .await;
                     operation.rolled_back(stage);
                 }
-                Undo::RemoveDir { stage, path } => {
-                    if let Err(error) = remove_dir_if_present(&path) {
-                        tracing::error!(path = %path.display(), %error, "rollback failed to remove directory");
+                Undo::RemoveDisk { stage, vm_id, path } => {
+                    if let Err(error) = self.remove_disk(&vm_id, &path).await {
+                        tracing::error!(path = %path.display(), %error, "rollback failed to remove the root disk");
                     }
                     operation.rolled_back(stage);
                 }
@@ -345,7 +391,7 @@ impl VmService {
 
     // ---- VMM process handling shared by create and start ----
 
-    fn launch_spec(&self, vm: &Vm, kernel: &Kernel) -> LaunchSpec {
+    fn launch_spec(&self, vm: &Vm, kernel: &Kernel, root_disk: &RootDisk) -> LaunchSpec {
         let directory = PathBuf::from(&vm.dir);
         LaunchSpec {
             vm_id: vm.id.clone(),
@@ -358,7 +404,7 @@ impl VmService {
             kernel_cmdline: format!("{} banger.name={}", kernel.cmdline, vm.name),
             drives: vec![DriveSpec {
                 id: "rootfs".to_owned(),
-                path: root_disk(&directory),
+                path: root_disk.path.clone(),
                 is_root: true,
                 read_only: false,
             }],
@@ -369,8 +415,13 @@ impl VmService {
 
     /// Spawns and configures the VMM, records its pid, and starts
     /// supervising it. Nothing is left running on error.
-    async fn spawn_vmm(self: &Arc<Self>, vm: &mut Vm, kernel: &Kernel) -> DaemonResult<VmmHandle> {
-        let spec = self.launch_spec(vm, kernel);
+    async fn spawn_vmm(
+        self: &Arc<Self>,
+        vm: &mut Vm,
+        kernel: &Kernel,
+        root_disk: &RootDisk,
+    ) -> DaemonResult<VmmHandle> {
+        let spec = self.launch_spec(vm, kernel, root_disk);
         let handle = self
             .vmm
             .spawn(&spec)
@@ -496,21 +547,30 @@ impl VmService {
                 )))
             }
         }
-        if !root_disk(Path::new(&vm.dir)).exists() {
-            return Err(DaemonError::invalid_state(format!(
-                "VM `{}` has no root disk (it failed during create)",
+        let image = self.images.image(&vm.image)?;
+        let strategy = Arc::clone(&self.clone);
+        let (vm_id, directory) = (vm.id.clone(), PathBuf::from(&vm.dir));
+        let attached = tokio::task::spawn_blocking(move || {
+            strategy.attach(&vm_id, Path::new(&image.path), &directory)
+        })
+        .await
+        .map_err(|error| DaemonError::failed("Root disk attach task failed", error))?;
+        let root_disk = attached.map_err(|error| {
+            DaemonError::invalid_state(format!(
+                "VM `{}` has no usable root disk (did it fail during create?)",
                 vm.name
             ))
+            .with_source(error)
             .with_hint(format!(
                 "delete it with `banger vm delete {}` and create it again",
                 vm.name
-            )));
-        }
+            ))
+        })?;
         let kernel = self.images.kernel(&vm.kernel)?;
         vm.state = VmState::Starting;
         vm.error = None;
         self.store.update_vm(&vm)?;
-        let outcome = match self.spawn_vmm(&mut vm, &kernel).await {
+        let outcome = match self.spawn_vmm(&mut vm, &kernel, &root_disk).await {
             Ok(handle) => match self.boot_vmm(&mut vm, &handle).await {
                 Ok(()) => Ok(()),
                 Err(error) => {
@@ -610,8 +670,7 @@ impl VmService {
         if let Some(handle) = self.process_of(&vm.id) {
             self.discard_process(&vm.id, &handle).await;
         }
-        remove_dir_if_present(Path::new(&vm.dir))
-            .map_err(|error| DaemonError::failed(format!("Failed to remove {}", vm.dir), error))?;
+        self.remove_disk(&vm.id, Path::new(&vm.dir)).await?;
         self.store.delete_vm(&vm.id)?;
         self.forget_lock(&vm.id);
         Ok(vm)
@@ -697,7 +756,7 @@ impl VmService {
                     if let Some(handle) = adopted {
                         let _ = self.vmm.kill(&handle).await;
                     }
-                    remove_leftover(&directory);
+                    self.remove_leftover_disk(&vm.id, &directory).await;
                     self.store.delete_vm(&vm.id)?;
                     report.removed_interrupted.push(vm.name);
                 }
@@ -745,7 +804,7 @@ impl VmService {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !known.contains(&name) {
-                    remove_leftover(&entry.path());
+                    self.remove_leftover_disk(&name, &entry.path()).await;
                     report.removed_orphan_dirs.push(name);
                 }
             }
@@ -764,6 +823,22 @@ impl VmService {
             }
         }
         report.removed_orphan_files = self.images.remove_unreferenced_files()?;
+        let state_dir = self.paths.root.clone();
+        let live: Vec<String> = known.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            banger_disk::clone::devices::release_leaked(
+                &banger_disk::command::HostCommands,
+                Path::new("/sys"),
+                &state_dir,
+                &|vm_id| live.iter().any(|known| known == vm_id),
+            )
+        })
+        .await;
+        match released {
+            Ok(Ok(released)) => report.released_devices = format!("{released:?}"),
+            Ok(Err(error)) => tracing::error!(%error, "failed to release leaked disk devices"),
+            Err(error) => tracing::error!(%error, "disk device release task failed"),
+        }
         self.operations
             .fail_orphans("Interrupted: the daemon stopped during the operation")?;
         Ok(report)
@@ -800,12 +875,6 @@ fn vmm_processes_under(vms_dir: &Path) -> Vec<u32> {
     pids
 }
 
-fn remove_leftover(path: &Path) {
-    if let Err(error) = remove_dir_if_present(path) {
-        tracing::error!(path = %path.display(), %error, "failed to remove leftover; remove it by hand");
-    }
-}
-
 /// What reconciliation did, for the log and tests.
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
@@ -816,6 +885,8 @@ pub struct ReconcileReport {
     pub unresolved: Vec<String>,
     pub killed_orphan_processes: Vec<u32>,
     pub removed_orphan_files: Vec<String>,
+    /// Leaked dm and loop devices that were released.
+    pub released_devices: String,
     pub removed_interrupted: Vec<String>,
     pub removed_orphan_dirs: Vec<String>,
 }
