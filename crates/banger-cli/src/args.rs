@@ -158,6 +158,16 @@ pub enum ImageCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Download an image from the configured catalog and register it.
+    Pull {
+        name: String,
+        /// Catalog version (default: the highest).
+        #[arg(long = "catalog-version", id = "catalog_version")]
+        version: Option<String>,
+        /// Print stage events as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// List images.
     #[command(alias = "ls")]
     List(JsonFlag),
@@ -185,6 +195,17 @@ pub enum KernelCommand {
         cmdline: Option<String>,
         #[command(flatten)]
         json: JsonFlag,
+    },
+    /// Download a kernel from the configured catalog (signature checked when
+    /// the entry has one) and register it.
+    Pull {
+        name: String,
+        /// Catalog version (default: the highest).
+        #[arg(long = "catalog-version", id = "catalog_version")]
+        version: Option<String>,
+        /// Print stage events as JSON lines.
+        #[arg(long)]
+        json: bool,
     },
     /// List kernels.
     #[command(alias = "ls")]

@@ -250,6 +250,7 @@ mod tests {
                 kind: "vm.create".into(),
                 vm_id: "3f2a".into(),
                 vm_name: "dev-1".into(),
+                subject: "vm dev-1".into(),
                 state: OperationState::Succeeded,
                 stages: Vec::new(),
                 error: None,
@@ -268,6 +269,8 @@ mod tests {
             status: StageStatus::Started,
             elapsed_ms: 0,
             message: None,
+            bytes: None,
+            total: None,
         });
         // The stand-in keeps the connection open and even sends a stray line
         // after `Done`: the watch must stop at `Done` regardless.

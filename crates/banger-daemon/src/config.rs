@@ -36,6 +36,29 @@ pub struct Config {
     pub vmm: VmmConfig,
     pub firecracker: FirecrackerConfig,
     pub storage: StorageConfig,
+    pub catalog: CatalogConfig,
+}
+
+/// Where images and kernels can be pulled from.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// The catalog: an http(s) URL, a `file://` URL or a path; empty for none.
+    pub url: String,
+    /// How long a fetched catalog is used before it is fetched again.
+    pub max_age_seconds: u64,
+    /// Keyrings (`gpg --export` output) that kernel signatures are checked against.
+    pub keyrings: Vec<PathBuf>,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            max_age_seconds: 3600,
+            keyrings: Vec::new(),
+        }
+    }
 }
 
 /// Disks and image imports.

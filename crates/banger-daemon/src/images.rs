@@ -216,6 +216,101 @@ impl ImageService {
         Ok(kind.describe().to_owned())
     }
 
+    /// Registers a verified download sitting in `STATE_DIR/tmp/` as image
+    /// `name`: checks it is ext4, moves it into place, inserts the row. The
+    /// file is gone afterwards whatever happens.
+    pub fn register_downloaded_image(
+        &self,
+        name: &str,
+        downloaded: &Path,
+        digest: String,
+        source: String,
+    ) -> DaemonResult<Image> {
+        let mut downloaded_guard = RemoveOnDrop(Some(downloaded.to_owned()));
+        validate_artifact_name("image", name).map_err(DaemonError::invalid_params)?;
+        let file = std::fs::File::open(downloaded)
+            .map_err(|error| DaemonError::failed("Failed to open the download", error))?;
+        if !files::is_ext4(&file, downloaded)
+            .map_err(|error| DaemonError::failed("Failed to read the download", error))?
+        {
+            return Err(DaemonError::new(
+                ErrorKind::Failed,
+                format!("The catalog's image `{name}` is not an ext4 filesystem image"),
+            ));
+        }
+        let size_bytes = file
+            .metadata()
+            .map_err(|error| DaemonError::failed("Failed to stat the download", error))?
+            .len();
+        let id = new_id();
+        let destination = self.paths.images().join(format!("{id}.ext4"));
+        std::fs::rename(downloaded, &destination)
+            .map_err(|error| DaemonError::failed("Failed to move image into place", error))?;
+        downloaded_guard.disarm();
+        let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
+        let image = Image {
+            id,
+            name: name.to_owned(),
+            path: destination.display().to_string(),
+            size_bytes,
+            digest,
+            source,
+            created_at: now(),
+        };
+        self.store.insert_image(&image)?;
+        destination_guard.disarm();
+        Ok(image)
+    }
+
+    /// Registers a verified kernel (and initrd) download from
+    /// `STATE_DIR/tmp/` as kernel `name`. The files are gone afterwards
+    /// whatever happens.
+    pub fn register_downloaded_kernel(
+        &self,
+        name: &str,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        cmdline: Option<String>,
+        source: String,
+    ) -> DaemonResult<Kernel> {
+        let _kernel_guard = RemoveOnDrop(Some(kernel.to_owned()));
+        let _initrd_guard = RemoveOnDrop(initrd.map(Path::to_owned));
+        validate_artifact_name("kernel", name).map_err(DaemonError::invalid_params)?;
+        let file = std::fs::File::open(kernel)
+            .map_err(|error| DaemonError::failed("Failed to open the download", error))?;
+        if !files::is_kernel_image(&file, kernel)
+            .map_err(|error| DaemonError::failed("Failed to read the download", error))?
+        {
+            return Err(DaemonError::new(
+                ErrorKind::Failed,
+                format!("The catalog's kernel `{name}` is neither an ELF vmlinux nor a bzImage"),
+            ));
+        }
+        let id = new_id();
+        let destination = self.paths.kernels().join(&id);
+        let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
+        std::fs::create_dir(&destination)
+            .map_err(|error| DaemonError::failed("Failed to create the kernel dir", error))?;
+        std::fs::rename(kernel, destination.join("vmlinux"))
+            .map_err(|error| DaemonError::failed("Failed to move kernel into place", error))?;
+        if let Some(initrd) = initrd {
+            std::fs::rename(initrd, destination.join("initrd"))
+                .map_err(|error| DaemonError::failed("Failed to move initrd into place", error))?;
+        }
+        let record = Kernel {
+            id,
+            name: name.to_owned(),
+            kernel_path: destination.join("vmlinux").display().to_string(),
+            initrd_path: initrd.map(|_| destination.join("initrd").display().to_string()),
+            cmdline: cmdline.unwrap_or_else(|| DEFAULT_KERNEL_CMDLINE.to_owned()),
+            source,
+            created_at: now(),
+        };
+        self.store.insert_kernel(&record)?;
+        destination_guard.disarm();
+        Ok(record)
+    }
+
     /// Removes files under `images/` and `kernels/` that no row references
     /// (an import interrupted between moving the file into place and
     /// registering it). Returns what was removed.

@@ -7,6 +7,7 @@
 //! re-adopts them.
 
 pub mod access;
+pub mod catalog;
 pub mod config;
 pub mod doctor;
 pub mod error;
@@ -35,7 +36,7 @@ use crate::images::ImageService;
 use crate::operations::OperationRegistry;
 use crate::paths::StatePaths;
 use crate::server::{Daemon, DaemonInfo};
-use crate::vms::VmService;
+use crate::vms::{VmService, VmServiceParts};
 
 /// Where the daemon keeps things; every path is overridable by flag and env.
 #[derive(Debug, Clone)]
@@ -73,15 +74,22 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         paths.clone(),
         config.storage.allow_device_nodes,
     );
-    let vms = VmService::new(
-        store,
+    let catalog = Arc::new(crate::catalog::CatalogService::new(
+        &config.catalog,
         paths.clone(),
-        Arc::clone(&config),
         images.clone(),
-        vmm,
-        Arc::from(clone),
         Arc::clone(&operations),
-    );
+    )?);
+    let vms = VmService::new(VmServiceParts {
+        store,
+        paths: paths.clone(),
+        config: Arc::clone(&config),
+        images: images.clone(),
+        vmm,
+        clone: Arc::from(clone),
+        catalog: Arc::clone(&catalog),
+        operations: Arc::clone(&operations),
+    });
     let report = vms.reconcile().await?;
     tracing::info!(
         adopted = ?report.adopted,
@@ -103,6 +111,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         paths: paths.clone(),
         vms,
         images,
+        catalog,
         operations,
         access,
         info: DaemonInfo {

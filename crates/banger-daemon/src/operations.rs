@@ -70,11 +70,24 @@ impl OperationRegistry {
 
     /// Registers and persists a new running operation on `vm`.
     pub fn begin(&self, kind: &str, vm: &Vm) -> DaemonResult<Arc<LiveOperation>> {
+        self.begin_on(kind, &vm.id, &vm.name, format!("vm {}", vm.name))
+    }
+
+    /// Registers and persists a new running operation; `vm_id`/`vm_name`
+    /// are empty for operations that act on no VM.
+    pub fn begin_on(
+        &self,
+        kind: &str,
+        vm_id: &str,
+        vm_name: &str,
+        subject: String,
+    ) -> DaemonResult<Arc<LiveOperation>> {
         let record = Operation {
             id: new_id(),
             kind: kind.to_owned(),
-            vm_id: vm.id.clone(),
-            vm_name: vm.name.clone(),
+            vm_id: vm_id.to_owned(),
+            vm_name: vm_name.to_owned(),
+            subject,
             state: OperationState::Running,
             stages: Vec::new(),
             error: None,
@@ -247,6 +260,8 @@ impl LiveOperation {
             status,
             elapsed_ms,
             message,
+            bytes: None,
+            total: None,
         };
         let mut record = self.lock_record();
         record.stages.push(event.clone());
@@ -282,6 +297,20 @@ impl LiveOperation {
             elapsed_ms(stage.started),
             Some(error.chain()),
         );
+    }
+
+    /// Reports bytes moved by a running stage to live watchers only (not
+    /// kept in the history or the store).
+    pub fn progress(&self, stage: &Stage, bytes: u64, total: Option<u64>) {
+        let _ = self.events.send(StreamFrame::Stage(StageEvent {
+            operation_id: self.id.clone(),
+            stage: stage.name.to_owned(),
+            status: StageStatus::Progress,
+            elapsed_ms: elapsed_ms(stage.started),
+            message: None,
+            bytes: Some(bytes),
+            total,
+        }));
     }
 
     pub fn rolled_back(&self, stage: &str) {

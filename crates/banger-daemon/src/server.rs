@@ -48,6 +48,7 @@ pub struct Daemon {
     pub paths: crate::paths::StatePaths,
     pub vms: Arc<VmService>,
     pub images: ImageService,
+    pub catalog: Arc<crate::catalog::CatalogService>,
     pub operations: Arc<OperationRegistry>,
     pub access: AccessPolicy,
     pub info: DaemonInfo,
@@ -273,6 +274,18 @@ async fn dispatch(
             daemon
                 .images
                 .import_image(peer, params::<ImportImageParams>(raw)?)
+                .await?,
+        ),
+        method::IMAGE_PULL => to_value(
+            daemon
+                .catalog
+                .start_pull(crate::catalog::PullKind::Image, params(raw)?)
+                .await?,
+        ),
+        method::KERNEL_PULL => to_value(
+            daemon
+                .catalog
+                .start_pull(crate::catalog::PullKind::Kernel, params(raw)?)
                 .await?,
         ),
         method::IMAGE_LIST => {

@@ -12,19 +12,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use banger_proto::{
-    validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Kernel, OperationState,
+    validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Image, Kernel, OperationState,
     SetVmParams, Vm, VmState,
 };
 use banger_store::{Store, VmLookup};
 use banger_vmm::{DriveSpec, LaunchSpec, Vmm, VmmHandle};
 use tokio::sync::OwnedMutexGuard;
 
+use crate::catalog::CatalogService;
 use crate::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::error::{DaemonError, DaemonResult};
 use crate::ids::{new_id, now};
 use crate::images::ImageService;
 use crate::operations::{LiveOperation, OperationRegistry};
 use crate::paths::StatePaths;
+use banger_catalog::{ImageEntry, KernelEntry};
 use banger_disk::clone::{CloneError, CloneRequest, CloneStrategy, RootDisk};
 
 type VmLock = Arc<tokio::sync::Mutex<()>>;
@@ -36,10 +38,26 @@ pub struct VmService {
     images: ImageService,
     vmm: Arc<dyn Vmm>,
     clone: Arc<dyn CloneStrategy>,
+    catalog: Arc<CatalogService>,
     operations: Arc<OperationRegistry>,
     locks: Mutex<HashMap<String, VmLock>>,
     /// The live VMM process of each VM that has one.
     processes: Mutex<HashMap<String, VmmHandle>>,
+}
+
+/// An image or kernel: registered, or to be pulled from the catalog.
+enum Artifact<Local, Entry> {
+    Local(Local),
+    Catalog(Entry),
+}
+
+/// What a create works from, decided before its operation starts.
+struct CreateInputs {
+    image: Artifact<Image, ImageEntry>,
+    kernel: Artifact<Kernel, KernelEntry>,
+    /// Whether the VM row exists yet (it waits for pulls).
+    inserted: bool,
+    no_start: bool,
 }
 
 /// What a create step made, undone in reverse order if a later step fails.
@@ -56,16 +74,30 @@ enum Undo {
     },
 }
 
+/// What [`VmService`] is built from: its seams and the services it uses.
+pub struct VmServiceParts {
+    pub store: Store,
+    pub paths: StatePaths,
+    pub config: Arc<Config>,
+    pub images: ImageService,
+    pub vmm: Arc<dyn Vmm>,
+    pub clone: Arc<dyn CloneStrategy>,
+    pub catalog: Arc<CatalogService>,
+    pub operations: Arc<OperationRegistry>,
+}
+
 impl VmService {
-    pub fn new(
-        store: Store,
-        paths: StatePaths,
-        config: Arc<Config>,
-        images: ImageService,
-        vmm: Arc<dyn Vmm>,
-        clone: Arc<dyn CloneStrategy>,
-        operations: Arc<OperationRegistry>,
-    ) -> Arc<Self> {
+    pub fn new(parts: VmServiceParts) -> Arc<Self> {
+        let VmServiceParts {
+            store,
+            paths,
+            config,
+            images,
+            vmm,
+            clone,
+            catalog,
+            operations,
+        } = parts;
         Arc::new(Self {
             store,
             paths,
@@ -73,6 +105,7 @@ impl VmService {
             images,
             vmm,
             clone,
+            catalog,
             operations,
             locks: Mutex::new(HashMap::new()),
             processes: Mutex::new(HashMap::new()),
@@ -146,24 +179,46 @@ impl VmService {
         let vcpus = params.vcpus.unwrap_or(self.config.vm.vcpus);
         let memory_mib = params.memory_mib.unwrap_or(self.config.vm.memory_mib);
         validate_size(vcpus, memory_mib)?;
-        let image = self
-            .images
-            .image(params.image.as_deref().unwrap_or(&self.config.vm.image))?;
-        let kernel = self
-            .images
-            .kernel(params.kernel.as_deref().unwrap_or(&self.config.vm.kernel))?;
+        let image_name = params.image.as_deref().unwrap_or(&self.config.vm.image);
+        let image = match self.store.find_image(image_name)? {
+            Some(image) => Artifact::Local(image),
+            None => Artifact::Catalog(self.catalog.image_entry(image_name, None).await?.ok_or_else(
+                || {
+                    DaemonError::not_found(format!("No image named `{image_name}`")).with_hint(
+                        "`banger image list` shows the images; `banger image import` or `banger image pull` adds one",
+                    )
+                },
+            )?),
+        };
+        let kernel_name = params.kernel.as_deref().unwrap_or(&self.config.vm.kernel);
+        let kernel = match self.store.find_kernel(kernel_name)? {
+            Some(kernel) => Artifact::Local(kernel),
+            None => Artifact::Catalog(
+                self.catalog
+                    .kernel_entry(kernel_name, None)
+                    .await?
+                    .ok_or_else(|| {
+                        DaemonError::not_found(format!("No kernel named `{kernel_name}`")).with_hint(
+                            "`banger kernel list` shows the kernels; `banger kernel import` or `banger kernel pull` adds one",
+                        )
+                    })?,
+            ),
+        };
         let id = new_id();
         let vm = Vm {
             dir: self.paths.vm_dir(&id).display().to_string(),
             id,
             name: params.name,
             state: VmState::Creating,
-            image: image.name.clone(),
-            kernel: kernel.name.clone(),
+            image: image_name.to_owned(),
+            kernel: kernel_name.to_owned(),
             backend: self.vmm.backend().to_owned(),
             vcpus,
             memory_mib,
-            disk_bytes: image.size_bytes,
+            disk_bytes: match &image {
+                Artifact::Local(image) => image.size_bytes,
+                Artifact::Catalog(entry) => entry.size,
+            },
             pid: None,
             created_at: now(),
             started_at: None,
@@ -172,19 +227,26 @@ impl VmService {
         // Taken before the row is visible, so a concurrent delete of the new
         // name waits for the create to finish (or be cancelled) first.
         let guard = Arc::clone(&self.lock_of(&vm.id)).lock_owned().await;
-        self.store.insert_vm(&vm).map_err(|error| {
-            self.forget_lock(&vm.id);
-            let error = DaemonError::from(error);
-            if error.kind == ErrorKind::AlreadyExists {
-                error.with_hint("pick another name, or `banger vm delete` the old VM")
-            } else {
-                error
+        // The row references the image and kernel, so with a pull it is
+        // inserted after the pull stages; the name is checked now anyway.
+        let pulls = matches!(image, Artifact::Catalog(_)) || matches!(kernel, Artifact::Catalog(_));
+        let inserted = if pulls {
+            if let VmLookup::Found(existing) = self.store.lookup_vm(&vm.name)? {
+                if existing.name == vm.name {
+                    self.forget_lock(&vm.id);
+                    return Err(duplicate_name(&vm.name));
+                }
             }
-        })?;
+            false
+        } else {
+            self.insert_new_vm(&vm)?;
+            true
+        };
         let operation = match self.operations.begin("vm.create", &vm) {
             Ok(operation) => operation,
             Err(error) => {
                 let _ = self.store.delete_vm(&vm.id);
+                self.forget_lock(&vm.id);
                 return Err(error);
             }
         };
@@ -193,34 +255,89 @@ impl VmService {
             vm_id: vm.id.clone(),
         };
         let this = Arc::clone(self);
-        let image_path = PathBuf::from(&image.path);
         tokio::spawn(async move {
-            this.run_create(operation, vm, image_path, kernel, params.no_start, guard)
-                .await;
+            this.run_create(
+                operation,
+                vm,
+                CreateInputs {
+                    image,
+                    kernel,
+                    inserted,
+                    no_start: params.no_start,
+                },
+                guard,
+            )
+            .await;
         });
         Ok(result)
+    }
+
+    fn insert_new_vm(&self, vm: &Vm) -> DaemonResult<()> {
+        self.store.insert_vm(vm).map_err(|error| {
+            self.forget_lock(&vm.id);
+            let error = DaemonError::from(error);
+            if error.kind == ErrorKind::AlreadyExists {
+                duplicate_name(&vm.name)
+            } else {
+                error
+            }
+        })
+    }
+
+    /// Pulls what the catalog must supply, as stages of the create.
+    async fn pull_inputs(
+        &self,
+        operation: &Arc<LiveOperation>,
+        image: Artifact<Image, ImageEntry>,
+        kernel: Artifact<Kernel, KernelEntry>,
+    ) -> DaemonResult<(Image, Kernel)> {
+        let image = match image {
+            Artifact::Local(image) => image,
+            Artifact::Catalog(entry) => {
+                let stage = begin_stage(operation, "pull image")?;
+                let outcome = self.catalog.pull_image(&entry, operation, &stage).await;
+                end_stage(operation, &stage, outcome, Some(entry.url.to_string()))?
+            }
+        };
+        let kernel = match kernel {
+            Artifact::Local(kernel) => kernel,
+            Artifact::Catalog(entry) => {
+                let stage = begin_stage(operation, "pull kernel")?;
+                let outcome = self.catalog.pull_kernel(&entry, operation, &stage).await;
+                end_stage(operation, &stage, outcome, Some(entry.url.to_string()))?
+            }
+        };
+        Ok((image, kernel))
     }
 
     async fn run_create(
         self: Arc<Self>,
         operation: Arc<LiveOperation>,
         mut vm: Vm,
-        image_path: PathBuf,
-        kernel: Kernel,
-        no_start: bool,
+        inputs: CreateInputs,
         _guard: OwnedMutexGuard<()>,
     ) {
         let mut undo = Vec::new();
-        let result = self
-            .create_steps(
+        let mut inserted = inputs.inserted;
+        let result = async {
+            let (image, kernel) = self
+                .pull_inputs(&operation, inputs.image, inputs.kernel)
+                .await?;
+            if !inserted {
+                self.insert_new_vm(&vm)?;
+                inserted = true;
+            }
+            self.create_steps(
                 &operation,
                 &mut vm,
-                &image_path,
+                Path::new(&image.path),
                 &kernel,
-                no_start,
+                inputs.no_start,
                 &mut undo,
             )
-            .await;
+            .await
+        }
+        .await;
         match result {
             Ok(()) => {
                 tracing::info!(vm = %vm.name, state = %vm.state, "created VM");
@@ -230,13 +347,20 @@ impl VmService {
                 let cancelled = operation.is_cancelled();
                 self.roll_back(&operation, undo).await;
                 vm.pid = None;
-                if cancelled {
-                    tracing::info!(vm = %vm.name, "create cancelled; rolled back");
-                    if let Err(error) = self.store.delete_vm(&vm.id) {
-                        tracing::error!(vm = %vm.name, %error, "failed to delete row of cancelled VM");
+                if cancelled || !inserted {
+                    tracing::info!(vm = %vm.name, %error, "create ended before the VM existed, or was cancelled; rolled back");
+                    if inserted {
+                        if let Err(error) = self.store.delete_vm(&vm.id) {
+                            tracing::error!(vm = %vm.name, %error, "failed to delete row of cancelled VM");
+                        }
                     }
                     self.forget_lock(&vm.id);
-                    operation.finish(OperationState::Cancelled, Some(error.chain()), None);
+                    let state = if cancelled {
+                        OperationState::Cancelled
+                    } else {
+                        OperationState::Failed
+                    };
+                    operation.finish(state, Some(error.chain()), None);
                 } else {
                     tracing::warn!(vm = %vm.name, error = %error, "create failed; rolled back");
                     vm.state = VmState::Failed;
@@ -889,6 +1013,14 @@ pub struct ReconcileReport {
     pub released_devices: String,
     pub removed_interrupted: Vec<String>,
     pub removed_orphan_dirs: Vec<String>,
+}
+
+fn duplicate_name(name: &str) -> DaemonError {
+    DaemonError::new(
+        ErrorKind::AlreadyExists,
+        format!("VM `{name}` already exists"),
+    )
+    .with_hint("pick another name, or `banger vm delete` the old VM")
 }
 
 fn validate_size(vcpus: u8, memory_mib: u32) -> DaemonResult<()> {

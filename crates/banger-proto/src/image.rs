@@ -51,6 +51,23 @@ pub struct ImportKernelParams {
     pub cmdline: Option<String>,
 }
 
+/// Parameters of `image.pull` and `kernel.pull`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PullParams {
+    /// The catalog entry's name; also the local name.
+    pub name: String,
+    /// The catalog version; the highest when absent.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// Result of calls that start an operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OperationStarted {
+    pub operation_id: String,
+}
+
 /// Parameters of `image.rm`, `kernel.rm`, `image.show`, `kernel.show`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

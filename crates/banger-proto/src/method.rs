@@ -15,11 +15,15 @@ pub const VM_SET: &str = "vm.set";
 
 pub const IMAGE_IMPORT: &str = "image.import";
 pub const IMAGE_LIST: &str = "image.list";
+/// Starts an operation that downloads a catalog image; returns `OperationStarted`.
+pub const IMAGE_PULL: &str = "image.pull";
 pub const IMAGE_SHOW: &str = "image.show";
 pub const IMAGE_REMOVE: &str = "image.rm";
 
 pub const KERNEL_IMPORT: &str = "kernel.import";
 pub const KERNEL_LIST: &str = "kernel.list";
+/// Starts an operation that downloads a catalog kernel; returns `OperationStarted`.
+pub const KERNEL_PULL: &str = "kernel.pull";
 pub const KERNEL_SHOW: &str = "kernel.show";
 pub const KERNEL_REMOVE: &str = "kernel.rm";
 

@@ -47,6 +47,9 @@ pub enum StageStatus {
     Failed,
     /// The stage's effects were undone during rollback.
     RolledBack,
+    /// Bytes moved so far by a running stage (downloads); not kept in the
+    /// operation's history.
+    Progress,
 }
 
 /// One step of an operation's progress.
@@ -59,17 +62,25 @@ pub struct StageEvent {
     pub elapsed_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// For `progress` events: bytes done and, when known, in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
 }
 
 /// An operation as `operation.status` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Operation {
     pub id: String,
-    /// What it does, e.g. `vm.create`.
+    /// What it does, e.g. `vm.create`, `image.pull`.
     pub kind: String,
-    /// The VM it acts on.
+    /// The VM it acts on (empty for image and kernel pulls).
     pub vm_id: String,
     pub vm_name: String,
+    /// What it acts on, for people: `vm dev`, `image debian-12`.
+    #[serde(default)]
+    pub subject: String,
     pub state: OperationState,
     pub stages: Vec<StageEvent>,
     pub error: Option<String>,
@@ -117,6 +128,8 @@ mod tests {
             status: StageStatus::Finished,
             elapsed_ms: 12,
             message: None,
+            bytes: None,
+            total: None,
         });
         let value = serde_json::to_value(&frame).unwrap();
         assert_eq!(value["event"], "stage");

@@ -343,8 +343,8 @@ impl Store {
                 detail: error.to_string(),
             })?;
         self.lock().execute(
-            "INSERT INTO operations (id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+            "INSERT INTO operations (id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at, subject)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, stages = excluded.stages,
                  error = excluded.error, finished_at = excluded.finished_at",
             params![
@@ -356,7 +356,8 @@ impl Store {
                 stages,
                 operation.error,
                 operation.created_at,
-                operation.finished_at
+                operation.finished_at,
+                operation.subject
             ],
         )?;
         Ok(())
@@ -388,7 +389,7 @@ const VM_SELECT: &str =
     FROM vms JOIN images ON images.id = vms.image_id JOIN kernels ON kernels.id = vms.kernel_id";
 
 const OPERATION_SELECT: &str =
-    "SELECT id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at FROM operations";
+    "SELECT id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at, subject FROM operations";
 
 fn migrate(connection: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let current = user_version(connection).map_err(|source| StoreError::Open {
@@ -522,6 +523,7 @@ type OperationColumns = (
     Option<String>,
     String,
     Option<String>,
+    String,
 );
 
 fn operation_columns(row: &Row<'_>) -> rusqlite::Result<OperationColumns> {
@@ -535,11 +537,13 @@ fn operation_columns(row: &Row<'_>) -> rusqlite::Result<OperationColumns> {
         row.get(6)?,
         row.get(7)?,
         row.get(8)?,
+        row.get(9)?,
     ))
 }
 
 fn operation_from_columns(columns: OperationColumns) -> Result<Operation, StoreError> {
-    let (id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at) = columns;
+    let (id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at, subject) =
+        columns;
     let state = OperationState::parse(&state).ok_or_else(|| StoreError::Corrupt {
         table: "operations",
         detail: format!("unknown state `{state}` of operation {id}"),
@@ -554,6 +558,7 @@ fn operation_from_columns(columns: OperationColumns) -> Result<Operation, StoreE
         kind,
         vm_id,
         vm_name,
+        subject,
         state,
         stages,
         error,

@@ -49,4 +49,6 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         finished_at TEXT
     );",
+    // 2: what an operation acts on, for people (image and kernel pulls have no VM).
+    "ALTER TABLE operations ADD COLUMN subject TEXT NOT NULL DEFAULT '';",
 ];

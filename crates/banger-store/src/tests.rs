@@ -172,6 +172,7 @@ fn operations_round_trip() {
         kind: "vm.create".into(),
         vm_id: "abc111".into(),
         vm_name: "one".into(),
+        subject: "vm one".into(),
         state: OperationState::Running,
         stages: vec![],
         error: None,
@@ -185,6 +186,8 @@ fn operations_round_trip() {
         status: StageStatus::Finished,
         elapsed_ms: 5,
         message: None,
+        bytes: None,
+        total: None,
     });
     operation.state = OperationState::Failed;
     operation.error = Some("boom".into());

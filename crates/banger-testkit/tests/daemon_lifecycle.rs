@@ -767,3 +767,156 @@ fn images_import_from_tarballs_and_directories_and_refuse_escapes() {
     assert!(!daemon.state_dir.join("escaped").exists());
     daemon.assert_no_leaks();
 }
+
+/// A catalog served over loopback HTTP: a real ext4 image and a stand-in
+/// kernel, plus an entry whose checksum is wrong.
+fn catalog_daemon() -> TestDaemon {
+    use banger_testkit::test_daemon::{make_ext4, serve_directory, sha256_hex, write_fake_kernel};
+    let mut daemon = TestDaemon::new(&[]);
+    let site = daemon.dir.path().join("site");
+    std::fs::create_dir(&site).unwrap();
+    make_ext4(&site.join("base.ext4"), 32);
+    write_fake_kernel(&site.join("vmlinux"));
+    let image_sha = sha256_hex(&site.join("base.ext4"));
+    let kernel_sha = sha256_hex(&site.join("vmlinux"));
+    let image_size = std::fs::metadata(site.join("base.ext4")).unwrap().len();
+    let catalog = format!(
+        r#"[[images]]
+name = "base"
+version = "1"
+url = "base.ext4"
+size = {image_size}
+sha256 = "{image_sha}"
+
+[[images]]
+name = "corrupt"
+version = "1"
+url = "base.ext4"
+size = {image_size}
+sha256 = "{zeros}"
+
+[[kernels]]
+name = "catkernel"
+version = "6.1"
+url = "vmlinux"
+size = 4096
+sha256 = "{kernel_sha}"
+cmdline = "console=ttyS0 quiet"
+"#,
+        zeros = "0".repeat(64)
+    );
+    std::fs::write(site.join("catalog.toml"), catalog).unwrap();
+    let port = serve_directory(&site);
+    let mut config = std::fs::read_to_string(&daemon.config).unwrap();
+    config.push_str(&format!(
+        "\n[catalog]\nurl = \"http://127.0.0.1:{port}/catalog.toml\"\n"
+    ));
+    std::fs::write(&daemon.config, config).unwrap();
+    daemon.start();
+    daemon
+}
+
+#[test]
+fn pulls_verify_and_register_or_leave_nothing() {
+    let daemon = catalog_daemon();
+    daemon.banger_ok(&["image", "pull", "base"]);
+    let image = daemon.banger_json(&["image", "show", "base"]);
+    let served = banger_testkit::test_daemon::sha256_hex(&daemon.dir.path().join("site/base.ext4"));
+    assert_eq!(image["digest"], format!("sha256:{served}"));
+    assert!(
+        image["source"].as_str().unwrap().contains("catalog base 1"),
+        "{image}"
+    );
+    let error = daemon.banger_err(&["image", "pull", "base"]);
+    assert!(error.contains("already registered"), "{error}");
+
+    let output = daemon.banger(&["image", "pull", "corrupt"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("mismatch"), "{stderr}");
+    let error = daemon.banger_err(&["image", "show", "corrupt"]);
+    assert!(error.contains("No image named `corrupt`"), "{error}");
+    let error = daemon.banger_err(&["image", "pull", "nowhere"]);
+    assert!(
+        error.contains("No image `nowhere` in the catalog"),
+        "{error}"
+    );
+
+    daemon.banger_ok(&["kernel", "pull", "catkernel"]);
+    let kernel = daemon.banger_json(&["kernel", "show", "catkernel"]);
+    assert_eq!(kernel["cmdline"], "console=ttyS0 quiet");
+    let operations = daemon.banger_json(&["operation", "list"]);
+    let kinds: Vec<(&str, &str)> = operations
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|operation| {
+            (
+                operation["kind"].as_str().unwrap(),
+                operation["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(kinds.contains(&("image.pull", "failed")), "{kinds:?}");
+    assert!(kinds.contains(&("kernel.pull", "succeeded")), "{kinds:?}");
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn create_pulls_a_catalog_image_as_a_stage() {
+    let daemon = catalog_daemon();
+    let output = daemon.banger(&[
+        "vm",
+        "create",
+        "fresh",
+        "--image",
+        "base",
+        "--kernel",
+        "catkernel",
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let finished: Vec<&str> = events
+        .iter()
+        .filter(|event| event["status"] == "finished")
+        .map(|event| event["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        finished,
+        [
+            "pull image",
+            "pull kernel",
+            "resolve image",
+            "clone root disk",
+            "start vmm",
+            "boot",
+            "ready"
+        ]
+    );
+    assert_eq!(daemon.vm("fresh")["state"], "running");
+    assert!(daemon.banger_json(&["image", "show", "base"])["digest"].is_string());
+    // A create whose pull fails leaves no VM and no image.
+    let output = daemon.banger(&[
+        "vm",
+        "create",
+        "broken",
+        "--image",
+        "corrupt",
+        "--kernel",
+        "catkernel",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(daemon
+        .banger_err(&["vm", "show", "broken"])
+        .contains("No VM named"));
+    daemon.banger_ok(&["vm", "delete", "fresh", "--force"]);
+    daemon.assert_no_leaks();
+}

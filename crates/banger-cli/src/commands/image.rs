@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use banger_proto::image::{OperationStarted, PullParams};
 use banger_proto::method;
 use banger_proto::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
 
@@ -20,13 +21,54 @@ pub fn absolute(path: &Path) -> CliResult<String> {
         .ok_or_else(|| CliError::new(format!("{} is not valid UTF-8", absolute.display())))
 }
 
+/// Starts a pull and follows it like `vm create` (Ctrl-C cancels).
+async fn pull(
+    socket: &Path,
+    printer: Printer,
+    method_name: &str,
+    name: String,
+    version: Option<String>,
+    json: bool,
+) -> CliResult {
+    let started = std::time::Instant::now();
+    let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
+    let pull: OperationStarted = Client::connect(socket)
+        .await?
+        .call(method_name, PullParams { name, version })
+        .await?;
+    let watch = Client::connect(socket)
+        .await?
+        .watch(&pull.operation_id)
+        .await?;
+    crate::commands::vm::follow(
+        socket,
+        printer,
+        json,
+        watch,
+        interrupts,
+        &pull.operation_id,
+        started,
+    )
+    .await
+}
+
 pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -> CliResult {
     // Local mistakes (a missing file) are reported before the daemon is asked.
     if let ImageCommand::Import { file, .. } = &command {
         absolute(file)?;
     }
+    if let ImageCommand::Pull {
+        name,
+        version,
+        json,
+    } = command
+    {
+        return pull(socket, printer, method::IMAGE_PULL, name, version, json).await;
+    }
     let mut client = Client::connect(socket).await?;
     match command {
+        ImageCommand::Pull { .. } => unreachable!("handled above"),
         ImageCommand::Import { name, file, json } => {
             let path = absolute(&file)?;
             printer.message(&format!("importing {path} as image {name}…"));
@@ -97,8 +139,17 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
         absolute(file)?;
         initrd.as_deref().map(absolute).transpose()?;
     }
+    if let KernelCommand::Pull {
+        name,
+        version,
+        json,
+    } = command
+    {
+        return pull(socket, printer, method::KERNEL_PULL, name, version, json).await;
+    }
     let mut client = Client::connect(socket).await?;
     match command {
+        KernelCommand::Pull { .. } => unreachable!("handled above"),
         KernelCommand::Import {
             name,
             file,

@@ -210,7 +210,7 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
 
 /// Renders an operation's frames until it ends; Ctrl-C cancels it (a second
 /// Ctrl-C leaves at once).
-async fn follow(
+pub(crate) async fn follow(
     socket: &Path,
     printer: Printer,
     json: bool,
@@ -236,14 +236,20 @@ async fn follow(
                     }
                     return match operation.state {
                         OperationState::Succeeded => {
-                            if let (false, Some(vm)) = (json, vm) {
-                                printer.message(&format!(
+                            match (json, vm) {
+                                (false, Some(vm)) => printer.message(&format!(
                                     "{} is {} (id {}, {:.1}s)",
                                     vm.name,
                                     vm.state,
                                     short_id(&vm.id),
                                     started.elapsed().as_secs_f64()
-                                ));
+                                )),
+                                (false, None) => printer.message(&format!(
+                                    "{} done ({:.1}s)",
+                                    operation.subject,
+                                    started.elapsed().as_secs_f64()
+                                )),
+                                (true, _) => {}
                             }
                             Ok(())
                         }
@@ -359,6 +365,24 @@ impl StageView {
             }
             StageStatus::RolledBack => {
                 self.line(format!("  ↺ {} rolled back", event.stage));
+            }
+            StageStatus::Progress => {
+                // Bytes of a download: turn the stage's spinner into a bar.
+                if let (Some(bar), Some(bytes)) = (self.active.get(&event.stage), event.bytes) {
+                    if let Some(total) = event.total {
+                        if bar.length() != Some(total) {
+                            bar.set_length(total);
+                            bar.set_style(
+                                ProgressStyle::with_template(
+                                    "  {spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                                )
+                                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                                .progress_chars("=> "),
+                            );
+                        }
+                    }
+                    bar.set_position(bytes);
+                }
             }
         }
     }

@@ -1,0 +1,369 @@
+//! Catalog pulls: images and kernels named in the configured catalog are
+//! downloaded (verified size and sha256, and the kernel's detached
+//! signature with `gpgv` when the entry has one), then registered like
+//! imports.
+//!
+//! Pull protocol:
+//! 1. Load the catalog (cached for `[catalog] max_age_seconds`; the cached
+//!    copy is used with a warning when the source is unreachable).
+//! 2. Stream each file into `STATE_DIR/tmp/` as a `.part` file, reporting
+//!    progress to the operation's watchers, verify it, rename it.
+//! 3. Register it ([`ImageService`]), which moves it into place. Any failure
+//!    removes the downloaded files: a failed pull registers nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_catalog::{
+    CatalogCache, CatalogSource, DownloadRequest, Downloader, ImageEntry, KernelEntry, Progress,
+};
+use banger_proto::image::{OperationStarted, PullParams};
+use banger_proto::{ErrorKind, Image, Kernel, OperationState};
+
+use crate::config::CatalogConfig;
+use crate::error::{DaemonError, DaemonResult};
+use crate::ids::new_id;
+use crate::images::ImageService;
+use crate::operations::{LiveOperation, OperationRegistry, Stage};
+use crate::paths::StatePaths;
+
+pub struct CatalogService {
+    cache: Option<CatalogCache>,
+    downloader: Downloader,
+    keyrings: Vec<PathBuf>,
+    max_age: Duration,
+    paths: StatePaths,
+    images: ImageService,
+    operations: Arc<OperationRegistry>,
+}
+
+impl CatalogService {
+    pub fn new(
+        config: &CatalogConfig,
+        paths: StatePaths,
+        images: ImageService,
+        operations: Arc<OperationRegistry>,
+    ) -> anyhow::Result<Self> {
+        let downloader = Downloader::new()?;
+        let cache = if config.url.is_empty() {
+            None
+        } else {
+            let source: CatalogSource = config.url.parse()?;
+            Some(CatalogCache::new(
+                source,
+                paths.root.join("catalog"),
+                downloader.clone(),
+            ))
+        };
+        Ok(Self {
+            cache,
+            downloader,
+            keyrings: config.keyrings.clone(),
+            max_age: Duration::from_secs(config.max_age_seconds),
+            paths,
+            images,
+            operations,
+        })
+    }
+
+    async fn catalog(&self) -> DaemonResult<Option<banger_catalog::Catalog>> {
+        let Some(cache) = &self.cache else {
+            return Ok(None);
+        };
+        let loaded = cache
+            .load(self.max_age)
+            .await
+            .map_err(|error| DaemonError::failed("Failed to load the catalog", error))?;
+        if let Some(warning) = loaded.warning() {
+            tracing::warn!("{warning}");
+        }
+        Ok(Some(loaded.catalog))
+    }
+
+    /// The catalog's entry for image `name`; `None` without a catalog or entry.
+    pub async fn image_entry(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> DaemonResult<Option<ImageEntry>> {
+        Ok(self
+            .catalog()
+            .await?
+            .and_then(|catalog| catalog.image(name, version).cloned()))
+    }
+
+    pub async fn kernel_entry(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> DaemonResult<Option<KernelEntry>> {
+        Ok(self
+            .catalog()
+            .await?
+            .and_then(|catalog| catalog.kernel(name, version).cloned()))
+    }
+
+    /// Downloads and verifies one file into `tmp/`, reporting progress.
+    async fn download(
+        &self,
+        request: DownloadRequest,
+        operation: &LiveOperation,
+        stage: &Stage,
+    ) -> DaemonResult<banger_catalog::Downloaded> {
+        let mut last = Instant::now() - Duration::from_secs(1);
+        self.downloader
+            .download(
+                &request,
+                &operation.cancellation(),
+                |Progress { downloaded, total }| {
+                    if last.elapsed() >= Duration::from_millis(100) || Some(downloaded) == total {
+                        last = Instant::now();
+                        operation.progress(stage, downloaded, total);
+                    }
+                },
+            )
+            .await
+            .map_err(|error| {
+                if operation.is_cancelled() {
+                    operation.cancelled_error()
+                } else {
+                    DaemonError::failed(format!("Failed to download {}", request.url), error)
+                }
+            })
+    }
+
+    /// Downloads, verifies and registers image `entry` under its name.
+    pub async fn pull_image(
+        &self,
+        entry: &ImageEntry,
+        operation: &LiveOperation,
+        stage: &Stage,
+    ) -> DaemonResult<Image> {
+        let request = DownloadRequest {
+            url: entry.url.clone(),
+            expected_size: Some(entry.size),
+            expected_sha256: entry.sha256,
+            dest_dir: self.paths.tmp(),
+            file_name: format!("pull-{}.ext4", new_id()),
+            keep_partial: false,
+        };
+        let downloaded = self.download(request, operation, stage).await?;
+        let images = self.images.clone();
+        let name = entry.name.clone();
+        let source = format!("{} (catalog {} {})", entry.url, entry.name, entry.version);
+        let digest = format!("sha256:{}", downloaded.sha256);
+        tokio::task::spawn_blocking(move || {
+            images.register_downloaded_image(&name, &downloaded.path, digest, source)
+        })
+        .await
+        .map_err(|error| DaemonError::failed("Image registration task failed", error))?
+    }
+
+    /// Downloads, verifies (signature too, when the entry has one) and
+    /// registers kernel `entry` under its name.
+    pub async fn pull_kernel(
+        &self,
+        entry: &KernelEntry,
+        operation: &LiveOperation,
+        stage: &Stage,
+    ) -> DaemonResult<Kernel> {
+        let id = new_id();
+        let kernel = self
+            .download(
+                DownloadRequest {
+                    url: entry.url.clone(),
+                    expected_size: Some(entry.size),
+                    expected_sha256: entry.sha256,
+                    dest_dir: self.paths.tmp(),
+                    file_name: format!("pull-{id}-vmlinux"),
+                    keep_partial: false,
+                },
+                operation,
+                stage,
+            )
+            .await?;
+        let kernel_path = kernel.path.clone();
+        let remove_kernel = || {
+            let _ = std::fs::remove_file(&kernel_path);
+        };
+        if let Some(signature_url) = &entry.signature_url {
+            if self.keyrings.is_empty() {
+                remove_kernel();
+                return Err(DaemonError::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "Kernel `{}` is signed but no keyring is configured",
+                        entry.name
+                    ),
+                )
+                .with_hint("set `[catalog] keyrings` to the signing keys' keyring files"));
+            }
+            if let Err(error) = banger_catalog::verify_signature_from_url(
+                &self.downloader,
+                &kernel_path,
+                signature_url,
+                &self.keyrings,
+            )
+            .await
+            {
+                remove_kernel();
+                return Err(DaemonError::failed(
+                    format!("Kernel `{}` failed signature verification", entry.name),
+                    error,
+                ));
+            }
+        }
+        let initrd = match &entry.initrd {
+            Some(initrd) => match self
+                .download(
+                    DownloadRequest {
+                        url: initrd.url.clone(),
+                        expected_size: initrd.size,
+                        expected_sha256: initrd.sha256,
+                        dest_dir: self.paths.tmp(),
+                        file_name: format!("pull-{id}-initrd"),
+                        keep_partial: false,
+                    },
+                    operation,
+                    stage,
+                )
+                .await
+            {
+                Ok(initrd) => Some(initrd.path),
+                Err(error) => {
+                    remove_kernel();
+                    return Err(error);
+                }
+            },
+            None => None,
+        };
+        let images = self.images.clone();
+        let name = entry.name.clone();
+        let cmdline = entry.cmdline.clone();
+        let source = format!("{} (catalog {} {})", entry.url, entry.name, entry.version);
+        tokio::task::spawn_blocking(move || {
+            images.register_downloaded_kernel(
+                &name,
+                &kernel_path,
+                initrd.as_deref(),
+                cmdline,
+                source,
+            )
+        })
+        .await
+        .map_err(|error| DaemonError::failed("Kernel registration task failed", error))?
+    }
+
+    /// `image.pull` / `kernel.pull`: starts the pull as an operation.
+    pub async fn start_pull(
+        self: &Arc<Self>,
+        kind: PullKind,
+        params: PullParams,
+    ) -> DaemonResult<OperationStarted> {
+        let (label, registered) = match kind {
+            PullKind::Image => ("image", self.images.image(&params.name).is_ok()),
+            PullKind::Kernel => ("kernel", self.images.kernel(&params.name).is_ok()),
+        };
+        if registered {
+            return Err(DaemonError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{} `{}` is already registered",
+                    capitalised(label),
+                    params.name
+                ),
+            )
+            .with_hint(format!(
+                "remove it first with `banger {label} rm {}`",
+                params.name
+            )));
+        }
+        if self.cache.is_none() {
+            return Err(DaemonError::invalid_state("No catalog is configured")
+                .with_hint("set `[catalog] url` in the daemon's config"));
+        }
+        let version = params.version.as_deref();
+        let missing = || {
+            DaemonError::not_found(format!(
+                "No {label} `{}`{} in the catalog",
+                params.name,
+                version
+                    .map(|version| format!(" version {version}"))
+                    .unwrap_or_default()
+            ))
+        };
+        let entry = match kind {
+            PullKind::Image => PullEntry::Image(Box::new(
+                self.image_entry(&params.name, version)
+                    .await?
+                    .ok_or_else(missing)?,
+            )),
+            PullKind::Kernel => PullEntry::Kernel(Box::new(
+                self.kernel_entry(&params.name, version)
+                    .await?
+                    .ok_or_else(missing)?,
+            )),
+        };
+        let operation = self.operations.begin_on(
+            &format!("{label}.pull"),
+            "",
+            "",
+            format!("{label} {}", params.name),
+        )?;
+        let started = OperationStarted {
+            operation_id: operation.id.clone(),
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = match &entry {
+                PullEntry::Image(entry) => {
+                    let stage = operation.start_stage("pull image");
+                    let outcome = this.pull_image(entry, &operation, &stage).await.map(drop);
+                    end(&operation, &stage, outcome)
+                }
+                PullEntry::Kernel(entry) => {
+                    let stage = operation.start_stage("pull kernel");
+                    let outcome = this.pull_kernel(entry, &operation, &stage).await.map(drop);
+                    end(&operation, &stage, outcome)
+                }
+            };
+            match outcome {
+                Ok(()) => operation.finish(OperationState::Succeeded, None, None),
+                Err(error) if operation.is_cancelled() => {
+                    operation.finish(OperationState::Cancelled, Some(error.chain()), None);
+                }
+                Err(error) => operation.finish(OperationState::Failed, Some(error.chain()), None),
+            }
+            this.operations.retire(&operation.id);
+        });
+        Ok(started)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum PullKind {
+    Image,
+    Kernel,
+}
+
+enum PullEntry {
+    Image(Box<ImageEntry>),
+    Kernel(Box<KernelEntry>),
+}
+
+fn end(operation: &LiveOperation, stage: &Stage, outcome: DaemonResult<()>) -> DaemonResult<()> {
+    match &outcome {
+        Ok(()) => operation.finish_stage(stage, None),
+        Err(error) => operation.fail_stage(stage, error),
+    }
+    outcome
+}
+
+fn capitalised(word: &str) -> String {
+    let mut characters = word.chars();
+    characters
+        .next()
+        .map(|first| first.to_uppercase().chain(characters).collect())
+        .unwrap_or_default()
+}
