@@ -20,11 +20,12 @@
 //!    checks the process's command line so a reused pid is never mistaken for
 //!    the VM.
 //!
-//! Backends: [`firecracker::Firecracker`]. Host process handling shared by
-//! all backends lives in [`process`].
+//! Backends: [`firecracker::Firecracker`] and [`qemu::Qemu`]. Host process
+//! handling shared by all backends lives in [`process`].
 
 pub mod firecracker;
 pub mod process;
+pub mod qemu;
 
 use std::fmt;
 use std::io;
@@ -180,7 +181,8 @@ impl VmmHandle {
         &self.inner.runtime_dir
     }
 
-    /// The monitor's control socket (Firecracker's HTTP API socket).
+    /// The monitor's control socket (Firecracker's HTTP API socket, QEMU's
+    /// QMP socket).
     #[must_use]
     pub fn api_socket(&self) -> &Path {
         &self.inner.api_socket
@@ -236,7 +238,8 @@ impl fmt::Debug for VmmHandle {
     }
 }
 
-/// A VMM backend. Implementations: [`firecracker::Firecracker`].
+/// A VMM backend. Implementations: [`firecracker::Firecracker`],
+/// [`qemu::Qemu`].
 #[async_trait]
 pub trait Vmm: Send + Sync + 'static {
     /// Short backend name, e.g. `"firecracker"`.
@@ -275,11 +278,14 @@ pub trait Vmm: Send + Sync + 'static {
     ) -> Result<Option<VmmHandle>, VmmError>;
 }
 
-/// A failure talking to a monitor's control channel (Firecracker's HTTP API).
+/// A failure talking to a monitor's control channel (Firecracker's HTTP API,
+/// QEMU's QMP).
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(transparent)]
     Firecracker(#[from] firecracker::ClientError),
+    #[error(transparent)]
+    Qmp(#[from] qemu::QmpError),
 }
 
 /// Errors of the [`Vmm`] operations.

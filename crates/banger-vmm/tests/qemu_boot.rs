@@ -1,0 +1,383 @@
+//! Boots real guests with the QEMU backend: the host's Debian kernel under
+//! TCG (or KVM where usable) with an initramfs built here around a static
+//! busybox. Skips loudly when QEMU, a kernel or busybox is missing.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use banger_vmm::qemu::{Accel, Qemu, QemuConfig, AGENT_SOCKET_FILE};
+use banger_vmm::{DriveSpec, ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, CONSOLE_LOG_FILE};
+use tokio::io::AsyncBufReadExt;
+
+const BOOT_DEADLINE: Duration = Duration::from_secs(90);
+/// Loaded in this order when the kernel has them as modules.
+const MODULES: [&str; 7] = [
+    "virtio",
+    "virtio_ring",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "button",
+    "evdev",
+];
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for module in /modules/*.ko; do insmod "$module"; done
+for i in $(seq 50); do [ -e /sys/block/vdb ] && break; sleep 0.1; done
+echo "BANGER-MARKER uptime=$(cut -d' ' -f1 /proc/uptime) vda=$(cat /sys/block/vda/serial 2>/dev/null) vdb=$(cat /sys/block/vdb/serial 2>/dev/null)"
+for port in /sys/class/virtio-ports/*; do
+  # In the background: a write blocks until the host end is connected.
+  [ "$(cat "$port/name" 2>/dev/null)" = banger.agent ] && (echo hello-from-guest > "/dev/${port##*/}" &)
+done
+case " $(cat /proc/cmdline) " in
+*" banger.test=poweroff "*) poweroff -f ;;
+esac
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho BANGER-POWER-BUTTON\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -f -d -c /etc/acpi &
+# A press before acpid listens would be lost.
+for i in $(seq 100); do ls -l /proc/$!/fd 2>/dev/null | grep -q /dev/input/event && break; sleep 0.1; done
+echo BANGER-WAITING
+while true; do sleep 1; done
+"#;
+
+struct Host {
+    kernel: PathBuf,
+    busybox: PathBuf,
+    modules: Vec<PathBuf>,
+}
+
+/// The host's kernel, busybox and QEMU, or `None` after printing why the
+/// test is skipped.
+fn require_qemu(test: &str) -> Option<Host> {
+    let skip = |reason: &str| {
+        eprintln!("SKIPPED {test}: {reason}");
+        None
+    };
+    let qemu_runs = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !qemu_runs {
+        return skip("qemu-system-x86_64 is not installed");
+    }
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("vmlinuz-") && name.ends_with("-cloud-amd64"))
+        })
+        .collect();
+    kernels.sort();
+    let Some(kernel) = kernels.pop() else {
+        return skip("no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)");
+    };
+    if std::fs::File::open(&kernel).is_err() {
+        return skip("the kernel in /boot is not readable");
+    }
+    let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.exists())
+    else {
+        return skip("busybox is not installed (apt-get install busybox-static)");
+    };
+    let version = kernel
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_prefix("vmlinuz-"))
+        .unwrap_or_default();
+    let modules = MODULES
+        .iter()
+        .filter_map(|module| find_module(&Path::new("/lib/modules").join(version), module))
+        .collect();
+    Some(Host {
+        kernel,
+        busybox,
+        modules,
+    })
+}
+
+fn find_module(directory: &Path, module: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(directory).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_module(&path, module) {
+                return Some(found);
+            }
+        } else if path.file_name().and_then(|name| name.to_str()) == Some(&format!("{module}.ko")) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// An uncompressed `newc` cpio archive, which the kernel takes as an
+/// initramfs as it is.
+struct Cpio {
+    bytes: Vec<u8>,
+    inode: u32,
+}
+
+impl Cpio {
+    fn new() -> Self {
+        Self {
+            bytes: Vec::new(),
+            inode: 1,
+        }
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.inode,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        self.inode += 1;
+        self.bytes.extend_from_slice(header.as_bytes());
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.bytes.len().is_multiple_of(4) {
+            self.bytes.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.bytes
+    }
+}
+
+fn build_initramfs(host: &Host, path: &Path) {
+    let mut cpio = Cpio::new();
+    for directory in ["bin", "dev", "proc", "sys", "etc", "modules"] {
+        cpio.entry(directory, 0o040_755, &[]);
+    }
+    cpio.entry("init", 0o100_755, INIT.as_bytes());
+    cpio.entry(
+        "bin/busybox",
+        0o100_755,
+        &std::fs::read(&host.busybox).unwrap(),
+    );
+    for (index, module) in host.modules.iter().enumerate() {
+        let name = module.file_name().unwrap().to_str().unwrap();
+        cpio.entry(
+            &format!("modules/{index}-{name}"),
+            0o100_644,
+            &std::fs::read(module).unwrap(),
+        );
+    }
+    std::fs::write(path, cpio.finish()).unwrap();
+}
+
+struct Guest {
+    _dir: tempfile::TempDir,
+    runtime_dir: PathBuf,
+    spec: LaunchSpec,
+}
+
+fn guest(host: &Host, vm_id: &str, mode: &str) -> Guest {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime_dir = dir.path().join("run");
+    std::fs::create_dir(&runtime_dir).unwrap();
+    let initrd = dir.path().join("initramfs.cpio");
+    build_initramfs(host, &initrd);
+    let mut drives = Vec::new();
+    for (id, is_root) in [("seed", false), ("rootfs", true)] {
+        let path = dir.path().join(format!("{id}.img"));
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1024 * 1024)
+            .unwrap();
+        drives.push(DriveSpec {
+            id: id.into(),
+            path,
+            is_root,
+            read_only: !is_root,
+        });
+    }
+    let spec = LaunchSpec {
+        vm_id: vm_id.into(),
+        vm_name: format!("{vm_id}-name"),
+        runtime_dir: runtime_dir.clone(),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel_path: host.kernel.clone(),
+        initrd_path: Some(initrd),
+        kernel_cmdline: format!("console=ttyS0 panic=-1 banger.test={mode}"),
+        drives,
+        network_interfaces: Vec::new(),
+        vsock: None,
+    };
+    Guest {
+        _dir: dir,
+        runtime_dir,
+        spec,
+    }
+}
+
+/// Kills the guest's QEMU if the test panics: it runs in its own session
+/// and would outlive the test.
+struct KillOnDrop(banger_vmm::VmmHandle);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.process().signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+fn backend() -> Qemu {
+    Qemu::new(QemuConfig {
+        accel: Accel::Auto,
+        ..QemuConfig::default()
+    })
+}
+
+/// Waits for a console line containing `marker` and returns it.
+async fn wait_for_console(runtime_dir: &Path, marker: &str) -> String {
+    let path = runtime_dir.join(CONSOLE_LOG_FILE);
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    loop {
+        let console = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(line) = console.lines().find(|line| line.contains(marker)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {marker} on the console within {BOOT_DEADLINE:?}:\n{console}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn guest_boots_to_its_marker_and_powers_off() {
+    let Some(host) = require_qemu("guest_boots_to_its_marker_and_powers_off") else {
+        return;
+    };
+    let guest = guest(&host, "vm-qemu-boot", "poweroff");
+    let vmm = backend();
+    let choice = vmm.accel_choice().await;
+    eprintln!("accel: {} ({})", choice.accel, choice.reason);
+
+    let handle = vmm.spawn(&guest.spec).await.unwrap();
+    let _guard = KillOnDrop(handle.clone());
+    // The agent port's host end exists before the guest runs.
+    let agent = tokio::net::UnixStream::connect(guest.runtime_dir.join(AGENT_SOCKET_FILE))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    vmm.boot(&handle).await.unwrap();
+    let marker = wait_for_console(&guest.runtime_dir, "BANGER-MARKER").await;
+    let boot_time = started.elapsed();
+    eprintln!("boot to marker: {boot_time:?} ({marker})");
+
+    if host.modules.len() == MODULES.len() {
+        // Root drive first, whatever the spec's order; serials are ids.
+        assert!(marker.contains("vda=rootfs vdb=seed"), "{marker}");
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::BufReader::new(agent).read_line(&mut line),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(line, "hello-from-guest\n");
+    }
+
+    let status = tokio::time::timeout(BOOT_DEADLINE, handle.wait_exit())
+        .await
+        .expect("QEMU exits when the guest powers off");
+    assert_eq!(status, ExitStatusInfo::Exited { code: 0 });
+    vmm.release(&guest.runtime_dir);
+    assert!(!guest.runtime_dir.join("qmp.sock").exists());
+    assert!(!guest.runtime_dir.join(AGENT_SOCKET_FILE).exists());
+}
+
+#[tokio::test]
+async fn stop_presses_the_power_button_of_a_running_guest() {
+    let Some(host) = require_qemu("stop_presses_the_power_button_of_a_running_guest") else {
+        return;
+    };
+    let guest = guest(&host, "vm-qemu-stop", "stay");
+    let vmm = backend();
+    let handle = vmm.spawn(&guest.spec).await.unwrap();
+    let _guard = KillOnDrop(handle.clone());
+    vmm.boot(&handle).await.unwrap();
+    wait_for_console(&guest.runtime_dir, "BANGER-WAITING").await;
+
+    let adopted = vmm
+        .adopt(&guest.spec.vm_id, &guest.runtime_dir, handle.pid())
+        .await
+        .unwrap()
+        .expect("the running QEMU is recognised");
+    assert_eq!(adopted.pid(), handle.pid());
+
+    let started = Instant::now();
+    let outcome = vmm.stop(&adopted, Duration::from_secs(30)).await.unwrap();
+    eprintln!("stop: {outcome:?} in {:?}", started.elapsed());
+    let console = std::fs::read_to_string(guest.runtime_dir.join(CONSOLE_LOG_FILE)).unwrap();
+    if host
+        .modules
+        .iter()
+        .any(|module| module.ends_with("button.ko"))
+        && host
+            .modules
+            .iter()
+            .any(|module| module.ends_with("evdev.ko"))
+    {
+        assert!(outcome.was_graceful(), "{outcome:?}\n{console}");
+        assert!(console.contains("BANGER-POWER-BUTTON"), "{console}");
+    } else {
+        // Without the ACPI button driver nothing hears the press.
+        assert!(matches!(outcome, StopOutcome::Killed { .. }));
+    }
+    assert!(handle.has_exited());
+    assert!(!guest.runtime_dir.join("qmp.sock").exists());
+}
+
+#[tokio::test]
+async fn an_unopenable_drive_is_reported_in_qemus_words() {
+    let Some(host) = require_qemu("an_unopenable_drive_is_reported_in_qemus_words") else {
+        return;
+    };
+    let mut guest = guest(&host, "vm-qemu-bad-drive", "poweroff");
+    guest.spec.drives[0].path = PathBuf::from("/nonexistent/seed.img");
+    let vmm = backend();
+    let error = vmm.spawn(&guest.spec).await.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.starts_with("The qemu process of VM vm-qemu-bad-drive-name exited during startup"),
+        "{message}"
+    );
+    assert!(message.contains("/nonexistent/seed.img"), "{message}");
+    assert!(!guest.runtime_dir.join("qmp.sock").exists());
+    assert!(!guest.runtime_dir.join(AGENT_SOCKET_FILE).exists());
+}
