@@ -129,6 +129,9 @@ pub struct CreateArgs {
     /// Create the VM without starting it.
     #[arg(long)]
     pub no_start: bool,
+    /// VMM backend: firecracker or qemu (default: the daemon's choice).
+    #[arg(long, value_parser = ["firecracker", "qemu"])]
+    pub backend: Option<String>,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
     pub json: bool,

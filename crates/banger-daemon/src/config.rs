@@ -35,6 +35,7 @@ pub struct Config {
     pub vm: VmDefaults,
     pub vmm: VmmConfig,
     pub firecracker: FirecrackerConfig,
+    pub qemu: QemuConfig,
     pub storage: StorageConfig,
     pub catalog: CatalogConfig,
 }
@@ -124,14 +125,37 @@ impl Default for VmDefaults {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct VmmConfig {
-    /// The backend new VMs use. Only `firecracker` exists so far.
+    /// The backend new VMs use: `auto` (Firecracker when its binary is
+    /// present and KVM is usable, else QEMU), `firecracker` or `qemu`.
     pub backend: String,
 }
 
 impl Default for VmmConfig {
     fn default() -> Self {
         Self {
-            backend: "firecracker".to_owned(),
+            backend: "auto".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    /// `qemu-system-x86_64`: a path, or a name looked up in `PATH`.
+    pub binary: PathBuf,
+    /// `auto` (KVM when a probe guest really runs under it, else TCG),
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// How long QEMU may take to answer on QMP after starting.
+    pub startup_timeout_ms: u64,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: "auto".to_owned(),
+            startup_timeout_ms: 10_000,
         }
     }
 }
@@ -212,10 +236,19 @@ impl Config {
                 ),
             ));
         }
-        if self.vmm.backend != "firecracker" {
+        if !["auto", "firecracker", "qemu"].contains(&self.vmm.backend.as_str()) {
             return Err(bad(
                 "vmm.backend",
-                format!("must be \"firecracker\", not {:?}", self.vmm.backend),
+                format!(
+                    "must be one of auto, firecracker, qemu, not {:?}",
+                    self.vmm.backend
+                ),
+            ));
+        }
+        if !["auto", "kvm", "tcg"].contains(&self.qemu.accel.as_str()) {
+            return Err(bad(
+                "qemu.accel",
+                format!("must be one of auto, kvm, tcg, not {:?}", self.qemu.accel),
             ));
         }
         if self.firecracker.binary.as_os_str().is_empty() {

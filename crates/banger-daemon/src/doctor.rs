@@ -16,6 +16,7 @@ const LOW_SPACE_BYTES: u64 = 5 << 30;
 const CRITICAL_SPACE_BYTES: u64 = 1 << 30;
 
 pub struct Doctor<'a> {
+    pub backends: &'a crate::backends::Backends,
     pub clone_reason: &'a str,
     pub config: &'a Config,
     pub paths: &'a StatePaths,
@@ -36,8 +37,15 @@ impl Doctor<'_> {
     pub async fn run(&self) -> DoctorReport {
         let mut checks = vec![
             self.state_dir(),
+            check(
+                "default backend",
+                CheckStatus::Ok,
+                format!("{} ({})", self.backends.default, self.backends.reason),
+                None,
+            ),
             self.firecracker().await,
             kvm(),
+            self.qemu().await,
             tool("mkfs.ext4", "apt install e2fsprogs"),
             self.clone_strategy(),
         ];
@@ -153,6 +161,27 @@ impl Doctor<'_> {
                 self.clone_reason.to_owned(),
                 None,
             )
+        }
+    }
+
+    async fn qemu(&self) -> Check {
+        match find_executable(&self.config.qemu.binary) {
+            None => check(
+                "qemu",
+                CheckStatus::Warn,
+                format!("{} not found", self.config.qemu.binary.display()),
+                Some("apt install qemu-system-x86 (needed where Firecracker cannot run)"),
+            ),
+            Some(path) => check(
+                "qemu",
+                CheckStatus::Ok,
+                format!(
+                    "{}; accelerator {}",
+                    path.display(),
+                    self.backends.qemu_accel().await
+                ),
+                None,
+            ),
         }
     }
 

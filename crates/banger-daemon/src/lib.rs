@@ -7,6 +7,7 @@
 //! re-adopts them.
 
 pub mod access;
+pub mod backends;
 pub mod catalog;
 pub mod config;
 pub mod doctor;
@@ -22,12 +23,10 @@ pub mod vms;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use banger_store::Store;
-use banger_vmm::firecracker::{Firecracker, FirecrackerConfig};
-use banger_vmm::Vmm;
 use tokio::net::UnixListener;
 
 use crate::access::AccessPolicy;
@@ -59,12 +58,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     clear_dir(&paths.tmp())?;
     let store = Store::open(&paths.database())?;
 
-    let vmm: Arc<dyn Vmm> = Arc::new(Firecracker::new(FirecrackerConfig {
-        binary: config.firecracker.binary.clone(),
-        api_timeout: Duration::from_millis(config.firecracker.api_timeout_ms),
-        startup_timeout: Duration::from_millis(config.firecracker.startup_timeout_ms),
-        log_level: config.firecracker.log_level.clone(),
-    })?);
+    let backends = crate::backends::Backends::from_config(&config).await?;
+    tracing::info!(backend = backends.default, reason = %backends.reason, "default VMM backend");
     let (clone, clone_reason) =
         banger_disk::clone::select_strategy(&config.storage.clone, &paths.root)?;
     tracing::info!(strategy = %clone.kind(), reason = %clone_reason, "root disk clone strategy");
@@ -85,7 +80,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         paths: paths.clone(),
         config: Arc::clone(&config),
         images: images.clone(),
-        vmm,
+        backends,
         clone: Arc::from(clone),
         catalog: Arc::clone(&catalog),
         operations: Arc::clone(&operations),

@@ -245,6 +245,7 @@ async fn dispatch(
         method::DAEMON_DOCTOR => {
             no_params(raw)?;
             let doctor = crate::doctor::Doctor {
+                backends: daemon.vms.backends(),
                 clone_reason: &daemon.info.clone_reason,
                 config: &daemon.config,
                 paths: &daemon.paths,
@@ -350,7 +351,11 @@ fn status(daemon: &Daemon) -> DaemonResult<DaemonStatus> {
         socket: daemon.info.socket.clone(),
         state_dir: daemon.info.state_dir.clone(),
         config: daemon.info.config.clone(),
-        backend: daemon.vms.backend().to_owned(),
+        backend: format!(
+            "{} ({})",
+            daemon.vms.backends().default,
+            daemon.vms.backends().reason
+        ),
         clone_strategy: daemon.info.clone_reason.clone(),
         vms,
     })

@@ -16,7 +16,9 @@ use banger_proto::{
     SetVmParams, Vm, VmState,
 };
 use banger_store::{Store, VmLookup};
-use banger_vmm::{DriveSpec, LaunchSpec, Vmm, VmmHandle};
+use banger_vmm::{DriveSpec, LaunchSpec, VmmHandle};
+
+use crate::backends::Backends;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::catalog::CatalogService;
@@ -36,7 +38,7 @@ pub struct VmService {
     paths: StatePaths,
     config: Arc<Config>,
     images: ImageService,
-    vmm: Arc<dyn Vmm>,
+    backends: Backends,
     clone: Arc<dyn CloneStrategy>,
     catalog: Arc<CatalogService>,
     operations: Arc<OperationRegistry>,
@@ -80,7 +82,7 @@ pub struct VmServiceParts {
     pub paths: StatePaths,
     pub config: Arc<Config>,
     pub images: ImageService,
-    pub vmm: Arc<dyn Vmm>,
+    pub backends: Backends,
     pub clone: Arc<dyn CloneStrategy>,
     pub catalog: Arc<CatalogService>,
     pub operations: Arc<OperationRegistry>,
@@ -93,7 +95,7 @@ impl VmService {
             paths,
             config,
             images,
-            vmm,
+            backends,
             clone,
             catalog,
             operations,
@@ -103,7 +105,7 @@ impl VmService {
             paths,
             config,
             images,
-            vmm,
+            backends,
             clone,
             catalog,
             operations,
@@ -112,8 +114,8 @@ impl VmService {
         })
     }
 
-    pub fn backend(&self) -> &'static str {
-        self.vmm.backend()
+    pub fn backends(&self) -> &Backends {
+        &self.backends
     }
 
     /// The clone strategy's one-line description.
@@ -190,6 +192,8 @@ impl VmService {
                 },
             )?),
         };
+        let backend_name = params.backend.as_deref().unwrap_or(self.backends.default);
+        self.backends.get(backend_name)?;
         let kernel_name = params.kernel.as_deref().unwrap_or(&self.config.vm.kernel);
         let kernel = match self.store.find_kernel(kernel_name)? {
             Some(kernel) => Artifact::Local(kernel),
@@ -212,7 +216,7 @@ impl VmService {
             state: VmState::Creating,
             image: image_name.to_owned(),
             kernel: kernel_name.to_owned(),
-            backend: self.vmm.backend().to_owned(),
+            backend: self.backends.get(backend_name)?.backend().to_owned(),
             vcpus,
             memory_mib,
             disk_bytes: match &image {
@@ -547,7 +551,8 @@ impl VmService {
     ) -> DaemonResult<VmmHandle> {
         let spec = self.launch_spec(vm, kernel, root_disk);
         let handle = self
-            .vmm
+            .backends
+            .get(&vm.backend)?
             .spawn(&spec)
             .await
             .map_err(|error| DaemonError::failed("Failed to start the VMM", error))?;
@@ -563,7 +568,8 @@ impl VmService {
     }
 
     async fn boot_vmm(&self, vm: &mut Vm, handle: &VmmHandle) -> DaemonResult<()> {
-        self.vmm
+        self.backends
+            .of(handle)
             .boot(handle)
             .await
             .map_err(|error| DaemonError::failed("Failed to boot the VM", error))?;
@@ -583,7 +589,7 @@ impl VmService {
     /// Kills a VMM process we no longer want and forgets it.
     async fn discard_process(&self, vm_id: &str, handle: &VmmHandle) {
         self.forget_process(vm_id, handle);
-        if let Err(error) = self.vmm.kill(handle).await {
+        if let Err(error) = self.backends.of(handle).kill(handle).await {
             tracing::error!(vm = vm_id, pid = handle.pid(), %error, "failed to kill VMM");
         }
     }
@@ -632,7 +638,7 @@ impl VmService {
             };
             if vm.state.has_process() {
                 // Resources first, so whoever sees the new state sees them gone.
-                this.vmm.release(handle.runtime_dir());
+                this.backends.of(&handle).release(handle.runtime_dir());
                 vm.pid = None;
                 vm.started_at = None;
                 if exit.code() == Some(0) && vm.state == VmState::Running {
@@ -737,16 +743,18 @@ impl VmService {
             vm.state = VmState::Stopping;
             self.store.update_vm(&vm)?;
             let outcome = if force {
-                self.vmm.kill(&handle).await.map(|()| None)
+                self.backends.of(&handle).kill(&handle).await.map(|()| None)
             } else {
-                self.vmm
+                self.backends
+                    .of(&handle)
                     .stop(&handle, self.config.stop_grace())
                     .await
                     .map(Some)
             };
             if let Err(error) = outcome {
                 tracing::warn!(vm = %vm.name, %error, "graceful stop failed; killing");
-                self.vmm
+                self.backends
+                    .of(&handle)
                     .kill(&handle)
                     .await
                     .map_err(|error| DaemonError::failed("Failed to kill the VMM", error))?;
@@ -839,6 +847,14 @@ impl VmService {
 
     // ---- reconciliation ----
 
+    async fn adopt(&self, vm: &Vm, directory: &Path, pid: u32) -> DaemonResult<Option<VmmHandle>> {
+        self.backends
+            .get(&vm.backend)?
+            .adopt(&vm.id, directory, pid)
+            .await
+            .map_err(|error| DaemonError::failed("Failed to check the VMM process", error))
+    }
+
     /// Brings the store and the host back in line after a (re)start:
     /// re-adopts VMM processes that still run, marks dead ones `crashed`,
     /// finishes interrupted stops, removes leftovers of interrupted creates,
@@ -859,7 +875,7 @@ impl VmService {
         for mut vm in self.store.list_vms()? {
             let directory = PathBuf::from(&vm.dir);
             let adopted = match vm.pid {
-                Some(pid) => match self.vmm.adopt(&vm.id, &directory, pid).await {
+                Some(pid) => match self.adopt(&vm, &directory, pid).await {
                     Ok(found) => found,
                     Err(error) => {
                         // Whether it still runs is unknown: leave the VM as
@@ -878,7 +894,7 @@ impl VmService {
                 (VmState::Creating, adopted) => {
                     // An interrupted create leaves nothing.
                     if let Some(handle) = adopted {
-                        let _ = self.vmm.kill(&handle).await;
+                        let _ = self.backends.of(&handle).kill(&handle).await;
                     }
                     self.remove_leftover_disk(&vm.id, &directory).await;
                     self.store.delete_vm(&vm.id)?;
@@ -892,9 +908,11 @@ impl VmService {
                 (VmState::Stopping, adopted) => {
                     // The user asked for a stop; finish it.
                     if let Some(handle) = adopted {
-                        let _ = self.vmm.kill(&handle).await;
+                        let _ = self.backends.of(&handle).kill(&handle).await;
                     }
-                    self.vmm.release(&directory);
+                    if let Ok(backend) = self.backends.get(&vm.backend) {
+                        backend.release(&directory);
+                    }
                     vm.state = VmState::Stopped;
                     vm.pid = None;
                     vm.started_at = None;
@@ -904,9 +922,11 @@ impl VmService {
                 (VmState::Starting | VmState::Running, adopted) => {
                     // Dead, or a start interrupted before boot finished.
                     if let Some(handle) = adopted {
-                        let _ = self.vmm.kill(&handle).await;
+                        let _ = self.backends.of(&handle).kill(&handle).await;
                     }
-                    self.vmm.release(&directory);
+                    if let Ok(backend) = self.backends.get(&vm.backend) {
+                        backend.release(&directory);
+                    }
                     vm.state = VmState::Crashed;
                     vm.pid = None;
                     vm.started_at = None;
@@ -986,11 +1006,13 @@ fn vmm_processes_under(vms_dir: &Path) -> Vec<u32> {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
+        // `--api-sock PATH` (Firecracker), `-chardev socket,...,path=PATH,...` (QEMU).
         let names_vm_socket = cmdline.split(|&byte| byte == 0).any(|argument| {
-            let argument = String::from_utf8_lossy(argument);
-            let path = argument.strip_prefix("unix:").unwrap_or(&argument);
-            let path = path.split(',').next().unwrap_or_default();
-            path.starts_with(&prefix) && path.ends_with(".sock")
+            String::from_utf8_lossy(argument).split(',').any(|part| {
+                let path = part.strip_prefix("path=").unwrap_or(part);
+                let path = path.strip_prefix("unix:").unwrap_or(path);
+                path.starts_with(&prefix) && path.ends_with(".sock")
+            })
         });
         if names_vm_socket && pid != own {
             pids.push(pid);

@@ -100,6 +100,9 @@ pub struct CreateVmParams {
     /// Create the VM stopped.
     #[serde(default)]
     pub no_start: bool,
+    /// `firecracker` or `qemu`; the daemon's default when absent.
+    #[serde(default)]
+    pub backend: Option<String>,
 }
 
 /// Result of `vm.create`: the operation to watch.

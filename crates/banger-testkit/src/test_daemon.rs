@@ -80,7 +80,7 @@ impl TestDaemon {
         std::fs::write(
             &config,
             format!(
-                "[firecracker]\nbinary = \"{}\"\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n",
+                "[vmm]\nbackend = \"firecracker\"\n\n[firecracker]\nbinary = \"{}\"\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n",
                 binary("fake-firecracker").display()
             ),
         )

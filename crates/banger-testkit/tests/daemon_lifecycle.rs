@@ -466,7 +466,13 @@ fn malformed_rpc_gets_errors_and_the_daemon_keeps_serving() {
     assert_eq!(second["result"]["version"], env!("CARGO_PKG_VERSION"));
 
     let status = daemon.banger_json(&["daemon", "status"]);
-    assert_eq!(status["backend"], "firecracker");
+    assert!(
+        status["backend"]
+            .as_str()
+            .unwrap()
+            .starts_with("firecracker"),
+        "{status}"
+    );
     assert_eq!(status["vms"]["running"], 0);
     assert_eq!(status["state_dir"], daemon.state_dir.display().to_string());
 }

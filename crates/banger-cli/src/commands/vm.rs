@@ -189,6 +189,7 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
                 vcpus: args.vcpus,
                 memory_mib: args.memory_mib,
                 no_start: args.no_start,
+                backend: args.backend,
             },
         )
         .await?;

@@ -1,0 +1,101 @@
+//! The VMM backends the daemon runs, and which one new VMs get.
+//!
+//! Every VM records its backend; the daemon runs all of them, so VMs made
+//! with one backend keep working after the default changes. `auto` picks
+//! Firecracker when its binary is present and KVM is usable (decided by the
+//! QEMU backend's probe, which times a tiny guest), else QEMU.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_vmm::firecracker::{Firecracker, FirecrackerConfig};
+use banger_vmm::qemu::{Accel, Qemu, QemuConfig};
+use banger_vmm::{Vmm, VmmHandle};
+
+use crate::config::Config;
+use crate::doctor::find_executable;
+use crate::error::{DaemonError, DaemonResult};
+
+pub struct Backends {
+    firecracker: Arc<dyn Vmm>,
+    qemu: Arc<Qemu>,
+    /// The backend new VMs get.
+    pub default: &'static str,
+    /// Why it is the default.
+    pub reason: String,
+}
+
+impl Backends {
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let firecracker = Arc::new(Firecracker::new(FirecrackerConfig {
+            binary: config.firecracker.binary.clone(),
+            api_timeout: Duration::from_millis(config.firecracker.api_timeout_ms),
+            startup_timeout: Duration::from_millis(config.firecracker.startup_timeout_ms),
+            log_level: config.firecracker.log_level.clone(),
+        })?);
+        let qemu = Arc::new(Qemu::new(QemuConfig {
+            binary: config.qemu.binary.clone(),
+            accel: match config.qemu.accel.as_str() {
+                "kvm" => Accel::Kvm,
+                "tcg" => Accel::Tcg,
+                _ => Accel::Auto,
+            },
+            startup_timeout: Duration::from_millis(config.qemu.startup_timeout_ms),
+            ..QemuConfig::default()
+        }));
+        let (default, reason) = match config.vmm.backend.as_str() {
+            "firecracker" => ("firecracker", "configured".to_owned()),
+            "qemu" => ("qemu", "configured".to_owned()),
+            _ => {
+                if find_executable(&config.firecracker.binary).is_none() {
+                    (
+                        "qemu",
+                        format!(
+                            "auto: Firecracker binary `{}` not found",
+                            config.firecracker.binary.display()
+                        ),
+                    )
+                } else {
+                    let choice = qemu.accel_choice().await;
+                    if choice.accel == Accel::Kvm {
+                        (
+                            "firecracker",
+                            "auto: Firecracker found and KVM usable".to_owned(),
+                        )
+                    } else {
+                        ("qemu", format!("auto: {}", choice.reason))
+                    }
+                }
+            }
+        };
+        Ok(Self {
+            firecracker,
+            qemu,
+            default,
+            reason,
+        })
+    }
+
+    /// The backend named `name`.
+    pub fn get(&self, name: &str) -> DaemonResult<Arc<dyn Vmm>> {
+        match name {
+            "firecracker" => Ok(Arc::clone(&self.firecracker)),
+            "qemu" => Ok(Arc::clone(&self.qemu) as Arc<dyn Vmm>),
+            other => Err(DaemonError::invalid_params(format!(
+                "Unknown backend `{other}`: use firecracker or qemu"
+            ))),
+        }
+    }
+
+    /// The backend that made `handle`.
+    pub fn of(&self, handle: &VmmHandle) -> Arc<dyn Vmm> {
+        self.get(handle.backend())
+            .unwrap_or_else(|_| Arc::clone(&self.firecracker))
+    }
+
+    /// QEMU's accelerator choice and why, for `doctor`.
+    pub async fn qemu_accel(&self) -> String {
+        let choice = self.qemu.accel_choice().await;
+        format!("{:?}: {}", choice.accel, choice.reason).to_lowercase()
+    }
+}
