@@ -292,7 +292,8 @@ impl TestDaemon {
             .collect()
     }
 
-    /// Pids of VMM processes whose command line points into this state dir.
+    /// Pids of VMM processes (Firecracker or QEMU) whose command line points
+    /// into this state dir.
     pub fn vmm_pids(&self) -> Vec<u32> {
         let needle = self.state_dir.display().to_string();
         let mut pids = Vec::new();
@@ -307,7 +308,8 @@ impl TestDaemon {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("--api-sock") && cmdline.contains(&needle) {
+            let is_vmm = cmdline.contains("--api-sock") || cmdline.contains("qmp.sock");
+            if is_vmm && cmdline.contains(&needle) {
                 // Zombies have an empty cmdline, so a match is a live process.
                 pids.push(pid);
             }
