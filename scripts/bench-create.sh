@@ -17,7 +17,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-printf '[vmm]\nbackend = "firecracker"\n[firecracker]\nbinary = "%s"\n' "$bin/fake-firecracker" > "$work/config.toml"
+printf '[network]\nenabled = false\n[vmm]\nbackend = "firecracker"\n[firecracker]\nbinary = "%s"\n' "$bin/fake-firecracker" > "$work/config.toml"
 truncate -s "${image_mib}M" "$work/disk.ext4" && mkfs.ext4 -q "$work/disk.ext4"
 printf '\177ELF\002\001\001' > "$work/vmlinux" && truncate -s 4096 "$work/vmlinux"
 "$bin/bangerd" --state-dir "$work/state" --config "$work/config.toml" 2> "$work/bangerd.log" &

@@ -14,7 +14,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-printf '[vmm]\nbackend = "firecracker"\n[firecracker]\nbinary = "%s"\n' "$bin/fake-firecracker" > "$work/config.toml"
+printf '[network]\nenabled = false\n[vmm]\nbackend = "firecracker"\n[firecracker]\nbinary = "%s"\n' "$bin/fake-firecracker" > "$work/config.toml"
 truncate -s 64M "$work/disk.ext4" && mkfs.ext4 -q "$work/disk.ext4"
 # A stand-in kernel: fake-firecracker checks the file exists, it does not boot it.
 printf '\177ELF\002\001\001' > "$work/vmlinux" && truncate -s 4096 "$work/vmlinux"

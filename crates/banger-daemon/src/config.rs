@@ -38,6 +38,45 @@ pub struct Config {
     pub qemu: QemuConfig,
     pub storage: StorageConfig,
     pub catalog: CatalogConfig,
+    pub network: NetworkConfig,
+}
+
+/// Host networking for VMs (see docs/networking.md).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Off: VMs get no NIC and the daemon touches no network setting.
+    pub enabled: bool,
+    pub bridge: String,
+    /// The gateway address with the prefix, e.g. `172.30.0.1/24`.
+    pub subnet: String,
+    /// The interface NAT sends traffic out of; empty: the default route's.
+    pub uplink: String,
+    /// VMs cannot reach each other.
+    pub isolate_vms: bool,
+    /// VM names are answered as `NAME.DOMAIN`.
+    pub domain: String,
+    /// Where other names are forwarded; empty: the host's /etc/resolv.conf.
+    pub dns_upstreams: Vec<String>,
+    pub dns_port: u16,
+    /// Remove the NAT table and the bridge when the daemon stops.
+    pub teardown_on_exit: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bridge: "banger0".to_owned(),
+            subnet: "172.30.0.1/24".to_owned(),
+            uplink: String::new(),
+            isolate_vms: true,
+            domain: "banger".to_owned(),
+            dns_upstreams: Vec::new(),
+            dns_port: 53,
+            teardown_on_exit: false,
+        }
+    }
 }
 
 /// Where images and kernels can be pulled from.
@@ -342,8 +381,8 @@ mod tests {
         assert!(error.contains("unknown field `cpus`"), "{error}");
         assert!(error.contains("line 3"), "{error}");
         assert!(!error.contains('\n'), "{error}");
-        let error = parse("[network]\n").unwrap_err().to_string();
-        assert!(error.contains("unknown field `network`"), "{error}");
+        let error = parse("[turbo]\n").unwrap_err().to_string();
+        assert!(error.contains("unknown field `turbo`"), "{error}");
     }
 
     #[test]

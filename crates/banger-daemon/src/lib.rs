@@ -15,6 +15,7 @@ pub mod error;
 pub mod files;
 pub mod ids;
 pub mod images;
+pub mod network;
 pub mod operations;
 pub mod paths;
 pub mod server;
@@ -75,6 +76,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         images.clone(),
         Arc::clone(&operations),
     )?);
+    let network = crate::network::Network::start(&config.network, store.clone()).await?;
     let vms = VmService::new(VmServiceParts {
         store,
         paths: paths.clone(),
@@ -83,6 +85,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         backends,
         clone: Arc::from(clone),
         catalog: Arc::clone(&catalog),
+        network: network.clone(),
         operations: Arc::clone(&operations),
     });
     let report = vms.reconcile().await?;
@@ -124,6 +127,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         "bangerd serving"
     );
     server::serve(listener, shutdown_signal(), daemon).await;
+    if let Some(network) = network {
+        network.shutdown().await;
+    }
     let _ = std::fs::remove_file(&options.socket);
     tracing::info!("bangerd stopped; VMs keep running");
     Ok(())

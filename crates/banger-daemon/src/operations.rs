@@ -358,6 +358,7 @@ mod tests {
             started_at: None,
             error: None,
             dir: "/x".into(),
+            network: None,
         }
     }
 

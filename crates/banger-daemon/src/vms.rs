@@ -26,6 +26,7 @@ use crate::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::error::{DaemonError, DaemonResult};
 use crate::ids::{new_id, now};
 use crate::images::ImageService;
+use crate::network::{Attachment, Network};
 use crate::operations::{LiveOperation, OperationRegistry};
 use crate::paths::StatePaths;
 use banger_catalog::{ImageEntry, KernelEntry};
@@ -41,6 +42,7 @@ pub struct VmService {
     backends: Backends,
     clone: Arc<dyn CloneStrategy>,
     catalog: Arc<CatalogService>,
+    network: Option<Arc<Network>>,
     operations: Arc<OperationRegistry>,
     locks: Mutex<HashMap<String, VmLock>>,
     /// The live VMM process of each VM that has one.
@@ -74,6 +76,12 @@ enum Undo {
         stage: &'static str,
         handle: VmmHandle,
     },
+    /// The VM's lease, tap and DNS record.
+    ReleaseNetwork {
+        stage: &'static str,
+        vm_id: String,
+        vm_name: String,
+    },
 }
 
 /// What [`VmService`] is built from: its seams and the services it uses.
@@ -85,6 +93,8 @@ pub struct VmServiceParts {
     pub backends: Backends,
     pub clone: Arc<dyn CloneStrategy>,
     pub catalog: Arc<CatalogService>,
+    /// The network capability; `None` when `[network] enabled = false`.
+    pub network: Option<Arc<Network>>,
     pub operations: Arc<OperationRegistry>,
 }
 
@@ -98,6 +108,7 @@ impl VmService {
             backends,
             clone,
             catalog,
+            network,
             operations,
         } = parts;
         Arc::new(Self {
@@ -108,6 +119,7 @@ impl VmService {
             backends,
             clone,
             catalog,
+            network,
             operations,
             locks: Mutex::new(HashMap::new()),
             processes: Mutex::new(HashMap::new()),
@@ -144,13 +156,29 @@ impl VmService {
     // ---- reads ----
 
     pub fn list(&self) -> DaemonResult<Vec<Vm>> {
-        Ok(self.store.list_vms()?)
+        Ok(self
+            .store
+            .list_vms()?
+            .into_iter()
+            .map(|vm| self.with_dns_name(vm))
+            .collect())
+    }
+
+    fn with_dns_name(&self, mut vm: Vm) -> Vm {
+        if let (Some(network), Some(lease)) = (&self.network, vm.network.as_mut()) {
+            lease.dns_name = network.dns_name(&vm.name);
+        }
+        vm
+    }
+
+    pub fn network(&self) -> Option<&Arc<Network>> {
+        self.network.as_ref()
     }
 
     /// Resolves a name or unique id prefix.
     pub fn find(&self, reference: &str) -> DaemonResult<Vm> {
         match self.store.lookup_vm(reference)? {
-            VmLookup::Found(vm) => Ok(*vm),
+            VmLookup::Found(vm) => Ok(self.with_dns_name(*vm)),
             VmLookup::NotFound => Err(DaemonError::not_found(format!("No VM named `{reference}`"))
                 .with_hint("`banger vm list` shows the VMs")),
             VmLookup::Ambiguous(names) => Err(DaemonError::invalid_params(format!(
@@ -227,6 +255,7 @@ impl VmService {
             created_at: now(),
             started_at: None,
             error: None,
+            network: None,
         };
         // Taken before the row is visible, so a concurrent delete of the new
         // name waits for the create to finish (or be cancelled) first.
@@ -405,6 +434,22 @@ impl VmService {
             Some(self.clone.kind().to_string()),
         )?;
 
+        let attachment = match &self.network {
+            Some(network) => {
+                let stage = begin_stage(operation, "network")?;
+                undo.push(Undo::ReleaseNetwork {
+                    stage: "network",
+                    vm_id: vm.id.clone(),
+                    vm_name: vm.name.clone(),
+                });
+                let outcome = network.prepare(&vm.id, &vm.name).await;
+                let attachment = end_stage(operation, &stage, outcome, None)?;
+                vm.network = self.store.get_vm(&vm.id)?.and_then(|stored| stored.network);
+                Some(attachment)
+            }
+            None => None,
+        };
+
         if no_start {
             vm.state = VmState::Stopped;
             self.store.update_vm(vm)?;
@@ -420,7 +465,9 @@ impl VmService {
         vm.state = VmState::Starting;
         self.store.update_vm(vm)?;
         let stage = begin_stage(operation, "start vmm")?;
-        let outcome = self.spawn_vmm(vm, kernel, &root_disk).await;
+        let outcome = self
+            .spawn_vmm(vm, kernel, &root_disk, attachment.as_ref())
+            .await;
         let handle = end_stage(operation, &stage, outcome, None)?;
         undo.push(Undo::KillProcess {
             stage: "start vmm",
@@ -502,6 +549,18 @@ impl VmService {
     async fn roll_back(&self, operation: &LiveOperation, undo: Vec<Undo>) {
         for step in undo.into_iter().rev() {
             match step {
+                Undo::ReleaseNetwork {
+                    stage,
+                    vm_id,
+                    vm_name,
+                } => {
+                    if let Some(network) = &self.network {
+                        if let Err(error) = network.release(&vm_id, &vm_name).await {
+                            tracing::error!(%error, "rollback failed to release the network");
+                        }
+                    }
+                    operation.rolled_back(stage);
+                }
                 Undo::KillProcess { stage, handle } => {
                     self.discard_process(&operation.snapshot().vm_id, &handle)
                         .await;
@@ -519,7 +578,13 @@ impl VmService {
 
     // ---- VMM process handling shared by create and start ----
 
-    fn launch_spec(&self, vm: &Vm, kernel: &Kernel, root_disk: &RootDisk) -> LaunchSpec {
+    fn launch_spec(
+        &self,
+        vm: &Vm,
+        kernel: &Kernel,
+        root_disk: &RootDisk,
+        attachment: Option<&Attachment>,
+    ) -> LaunchSpec {
         let directory = PathBuf::from(&vm.dir);
         LaunchSpec {
             vm_id: vm.id.clone(),
@@ -529,14 +594,22 @@ impl VmService {
             memory_mib: vm.memory_mib,
             kernel_path: PathBuf::from(&kernel.kernel_path),
             initrd_path: kernel.initrd_path.as_ref().map(PathBuf::from),
-            kernel_cmdline: format!("{} banger.name={}", kernel.cmdline, vm.name),
+            kernel_cmdline: match attachment {
+                Some(attachment) => format!(
+                    "{} banger.name={} {}",
+                    kernel.cmdline, vm.name, attachment.kernel_argument
+                ),
+                None => format!("{} banger.name={}", kernel.cmdline, vm.name),
+            },
             drives: vec![DriveSpec {
                 id: "rootfs".to_owned(),
                 path: root_disk.path.clone(),
                 is_root: true,
                 read_only: false,
             }],
-            network_interfaces: Vec::new(),
+            network_interfaces: attachment
+                .map(|attachment| vec![attachment.interface.clone()])
+                .unwrap_or_default(),
             vsock: None,
         }
     }
@@ -548,8 +621,9 @@ impl VmService {
         vm: &mut Vm,
         kernel: &Kernel,
         root_disk: &RootDisk,
+        attachment: Option<&Attachment>,
     ) -> DaemonResult<VmmHandle> {
-        let spec = self.launch_spec(vm, kernel, root_disk);
+        let spec = self.launch_spec(vm, kernel, root_disk, attachment);
         let handle = self
             .backends
             .get(&vm.backend)?
@@ -697,10 +771,17 @@ impl VmService {
             ))
         })?;
         let kernel = self.images.kernel(&vm.kernel)?;
+        let attachment = match &self.network {
+            Some(network) => network.attach(&vm.id, vm.network.as_ref()).await?,
+            None => None,
+        };
         vm.state = VmState::Starting;
         vm.error = None;
         self.store.update_vm(&vm)?;
-        let outcome = match self.spawn_vmm(&mut vm, &kernel, &root_disk).await {
+        let outcome = match self
+            .spawn_vmm(&mut vm, &kernel, &root_disk, attachment.as_ref())
+            .await
+        {
             Ok(handle) => match self.boot_vmm(&mut vm, &handle).await {
                 Ok(()) => Ok(()),
                 Err(error) => {
@@ -802,6 +883,9 @@ impl VmService {
         if let Some(handle) = self.process_of(&vm.id) {
             self.discard_process(&vm.id, &handle).await;
         }
+        if let Some(network) = &self.network {
+            network.release(&vm.id, &vm.name).await?;
+        }
         self.remove_disk(&vm.id, Path::new(&vm.dir)).await?;
         self.store.delete_vm(&vm.id)?;
         self.forget_lock(&vm.id);
@@ -895,6 +979,11 @@ impl VmService {
                     // An interrupted create leaves nothing.
                     if let Some(handle) = adopted {
                         let _ = self.backends.of(&handle).kill(&handle).await;
+                    }
+                    if let Some(network) = &self.network {
+                        if let Err(error) = network.release(&vm.id, &vm.name).await {
+                            tracing::error!(vm = %vm.name, %error, "failed to release the network of an interrupted create");
+                        }
                     }
                     self.remove_leftover_disk(&vm.id, &directory).await;
                     self.store.delete_vm(&vm.id)?;

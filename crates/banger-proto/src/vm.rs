@@ -80,6 +80,20 @@ pub struct Vm {
     pub error: Option<String>,
     /// Per-VM directory on the host (root disk, sockets, logs).
     pub dir: String,
+    /// The VM's network identity, when networking is on.
+    #[serde(default)]
+    pub network: Option<VmNetwork>,
+}
+
+/// A VM's address, tap, MAC and DNS name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmNetwork {
+    pub ip: String,
+    pub mac: String,
+    pub tap: String,
+    /// `NAME.DOMAIN`, answered by the daemon's DNS server.
+    #[serde(default)]
+    pub dns_name: String,
 }
 
 /// Parameters of `vm.create`.

@@ -14,6 +14,7 @@ mod migrations;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use banger_proto::vm::VmNetwork;
 use banger_proto::{Image, Kernel, Operation, OperationState, StageEvent, Vm, VmState};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -332,6 +333,71 @@ impl Store {
         Ok(self.lock().execute("DELETE FROM vms WHERE id = ?1", [id])? > 0)
     }
 
+    // ---- network leases ----
+
+    /// Leases an address and a tap to `vm_id` atomically: `choose` sees
+    /// every address and tap leased now and picks free ones (and the MAC).
+    /// The unique constraints back the choice up.
+    pub fn insert_lease(
+        &self,
+        vm_id: &str,
+        choose: impl FnOnce(&[String], &[String]) -> Result<(String, String, String), String>,
+    ) -> Result<Result<VmNetwork, String>, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction()?;
+        let (ips, taps): (Vec<String>, Vec<String>) = {
+            let mut statement = transaction.prepare("SELECT ip, tap FROM leases")?;
+            let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect::<Result<Vec<(String, String)>, _>>()?
+                .into_iter()
+                .unzip()
+        };
+        let (ip, tap, mac) = match choose(&ips, &taps) {
+            Ok(choice) => choice,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        transaction.execute(
+            "INSERT INTO leases (vm_id, ip, tap, mac) VALUES (?1, ?2, ?3, ?4)",
+            params![vm_id, ip, tap, mac],
+        )?;
+        transaction.commit()?;
+        Ok(Ok(VmNetwork {
+            ip,
+            mac,
+            tap,
+            dns_name: String::new(),
+        }))
+    }
+
+    pub fn delete_lease(&self, vm_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .execute("DELETE FROM leases WHERE vm_id = ?1", [vm_id])?
+            > 0)
+    }
+
+    /// Every lease as (VM id, VM name, network).
+    pub fn list_leases(&self) -> Result<Vec<(String, String, VmNetwork)>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(
+            "SELECT leases.vm_id, vms.name, leases.ip, leases.mac, leases.tap
+             FROM leases JOIN vms ON vms.id = leases.vm_id ORDER BY leases.ip",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                VmNetwork {
+                    ip: row.get(2)?,
+                    mac: row.get(3)?,
+                    tap: row.get(4)?,
+                    dns_name: String::new(),
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     // ---- operations ----
 
     /// Inserts or replaces the operation's row (operations are written at
@@ -385,8 +451,9 @@ impl Store {
 const VM_SELECT: &str =
     "SELECT vms.id, vms.name, vms.state, images.name, kernels.name, vms.backend,
         vms.vcpus, vms.memory_mib, vms.disk_bytes, vms.pid, vms.created_at, vms.started_at,
-        vms.error, vms.dir
-    FROM vms JOIN images ON images.id = vms.image_id JOIN kernels ON kernels.id = vms.kernel_id";
+        vms.error, vms.dir, leases.ip, leases.mac, leases.tap
+    FROM vms JOIN images ON images.id = vms.image_id JOIN kernels ON kernels.id = vms.kernel_id
+    LEFT JOIN leases ON leases.vm_id = vms.id";
 
 const OPERATION_SELECT: &str =
     "SELECT id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at, subject FROM operations";
@@ -510,6 +577,19 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
         started_at: row.get(11)?,
         error: row.get(12)?,
         dir: row.get(13)?,
+        network: match (
+            row.get::<_, Option<String>>(14)?,
+            row.get::<_, Option<String>>(15)?,
+            row.get::<_, Option<String>>(16)?,
+        ) {
+            (Some(ip), Some(mac), Some(tap)) => Some(VmNetwork {
+                ip,
+                mac,
+                tap,
+                dns_name: String::new(),
+            }),
+            _ => None,
+        },
     })
 }
 

@@ -51,4 +51,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );",
     // 2: what an operation acts on, for people (image and kernel pulls have no VM).
     "ALTER TABLE operations ADD COLUMN subject TEXT NOT NULL DEFAULT '';",
+    // 3: network leases: one address and tap per VM, never shared.
+    "CREATE TABLE leases (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        ip TEXT NOT NULL UNIQUE,
+        tap TEXT NOT NULL UNIQUE,
+        mac TEXT NOT NULL
+    );",
 ];

@@ -41,6 +41,7 @@ fn vm(id: &str, name: &str) -> Vm {
         started_at: None,
         error: None,
         dir: format!("/state/vms/{id}"),
+        network: None,
     }
 }
 
@@ -208,4 +209,49 @@ fn update_of_a_deleted_vm_fails() {
         store.update_vm(&record),
         Err(StoreError::MissingVm { .. })
     ));
+}
+
+#[test]
+fn leases_are_unique_and_go_with_their_vm() {
+    let store = seeded();
+    store.insert_vm(&vm("aaa111", "one")).unwrap();
+    store.insert_vm(&vm("bbb222", "two")).unwrap();
+    let first = store
+        .insert_lease("aaa111", |ips, taps| {
+            assert!(ips.is_empty() && taps.is_empty());
+            Ok((
+                "172.30.0.2".into(),
+                "bgtap0".into(),
+                "06:00:00:00:00:01".into(),
+            ))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.ip, "172.30.0.2");
+    // The chooser sees what is taken; a duplicate is refused by the schema.
+    let taken = store.insert_lease("bbb222", |ips, taps| {
+        assert_eq!(ips, ["172.30.0.2"]);
+        assert_eq!(taps, ["bgtap0"]);
+        Ok(("172.30.0.2".into(), "bgtap1".into(), "m".into()))
+    });
+    assert!(taken.is_err());
+    assert_eq!(
+        store
+            .insert_lease("bbb222", |_, _| Err("full".into()))
+            .unwrap(),
+        Err("full".to_owned())
+    );
+    assert_eq!(
+        store
+            .get_vm("aaa111")
+            .unwrap()
+            .unwrap()
+            .network
+            .unwrap()
+            .tap,
+        "bgtap0"
+    );
+    assert_eq!(store.list_leases().unwrap().len(), 1);
+    store.delete_vm("aaa111").unwrap();
+    assert!(store.list_leases().unwrap().is_empty());
 }

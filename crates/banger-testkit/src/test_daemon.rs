@@ -57,6 +57,8 @@ pub struct TestDaemon {
     pub request_log: PathBuf,
     /// Where bangerd's log goes.
     pub log: PathBuf,
+    /// Run bangerd inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
     env: Vec<(String, String)>,
     child: Option<Child>,
 }
@@ -80,7 +82,7 @@ impl TestDaemon {
         std::fs::write(
             &config,
             format!(
-                "[vmm]\nbackend = \"firecracker\"\n\n[firecracker]\nbinary = \"{}\"\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n",
+                "[network]\nenabled = false\n\n[vmm]\nbackend = \"firecracker\"\n\n[firecracker]\nbinary = \"{}\"\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n",
                 binary("fake-firecracker").display()
             ),
         )
@@ -100,6 +102,7 @@ impl TestDaemon {
             config,
             request_log,
             log,
+            netns: None,
             env: all_env,
             child: None,
         }
@@ -129,7 +132,16 @@ impl TestDaemon {
             .append(true)
             .open(&self.log)
             .expect("open daemon log");
-        let mut command = Command::new(binary("bangerd"));
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns])
+                    .arg(binary("bangerd"));
+                command
+            }
+            None => Command::new(binary("bangerd")),
+        };
         command
             .arg("--state-dir")
             .arg(&self.state_dir)

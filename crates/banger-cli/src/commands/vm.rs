@@ -154,6 +154,12 @@ fn vm_details(vm: &Vm) -> String {
         format!("created:   {}", vm.created_at),
         format!("dir:       {}", vm.dir),
     ];
+    if let Some(network) = &vm.network {
+        lines.push(format!("ip:        {}", network.ip));
+        lines.push(format!("dns name:  {}", network.dns_name));
+        lines.push(format!("mac:       {}", network.mac));
+        lines.push(format!("tap:       {}", network.tap));
+    }
     if let Some(started) = &vm.started_at {
         lines.push(format!("started:   {started}"));
     }
@@ -426,6 +432,7 @@ mod tests {
             started_at: None,
             error: None,
             dir: "/var/lib/banger/vms/x".into(),
+            network: None,
         }
     }
 
