@@ -223,6 +223,19 @@ impl Network {
         Ok(())
     }
 
+    /// Bridge, subnet and how many addresses are leased and free.
+    pub fn status(&self) -> DaemonResult<banger_proto::status::NetworkStatus> {
+        let used = self.store.list_leases()?.len() as u64;
+        let capacity = self.settings.bridge.subnet.assignable().count() as u64;
+        Ok(banger_proto::status::NetworkStatus {
+            bridge: self.settings.bridge.name.clone(),
+            subnet: self.settings.bridge.subnet.to_string(),
+            domain: self.settings.domain.clone(),
+            leases_used: used,
+            leases_free: capacity.saturating_sub(used),
+        })
+    }
+
     /// `NAME.DOMAIN` for `vm_name`.
     pub fn dns_name(&self, vm_name: &str) -> String {
         format!("{vm_name}.{}", self.settings.domain)

@@ -358,6 +358,11 @@ fn status(daemon: &Daemon) -> DaemonResult<DaemonStatus> {
         ),
         clone_strategy: daemon.info.clone_reason.clone(),
         vms,
+        network: daemon
+            .vms
+            .network()
+            .map(|network| network.status())
+            .transpose()?,
     })
 }
 

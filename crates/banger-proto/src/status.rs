@@ -18,6 +18,18 @@ pub struct DaemonStatus {
     pub clone_strategy: String,
     /// VM counts by state name; every state is present.
     pub vms: BTreeMap<String, u64>,
+    /// Host networking, when enabled.
+    #[serde(default)]
+    pub network: Option<NetworkStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkStatus {
+    pub bridge: String,
+    pub subnet: String,
+    pub domain: String,
+    pub leases_used: u64,
+    pub leases_free: u64,
 }
 
 /// How a `doctor` check came out.

@@ -189,6 +189,10 @@ fn vms_get_addresses_taps_dns_and_nat_without_leaks() {
     assert_eq!((ips.len(), taps.len()), (20, 20));
     assert_eq!(netns.taps().len(), 20);
     assert_eq!(netns.taps_on_bridge(), 20);
+    let status = daemon.banger_json(&["daemon", "status"]);
+    assert_eq!(status["network"]["bridge"], "banger0");
+    assert_eq!(status["network"]["leases_used"], 20);
+    assert_eq!(status["network"]["leases_free"], 253 - 20);
 
     // What the VMM got: the tap, the MAC, and banger.net= on the command line.
     let vm = daemon.vm("net3");

@@ -39,6 +39,17 @@ pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> Cli
                 status.clone_strategy,
                 if counts.is_empty() { "none".to_owned() } else { counts.join(", ") }
             ));
+            match &status.network {
+                Some(network) => printer.data(&format!(
+                    "network:         {} {} (.{}), {} leased, {} free",
+                    network.bridge,
+                    network.subnet,
+                    network.domain,
+                    network.leases_used,
+                    network.leases_free
+                )),
+                None => printer.data("network:         disabled"),
+            }
             Ok(())
         }
     }
