@@ -14,6 +14,7 @@
 //!
 //! Nothing in this crate performs I/O.
 
+pub mod agent;
 pub mod image;
 pub mod jsonrpc;
 pub mod method;

@@ -1,0 +1,211 @@
+//! `banger-agent`: the guest agent and the host-side client of its protocol.
+//!
+//! - [`client`]: what the daemon uses ([`client::AgentClient`]).
+//! - [`server`]: the agent's side of a connection; [`exec`], [`files`] and
+//!   [`system`] implement the operations; [`reaper`] collects children.
+//! - [`protocol`]: the frame codec and flow control both sides share; the
+//!   frame types are in `banger_proto::agent`, the format in
+//!   `docs/agent-protocol.md`.
+//! - [`transport`]: vsock, virtio-serial and Firecracker's vsock handshake.
+//! - [`init`]: PID 1 duties.
+//!
+//! [`main`] runs the binary:
+//! 1. As PID 1: mount, set the hostname, maybe hand PID 1 to `banger.init=`.
+//! 2. Start the runtime and the reaper (all children as PID 1, own ones otherwise).
+//! 3. Serve connections on the chosen transport until a host asks for
+//!    shutdown (or, as PID 1, SIGTERM/SIGINT/SIGPWR arrives).
+//! 4. As PID 1 power off; otherwise exit.
+
+pub mod cli;
+pub mod client;
+pub mod exec;
+pub mod files;
+pub mod init;
+pub mod protocol;
+pub mod reaper;
+pub mod server;
+pub mod system;
+pub mod transport;
+pub mod users;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::UnixListener;
+
+use crate::cli::{Args, Listen};
+use crate::reaper::{ReapMode, Reaper};
+use crate::server::{serve_connection, Agent};
+use crate::system::SystemPaths;
+
+/// Entry point of the `banger-agent` binary.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BANGER_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let listen = args.listen();
+    let mut is_init = std::process::id() == 1 && !matches!(listen, Listen::Unix(_));
+    if is_init {
+        match init::set_up() {
+            Ok(parameters) => {
+                if let Some(init_path) = parameters.init {
+                    match init::hand_off(&init_path) {
+                        Ok(()) => is_init = false,
+                        Err(error) => tracing::error!("{}", server::error_chain(&error)),
+                    }
+                }
+            }
+            Err(error) => tracing::error!("{}", server::error_chain(&error)),
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!("Failed to start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let paths = SystemPaths {
+        ssh_config_dir: args.ssh_config_dir.clone(),
+        ..SystemPaths::default()
+    };
+    let result = runtime.block_on(run(listen, paths, is_init));
+    // Blocking tasks (a tar stream of a dead connection) must not hold up the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if is_init {
+        if let Err(error) = &result {
+            tracing::error!("{}", server::error_chain(error.as_ref()));
+        }
+        init::power_off();
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{}", server::error_chain(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+async fn run(listen: Listen, paths: SystemPaths, is_init: bool) -> Result<(), BoxError> {
+    let mode = if is_init {
+        ReapMode::AllChildren
+    } else {
+        ReapMode::OwnChildren
+    };
+    let agent = Agent::new(paths, is_init, Reaper::start(mode)?);
+    let stop = {
+        let agent = Arc::clone(&agent);
+        async move {
+            if is_init {
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut terminate = signal(SignalKind::terminate())?;
+                let mut interrupt = signal(SignalKind::interrupt())?;
+                let mut power = signal(SignalKind::from_raw(libc::SIGPWR))?;
+                tokio::select! {
+                    () = agent.shutdown_requested() => {}
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                    _ = power.recv() => {}
+                }
+            } else {
+                agent.shutdown_requested().await;
+            }
+            Ok::<(), std::io::Error>(())
+        }
+    };
+    match listen {
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path)?;
+            tracing::info!(socket = %path.display(), "serving");
+            serve_unix(listener, agent, stop).await?;
+        }
+        Listen::Vsock(port) => {
+            let listener = transport::VsockListener::bind(port)?;
+            tracing::info!(port, "serving on vsock");
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    stopped = &mut stop => { stopped?; break; }
+                    accepted = listener.accept() => match accepted {
+                        Ok(stream) => spawn_connection(&agent, stream),
+                        Err(error) => tracing::warn!("accept failed: {error}"),
+                    },
+                }
+            }
+        }
+        Listen::Serial(path) => {
+            tracing::info!(device = %path.display(), "serving on virtio-serial");
+            tokio::pin!(stop);
+            loop {
+                let connection = async {
+                    match transport::open_serial(&path) {
+                        Ok(stream) => {
+                            if let Err(error) = serve_connection(Arc::clone(&agent), stream).await {
+                                tracing::warn!("{}", server::error_chain(&error));
+                            }
+                        }
+                        Err(error) => tracing::warn!("open {} failed: {error}", path.display()),
+                    }
+                    // The port has no connection state: wait for the host to come back.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                };
+                tokio::select! {
+                    stopped = &mut stop => { stopped?; break; }
+                    () = connection => {}
+                }
+            }
+        }
+    }
+    // Let the shutdown answer reach the host before the process goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+fn spawn_connection<S>(agent: &Arc<Agent>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let agent = Arc::clone(agent);
+    tokio::spawn(async move {
+        if let Err(error) = serve_connection(agent, stream).await {
+            tracing::warn!("{}", server::error_chain(&error));
+        }
+    });
+}
+
+/// Serves connections from `listener` until `stop` resolves (tests and
+/// `--listen-unix`).
+pub async fn serve_unix<F>(
+    listener: UnixListener,
+    agent: Arc<Agent>,
+    stop: F,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            stopped = &mut stop => return stopped,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => spawn_connection(&agent, stream),
+                Err(error) => tracing::warn!("accept failed: {error}"),
+            },
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Byte streams the protocol runs over.
+//!
+//! - [`FdStream`]: any pollable fd (an accepted AF_VSOCK socket, a
+//!   virtio-serial char device, a pty master) as `AsyncRead + AsyncWrite`.
+//! - [`VsockListener`]: the guest's AF_VSOCK listener (`VMADDR_CID_ANY`).
+//! - [`open_serial`]: the guest's virtio-serial port.
+//! - [`firecracker_vsock_handshake`]: the host side of Firecracker's vsock
+//!   multiplexer: write `CONNECT <port>\n` on the VM's vsock Unix socket,
+//!   read `OK <host port>\n`, then the socket is the guest's stream.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// A non-blocking fd driven by the tokio reactor.
+#[derive(Debug)]
+pub struct FdStream {
+    inner: AsyncFd<OwnedFd>,
+}
+
+impl FdStream {
+    /// Wraps `fd`, switching it to non-blocking mode.
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+        // SAFETY: `fd` is an owned, open fd; the `AsyncFd` owns it from here
+        // on, so it stays valid and is the same fd until deregistered and closed.
+        #[allow(unsafe_code)]
+        let inner = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
+        Ok(Self { inner })
+    }
+}
+
+impl AsyncRead for FdStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.inner.poll_read_ready(context))?;
+            let unfilled = buffer.initialize_unfilled();
+            match guard.try_io(|inner| {
+                nix::unistd::read(inner.as_raw_fd(), unfilled).map_err(io::Error::from)
+            }) {
+                Ok(Ok(read)) => {
+                    buffer.advance(read);
+                    return Poll::Ready(Ok(()));
+                }
+                // A pty master reports EIO once every slave fd is closed: that is its end of stream.
+                Ok(Err(error)) if error.raw_os_error() == Some(libc::EIO) => {
+                    return Poll::Ready(Ok(()))
+                }
+                Ok(Err(error)) => return Poll::Ready(Err(error)),
+                Err(_would_block) => {}
+            }
+        }
+    }
+}
+
+impl AsyncWrite for FdStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.inner.poll_write_ready(context))?;
+            match guard
+                .try_io(|inner| nix::unistd::write(inner.get_ref(), data).map_err(io::Error::from))
+            {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A listening AF_VSOCK socket (any CID), accepted on the tokio reactor.
+#[derive(Debug)]
+pub struct VsockListener {
+    inner: AsyncFd<OwnedFd>,
+}
+
+impl VsockListener {
+    pub fn bind(port: u32) -> io::Result<Self> {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+        };
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))
+            .map_err(io::Error::from)?;
+        listen(&fd, Backlog::new(16).map_err(io::Error::from)?).map_err(io::Error::from)?;
+        // SAFETY: `fd` is an owned, open socket that the `AsyncFd` owns from here on.
+        #[allow(unsafe_code)]
+        let inner = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
+        Ok(Self { inner })
+    }
+
+    /// The next connection.
+    pub async fn accept(&self) -> io::Result<FdStream> {
+        loop {
+            let mut guard = self.inner.readable().await?;
+            let accepted = guard.try_io(|inner| {
+                nix::sys::socket::accept4(
+                    inner.as_raw_fd(),
+                    nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(io::Error::from)
+            });
+            if let Ok(accepted) = accepted {
+                // SAFETY: accept4 returned a new fd that nothing else owns.
+                #[allow(unsafe_code)]
+                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(accepted?) };
+                return FdStream::new(fd);
+            }
+        }
+    }
+}
+
+/// Opens a virtio-serial port (e.g. `/dev/virtio-ports/banger.agent`).
+pub fn open_serial(path: &Path) -> io::Result<FdStream> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    FdStream::new(OwnedFd::from(file))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockHandshakeError {
+    #[error("Vsock handshake I/O failed")]
+    Io(#[from] io::Error),
+    #[error("Firecracker refused the vsock connection to port {port}: {answer:?}")]
+    Refused { port: u32, answer: String },
+}
+
+/// Firecracker's host-initiated vsock handshake on an already connected stream.
+pub async fn firecracker_vsock_handshake<S>(
+    stream: &mut S,
+    port: u32,
+) -> Result<(), VsockHandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    stream.flush().await?;
+    // Read byte by byte: whatever follows the newline is the guest's protocol.
+    let mut answer = Vec::new();
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            break;
+        }
+        answer.push(byte);
+        if answer.len() > 64 {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    if answer.starts_with("OK ") {
+        Ok(())
+    } else {
+        Err(VsockHandshakeError::Refused { port, answer })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn firecracker_handshake_sends_connect_and_accepts_ok() {
+        let (mut host, mut vmm) = tokio::io::duplex(256);
+        let fake = tokio::spawn(async move {
+            let mut line = vec![0_u8; 13];
+            vmm.read_exact(&mut line).await.unwrap();
+            vmm.write_all(b"OK 1073741824\nrest").await.unwrap();
+            (String::from_utf8(line).unwrap(), vmm)
+        });
+        firecracker_vsock_handshake(&mut host, 1024).await.unwrap();
+        let (line, _vmm) = fake.await.unwrap();
+        assert_eq!(line, "CONNECT 1024\n");
+        let mut rest = [0_u8; 4];
+        host.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"rest");
+
+        let (mut host, mut vmm) = tokio::io::duplex(256);
+        vmm.write_all(b"FAILURE\n").await.unwrap();
+        assert!(matches!(
+            firecracker_vsock_handshake(&mut host, 5).await,
+            Err(VsockHandshakeError::Refused { port: 5, .. })
+        ));
+    }
+}
