@@ -8,6 +8,8 @@
 //! - [`unpack`]: extraction of tarballs (plain, gzip, zstd), directory trees,
 //!   OCI image layouts and `docker save` archives into a staging directory,
 //!   refusing anything that would escape it.
+//! - [`initramfs`]: gzip-compressed newc initramfs images with the guest
+//!   agent as `/init` and the kernel modules it needs, in load order.
 //! - [`ext4`]: `mkfs.ext4 -d` images from a directory, empty work disks,
 //!   growing (never shrinking) a disk.
 //!
@@ -16,4 +18,5 @@
 pub mod clone;
 pub mod command;
 pub mod ext4;
+pub mod initramfs;
 pub mod unpack;
