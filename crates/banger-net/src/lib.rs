@@ -16,6 +16,9 @@
 //!   through rtnetlink, behind the [`netlink::HostNetwork`] trait,
 //! - [`nat`]: the `inet banger` nftables table, behind [`nat::Nft`],
 //! - [`dns`]: the `<vm>.banger` DNS server that forwards everything else,
+//! - [`pool`]: pre-created taps handed to VMs by renaming,
+//! - [`resolved`]: telling systemd-resolved to send `~banger` queries to
+//!   the DNS server, behind [`resolved::Resolved`],
 //! - [`setup`]: the steps the daemon runs (bring up, prepare a tap,
 //!   reconcile, tear down) over those seams.
 
@@ -29,6 +32,10 @@ pub mod dns;
 pub mod nat;
 #[cfg(feature = "host")]
 pub mod netlink;
+#[cfg(feature = "host")]
+pub mod pool;
+#[cfg(feature = "host")]
+pub mod resolved;
 #[cfg(feature = "host")]
 pub mod setup;
 

@@ -6,11 +6,14 @@
 //! to make, and can fail the Nth call. Callers receive the implementation
 //! explicitly (`Arc<dyn HostNetwork>`); nothing switches on `cfg!(test)`.
 //!
-//! Naming: banger's taps are `bgtap<N>` ([`tap_name`]), at most 15 bytes
-//! (`IFNAMSIZ - 1`). The index is chosen by the daemon (a pool slot), not
-//! derived from the VM id, so pre-created taps can be handed to any VM;
-//! reconciliation recognises banger's own taps by [`parse_tap_name`] and
-//! deletes those no VM record claims.
+//! Naming: a VM's tap is `bgtap<N>` ([`tap_name`]), a pre-created tap
+//! waiting in the pool is `bgpool<N>` ([`pool_tap_name`]), both at most 15
+//! bytes (`IFNAMSIZ - 1`). Indexes are chosen by the daemon, not derived
+//! from the VM id. A pooled tap handed to a VM is renamed to the VM's name,
+//! so the name alone says which role a tap has: reconciliation recognises
+//! banger's own by [`parse_tap_name`] / [`parse_pool_tap_name`], deletes
+//! `bgtap<N>` no VM record claims and keeps (up to the pool size) the
+//! `bgpool<N>` ones.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteType};
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, RouteMessageBuilder};
 
@@ -32,19 +35,39 @@ pub const TAP_PREFIX: &str = "bgtap";
 /// Linux interface names are at most 15 bytes.
 pub const MAX_INTERFACE_NAME: usize = 15;
 
-/// The name of tap number `index`: `bgtap0`, `bgtap1`, ….
+/// The prefix of the taps waiting in the pool.
+pub const POOL_TAP_PREFIX: &str = "bgpool";
+
+/// The name of VM tap number `index`: `bgtap0`, `bgtap1`, ….
 #[must_use]
 pub fn tap_name(index: u32) -> String {
     format!("{TAP_PREFIX}{index}")
 }
 
-/// The index of a banger tap name, `None` for any other interface name.
+/// The index of a banger VM tap name, `None` for any other interface name.
 /// Only the canonical spelling counts (`bgtap01` is not banger's).
 #[must_use]
 pub fn parse_tap_name(name: &str) -> Option<u32> {
-    let digits = name.strip_prefix(TAP_PREFIX)?;
+    parse_indexed(name, TAP_PREFIX)
+}
+
+/// The name of pool tap number `index`: `bgpool0`, `bgpool1`, ….
+#[must_use]
+pub fn pool_tap_name(index: u32) -> String {
+    format!("{POOL_TAP_PREFIX}{index}")
+}
+
+/// The index of a pool tap name, `None` for any other interface name.
+#[must_use]
+pub fn parse_pool_tap_name(name: &str) -> Option<u32> {
+    parse_indexed(name, POOL_TAP_PREFIX)
+}
+
+fn parse_indexed(name: &str, prefix: &str) -> Option<u32> {
+    let digits = name.strip_prefix(prefix)?;
     let index: u32 = digits.parse().ok()?;
-    (digits.bytes().all(|byte| byte.is_ascii_digit()) && tap_name(index) == name).then_some(index)
+    (digits.bytes().all(|byte| byte.is_ascii_digit()) && format!("{prefix}{index}") == name)
+        .then_some(index)
 }
 
 /// Whether `name` can be a Linux interface name.
@@ -136,11 +159,28 @@ pub enum NetlinkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("Failed to rename `{name}` to `{new_name}`")]
+    RenameLink {
+        name: String,
+        new_name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("Failed to set `{name}` down")]
+    SetDown {
+        name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
     #[error("Failed to enable IPv4 forwarding")]
     EnableForwarding {
         #[source]
         source: std::io::Error,
     },
+    /// Only [`RecordingHostNetwork`] returns this (the kernel's EEXIST
+    /// comes as [`NetlinkError::RenameLink`]).
+    #[error("Network link `{name}` already exists")]
+    LinkExists { name: String },
     /// Only [`RecordingHostNetwork`] returns this.
     #[error("Injected failure of call {call}")]
     Injected { call: usize },
@@ -180,6 +220,29 @@ pub trait HostNetwork: Send + Sync {
 
     /// Writes 1 to `/proc/sys/net/ipv4/ip_forward`.
     async fn enable_ip_forwarding(&self) -> Result<(), NetlinkError>;
+
+    /// The state of link `name`, `None` when it does not exist.
+    async fn link_status(&self, name: &str) -> Result<Option<LinkStatus>, NetlinkError>;
+
+    /// Sets `name` down. A bridge forgets the addresses it learned on a port
+    /// that goes down.
+    async fn set_link_down(&self, name: &str) -> Result<(), NetlinkError>;
+
+    /// Renames `name` to `new_name`, setting it down first if it is up
+    /// (Linux renames only down links); with `up` the renamed link is
+    /// brought up in the same request as the rename.
+    async fn rename_link(&self, name: &str, new_name: &str, up: bool) -> Result<(), NetlinkError>;
+}
+
+/// What [`HostNetwork::link_status`] reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// Administratively up.
+    pub up: bool,
+    /// For a tap: a process (a VMM) has it open.
+    pub carrier: bool,
+    /// The bridge the link is a port of.
+    pub controller: Option<String>,
 }
 
 /// The real implementation over an rtnetlink socket.
@@ -466,6 +529,86 @@ impl HostNetwork for LinuxHostNetwork {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1\n")
             .map_err(|source| NetlinkError::EnableForwarding { source })
     }
+
+    async fn link_status(&self, name: &str) -> Result<Option<LinkStatus>, NetlinkError> {
+        let Some(link) = self.find_link(name).await? else {
+            return Ok(None);
+        };
+        let mut status = LinkStatus {
+            up: link.header.flags.contains(LinkFlags::Up),
+            ..LinkStatus::default()
+        };
+        let mut controller = None;
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::Carrier(carrier) => status.carrier = *carrier != 0,
+                LinkAttribute::Controller(index) => controller = Some(*index),
+                _ => {}
+            }
+        }
+        if let Some(index) = controller {
+            let mut links = self.handle.link().get().match_index(index).execute();
+            let link = links
+                .try_next()
+                .await
+                .map_err(|source| NetlinkError::ListLinks { source })?;
+            status.controller = link.as_ref().and_then(link_name).map(str::to_owned);
+        }
+        Ok(Some(status))
+    }
+
+    async fn set_link_down(&self, name: &str) -> Result<(), NetlinkError> {
+        let index = self.link_index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::SetDown {
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    async fn rename_link(&self, name: &str, new_name: &str, up: bool) -> Result<(), NetlinkError> {
+        if !is_valid_interface_name(new_name) {
+            return Err(NetlinkError::InvalidName {
+                name: new_name.to_owned(),
+            });
+        }
+        let link = self
+            .find_link(name)
+            .await?
+            .ok_or_else(|| NetlinkError::FindLink {
+                name: name.to_owned(),
+            })?;
+        let index = link.header.index;
+        if link.header.flags.contains(LinkFlags::Up) {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+                .map_err(|source| NetlinkError::SetDown {
+                    name: name.to_owned(),
+                    source,
+                })?;
+        }
+        // The kernel applies the new name before the flags, so one request
+        // renames the down link and brings it up.
+        let message = LinkUnspec::new_with_index(index).name(new_name);
+        let message = if up { message.up() } else { message };
+        self.handle
+            .link()
+            .set(message.build())
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::RenameLink {
+                name: name.to_owned(),
+                new_name: new_name.to_owned(),
+                source,
+            })
+    }
 }
 
 fn link_name(link: &LinkMessage) -> Option<&str> {
@@ -565,6 +708,17 @@ pub enum HostNetworkCall {
     },
     DefaultRouteInterface,
     EnableIpForwarding,
+    LinkStatus {
+        name: String,
+    },
+    SetLinkDown {
+        name: String,
+    },
+    RenameLink {
+        name: String,
+        new_name: String,
+        up: bool,
+    },
 }
 
 /// What the fake believes a link is.
@@ -576,7 +730,23 @@ pub enum FakeLink {
     Tap {
         controller: Option<String>,
         isolated: bool,
+        up: bool,
+        /// A process has the tap open.
+        carrier: bool,
     },
+}
+
+impl FakeLink {
+    /// A tap as `create_tap` makes it: down, on no bridge, not open.
+    #[must_use]
+    pub fn new_tap() -> Self {
+        Self::Tap {
+            controller: None,
+            isolated: false,
+            up: false,
+            carrier: false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -616,6 +786,13 @@ impl RecordingHostNetwork {
     /// Pretends a link exists (a leftover for reconciliation tests).
     pub fn add_link(&self, name: &str, link: FakeLink) {
         self.state().links.insert(name.to_owned(), link);
+    }
+
+    /// Pretends a process opened (or closed) tap `name`.
+    pub fn set_carrier(&self, name: &str, on: bool) {
+        if let Some(FakeLink::Tap { carrier, .. }) = self.state().links.get_mut(name) {
+            *carrier = on;
+        }
     }
 
     #[must_use]
@@ -686,10 +863,10 @@ impl HostNetwork for RecordingHostNetwork {
                 name: name.to_owned(),
             });
         }
-        state.links.entry(name.to_owned()).or_insert(FakeLink::Tap {
-            controller: None,
-            isolated: false,
-        });
+        state
+            .links
+            .entry(name.to_owned())
+            .or_insert_with(FakeLink::new_tap);
         Ok(())
     }
 
@@ -713,9 +890,12 @@ impl HostNetwork for RecordingHostNetwork {
             Some(FakeLink::Tap {
                 controller,
                 isolated: port_isolated,
+                up,
+                ..
             }) => {
                 *controller = Some(bridge.to_owned());
                 *port_isolated = isolated;
+                *up = true;
                 Ok(())
             }
             _ => Err(NetlinkError::FindLink {
@@ -761,6 +941,74 @@ impl HostNetwork for RecordingHostNetwork {
     async fn enable_ip_forwarding(&self) -> Result<(), NetlinkError> {
         let mut state = self.record(HostNetworkCall::EnableIpForwarding)?;
         state.ip_forwarding = true;
+        Ok(())
+    }
+
+    async fn link_status(&self, name: &str) -> Result<Option<LinkStatus>, NetlinkError> {
+        let state = self.record(HostNetworkCall::LinkStatus {
+            name: name.to_owned(),
+        })?;
+        Ok(state.links.get(name).map(|link| match link {
+            FakeLink::Bridge { .. } => LinkStatus {
+                up: true,
+                carrier: true,
+                controller: None,
+            },
+            FakeLink::Tap {
+                controller,
+                up,
+                carrier,
+                ..
+            } => LinkStatus {
+                up: *up,
+                carrier: *carrier,
+                controller: controller.clone(),
+            },
+        }))
+    }
+
+    async fn set_link_down(&self, name: &str) -> Result<(), NetlinkError> {
+        let mut state = self.record(HostNetworkCall::SetLinkDown {
+            name: name.to_owned(),
+        })?;
+        match state.links.get_mut(name) {
+            Some(FakeLink::Tap { up, .. }) => {
+                *up = false;
+                Ok(())
+            }
+            Some(FakeLink::Bridge { .. }) => Ok(()),
+            None => Err(NetlinkError::FindLink {
+                name: name.to_owned(),
+            }),
+        }
+    }
+
+    async fn rename_link(&self, name: &str, new_name: &str, up: bool) -> Result<(), NetlinkError> {
+        let mut state = self.record(HostNetworkCall::RenameLink {
+            name: name.to_owned(),
+            new_name: new_name.to_owned(),
+            up,
+        })?;
+        if !is_valid_interface_name(new_name) {
+            return Err(NetlinkError::InvalidName {
+                name: new_name.to_owned(),
+            });
+        }
+        if state.links.contains_key(new_name) {
+            return Err(NetlinkError::LinkExists {
+                name: new_name.to_owned(),
+            });
+        }
+        let mut link = state
+            .links
+            .remove(name)
+            .ok_or_else(|| NetlinkError::FindLink {
+                name: name.to_owned(),
+            })?;
+        if let FakeLink::Tap { up: link_up, .. } = &mut link {
+            *link_up = up;
+        }
+        state.links.insert(new_name.to_owned(), link);
         Ok(())
     }
 }
@@ -818,7 +1066,9 @@ mod tests {
             network.links().get("bgtap0"),
             Some(&FakeLink::Tap {
                 controller: Some("banger0".to_owned()),
-                isolated: true
+                isolated: true,
+                up: true,
+                carrier: false,
             })
         );
         assert_eq!(
@@ -835,6 +1085,57 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn pool_and_vm_tap_names_never_overlap() {
+        assert_eq!(pool_tap_name(3), "bgpool3");
+        assert_eq!(pool_tap_name(u32::MAX).len(), 16);
+        for index in [0, 7, 42] {
+            let pooled = pool_tap_name(index);
+            assert_eq!(parse_pool_tap_name(&pooled), Some(index));
+            assert_eq!(parse_tap_name(&pooled), None);
+            assert_eq!(parse_pool_tap_name(&tap_name(index)), None);
+        }
+        for other in ["bgpool", "bgpool01", "bgpoolx", "bgpool-1"] {
+            assert_eq!(parse_pool_tap_name(other), None, "{other}");
+        }
+    }
+
+    #[tokio::test]
+    async fn fake_renames_and_reports_link_state() {
+        let network = RecordingHostNetwork::new();
+        network
+            .ensure_bridge(&BridgeConfig::default())
+            .await
+            .unwrap();
+        network.create_tap("bgpool0").await.unwrap();
+        network.create_tap("bgtap1").await.unwrap();
+        network
+            .attach_to_bridge("bgpool0", "banger0", true)
+            .await
+            .unwrap();
+        network.set_link_down("bgpool0").await.unwrap();
+        assert_eq!(
+            network.link_status("bgpool0").await.unwrap(),
+            Some(LinkStatus {
+                up: false,
+                carrier: false,
+                controller: Some("banger0".to_owned())
+            })
+        );
+        assert!(matches!(
+            network.rename_link("bgpool0", "bgtap1", true).await,
+            Err(NetlinkError::LinkExists { .. })
+        ));
+        network
+            .rename_link("bgpool0", "bgtap0", true)
+            .await
+            .unwrap();
+        network.set_carrier("bgtap0", true);
+        assert_eq!(network.link_status("bgpool0").await.unwrap(), None);
+        let status = network.link_status("bgtap0").await.unwrap().unwrap();
+        assert!(status.up && status.carrier);
     }
 
     #[tokio::test]

@@ -8,14 +8,16 @@
 //!    find the uplink (configured, else the default-route interface), and
 //!    apply the NAT table. Safe to repeat (reconciliation may call it
 //!    periodically: the NAT apply is idempotent).
-//! 2. [`remove_leaked_taps`] with the taps the store's VMs claim.
-//! 3. Start [`crate::dns::DnsServer`] on the gateway address, port 53.
+//! 2. [`remove_leaked_taps`] with the taps the store's VMs claim, then
+//!    [`crate::pool::TapPool::adopt`] and fill the pool in the background.
+//! 3. Start [`crate::dns::DnsServer`] on the gateway address, port 53, and
+//!    tell systemd-resolved about it ([`crate::resolved`]).
 //!
 //! VM create (the `network` stage), its undo in brackets:
 //! 1. allocate the IP in the store ([`crate::Subnet::allocate`]) [release it],
-//! 2. pick a tap name with [`lowest_free_tap_index`] (or take one from a
-//!    pool filled by [`prepare_tap`]) and [`prepare_tap`] it
-//!    [`HostNetwork::delete_link`],
+//! 2. pick a tap name with [`next_tap_name`] and get the tap from
+//!    [`crate::pool::TapPool::take`] (a pooled tap renamed, or a new one)
+//!    [`crate::pool::TapPool::give_back`],
 //! 3. pass [`guest_network`]`(…).to_kernel_argument()` on the kernel command
 //!    line and the tap + [`crate::MacAddress::for_vm`] to the VMM,
 //! 4. insert the DNS record [remove it].
@@ -303,17 +305,13 @@ mod tests {
             host.links().get("bgtap1"),
             Some(&FakeLink::Tap {
                 controller: Some("banger0".to_owned()),
-                isolated: true
+                isolated: true,
+                up: true,
+                carrier: false,
             })
         );
         // Someone else's interface that merely shares the prefix.
-        host.add_link(
-            "bgtapestry",
-            FakeLink::Tap {
-                controller: None,
-                isolated: false,
-            },
-        );
+        host.add_link("bgtapestry", FakeLink::new_tap());
         in_use.remove("bgtap1");
         assert_eq!(next_tap_name(&in_use), "bgtap1");
         let removed = remove_leaked_taps(&host, &in_use).await.unwrap();

@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_net::nat::{self, NatConfig, Nft, NftCommand};
@@ -775,6 +775,90 @@ fn guest_resolves_vm_names_through_the_gateway() {
         forwarded,
         (ResponseCode::NoError, vec![Ipv4Addr::new(192, 0, 2, 53)])
     );
+
+    let names = namespaces.names();
+    drop(namespaces);
+    assert_gone(&names);
+}
+
+/// The median of `samples`.
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[test]
+fn pooled_taps_are_renamed_returned_clean_and_faster_than_creating() {
+    use banger_net::pool::{TapFate, TapPool, TapSource};
+    if !require_root("pooled_taps_are_renamed_returned_clean_and_faster_than_creating") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let namespaces = Namespaces::new("pool", &["host"]);
+    let host = namespaces.name("host").to_owned();
+    const ROUNDS: usize = 40;
+
+    let (pooled_times, created_times, pool_after) = block_in_netns(&host, || async {
+        let network = Arc::new(LinuxHostNetwork::connect().unwrap());
+        network
+            .ensure_bridge(&BridgeConfig::default())
+            .await
+            .unwrap();
+        let pool = TapPool::new(network.clone(), "banger0", true, ROUNDS);
+        assert_eq!(pool.fill().await.unwrap(), ROUNDS);
+        let mut pooled_times = Vec::new();
+        for index in 0..ROUNDS {
+            let name = format!("bgtap{index}");
+            let started = Instant::now();
+            assert_eq!(pool.take(&name).await.unwrap(), TapSource::Pool);
+            pooled_times.push(started.elapsed());
+        }
+        let empty = TapPool::new(network.clone(), "banger0", true, 0);
+        let mut created_times = Vec::new();
+        for index in ROUNDS..2 * ROUNDS {
+            let name = format!("bgtap{index}");
+            let started = Instant::now();
+            assert_eq!(empty.take(&name).await.unwrap(), TapSource::Created);
+            created_times.push(started.elapsed());
+        }
+        for index in ROUNDS..2 * ROUNDS {
+            empty.give_back(&format!("bgtap{index}")).await.unwrap();
+        }
+        // Half go back to the pool; the rest find it full.
+        let small = TapPool::new(network.clone(), "banger0", true, ROUNDS / 2);
+        let mut fates = Vec::new();
+        for index in 0..ROUNDS {
+            fates.push(small.give_back(&format!("bgtap{index}")).await.unwrap());
+        }
+        assert_eq!(
+            fates
+                .iter()
+                .filter(|fate| **fate == TapFate::Pooled)
+                .count(),
+            ROUNDS / 2
+        );
+        let pool_after = network.list_links("bg").await.unwrap();
+        (pooled_times, created_times, pool_after)
+    });
+    let pooled = median(pooled_times);
+    let created = median(created_times);
+    eprintln!(
+        "tap attach, median of {ROUNDS}: pooled (rename + up) {pooled:?}, created (tun + bridge + up) {created:?}"
+    );
+    assert!(
+        pooled < created,
+        "a pooled tap ({pooled:?}) should be faster than a new one ({created:?})"
+    );
+    assert_eq!(pool_after.len(), ROUNDS / 2, "{pool_after:?}");
+    assert!(pool_after.iter().all(|name| name.starts_with("bgpool")));
+    // Returned clean: down, still an isolated port of the bridge.
+    let details = ip(&host, &["-d", "link", "show", &pool_after[0]]);
+    assert!(details.contains("master banger0"), "{details}");
+    assert!(details.contains("isolated on"), "{details}");
+    assert!(details.contains("state DOWN"), "{details}");
+    assert!(!details.contains(",UP"), "{details}");
 
     let names = namespaces.names();
     drop(namespaces);
