@@ -1,9 +1,12 @@
 //! Command-line arguments of `banger-agent`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use banger_proto::agent::{DEFAULT_VSOCK_PORT, SERIAL_PORT_NAME};
 use clap::Parser;
+
+use crate::transport;
 
 #[derive(Debug, Parser)]
 #[command(name = "banger-agent", version, about = "banger's guest agent")]
@@ -20,6 +23,9 @@ pub struct Args {
     /// Where the SSH host keys are.
     #[arg(long, value_name = "DIR", default_value = "/etc/ssh")]
     pub ssh_config_dir: PathBuf,
+    /// Set by the agent itself when it re-executes after leaving the initramfs.
+    #[arg(long, hide = true)]
+    pub from_initramfs: bool,
 }
 
 /// Where the agent serves.
@@ -31,9 +37,16 @@ pub enum Listen {
 }
 
 impl Args {
-    /// The chosen transport; without a flag, the virtio-serial port if the
-    /// guest has one, else vsock on the default port.
+    /// The chosen transport; without a flag, the virtio-serial port
+    /// `banger.agent` if the guest has one, else vsock on the default port.
     pub fn listen(&self) -> Listen {
+        self.listen_in(Path::new("/"), Duration::ZERO)
+    }
+
+    /// [`Self::listen`] for a guest whose root is `root`; when the guest has
+    /// a virtio console whose port is not there yet (the driver is still
+    /// probing), waits up to `wait` for it.
+    pub fn listen_in(&self, root: &Path, wait: Duration) -> Listen {
         if let Some(path) = &self.listen_unix {
             return Listen::Unix(path.clone());
         }
@@ -43,11 +56,15 @@ impl Args {
         if let Some(path) = &self.serial {
             return Listen::Serial(path.clone());
         }
-        let serial = PathBuf::from("/dev/virtio-ports").join(SERIAL_PORT_NAME);
-        if serial.exists() {
-            Listen::Serial(serial)
-        } else {
-            Listen::Vsock(DEFAULT_VSOCK_PORT)
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(port) = transport::find_serial_port(root, SERIAL_PORT_NAME) {
+                return Listen::Serial(port);
+            }
+            if Instant::now() >= deadline || !transport::has_virtio_console(root) {
+                return Listen::Vsock(DEFAULT_VSOCK_PORT);
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -65,6 +82,26 @@ mod tests {
         assert!(
             Args::try_parse_from(["banger-agent", "--vsock-port", "52", "--serial", "/dev/x"])
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn without_flags_the_named_port_wins_over_vsock() {
+        let root = tempfile::tempdir().unwrap();
+        let args = Args::parse_from(["banger-agent"]);
+        assert_eq!(
+            args.listen_in(root.path(), Duration::from_secs(5)),
+            Listen::Vsock(DEFAULT_VSOCK_PORT),
+            "no virtio console: no wait, vsock"
+        );
+        let port = root.path().join("sys/class/virtio-ports/vport0p1");
+        std::fs::create_dir_all(&port).unwrap();
+        std::fs::write(port.join("name"), "banger.agent\n").unwrap();
+        std::fs::create_dir_all(root.path().join("dev")).unwrap();
+        std::fs::write(root.path().join("dev/vport0p1"), "").unwrap();
+        assert_eq!(
+            args.listen_in(root.path(), Duration::ZERO),
+            Listen::Serial(root.path().join("dev/vport0p1"))
         );
     }
 }

@@ -9,18 +9,25 @@
 //! - [`transport`]: vsock, virtio-serial and Firecracker's vsock handshake.
 //! - [`init`]: PID 1 duties.
 //!
+//! - [`network`]: the guest network from `banger.net=`.
+//!
 //! [`main`] runs the binary:
-//! 1. As PID 1: mount, set the hostname, maybe hand PID 1 to `banger.init=`.
-//! 2. Start the runtime and the reaper (all children as PID 1, own ones otherwise).
-//! 3. Serve connections on the chosen transport until a host asks for
+//! 1. As PID 1 in banger's initramfs: load modules, mount the root disk,
+//!    switch to it and re-execute from there ([`init::switch_from_initramfs`]).
+//! 2. As PID 1: mount, set the hostname, maybe hand PID 1 to the root's init
+//!    ([`init::BootParameters::hand_off_target`]).
+//! 3. Start the runtime and the reaper (all children as PID 1, own ones
+//!    otherwise); when booted as init, apply `banger.net=`.
+//! 4. Serve connections on the chosen transport until a host asks for
 //!    shutdown (or, as PID 1, SIGTERM/SIGINT/SIGPWR arrives).
-//! 4. As PID 1 power off; otherwise exit.
+//! 5. As PID 1 power off; otherwise exit.
 
 pub mod cli;
 pub mod client;
 pub mod exec;
 pub mod files;
 pub mod init;
+pub mod network;
 pub mod protocol;
 pub mod reaper;
 pub mod server;
@@ -28,6 +35,8 @@ pub mod system;
 pub mod transport;
 pub mod users;
 
+use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,17 +54,37 @@ pub fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BANGER_AGENT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let listen = args.listen();
-    let mut is_init = std::process::id() == 1 && !matches!(listen, Listen::Unix(_));
-    if is_init {
+    let booted_as_init = std::process::id() == 1 && args.listen_unix.is_none();
+    let mut is_init = booted_as_init;
+    if booted_as_init {
+        let mut from_initramfs = args.from_initramfs;
+        if init::is_initramfs() {
+            match init::switch_from_initramfs() {
+                Ok(copied) => {
+                    from_initramfs = true;
+                    if copied {
+                        let error = init::exec_agent_copy();
+                        tracing::error!(
+                            "Failed to execute {}: {error}; going on without it",
+                            init::AGENT_COPY
+                        );
+                    }
+                }
+                Err(error) => tracing::error!(
+                    "{}; serving from the initramfs",
+                    server::error_chain(&error)
+                ),
+            }
+        }
         match init::set_up() {
             Ok(parameters) => {
-                if let Some(init_path) = parameters.init {
+                if let Some(init_path) = parameters.hand_off_target(from_initramfs, Path::exists) {
                     match init::hand_off(&init_path) {
                         Ok(()) => is_init = false,
                         Err(error) => tracing::error!("{}", server::error_chain(&error)),
@@ -65,6 +94,11 @@ pub fn main() -> ExitCode {
             Err(error) => tracing::error!("{}", server::error_chain(&error)),
         }
     }
+    let listen = if booted_as_init {
+        args.listen_in(Path::new("/"), Duration::from_secs(3))
+    } else {
+        args.listen()
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -80,7 +114,12 @@ pub fn main() -> ExitCode {
         ssh_config_dir: args.ssh_config_dir.clone(),
         ..SystemPaths::default()
     };
-    let result = runtime.block_on(run(listen, paths, is_init));
+    let result = runtime.block_on(async {
+        if booted_as_init {
+            apply_network().await;
+        }
+        run(listen, paths, is_init).await
+    });
     // Blocking tasks (a tar stream of a dead connection) must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     if is_init {
@@ -95,6 +134,26 @@ pub fn main() -> ExitCode {
             tracing::error!("{}", server::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Applies `banger.net=`; failures go to the console, the agent serves anyway.
+async fn apply_network() {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    match network::apply(
+        &cmdline,
+        Path::new("/sys/class/net"),
+        Path::new("/etc/resolv.conf"),
+    )
+    .await
+    {
+        Ok(Some(applied)) => tracing::info!(
+            interface = %applied.interface,
+            address = %applied.network.address,
+            "network configured"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::error!("{}", server::error_chain(&error)),
     }
 }
 

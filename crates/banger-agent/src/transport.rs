@@ -139,6 +139,45 @@ impl VsockListener {
     }
 }
 
+/// The device of the virtio-serial port named `name`, under `root` (`/` in
+/// a guest): udev's `/dev/virtio-ports/NAME` link, else the `vportNpM` whose
+/// `/sys/class/virtio-ports/vportNpM/name` is `name` (no udev, e.g. when
+/// the agent is init).
+#[must_use]
+pub fn find_serial_port(root: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let link = root.join("dev/virtio-ports").join(name);
+    if link.exists() {
+        return Some(link);
+    }
+    let mut ports: Vec<_> = std::fs::read_dir(root.join("sys/class/virtio-ports"))
+        .ok()?
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    ports.sort();
+    ports.into_iter().find_map(|port| {
+        let port_name =
+            std::fs::read_to_string(root.join("sys/class/virtio-ports").join(&port).join("name"))
+                .ok()?;
+        let device = root.join("dev").join(&port);
+        (port_name.trim_end_matches('\n') == name && device.exists()).then_some(device)
+    })
+}
+
+/// Whether the guest has a virtio console device (virtio device id 3), so a
+/// named port may still be on its way.
+#[must_use]
+pub fn has_virtio_console(root: &Path) -> bool {
+    std::fs::read_dir(root.join("sys/bus/virtio/devices"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            std::fs::read_to_string(entry.path().join("device"))
+                .is_ok_and(|id| id.trim() == "0x0003")
+        })
+}
+
 /// Opens a virtio-serial port (e.g. `/dev/virtio-ports/banger.agent`).
 pub fn open_serial(path: &Path) -> io::Result<FdStream> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -193,6 +232,42 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serial_port_is_found_by_its_sysfs_name() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        assert_eq!(find_serial_port(root, "banger.agent"), None);
+        for (port, name) in [
+            ("vport0p0", ""),
+            ("vport0p1", "banger.agent\n"),
+            ("vport1p1", "other\n"),
+        ] {
+            let directory = root.join("sys/class/virtio-ports").join(port);
+            std::fs::create_dir_all(&directory).unwrap();
+            std::fs::write(directory.join("name"), name).unwrap();
+        }
+        std::fs::create_dir_all(root.join("dev")).unwrap();
+        // The sysfs entry alone is not enough: the device node must exist.
+        assert_eq!(find_serial_port(root, "banger.agent"), None);
+        std::fs::write(root.join("dev/vport0p1"), "").unwrap();
+        assert_eq!(
+            find_serial_port(root, "banger.agent"),
+            Some(root.join("dev/vport0p1"))
+        );
+        std::fs::create_dir_all(root.join("dev/virtio-ports")).unwrap();
+        std::fs::write(root.join("dev/virtio-ports/banger.agent"), "").unwrap();
+        assert_eq!(
+            find_serial_port(root, "banger.agent"),
+            Some(root.join("dev/virtio-ports/banger.agent"))
+        );
+
+        assert!(!has_virtio_console(root));
+        let device = root.join("sys/bus/virtio/devices/virtio2");
+        std::fs::create_dir_all(&device).unwrap();
+        std::fs::write(device.join("device"), "0x0003\n").unwrap();
+        assert!(has_virtio_console(root));
+    }
 
     #[tokio::test]
     async fn firecracker_handshake_sends_connect_and_accepts_ok() {
