@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 # The integration tests drive the real binaries (bangerd, banger,
 # fake-firecracker) from the target dir, so build them all first.
 cargo build --workspace --bins --locked
+# The static guest agent, for the tests that boot real guests with it.
+BANGER_AGENT_STATIC="$(scripts/build-agent.sh)"
+export BANGER_AGENT_STATIC
 cargo test --workspace --locked -- "$@"
