@@ -59,9 +59,18 @@ pub struct NetworkConfig {
     /// Where other names are forwarded; empty: the host's /etc/resolv.conf.
     pub dns_upstreams: Vec<String>,
     pub dns_port: u16,
-    /// Remove the NAT table and the bridge when the daemon stops.
+    /// Remove the pooled taps, the NAT table and the bridge when the daemon
+    /// stops.
     pub teardown_on_exit: bool,
+    /// Taps kept ready on the bridge so creates need not make one; 0: none.
+    pub tap_pool_size: u32,
+    /// Where systemd-resolved runs, route `~DOMAIN` queries from the host
+    /// to the daemon's DNS server.
+    pub resolved: bool,
 }
+
+/// More pooled taps than this would only clutter the host's link list.
+pub const MAX_TAP_POOL_SIZE: u32 = 64;
 
 impl Default for NetworkConfig {
     fn default() -> Self {
@@ -75,6 +84,8 @@ impl Default for NetworkConfig {
             dns_upstreams: Vec::new(),
             dns_port: 53,
             teardown_on_exit: false,
+            tap_pool_size: 4,
+            resolved: true,
         }
     }
 }
@@ -319,6 +330,15 @@ impl Config {
                 ),
             ));
         }
+        if self.network.tap_pool_size > MAX_TAP_POOL_SIZE {
+            return Err(bad(
+                "network.tap_pool_size",
+                format!(
+                    "must be at most {MAX_TAP_POOL_SIZE}, not {}",
+                    self.network.tap_pool_size
+                ),
+            ));
+        }
         if self.access.group.is_empty() {
             return Err(bad("access.group", "must not be empty".to_owned()));
         }
@@ -403,6 +423,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`storage.clone` must be one of"));
+    }
+
+    #[test]
+    fn network_pool_and_resolved_settings() {
+        let config = parse("").unwrap();
+        assert_eq!(config.network.tap_pool_size, 4);
+        assert!(config.network.resolved);
+        let config = parse("[network]\ntap_pool_size = 0\nresolved = false\n").unwrap();
+        assert_eq!(config.network.tap_pool_size, 0);
+        assert!(!config.network.resolved);
+        assert_eq!(
+            parse("[network]\ntap_pool_size = 65\n")
+                .unwrap_err()
+                .to_string(),
+            "Invalid config /etc/banger/config.toml: `network.tap_pool_size` must be at most 64, not 65"
+        );
     }
 
     #[test]

@@ -3,13 +3,23 @@
 //! `banger-net` and hooked into the VM lifecycle:
 //!
 //! 1. daemon start ([`Network::start`]): bridge, forwarding, NAT table,
-//!    leaked taps removed, DNS server on the gateway with a record per lease;
+//!    leaked VM taps removed, the tap pool's leftovers adopted and the pool
+//!    filled in the background, DNS server on the gateway with a record per
+//!    lease, and systemd-resolved told to route `~DOMAIN` there;
 //! 2. create (stage `network`, [`Network::prepare`]): lease address and tap
-//!    in the store, create and attach the tap, add the DNS record; undone by
-//!    [`Network::release`];
-//! 3. start: [`Network::attach`] re-creates the tap of an existing lease if
+//!    name in the store, take a tap from the pool (renamed to the lease's
+//!    name) or create it, add the DNS record; undone by [`Network::release`];
+//! 3. start: [`Network::attach`] gets the tap of an existing lease again if
 //!    it is gone (host reboot);
-//! 4. delete: [`Network::release`] deletes the tap, the lease and the record.
+//! 4. delete: [`Network::release`] returns the tap to the pool (or deletes
+//!    it), deletes the lease and the record;
+//! 5. daemon stop ([`Network::shutdown`]): stops the pool filler and the DNS
+//!    server, reverts resolved, and with `teardown_on_exit` deletes the pool,
+//!    the NAT table and the bridge.
+//!
+//! The DNS server failing to bind (another server holds the port on every
+//! address) does not stop the daemon: VMs still get addresses and egress,
+//! `doctor` reports the port, and each create tries to bind again.
 //!
 //! With `[network] enabled = false` there is no capability: VMs get no NIC.
 
@@ -19,7 +29,9 @@ use std::sync::Arc;
 
 use banger_net::dns::{DnsConfig, DnsRecords, DnsServer};
 use banger_net::nat::{Nft, NftCommand};
-use banger_net::netlink::{BridgeConfig, HostNetwork, LinuxHostNetwork};
+use banger_net::netlink::{BridgeConfig, HostNetwork, LinkStatus, LinuxHostNetwork};
+use banger_net::pool::{PoolStatus, TapPool};
+use banger_net::resolved::{self, Presence, ResolvectlCommand, Resolved, ResolvedLink};
 use banger_net::setup::{self, NetworkSettings};
 use banger_net::{MacAddress, Subnet};
 use banger_proto::vm::VmNetwork;
@@ -29,13 +41,39 @@ use banger_vmm::NetworkInterfaceSpec;
 use crate::config::NetworkConfig;
 use crate::error::{DaemonError, DaemonResult};
 
+/// What became of telling systemd-resolved about the bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolvedState {
+    /// `[network] resolved = false`.
+    Disabled,
+    NotRunning,
+    /// resolved runs in another network namespace than the daemon.
+    OtherNamespace,
+    Configured,
+    /// Configuring failed; the error chain.
+    Failed(String),
+}
+
+/// The DNS server, or why it is not serving.
+enum DnsState {
+    Serving(DnsServer),
+    Unbound(String),
+    Stopped,
+}
+
 pub struct Network {
     settings: NetworkSettings,
     host: Arc<dyn HostNetwork>,
     nft: Arc<dyn Nft>,
+    resolved: Arc<dyn Resolved>,
+    resolved_state: std::sync::Mutex<ResolvedState>,
+    pool: Arc<TapPool>,
+    filler: tokio::task::JoinHandle<()>,
     store: Store,
     records: DnsRecords,
-    dns: tokio::sync::Mutex<Option<DnsServer>>,
+    dns_address: SocketAddr,
+    dns_config: DnsConfig,
+    dns: tokio::sync::Mutex<DnsState>,
     teardown_on_exit: bool,
 }
 
@@ -46,12 +84,50 @@ pub struct Attachment {
     pub kernel_argument: String,
 }
 
+/// The host side effects the capability goes through.
+pub struct NetworkSeams {
+    pub host: Arc<dyn HostNetwork>,
+    pub nft: Arc<dyn Nft>,
+    pub resolved: Arc<dyn Resolved>,
+    /// Whether (and how) systemd-resolved runs on this host.
+    pub resolved_presence: Presence,
+}
+
+impl NetworkSeams {
+    /// rtnetlink, `nft`, `resolvectl` and a probe of `/run/systemd/resolve`.
+    pub fn linux() -> anyhow::Result<Self> {
+        Ok(Self {
+            host: Arc::new(LinuxHostNetwork::connect()?),
+            nft: Arc::new(NftCommand::new()),
+            resolved: Arc::new(ResolvectlCommand::new()),
+            resolved_presence: resolved::probe(std::path::Path::new(resolved::RUN_DIR)),
+        })
+    }
+}
+
 impl Network {
     /// Brings the host network up; `None` when networking is disabled.
     pub async fn start(config: &NetworkConfig, store: Store) -> anyhow::Result<Option<Arc<Self>>> {
         if !config.enabled {
             return Ok(None);
         }
+        Self::start_with(config, store, NetworkSeams::linux()?)
+            .await
+            .map(Some)
+    }
+
+    /// [`Network::start`] over explicit seams.
+    pub async fn start_with(
+        config: &NetworkConfig,
+        store: Store,
+        seams: NetworkSeams,
+    ) -> anyhow::Result<Arc<Self>> {
+        let NetworkSeams {
+            host,
+            nft,
+            resolved,
+            resolved_presence,
+        } = seams;
         let subnet: Subnet = config.subnet.parse().map_err(|error| {
             anyhow::anyhow!("Invalid [network] subnet {:?}: {error}", config.subnet)
         })?;
@@ -64,8 +140,6 @@ impl Network {
             isolate_vms: config.isolate_vms,
             domain: config.domain.clone(),
         };
-        let host: Arc<dyn HostNetwork> = Arc::new(LinuxHostNetwork::connect()?);
-        let nft: Arc<dyn Nft> = Arc::new(NftCommand::new());
         setup::bring_up(host.as_ref(), nft.as_ref(), &settings).await?;
         let leases = store.list_leases()?;
         let claimed: BTreeSet<String> = leases
@@ -76,6 +150,20 @@ impl Network {
         if !removed.is_empty() {
             tracing::warn!(?removed, "removed leaked taps");
         }
+        let pool = Arc::new(TapPool::new(
+            Arc::clone(&host),
+            &settings.bridge.name,
+            settings.isolate_vms,
+            config.tap_pool_size as usize,
+        ));
+        let adopted = pool.adopt().await?;
+        if !adopted.is_empty() {
+            tracing::info!(?adopted, "found pooled taps");
+        }
+        // Filling takes a few milliseconds per tap: not worth delaying the
+        // socket for; creates meanwhile make their own taps.
+        let filler = tokio::spawn(Arc::clone(&pool).run());
+
         let records = DnsRecords::new();
         for (_, name, network) in &leases {
             if let Ok(address) = network.ip.parse() {
@@ -105,26 +193,154 @@ impl Network {
         };
         let mut dns_config = DnsConfig::new(upstreams);
         dns_config.domain = config.domain.clone();
-        let dns = DnsServer::bind(
-            SocketAddr::new(IpAddr::V4(gateway), config.dns_port),
-            dns_config,
-            records.clone(),
-        )
-        .await?;
-        tracing::info!(bridge = %config.bridge, subnet = %config.subnet, dns = %dns.local_address(), "network up");
-        Ok(Some(Arc::new(Self {
+        let dns_address = SocketAddr::new(IpAddr::V4(gateway), config.dns_port);
+        let network = Arc::new(Self {
             settings,
             host,
             nft,
+            resolved,
+            resolved_state: std::sync::Mutex::new(ResolvedState::Disabled),
+            pool,
+            filler,
             store,
             records,
-            dns: tokio::sync::Mutex::new(Some(dns)),
+            dns_address,
+            dns_config,
+            dns: tokio::sync::Mutex::new(DnsState::Stopped),
             teardown_on_exit: config.teardown_on_exit,
-        })))
+        });
+        network.ensure_dns().await;
+        let state = if config.resolved {
+            network.configure_resolved(&resolved_presence).await
+        } else {
+            ResolvedState::Disabled
+        };
+        *network.resolved_state_guard() = state;
+        tracing::info!(bridge = %config.bridge, subnet = %config.subnet, dns = %dns_address, "network up");
+        Ok(network)
+    }
+
+    fn resolved_state_guard(&self) -> std::sync::MutexGuard<'_, ResolvedState> {
+        self.resolved_state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Binds the DNS server if it is not serving yet. Failures are logged
+    /// and kept for `doctor`.
+    async fn ensure_dns(&self) {
+        let mut dns = self.dns.lock().await;
+        if matches!(*dns, DnsState::Serving(_)) {
+            return;
+        }
+        match DnsServer::bind(
+            self.dns_address,
+            self.dns_config.clone(),
+            self.records.clone(),
+        )
+        .await
+        {
+            Ok(server) => {
+                if matches!(*dns, DnsState::Unbound(_)) {
+                    tracing::info!(dns = %self.dns_address, "DNS server bound");
+                }
+                *dns = DnsState::Serving(server);
+            }
+            Err(error) => {
+                let message = format!("{:#}", anyhow::Error::from(error));
+                if !matches!(&*dns, DnsState::Unbound(previous) if *previous == message) {
+                    tracing::error!(error = %message, "VM names will not resolve");
+                }
+                *dns = DnsState::Unbound(message);
+            }
+        }
+    }
+
+    fn resolved_link(&self) -> Option<ResolvedLink> {
+        match self.dns_address {
+            SocketAddr::V4(server) => Some(ResolvedLink {
+                link: self.settings.bridge.name.clone(),
+                server,
+                domain: self.settings.domain.clone(),
+            }),
+            SocketAddr::V6(_) => None,
+        }
+    }
+
+    async fn configure_resolved(&self, presence: &Presence) -> ResolvedState {
+        match presence {
+            Presence::NotRunning => return ResolvedState::NotRunning,
+            Presence::OtherNamespace => return ResolvedState::OtherNamespace,
+            Presence::Running => {}
+        }
+        let Some(link) = self.resolved_link() else {
+            return ResolvedState::NotRunning;
+        };
+        match resolved::configure(self.resolved.as_ref(), &link).await {
+            Ok(()) => {
+                tracing::info!(link = %link.link, domain = %link.domain, "systemd-resolved routes the VM domain to the DNS server");
+                ResolvedState::Configured
+            }
+            Err(error) => {
+                let message = format!("{:#}", anyhow::Error::from(error));
+                tracing::warn!(error = %message, "failed to configure systemd-resolved; the host will not resolve VM names");
+                let _ = resolved::revert(self.resolved.as_ref(), &link.link).await;
+                ResolvedState::Failed(message)
+            }
+        }
     }
 
     pub fn domain(&self) -> &str {
         &self.settings.domain
+    }
+
+    pub fn settings(&self) -> &NetworkSettings {
+        &self.settings
+    }
+
+    /// Where the DNS server listens (or would).
+    pub fn dns_address(&self) -> SocketAddr {
+        self.dns_address
+    }
+
+    /// `Ok(())` while the DNS server serves; else why it does not.
+    pub async fn dns_status(&self) -> Result<(), String> {
+        match &*self.dns.lock().await {
+            DnsState::Serving(_) => Ok(()),
+            DnsState::Unbound(error) => Err(error.clone()),
+            DnsState::Stopped => Err("the DNS server is stopped".to_owned()),
+        }
+    }
+
+    pub fn pool_status(&self) -> PoolStatus {
+        self.pool.status()
+    }
+
+    /// The bridge's state; `None` when it is gone.
+    pub async fn bridge_status(&self) -> DaemonResult<Option<LinkStatus>> {
+        self.host
+            .link_status(&self.settings.bridge.name)
+            .await
+            .map_err(|error| DaemonError::failed("Failed to look at the bridge", error))
+    }
+
+    pub fn resolved_state(&self) -> ResolvedState {
+        self.resolved_state_guard().clone()
+    }
+
+    /// Whether resolved still holds the bridge's settings (it drops them
+    /// when it restarts); `None` unless they were applied.
+    pub async fn resolved_routes(&self) -> Option<Result<bool, String>> {
+        if self.resolved_state() != ResolvedState::Configured {
+            return None;
+        }
+        let link = self.resolved_link()?;
+        Some(
+            resolved::query(self.resolved.as_ref(), &link.link)
+                .await
+                .map(|settings| settings.routes(&link))
+                .map_err(|error| format!("{:#}", anyhow::Error::from(error))),
+        )
     }
 
     fn attachment(&self, vm_id: &str, lease: &VmNetwork) -> DaemonResult<Attachment> {
@@ -144,6 +360,7 @@ impl Network {
 
     /// Leases an address and a tap to the VM and sets the tap up.
     pub async fn prepare(&self, vm_id: &str, vm_name: &str) -> DaemonResult<Attachment> {
+        self.ensure_dns().await;
         let subnet = self.settings.bridge.subnet;
         let leased = self
             .store
@@ -164,15 +381,16 @@ impl Network {
                         "delete VMs you no longer need, or configure a larger [network] subnet",
                     )
             })?;
-        if let Err(error) =
-            setup::prepare_tap(self.host.as_ref(), &self.settings, &leased.tap).await
-        {
-            let _ = self.host.delete_link(&leased.tap).await;
-            let _ = self.store.delete_lease(vm_id);
-            return Err(DaemonError::failed(
-                format!("Failed to set up tap {}", leased.tap),
-                error,
-            ));
+        match self.pool.take(&leased.tap).await {
+            Ok(source) => tracing::debug!(vm = %vm_name, tap = %leased.tap, ?source, "tap ready"),
+            Err(error) => {
+                let _ = self.host.delete_link(&leased.tap).await;
+                let _ = self.store.delete_lease(vm_id);
+                return Err(DaemonError::failed(
+                    format!("Failed to set up tap {}", leased.tap),
+                    error,
+                ));
+            }
         }
         if let Ok(address) = leased.ip.parse() {
             self.records.insert(vm_name, address);
@@ -180,8 +398,8 @@ impl Network {
         self.attachment(vm_id, &leased)
     }
 
-    /// The attachment of an existing lease, re-creating its tap if the host
-    /// lost it; `None` if the VM has no lease.
+    /// The attachment of an existing lease, getting its tap again if the
+    /// host lost it; `None` if the VM has no lease.
     pub async fn attach(
         &self,
         vm_id: &str,
@@ -192,31 +410,33 @@ impl Network {
         };
         let present = self
             .host
-            .list_links(&lease.tap)
+            .link_status(&lease.tap)
             .await
-            .map_err(|error| DaemonError::failed("Failed to list links", error))?
-            .contains(&lease.tap);
+            .map_err(|error| DaemonError::failed("Failed to look up the VM's tap", error))?
+            .is_some();
         if !present {
-            setup::prepare_tap(self.host.as_ref(), &self.settings, &lease.tap)
-                .await
-                .map_err(|error| {
-                    DaemonError::failed(format!("Failed to set up tap {}", lease.tap), error)
-                })?;
+            self.pool.take(&lease.tap).await.map_err(|error| {
+                DaemonError::failed(format!("Failed to set up tap {}", lease.tap), error)
+            })?;
         }
         self.attachment(vm_id, lease).map(Some)
     }
 
-    /// Deletes the VM's tap, lease and DNS record. Missing parts are fine.
+    /// Returns the VM's tap to the pool (or deletes it), deletes the lease
+    /// and the DNS record. Missing parts are fine.
     pub async fn release(&self, vm_id: &str, vm_name: &str) -> DaemonResult<()> {
         let lease = self
             .store
             .list_leases()?
             .into_iter()
             .find(|(id, _, _)| id == vm_id);
+        // The tap goes before the lease: once the lease is gone its tap
+        // name can be leased again.
         if let Some((_, _, network)) = lease {
-            self.host.delete_link(&network.tap).await.map_err(|error| {
-                DaemonError::failed(format!("Failed to delete tap {}", network.tap), error)
+            let fate = self.pool.give_back(&network.tap).await.map_err(|error| {
+                DaemonError::failed(format!("Failed to release tap {}", network.tap), error)
             })?;
+            tracing::debug!(vm = %vm_name, tap = %network.tap, ?fate, "tap released");
         }
         self.store.delete_lease(vm_id)?;
         self.records.remove(vm_name);
@@ -241,19 +461,151 @@ impl Network {
         format!("{vm_name}.{}", self.settings.domain)
     }
 
-    /// Stops the DNS server; removes the NAT table (and the bridge when
-    /// configured) only with `teardown_on_exit`, so VMs that keep running
-    /// keep their network.
+    /// Stops the pool filler and the DNS server and reverts resolved (the
+    /// server it was told about is gone); removes the pool, the NAT table
+    /// and the bridge only with `teardown_on_exit`, so VMs that keep
+    /// running keep their network.
     pub async fn shutdown(&self) {
-        if let Some(dns) = self.dns.lock().await.take() {
-            let _ = dns.shutdown().await;
+        self.filler.abort();
+        let dns = std::mem::replace(&mut *self.dns.lock().await, DnsState::Stopped);
+        if let DnsState::Serving(server) = dns {
+            let _ = server.shutdown().await;
+        }
+        if self.resolved_state() == ResolvedState::Configured {
+            if let Err(error) =
+                resolved::revert(self.resolved.as_ref(), &self.settings.bridge.name).await
+            {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(error)), "failed to revert systemd-resolved");
+            }
+            *self.resolved_state_guard() = ResolvedState::NotRunning;
         }
         if self.teardown_on_exit {
+            if let Err(error) = self.pool.drain().await {
+                tracing::warn!(%error, "failed to delete pooled taps");
+            }
             if let Err(error) =
                 setup::tear_down(self.host.as_ref(), self.nft.as_ref(), &self.settings, true).await
             {
                 tracing::warn!(%error, "network teardown failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_net::nat::RecordingNft;
+    use banger_net::netlink::RecordingHostNetwork;
+    use banger_net::resolved::RecordingResolved;
+
+    fn seams(presence: Presence) -> (RecordingHostNetwork, RecordingResolved, NetworkSeams) {
+        let host = RecordingHostNetwork::new().with_default_route("eth0");
+        let resolved = RecordingResolved::new();
+        let seams = NetworkSeams {
+            host: Arc::new(host.clone()),
+            nft: Arc::new(RecordingNft::new()),
+            resolved: Arc::new(resolved.clone()),
+            resolved_presence: presence,
+        };
+        (host, resolved, seams)
+    }
+
+    fn config() -> NetworkConfig {
+        NetworkConfig {
+            // A documentation subnet no host has an address in: binding the
+            // DNS server fails, which the daemon survives.
+            subnet: "192.0.2.1/24".to_owned(),
+            dns_port: 5399,
+            tap_pool_size: 2,
+            ..NetworkConfig::default()
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn start_configures_resolved_where_it_runs_and_reverts_at_shutdown() {
+        let (_dir, store) = store().await;
+        let (_host, resolved, seams) = seams(Presence::Running);
+        let network = Network::start_with(&config(), store, seams).await.unwrap();
+        assert_eq!(network.resolved_state(), ResolvedState::Configured);
+        assert_eq!(
+            resolved.calls(),
+            [
+                ["dns", "banger0", "192.0.2.1:5399"],
+                ["domain", "banger0", "~banger"],
+                ["default-route", "banger0", "false"],
+            ]
+        );
+        assert_eq!(network.resolved_routes().await, Some(Ok(true)));
+        network.shutdown().await;
+        assert_eq!(
+            resolved.calls().last().unwrap(),
+            &["revert".to_owned(), "banger0".to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn resolved_is_left_alone_where_it_does_not_run_or_is_not_ours() {
+        for (presence, state) in [
+            (Presence::NotRunning, ResolvedState::NotRunning),
+            (Presence::OtherNamespace, ResolvedState::OtherNamespace),
+        ] {
+            let (_dir, store) = store().await;
+            let (_host, resolved, seams) = seams(presence);
+            let network = Network::start_with(&config(), store, seams).await.unwrap();
+            assert_eq!(network.resolved_state(), state);
+            network.shutdown().await;
+            assert!(resolved.calls().is_empty());
+        }
+        let (_dir, store) = store().await;
+        let (_host, resolved, seams) = seams(Presence::Running);
+        let disabled = NetworkConfig {
+            resolved: false,
+            ..config()
+        };
+        let network = Network::start_with(&disabled, store, seams).await.unwrap();
+        assert_eq!(network.resolved_state(), ResolvedState::Disabled);
+        assert!(resolved.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failing_resolved_is_reported_and_undone() {
+        let (_dir, store) = store().await;
+        let (_host, resolved, seams) = seams(Presence::Running);
+        resolved.fail("domain");
+        let network = Network::start_with(&config(), store, seams).await.unwrap();
+        let ResolvedState::Failed(error) = network.resolved_state() else {
+            panic!("{:?}", network.resolved_state());
+        };
+        assert!(
+            error.contains("resolvectl domain banger0 ~banger"),
+            "{error}"
+        );
+        assert_eq!(resolved.calls().last().unwrap()[0], "revert");
+    }
+
+    #[tokio::test]
+    async fn an_unbindable_dns_port_does_not_stop_the_network() {
+        let (_dir, store) = store().await;
+        let (host, _resolved, seams) = seams(Presence::NotRunning);
+        let network = Network::start_with(&config(), store, seams).await.unwrap();
+        let error = network.dns_status().await.unwrap_err();
+        assert!(error.contains("192.0.2.1:5399"), "{error}");
+        // The pool fills in the background.
+        for _ in 0..100 {
+            if network.pool_status().ready == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(network.pool_status().ready, 2);
+        assert!(host.links().contains_key("bgpool1"));
+        network.shutdown().await;
     }
 }

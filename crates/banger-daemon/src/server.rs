@@ -251,6 +251,7 @@ async fn dispatch(
                 paths: &daemon.paths,
                 images: &daemon.images,
                 access: &daemon.access,
+                network: daemon.vms.network().map(AsRef::as_ref),
             };
             to_value(doctor.run().await)
         }

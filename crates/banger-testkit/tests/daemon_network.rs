@@ -1,12 +1,15 @@
 //! The network capability through a real daemon, inside a network namespace
 //! the test creates (the host is untouched): leases, taps on the bridge, the
 //! NIC and `banger.net=` handed to the VMM, DNS answers for VM names, NAT
-//! rules that do not pile up across restarts, and nothing leaked on delete.
-//! Root only (CI runs as root).
+//! rules that do not pile up across restarts, the tap pool (filled at
+//! start, taken by creates, given back by deletes, rebuilt after a kill -9),
+//! the network checks of `doctor`, and nothing leaked on delete. Root only
+//! (CI runs as root), except the disabled-network check.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use banger_testkit::test_daemon::{require_root, TestDaemon};
 use serde_json::Value;
@@ -49,16 +52,58 @@ impl Netns {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Every link: name to (index, `ip -d -o link show` line).
+    fn links(&self) -> BTreeMap<String, (u32, String)> {
+        let text = self.run("ip", &["-d", "-o", "link", "show"]);
+        text.lines()
+            .filter_map(|line| {
+                let mut fields = line.splitn(3, ": ");
+                let index = fields.next()?.trim().parse().ok()?;
+                let name = fields.next()?;
+                let name = name.split('@').next().unwrap_or(name).to_owned();
+                Some((name, (index, line.to_owned())))
+            })
+            .collect()
+    }
+
+    fn links_named(&self, prefix: &str) -> Vec<String> {
+        self.links()
+            .into_keys()
+            .filter(|name| name.starts_with(prefix))
+            .collect()
+    }
+
+    /// The VMs' taps.
     fn taps(&self) -> Vec<String> {
-        let text = self.run("ip", &["-o", "link", "show"]);
-        let mut taps: Vec<String> = text
-            .lines()
-            .filter_map(|line| line.split(": ").nth(1))
-            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
-            .filter(|name| name.starts_with("bgtap"))
-            .collect();
-        taps.sort();
-        taps
+        self.links_named("bgtap")
+    }
+
+    fn pool_taps(&self) -> Vec<String> {
+        self.links_named("bgpool")
+    }
+
+    /// Waits (up to 10 s) until the pool holds `size` taps; returns them.
+    fn wait_for_pool(&self, size: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pool = self.pool_taps();
+            if pool.len() == size || Instant::now() > deadline {
+                return pool;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Asserts every pool tap is a down, isolated port of the bridge.
+    fn assert_pool_clean(&self) {
+        for (name, (_, line)) in self.links() {
+            if name.starts_with("bgpool") {
+                assert!(line.contains("master banger0"), "{line}");
+                assert!(line.contains("isolated on"), "{line}");
+                assert!(line.contains("state DOWN"), "{line}");
+                assert!(!line.contains(",UP"), "{line}");
+            }
+        }
     }
 
     fn taps_on_bridge(&self) -> usize {
@@ -188,7 +233,9 @@ fn vms_get_addresses_taps_dns_and_nat_without_leaks() {
     taps.dedup();
     assert_eq!((ips.len(), taps.len()), (20, 20));
     assert_eq!(netns.taps().len(), 20);
-    assert_eq!(netns.taps_on_bridge(), 20);
+    // The pool (default 4) is refilled after the takes.
+    assert_eq!(netns.wait_for_pool(4).len(), 4);
+    assert_eq!(netns.taps_on_bridge(), 24);
     let status = daemon.banger_json(&["daemon", "status"]);
     assert_eq!(status["network"]["bridge"], "banger0");
     assert_eq!(status["network"]["leases_used"], 20);
@@ -241,6 +288,7 @@ fn vms_get_addresses_taps_dns_and_nat_without_leaks() {
         daemon.banger_ok(&["vm", "delete", &format!("net{index}"), "--force"]);
     }
     assert_eq!(netns.taps(), Vec::<String>::new(), "taps leaked");
+    assert_eq!(netns.pool_taps().len(), 4, "pool grew past its size");
     assert_eq!(netns.resolve("net3.banger"), None);
     daemon.assert_no_leaks();
     // A new VM gets the lowest address again: leases were released.
@@ -250,4 +298,313 @@ fn vms_get_addresses_taps_dns_and_nat_without_leaks() {
     assert_eq!(daemon.vm("again")["network"]["ip"], "172.30.0.2");
     daemon.banger_ok(&["vm", "delete", "again", "--force"]);
     drop(daemon);
+}
+
+/// A daemon in `netns` with networking on and a pool of `pool_size` taps.
+fn network_daemon(netns: &Netns, pool_size: usize) -> TestDaemon {
+    let mut daemon = TestDaemon::new(&[]);
+    let config = std::fs::read_to_string(&daemon.config).unwrap().replace(
+        "[network]\nenabled = false\n",
+        &format!(
+            "[network]\nenabled = true\ndns_upstreams = [\"127.0.0.1:5353\"]\ntap_pool_size = {pool_size}\n"
+        ),
+    );
+    std::fs::write(&daemon.config, config).unwrap();
+    daemon.netns = Some(netns.0.clone());
+    daemon
+}
+
+/// The pid of the bangerd serving `daemon`'s state dir.
+fn daemon_pid(daemon: &TestDaemon) -> u32 {
+    let state_dir = daemon.state_dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = cmdline
+                .split(|byte| *byte == 0)
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect();
+            args.first().is_some_and(|program| program.ends_with("/bangerd"))
+                && args.iter().any(|arg| *arg == state_dir)
+        })
+        .expect("bangerd is running")
+}
+
+/// Makes `/dev/net/tun` unusable for the running daemon only (`ip netns
+/// exec` gave it a mount namespace of its own): no tap can be created, so a
+/// tap a create gets can only come from the pool, and the pool cannot be
+/// topped up. Gone with the daemon.
+fn block_tap_creation(daemon: &TestDaemon) {
+    let pid = daemon_pid(daemon).to_string();
+    let status = Command::new("nsenter")
+        .args([
+            "-t",
+            &pid,
+            "-m",
+            "mount",
+            "--bind",
+            "/dev/null",
+            "/dev/net/tun",
+        ])
+        .status()
+        .expect("nsenter");
+    assert!(status.success(), "could not block /dev/net/tun");
+}
+
+fn leased_taps(daemon: &TestDaemon) -> BTreeSet<String> {
+    daemon
+        .banger_json(&["vm", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|vm| vm["network"]["tap"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn create(daemon: &TestDaemon, name: &str) -> std::process::Output {
+    daemon.banger(&[
+        "vm", "create", name, "--image", "image", "--kernel", "kernel",
+    ])
+}
+
+#[test]
+fn tap_pool_is_filled_taken_returned_and_rebuilt_after_kill9() {
+    if !require_root("tap_pool_is_filled_taken_returned_and_rebuilt_after_kill9") {
+        return;
+    }
+    let netns = Netns::new("banger-test-pool");
+    let mut daemon = network_daemon(&netns, 2);
+    daemon.start();
+    daemon.import_fixtures();
+
+    // Filled at start: down, isolated ports of the bridge.
+    assert_eq!(netns.wait_for_pool(2), ["bgpool0", "bgpool1"]);
+    netns.assert_pool_clean();
+    let rules = netns.banger_rules();
+    let pooled_indexes: BTreeSet<u32> = netns
+        .links()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("bgpool"))
+        .map(|(_, (index, _))| index)
+        .collect();
+
+    // With tap creation blocked, a create can only get a pooled tap, and
+    // the pool cannot be topped up behind it.
+    block_tap_creation(&daemon);
+    let output = create(&daemon, "one");
+    assert!(output.status.success(), "{output:?}");
+    let tap = daemon.vm("one")["network"]["tap"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(tap, "bgtap0");
+    let links = netns.links();
+    let (index, line) = &links[&tap];
+    assert!(pooled_indexes.contains(index), "not a pooled tap: {line}");
+    assert!(line.contains(",UP") && line.contains("master banger0"), "{line}");
+    assert_eq!(netns.pool_taps().len(), 1);
+
+    // Delete gives it back: the same device, renamed, down, on the bridge.
+    daemon.banger_ok(&["vm", "delete", "one", "--force"]);
+    assert_eq!(netns.taps(), Vec::<String>::new());
+    let returned = netns
+        .links()
+        .into_iter()
+        .find(|(_, (found, _))| found == index)
+        .map(|(name, _)| name)
+        .expect("the VM's tap was deleted, not returned");
+    assert!(returned.starts_with("bgpool"), "{returned}");
+    assert_eq!(netns.pool_taps().len(), 2);
+    netns.assert_pool_clean();
+
+    // Two creates empty the pool; a third cannot make a tap and fails
+    // cleanly, without keeping a lease.
+    for name in ["two", "three"] {
+        let output = create(&daemon, name);
+        assert!(output.status.success(), "{output:?}");
+    }
+    assert_eq!(netns.pool_taps(), Vec::<String>::new());
+    let output = create(&daemon, "four");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Failed to set up tap bgtap2"), "{stderr}");
+    assert!(daemon.vm("four")["network"].is_null());
+    daemon.banger_ok(&["vm", "delete", "four", "--force"]);
+
+    // kill -9, plus leftovers: a leaked VM tap, a surplus pool tap (up, on
+    // no bridge), and a stranger that only shares the prefix.
+    daemon.kill9();
+    netns.run("ip", &["tuntap", "add", "bgtap9", "mode", "tap"]);
+    netns.run("ip", &["tuntap", "add", "bgpool7", "mode", "tap"]);
+    netns.run("ip", &["link", "set", "bgpool7", "up"]);
+    netns.run("ip", &["tuntap", "add", "bgpoolside", "mode", "tap"]);
+    daemon.start();
+    let kept = leased_taps(&daemon);
+    assert_eq!(kept.len(), 2);
+    assert_eq!(netns.wait_for_pool(3).len(), 3, "{:?}", netns.pool_taps());
+    assert!(netns.pool_taps().contains(&"bgpoolside".to_owned()));
+    assert_eq!(netns.taps().into_iter().collect::<BTreeSet<_>>(), kept);
+    netns.run("ip", &["link", "del", "bgpoolside"]);
+    netns.assert_pool_clean();
+    assert_eq!(netns.banger_tables(), 1);
+    assert_eq!(netns.banger_rules(), rules);
+
+    // kill -9 in the middle of creates: after the restart only the taps of
+    // VMs that exist remain, plus the pool.
+    let children: Vec<_> = (0..6)
+        .map(|index| {
+            daemon
+                .command()
+                .args([
+                    "vm",
+                    "create",
+                    &format!("burst{index}"),
+                    "--image",
+                    "image",
+                    "--kernel",
+                    "kernel",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    daemon.kill9();
+    for mut child in children {
+        let _ = child.wait();
+    }
+    daemon.start();
+    let pool = netns.wait_for_pool(2);
+    assert_eq!(pool.len(), 2, "{pool:?}");
+    let kept = leased_taps(&daemon);
+    assert_eq!(
+        netns.taps().into_iter().collect::<BTreeSet<_>>(),
+        kept,
+        "taps and leases disagree"
+    );
+    netns.assert_pool_clean();
+    assert_eq!(netns.banger_rules(), rules);
+
+    let names: Vec<String> = daemon
+        .banger_json(&["vm", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["name"].as_str().unwrap().to_owned())
+        .collect();
+    for name in &names {
+        daemon.banger_ok(&["vm", "delete", name, "--force"]);
+    }
+    assert_eq!(netns.taps(), Vec::<String>::new(), "taps leaked");
+    assert_eq!(netns.wait_for_pool(2).len(), 2);
+    daemon.assert_no_leaks();
+    drop(daemon);
+}
+
+#[test]
+fn doctor_checks_the_network() {
+    if !require_root("doctor_checks_the_network") {
+        return;
+    }
+    let netns = Netns::new("banger-test-doctor");
+    let mut daemon = network_daemon(&netns, 2);
+    daemon.start();
+    netns.wait_for_pool(2);
+    let checks = doctor(&daemon);
+    for (name, status) in [
+        ("netlink", "ok"),
+        ("nft", "ok"),
+        ("ip_forward", "ok"),
+        ("dns port", "ok"),
+        ("bridge", "ok"),
+        ("tap pool", "ok"),
+    ] {
+        assert_eq!(checks[name]["status"], status, "{name}: {}", checks[name]);
+    }
+    assert_eq!(checks["tap pool"]["detail"], "2 of 2 taps ready");
+    // The daemon runs in its own network namespace: resolved is left alone
+    // and the check says how else the host could resolve VM names.
+    let resolution = &checks["host resolves VM names"];
+    assert!(
+        resolution["detail"]
+            .as_str()
+            .unwrap()
+            .contains("NAME.banger")
+            || resolution["status"] == "ok",
+        "{resolution}"
+    );
+
+    // What breaks shows up with a fix.
+    netns.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=0"]);
+    netns.run("ip", &["link", "set", "banger0", "down"]);
+    let checks = doctor(&daemon);
+    assert_eq!(checks["ip_forward"]["status"], "fail");
+    assert!(checks["ip_forward"]["hint"]
+        .as_str()
+        .unwrap()
+        .contains("sysctl"));
+    assert_eq!(checks["bridge"]["status"], "fail");
+    netns.run("ip", &["link", "del", "banger0"]);
+    assert!(doctor(&daemon)["bridge"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("missing"));
+    daemon.kill9();
+
+    // Another DNS server on the port: the daemon still starts, doctor says
+    // why VM names do not resolve.
+    let blocker = {
+        let netns_file = std::fs::File::open(format!("/var/run/netns/{}", netns.0)).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(netns_file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            UdpSocket::bind("0.0.0.0:53").unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    daemon.start();
+    let checks = doctor(&daemon);
+    assert_eq!(checks["dns port"]["status"], "fail", "{}", checks["dns port"]);
+    assert!(checks["dns port"]["hint"]
+        .as_str()
+        .unwrap()
+        .contains("bind-interfaces"));
+    drop(blocker);
+    drop(daemon);
+}
+
+/// `banger doctor --json` as name to check (it exits 1 when a check fails).
+fn doctor(daemon: &TestDaemon) -> BTreeMap<String, Value> {
+    let output = daemon.banger(&["doctor", "--json"]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "doctor printed no JSON ({error}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|check| (check["name"].as_str().unwrap().to_owned(), check.clone()))
+        .collect()
+}
+
+#[test]
+fn doctor_with_networking_disabled_says_so() {
+    let daemon = TestDaemon::start_with(&[]);
+    let checks = doctor(&daemon);
+    assert_eq!(checks["network"]["status"], "ok");
+    assert!(checks["network"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("enabled = false"));
+    assert!(!checks.contains_key("bridge"));
 }
