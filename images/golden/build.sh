@@ -192,6 +192,9 @@ if [ "$force" -eq 0 ] && [ -f "$output" ] && [ -f "$output.key" ] \
   exit 0
 fi
 
+# The cleanup reports on the original stderr even when a signal arrives
+# while a phase's output is redirected to its log.
+exec 8>&2
 work="$(mktemp -d "$cache_dir/build.XXXXXX")"
 root="$work/root"
 mounted=()
@@ -209,14 +212,14 @@ cleanup() {
   unmount_all
   # Never delete through a mount point that is still there (/dev is bound in).
   if grep -q " $work/" /proc/self/mountinfo; then
-    echo "$SCRIPT_NAME: error: mounts remain under $work; not removing it" >&2
+    echo "$SCRIPT_NAME: error: mounts remain under $work; not removing it" >&8
   else
     rm -rf --one-file-system "$work"
   fi
   if [ "$status" -ne 0 ]; then
     local during=
     [ -z "$phase_name" ] || during=" during \"$phase_name\""
-    echo "$SCRIPT_NAME: failed$during; $output was not changed" >&2
+    echo "$SCRIPT_NAME: failed$during; $output was not changed" >&8
   fi
   exit "$status"
 }
