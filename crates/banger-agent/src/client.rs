@@ -74,7 +74,12 @@ impl ClientError {
 type Outcome = Result<OperationResult, ClientError>;
 type WeakFrameSender = mpsc::WeakUnboundedSender<crate::protocol::Outgoing>;
 
+/// Where the reader delivers a raw session's frames, unchanged.
+type RawInlet = mpsc::UnboundedSender<(Frame, Bytes)>;
+
 struct Route {
+    /// Set for a raw session: every frame goes here instead of the typed parts.
+    raw: Option<RawInlet>,
     stdout: Option<StreamInlet>,
     stderr: Option<StreamInlet>,
     stdin: Arc<SendWindow>,
@@ -201,6 +206,7 @@ impl AgentClient {
             routes.insert(
                 session,
                 Route {
+                    raw: None,
                     stdout: Some(stdout_inlet),
                     stderr: Some(stderr_inlet),
                     stdin: Arc::clone(&stdin),
@@ -224,6 +230,57 @@ impl AgentClient {
             stderr: OutputStream { stream: stderr },
             done,
         })
+    }
+
+    /// Opens a session whose frames the caller handles itself: the agent's
+    /// frames for it arrive unchanged on [`RawSession::frames`] (ending with
+    /// its `Done` or `Failed`), and [`RawSession::send`] forwards the caller's.
+    /// Flow control is the caller's: this is how the daemon relays a CLI's
+    /// session, credit and all, end to end.
+    pub fn open_raw(&self, operation: Operation) -> Result<RawSession, ClientError> {
+        let session = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
+        let (inlet, frames) = mpsc::unbounded_channel();
+        {
+            let mut routes = self.shared.routes();
+            if *self
+                .shared
+                .closed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+            {
+                return Err(ClientError::ConnectionClosed);
+            }
+            routes.insert(
+                session,
+                Route {
+                    raw: Some(inlet),
+                    stdout: None,
+                    stderr: None,
+                    stdin: SendWindow::new(),
+                    done: None,
+                },
+            );
+        }
+        if !send_frame(&self.frames, Frame::Open { session, operation }) {
+            self.shared.routes().remove(&session);
+            return Err(ClientError::ConnectionClosed);
+        }
+        Ok(RawSession {
+            sender: RawSender {
+                session,
+                sender: self.frames.clone(),
+            },
+            frames,
+        })
+    }
+
+    /// Whether the connection to the agent has ended.
+    pub fn is_closed(&self) -> bool {
+        *self
+            .shared
+            .closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     async fn unary(&self, operation: Operation) -> Result<OperationResult, ClientError> {
@@ -372,6 +429,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Some(read)) => read,
             Ok(None) | Err(_) => break None,
         };
+        if forward_raw(&shared, &frame, &payload) {
+            continue;
+        }
         match frame {
             Frame::Data { session, stream } => {
                 let inlet = {
@@ -443,6 +503,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
         routes.drain().map(|(_, route)| route).collect()
     };
     for mut route in routes {
+        if let Some(raw) = route.raw.take() {
+            let error = failure.clone().unwrap_or_else(|| AgentError {
+                kind: AgentErrorKind::Io,
+                message: "Agent connection closed".to_owned(),
+            });
+            let _ = raw.send((
+                Frame::Failed {
+                    session: CONNECTION_SESSION,
+                    error,
+                },
+                Bytes::new(),
+            ));
+        }
         route.stdin.close();
         if let Some(done) = route.done.take() {
             let _ = done.send(Err(failure
@@ -452,6 +525,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
+/// Hands a raw session's frame to its owner; false when the frame is not a
+/// raw session's. The session's route goes with its `Done` or `Failed`.
+fn forward_raw(shared: &Shared, frame: &Frame, payload: &Bytes) -> bool {
+    let session = frame.session();
+    if session == CONNECTION_SESSION {
+        return false;
+    }
+    let mut routes = shared.routes();
+    let Some(raw) = routes.get(&session).and_then(|route| route.raw.clone()) else {
+        return false;
+    };
+    if matches!(frame, Frame::Done { .. } | Frame::Failed { .. }) {
+        routes.remove(&session);
+    }
+    drop(routes);
+    let _ = raw.send((frame.clone(), payload.clone()));
+    true
+}
+
 fn finish(shared: &Shared, session: u64, outcome: Outcome) {
     let route = shared.routes().remove(&session);
     if let Some(mut route) = route {
@@ -459,6 +551,69 @@ fn finish(shared: &Shared, session: u64, outcome: Outcome) {
         if let Some(done) = route.done.take() {
             let _ = done.send(outcome);
         }
+    }
+}
+
+/// A session relayed frame by frame (see [`AgentClient::open_raw`]).
+#[derive(Debug)]
+pub struct RawSession {
+    /// Sends the caller's frames for this session.
+    pub sender: RawSender,
+    /// The agent's frames for this session, as sent (session id included).
+    /// A `Failed` with session 0 means the connection ended.
+    pub frames: mpsc::UnboundedReceiver<(Frame, Bytes)>,
+}
+
+impl RawSession {
+    pub fn id(&self) -> u64 {
+        self.sender.session
+    }
+}
+
+/// The sending half of a [`RawSession`]; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RawSender {
+    session: u64,
+    sender: FrameSender,
+}
+
+impl RawSender {
+    /// The session's id on the agent connection.
+    pub fn id(&self) -> u64 {
+        self.session
+    }
+
+    /// Sends `frame` (its session id replaced by this session's) to the agent.
+    /// Only frames a host may send for a session are forwarded; false when
+    /// the connection is gone.
+    pub fn send(&self, frame: Frame, payload: Bytes) -> bool {
+        let session = self.session;
+        let frame = match frame {
+            Frame::Data { stream, .. } => Frame::Data { session, stream },
+            Frame::Eof { stream, .. } => Frame::Eof { session, stream },
+            Frame::Credit { stream, bytes, .. } => Frame::Credit {
+                session,
+                stream,
+                bytes,
+            },
+            Frame::Resize { size, .. } => Frame::Resize { session, size },
+            Frame::Signal { signal, .. } => Frame::Signal { session, signal },
+            Frame::Cancel { .. } => Frame::Cancel { session },
+            _ => return true,
+        };
+        self.sender
+            .send(crate::protocol::Outgoing { frame, payload })
+            .is_ok()
+    }
+
+    /// Abandons the session (see [`Frame::Cancel`]).
+    pub fn cancel(&self) -> bool {
+        send_frame(
+            &self.sender,
+            Frame::Cancel {
+                session: self.session,
+            },
+        )
     }
 }
 

@@ -206,6 +206,15 @@ async fn route_frames<R: AsyncRead + Unpin>(
                     let _ = route.control.send(Control::Signal(signal));
                 }
             }
+            Frame::Cancel { session } => {
+                let route = lock().remove(&session);
+                if let Some(route) = route {
+                    // Dropping the control channel kills an exec's group;
+                    // dropping the inlet ends stdin.
+                    route.stdout.close();
+                    route.stderr.close();
+                }
+            }
             // Frames only the agent sends, or output streams the host cannot write.
             _ => {}
         }

@@ -715,3 +715,62 @@ async fn in_process_server_over_an_fd_stream() {
         .unwrap()
         .unwrap();
 }
+
+/// A raw session sees the agent's frames as sent; `cancel` kills its command.
+#[tokio::test]
+async fn raw_sessions_relay_frames_and_cancel_kills() {
+    use banger_proto::agent::{Frame, Operation, OperationResult, StreamId};
+    let agent = TestAgent::start();
+    let client = agent.client().await;
+    let mut raw = client
+        .open_raw(Operation::Exec(sh("echo $$; exec sleep 30")))
+        .unwrap();
+    let session = raw.id();
+    let (frame, payload) = raw.frames.recv().await.unwrap();
+    assert_eq!(
+        frame,
+        Frame::Data {
+            session,
+            stream: StreamId::Stdout
+        }
+    );
+    let pid: i32 = String::from_utf8_lossy(&payload).trim().parse().unwrap();
+    assert!(raw.sender.send(
+        Frame::Credit {
+            session: 0,
+            stream: StreamId::Stdout,
+            bytes: u32::try_from(payload.len()).unwrap(),
+        },
+        Bytes::new(),
+    ));
+    assert!(raw.sender.cancel());
+    let result = loop {
+        match tokio::time::timeout(Duration::from_secs(10), raw.frames.recv())
+            .await
+            .expect("no answer after cancel")
+            .expect("raw stream ended without done")
+        {
+            (Frame::Done { result, .. }, _) => break result,
+            (Frame::Failed { error, .. }, _) => panic!("failed: {error:?}"),
+            _ => {}
+        }
+    };
+    let OperationResult::Exited(status) = result else {
+        panic!("unexpected result {result:?}");
+    };
+    assert_eq!(status.signal, Some(libc_sigkill()));
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err());
+    // The connection is still good for other sessions.
+    let output = client
+        .exec(argv(&["true"]))
+        .await
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code, Some(0));
+}
+
+fn libc_sigkill() -> i32 {
+    nix::sys::signal::Signal::SIGKILL as i32
+}

@@ -42,6 +42,8 @@ pub enum Command {
     Daemon(DaemonCommand),
     /// Check the host and configuration; exits 1 if a check fails.
     Doctor(JsonFlag),
+    /// Print an OpenSSH config snippet so `ssh NAME.banger` reaches VMs.
+    SshConfig,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +110,88 @@ pub enum VmCommand {
     },
     /// Change a stopped VM's size.
     Set(SetArgs),
+    /// Run a command in a running VM (through its agent; exit code passes through).
+    Run(RunArgs),
+    /// Copy files or directories between the host and a VM (`NAME:/path` on one side).
+    Cp(CpArgs),
+    /// Open an SSH session to a VM, or run a command over SSH.
+    Ssh(SshArgs),
+    /// Push your SSH public keys (~/.ssh/*.pub and banger's key) and git identity to a VM.
+    Authsync(AuthsyncArgs),
+    /// Pipe stdin/stdout to a VM's TCP port (the ProxyCommand of `banger ssh-config`).
+    #[command(hide = true)]
+    SshProxy {
+        /// `NAME.banger` or NAME.
+        host: String,
+        port: u16,
+    },
+    /// The guest's resource use and the VMM process's.
+    Stats {
+        #[command(flatten)]
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub name: VmName,
+    /// Give the command a terminal (pty), sized and resized like yours.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Send your stdin to the command (implied when stdin is not a terminal).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Set an environment variable (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest (default: the user's home).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Run as this guest user (default: root).
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_env(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("`{value}` is not KEY=VALUE")),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// Source: a host path or NAME:/path in a VM.
+    pub source: String,
+    /// Destination: a host path or NAME:/path in a VM.
+    pub destination: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    #[command(flatten)]
+    pub name: VmName,
+    /// Guest user to log in as.
+    #[arg(short = 'u', long, default_value = "root")]
+    pub user: String,
+    /// A command to run instead of a login shell.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuthsyncArgs {
+    #[command(flatten)]
+    pub name: VmName,
+    /// Guest user whose authorized_keys and git identity are replaced.
+    #[arg(short = 'u', long, default_value = "root")]
+    pub user: String,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,8 @@
 //! 3. [`Client::watch`] calls `operation.watch` and turns the connection into
 //!    a [`Watch`]: newline-delimited [`StreamFrame`]s (history first, then
 //!    live) up to and including the terminal [`StreamFrame::Done`].
+//! 4. [`Client::agent`] calls `vm.agent` and speaks the guest agent protocol
+//!    on the same connection, relayed by the daemon.
 
 use std::path::{Path, PathBuf};
 
@@ -155,6 +157,28 @@ impl Client {
             client: self,
             done: false,
         })
+    }
+}
+
+impl Client {
+    /// Turns this connection into a relay to VM `vm`'s guest agent and
+    /// speaks the agent protocol over it (see `vm.agent`).
+    pub async fn agent(
+        mut self,
+        vm: &str,
+    ) -> Result<banger_agent::client::AgentClient, ClientError> {
+        let _: serde_json::Value = self
+            .call(method::VM_AGENT, banger_proto::VmRef { vm: vm.to_owned() })
+            .await?;
+        let socket = self.socket.clone();
+        // Nothing follows the answer until the hello, but keep the buffer anyway.
+        let stream = tokio::io::join(self.lines.into_inner(), self.write);
+        banger_agent::client::AgentClient::connect(stream)
+            .await
+            .map_err(|error| ClientError::Io {
+                socket,
+                source: std::io::Error::other(error.to_string()),
+            })
     }
 }
 

@@ -100,5 +100,6 @@ async fn run(cli: Cli, printer: Printer) -> CliResult {
         Command::Operation(command) => commands::operation::run(&socket, printer, command).await,
         Command::Daemon(command) => commands::daemon::run(&socket, printer, command).await,
         Command::Doctor(flag) => commands::daemon::doctor(&socket, printer, flag.json).await,
+        Command::SshConfig => commands::guest::ssh_config(printer),
     }
 }

@@ -39,6 +39,33 @@ pub struct Config {
     pub storage: StorageConfig,
     pub catalog: CatalogConfig,
     pub network: NetworkConfig,
+    pub agent: AgentConfig,
+}
+
+/// The guest agent (see docs/agent-protocol.md).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Create and start wait for the agent's hello (the `agent ready`
+    /// stage). Off for kernels and images that carry no agent.
+    pub wait: bool,
+    /// How long start waits for the hello before the VM counts as failed.
+    pub ready_timeout_seconds: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            wait: true,
+            ready_timeout_seconds: 120,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn ready_timeout(&self) -> Duration {
+        Duration::from_secs(self.ready_timeout_seconds)
+    }
 }
 
 /// Host networking for VMs (see docs/networking.md).
@@ -299,6 +326,12 @@ impl Config {
             return Err(bad(
                 "qemu.accel",
                 format!("must be one of auto, kvm, tcg, not {:?}", self.qemu.accel),
+            ));
+        }
+        if self.agent.ready_timeout_seconds == 0 {
+            return Err(bad(
+                "agent.ready_timeout_seconds",
+                "must be positive".to_owned(),
             ));
         }
         if self.firecracker.binary.as_os_str().is_empty() {

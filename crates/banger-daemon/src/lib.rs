@@ -7,6 +7,7 @@
 //! re-adopts them.
 
 pub mod access;
+pub mod agents;
 pub mod backends;
 pub mod catalog;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod images;
 pub mod network;
 pub mod operations;
 pub mod paths;
+pub mod relay;
 pub mod server;
 pub mod vms;
 

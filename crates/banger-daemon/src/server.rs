@@ -11,6 +11,8 @@
 //!    and the connection is closed.
 //! 4. `operation.watch` answers, then turns the connection into a stream of
 //!    frames and closes it after the terminal frame.
+//! 5. `vm.agent` answers with the guest agent's hello, then the connection
+//!    carries the agent protocol, relayed to the VM ([`crate::relay`]).
 //!
 //! [`serve`] takes its listener and shutdown signal from outside, so tests run
 //! it on a temporary socket.
@@ -155,6 +157,29 @@ async fn handle_connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::
         if request.method == method::OPERATION_WATCH {
             return watch(&daemon, request.params, id.unwrap_or(Value::Null), write).await;
         }
+        if request.method == method::VM_AGENT {
+            let id = id.unwrap_or(Value::Null);
+            let agent = match params::<VmRef>(request.params) {
+                Ok(reference) => daemon.vms.agent(&reference.vm).await,
+                Err(error) => Err(error),
+            };
+            return match agent {
+                Ok((_, client)) => {
+                    send(
+                        &mut write,
+                        &Response::success(
+                            id,
+                            serde_json::to_value(client.hello()).unwrap_or(Value::Null),
+                        ),
+                    )
+                    .await?;
+                    // Bytes the reader buffered past the request line are the first frames.
+                    crate::relay::relay(client, reader, write).await;
+                    Ok(())
+                }
+                Err(error) => send(&mut write, &Response::failure(id, error.to_rpc())).await,
+            };
+        }
         let outcome = dispatch(&daemon, peer, &request.method, request.params).await;
         if let Some(id) = id {
             let response = match outcome {
@@ -272,6 +297,7 @@ async fn dispatch(
             to_value(daemon.vms.delete(&delete.vm, delete.force).await?)
         }
         method::VM_SET => to_value(daemon.vms.set(params::<SetVmParams>(raw)?).await?),
+        method::VM_STATS => to_value(daemon.vms.stats(&params::<VmRef>(raw)?.vm).await?),
         method::IMAGE_IMPORT => to_value(
             daemon
                 .images

@@ -11,13 +11,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use banger_agent::client::AgentClient;
 use banger_proto::{
     validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Image, Kernel, OperationState,
-    SetVmParams, Vm, VmState,
+    SetVmParams, Vm, VmState, VmStats, VmmProcessStats,
 };
 use banger_store::{Store, VmLookup};
-use banger_vmm::{DriveSpec, LaunchSpec, VmmHandle};
+use banger_vmm::{AgentEndpoint, DriveSpec, LaunchSpec, VmmHandle};
 
+use crate::agents::Agents;
 use crate::backends::Backends;
 use tokio::sync::OwnedMutexGuard;
 
@@ -44,6 +46,8 @@ pub struct VmService {
     catalog: Arc<CatalogService>,
     network: Option<Arc<Network>>,
     operations: Arc<OperationRegistry>,
+    /// Connections to the guest agents of running VMs.
+    agents: Agents,
     locks: Mutex<HashMap<String, VmLock>>,
     /// The live VMM process of each VM that has one.
     processes: Mutex<HashMap<String, VmmHandle>>,
@@ -121,6 +125,7 @@ impl VmService {
             catalog,
             network,
             operations,
+            agents: Agents::default(),
             locks: Mutex::new(HashMap::new()),
             processes: Mutex::new(HashMap::new()),
         })
@@ -482,8 +487,88 @@ impl VmService {
         };
         end_stage(operation, &stage, outcome, None)?;
 
+        if self.config.agent.wait {
+            let stage = begin_stage(operation, "agent ready")?;
+            let outcome = tokio::select! {
+                outcome = self.wait_for_agent(vm, &handle) => outcome,
+                () = cancellation.cancelled() => Err(operation.cancelled_error()),
+            };
+            let detail = outcome.as_ref().ok().map(|client| {
+                let hello = client.hello();
+                format!("{} on {}", hello.distro, hello.kernel_release)
+            });
+            end_stage(operation, &stage, outcome, detail)?;
+        }
+
         let stage = begin_stage(operation, "ready")?;
         end_stage(operation, &stage, Ok(()), None)
+    }
+
+    /// Where the VM's agent is reached.
+    fn agent_endpoint(&self, vm: &Vm) -> DaemonResult<AgentEndpoint> {
+        Ok(self
+            .backends
+            .get(&vm.backend)?
+            .agent_endpoint(Path::new(&vm.dir))
+            .0)
+    }
+
+    /// The `agent ready` wait: hello within `[agent] ready_timeout_seconds`,
+    /// or an error quoting the console; then the guest clock is set.
+    async fn wait_for_agent(&self, vm: &Vm, handle: &VmmHandle) -> DaemonResult<AgentClient> {
+        let endpoint = self.agent_endpoint(vm)?;
+        let console = Path::new(&vm.dir).join(banger_vmm::CONSOLE_LOG_FILE);
+        let client = self
+            .agents
+            .wait_ready(
+                &vm.id,
+                &endpoint,
+                &console,
+                self.config.agent.ready_timeout(),
+                async {
+                    handle.wait_exit().await;
+                },
+            )
+            .await?;
+        // A guest that was stopped (or restored) has a stale clock.
+        if let Err(error) = client.sync_clock(std::time::SystemTime::now()).await {
+            tracing::warn!(vm = %vm.name, %error, "could not set the guest clock");
+        }
+        Ok(client)
+    }
+
+    /// The guest's and the VMM process's resource use.
+    pub async fn stats(&self, reference: &str) -> DaemonResult<VmStats> {
+        let (vm, client) = self.agent(reference).await?;
+        let guest = client.stats().await.map_err(|error| {
+            DaemonError::failed(
+                format!("The guest agent of VM `{}` could not report stats", vm.name),
+                error,
+            )
+        })?;
+        let vmm = vm
+            .pid
+            .and_then(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                vmm_process_stats(pid, &stat)
+            })
+            .unwrap_or_default();
+        Ok(VmStats { vm, guest, vmm })
+    }
+
+    /// The agent connection of a running VM.
+    pub async fn agent(&self, reference: &str) -> DaemonResult<(Vm, AgentClient)> {
+        let vm = self.find(reference)?;
+        if vm.state != VmState::Running {
+            return Err(DaemonError::invalid_state(format!(
+                "VM `{}` is {}; the guest agent answers only while it runs",
+                vm.name, vm.state
+            ))
+            .with_hint(format!("start it with `banger vm start {}`", vm.name)));
+        }
+        let endpoint = self.agent_endpoint(&vm)?;
+        let client = self.agents.client(&vm.id, &vm.name, &endpoint).await?;
+        Ok((vm, client))
     }
 
     async fn clone_root_disk(
@@ -584,9 +669,10 @@ impl VmService {
         kernel: &Kernel,
         root_disk: &RootDisk,
         attachment: Option<&Attachment>,
-    ) -> LaunchSpec {
+    ) -> DaemonResult<LaunchSpec> {
         let directory = PathBuf::from(&vm.dir);
-        LaunchSpec {
+        let (_, vsock) = self.backends.get(&vm.backend)?.agent_endpoint(&directory);
+        Ok(LaunchSpec {
             vm_id: vm.id.clone(),
             vm_name: vm.name.clone(),
             runtime_dir: directory.clone(),
@@ -610,8 +696,8 @@ impl VmService {
             network_interfaces: attachment
                 .map(|attachment| vec![attachment.interface.clone()])
                 .unwrap_or_default(),
-            vsock: None,
-        }
+            vsock,
+        })
     }
 
     /// Spawns and configures the VMM, records its pid, and starts
@@ -623,7 +709,7 @@ impl VmService {
         root_disk: &RootDisk,
         attachment: Option<&Attachment>,
     ) -> DaemonResult<VmmHandle> {
-        let spec = self.launch_spec(vm, kernel, root_disk, attachment);
+        let spec = self.launch_spec(vm, kernel, root_disk, attachment)?;
         let handle = self
             .backends
             .get(&vm.backend)?
@@ -663,6 +749,7 @@ impl VmService {
     /// Kills a VMM process we no longer want and forgets it.
     async fn discard_process(&self, vm_id: &str, handle: &VmmHandle) {
         self.forget_process(vm_id, handle);
+        self.agents.forget(vm_id);
         if let Err(error) = self.backends.of(handle).kill(handle).await {
             tracing::error!(vm = vm_id, pid = handle.pid(), %error, "failed to kill VMM");
         }
@@ -707,6 +794,7 @@ impl VmService {
                 return;
             }
             this.forget_process(&vm_id, &handle);
+            this.agents.forget(&vm_id);
             let Some(mut vm) = this.get(&vm_id) else {
                 return;
             };
@@ -782,13 +870,18 @@ impl VmService {
             .spawn_vmm(&mut vm, &kernel, &root_disk, attachment.as_ref())
             .await
         {
-            Ok(handle) => match self.boot_vmm(&mut vm, &handle).await {
-                Ok(()) => Ok(()),
-                Err(error) => {
+            Ok(handle) => {
+                let booted = match self.boot_vmm(&mut vm, &handle).await {
+                    Ok(()) if self.config.agent.wait => {
+                        self.wait_for_agent(&vm, &handle).await.map(drop)
+                    }
+                    outcome => outcome,
+                };
+                if booted.is_err() {
                     self.discard_process(&vm.id, &handle).await;
-                    Err(error)
                 }
-            },
+                booted
+            }
             Err(error) => Err(error),
         };
         match outcome {
@@ -823,6 +916,19 @@ impl VmService {
         if let Some(handle) = self.process_of(&vm.id) {
             vm.state = VmState::Stopping;
             self.store.update_vm(&vm)?;
+            if !force {
+                // The agent powers the guest off cleanly on any backend (a
+                // minimal guest ignores the VMM's ACPI or Ctrl-Alt-Del request).
+                if let Some(client) = self.agents.cached(&vm.id) {
+                    let asked =
+                        tokio::time::timeout(std::time::Duration::from_secs(2), client.shutdown())
+                            .await;
+                    if !matches!(asked, Ok(Ok(()))) {
+                        tracing::debug!(vm = %vm.name, "the guest agent did not take the shutdown request");
+                    }
+                }
+            }
+            self.agents.forget(&vm.id);
             let outcome = if force {
                 self.backends.of(&handle).kill(&handle).await.map(|()| None)
             } else {
@@ -1126,6 +1232,33 @@ pub struct ReconcileReport {
     pub removed_orphan_dirs: Vec<String>,
 }
 
+/// Parses `/proc/PID/stat` (fields after the command's closing parenthesis).
+fn vmm_process_stats(pid: u32, stat: &str) -> Option<VmmProcessStats> {
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    // Field n of proc(5) is fields[n - 3] here.
+    let number = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|field| field.parse::<u64>().ok())
+    };
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096);
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_seconds = (number(14)? + number(15)?) as f64 / ticks as f64;
+    Some(VmmProcessStats {
+        pid,
+        rss_bytes: number(24)?.saturating_mul(u64::try_from(page).unwrap_or(4096)),
+        cpu_seconds,
+        threads: u32::try_from(number(20)?).unwrap_or(u32::MAX),
+    })
+}
+
 fn duplicate_name(name: &str) -> DaemonError {
     DaemonError::new(
         ErrorKind::AlreadyExists,
@@ -1190,5 +1323,19 @@ fn remove_dir_if_present(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn vmm_process_stats_reads_proc_stat() {
+        let stat = "4242 (qemu (x86) S) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 12345 1000000 2560 18446744073709551615";
+        let stats = super::vmm_process_stats(4242, stat).unwrap();
+        assert_eq!(stats.threads, 7);
+        assert!(stats.cpu_seconds > 0.0);
+        assert_eq!(stats.rss_bytes % 2560, 0);
+        assert!(stats.rss_bytes >= 2560 * 4096);
+        assert!(super::vmm_process_stats(1, "garbage").is_none());
     }
 }

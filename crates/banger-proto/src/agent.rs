@@ -76,6 +76,10 @@ pub enum Frame {
     Resize { session: u64, size: WindowSize },
     /// Host → agent: deliver a signal (Linux number) to an exec's process group.
     Signal { session: u64, signal: i32 },
+    /// Host → agent: the host abandons the session. Its exec's process group
+    /// is killed, its output windows close and its stdin ends; the session
+    /// still ends with `Done` or `Failed`.
+    Cancel { session: u64 },
     /// Agent → host: the session ended successfully.
     Done {
         session: u64,
@@ -96,6 +100,7 @@ impl Frame {
             | Self::Credit { session, .. }
             | Self::Resize { session, .. }
             | Self::Signal { session, .. }
+            | Self::Cancel { session }
             | Self::Done { session, .. }
             | Self::Failed { session, .. } => *session,
         }

@@ -32,6 +32,7 @@ pub use operation::{
 pub use status::DaemonStatus;
 pub use vm::{
     CreateVmParams, CreateVmResult, DeleteVmParams, SetVmParams, StopVmParams, Vm, VmRef, VmState,
+    VmStats, VmmProcessStats,
 };
 
 /// Version of the banger programs, reported by `daemon.status` and `--version`.

@@ -12,6 +12,12 @@ pub const VM_STOP: &str = "vm.stop";
 pub const VM_RESTART: &str = "vm.restart";
 pub const VM_DELETE: &str = "vm.delete";
 pub const VM_SET: &str = "vm.set";
+/// Relays a running VM's guest agent: after the success response (the
+/// agent's `HelloInfo`) the connection carries agent protocol frames
+/// (docs/agent-protocol.md), starting with the client's `hello`.
+pub const VM_AGENT: &str = "vm.agent";
+/// The guest's resource use (from its agent) and the VMM process's; returns `VmStats`.
+pub const VM_STATS: &str = "vm.stats";
 
 pub const IMAGE_IMPORT: &str = "image.import";
 pub const IMAGE_LIST: &str = "image.list";

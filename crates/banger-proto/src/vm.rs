@@ -126,6 +126,27 @@ pub struct CreateVmResult {
     pub vm_id: String,
 }
 
+/// Result of `vm.stats`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmStats {
+    pub vm: Vm,
+    /// What the guest agent reports.
+    pub guest: crate::agent::GuestStats,
+    /// The VMM process as the host sees it.
+    pub vmm: VmmProcessStats,
+}
+
+/// A VMM process's resource use, from `/proc/PID`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VmmProcessStats {
+    pub pid: u32,
+    /// Resident memory of the whole VMM (guest memory it touched included).
+    pub rss_bytes: u64,
+    /// User plus system CPU time since the VMM started.
+    pub cpu_seconds: f64,
+    pub threads: u32,
+}
+
 /// A VM named by name or by a unique id prefix.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -82,7 +82,7 @@ impl TestDaemon {
         std::fs::write(
             &config,
             format!(
-                "[network]\nenabled = false\n\n[vmm]\nbackend = \"firecracker\"\n\n[firecracker]\nbinary = \"{}\"\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n",
+                "[network]\nenabled = false\n\n[vmm]\nbackend = \"firecracker\"\n\n[firecracker]\nbinary = \"{}\"\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n\n[agent]\nwait = false\n",
                 binary("fake-firecracker").display()
             ),
         )
@@ -106,6 +106,38 @@ impl TestDaemon {
             env: all_env,
             child: None,
         }
+    }
+
+    /// Gives every fake-firecracker VM a guest: a `banger-agent` in host test
+    /// mode started at boot, reached through the VM's vsock socket, gone when
+    /// the VM stops. Makes create/start wait for it (call before `start`).
+    /// Returns the directory the agents read SSH host keys from.
+    pub fn with_agent(&mut self) -> PathBuf {
+        let ssh = self.dir.path().join("agent-ssh");
+        std::fs::create_dir_all(&ssh).expect("create agent ssh dir");
+        std::fs::write(
+            ssh.join("ssh_host_ed25519_key.pub"),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBANGERTESTKEY root@guest\n",
+        )
+        .expect("write host key");
+        self.set_env(
+            "FAKE_FIRECRACKER_GUEST_AGENT_BIN",
+            &binary("banger-agent").display().to_string(),
+        );
+        self.set_env(
+            "FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR",
+            &ssh.display().to_string(),
+        );
+        let config = std::fs::read_to_string(&self.config).expect("read config");
+        std::fs::write(
+            &self.config,
+            config.replace(
+                "[agent]\nwait = false\n",
+                "[agent]\nwait = true\nready_timeout_seconds = 10\n",
+            ),
+        )
+        .expect("write config");
+        ssh
     }
 
     /// Starts `new(env)` and waits until it serves.

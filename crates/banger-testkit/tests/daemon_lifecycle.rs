@@ -70,6 +70,7 @@ fn create_list_show_stop_start_set_delete() {
             "PUT /machine-config",
             "PUT /boot-source",
             "PUT /drives/rootfs",
+            "PUT /vsock",
             "PUT /actions"
         ]
     );
@@ -85,11 +86,17 @@ fn create_list_show_stop_start_set_delete() {
         vm_dir.join("rootfs.ext4").display().to_string()
     );
     assert_eq!(requests[4]["body"]["is_root_device"], true);
+    // The guest agent's channel: vsock with its host socket in the VM's dir.
+    assert_eq!(requests[5]["body"]["guest_cid"], 3);
+    assert_eq!(
+        requests[5]["body"]["uds_path"],
+        vm_dir.join("vsock.sock").display().to_string()
+    );
     assert!(requests[3]["body"]["boot_args"]
         .as_str()
         .unwrap()
         .contains("banger.name=dev"));
-    assert_eq!(requests[5]["body"]["action_type"], "InstanceStart");
+    assert_eq!(requests[6]["body"]["action_type"], "InstanceStart");
 
     // Show by name and by id prefix.
     assert_eq!(daemon.vm("dev")["id"], id.as_str());

@@ -127,7 +127,7 @@ fn a_real_guest_boots_stops_restarts_survives_the_daemon_and_crashes() {
     let mut daemon = TestDaemon::new(&[]);
     std::fs::write(
         &daemon.config,
-        "[network]\nenabled = false\n\n[vmm]\nbackend = \"qemu\"\n\n[vm]\nmemory_mib = 512\nvcpus = 1\nstop_grace_seconds = 3\n",
+        "[network]\nenabled = false\n\n[vmm]\nbackend = \"qemu\"\n\n[vm]\nmemory_mib = 512\nvcpus = 1\nstop_grace_seconds = 3\n\n# The host initrd carries no agent.\n[agent]\nwait = false\n",
     )
     .unwrap();
     daemon.start();

@@ -96,6 +96,23 @@ pub struct VsockSpec {
     pub uds_path: PathBuf,
 }
 
+/// Where the host reaches a VM's guest agent; which one depends on the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// A Unix socket that is the guest's byte stream (QEMU's virtio-serial
+    /// chardev).
+    Unix(PathBuf),
+    /// Firecracker's vsock Unix socket: connect, send `CONNECT <port>\n`,
+    /// read `OK <host port>\n`, then it is the guest's stream.
+    FirecrackerVsock { uds_path: PathBuf, port: u32 },
+}
+
+/// Name of the Firecracker vsock socket in a VM's runtime directory.
+pub const VSOCK_SOCKET_FILE: &str = "vsock.sock";
+/// Guest context id of every Firecracker VM (each VM's vsock is its own
+/// Unix socket, so ids need not differ between VMs).
+pub const GUEST_CID: u32 = 3;
+
 /// How [`Vmm::stop`] ended the monitor process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -265,6 +282,10 @@ pub trait Vmm: Send + Sync + 'static {
     /// gone (its control sockets). Called after a crash; stop and kill
     /// already do it.
     fn release(&self, runtime_dir: &Path);
+
+    /// Where the guest agent of a VM whose runtime directory is `runtime_dir`
+    /// is reached, and the vsock device the launch needs for it (if any).
+    fn agent_endpoint(&self, runtime_dir: &Path) -> (AgentEndpoint, Option<VsockSpec>);
 
     /// Re-attach to a VMM process started by an earlier daemon instance.
     /// `Ok(Some)` if `pid` is alive and is this VM's monitor (its command

@@ -18,6 +18,14 @@ use crate::{CliError, CliResult};
 
 pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResult {
     match command {
+        VmCommand::Run(args) => super::guest::run(socket, args).await,
+        VmCommand::Cp(args) => super::guest::cp(socket, printer, args).await,
+        VmCommand::Ssh(args) => super::guest::ssh(socket, args).await,
+        VmCommand::SshProxy { host, port } => super::guest::ssh_proxy(socket, &host, port).await,
+        VmCommand::Authsync(args) => super::guest::authsync(socket, printer, args).await,
+        VmCommand::Stats { name, json } => {
+            super::guest::stats(socket, printer, &name.vm, json.json).await
+        }
         VmCommand::Create(args) => create(socket, printer, args).await,
         VmCommand::List(flag) => {
             let vms: Vec<Vm> = Client::connect(socket)

@@ -100,6 +100,12 @@
 //!   see [`vsock`] for the protocol. Without it, such connections are closed
 //!   after the `CONNECT` line, as when no guest listens.
 //!
+//! - `FAKE_FIRECRACKER_GUEST_AGENT_BIN=/path/banger-agent` (and optionally
+//!   `FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR`): at `InstanceStart`, run that
+//!   agent in test mode (`--listen-unix` next to the vsock socket) as the
+//!   VM's guest and bridge vsock connections to it; when it exits (a host
+//!   asked it to shut down) the VMM exits 0, as after a guest power-off.
+//!
 //! A malformed value in any of these is a start-up error (exit 1).
 
 pub mod cli;

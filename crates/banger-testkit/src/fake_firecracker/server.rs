@@ -244,14 +244,58 @@ impl Server {
             self.exit_after(delay, Exit::Crash);
         }
         if let Some(listener) = boot.vsock_listener {
+            let mut agent: Option<PathBuf> = self.config.settings.vsock_agent.clone();
+            if let Some(binary) = &self.config.settings.guest_agent_bin {
+                agent = self.start_guest_agent(binary, &listener);
+            }
             match UnixListener::from_std(listener) {
                 Ok(listener) => {
-                    let agent: Option<PathBuf> = self.config.settings.vsock_agent.clone();
                     tokio::spawn(vsock::serve(listener, agent));
                 }
                 Err(error) => eprintln!("fake-firecracker: cannot serve the vsock socket: {error}"),
             }
         }
+    }
+
+    /// Runs the guest's agent (`banger-agent --listen-unix`) next to the
+    /// vsock socket for as long as this VMM lives; when it exits (a host
+    /// asked for shutdown) the "guest" powered off and so does the VMM.
+    fn start_guest_agent(
+        &self,
+        binary: &std::path::Path,
+        vsock: &std::os::unix::net::UnixListener,
+    ) -> Option<PathBuf> {
+        let address = vsock.local_addr().ok()?;
+        let socket = address.as_pathname()?.with_extension("guest-agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg("--listen-unix")
+            .arg(&socket)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(dir) = &self.config.settings.guest_agent_ssh_dir {
+            command.arg("--ssh-config-dir").arg(dir);
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                eprintln!(
+                    "fake-firecracker: cannot start the guest agent {}: {error}",
+                    binary.display()
+                );
+                return None;
+            }
+        };
+        let sender = self.exit.clone();
+        let cleanup = socket.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = std::fs::remove_file(&cleanup);
+            eprintln!("fake-firecracker: guest agent exited ({status:?}); powering off");
+            let _ = sender.send(Exit::GuestReboot);
+        });
+        Some(socket)
     }
 
     fn exit_after(&self, delay: Duration, exit: Exit) {

@@ -15,6 +15,10 @@ pub const FAIL_VAR: &str = "FAKE_FIRECRACKER_FAIL";
 pub const DELAY_VAR: &str = "FAKE_FIRECRACKER_DELAY";
 pub const EXIT_AFTER_BOOT_VAR: &str = "FAKE_FIRECRACKER_EXIT_AFTER_BOOT_MS";
 pub const VSOCK_AGENT_VAR: &str = "FAKE_FIRECRACKER_VSOCK_AGENT";
+/// A `banger-agent` binary run per VM in test mode as its guest.
+pub const GUEST_AGENT_BIN_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_BIN";
+/// The SSH config dir that guest agent reads host keys from.
+pub const GUEST_AGENT_SSH_DIR_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR";
 
 /// Everything the environment can change about the fake's behaviour.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +33,9 @@ pub struct Settings {
     pub exit_after_boot: Option<Duration>,
     /// Where the vsock bridge connects guest ports to.
     pub vsock_agent: Option<PathBuf>,
+    /// Run this agent binary per VM as its guest (overrides `vsock_agent`).
+    pub guest_agent_bin: Option<PathBuf>,
+    pub guest_agent_ssh_dir: Option<PathBuf>,
 }
 
 /// A malformed steering variable.
@@ -98,6 +105,12 @@ impl Settings {
             delays,
             exit_after_boot,
             vsock_agent: lookup(VSOCK_AGENT_VAR)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            guest_agent_bin: lookup(GUEST_AGENT_BIN_VAR)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            guest_agent_ssh_dir: lookup(GUEST_AGENT_SSH_DIR_VAR)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
         })

@@ -282,6 +282,23 @@ impl Vmm for Firecracker {
         BACKEND
     }
 
+    fn agent_endpoint(
+        &self,
+        runtime_dir: &Path,
+    ) -> (crate::AgentEndpoint, Option<crate::VsockSpec>) {
+        let uds_path = runtime_dir.join(crate::VSOCK_SOCKET_FILE);
+        (
+            crate::AgentEndpoint::FirecrackerVsock {
+                uds_path: uds_path.clone(),
+                port: banger_proto::agent::DEFAULT_VSOCK_PORT,
+            },
+            Some(crate::VsockSpec {
+                guest_cid: crate::GUEST_CID,
+                uds_path,
+            }),
+        )
+    }
+
     async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
         let files = RuntimeFiles::new(&spec.runtime_dir);
         Self::prepare_runtime_files(spec, &files)?;

@@ -439,6 +439,16 @@ impl Vmm for Qemu {
         BACKEND
     }
 
+    fn agent_endpoint(
+        &self,
+        runtime_dir: &Path,
+    ) -> (crate::AgentEndpoint, Option<crate::VsockSpec>) {
+        (
+            crate::AgentEndpoint::Unix(RuntimeFiles::new(runtime_dir).agent_socket),
+            None,
+        )
+    }
+
     async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
         let host = self.host_setup().await;
         let files = RuntimeFiles::new(&spec.runtime_dir);

@@ -1,0 +1,740 @@
+//! Commands that work inside a running guest through its agent, relayed by
+//! the daemon (`vm.agent`): `vm run`, `vm cp`, `vm authsync`, `vm ssh`,
+//! `vm stats`, and `ssh-config`.
+//!
+//! Host files are read and written here, by the calling user's own process,
+//! never by the daemon.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use banger_agent::client::{AgentClient, ExecSession};
+use banger_proto::agent::{AuthSyncRequest, ExecRequest, WindowSize};
+use banger_proto::{method, Vm, VmRef, VmStats};
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+
+use crate::args::{AuthsyncArgs, CpArgs, RunArgs, SshArgs};
+use crate::client::Client;
+use crate::printer::Printer;
+use crate::{CliError, CliResult};
+
+fn agent_error(vm: &str, error: banger_agent::client::ClientError) -> CliError {
+    CliError::new(format!("VM `{vm}`: {}", error_chain(&error)))
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn connect(socket: &Path, vm: &str) -> CliResult<AgentClient> {
+    Ok(Client::connect(socket).await?.agent(vm).await?)
+}
+
+// ---- vm run ----
+
+pub async fn run(socket: &Path, args: RunArgs) -> CliResult {
+    let agent = connect(socket, &args.name.vm).await?;
+    let tty = args.tty && std::io::stdin().is_terminal();
+    let request = ExecRequest {
+        argv: args.command,
+        env: args.env,
+        cwd: args.workdir,
+        user: args.user,
+        pty: tty.then(terminal_size),
+    };
+    let session = agent
+        .exec(request)
+        .await
+        .map_err(|error| agent_error(&args.name.vm, error))?;
+    let forward_stdin = args.interactive || tty || !std::io::stdin().is_terminal();
+    let raw_mode = if tty { RawMode::enter() } else { None };
+    let status = drive(session, forward_stdin, tty).await;
+    drop(raw_mode);
+    let status = status.map_err(|error| agent_error(&args.name.vm, error))?;
+    match u8::try_from(status.shell_code()) {
+        Ok(0) => Ok(()),
+        code => Err(CliError {
+            message: String::new(),
+            hint: None,
+            exit_code: code.unwrap_or(255),
+        }),
+    }
+}
+
+/// Pumps stdin, stdout and stderr, forwards Ctrl-C (without a tty) and
+/// window size changes (with one), and returns the exit status.
+async fn drive(
+    session: ExecSession,
+    forward_stdin: bool,
+    tty: bool,
+) -> Result<banger_proto::agent::ExitStatus, banger_agent::client::ClientError> {
+    let ExecSession {
+        mut stdin,
+        mut stdout,
+        mut stderr,
+        control,
+        exit,
+    } = session;
+    let input = tokio::spawn(async move {
+        if forward_stdin {
+            // A blocking thread: tokio's stdin cannot be cancelled, and the
+            // command may end while we wait for input.
+            let (chunks, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut input = std::io::stdin().lock();
+                let mut buffer = vec![0_u8; 64 * 1024];
+                loop {
+                    match input.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => {
+                            if chunks
+                                .blocking_send(Bytes::copy_from_slice(&buffer[..read]))
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+            while let Some(chunk) = receiver.recv().await {
+                if stdin.write(chunk).await.is_err() {
+                    return;
+                }
+            }
+        }
+        stdin.close();
+    });
+    let output = tokio::spawn(async move {
+        let mut out = tokio::io::stdout();
+        while let Some(chunk) = stdout.recv().await {
+            if out.write_all(&chunk).await.is_err() || out.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let errors = tokio::spawn(async move {
+        let mut err = tokio::io::stderr();
+        while let Some(chunk) = stderr.recv().await {
+            if err.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let signals = tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut interrupt), Ok(mut resize), Ok(mut terminate), Ok(mut hangup)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::window_change()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                Some(()) = interrupt.recv() => { let _ = control.signal(libc::SIGINT); }
+                Some(()) = terminate.recv() => { let _ = control.signal(libc::SIGTERM); }
+                Some(()) = hangup.recv() => { let _ = control.signal(libc::SIGHUP); }
+                Some(()) = resize.recv(), if tty => { let size = terminal_size(); let _ = control.resize(size.rows, size.cols); }
+                else => break,
+            }
+        }
+    });
+    let status = exit.wait().await;
+    signals.abort();
+    input.abort();
+    let _ = output.await;
+    let _ = errors.await;
+    status
+}
+
+fn terminal_size() -> WindowSize {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a `winsize` into the pointer, which is valid.
+    #[allow(unsafe_code)]
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &raw mut size) } == 0;
+    if ok && size.ws_row > 0 && size.ws_col > 0 {
+        WindowSize {
+            rows: size.ws_row,
+            cols: size.ws_col,
+        }
+    } else {
+        WindowSize { rows: 24, cols: 80 }
+    }
+}
+
+/// The local terminal in raw mode, restored on drop.
+struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    fn enter() -> Option<Self> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+// ---- vm cp ----
+
+/// One side of `vm cp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    Host(PathBuf),
+    Guest { vm: String, path: String },
+}
+
+/// `NAME:/path` is in a VM; anything else (write `./a:b` for a host path
+/// with a colon) is on the host.
+fn parse_location(text: &str) -> Location {
+    if let Some((vm, path)) = text.split_once(':') {
+        if !vm.is_empty() && !vm.contains('/') && !path.is_empty() {
+            return Location::Guest {
+                vm: vm.to_owned(),
+                path: path.to_owned(),
+            };
+        }
+    }
+    Location::Host(PathBuf::from(text))
+}
+
+pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> CliResult {
+    match (
+        parse_location(&args.source),
+        parse_location(&args.destination),
+    ) {
+        (Location::Host(source), Location::Guest { vm, path }) => {
+            let agent = connect(socket, &vm).await?;
+            let entries = copy_in(&agent, &vm, &source, &path).await?;
+            printer.message(&format!("Copied {entries} entries to {vm}:{path}"));
+            Ok(())
+        }
+        (Location::Guest { vm, path }, Location::Host(destination)) => {
+            let agent = connect(socket, &vm).await?;
+            copy_out(&agent, &vm, &path, &destination).await?;
+            printer.message(&format!("Copied {vm}:{path} to {}", destination.display()));
+            Ok(())
+        }
+        (Location::Host(_), Location::Host(_)) => {
+            Err(CliError::new("Neither side of `vm cp` is in a VM")
+                .with_hint("write one side as NAME:/path, e.g. `banger vm cp ./src devbox:/root/`"))
+        }
+        (Location::Guest { .. }, Location::Guest { .. }) => Err(CliError::new(
+            "`vm cp` copies between the host and a VM, not between two VMs",
+        )),
+    }
+}
+
+fn last_component(path: &str) -> Option<String> {
+    Path::new(path.trim_end_matches('/'))
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+}
+
+/// Whether `path` is a directory in the guest.
+async fn guest_is_dir(agent: &AgentClient, vm: &str, path: &str) -> CliResult<bool> {
+    let probe = agent
+        .exec(ExecRequest {
+            argv: vec!["test".into(), "-d".into(), path.into()],
+            ..ExecRequest::default()
+        })
+        .await
+        .map_err(|error| agent_error(vm, error))?
+        .output()
+        .await
+        .map_err(|error| agent_error(vm, error))?;
+    Ok(probe.status.code == Some(0))
+}
+
+/// Copies a host file or tree into the guest: into `dest` when it is a
+/// directory there, else as `dest` (the source renamed).
+async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> CliResult<u64> {
+    let metadata = std::fs::symlink_metadata(source)
+        .map_err(|error| CliError::new(format!("Cannot read {}: {error}", source.display())))?;
+    let source_name = source
+        .canonicalize()
+        .ok()
+        .and_then(|path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .ok_or_else(|| CliError::new(format!("{} has no name to copy as", source.display())))?;
+    let (dest_dir, name) = if guest_is_dir(agent, vm, dest).await? {
+        (dest.to_owned(), source_name)
+    } else {
+        let parent = Path::new(dest.trim_end_matches('/'))
+            .parent()
+            .map_or_else(|| "/".to_owned(), |parent| parent.display().to_string());
+        let name = last_component(dest)
+            .ok_or_else(|| CliError::new(format!("Invalid destination path `{dest}`")))?;
+        (
+            if parent.is_empty() {
+                ".".into()
+            } else {
+                parent
+            },
+            name,
+        )
+    };
+    let (reader, writer) = tokio::io::duplex(256 * 1024);
+    let source = source.to_owned();
+    let packer = tokio::task::spawn_blocking(move || {
+        let writer = tokio_util::io::SyncIoBridge::new(writer);
+        let mut builder = tar::Builder::new(writer);
+        builder.follow_symlinks(false);
+        let result = if metadata.is_dir() {
+            builder.append_dir_all(&name, &source)
+        } else {
+            builder.append_path_with_name(&source, &name)
+        };
+        result
+            .and_then(|()| builder.finish())
+            .map_err(|error| format!("Cannot pack {}: {error}", source.display()))
+    });
+    let copied = agent.copy_in(&dest_dir, reader).await;
+    let packed = packer
+        .await
+        .map_err(|error| CliError::new(format!("Packing task failed: {error}")))?;
+    match (copied, packed) {
+        (Ok(entries), Ok(())) => Ok(entries),
+        (Err(error), _) => Err(agent_error(vm, error)),
+        (Ok(_), Err(error)) => Err(CliError::new(error)),
+    }
+}
+
+/// Copies a guest file or tree to the host: into `destination` when it is a
+/// directory, else as `destination`. Hostile archives are refused.
+async fn copy_out(agent: &AgentClient, vm: &str, path: &str, destination: &Path) -> CliResult {
+    let name = last_component(path)
+        .ok_or_else(|| CliError::new(format!("Invalid guest path `{path}`")))?;
+    let stream = agent
+        .copy_out(path)
+        .await
+        .map_err(|error| agent_error(vm, error))?;
+    let into_dir = destination.is_dir();
+    let staging_parent = if into_dir {
+        destination.to_owned()
+    } else {
+        match destination.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        }
+    };
+    let staging = tempfile_dir(&staging_parent)?;
+    let staging_path = staging.clone();
+    let unpacked = tokio::task::spawn_blocking(move || {
+        let reader = tokio_util::io::SyncIoBridge::new(stream);
+        banger_agent::files::unpack(reader, &staging_path)
+    })
+    .await
+    .map_err(|error| CliError::new(format!("Unpacking task failed: {error}")));
+    let result = match unpacked {
+        Ok(Ok(_)) => {
+            let unpacked = staging.join(&name);
+            let target = if into_dir {
+                destination.join(&name)
+            } else {
+                destination.to_owned()
+            };
+            std::fs::rename(&unpacked, &target).map_err(|error| {
+                CliError::new(format!(
+                    "Cannot move the copy to {}: {error}",
+                    target.display()
+                ))
+            })
+        }
+        Ok(Err(error)) => Err(CliError::new(format!(
+            "Copy from VM `{vm}` failed: {}",
+            error_chain(&error)
+        ))),
+        Err(error) => Err(error),
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+/// A fresh hidden directory in `parent`, so the final rename stays on one filesystem.
+fn tempfile_dir(parent: &Path) -> CliResult<PathBuf> {
+    for attempt in 0..100_u32 {
+        let path = parent.join(format!(
+            ".banger-cp-{}-{attempt}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        match std::fs::create_dir(&path) {
+            Ok(()) => return Ok(path),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => {
+                return Err(CliError::new(format!(
+                    "Cannot create a staging directory in {}: {error}",
+                    parent.display()
+                )))
+            }
+        }
+    }
+    Err(CliError::new("Cannot create a staging directory"))
+}
+
+// ---- authsync, ssh ----
+
+/// banger's own SSH key pair and known_hosts, per host user.
+struct ManagedSsh {
+    dir: PathBuf,
+}
+
+impl ManagedSsh {
+    fn locate() -> CliResult<Self> {
+        let data = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .filter(|path| path.is_absolute())
+            .or_else(|| {
+                std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share"))
+            })
+            .ok_or_else(|| CliError::new("Neither XDG_DATA_HOME nor HOME is set"))?;
+        Ok(Self {
+            dir: data.join("banger").join("ssh"),
+        })
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.join("id_ed25519")
+    }
+
+    fn known_hosts(&self) -> PathBuf {
+        self.dir.join("known_hosts")
+    }
+
+    /// Makes the key pair with `ssh-keygen` if it does not exist yet.
+    fn ensure_key(&self) -> CliResult<String> {
+        let public = self.dir.join("id_ed25519.pub");
+        if !public.exists() {
+            std::fs::create_dir_all(&self.dir).map_err(|error| {
+                CliError::new(format!("Cannot create {}: {error}", self.dir.display()))
+            })?;
+            let _ = std::fs::set_permissions(
+                &self.dir,
+                std::os::unix::fs::PermissionsExt::from_mode(0o700),
+            );
+            let status = std::process::Command::new("ssh-keygen")
+                .args([
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "banger-managed",
+                    "-f",
+                ])
+                .arg(self.key())
+                .status()
+                .map_err(|error| {
+                    CliError::new(format!("Cannot run ssh-keygen: {error}"))
+                        .with_hint("install the OpenSSH client (apt install openssh-client)")
+                })?;
+            if !status.success() {
+                return Err(CliError::new(format!("ssh-keygen failed ({status})")));
+            }
+        }
+        std::fs::read_to_string(&public)
+            .map(|key| key.trim().to_owned())
+            .map_err(|error| CliError::new(format!("Cannot read {}: {error}", public.display())))
+    }
+}
+
+/// The calling user's public keys (`~/.ssh/*.pub`) plus banger's managed key.
+fn public_keys(managed: &str) -> Vec<String> {
+    let mut keys = vec![managed.to_owned()];
+    if let Some(home) = std::env::var_os("HOME") {
+        let dir = PathBuf::from(home).join(".ssh");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "pub"))
+            .collect();
+        files.sort();
+        for file in files {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                for line in text.lines().map(str::trim) {
+                    if !line.is_empty()
+                        && !line.starts_with('#')
+                        && !keys.iter().any(|key| key == line)
+                    {
+                        keys.push(line.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    keys
+}
+
+fn git_config(key: &str) -> Option<String> {
+    let output = std::process::Command::new("git")
+        .args(["config", "--global", "--get", key])
+        .output()
+        .ok()?;
+    let value = String::from_utf8(output.stdout).ok()?.trim().to_owned();
+    (output.status.success() && !value.is_empty()).then_some(value)
+}
+
+/// Installs the keys and git identity for `user` in the guest; returns the key count.
+async fn push_auth(agent: &AgentClient, vm: &str, user: &str) -> CliResult<usize> {
+    let managed = ManagedSsh::locate()?.ensure_key()?;
+    let keys = public_keys(&managed);
+    let count = keys.len();
+    agent
+        .authsync(AuthSyncRequest {
+            user: user.to_owned(),
+            authorized_keys: keys,
+            git_name: git_config("user.name"),
+            git_email: git_config("user.email"),
+        })
+        .await
+        .map_err(|error| agent_error(vm, error))?;
+    Ok(count)
+}
+
+pub async fn authsync(socket: &Path, printer: Printer, args: AuthsyncArgs) -> CliResult {
+    let agent = connect(socket, &args.name.vm).await?;
+    let count = push_auth(&agent, &args.name.vm, &args.user).await?;
+    printer.message(&format!(
+        "Installed {count} public key(s) and your git identity for {} in {}",
+        args.user, args.name.vm
+    ));
+    Ok(())
+}
+
+/// Pins the guest's host keys (learned through the agent) under `alias`.
+async fn pin_host_keys(
+    agent: &AgentClient,
+    vm: &str,
+    alias: &str,
+    managed: &ManagedSsh,
+) -> CliResult {
+    let keys = agent
+        .host_keys()
+        .await
+        .map_err(|error| agent_error(vm, error))?;
+    if keys.is_empty() {
+        return Err(CliError::new(format!(
+            "VM `{vm}` has no SSH host keys (is openssh-server installed in its image?)"
+        )));
+    }
+    let path = managed.known_hosts();
+    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut lines: Vec<String> = existing
+        .lines()
+        .filter(|line| line.split_whitespace().next() != Some(alias))
+        .map(str::to_owned)
+        .collect();
+    for key in keys {
+        lines.push(format!("{alias} {} {}", key.algorithm, key.key));
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(&path, text)
+        .map_err(|error| CliError::new(format!("Cannot write {}: {error}", path.display())))
+}
+
+async fn vm_of(socket: &Path, reference: &str) -> CliResult<Vm> {
+    Ok(Client::connect(socket)
+        .await?
+        .call(
+            method::VM_SHOW,
+            VmRef {
+                vm: reference.to_owned(),
+            },
+        )
+        .await?)
+}
+
+/// Prepares everything `ssh` needs for `vm`: the key installed, the host
+/// keys pinned under `NAME.banger`. Returns the VM and the alias.
+async fn prepare_ssh(
+    socket: &Path,
+    reference: &str,
+    user: &str,
+) -> CliResult<(Vm, String, ManagedSsh)> {
+    let vm = vm_of(socket, reference).await?;
+    let agent = connect(socket, &vm.name).await?;
+    push_auth(&agent, &vm.name, user).await?;
+    let managed = ManagedSsh::locate()?;
+    let alias = vm.network.as_ref().map_or_else(
+        || format!("{}.banger", vm.name),
+        |network| network.dns_name.clone(),
+    );
+    pin_host_keys(&agent, &vm.name, &alias, &managed).await?;
+    Ok((vm, alias, managed))
+}
+
+pub async fn ssh(socket: &Path, args: SshArgs) -> CliResult {
+    let (vm, alias, managed) = prepare_ssh(socket, &args.name.vm, &args.user).await?;
+    let Some(network) = &vm.network else {
+        return Err(
+            CliError::new(format!("VM `{}` has no network interface", vm.name)).with_hint(
+                "the daemon runs with `[network] enabled = false`; use `banger vm run` instead",
+            ),
+        );
+    };
+    let mut command = std::process::Command::new("ssh");
+    command
+        .arg("-i")
+        .arg(managed.key())
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            managed.known_hosts().display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .arg("-o")
+        .arg(format!("HostKeyAlias={alias}"))
+        .args(["-l", &args.user])
+        .arg(&network.ip);
+    if !args.command.is_empty() {
+        command.arg("--").args(&args.command);
+    }
+    use std::os::unix::process::CommandExt;
+    let error = command.exec();
+    Err(CliError::new(format!("Cannot run ssh: {error}"))
+        .with_hint("install the OpenSSH client (apt install openssh-client)"))
+}
+
+/// `ProxyCommand` of `ssh-config`: prepares keys for `host` (`NAME.banger`)
+/// and pipes stdin/stdout to the VM's `port`.
+pub async fn ssh_proxy(socket: &Path, host: &str, port: u16) -> CliResult {
+    let name = host.split('.').next().unwrap_or(host);
+    let user = std::env::var("BANGER_SSH_USER").unwrap_or_else(|_| "root".to_owned());
+    let (vm, _, _) = prepare_ssh(socket, name, &user).await?;
+    let Some(network) = &vm.network else {
+        return Err(CliError::new(format!(
+            "VM `{}` has no network interface",
+            vm.name
+        )));
+    };
+    let mut stream = tokio::net::TcpStream::connect((network.ip.as_str(), port))
+        .await
+        .map_err(|error| CliError::new(format!("Cannot reach {}:{port}: {error}", network.ip)))?;
+    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    let _ = tokio::io::copy_bidirectional(&mut stream, &mut stdio).await;
+    Ok(())
+}
+
+pub fn ssh_config(printer: Printer) -> CliResult {
+    let managed = ManagedSsh::locate()?;
+    let program = std::env::current_exe()
+        .map_or_else(|_| "banger".to_owned(), |path| path.display().to_string());
+    printer.data(&format!(
+        "# banger VMs: add to ~/.ssh/config, then `ssh NAME.banger`.\n\
+         Host *.banger\n    \
+         User root\n    \
+         IdentityFile {key}\n    \
+         IdentitiesOnly yes\n    \
+         UserKnownHostsFile {known_hosts}\n    \
+         StrictHostKeyChecking yes\n    \
+         ProxyCommand {program} vm ssh-proxy %h %p\n",
+        key = managed.key().display(),
+        known_hosts = managed.known_hosts().display(),
+    ));
+    Ok(())
+}
+
+// ---- stats ----
+
+pub async fn stats(socket: &Path, printer: Printer, reference: &str, json: bool) -> CliResult {
+    let stats: VmStats = Client::connect(socket)
+        .await?
+        .call(
+            method::VM_STATS,
+            VmRef {
+                vm: reference.to_owned(),
+            },
+        )
+        .await?;
+    if json {
+        printer.json(&stats);
+        return Ok(());
+    }
+    let guest = &stats.guest;
+    let mib = |bytes: u64| bytes / (1024 * 1024);
+    printer.data(&format!(
+        "vm         {}\nuptime     {:.0} s\nload       {:.2} {:.2} {:.2}\ncpus       {}\nmemory     {} MiB available of {} MiB\ndisk       {} MiB available of {} MiB\nvmm pid    {}\nvmm rss    {} MiB\nvmm cpu    {:.1} s ({} threads)",
+        stats.vm.name,
+        guest.uptime_seconds,
+        guest.load_average[0],
+        guest.load_average[1],
+        guest.load_average[2],
+        guest.cpu_count,
+        mib(guest.memory_available_bytes),
+        mib(guest.memory_total_bytes),
+        mib(guest.disk_available_bytes),
+        mib(guest.disk_total_bytes),
+        stats.vmm.pid,
+        mib(stats.vmm.rss_bytes),
+        stats.vmm.cpu_seconds,
+        stats.vmm.threads,
+    ));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_name_a_vm_only_before_a_colon_without_slashes() {
+        assert_eq!(
+            parse_location("devbox:/root/x"),
+            Location::Guest {
+                vm: "devbox".into(),
+                path: "/root/x".into()
+            }
+        );
+        assert_eq!(parse_location("./a:b"), Location::Host("./a:b".into()));
+        assert_eq!(parse_location("plain"), Location::Host("plain".into()));
+        assert_eq!(parse_location(":x"), Location::Host(":x".into()));
+    }
+
+    #[test]
+    fn last_component_ignores_trailing_slashes() {
+        assert_eq!(last_component("/root/repo/").as_deref(), Some("repo"));
+        assert_eq!(last_component("/"), None);
+    }
+}

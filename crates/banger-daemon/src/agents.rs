@@ -1,0 +1,195 @@
+//! Agents: the daemon's connection to each running VM's guest agent.
+//!
+//! 1. After boot, [`Agents::wait_ready`] connects to the VM's
+//!    [`AgentEndpoint`] (retrying while the guest comes up) until the agent
+//!    answers `hello`, the deadline passes or the VMM exits. The connection is
+//!    kept per VM; every session of every client of that VM is multiplexed on
+//!    it (QEMU's virtio-serial port carries one connection only).
+//! 2. [`Agents::client`] returns the kept connection, connecting again when
+//!    it is gone (after a daemon restart the adopted VM's agent is reached
+//!    this way).
+//! 3. [`Agents::forget`] drops it when the VM stops, crashes or is deleted.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use banger_agent::client::{AgentClient, ClientError};
+use banger_proto::ErrorKind;
+use banger_vmm::AgentEndpoint;
+
+use crate::error::{DaemonError, DaemonResult};
+
+/// How often a refused connection is retried while a guest boots.
+const RETRY_INTERVAL: Duration = Duration::from_millis(100);
+/// How long [`Agents::client`] tries to reach the agent of a running VM.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Console lines quoted when the agent never answers.
+const CONSOLE_TAIL_LINES: usize = 15;
+
+#[derive(Default)]
+pub struct Agents {
+    connections: Mutex<HashMap<String, AgentClient>>,
+    /// Serialises connection attempts per VM, so two callers never open two
+    /// connections (a virtio-serial port serves one).
+    connecting: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Agents {
+    fn connections(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentClient>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn connect_lock(&self, vm_id: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .connecting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::sync::Arc::clone(locks.entry(vm_id.to_owned()).or_default())
+    }
+
+    /// The kept connection, if it is still open.
+    pub fn cached(&self, vm_id: &str) -> Option<AgentClient> {
+        let mut connections = self.connections();
+        match connections.get(vm_id) {
+            Some(client) if !client.is_closed() => Some(client.clone()),
+            Some(_) => {
+                connections.remove(vm_id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Waits until the agent answers `hello` (connecting as often as it
+    /// takes), up to `timeout`, and keeps the connection. Gives up early when
+    /// `gone` resolves (the VMM exited). The error quotes the console log.
+    pub async fn wait_ready(
+        &self,
+        vm_id: &str,
+        endpoint: &AgentEndpoint,
+        console_log: &Path,
+        timeout: Duration,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> DaemonResult<AgentClient> {
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            outcome = self.connect_until(vm_id, endpoint, started + timeout) => outcome,
+            () = gone => Err(DaemonError::new(
+                ErrorKind::Failed,
+                "The VMM exited before the guest agent answered",
+            )),
+        };
+        outcome.map_err(|error| {
+            // The operation records the chain only, so the tail goes in the message.
+            let tail = banger_vmm::process::read_log_tail(console_log, CONSOLE_TAIL_LINES);
+            let context = if tail.trim().is_empty() {
+                format!(
+                    "the console log {} is empty (does the kernel boot, and does its initramfs carry the agent? `banger kernel import --from-debian` makes one that does)",
+                    console_log.display()
+                )
+            } else {
+                format!(
+                    "last console lines ({}):\n{}",
+                    console_log.display(),
+                    tail.trim_end()
+                )
+            };
+            DaemonError::new(
+                error.kind,
+                format!(
+                    "{} (waited {:.1} s); {context}",
+                    error.chain(),
+                    started.elapsed().as_secs_f64()
+                ),
+            )
+        })
+    }
+
+    async fn connect_until(
+        &self,
+        vm_id: &str,
+        endpoint: &AgentEndpoint,
+        deadline: Instant,
+    ) -> DaemonResult<AgentClient> {
+        let lock = self.connect_lock(vm_id);
+        let _guard = lock.lock().await;
+        if let Some(client) = self.cached(vm_id) {
+            return Ok(client);
+        }
+        let mut last_error: Option<ClientError> = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                let error = DaemonError::new(
+                    ErrorKind::Failed,
+                    "The guest agent did not answer before the deadline",
+                );
+                return Err(match last_error {
+                    Some(cause) => error.with_source(cause),
+                    None => error,
+                });
+            }
+            match tokio::time::timeout(remaining, connect(endpoint)).await {
+                Ok(Ok(client)) => {
+                    tracing::info!(vm = vm_id, agent = %client.hello().agent_version, kernel = %client.hello().kernel_release, "guest agent ready");
+                    self.connections().insert(vm_id.to_owned(), client.clone());
+                    return Ok(client);
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(vm = vm_id, %error, "guest agent not reachable yet");
+                    last_error = Some(error);
+                    tokio::time::sleep(RETRY_INTERVAL.min(remaining)).await;
+                }
+                Err(_elapsed) => {}
+            }
+        }
+    }
+
+    /// The connection to a running VM's agent, reconnecting if it is gone.
+    pub async fn client(
+        &self,
+        vm_id: &str,
+        vm_name: &str,
+        endpoint: &AgentEndpoint,
+    ) -> DaemonResult<AgentClient> {
+        if let Some(client) = self.cached(vm_id) {
+            return Ok(client);
+        }
+        self.connect_until(vm_id, endpoint, Instant::now() + RECONNECT_TIMEOUT)
+            .await
+            .map_err(|error| {
+                DaemonError::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "The guest agent of VM `{vm_name}` does not answer: {}",
+                        error.chain()
+                    ),
+                )
+                .with_hint(format!(
+                    "the guest may still be booting or may not carry the agent; `banger vm show {vm_name}` and its console log say more"
+                ))
+            })
+    }
+
+    /// Drops the kept connection (the VM stopped, crashed or was deleted).
+    pub fn forget(&self, vm_id: &str) {
+        self.connections().remove(vm_id);
+        self.connecting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(vm_id);
+    }
+}
+
+async fn connect(endpoint: &AgentEndpoint) -> Result<AgentClient, ClientError> {
+    match endpoint {
+        AgentEndpoint::Unix(path) => AgentClient::connect_unix(path).await,
+        AgentEndpoint::FirecrackerVsock { uds_path, port } => {
+            AgentClient::connect_firecracker_vsock(uds_path, *port).await
+        }
+    }
+}
