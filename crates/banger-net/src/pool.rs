@@ -220,15 +220,14 @@ impl TapPool {
         let pooled = self.state().ready.pop();
         self.wake.notify_one();
         if let Some(pooled) = pooled {
-            let renamed = self.host.rename_link(&pooled, name, true).await;
-            if renamed.is_err() {
-                let _ = self.host.delete_link(&pooled).await;
-            }
-            self.state().release(&pooled);
-            match renamed {
-                Ok(()) => return Ok(TapSource::Pool),
+            match self.host.rename_link(&pooled, name, true).await {
+                Ok(()) => {
+                    self.state().release(&pooled);
+                    return Ok(TapSource::Pool);
+                }
                 Err(error) => {
-                    tracing::warn!(%error, tap = %pooled, "dropped a pooled tap that could not be renamed");
+                    tracing::warn!(%error, tap = %pooled, "could not hand out a pooled tap");
+                    self.keep_or_drop(&pooled).await;
                 }
             }
         }
@@ -300,6 +299,20 @@ impl TapPool {
             self.state().release(name);
         }
         result
+    }
+
+    /// After a failed rename: a pool tap that is still as the pool left it
+    /// (say the VM's name was taken) goes back; anything else is deleted.
+    async fn keep_or_drop(&self, pooled: &str) {
+        match self.host.link_status(pooled).await {
+            Ok(Some(status)) if !status.up && !status.carrier => {
+                self.state().ready.push(pooled.to_owned());
+            }
+            _ => {
+                let _ = self.host.delete_link(pooled).await;
+                self.state().release(pooled);
+            }
+        }
     }
 
     /// Creates pool tap `name`: persistent, on the bridge, down.
@@ -453,11 +466,21 @@ mod tests {
     async fn a_failed_rename_falls_back_to_creating() {
         let (host, pool) = pool(1).await;
         pool.fill().await.unwrap();
-        host.fail_call(host.calls().len());
+        // The VM's name is taken (a stale tap): the pool tap stays pooled
+        // and the existing tap is reused.
+        host.add_link("bgtap0", FakeLink::new_tap());
         assert_eq!(pool.take("bgtap0").await.unwrap(), TapSource::Created);
-        assert!(host.links().contains_key("bgtap0"));
+        assert_eq!(pool_taps(&host), ["bgpool0"]);
+        assert_eq!(pool.status().ready, 1);
+        // A pool tap left in an unknown state by a failed rename is dropped.
+        host.fail_call(host.calls().len());
+        host.set_carrier("bgpool0", true);
+        assert_eq!(pool.take("bgtap1").await.unwrap(), TapSource::Created);
+        assert!(host.links().contains_key("bgtap1"));
         assert_eq!(pool_taps(&host), Vec::<String>::new(), "broken tap kept");
         assert_eq!(pool.status().ready, 0);
+        assert_eq!(pool.fill().await.unwrap(), 1);
+        assert_eq!(pool_taps(&host), ["bgpool0"]);
     }
 
     #[tokio::test]
