@@ -19,7 +19,11 @@ struct Netns(String);
 
 impl Netns {
     fn new(name: &str) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        // A namespace left by an interrupted earlier run.
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         let run = |args: &[&str]| {
             let status = Command::new("ip").args(args).status().expect("ip");
             assert!(status.success(), "ip {args:?} failed");
