@@ -683,6 +683,124 @@ fn read_module(source: &Path, relative_path: &str) -> Result<(String, Vec<u8>), 
     }
 }
 
+/// A Debian kernel package's files: the kernel image and its modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebianKernel {
+    pub release: String,
+    /// `boot/vmlinuz-<release>`.
+    pub kernel: PathBuf,
+    /// `lib/modules/<release>` (or `usr/lib/modules/<release>`).
+    pub modules: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LocateKernelError {
+    #[error("No kernel with modules in {root}/boot and {root}/lib/modules")]
+    NoKernel { root: PathBuf },
+    #[error("Kernel {release} is not installed: {missing} is missing")]
+    Missing { release: String, missing: PathBuf },
+    #[error("Invalid kernel release `{release}`")]
+    InvalidRelease { release: String },
+}
+
+impl DebianKernel {
+    /// Finds a kernel and its modules. `source` is empty for the newest
+    /// kernel installed under `root` (`/` on a host), a release such as
+    /// `6.1.0-48-cloud-amd64` for that one, or an absolute path to an
+    /// unpacked package (`dpkg-deb -x`), in which the newest is taken.
+    ///
+    /// # Errors
+    /// Nothing matches, or the release has no kernel image or no modules.
+    pub fn locate(root: &Path, source: &str) -> Result<Self, LocateKernelError> {
+        if source.starts_with('/') {
+            return Self::newest(Path::new(source));
+        }
+        if source.is_empty() {
+            return Self::newest(root);
+        }
+        if source.contains('/') || source.starts_with('.') {
+            return Err(LocateKernelError::InvalidRelease {
+                release: source.to_owned(),
+            });
+        }
+        Self::release(root, source)
+    }
+
+    fn release(root: &Path, release: &str) -> Result<Self, LocateKernelError> {
+        let kernel = root.join("boot").join(format!("vmlinuz-{release}"));
+        if !kernel.is_file() {
+            return Err(LocateKernelError::Missing {
+                release: release.to_owned(),
+                missing: kernel,
+            });
+        }
+        let candidates = [
+            root.join("lib/modules").join(release),
+            root.join("usr/lib/modules").join(release),
+        ];
+        let modules = candidates
+            .iter()
+            .find(|directory| directory.join("modules.dep").is_file())
+            .cloned()
+            .ok_or_else(|| LocateKernelError::Missing {
+                release: release.to_owned(),
+                missing: candidates[0].join("modules.dep"),
+            })?;
+        Ok(Self {
+            release: release.to_owned(),
+            kernel,
+            modules,
+        })
+    }
+
+    fn newest(root: &Path) -> Result<Self, LocateKernelError> {
+        let mut releases: Vec<String> = std::fs::read_dir(root.join("boot"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| name.strip_prefix("vmlinuz-"))
+                    .map(str::to_owned)
+            })
+            .collect();
+        releases.sort_by(|left, right| compare_versions(left, right));
+        releases
+            .iter()
+            .rev()
+            .find_map(|release| Self::release(root, release).ok())
+            .ok_or_else(|| LocateKernelError::NoKernel {
+                root: root.to_owned(),
+            })
+    }
+}
+
+/// Orders `6.1.0-9` before `6.1.0-10`: digit runs compare as numbers.
+fn compare_versions(left: &str, right: &str) -> std::cmp::Ordering {
+    fn parts(text: &str) -> Vec<Result<u64, String>> {
+        let mut parts = Vec::new();
+        let mut current = String::new();
+        let mut digits = false;
+        for character in text.chars() {
+            if !current.is_empty() && character.is_ascii_digit() != digits {
+                parts.push(std::mem::take(&mut current));
+            }
+            digits = character.is_ascii_digit();
+            current.push(character);
+        }
+        if !current.is_empty() {
+            parts.push(current);
+        }
+        parts
+            .into_iter()
+            .map(|part| part.parse::<u64>().map_err(|_| part))
+            .collect()
+    }
+    parts(left).cmp(&parts(right))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -708,6 +826,52 @@ kernel/net/packet/af-packet.ko:
 
     fn names(modules: &[ModuleFile]) -> Vec<&str> {
         modules.iter().map(|module| module.name.as_str()).collect()
+    }
+
+    #[test]
+    fn debian_kernels_are_found_by_release_newest_or_package_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let install = |release: &str, modules: &str| {
+            std::fs::create_dir_all(root.join("boot")).unwrap();
+            std::fs::write(root.join(format!("boot/vmlinuz-{release}")), "bz").unwrap();
+            let directory = root.join(modules).join(release);
+            std::fs::create_dir_all(&directory).unwrap();
+            std::fs::write(directory.join("modules.dep"), "").unwrap();
+        };
+        assert_eq!(
+            DebianKernel::locate(root, ""),
+            Err(LocateKernelError::NoKernel {
+                root: root.to_owned()
+            })
+        );
+        install("6.1.0-9-cloud-amd64", "lib/modules");
+        install("6.1.0-10-cloud-amd64", "usr/lib/modules");
+        // A kernel image without modules is not a candidate.
+        std::fs::write(root.join("boot/vmlinuz-6.1.0-99-cloud-amd64"), "bz").unwrap();
+        let newest = DebianKernel::locate(root, "").unwrap();
+        assert_eq!(newest.release, "6.1.0-10-cloud-amd64");
+        assert_eq!(
+            newest.modules,
+            root.join("usr/lib/modules/6.1.0-10-cloud-amd64")
+        );
+        let package = DebianKernel::locate(root, root.to_str().unwrap()).unwrap();
+        assert_eq!(package, newest);
+        let chosen = DebianKernel::locate(root, "6.1.0-9-cloud-amd64").unwrap();
+        assert_eq!(chosen.kernel, root.join("boot/vmlinuz-6.1.0-9-cloud-amd64"));
+        assert_eq!(
+            DebianKernel::locate(root, "6.1.0-99-cloud-amd64")
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "Kernel 6.1.0-99-cloud-amd64 is not installed: {}/lib/modules/6.1.0-99-cloud-amd64/modules.dep is missing",
+                root.display()
+            )
+        );
+        assert!(matches!(
+            DebianKernel::locate(root, "../etc"),
+            Err(LocateKernelError::InvalidRelease { .. })
+        ));
     }
 
     #[test]
