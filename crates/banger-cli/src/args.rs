@@ -273,10 +273,22 @@ pub enum KernelCommand {
     /// Register a guest kernel (vmlinux or bzImage).
     Import {
         name: String,
-        file: PathBuf,
+        #[arg(required_unless_present = "from_debian")]
+        file: Option<PathBuf>,
         /// An initramfs to boot with it.
         #[arg(long)]
         initrd: Option<PathBuf>,
+        /// Take a Debian kernel and generate its initramfs (modules and the
+        /// guest agent): the newest installed, a release such as
+        /// 6.1.0-48-cloud-amd64, or an unpacked package directory.
+        #[arg(
+            long,
+            value_name = "VERSION|DIR",
+            num_args = 0..=1,
+            default_missing_value = "",
+            conflicts_with_all = ["file", "initrd"]
+        )]
+        from_debian: Option<String>,
         /// Kernel command line (banger appends its own arguments).
         #[arg(long)]
         cmdline: Option<String>,

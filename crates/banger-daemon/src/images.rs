@@ -9,9 +9,17 @@
 //! 3. Rename it into place (`images/` or `kernels/`), then insert the row.
 //!    A failure at any step removes what steps 2-3 made, so a failed import
 //!    registers nothing and leaves no file behind.
+//!
+//! A kernel imported `--from-debian` takes the kernel image and modules of a
+//! Debian kernel package (installed, or unpacked in a directory), builds an
+//! initramfs with the modules and the static guest agent
+//! (`banger_disk::initramfs`) in `STATE_DIR/tmp/`, and then registers both
+//! as an import with an initrd does; the temporary initramfs is removed
+//! whatever happens.
 
 use std::path::{Path, PathBuf};
 
+use banger_disk::initramfs::{self, DebianKernel, InitramfsError, KernelModules};
 use banger_proto::{ErrorKind, Image, ImportImageParams, ImportKernelParams, Kernel};
 use banger_store::Store;
 
@@ -24,6 +32,11 @@ use crate::paths::StatePaths;
 /// Kernel arguments used when an imported kernel gives none: serial console,
 /// reboot on triple fault/panic so the VMM exits instead of hanging.
 pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// The same for Debian kernels, whose initramfs mounts `root=`.
+pub const DEBIAN_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
+/// Where the static guest agent is looked for last (after `[agent] path`
+/// and the directory of `bangerd`).
+pub const AGENT_INSTALL_PATH: &str = "/usr/local/lib/banger/banger-agent";
 
 #[derive(Clone)]
 pub struct ImageService {
@@ -31,6 +44,8 @@ pub struct ImageService {
     paths: StatePaths,
     /// Let imported archives create device nodes and FIFOs.
     allow_device_nodes: bool,
+    /// `[agent] path`: the static agent packed into generated initramfs images.
+    agent_path: Option<PathBuf>,
 }
 
 /// Removes a path when dropped unless disarmed: the undo of an import step.
@@ -60,7 +75,15 @@ impl ImageService {
             store,
             paths,
             allow_device_nodes,
+            agent_path: None,
         }
+    }
+
+    /// Uses `path` (`[agent] path`) as the guest agent instead of searching.
+    #[must_use]
+    pub fn with_agent_path(mut self, path: Option<PathBuf>) -> Self {
+        self.agent_path = path;
+        self
     }
 
     pub fn list_images(&self) -> DaemonResult<Vec<Image>> {
@@ -376,14 +399,32 @@ impl ImageService {
                 params.name
             )));
         }
+        let default_cmdline = if params.from_debian.is_some() {
+            DEBIAN_KERNEL_CMDLINE
+        } else {
+            DEFAULT_KERNEL_CMDLINE
+        };
         let cmdline = params
             .cmdline
             .clone()
-            .unwrap_or_else(|| DEFAULT_KERNEL_CMDLINE.to_owned());
+            .unwrap_or_else(|| default_cmdline.to_owned());
         if cmdline.contains('\n') {
             return Err(DaemonError::invalid_params(
                 "Kernel command line must be one line",
             ));
+        }
+        if let Some(source) = params.from_debian.clone() {
+            if !params.path.is_empty() || params.initrd.is_some() {
+                return Err(DaemonError::invalid_params(
+                    "A kernel imported from Debian takes no kernel file or initrd",
+                ));
+            }
+            let this = self.clone();
+            return tokio::task::spawn_blocking(move || {
+                this.import_debian_kernel_blocking(&peer, &params.name, &source, cmdline)
+            })
+            .await
+            .map_err(|error| DaemonError::failed("Kernel import task failed", error))?;
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -397,6 +438,57 @@ impl ImageService {
         })
         .await
         .map_err(|error| DaemonError::failed("Kernel import task failed", error))?
+    }
+
+    fn import_debian_kernel_blocking(
+        &self,
+        peer: &Peer,
+        name: &str,
+        source: &str,
+        cmdline: String,
+    ) -> DaemonResult<Kernel> {
+        if source.starts_with('/') {
+            // The package directory is read with the caller's rights.
+            open_source(peer, source, "kernel package", true)?;
+        }
+        let located = DebianKernel::locate(Path::new("/"), source)
+            .map_err(|error| DaemonError::invalid_params(error.to_string()))?;
+        let kernel = open_source(peer, &located.kernel.to_string_lossy(), "kernel", false)?;
+        let agent = find_agent(&agent_candidates(self.agent_path.as_deref()))?;
+        let initrd_path = self.paths.tmp().join(format!("initrd-{}", new_id()));
+        let _initrd_guard = RemoveOnDrop(Some(initrd_path.clone()));
+        let build_error = |error: InitramfsError| {
+            DaemonError::failed(
+                format!(
+                    "Failed to build the initramfs for kernel {}",
+                    located.release
+                ),
+                error,
+            )
+        };
+        let modules = KernelModules::open(&located.modules).map_err(build_error)?;
+        let (archive, _) = initramfs::build_agent_initramfs(
+            &modules,
+            initramfs::REQUIRED_MODULES,
+            initramfs::OPTIONAL_MODULES,
+            &agent,
+        )
+        .map_err(build_error)?;
+        let output = std::fs::File::create(&initrd_path).map_err(|error| {
+            DaemonError::failed(format!("Failed to create {}", initrd_path.display()), error)
+        })?;
+        archive
+            .write_gzip(std::io::BufWriter::new(output))
+            .map_err(build_error)?;
+        let file = std::fs::File::open(&initrd_path).map_err(|error| {
+            DaemonError::failed(format!("Failed to reopen {}", initrd_path.display()), error)
+        })?;
+        let initrd = OpenSource {
+            path: initrd_path.clone(),
+            file,
+            is_directory: false,
+        };
+        self.import_kernel_blocking(name, kernel, Some(initrd), cmdline)
     }
 
     fn import_kernel_blocking(
@@ -464,6 +556,48 @@ impl ImageService {
     }
 }
 
+/// Where the static guest agent is looked for, in order: `[agent] path`
+/// alone when set; else next to the running `bangerd`, then
+/// [`AGENT_INSTALL_PATH`].
+pub fn agent_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(path) = configured {
+        return vec![path.to_owned()];
+    }
+    let mut candidates = Vec::new();
+    if let Some(directory) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_owned))
+    {
+        candidates.push(directory.join("banger-agent"));
+    }
+    candidates.push(PathBuf::from(AGENT_INSTALL_PATH));
+    candidates
+}
+
+/// The first candidate that is a file.
+pub fn find_agent(candidates: &[PathBuf]) -> DaemonResult<PathBuf> {
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            let looked: Vec<String> = candidates
+                .iter()
+                .map(|path| path.display().to_string())
+                .collect();
+            DaemonError::new(
+                ErrorKind::Failed,
+                format!(
+                    "No static guest agent found (looked at {})",
+                    looked.join(", ")
+                ),
+            )
+            .with_hint(
+                "build it with scripts/build-agent.sh and set `[agent] path` or install it there",
+            )
+        })
+}
+
 /// An import source, opened once with the caller's rights; everything
 /// after reads this descriptor.
 struct OpenSource {
@@ -521,5 +655,35 @@ fn remove_file_if_present(path: &Path) -> DaemonResult<()> {
             format!("Failed to remove {}", path.display()),
             error,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_is_the_configured_path_or_next_to_bangerd_then_installed() {
+        assert_eq!(
+            agent_candidates(Some(Path::new("/opt/agent"))),
+            [PathBuf::from("/opt/agent")]
+        );
+        let candidates = agent_candidates(None);
+        assert_eq!(candidates.last().unwrap(), Path::new(AGENT_INSTALL_PATH));
+        assert!(candidates[0].ends_with("banger-agent"));
+
+        let directory = tempfile::tempdir().unwrap();
+        let missing = [directory.path().join("a"), directory.path().join("b")];
+        let error = find_agent(&missing).unwrap_err();
+        assert_eq!(
+            error.chain(),
+            format!(
+                "No static guest agent found (looked at {}, {})",
+                missing[0].display(),
+                missing[1].display()
+            )
+        );
+        std::fs::write(&missing[1], "agent").unwrap();
+        assert_eq!(find_agent(&missing).unwrap(), missing[1]);
     }
 }

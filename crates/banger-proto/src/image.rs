@@ -44,11 +44,19 @@ pub struct ImportImageParams {
 #[serde(deny_unknown_fields)]
 pub struct ImportKernelParams {
     pub name: String,
+    /// The kernel image; empty with `from_debian`.
+    #[serde(default)]
     pub path: String,
     #[serde(default)]
     pub initrd: Option<String>,
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// Import a Debian kernel and generate its initramfs (modules and the
+    /// guest agent): `""` for the newest installed on the host, a release
+    /// (`6.1.0-48-cloud-amd64`), or an absolute path to an unpacked package.
+    /// Excludes `path` and `initrd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_debian: Option<String>,
 }
 
 /// Parameters of `image.pull` and `kernel.pull`.

@@ -136,7 +136,7 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
 
 pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand) -> CliResult {
     if let KernelCommand::Import { file, initrd, .. } = &command {
-        absolute(file)?;
+        file.as_deref().map(absolute).transpose()?;
         initrd.as_deref().map(absolute).transpose()?;
     }
     if let KernelCommand::Pull {
@@ -155,10 +155,22 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
             file,
             initrd,
             cmdline,
+            from_debian,
             json,
         } => {
-            let path = absolute(&file)?;
+            let path = file
+                .as_deref()
+                .map(absolute)
+                .transpose()?
+                .unwrap_or_default();
             let initrd = initrd.as_deref().map(absolute).transpose()?;
+            // A package directory is resolved here, where the relative path means something.
+            let from_debian = match from_debian {
+                Some(source) if source.contains('/') || Path::new(&source).is_dir() => {
+                    Some(absolute(Path::new(&source))?)
+                }
+                other => other,
+            };
             let kernel: Kernel = client
                 .call(
                     method::KERNEL_IMPORT,
@@ -167,6 +179,7 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
                         path,
                         initrd,
                         cmdline,
+                        from_debian,
                     },
                 )
                 .await?;
