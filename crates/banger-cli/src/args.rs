@@ -34,6 +34,9 @@ pub enum Command {
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Manage persistent work disks.
+    #[command(subcommand)]
+    Disk(DiskCommand),
     /// Inspect and cancel long-running operations.
     #[command(subcommand)]
     Operation(OperationCommand),
@@ -105,6 +108,9 @@ pub enum VmCommand {
         /// Also delete a running VM (killing it) or one being created.
         #[arg(long)]
         force: bool,
+        /// Keep the VM's work disk (detached) instead of deleting it.
+        #[arg(long)]
+        keep_work_disk: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -216,13 +222,17 @@ pub struct CreateArgs {
     /// VMM backend: firecracker or qemu (default: the daemon's choice).
     #[arg(long, value_parser = ["firecracker", "qemu"])]
     pub backend: Option<String>,
+    /// A persistent work disk mounted at /root: a size (`10G`) makes one
+    /// named NAME-work; a name attaches a detached one.
+    #[arg(long, value_name = "SIZE|NAME")]
+    pub work_disk: Option<String>,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["vcpus", "memory_mib"])))]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["vcpus", "memory_mib", "disk_size"])))]
 pub struct SetArgs {
     #[command(flatten)]
     pub name: VmName,
@@ -232,8 +242,39 @@ pub struct SetArgs {
     /// Memory in MiB.
     #[arg(long = "memory")]
     pub memory_mib: Option<u32>,
+    /// Grow the root disk to this size (`20G`; never shrinks).
+    #[arg(long)]
+    pub disk_size: Option<String>,
     #[command(flatten)]
     pub json: JsonFlag,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Make a detached work disk (attach it with `vm create --work-disk NAME`).
+    Create {
+        name: String,
+        /// Size, e.g. 10G or 512M.
+        size: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List work disks and the VMs they are attached to.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Delete a detached work disk.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Grow a work disk (its VM must be stopped; never shrinks).
+    Resize {
+        name: String,
+        size: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]

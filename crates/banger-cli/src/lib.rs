@@ -97,6 +97,7 @@ async fn run(cli: Cli, printer: Printer) -> CliResult {
         Command::Vm(command) => commands::vm::run(&socket, printer, command).await,
         Command::Image(command) => commands::image::run_image(&socket, printer, command).await,
         Command::Kernel(command) => commands::image::run_kernel(&socket, printer, command).await,
+        Command::Disk(command) => commands::disk::run(&socket, printer, command).await,
         Command::Operation(command) => commands::operation::run(&socket, printer, command).await,
         Command::Daemon(command) => commands::daemon::run(&socket, printer, command).await,
         Command::Doctor(flag) => commands::daemon::doctor(&socket, printer, flag.json).await,

@@ -11,6 +11,7 @@ pub mod agents;
 pub mod backends;
 pub mod catalog;
 pub mod config;
+pub mod disks;
 pub mod doctor;
 pub mod error;
 pub mod files;

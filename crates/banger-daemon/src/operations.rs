@@ -359,6 +359,7 @@ mod tests {
             error: None,
             dir: "/x".into(),
             network: None,
+            work_disk: None,
         }
     }
 

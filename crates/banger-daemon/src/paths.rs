@@ -9,6 +9,7 @@ use std::path::PathBuf;
 ///   images/ID.ext4  imported root filesystems
 ///   kernels/ID/     kernel (+ initrd)
 ///   vms/ID/         root disk, VMM sockets, console and VMM logs
+///   disks/ID.ext4   work disks
 ///   tmp/            imports in progress; emptied at start
 /// ```
 #[derive(Debug, Clone)]
@@ -45,6 +46,10 @@ impl StatePaths {
         self.vms().join(vm_id)
     }
 
+    pub fn disks(&self) -> PathBuf {
+        self.root.join("disks")
+    }
+
     pub fn tmp(&self) -> PathBuf {
         self.root.join("tmp")
     }
@@ -58,6 +63,7 @@ impl StatePaths {
             self.images(),
             self.kernels(),
             self.vms(),
+            self.disks(),
             self.tmp(),
         ] {
             std::fs::DirBuilder::new()

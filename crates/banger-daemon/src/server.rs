@@ -23,9 +23,9 @@ use std::time::Instant;
 
 use banger_proto::method;
 use banger_proto::{
-    CreateVmParams, DaemonStatus, DeleteVmParams, ErrorKind, ImportImageParams, ImportKernelParams,
-    OperationParams, OperationRef, RemoveParams, Request, Response, RpcError, SetVmParams,
-    StopVmParams, StreamFrame, VmRef, VmState,
+    CreateDiskParams, CreateVmParams, DaemonStatus, DeleteVmParams, ErrorKind, ImportImageParams,
+    ImportKernelParams, OperationParams, OperationRef, RemoveParams, Request, ResizeDiskParams,
+    Response, RpcError, SetVmParams, StopVmParams, StreamFrame, VmRef, VmState,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -294,10 +294,45 @@ async fn dispatch(
         method::VM_RESTART => to_value(daemon.vms.restart(&params::<VmRef>(raw)?.vm).await?),
         method::VM_DELETE => {
             let delete: DeleteVmParams = params(raw)?;
-            to_value(daemon.vms.delete(&delete.vm, delete.force).await?)
+            to_value(
+                daemon
+                    .vms
+                    .delete(&delete.vm, delete.force, delete.keep_work_disk)
+                    .await?,
+            )
         }
         method::VM_SET => to_value(daemon.vms.set(params::<SetVmParams>(raw)?).await?),
         method::VM_STATS => to_value(daemon.vms.stats(&params::<VmRef>(raw)?.vm).await?),
+        method::DISK_CREATE => {
+            let create: CreateDiskParams = params(raw)?;
+            to_value(
+                daemon
+                    .vms
+                    .disks()
+                    .create(&create.name, &create.size)
+                    .await?,
+            )
+        }
+        method::DISK_LIST => {
+            no_params(raw)?;
+            to_value(daemon.vms.disks().list()?)
+        }
+        method::DISK_REMOVE => to_value(
+            daemon
+                .vms
+                .disks()
+                .remove(&params::<RemoveParams>(raw)?.name)?,
+        ),
+        method::DISK_RESIZE => {
+            let resize: ResizeDiskParams = params(raw)?;
+            to_value(
+                daemon
+                    .vms
+                    .disks()
+                    .resize(&resize.name, &resize.size)
+                    .await?,
+            )
+        }
         method::IMAGE_IMPORT => to_value(
             daemon
                 .images

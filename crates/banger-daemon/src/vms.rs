@@ -13,14 +13,15 @@ use std::sync::{Arc, Mutex};
 
 use banger_agent::client::AgentClient;
 use banger_proto::{
-    validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Image, Kernel, OperationState,
-    SetVmParams, Vm, VmState, VmStats, VmmProcessStats,
+    parse_size, validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Image, Kernel,
+    OperationState, SetVmParams, Vm, VmState, VmStats, VmmProcessStats,
 };
 use banger_store::{Store, VmLookup};
 use banger_vmm::{AgentEndpoint, DriveSpec, LaunchSpec, VmmHandle};
 
 use crate::agents::Agents;
 use crate::backends::Backends;
+use crate::disks::WorkDisks;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::catalog::CatalogService;
@@ -48,6 +49,8 @@ pub struct VmService {
     operations: Arc<OperationRegistry>,
     /// Connections to the guest agents of running VMs.
     agents: Agents,
+    /// The work-disk capability.
+    disks: WorkDisks,
     locks: Mutex<HashMap<String, VmLock>>,
     /// The live VMM process of each VM that has one.
     processes: Mutex<HashMap<String, VmmHandle>>,
@@ -66,6 +69,8 @@ struct CreateInputs {
     /// Whether the VM row exists yet (it waits for pulls).
     inserted: bool,
     no_start: bool,
+    /// `--work-disk`: a size or a detached disk's name.
+    work_disk: Option<String>,
 }
 
 /// What a create step made, undone in reverse order if a later step fails.
@@ -79,6 +84,12 @@ enum Undo {
     KillProcess {
         stage: &'static str,
         handle: VmmHandle,
+    },
+    /// The work disk the create made (deleted) or attached (detached).
+    ReleaseWorkDisk {
+        stage: &'static str,
+        vm_id: String,
+        created: bool,
     },
     /// The VM's lease, tap and DNS record.
     ReleaseNetwork {
@@ -115,6 +126,7 @@ impl VmService {
             network,
             operations,
         } = parts;
+        let disks = WorkDisks::new(store.clone(), paths.disks());
         Arc::new(Self {
             store,
             paths,
@@ -126,6 +138,7 @@ impl VmService {
             network,
             operations,
             agents: Agents::default(),
+            disks,
             locks: Mutex::new(HashMap::new()),
             processes: Mutex::new(HashMap::new()),
         })
@@ -214,6 +227,9 @@ impl VmService {
         let vcpus = params.vcpus.unwrap_or(self.config.vm.vcpus);
         let memory_mib = params.memory_mib.unwrap_or(self.config.vm.memory_mib);
         validate_size(vcpus, memory_mib)?;
+        if let Some(spec) = &params.work_disk {
+            self.disks.check(&params.name, spec)?;
+        }
         let image_name = params.image.as_deref().unwrap_or(&self.config.vm.image);
         let image = match self.store.find_image(image_name)? {
             Some(image) => Artifact::Local(image),
@@ -261,6 +277,7 @@ impl VmService {
             started_at: None,
             error: None,
             network: None,
+            work_disk: None,
         };
         // Taken before the row is visible, so a concurrent delete of the new
         // name waits for the create to finish (or be cancelled) first.
@@ -302,6 +319,7 @@ impl VmService {
                     kernel,
                     inserted,
                     no_start: params.no_start,
+                    work_disk: params.work_disk,
                 },
                 guard,
             )
@@ -371,6 +389,7 @@ impl VmService {
                 Path::new(&image.path),
                 &kernel,
                 inputs.no_start,
+                inputs.work_disk.as_deref(),
                 &mut undo,
             )
             .await
@@ -421,6 +440,7 @@ impl VmService {
         image_path: &Path,
         kernel: &Kernel,
         no_start: bool,
+        work_disk: Option<&str>,
         undo: &mut Vec<Undo>,
     ) -> DaemonResult<()> {
         let stage = begin_stage(operation, "resolve image")?;
@@ -438,6 +458,26 @@ impl VmService {
             outcome,
             Some(self.clone.kind().to_string()),
         )?;
+
+        if let Some(spec) = work_disk {
+            let stage = begin_stage(operation, "work disk")?;
+            let outcome = self.disks.prepare(vm, spec).await;
+            let detail = outcome.as_ref().ok().map(|prepared| {
+                format!(
+                    "{} {} ({} MiB)",
+                    if prepared.created { "made" } else { "attached" },
+                    prepared.disk.name,
+                    prepared.disk.size_bytes >> 20
+                )
+            });
+            let prepared = end_stage(operation, &stage, outcome, detail)?;
+            undo.push(Undo::ReleaseWorkDisk {
+                stage: "work disk",
+                vm_id: vm.id.clone(),
+                created: prepared.created,
+            });
+            vm.work_disk = Some(prepared.disk.name.clone());
+        }
 
         let attachment = match &self.network {
             Some(network) => {
@@ -651,6 +691,16 @@ impl VmService {
                         .await;
                     operation.rolled_back(stage);
                 }
+                Undo::ReleaseWorkDisk {
+                    stage,
+                    vm_id,
+                    created,
+                } => {
+                    if let Err(error) = self.disks.release(&vm_id, !created) {
+                        tracing::error!(%error, "rollback failed to release the work disk");
+                    }
+                    operation.rolled_back(stage);
+                }
                 Undo::RemoveDisk { stage, vm_id, path } => {
                     if let Err(error) = self.remove_disk(&vm_id, &path).await {
                         tracing::error!(path = %path.display(), %error, "rollback failed to remove the root disk");
@@ -687,12 +737,14 @@ impl VmService {
                 ),
                 None => format!("{} banger.name={}", kernel.cmdline, vm.name),
             },
-            drives: vec![DriveSpec {
+            drives: std::iter::once(DriveSpec {
                 id: "rootfs".to_owned(),
                 path: root_disk.path.clone(),
                 is_root: true,
                 read_only: false,
-            }],
+            })
+            .chain(self.disks.drive(&vm.id)?)
+            .collect(),
             network_interfaces: attachment
                 .map(|attachment| vec![attachment.interface.clone()])
                 .unwrap_or_default(),
@@ -960,7 +1012,12 @@ impl VmService {
         self.start(&vm.id).await
     }
 
-    pub async fn delete(self: &Arc<Self>, reference: &str, force: bool) -> DaemonResult<Vm> {
+    pub async fn delete(
+        self: &Arc<Self>,
+        reference: &str,
+        force: bool,
+        keep_work_disk: bool,
+    ) -> DaemonResult<Vm> {
         let vm = self.find(reference)?;
         if vm.state == VmState::Creating {
             if !force {
@@ -992,6 +1049,7 @@ impl VmService {
         if let Some(network) = &self.network {
             network.release(&vm.id, &vm.name).await?;
         }
+        self.disks.release(&vm.id, keep_work_disk)?;
         self.remove_disk(&vm.id, Path::new(&vm.dir)).await?;
         self.store.delete_vm(&vm.id)?;
         self.forget_lock(&vm.id);
@@ -999,11 +1057,16 @@ impl VmService {
     }
 
     pub async fn set(self: &Arc<Self>, params: SetVmParams) -> DaemonResult<Vm> {
-        if params.vcpus.is_none() && params.memory_mib.is_none() {
+        if params.vcpus.is_none() && params.memory_mib.is_none() && params.disk_size.is_none() {
             return Err(DaemonError::invalid_params(
-                "Nothing to change: give vcpus and/or memory_mib",
+                "Nothing to change: give vcpus, memory_mib and/or disk_size",
             ));
         }
+        let disk_bytes = params
+            .disk_size
+            .as_deref()
+            .map(|size| parse_size(size).map_err(DaemonError::invalid_params))
+            .transpose()?;
         let vm = self.find(&params.vm)?;
         let lock = self.lock_of(&vm.id);
         let _guard = lock.lock().await;
@@ -1018,10 +1081,39 @@ impl VmService {
         let vcpus = params.vcpus.unwrap_or(vm.vcpus);
         let memory_mib = params.memory_mib.unwrap_or(vm.memory_mib);
         validate_size(vcpus, memory_mib)?;
+        if let Some(bytes) = disk_bytes {
+            self.grow_root_disk(&vm, bytes).await?;
+            vm.disk_bytes = bytes;
+        }
         vm.vcpus = vcpus;
         vm.memory_mib = memory_mib;
         self.store.update_vm(&vm)?;
         Ok(vm)
+    }
+
+    /// Grows a stopped VM's root disk file and its file system.
+    async fn grow_root_disk(&self, vm: &Vm, bytes: u64) -> DaemonResult<()> {
+        if bytes < vm.disk_bytes {
+            return Err(DaemonError::invalid_params(format!(
+                "VM `{}` has a {} MiB root disk; disks grow but never shrink",
+                vm.name,
+                vm.disk_bytes >> 20
+            )));
+        }
+        if self.clone.kind() == banger_disk::clone::StrategyKind::DmSnapshot {
+            return Err(DaemonError::invalid_state(format!(
+                "VM `{}` has a dm-snapshot root disk, which is as large as its image",
+                vm.name
+            ))
+            .with_hint("import a larger image, or use a work disk (`--work-disk`) for space"));
+        }
+        let path = Path::new(&vm.dir).join(banger_disk::clone::ROOT_DISK_FILE);
+        crate::disks::grow(&path, bytes).await
+    }
+
+    /// The work-disk capability (`disk.*` methods).
+    pub fn disks(&self) -> &WorkDisks {
+        &self.disks
     }
 
     fn busy_creating(&self, vm: &Vm) -> DaemonError {
@@ -1162,6 +1254,12 @@ impl VmService {
             }
         }
         report.removed_orphan_files = self.images.remove_unreferenced_files()?;
+        report.removed_orphan_files.extend(
+            self.disks
+                .remove_orphans()?
+                .into_iter()
+                .map(|path| path.display().to_string()),
+        );
         let state_dir = self.paths.root.clone();
         let live: Vec<String> = known.clone();
         let released = tokio::task::spawn_blocking(move || {

@@ -31,8 +31,8 @@ pub use operation::{
 };
 pub use status::DaemonStatus;
 pub use vm::{
-    CreateVmParams, CreateVmResult, DeleteVmParams, SetVmParams, StopVmParams, Vm, VmRef, VmState,
-    VmStats, VmmProcessStats,
+    parse_size, CreateDiskParams, CreateVmParams, CreateVmResult, DeleteVmParams, ResizeDiskParams,
+    SetVmParams, StopVmParams, Vm, VmRef, VmState, VmStats, VmmProcessStats, WorkDisk,
 };
 
 /// Version of the banger programs, reported by `daemon.status` and `--version`.

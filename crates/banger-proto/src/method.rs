@@ -19,6 +19,13 @@ pub const VM_AGENT: &str = "vm.agent";
 /// The guest's resource use (from its agent) and the VMM process's; returns `VmStats`.
 pub const VM_STATS: &str = "vm.stats";
 
+/// Work disks: `disk.create` (`CreateDiskParams`), `disk.list`, `disk.rm`
+/// (`RemoveParams`), `disk.resize` (`ResizeDiskParams`).
+pub const DISK_CREATE: &str = "disk.create";
+pub const DISK_LIST: &str = "disk.list";
+pub const DISK_REMOVE: &str = "disk.rm";
+pub const DISK_RESIZE: &str = "disk.resize";
+
 pub const IMAGE_IMPORT: &str = "image.import";
 pub const IMAGE_LIST: &str = "image.list";
 /// Starts an operation that downloads a catalog image; returns `OperationStarted`.

@@ -83,6 +83,72 @@ pub struct Vm {
     /// The VM's network identity, when networking is on.
     #[serde(default)]
     pub network: Option<VmNetwork>,
+    /// Name of the work disk attached to the VM (mounted at /root in the guest).
+    #[serde(default)]
+    pub work_disk: Option<String>,
+}
+
+/// A persistent ext4 disk for a VM's work, mounted at `/root` in the guest.
+/// It outlives the VM with `vm delete --keep-work-disk` and is attached to
+/// at most one VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkDisk {
+    pub id: String,
+    pub name: String,
+    /// The ext4 file on the host.
+    pub path: String,
+    pub size_bytes: u64,
+    /// Id of the VM it is attached to.
+    pub vm_id: Option<String>,
+    /// Name of that VM (filled in by the daemon).
+    #[serde(default)]
+    pub vm: Option<String>,
+    pub created_at: String,
+}
+
+/// Parameters of `disk.create`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDiskParams {
+    pub name: String,
+    /// A size such as `10G`, `512M` or a byte count.
+    pub size: String,
+}
+
+/// Parameters of `disk.resize` (grow only; the VM using it must be stopped).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeDiskParams {
+    pub name: String,
+    pub size: String,
+}
+
+/// Parses `10G`, `512M`, `1T`, `4096K` or a plain byte count (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(index) => text.split_at(index),
+        None => (text, ""),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 10G, 512M)"))?;
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("`{text}` has an unknown unit (use K, M, G or T)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .filter(|bytes| *bytes > 0)
+        .ok_or_else(|| format!("`{text}` is not a usable size"))
 }
 
 /// A VM's address, tap, MAC and DNS name.
@@ -117,6 +183,9 @@ pub struct CreateVmParams {
     /// `firecracker` or `qemu`; the daemon's default when absent.
     #[serde(default)]
     pub backend: Option<String>,
+    /// A size (`10G`): a new work disk for the VM; or the name of a detached one.
+    #[serde(default)]
+    pub work_disk: Option<String>,
 }
 
 /// Result of `vm.create`: the operation to watch.
@@ -172,6 +241,9 @@ pub struct DeleteVmParams {
     /// Delete a VM that is running (killing it) or in a transitional state.
     #[serde(default)]
     pub force: bool,
+    /// Detach the work disk and keep it instead of deleting it.
+    #[serde(default)]
+    pub keep_work_disk: bool,
 }
 
 /// Parameters of `vm.set` (stopped VMs only).
@@ -183,11 +255,26 @@ pub struct SetVmParams {
     pub vcpus: Option<u8>,
     #[serde(default)]
     pub memory_mib: Option<u32>,
+    /// Grow the root disk to this size (never shrinks).
+    #[serde(default)]
+    pub disk_size: Option<String>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 
     #[test]
     fn state_names_round_trip() {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use banger_proto::vm::VmNetwork;
-use banger_proto::{Image, Kernel, Operation, OperationState, StageEvent, Vm, VmState};
+use banger_proto::{Image, Kernel, Operation, OperationState, StageEvent, Vm, VmState, WorkDisk};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use migrations::MIGRATIONS;
@@ -398,6 +398,80 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    // ---- work disks ----
+
+    /// Registers a work disk; a taken name or a VM that already has one is
+    /// refused by the unique constraints (`StoreError::Query`).
+    pub fn insert_work_disk(&self, disk: &WorkDisk) -> Result<(), StoreError> {
+        self.lock().execute(
+            "INSERT INTO work_disks (id, name, path, size_bytes, vm_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                disk.id,
+                disk.name,
+                disk.path,
+                to_i64(disk.size_bytes),
+                disk.vm_id,
+                disk.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn list_work_disks(&self) -> Result<Vec<WorkDisk>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare(&format!("{WORK_DISK_SELECT} ORDER BY work_disks.name"))?;
+        let rows = statement.query_map([], work_disk_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn find_work_disk(&self, name: &str) -> Result<Option<WorkDisk>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare(&format!("{WORK_DISK_SELECT} WHERE work_disks.name = ?1"))?;
+        Ok(statement.query_row([name], work_disk_from_row).optional()?)
+    }
+
+    pub fn work_disk_of_vm(&self, vm_id: &str) -> Result<Option<WorkDisk>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare(&format!("{WORK_DISK_SELECT} WHERE work_disks.vm_id = ?1"))?;
+        Ok(statement
+            .query_row([vm_id], work_disk_from_row)
+            .optional()?)
+    }
+
+    /// Attaches the disk to `vm_id`, or detaches it with `None`. Attaching
+    /// only succeeds while the disk is detached: false otherwise.
+    pub fn set_work_disk_vm(&self, id: &str, vm_id: Option<&str>) -> Result<bool, StoreError> {
+        let changed = match vm_id {
+            Some(vm_id) => self.lock().execute(
+                "UPDATE work_disks SET vm_id = ?2 WHERE id = ?1 AND vm_id IS NULL",
+                params![id, vm_id],
+            )?,
+            None => self
+                .lock()
+                .execute("UPDATE work_disks SET vm_id = NULL WHERE id = ?1", [id])?,
+        };
+        Ok(changed > 0)
+    }
+
+    pub fn set_work_disk_size(&self, id: &str, size_bytes: u64) -> Result<(), StoreError> {
+        self.lock().execute(
+            "UPDATE work_disks SET size_bytes = ?2 WHERE id = ?1",
+            params![id, to_i64(size_bytes)],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_work_disk(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .execute("DELETE FROM work_disks WHERE id = ?1", [id])?
+            > 0)
+    }
+
     // ---- operations ----
 
     /// Inserts or replaces the operation's row (operations are written at
@@ -451,9 +525,15 @@ impl Store {
 const VM_SELECT: &str =
     "SELECT vms.id, vms.name, vms.state, images.name, kernels.name, vms.backend,
         vms.vcpus, vms.memory_mib, vms.disk_bytes, vms.pid, vms.created_at, vms.started_at,
-        vms.error, vms.dir, leases.ip, leases.mac, leases.tap
+        vms.error, vms.dir, leases.ip, leases.mac, leases.tap, work_disks.name
     FROM vms JOIN images ON images.id = vms.image_id JOIN kernels ON kernels.id = vms.kernel_id
-    LEFT JOIN leases ON leases.vm_id = vms.id";
+    LEFT JOIN leases ON leases.vm_id = vms.id
+    LEFT JOIN work_disks ON work_disks.vm_id = vms.id";
+
+const WORK_DISK_SELECT: &str =
+    "SELECT work_disks.id, work_disks.name, work_disks.path, work_disks.size_bytes,
+        work_disks.vm_id, vms.name, work_disks.created_at
+    FROM work_disks LEFT JOIN vms ON vms.id = work_disks.vm_id";
 
 const OPERATION_SELECT: &str =
     "SELECT id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at, subject FROM operations";
@@ -590,6 +670,19 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
             }),
             _ => None,
         },
+        work_disk: row.get(17)?,
+    })
+}
+
+fn work_disk_from_row(row: &Row<'_>) -> rusqlite::Result<WorkDisk> {
+    Ok(WorkDisk {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        path: row.get(2)?,
+        size_bytes: get_u64(row, 3)?,
+        vm_id: row.get(4)?,
+        vm: row.get(5)?,
+        created_at: row.get(6)?,
     })
 }
 

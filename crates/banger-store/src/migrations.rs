@@ -58,4 +58,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         tap TEXT NOT NULL UNIQUE,
         mac TEXT NOT NULL
     );",
+    // 4: work disks; one per VM at most, detached (vm_id NULL) when kept.
+    "CREATE TABLE work_disks (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        path TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        vm_id TEXT UNIQUE REFERENCES vms(id) ON DELETE SET NULL,
+        created_at TEXT NOT NULL
+    );",
 ];

@@ -42,6 +42,7 @@ fn vm(id: &str, name: &str) -> Vm {
         error: None,
         dir: format!("/state/vms/{id}"),
         network: None,
+        work_disk: None,
     }
 }
 
@@ -254,4 +255,51 @@ fn leases_are_unique_and_go_with_their_vm() {
     assert_eq!(store.list_leases().unwrap().len(), 1);
     store.delete_vm("aaa111").unwrap();
     assert!(store.list_leases().unwrap().is_empty());
+}
+
+fn work_disk(id: &str, name: &str, vm_id: Option<&str>) -> WorkDisk {
+    WorkDisk {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        path: format!("/state/disks/{id}.ext4"),
+        size_bytes: 1 << 30,
+        vm_id: vm_id.map(str::to_owned),
+        vm: None,
+        created_at: "2026-01-01T00:00:00Z".to_owned(),
+    }
+}
+
+#[test]
+fn work_disks_attach_to_one_vm_and_survive_it_detached() {
+    let store = seeded();
+    store.insert_vm(&vm("v1", "one")).unwrap();
+    store.insert_vm(&vm("v2", "two")).unwrap();
+    store
+        .insert_work_disk(&work_disk("d1", "one-work", Some("v1")))
+        .unwrap();
+    // One disk per VM, one name per disk.
+    assert!(store
+        .insert_work_disk(&work_disk("d2", "second", Some("v1")))
+        .is_err());
+    assert!(store
+        .insert_work_disk(&work_disk("d3", "one-work", None))
+        .is_err());
+    assert_eq!(
+        store.get_vm("v1").unwrap().unwrap().work_disk.as_deref(),
+        Some("one-work")
+    );
+    let found = store.find_work_disk("one-work").unwrap().unwrap();
+    assert_eq!(found.vm.as_deref(), Some("one"));
+    assert_eq!(store.work_disk_of_vm("v1").unwrap().unwrap().id, "d1");
+    // An attached disk cannot be attached elsewhere.
+    assert!(!store.set_work_disk_vm("d1", Some("v2")).unwrap());
+    // The VM goes, the disk stays, detached.
+    store.delete_vm("v1").unwrap();
+    let kept = store.find_work_disk("one-work").unwrap().unwrap();
+    assert_eq!(kept.vm_id, None);
+    assert!(store.set_work_disk_vm("d1", Some("v2")).unwrap());
+    store.set_work_disk_size("d1", 2 << 30).unwrap();
+    assert_eq!(store.list_work_disks().unwrap()[0].size_bytes, 2 << 30);
+    assert!(store.delete_work_disk("d1").unwrap());
+    assert!(store.get_vm("v2").unwrap().unwrap().work_disk.is_none());
 }

@@ -333,7 +333,8 @@ fn daemon_pid(daemon: &TestDaemon) -> u32 {
                 .split(|byte| *byte == 0)
                 .map(|arg| String::from_utf8_lossy(arg).into_owned())
                 .collect();
-            args.first().is_some_and(|program| program.ends_with("/bangerd"))
+            args.first()
+                .is_some_and(|program| program.ends_with("/bangerd"))
                 && args.iter().any(|arg| *arg == state_dir)
         })
         .expect("bangerd is running")
@@ -410,7 +411,10 @@ fn tap_pool_is_filled_taken_returned_and_rebuilt_after_kill9() {
     let links = netns.links();
     let (index, line) = &links[&tap];
     assert!(pooled_indexes.contains(index), "not a pooled tap: {line}");
-    assert!(line.contains(",UP") && line.contains("master banger0"), "{line}");
+    assert!(
+        line.contains(",UP") && line.contains("master banger0"),
+        "{line}"
+    );
     assert_eq!(netns.pool_taps().len(), 1);
 
     // Delete gives it back: the same device, renamed, down, on the bridge.
@@ -575,7 +579,11 @@ fn doctor_checks_the_network() {
     };
     daemon.start();
     let checks = doctor(&daemon);
-    assert_eq!(checks["dns port"]["status"], "fail", "{}", checks["dns port"]);
+    assert_eq!(
+        checks["dns port"]["status"], "fail",
+        "{}",
+        checks["dns port"]
+    );
     assert!(checks["dns port"]["hint"]
         .as_str()
         .unwrap()

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 pub mod daemon;
+pub mod disk;
 pub mod guest;
 pub mod image;
 pub mod operation;

@@ -63,11 +63,20 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             let vm = call_vm(socket, method::VM_RESTART, VmRef { vm: name.vm }).await?;
             report(printer, json.json, &vm, "restarted")
         }
-        VmCommand::Delete { name, force, json } => {
+        VmCommand::Delete {
+            name,
+            force,
+            keep_work_disk,
+            json,
+        } => {
             let vm = call_vm(
                 socket,
                 method::VM_DELETE,
-                DeleteVmParams { vm: name.vm, force },
+                DeleteVmParams {
+                    vm: name.vm,
+                    force,
+                    keep_work_disk,
+                },
             )
             .await?;
             report(printer, json.json, &vm, "deleted")
@@ -76,6 +85,7 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             name,
             vcpus,
             memory_mib,
+            disk_size,
             json,
         }) => {
             let vm = call_vm(
@@ -85,6 +95,7 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
                     vm: name.vm,
                     vcpus,
                     memory_mib,
+                    disk_size,
                 },
             )
             .await?;
@@ -153,6 +164,7 @@ fn vm_details(vm: &Vm) -> String {
         format!("vcpus:     {}", vm.vcpus),
         format!("memory:    {} MiB", vm.memory_mib),
         format!("disk:      {} MiB", vm.disk_bytes >> 20),
+        format!("work disk: {}", vm.work_disk.as_deref().unwrap_or("-")),
         format!(
             "pid:       {}",
             vm.pid
@@ -204,6 +216,7 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
                 memory_mib: args.memory_mib,
                 no_start: args.no_start,
                 backend: args.backend,
+                work_disk: args.work_disk,
             },
         )
         .await?;
@@ -441,6 +454,7 @@ mod tests {
             error: None,
             dir: "/var/lib/banger/vms/x".into(),
             network: None,
+            work_disk: None,
         }
     }
 

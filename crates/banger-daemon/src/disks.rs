@@ -1,0 +1,291 @@
+//! Work disks: persistent ext4 disks mounted at `/root` in the guest.
+//!
+//! A capability like the network one: a plain struct holding the store and
+//! its directory, hooked into the VM lifecycle by `VmService`:
+//! - create: [`WorkDisks::prepare`] makes a new disk (`--work-disk 10G`) or
+//!   attaches a detached one (`--work-disk NAME`); undone by
+//!   [`WorkDisks::release`] if a later stage fails;
+//! - launch: [`WorkDisks::drive`] adds it as the second drive, labelled
+//!   [`WORK_DISK_LABEL`] so the agent finds it whatever the device order;
+//! - delete: [`WorkDisks::release`] deletes it, or detaches it with
+//!   `--keep-work-disk`;
+//! - reconciliation: [`WorkDisks::remove_orphans`] deletes disk files no row
+//!   accounts for.
+//!
+//! A disk is attached to at most one VM (a unique column). Disks only grow,
+//! and only while no VMM has them open.
+
+use std::path::{Path, PathBuf};
+
+use banger_proto::{parse_size, validate_vm_name, ErrorKind, Vm, WorkDisk};
+use banger_store::Store;
+use banger_vmm::DriveSpec;
+
+use crate::error::{DaemonError, DaemonResult};
+use crate::ids::{new_id, now};
+
+/// The file system label of every work disk; the agent mounts the disk
+/// carrying it at `/root`.
+pub const WORK_DISK_LABEL: &str = "banger-work";
+/// Drive id of the work disk in a launch.
+pub const WORK_DRIVE_ID: &str = "work";
+/// Smallest work disk (ext4 needs room for its journal).
+pub const MIN_WORK_DISK_BYTES: u64 = 64 << 20;
+/// Largest work disk (a sparse file; this is a sanity bound).
+pub const MAX_WORK_DISK_BYTES: u64 = 16 << 40;
+
+pub struct WorkDisks {
+    store: Store,
+    dir: PathBuf,
+}
+
+/// What [`WorkDisks::prepare`] did, for the undo.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub disk: WorkDisk,
+    pub created: bool,
+}
+
+fn size_of(text: &str) -> DaemonResult<u64> {
+    let bytes = parse_size(text).map_err(DaemonError::invalid_params)?;
+    if !(MIN_WORK_DISK_BYTES..=MAX_WORK_DISK_BYTES).contains(&bytes) {
+        return Err(DaemonError::invalid_params(format!(
+            "Work disk size `{text}` is out of range (64M to 16T)"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Whether `text` asks for a new disk (a size) rather than naming one.
+fn is_size(text: &str) -> bool {
+    text.starts_with(|c: char| c.is_ascii_digit())
+}
+
+impl WorkDisks {
+    pub fn new(store: Store, dir: PathBuf) -> Self {
+        Self { store, dir }
+    }
+
+    pub fn list(&self) -> DaemonResult<Vec<WorkDisk>> {
+        Ok(self.store.list_work_disks()?)
+    }
+
+    pub fn find(&self, name: &str) -> DaemonResult<WorkDisk> {
+        self.store.find_work_disk(name)?.ok_or_else(|| {
+            DaemonError::not_found(format!("No work disk named `{name}`"))
+                .with_hint("`banger disk list` shows the work disks")
+        })
+    }
+
+    /// Makes a new detached disk.
+    pub async fn create(&self, name: &str, size: &str) -> DaemonResult<WorkDisk> {
+        validate_vm_name(name).map_err(|error| {
+            DaemonError::invalid_params(format!("Invalid work disk name: {error}"))
+        })?;
+        let bytes = size_of(size)?;
+        self.make(name, bytes, None).await
+    }
+
+    async fn make(&self, name: &str, bytes: u64, vm_id: Option<&str>) -> DaemonResult<WorkDisk> {
+        if self.store.find_work_disk(name)?.is_some() {
+            return Err(DaemonError::new(
+                ErrorKind::AlreadyExists,
+                format!("A work disk named `{name}` exists"),
+            )
+            .with_hint(format!(
+                "attach it with `--work-disk {name}`, or remove it with `banger disk rm {name}`"
+            )));
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|error| {
+            DaemonError::failed(format!("Failed to create {}", self.dir.display()), error)
+        })?;
+        let id = new_id();
+        let path = self.dir.join(format!("{id}.ext4"));
+        let disk = WorkDisk {
+            id,
+            name: name.to_owned(),
+            path: path.display().to_string(),
+            size_bytes: bytes,
+            vm_id: vm_id.map(str::to_owned),
+            vm: None,
+            created_at: now(),
+        };
+        let file = path.clone();
+        tokio::task::spawn_blocking(move || {
+            banger_disk::ext4::create_empty(&file, bytes, WORK_DISK_LABEL)
+        })
+        .await
+        .map_err(|error| DaemonError::failed("Work disk task failed", error))?
+        .map_err(|error| DaemonError::failed("Failed to make the work disk", error))?;
+        if let Err(error) = self.store.insert_work_disk(&disk) {
+            let _ = std::fs::remove_file(&path);
+            return Err(error.into());
+        }
+        Ok(disk)
+    }
+
+    /// Deletes a detached disk and its file.
+    pub fn remove(&self, name: &str) -> DaemonResult<WorkDisk> {
+        let disk = self.find(name)?;
+        if let Some(vm) = &disk.vm {
+            return Err(DaemonError::invalid_state(format!(
+                "Work disk `{name}` is attached to VM `{vm}`"
+            ))
+            .with_hint(format!(
+                "delete the VM with `banger vm delete {vm} --keep-work-disk` to detach it first"
+            )));
+        }
+        self.delete(&disk)?;
+        Ok(disk)
+    }
+
+    fn delete(&self, disk: &WorkDisk) -> DaemonResult<()> {
+        match std::fs::remove_file(&disk.path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(DaemonError::failed(
+                    format!("Failed to remove {}", disk.path),
+                    error,
+                ))
+            }
+        }
+        self.store.delete_work_disk(&disk.id)?;
+        Ok(())
+    }
+
+    /// Grows a disk that no running VM uses (`resize2fs`); never shrinks.
+    pub async fn resize(&self, name: &str, size: &str) -> DaemonResult<WorkDisk> {
+        let mut disk = self.find(name)?;
+        let bytes = size_of(size)?;
+        if let Some(vm_id) = &disk.vm_id {
+            if let Some(vm) = self.store.get_vm(vm_id)? {
+                if vm.state.has_process() || vm.state == banger_proto::VmState::Creating {
+                    return Err(DaemonError::invalid_state(format!(
+                        "Work disk `{name}` is in use by VM `{}`, which is {}",
+                        vm.name, vm.state
+                    ))
+                    .with_hint(format!("stop it first with `banger vm stop {}`", vm.name)));
+                }
+            }
+        }
+        if bytes < disk.size_bytes {
+            return Err(DaemonError::invalid_params(format!(
+                "Work disk `{name}` is {} bytes; disks grow but never shrink",
+                disk.size_bytes
+            )));
+        }
+        grow(Path::new(&disk.path), bytes).await?;
+        self.store.set_work_disk_size(&disk.id, bytes)?;
+        disk.size_bytes = bytes;
+        Ok(disk)
+    }
+
+    /// The create hook: `spec` is a size (a new disk named `VM-work`) or the
+    /// name of a detached disk to attach.
+    pub async fn prepare(&self, vm: &Vm, spec: &str) -> DaemonResult<Prepared> {
+        if is_size(spec) {
+            let bytes = size_of(spec)?;
+            let disk = self
+                .make(&format!("{}-work", vm.name), bytes, Some(&vm.id))
+                .await?;
+            return Ok(Prepared {
+                disk,
+                created: true,
+            });
+        }
+        let disk = self.find(spec)?;
+        if !self.store.set_work_disk_vm(&disk.id, Some(&vm.id))? {
+            return Err(DaemonError::invalid_state(format!(
+                "Work disk `{spec}` is attached to VM `{}`",
+                disk.vm.unwrap_or_default()
+            ))
+            .with_hint("a work disk is attached to one VM at a time"));
+        }
+        Ok(Prepared {
+            disk,
+            created: false,
+        })
+    }
+
+    /// Validates a create's `--work-disk` before anything is made.
+    pub fn check(&self, vm_name: &str, spec: &str) -> DaemonResult<()> {
+        if is_size(spec) {
+            size_of(spec)?;
+            let name = format!("{vm_name}-work");
+            if self.store.find_work_disk(&name)?.is_some() {
+                return Err(DaemonError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("A work disk named `{name}` exists"),
+                )
+                .with_hint(format!(
+                    "attach it with `--work-disk {name}`, or remove it with `banger disk rm {name}`"
+                )));
+            }
+            return Ok(());
+        }
+        let disk = self.find(spec)?;
+        if let Some(vm) = disk.vm {
+            return Err(DaemonError::invalid_state(format!(
+                "Work disk `{spec}` is attached to VM `{vm}`"
+            ))
+            .with_hint("a work disk is attached to one VM at a time"));
+        }
+        Ok(())
+    }
+
+    /// The VM's work disk as a launch drive, if it has one.
+    pub fn drive(&self, vm_id: &str) -> DaemonResult<Option<DriveSpec>> {
+        Ok(self.store.work_disk_of_vm(vm_id)?.map(|disk| DriveSpec {
+            id: WORK_DRIVE_ID.to_owned(),
+            path: PathBuf::from(disk.path),
+            is_root: false,
+            read_only: false,
+        }))
+    }
+
+    /// The delete hook (and the create undo): delete the VM's disk, or keep
+    /// it detached.
+    pub fn release(&self, vm_id: &str, keep: bool) -> DaemonResult<Option<WorkDisk>> {
+        let Some(disk) = self.store.work_disk_of_vm(vm_id)? else {
+            return Ok(None);
+        };
+        if keep {
+            self.store.set_work_disk_vm(&disk.id, None)?;
+        } else {
+            self.delete(&disk)?;
+        }
+        Ok(Some(disk))
+    }
+
+    /// Deletes disk files in the directory that no row accounts for (a
+    /// create interrupted between mkfs and the insert); returns them.
+    pub fn remove_orphans(&self) -> DaemonResult<Vec<PathBuf>> {
+        let known: std::collections::HashSet<String> = self
+            .store
+            .list_work_disks()?
+            .into_iter()
+            .map(|disk| disk.path)
+            .collect();
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(removed);
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !known.contains(&path.display().to_string()) && std::fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Grows an ext4 disk file (not in use) to `bytes`.
+pub async fn grow(path: &Path, bytes: u64) -> DaemonResult<()> {
+    let file = path.to_owned();
+    tokio::task::spawn_blocking(move || banger_disk::ext4::grow(&file, bytes))
+        .await
+        .map_err(|error| DaemonError::failed("Resize task failed", error))?
+        .map_err(|error| DaemonError::failed(format!("Failed to grow {}", path.display()), error))
+}

@@ -1,0 +1,254 @@
+//! Work disks and root-disk growth through bangerd and the CLI, with
+//! fake-firecracker as the VMM: what the VMM is given, what is kept,
+//! attached, refused, grown and cleaned up.
+
+use std::path::{Path, PathBuf};
+
+use banger_testkit::test_daemon::TestDaemon;
+use serde_json::Value;
+
+fn disk_files(daemon: &TestDaemon) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(daemon.state_dir.join("disks"))
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn disk(daemon: &TestDaemon, name: &str) -> Value {
+    daemon
+        .banger_json(&["disk", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|disk| disk["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no disk {name}"))
+}
+
+/// Block count and block size from `dumpe2fs -h`.
+fn ext4_bytes(path: &Path) -> u64 {
+    let output = std::process::Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in {text}"))
+    };
+    field("Block count:") * field("Block size:")
+}
+
+#[test]
+fn work_disks_attach_detach_survive_and_grow() {
+    let mut daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+
+    // A VM with a new disk: made, labelled, handed to the VMM as a second drive.
+    daemon.banger_ok(&[
+        "vm",
+        "create",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "alpha",
+        "--work-disk",
+        "128M",
+    ]);
+    let vm = daemon.vm("alpha");
+    assert_eq!(vm["work_disk"], "alpha-work");
+    let work = disk(&daemon, "alpha-work");
+    assert_eq!(work["vm"], "alpha");
+    assert_eq!(work["size_bytes"], 128 << 20);
+    let path = PathBuf::from(work["path"].as_str().unwrap());
+    let label = std::process::Command::new("e2label")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&label.stdout).trim(), "banger-work");
+    let drives: Vec<Value> = daemon
+        .requests_of(vm["id"].as_str().unwrap())
+        .into_iter()
+        .filter(|request| {
+            request["path"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("/drives/")
+        })
+        .collect();
+    assert_eq!(drives.len(), 2, "{drives:?}");
+    assert_eq!(drives[1]["path"], "/drives/work");
+    assert_eq!(
+        drives[1]["body"]["path_on_host"],
+        path.display().to_string()
+    );
+    assert_eq!(drives[1]["body"]["is_root_device"], false);
+
+    // Attached: not removable, not attachable elsewhere, not resizable while running.
+    let error = daemon.banger_err(&["disk", "rm", "alpha-work"]);
+    assert!(error.contains("attached to VM `alpha`"), "{error}");
+    let error = daemon.banger_err(&[
+        "vm",
+        "create",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "beta",
+        "--work-disk",
+        "alpha-work",
+    ]);
+    assert!(error.contains("attached to VM `alpha`"), "{error}");
+    assert!(
+        daemon
+            .banger_json(&["vm", "list"])
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    );
+    let error = daemon.banger_err(&["disk", "resize", "alpha-work", "256M"]);
+    assert!(error.contains("running"), "{error}");
+    // A second VM asking for a new disk under a taken name is refused up front.
+    daemon.banger_ok(&["disk", "create", "beta-work", "64M"]);
+    let error = daemon.banger_err(&[
+        "vm",
+        "create",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "beta",
+        "--work-disk",
+        "1G",
+    ]);
+    assert!(error.contains("`beta-work` exists"), "{error}");
+    daemon.banger_ok(&["disk", "rm", "beta-work"]);
+
+    // Delete keeping the disk: detached, the file stays.
+    daemon.banger_ok(&["vm", "delete", "--force", "--keep-work-disk", "alpha"]);
+    assert_eq!(disk(&daemon, "alpha-work")["vm"], Value::Null);
+    assert!(path.exists());
+
+    // Reattach to a new VM; grow it while that VM is stopped; shrinking is refused.
+    daemon.banger_ok(&[
+        "vm",
+        "create",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "gamma",
+        "--work-disk",
+        "alpha-work",
+    ]);
+    assert_eq!(daemon.vm("gamma")["work_disk"], "alpha-work");
+    daemon.banger_ok(&["vm", "stop", "gamma"]);
+    daemon.banger_ok(&["disk", "resize", "alpha-work", "256M"]);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 256 << 20);
+    assert_eq!(ext4_bytes(&path), 256 << 20);
+    let error = daemon.banger_err(&["disk", "resize", "alpha-work", "64M"]);
+    assert!(error.contains("never shrink"), "{error}");
+
+    // The root disk grows too (stopped VM only), never shrinks.
+    let root = daemon
+        .state_dir
+        .join("vms")
+        .join(daemon.vm("gamma")["id"].as_str().unwrap())
+        .join("rootfs.ext4");
+    daemon.banger_ok(&["vm", "set", "gamma", "--disk-size", "96M"]);
+    assert_eq!(daemon.vm("gamma")["disk_bytes"], 96 << 20);
+    assert_eq!(ext4_bytes(&root), 96 << 20);
+    let error = daemon.banger_err(&["vm", "set", "gamma", "--disk-size", "32M"]);
+    assert!(error.contains("never shrink"), "{error}");
+    daemon.banger_ok(&["vm", "start", "gamma"]);
+    let error = daemon.banger_err(&["vm", "set", "gamma", "--disk-size", "128M"]);
+    assert!(error.contains("stopped VMs only"), "{error}");
+
+    // Bad input: one clear line each.
+    let error = daemon.banger_err(&["disk", "create", "tiny", "1M"]);
+    assert!(error.contains("out of range"), "{error}");
+    let error = daemon.banger_err(&["disk", "create", "weird", "ten"]);
+    assert!(error.contains("not a size"), "{error}");
+    let error = daemon.banger_err(&[
+        "vm",
+        "create",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "delta",
+        "--work-disk",
+        "nope",
+    ]);
+    assert!(error.contains("No work disk named `nope`"), "{error}");
+
+    // Deleting without --keep-work-disk deletes it.
+    daemon.banger_ok(&["vm", "delete", "--force", "gamma"]);
+    assert!(!path.exists());
+    assert!(daemon
+        .banger_json(&["disk", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(disk_files(&daemon).is_empty());
+
+    // A disk file no row accounts for is removed at the next start.
+    let orphan = daemon.state_dir.join("disks").join("orphan.ext4");
+    std::fs::write(&orphan, b"left by an interrupted create").unwrap();
+    daemon.kill9();
+    daemon.start();
+    assert!(!orphan.exists());
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn a_failed_create_releases_the_work_disk_it_made_or_attached() {
+    // The boot fails: the new disk is deleted, an attached one detached.
+    let daemon = TestDaemon::start_with(&[("FAKE_FIRECRACKER_FAIL", "PUT /actions")]);
+    daemon.import_fixtures();
+    let error = daemon.banger_err(&[
+        "vm",
+        "create",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "fails",
+        "--work-disk",
+        "64M",
+    ]);
+    assert!(error.contains("boot"), "{error}");
+    assert!(daemon
+        .banger_json(&["disk", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(disk_files(&daemon).is_empty());
+    daemon.banger_ok(&["vm", "delete", "fails"]);
+
+    daemon.banger_ok(&["disk", "create", "keepme", "64M"]);
+    daemon.banger_err(&[
+        "vm",
+        "create",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "fails2",
+        "--work-disk",
+        "keepme",
+    ]);
+    let kept = disk(&daemon, "keepme");
+    assert_eq!(kept["vm"], Value::Null);
+    assert!(Path::new(kept["path"].as_str().unwrap()).exists());
+    daemon.banger_ok(&["vm", "delete", "fails2"]);
+    daemon.banger_ok(&["disk", "rm", "keepme"]);
+    assert!(disk_files(&daemon).is_empty());
+    daemon.assert_no_leaks();
+}
