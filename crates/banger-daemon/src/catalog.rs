@@ -67,7 +67,9 @@ impl CatalogService {
         })
     }
 
-    async fn catalog(&self) -> DaemonResult<Option<banger_catalog::Catalog>> {
+    /// The catalog (fetched again when older than `max_age_seconds`); `None`
+    /// when none is configured.
+    pub async fn catalog(&self) -> DaemonResult<Option<banger_catalog::Catalog>> {
         let Some(cache) = &self.cache else {
             return Ok(None);
         };

@@ -25,6 +25,7 @@ pub struct Doctor<'a> {
     pub access: &'a AccessPolicy,
     /// The network capability; `None` when networking is disabled.
     pub network: Option<&'a Network>,
+    pub catalog: &'a crate::catalog::CatalogService,
 }
 
 fn check(name: &str, status: CheckStatus, detail: String, hint: Option<&str>) -> Check {
@@ -50,10 +51,19 @@ impl Doctor<'_> {
             kvm(),
             self.qemu().await,
             tool("mkfs.ext4", "apt install e2fsprogs"),
+            tool("resize2fs", "apt install e2fsprogs"),
+            tool("e2fsck", "apt install e2fsprogs"),
+            tool(
+                "gpgv",
+                "apt install gpgv (checks kernel signatures from the catalog)",
+            ),
             self.clone_strategy(),
         ];
-        checks.push(self.default_artifact("image"));
-        checks.push(self.default_artifact("kernel"));
+        let catalog = self.catalog.catalog().await;
+        checks.push(self.catalog_check(&catalog));
+        let catalog = catalog.ok().flatten();
+        checks.push(self.default_artifact("image", catalog.as_ref()));
+        checks.push(self.default_artifact("kernel", catalog.as_ref()));
         checks.push(self.access_group());
         checks.extend(self.network_checks().await);
         DoctorReport { checks }
@@ -225,7 +235,38 @@ impl Doctor<'_> {
         }
     }
 
-    fn default_artifact(&self, kind: &str) -> Check {
+    fn catalog_check(
+        &self,
+        catalog: &crate::error::DaemonResult<Option<banger_catalog::Catalog>>,
+    ) -> Check {
+        let url = &self.config.catalog.url;
+        match catalog {
+            Ok(None) => check(
+                "catalog",
+                CheckStatus::Ok,
+                "none configured; images and kernels are imported".to_owned(),
+                None,
+            ),
+            Ok(Some(catalog)) => check(
+                "catalog",
+                CheckStatus::Ok,
+                format!(
+                    "{url}: {} image(s), {} kernel(s)",
+                    catalog.images.len(),
+                    catalog.kernels.len()
+                ),
+                None,
+            ),
+            Err(error) => check(
+                "catalog",
+                CheckStatus::Fail,
+                format!("{url} cannot be loaded: {}", error.chain()),
+                Some("check `[catalog] url` and that the host reaches it"),
+            ),
+        }
+    }
+
+    fn default_artifact(&self, kind: &str, catalog: Option<&banger_catalog::Catalog>) -> Check {
         let (name, found, hint) = if kind == "image" {
             let name = &self.config.vm.image;
             (
@@ -242,6 +283,21 @@ impl Doctor<'_> {
             )
         };
         let label = format!("default {kind}");
+        let in_catalog = catalog.is_some_and(|catalog| {
+            if kind == "image" {
+                catalog.image(name, None).is_some()
+            } else {
+                catalog.kernel(name, None).is_some()
+            }
+        });
+        if !found && in_catalog {
+            return check(
+                &label,
+                CheckStatus::Ok,
+                format!("`{name}` is not local but is in the catalog (`vm create` pulls it)"),
+                None,
+            );
+        }
         if found {
             check(
                 &label,

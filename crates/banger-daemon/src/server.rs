@@ -277,6 +277,7 @@ async fn dispatch(
                 images: &daemon.images,
                 access: &daemon.access,
                 network: daemon.vms.network().map(AsRef::as_ref),
+                catalog: &daemon.catalog,
             };
             to_value(doctor.run().await)
         }

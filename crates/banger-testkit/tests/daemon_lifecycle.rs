@@ -784,6 +784,12 @@ fn images_import_from_tarballs_and_directories_and_refuse_escapes() {
 /// A catalog served over loopback HTTP: a real ext4 image and a stand-in
 /// kernel, plus an entry whose checksum is wrong.
 fn catalog_daemon() -> TestDaemon {
+    catalog_daemon_with_defaults("default", "default")
+}
+
+/// A daemon whose catalog (served on loopback) lists images `base` and
+/// `corrupt` and kernel `catkernel`; `image`/`kernel` are its defaults.
+fn catalog_daemon_with_defaults(image: &str, kernel: &str) -> TestDaemon {
     use banger_testkit::test_daemon::{make_ext4, serve_directory, sha256_hex, write_fake_kernel};
     let mut daemon = TestDaemon::new(&[]);
     let site = daemon.dir.path().join("site");
@@ -820,13 +826,82 @@ cmdline = "console=ttyS0 quiet"
     );
     std::fs::write(site.join("catalog.toml"), catalog).unwrap();
     let port = serve_directory(&site);
-    let mut config = std::fs::read_to_string(&daemon.config).unwrap();
+    let mut config = std::fs::read_to_string(&daemon.config).unwrap().replace(
+        "[vm]\n",
+        &format!("[vm]\nimage = \"{image}\"\nkernel = \"{kernel}\"\n"),
+    );
     config.push_str(&format!(
         "\n[catalog]\nurl = \"http://127.0.0.1:{port}/catalog.toml\"\n"
     ));
     std::fs::write(&daemon.config, config).unwrap();
     daemon.start();
     daemon
+}
+
+fn doctor_checks(daemon: &TestDaemon) -> Vec<Value> {
+    let output = daemon.banger(&["doctor", "--json"]);
+    let report: Value = serde_json::from_slice(&output.stdout).expect("doctor JSON");
+    report["checks"].as_array().unwrap().clone()
+}
+
+fn named<'a>(checks: &'a [Value], name: &str) -> &'a Value {
+    checks
+        .iter()
+        .find(|check| check["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} check in {checks:?}"))
+}
+
+#[test]
+fn doctor_checks_the_catalog_and_counts_pullable_defaults_as_ok() {
+    let daemon = catalog_daemon_with_defaults("base", "nokernel");
+    let checks = doctor_checks(&daemon);
+    let catalog = named(&checks, "catalog");
+    assert_eq!(catalog["status"], "ok", "{catalog}");
+    assert!(
+        catalog["detail"]
+            .as_str()
+            .unwrap()
+            .contains("2 image(s), 1 kernel(s)"),
+        "{catalog}"
+    );
+    let image = named(&checks, "default image");
+    assert_eq!(image["status"], "ok", "{image}");
+    assert!(
+        image["detail"].as_str().unwrap().contains("in the catalog"),
+        "{image}"
+    );
+    let kernel = named(&checks, "default kernel");
+    assert_eq!(kernel["status"], "warn", "{kernel}");
+    for tool in ["mkfs.ext4", "resize2fs", "e2fsck", "gpgv"] {
+        let found = named(&checks, tool);
+        assert!(
+            found["status"] == "ok" || found["hint"].is_string(),
+            "{found}"
+        );
+    }
+
+    // A catalog nobody serves fails, naming the URL.
+    let mut daemon = TestDaemon::new(&[]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut config = std::fs::read_to_string(&daemon.config).unwrap();
+    config.push_str(&format!(
+        "\n[catalog]\nurl = \"http://127.0.0.1:{port}/catalog.toml\"\n"
+    ));
+    std::fs::write(&daemon.config, config).unwrap();
+    daemon.start();
+    let checks = doctor_checks(&daemon);
+    let catalog = named(&checks, "catalog");
+    assert_eq!(catalog["status"], "fail", "{catalog}");
+    assert!(
+        catalog["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&port.to_string()),
+        "{catalog}"
+    );
+    assert!(!daemon.banger(&["doctor"]).status.success());
 }
 
 #[test]
