@@ -51,6 +51,10 @@ pub struct AgentConfig {
     pub wait: bool,
     /// How long start waits for the hello before the VM counts as failed.
     pub ready_timeout_seconds: u64,
+    /// The static agent binary packed into generated initramfs images
+    /// (`kernel import --from-debian`); unset: `banger-agent` next to
+    /// `bangerd`, then /usr/local/lib/banger/banger-agent.
+    pub path: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -58,6 +62,7 @@ impl Default for AgentConfig {
         Self {
             wait: true,
             ready_timeout_seconds: 120,
+            path: None,
         }
     }
 }

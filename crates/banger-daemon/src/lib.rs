@@ -72,7 +72,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         store.clone(),
         paths.clone(),
         config.storage.allow_device_nodes,
-    );
+    )
+    .with_agent_path(config.agent.path.clone());
     let catalog = Arc::new(crate::catalog::CatalogService::new(
         &config.catalog,
         paths.clone(),
