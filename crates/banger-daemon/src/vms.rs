@@ -73,6 +73,13 @@ struct CreateInputs {
     work_disk: Option<String>,
 }
 
+/// The caller's choices the create stages act on.
+struct Choices<'a> {
+    no_start: bool,
+    /// `--work-disk`: a size or a detached disk's name.
+    work_disk: Option<&'a str>,
+}
+
 /// What a create step made, undone in reverse order if a later step fails.
 enum Undo {
     /// The VM's clone and its directory.
@@ -388,8 +395,10 @@ impl VmService {
                 &mut vm,
                 Path::new(&image.path),
                 &kernel,
-                inputs.no_start,
-                inputs.work_disk.as_deref(),
+                Choices {
+                    no_start: inputs.no_start,
+                    work_disk: inputs.work_disk.as_deref(),
+                },
                 &mut undo,
             )
             .await
@@ -439,10 +448,13 @@ impl VmService {
         vm: &mut Vm,
         image_path: &Path,
         kernel: &Kernel,
-        no_start: bool,
-        work_disk: Option<&str>,
+        choices: Choices<'_>,
         undo: &mut Vec<Undo>,
     ) -> DaemonResult<()> {
+        let Choices {
+            no_start,
+            work_disk,
+        } = choices;
         let stage = begin_stage(operation, "resolve image")?;
         let outcome = check_artifacts(image_path, kernel);
         end_stage(operation, &stage, outcome, None)?;

@@ -335,7 +335,7 @@ fn daemon_pid(daemon: &TestDaemon) -> u32 {
                 .collect();
             args.first()
                 .is_some_and(|program| program.ends_with("/bangerd"))
-                && args.iter().any(|arg| *arg == state_dir)
+                && args.contains(&state_dir)
         })
         .expect("bangerd is running")
 }
