@@ -601,6 +601,29 @@ pub fn hand_off(init: &Path) -> Result<(), InitError> {
     }
 }
 
+/// After a hand-off the image's init is PID 1: ask it for a clean power-off
+/// the way it expects (systemd: SIGRTMIN+4; others: their `poweroff`, and
+/// busybox init's SIGUSR2 as the last resort).
+pub fn ask_init_to_power_off() {
+    let signal = if Path::new("/run/systemd/system").exists() {
+        libc::SIGRTMIN() + 4
+    } else {
+        match std::process::Command::new("poweroff").status() {
+            Ok(status) if status.success() => return,
+            _ => libc::SIGUSR2,
+        }
+    };
+    // SAFETY: kill(2) with a constant pid and a valid signal number.
+    #[allow(unsafe_code)]
+    let sent = unsafe { libc::kill(1, signal) } == 0;
+    if !sent {
+        tracing::error!(
+            "Failed to ask init to power off: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Stops every process, syncs, unmounts and powers off. Never returns.
 pub fn power_off() -> ! {
     use nix::sys::signal::{kill, Signal};

@@ -34,6 +34,7 @@ pub mod server;
 pub mod system;
 pub mod transport;
 pub mod users;
+pub mod workdisk;
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -84,6 +85,14 @@ pub fn main() -> ExitCode {
         }
         match init::set_up() {
             Ok(parameters) => {
+                // Before the image's init, so its services see /root in place.
+                match workdisk::mount() {
+                    Ok(Some(device)) => {
+                        tracing::info!(device = %device.display(), "work disk mounted on /root")
+                    }
+                    Ok(None) => {}
+                    Err(error) => tracing::error!("{}", server::error_chain(&error)),
+                }
                 if let Some(init_path) = parameters.hand_off_target(from_initramfs, Path::exists) {
                     match init::hand_off(&init_path) {
                         Ok(()) => is_init = false,
@@ -127,6 +136,10 @@ pub fn main() -> ExitCode {
             tracing::error!("{}", server::error_chain(error.as_ref()));
         }
         init::power_off();
+    }
+    if booted_as_init && result.is_ok() {
+        // A host asked for shutdown and the image's init is PID 1.
+        init::ask_init_to_power_off();
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
