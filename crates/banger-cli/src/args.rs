@@ -138,6 +138,73 @@ pub enum VmCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Copy a git working tree into a VM, and bring the work back.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Send a git working tree (tracked files as they are now, untracked
+    /// files that are not ignored, and `.git`) into a VM as one tar stream.
+    Prepare(WorkspacePrepareArgs),
+    /// Bring what changed in the VM since prepare back: as a patch, or as a
+    /// branch in the host repository (its working tree is not touched).
+    Export(WorkspaceExportArgs),
+}
+
+/// The guest directory of a workspace.
+pub const DEFAULT_WORKSPACE_DEST: &str = "/root/repo";
+
+#[derive(Debug, Args)]
+pub struct WorkspacePrepareArgs {
+    #[command(flatten)]
+    pub name: VmName,
+    /// The repository (default: the current directory's git top level).
+    pub path: Option<PathBuf>,
+    /// Guest directory to unpack into.
+    #[arg(long, default_value = DEFAULT_WORKSPACE_DEST, value_name = "DIR")]
+    pub dest: String,
+    /// Guest user who owns the copy.
+    #[arg(short = 'u', long, default_value = "root")]
+    pub user: String,
+    /// Replace what is at the destination (it is removed first).
+    #[arg(long)]
+    pub force: bool,
+    /// Also send files git ignores (build output, `.env`, ...).
+    #[arg(long)]
+    pub include_ignored: bool,
+    /// PATH is not a git repository: copy every file under it as is.
+    #[arg(long, conflicts_with = "include_ignored")]
+    pub no_git: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("format").required(true).args(["patch", "branch"])))]
+pub struct WorkspaceExportArgs {
+    #[command(flatten)]
+    pub name: VmName,
+    /// The host repository that receives the branch (default: the current
+    /// directory's); only with `--branch`.
+    #[arg(conflicts_with = "patch")]
+    pub path: Option<PathBuf>,
+    /// Write a `git apply`-able binary patch from the base commit to the
+    /// guest's working tree into FILE.
+    #[arg(long, value_name = "FILE")]
+    pub patch: Option<PathBuf>,
+    /// Create branch NAME in the host repository: the guest's commits plus
+    /// one commit with its uncommitted changes.
+    #[arg(long, value_name = "NAME")]
+    pub branch: Option<String>,
+    /// Replace an existing branch or patch file.
+    #[arg(long)]
+    pub force: bool,
+    /// Guest directory of the workspace.
+    #[arg(long, default_value = DEFAULT_WORKSPACE_DEST, value_name = "DIR")]
+    pub dest: String,
+    /// Guest user who runs git there.
+    #[arg(short = 'u', long, default_value = "root")]
+    pub user: String,
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +293,13 @@ pub struct CreateArgs {
     /// named NAME-work; a name attaches a detached one.
     #[arg(long, value_name = "SIZE|NAME")]
     pub work_disk: Option<String>,
+    /// Once the VM runs, prepare this git working tree in it (as `vm
+    /// workspace prepare`, a `workspace` stage).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_start")]
+    pub workspace: Option<PathBuf>,
+    /// Guest directory for `--workspace`.
+    #[arg(long, value_name = "DIR", requires = "workspace", default_value = DEFAULT_WORKSPACE_DEST)]
+    pub workspace_dest: String,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
     pub json: bool,
@@ -427,6 +501,41 @@ mod tests {
             cli.command,
             Command::Vm(VmCommand::List(JsonFlag { json: true }))
         ));
+    }
+
+    #[test]
+    fn workspace_export_needs_exactly_one_format() {
+        assert!(parse(&["vm", "workspace", "export", "dev"]).is_err());
+        assert!(parse(&[
+            "vm",
+            "workspace",
+            "export",
+            "dev",
+            "--patch",
+            "p",
+            "--branch",
+            "b"
+        ])
+        .is_err());
+        // PATH names the host repository, which only a branch needs.
+        assert!(parse(&["vm", "workspace", "export", "dev", "--patch", "p", "."]).is_err());
+        let cli = parse(&["vm", "workspace", "export", "dev", "--branch", "b", "."]).unwrap();
+        let Command::Vm(VmCommand::Workspace(WorkspaceCommand::Export(export))) = cli.command
+        else {
+            panic!("not export");
+        };
+        assert_eq!(export.dest, DEFAULT_WORKSPACE_DEST);
+        assert_eq!(export.path, Some(PathBuf::from(".")));
+    }
+
+    #[test]
+    fn create_workspace_needs_a_started_vm() {
+        assert!(parse(&["vm", "create", "--workspace", ".", "--no-start"]).is_err());
+        let cli = parse(&["vm", "create", "--workspace", "."]).unwrap();
+        let Command::Vm(VmCommand::Create(create)) = cli.command else {
+            panic!("not create");
+        };
+        assert_eq!(create.workspace_dest, DEFAULT_WORKSPACE_DEST);
     }
 
     #[test]

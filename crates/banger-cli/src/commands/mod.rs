@@ -6,3 +6,4 @@ pub mod guest;
 pub mod image;
 pub mod operation;
 pub mod vm;
+pub mod workspace;

@@ -27,6 +27,7 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             super::guest::stats(socket, printer, &name.vm, json.json).await
         }
         VmCommand::Create(args) => create(socket, printer, args).await,
+        VmCommand::Workspace(command) => super::workspace::run(socket, printer, command).await,
         VmCommand::List(flag) => {
             let vms: Vec<Vm> = Client::connect(socket)
                 .await?
@@ -198,6 +199,10 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
             exit_code: 2,
         });
     }
+    // A workspace that cannot be sent is refused before there is a VM.
+    if let Some(path) = &args.workspace {
+        super::workspace::check_source(path)?;
+    }
     let started = Instant::now();
     // Catch Ctrl-C before the operation exists: one pressed during the
     // `vm.create` call is then seen by `follow` and cancels the operation
@@ -224,16 +229,41 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
         .await?
         .watch(&created.operation_id)
         .await?;
-    follow(
+    let Some(workspace) = args.workspace else {
+        return follow(
+            socket,
+            printer,
+            args.json,
+            watch,
+            interrupts,
+            &created.operation_id,
+            started,
+        )
+        .await;
+    };
+    let (mut view, done) = watch_until_done(
         socket,
         printer,
         args.json,
         watch,
         interrupts,
         &created.operation_id,
-        started,
     )
-    .await
+    .await?;
+    if let StreamFrame::Done { vm: Some(vm), .. } = &done {
+        super::workspace::create_stage(
+            socket,
+            &mut view,
+            &created.operation_id,
+            vm,
+            &workspace,
+            &args.workspace_dest,
+        )
+        .await?;
+    }
+    view.clear();
+    report_done(printer, args.json, &done, started);
+    Ok(())
 }
 
 /// Renders an operation's frames until it ends; Ctrl-C cancels it (a second
@@ -242,11 +272,58 @@ pub(crate) async fn follow(
     socket: &Path,
     printer: Printer,
     json: bool,
-    mut watch: Watch,
-    mut interrupts: tokio::signal::unix::Signal,
+    watch: Watch,
+    interrupts: tokio::signal::unix::Signal,
     operation_id: &str,
     started: Instant,
 ) -> CliResult {
+    let (mut view, done) =
+        watch_until_done(socket, printer, json, watch, interrupts, operation_id).await?;
+    view.clear();
+    report_done(printer, json, &done, started);
+    Ok(())
+}
+
+/// The closing lines of a successful operation: the `Done` frame (and the
+/// VM) as JSON lines, or a summary for people.
+fn report_done(printer: Printer, json: bool, done: &StreamFrame, started: Instant) {
+    let StreamFrame::Done { operation, vm } = done else {
+        return;
+    };
+    if json {
+        printer.json_line(done);
+        if let Some(vm) = vm {
+            printer.json_line(vm);
+        }
+        return;
+    }
+    match vm {
+        Some(vm) => printer.message(&format!(
+            "{} is {} (id {}, {:.1}s)",
+            vm.name,
+            vm.state,
+            short_id(&vm.id),
+            started.elapsed().as_secs_f64()
+        )),
+        None => printer.message(&format!(
+            "{} done ({:.1}s)",
+            operation.subject,
+            started.elapsed().as_secs_f64()
+        )),
+    }
+}
+
+/// Renders stage frames until the `Done` frame and returns it with the view
+/// (so later stages can be added) when the operation succeeded; Ctrl-C
+/// cancels the operation (a second Ctrl-C leaves at once).
+async fn watch_until_done(
+    socket: &Path,
+    printer: Printer,
+    json: bool,
+    mut watch: Watch,
+    mut interrupts: tokio::signal::unix::Signal,
+    operation_id: &str,
+) -> CliResult<(StageView, StreamFrame)> {
     let mut view = StageView::new(printer, json);
     let mut cancelling = false;
     loop {
@@ -254,33 +331,19 @@ pub(crate) async fn follow(
             frame = watch.next() => match frame? {
                 Some(StreamFrame::Stage(event)) => view.stage(&event),
                 Some(done @ StreamFrame::Done { .. }) => {
-                    view.clear();
                     let StreamFrame::Done { operation, vm } = &done else { unreachable!() };
-                    if json {
-                        printer.json_line(&done);
-                        if let Some(vm) = vm {
-                            printer.json_line(vm);
+                    let state = operation.state;
+                    if state != OperationState::Succeeded {
+                        view.clear();
+                        if json {
+                            printer.json_line(&done);
+                            if let Some(vm) = vm {
+                                printer.json_line(vm);
+                            }
                         }
                     }
-                    return match operation.state {
-                        OperationState::Succeeded => {
-                            match (json, vm) {
-                                (false, Some(vm)) => printer.message(&format!(
-                                    "{} is {} (id {}, {:.1}s)",
-                                    vm.name,
-                                    vm.state,
-                                    short_id(&vm.id),
-                                    started.elapsed().as_secs_f64()
-                                )),
-                                (false, None) => printer.message(&format!(
-                                    "{} done ({:.1}s)",
-                                    operation.subject,
-                                    started.elapsed().as_secs_f64()
-                                )),
-                                (true, _) => {}
-                            }
-                            Ok(())
-                        }
+                    return match state {
+                        OperationState::Succeeded => Ok((view, done)),
                         OperationState::Cancelled => Err(CliError {
                             message: String::new(),
                             hint: None,
@@ -317,7 +380,7 @@ pub(crate) async fn follow(
 
 /// Stage lines: spinners on a terminal, plain lines otherwise, JSON lines
 /// with `--json`.
-struct StageView {
+pub(crate) struct StageView {
     printer: Printer,
     json: bool,
     bars: Option<MultiProgress>,
@@ -325,7 +388,7 @@ struct StageView {
 }
 
 impl StageView {
-    fn new(printer: Printer, json: bool) -> Self {
+    pub(crate) fn new(printer: Printer, json: bool) -> Self {
         let bars = (printer.progress && !json).then(MultiProgress::new);
         Self {
             printer,
@@ -344,7 +407,7 @@ impl StageView {
         }
     }
 
-    fn stage(&mut self, event: &StageEvent) {
+    pub(crate) fn stage(&mut self, event: &StageEvent) {
         if self.json {
             self.printer.json_line(&StreamFrame::Stage(event.clone()));
             return;
@@ -410,6 +473,10 @@ impl StageView {
                         }
                     }
                     bar.set_position(bytes);
+                    // Stages run by the CLI say more (files) in the message.
+                    if let Some(message) = &event.message {
+                        bar.set_message(format!("{} ({message})", event.stage));
+                    }
                 }
             }
         }
@@ -424,7 +491,7 @@ impl StageView {
         }
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         let stages: Vec<String> = self.active.keys().cloned().collect();
         for stage in stages {
             self.remove(&stage);
