@@ -978,3 +978,107 @@ fn create_with_a_workspace_prepares_it_as_a_stage() {
     assert!(finished < done, "{stdout}");
     assert!(dest.join(".git/banger-workspace-base").is_file());
 }
+
+/// A user that exists only for the test.
+struct TemporaryUser {
+    name: String,
+}
+
+impl Drop for TemporaryUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+#[test]
+fn prepare_hands_the_copy_to_the_guest_user() {
+    use std::os::unix::fs::MetadataExt;
+    if !banger_testkit::test_daemon::require_root("prepare_hands_the_copy_to_the_guest_user") {
+        return;
+    }
+    let daemon = daemon_with_vm("owner");
+    let work = daemon.dir.path().join("owner");
+    let host = export_repo(&work);
+    let user = TemporaryUser {
+        name: format!("bgw{}", std::process::id() % 100_000),
+    };
+    let home = work.join("home");
+    let status = Command::new("useradd")
+        .args(["-M", "-d"])
+        .arg(&home)
+        .arg(&user.name)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let uid = String::from_utf8(
+        Command::new("id")
+            .args(["-u", &user.name])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse::<u32>()
+    .unwrap();
+    // The user must be able to reach the destination's parents.
+    let guest = work.join("guest");
+    std::fs::create_dir_all(&guest).unwrap();
+    for dir in [&work, &guest] {
+        chmod(dir, 0o755);
+    }
+    let dest = guest.join("repo");
+    daemon.banger_ok(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "owner",
+        s(&host),
+        "--dest",
+        s(&dest),
+        "-u",
+        &user.name,
+    ]);
+    for path in [
+        dest.clone(),
+        dest.join("a.txt"),
+        dest.join(".git"),
+        dest.join(".git/banger-workspace-base"),
+        dest.join(".git/index"),
+    ] {
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().uid(),
+            uid,
+            "{}",
+            path.display()
+        );
+    }
+    // Export runs git as that user, on the repository it owns.
+    let patch = work.join("user.patch");
+    daemon.banger_ok(&[
+        "vm",
+        "workspace",
+        "export",
+        "owner",
+        "--dest",
+        s(&dest),
+        "-u",
+        &user.name,
+        "--patch",
+        s(&patch),
+    ]);
+    assert_eq!(std::fs::read(&patch).unwrap(), b"");
+
+    let error = daemon.banger_err(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "owner",
+        s(&host),
+        "--dest",
+        s(&work.join("guest/x")),
+        "-u",
+        "no-such-user-xyz",
+    ]);
+    assert!(error.contains("has no user `no-such-user-xyz`"), "{error}");
+}
