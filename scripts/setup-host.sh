@@ -2,7 +2,7 @@
 # Installs what building and testing banger needs on a Debian/Ubuntu host.
 # Idempotent: packages already present are not reinstalled.
 set -euo pipefail
-packages=(e2fsprogs build-essential pkg-config xfsprogs gnupg gpgv nftables iproute2 iputils-ping qemu-system-x86 linux-image-cloud-amd64 busybox-static debootstrap xz-utils)
+packages=(e2fsprogs build-essential pkg-config xfsprogs gnupg gpgv nftables iproute2 iputils-ping qemu-system-x86 linux-image-cloud-amd64 busybox-static debootstrap openssh-client python3 xz-utils)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -9,4 +9,15 @@ cargo build --workspace --bins --locked
 # The static guest agent, for the tests that boot real guests with it.
 BANGER_AGENT_STATIC="$(scripts/build-agent.sh)"
 export BANGER_AGENT_STATIC
+# The golden image (minimal flavour) for the end-to-end suite; debootstrap
+# needs root and the Debian mirror. Cached by content key across runs. If it
+# cannot be built, the suite prints SKIPPED with the reason.
+golden=/var/cache/banger/golden/golden-minimal.ext4
+if [ "$(id -u)" = 0 ]; then
+    if images/golden/build.sh --minimal --no-import --output "$golden" >&2; then
+        export BANGER_GOLDEN_IMAGE="$golden"
+    else
+        echo "warning: the golden image did not build; the real-guest suite will skip" >&2
+    fi
+fi
 cargo test --workspace --locked -- "$@"
