@@ -20,4 +20,6 @@ if [ "$(id -u)" = 0 ]; then
         echo "warning: the golden image did not build; the real-guest suite will skip" >&2
     fi
 fi
+# The kernel-source verification of make-generic-kernel.sh, offline.
+scripts/tests/test-make-generic-kernel.sh
 cargo test --workspace --locked -- "$@"
