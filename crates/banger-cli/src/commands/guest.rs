@@ -537,6 +537,9 @@ pub async fn authsync(socket: &Path, printer: Printer, args: AuthsyncArgs) -> Cl
     Ok(())
 }
 
+/// How long `vm ssh` waits for a booting guest's host keys.
+const HOST_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
 /// Pins the guest's host keys (learned through the agent) under `alias`.
 async fn pin_host_keys(
     agent: &AgentClient,
@@ -544,15 +547,29 @@ async fn pin_host_keys(
     alias: &str,
     managed: &ManagedSsh,
 ) -> CliResult {
-    let keys = agent
-        .host_keys()
-        .await
-        .map_err(|error| agent_error(vm, error))?;
-    if keys.is_empty() {
-        return Err(CliError::new(format!(
-            "VM `{vm}` has no SSH host keys (is openssh-server installed in its image?)"
-        )));
-    }
+    // A guest that just booted may still be generating its host keys.
+    let deadline = std::time::Instant::now() + HOST_KEY_WAIT;
+    let mut told = false;
+    let keys = loop {
+        let keys = agent
+            .host_keys()
+            .await
+            .map_err(|error| agent_error(vm, error))?;
+        if !keys.is_empty() {
+            break keys;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CliError::new(format!(
+                "VM `{vm}` has no SSH host keys after {} s (is openssh-server installed in its image?)",
+                HOST_KEY_WAIT.as_secs()
+            )));
+        }
+        if !told {
+            eprintln!("waiting for {vm} to generate its SSH host keys…");
+            told = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    };
     let path = managed.known_hosts();
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
     let mut lines: Vec<String> = existing
