@@ -58,22 +58,41 @@ tree_bytes=$(du -sb "$work/tree" | cut -f1)
 tree_files=$(find "$work/tree" -type f -not -path '*/.git/*' | wc -l)
 
 now_ns() { date +%s%N; }
-report() { # label, nanoseconds, bytes
-  awk -v label="$1" -v ns="$2" -v bytes="$3" 'BEGIN {
-    s = ns / 1e9; printf "%-44s %6.2f s  %7.1f MiB/s\n", label, s, bytes / 1048576 / s }'
+# CPU time (user + system, clock ticks) of the daemon and the guest agent:
+# wall time on a busy host says little, CPU per MiB says where it goes.
+agent=$(pgrep -n -f -- "banger-agent --listen-unix $work/" || true)
+ticks() { for pid in "$daemon" $agent; do awk '{ print $14 + $15 }' "/proc/$pid/stat"; done | paste -sd' '; }
+agent_split() { [ -n "$agent" ] && awk '{ printf "agent so far: user %d, system %d ticks\n", $14, $15 }' "/proc/$agent/stat"; }
+report() { # label, nanoseconds, bytes, [ticks before, ticks after, CLI ticks]
+  awk -v label="$1" -v ns="$2" -v bytes="$3" -v before="${4:-}" -v after="${5:-}" -v cli="${6:-}" \
+    -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    s = ns / 1e9; printf "%-46s %6.2f s  %7.1f MiB/s", label, s, bytes / 1048576 / s
+    if (after != "") { split(before, b, " "); split(after, a, " ")
+      printf "  cpu: cli %.2f s, bangerd %.2f s, agent %.2f s", cli / hz, (a[1] - b[1]) / hz, (a[2] - b[2]) / hz }
+    printf "\n" }'
+}
+# Runs the CLI; prints its CPU ticks (user + system) on fd 3.
+cli_ticks() {
+  local -a stat
+  read -r -a stat < "/proc/$BASHPID/stat"
+  local before=$(( stat[15] + stat[16] ))
+  "$@"
+  read -r -a stat < "/proc/$BASHPID/stat"
+  echo $(( stat[15] + stat[16] - before ))
 }
 echo "tree: $tree_files files, $(( tree_bytes >> 20 )) MiB (untracked in a fresh repository)"
 
-start=$(now_ns)
-"$bin/banger" -q vm workspace prepare bench "$work/tree" --dest "$work/guest/untracked"
-report "workspace prepare (untracked tree)" $(( $(now_ns) - start )) "$tree_bytes"
+before=$(ticks); start=$(now_ns)
+cli=$(cli_ticks "$bin/banger" -q vm workspace prepare bench "$work/tree" --dest "$work/guest/untracked")
+report "workspace prepare (untracked tree)" $(( $(now_ns) - start )) "$tree_bytes" "$before" "$(ticks)" "$cli"
 
 git -C "$work/tree" add -A
-git -C "$work/tree" -c user.name=bench -c user.email=bench@localhost commit -q -m tree
+# No background auto-gc: it would race with both copies (and the cleanup).
+git -C "$work/tree" -c gc.auto=0 -c user.name=bench -c user.email=bench@localhost commit -q -m tree
 sent_bytes=$(du -sb "$work/tree" | cut -f1)
-start=$(now_ns)
-"$bin/banger" -q vm workspace prepare bench "$work/tree" --dest "$work/guest/committed"
-report "workspace prepare (committed, + .git: $(( sent_bytes >> 20 )) MiB)" $(( $(now_ns) - start )) "$sent_bytes"
+before=$(ticks); start=$(now_ns)
+cli=$(cli_ticks "$bin/banger" -q vm workspace prepare bench "$work/tree" --dest "$work/guest/committed")
+report "workspace prepare (committed, + .git: $(( sent_bytes >> 20 )) MiB)" $(( $(now_ns) - start )) "$sent_bytes" "$before" "$(ticks)" "$cli"
 
 mkdir -p "$work/pipe"
 if ssh -o BatchMode=yes -o ConnectTimeout=2 localhost true 2>/dev/null; then
@@ -86,3 +105,4 @@ else
   tar -C "$work/tree" -cf - . | tar -C "$work/pipe" -xf -
 fi
 report "$label" $(( $(now_ns) - start )) "$sent_bytes"
+agent_split

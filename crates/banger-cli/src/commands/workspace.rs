@@ -394,7 +394,9 @@ fn pack(
     writer: impl io::Write,
     counters: &Counters,
 ) -> io::Result<()> {
-    let mut builder = tar::Builder::new(writer);
+    // Each write into the bridge is a trip into the runtime: batch the
+    // headers, small files and padding.
+    let mut builder = tar::Builder::new(io::BufWriter::with_capacity(256 * 1024, writer));
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
     for item in items {
