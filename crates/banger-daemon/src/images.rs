@@ -453,10 +453,17 @@ impl ImageService {
         }
         let located = DebianKernel::locate(Path::new("/"), source)
             .map_err(|error| DaemonError::invalid_params(error.to_string()))?;
-        let kernel = open_source(peer, &located.kernel.to_string_lossy(), "kernel", false)?;
+        let mut kernel = open_source(peer, &located.kernel.to_string_lossy(), "kernel", false)?;
         let agent = find_agent(&agent_candidates(self.agent_path.as_deref()))?;
         let initrd_path = self.paths.tmp().join(format!("initrd-{}", new_id()));
         let _initrd_guard = RemoveOnDrop(Some(initrd_path.clone()));
+        // Stored as the ELF vmlinux: Firecracker boots nothing else, and
+        // QEMU's microvm boots it through its PVH note.
+        let vmlinux_path = self.paths.tmp().join(format!("vmlinux-{}", new_id()));
+        let _vmlinux_guard = RemoveOnDrop(Some(vmlinux_path.clone()));
+        if let Some(file) = unpack_vmlinux(&mut kernel, &vmlinux_path)? {
+            kernel.file = file;
+        }
         let build_error = |error: InitramfsError| {
             DaemonError::failed(
                 format!(
@@ -554,6 +561,52 @@ impl ImageService {
         }
         Ok(kernel)
     }
+}
+
+/// Writes the ELF vmlinux inside bzImage `kernel` to `output` and returns it
+/// opened; `None` when `kernel` already is an ELF, or is compressed in a
+/// format banger does not unpack (it is then kept as it is: QEMU boots a
+/// bzImage, Firecracker will not).
+fn unpack_vmlinux(kernel: &mut OpenSource, output: &Path) -> DaemonResult<Option<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let mut image = Vec::new();
+    kernel
+        .file
+        .read_to_end(&mut image)
+        .and_then(|_| kernel.file.rewind())
+        .map_err(|error| {
+            DaemonError::failed(format!("Failed to read {}", kernel.path.display()), error)
+        })?;
+    if banger_disk::vmlinux::is_elf(&image) {
+        return Ok(None);
+    }
+    let vmlinux = match banger_disk::vmlinux::extract(&image) {
+        Ok(vmlinux) => vmlinux,
+        Err(banger_disk::vmlinux::VmlinuxError::Unsupported { format }) => {
+            tracing::warn!(kernel = %kernel.path.display(), format, "kept the bzImage: Firecracker cannot boot it");
+            return Ok(None);
+        }
+        Err(error) => {
+            return Err(DaemonError::failed(
+                format!(
+                    "Failed to unpack the vmlinux from {}",
+                    kernel.path.display()
+                ),
+                error,
+            ))
+        }
+    };
+    let write_error =
+        |error| DaemonError::failed(format!("Failed to write {}", output.display()), error);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(output)
+        .map_err(write_error)?;
+    file.write_all(&vmlinux).map_err(write_error)?;
+    file.rewind().map_err(write_error)?;
+    Ok(Some(file))
 }
 
 /// Where the static guest agent is looked for, in order: `[agent] path`

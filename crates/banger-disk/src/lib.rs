@@ -20,3 +20,4 @@ pub mod command;
 pub mod ext4;
 pub mod initramfs;
 pub mod unpack;
+pub mod vmlinux;

@@ -234,6 +234,10 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
     daemon.banger_ok(&["kernel", "import", "debian", "--from-debian"]);
     daemon.banger_ok(&["image", "import", "golden", inputs.golden.to_str().unwrap()]);
     phase("import kernel and image", started);
+    // Stored as the ELF vmlinux (what Firecracker needs; QEMU boots it by PVH).
+    let kernel = daemon.banger_json(&["kernel", "show", "debian"]);
+    let head = std::fs::read(kernel["kernel_path"].as_str().unwrap()).unwrap();
+    assert!(head.starts_with(b"\x7fELF"), "{kernel}");
 
     // Create: agent ready; the guest runs the host's kernel.
     let alpha = create(&daemon, &["alpha", "--work-disk", "256M"]);
