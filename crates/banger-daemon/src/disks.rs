@@ -9,8 +9,9 @@
 //!   [`WORK_DISK_LABEL`] so the agent finds it whatever the device order;
 //! - delete: [`WorkDisks::release`] deletes it, or detaches it with
 //!   `--keep-work-disk`;
-//! - reconciliation: [`WorkDisks::remove_orphans`] deletes disk files no row
-//!   accounts for.
+//! - reconciliation: [`WorkDisks::release_interrupted`] undoes an
+//!   interrupted create's disk, [`WorkDisks::remove_orphans`] deletes disk
+//!   files no row accounts for.
 //!
 //! A disk is attached to at most one VM (a unique column). Disks only grow,
 //! and only while no VMM has them open.
@@ -256,6 +257,16 @@ impl WorkDisks {
             self.delete(&disk)?;
         }
         Ok(Some(disk))
+    }
+
+    /// Reconciliation of a create the daemon died in: a disk that create made
+    /// is deleted, one it attached is kept, detached.
+    pub fn release_interrupted(&self, vm: &Vm) -> DaemonResult<()> {
+        let Some(disk) = self.store.work_disk_of_vm(&vm.id)? else {
+            return Ok(());
+        };
+        let made = self.store.work_disk_made_by_create(&disk.id)?;
+        self.release(&vm.id, !made).map(drop)
     }
 
     /// Deletes disk files in the directory that no row accounts for (a

@@ -1195,6 +1195,9 @@ impl VmService {
                             tracing::error!(vm = %vm.name, %error, "failed to release the network of an interrupted create");
                         }
                     }
+                    if let Err(error) = self.disks.release_interrupted(&vm) {
+                        tracing::error!(vm = %vm.name, %error, "failed to release the work disk of an interrupted create");
+                    }
                     self.remove_leftover_disk(&vm.id, &directory).await;
                     self.store.delete_vm(&vm.id)?;
                     report.removed_interrupted.push(vm.name);

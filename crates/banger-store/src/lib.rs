@@ -400,22 +400,37 @@ impl Store {
 
     // ---- work disks ----
 
-    /// Registers a work disk; a taken name or a VM that already has one is
-    /// refused by the unique constraints (`StoreError::Query`).
+    /// Registers a work disk (made by its VM's create when `vm_id` is set);
+    /// a taken name or a VM that already has one is refused by the unique
+    /// constraints (`StoreError::Query`).
     pub fn insert_work_disk(&self, disk: &WorkDisk) -> Result<(), StoreError> {
         self.lock().execute(
-            "INSERT INTO work_disks (id, name, path, size_bytes, vm_id, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO work_disks (id, name, path, size_bytes, vm_id, created_at, made_by_create)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 disk.id,
                 disk.name,
                 disk.path,
                 to_i64(disk.size_bytes),
                 disk.vm_id,
-                disk.created_at
+                disk.created_at,
+                disk.vm_id.is_some()
             ],
         )?;
         Ok(())
+    }
+
+    /// Whether the create of the VM the disk is attached to made it.
+    pub fn work_disk_made_by_create(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT made_by_create FROM work_disks WHERE id = ?1",
+                [id],
+                |row| row.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
     }
 
     pub fn list_work_disks(&self) -> Result<Vec<WorkDisk>, StoreError> {
@@ -450,9 +465,10 @@ impl Store {
                 "UPDATE work_disks SET vm_id = ?2 WHERE id = ?1 AND vm_id IS NULL",
                 params![id, vm_id],
             )?,
-            None => self
-                .lock()
-                .execute("UPDATE work_disks SET vm_id = NULL WHERE id = ?1", [id])?,
+            None => self.lock().execute(
+                "UPDATE work_disks SET vm_id = NULL, made_by_create = 0 WHERE id = ?1",
+                [id],
+            )?,
         };
         Ok(changed > 0)
     }

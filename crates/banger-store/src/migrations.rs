@@ -67,4 +67,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         vm_id TEXT UNIQUE REFERENCES vms(id) ON DELETE SET NULL,
         created_at TEXT NOT NULL
     );",
+    // 5: whether the attached VM's create made the disk (so reconciling an
+    // interrupted create deletes it, and keeps a disk it only attached).
+    "ALTER TABLE work_disks ADD COLUMN made_by_create INTEGER NOT NULL DEFAULT 0;",
 ];

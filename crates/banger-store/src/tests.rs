@@ -293,6 +293,12 @@ fn work_disks_attach_to_one_vm_and_survive_it_detached() {
     assert_eq!(store.work_disk_of_vm("v1").unwrap().unwrap().id, "d1");
     // An attached disk cannot be attached elsewhere.
     assert!(!store.set_work_disk_vm("d1", Some("v2")).unwrap());
+    assert!(store.work_disk_made_by_create("d1").unwrap());
+    // Detaching forgets who made it: a later attach is only an attach.
+    assert!(store.set_work_disk_vm("d1", None).unwrap());
+    assert!(!store.work_disk_made_by_create("d1").unwrap());
+    assert!(store.set_work_disk_vm("d1", Some("v1")).unwrap());
+    assert!(!store.work_disk_made_by_create("d1").unwrap());
     // The VM goes, the disk stays, detached.
     store.delete_vm("v1").unwrap();
     let kept = store.find_work_disk("one-work").unwrap().unwrap();

@@ -252,3 +252,53 @@ fn a_failed_create_releases_the_work_disk_it_made_or_attached() {
     assert!(disk_files(&daemon).is_empty());
     daemon.assert_no_leaks();
 }
+
+/// Starts `vm create NAME ARGS` with the VMM stalled, waits for the `start
+/// vmm` stage, and kills the daemon there.
+fn kill_daemon_during_create(daemon: &mut TestDaemon, name: &str, args: &[&str]) {
+    use std::io::{BufRead, BufReader};
+    let mut child = daemon
+        .command()
+        .args([
+            "vm", "create", name, "--image", "image", "--kernel", "kernel", "--json",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let event: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if event["stage"] == "start vmm" && event["status"] == "started" {
+            break;
+        }
+    }
+    daemon.kill9();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_create_the_daemon_died_in_deletes_the_disk_it_made_and_keeps_an_attached_one() {
+    let mut daemon =
+        TestDaemon::start_with(&[("FAKE_FIRECRACKER_DELAY", "PUT /machine-config=20000")]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&["disk", "create", "older", "64M"]);
+    kill_daemon_during_create(&mut daemon, "made", &["--work-disk", "64M"]);
+    daemon.start();
+    kill_daemon_during_create(&mut daemon, "attached", &["--work-disk", "older"]);
+    daemon.remove_env("FAKE_FIRECRACKER_DELAY");
+    daemon.start();
+    assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
+    let disks = daemon.banger_json(&["disk", "list"]);
+    let names: Vec<&str> = disks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|disk| disk["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["older"], "{disks}");
+    assert_eq!(disk(&daemon, "older")["vm"], Value::Null);
+    assert_eq!(disk_files(&daemon).len(), 1);
+    daemon.assert_no_leaks();
+}
