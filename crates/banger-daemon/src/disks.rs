@@ -17,6 +17,7 @@
 //! and only while no VMM has them open.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use banger_proto::{parse_size, validate_vm_name, ErrorKind, Vm, WorkDisk};
 use banger_store::Store;
@@ -38,6 +39,9 @@ pub const MAX_WORK_DISK_BYTES: u64 = 16 << 40;
 pub struct WorkDisks {
     store: Store,
     dir: PathBuf,
+    /// Held while a disk is resized or attached, so a create never attaches
+    /// (and boots) a disk that `resize2fs` is working on.
+    busy: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What [`WorkDisks::prepare`] did, for the undo.
@@ -64,7 +68,22 @@ fn is_size(text: &str) -> bool {
 
 impl WorkDisks {
     pub fn new(store: Store, dir: PathBuf) -> Self {
-        Self { store, dir }
+        Self {
+            store,
+            dir,
+            busy: std::sync::Mutex::default(),
+        }
+    }
+
+    async fn hold(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = Arc::clone(
+            self.busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(id.to_owned())
+                .or_default(),
+        );
+        lock.lock_owned().await
     }
 
     pub fn list(&self) -> DaemonResult<Vec<WorkDisk>> {
@@ -136,27 +155,30 @@ impl WorkDisks {
                 "delete the VM with `banger vm delete {vm} --keep-work-disk` to detach it first"
             )));
         }
-        self.delete(&disk)?;
+        // The row goes first, and only while still detached: a create that
+        // attached it meanwhile wins. A file left by a failed unlink has no
+        // row and goes at the next reconciliation.
+        if !self.store.delete_detached_work_disk(&disk.id)? {
+            return Err(DaemonError::invalid_state(format!(
+                "Work disk `{name}` was attached to a VM meanwhile"
+            )));
+        }
+        remove_file_if_present(Path::new(&disk.path))?;
         Ok(disk)
     }
 
     fn delete(&self, disk: &WorkDisk) -> DaemonResult<()> {
-        match std::fs::remove_file(&disk.path) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                return Err(DaemonError::failed(
-                    format!("Failed to remove {}", disk.path),
-                    error,
-                ))
-            }
-        }
+        remove_file_if_present(Path::new(&disk.path))?;
         self.store.delete_work_disk(&disk.id)?;
         Ok(())
     }
 
     /// Grows a disk that no running VM uses (`resize2fs`); never shrinks.
+    /// The caller holds the lock of the VM the disk is attached to, if any
+    /// (so the VM cannot start meanwhile).
     pub async fn resize(&self, name: &str, size: &str) -> DaemonResult<WorkDisk> {
+        let disk = self.find(name)?;
+        let _busy = self.hold(&disk.id).await;
         let mut disk = self.find(name)?;
         let bytes = size_of(size)?;
         if let Some(vm_id) = &disk.vm_id {
@@ -196,6 +218,7 @@ impl WorkDisks {
             });
         }
         let disk = self.find(spec)?;
+        let _busy = self.hold(&disk.id).await;
         if !self.store.set_work_disk_vm(&disk.id, Some(&vm.id))? {
             return Err(DaemonError::invalid_state(format!(
                 "Work disk `{spec}` is attached to VM `{}`",
@@ -289,6 +312,17 @@ impl WorkDisks {
             }
         }
         Ok(removed)
+    }
+}
+
+fn remove_file_if_present(path: &Path) -> DaemonResult<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(DaemonError::failed(
+            format!("Failed to remove {}", path.display()),
+            error,
+        )),
     }
 }
 

@@ -329,8 +329,7 @@ async fn dispatch(
             to_value(
                 daemon
                     .vms
-                    .disks()
-                    .resize(&resize.name, &resize.size)
+                    .resize_work_disk(&resize.name, &resize.size)
                     .await?,
             )
         }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use banger_agent::client::AgentClient;
 use banger_proto::{
     parse_size, validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Image, Kernel,
-    OperationState, SetVmParams, Vm, VmState, VmStats, VmmProcessStats,
+    OperationState, SetVmParams, Vm, VmState, VmStats, VmmProcessStats, WorkDisk,
 };
 use banger_store::{Store, VmLookup};
 use banger_vmm::{AgentEndpoint, DriveSpec, LaunchSpec, VmmHandle};
@@ -1121,6 +1121,21 @@ impl VmService {
         }
         let path = Path::new(&vm.dir).join(banger_disk::clone::ROOT_DISK_FILE);
         crate::disks::grow(&path, bytes).await
+    }
+
+    /// `disk.resize`: holds the lock of the VM the disk is attached to, so
+    /// that VM cannot start while `resize2fs` runs.
+    pub async fn resize_work_disk(&self, name: &str, size: &str) -> DaemonResult<WorkDisk> {
+        let vm_lock = self
+            .disks
+            .find(name)?
+            .vm_id
+            .map(|vm_id| self.lock_of(&vm_id));
+        let _guard = match &vm_lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        self.disks.resize(name, size).await
     }
 
     /// The work-disk capability (`disk.*` methods).

@@ -481,6 +481,14 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the disk's row only while no VM has it; false otherwise.
+    pub fn delete_detached_work_disk(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().execute(
+            "DELETE FROM work_disks WHERE id = ?1 AND vm_id IS NULL",
+            [id],
+        )? > 0)
+    }
+
     pub fn delete_work_disk(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
             .lock()

@@ -304,6 +304,8 @@ fn work_disks_attach_to_one_vm_and_survive_it_detached() {
     let kept = store.find_work_disk("one-work").unwrap().unwrap();
     assert_eq!(kept.vm_id, None);
     assert!(store.set_work_disk_vm("d1", Some("v2")).unwrap());
+    // An attached disk's row is not removed by the detached-only delete.
+    assert!(!store.delete_detached_work_disk("d1").unwrap());
     store.set_work_disk_size("d1", 2 << 30).unwrap();
     assert_eq!(store.list_work_disks().unwrap()[0].size_bytes, 2 << 30);
     assert!(store.delete_work_disk("d1").unwrap());
