@@ -153,13 +153,7 @@ impl Doctor<'_> {
                 Some("install Firecracker and set `[firecracker] binary` in the config"),
             );
         };
-        let output = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::process::Command::new(&path)
-                .arg("--version")
-                .output(),
-        )
-        .await;
+        let output = version_output(&path).await;
         match output {
             Ok(Ok(output)) if output.status.success() => {
                 let version = String::from_utf8_lossy(&output.stdout)
@@ -416,13 +410,7 @@ async fn nft() -> Check {
             Some("apt install nftables"),
         );
     };
-    let output = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::process::Command::new(&path)
-            .arg("--version")
-            .output(),
-    )
-    .await;
+    let output = version_output(&path).await;
     match output {
         Ok(Ok(output)) if output.status.success() => check(
             "nft",
@@ -657,6 +645,19 @@ fn manual_resolution(
         format!("{why}: the host does not resolve NAME.{domain} (guests do)"),
         Some(&hint),
     )
+}
+
+/// `PROGRAM --version`, given 5 s.
+async fn version_output(
+    program: &Path,
+) -> Result<std::io::Result<std::process::Output>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::process::Command::new(program)
+            .arg("--version")
+            .output(),
+    )
+    .await
 }
 
 fn tool(name: &str, install: &str) -> Check {
