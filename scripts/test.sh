@@ -22,4 +22,6 @@ if [ "$(id -u)" = 0 ]; then
 fi
 # The kernel-source verification of make-generic-kernel.sh, offline.
 scripts/tests/test-make-generic-kernel.sh
-cargo test --workspace --locked -- "$@"
+# --no-fail-fast: one failing test binary must not hide the results of the
+# ones after it; the exit status is still non-zero.
+cargo test --workspace --locked --no-fail-fast -- "$@"

@@ -901,6 +901,36 @@ kernel/net/packet/af-packet.ko:
     }
 
     #[test]
+    fn a_dependency_listed_after_its_user_still_loads_first() {
+        // As in Debian's 6.1.0-57 kernels: virtio needs virtio_ring's
+        // symbols, and modules.dep names virtio (and lists users' dependencies
+        // in modprobe's reverse order) before virtio_ring's own line.
+        let modules_dep = "\
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_ring.ko:
+";
+        let modules = KernelModules::parse(
+            Path::new("/lib/modules/6.1.0-57-cloud-amd64"),
+            modules_dep,
+            "",
+        )
+        .unwrap();
+        let resolved = modules
+            .resolve(&["virtio", "virtio_ring", "virtio_mmio", "virtio_blk"], &[])
+            .unwrap();
+        assert_eq!(
+            names(&resolved),
+            ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk"]
+        );
+        assert_eq!(
+            names(&modules.resolve(&["virtio_blk"], &[]).unwrap()),
+            ["virtio_ring", "virtio", "virtio_blk"]
+        );
+    }
+
+    #[test]
     fn builtin_modules_and_their_dependencies_are_skipped() {
         let modules = sample("kernel/drivers/virtio/virtio.ko\nkernel/fs/ext4/ext4.ko\n");
         let resolved = modules

@@ -5,28 +5,25 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use banger_disk::initramfs::KernelModules;
 use banger_vmm::qemu::{Accel, Qemu, QemuConfig, AGENT_SOCKET_FILE};
 use banger_vmm::{DriveSpec, ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, CONSOLE_LOG_FILE};
 use tokio::io::AsyncBufReadExt;
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(90);
-/// Loaded in this order when the kernel has them as modules.
-const MODULES: [&str; 7] = [
-    "virtio",
-    "virtio_ring",
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_console",
-    "button",
-    "evdev",
-];
+/// What the guest needs, built in or as modules; the load order (and the
+/// dependencies, such as `virtio_ring`) come from the kernel's `modules.dep`
+/// through banger's own resolver, as in the product's initramfs.
+const REQUIRED_MODULES: [&str; 3] = ["virtio_mmio", "virtio_blk", "virtio_console"];
+/// The ACPI power button and its input events, for the graceful-stop test.
+const POWER_BUTTON_MODULES: [&str; 2] = ["button", "evdev"];
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for module in /modules/*.ko; do insmod "$module"; done
+for module in /modules/*; do insmod "$module"; done
 for i in $(seq 50); do [ -e /sys/block/vdb ] && break; sleep 0.1; done
 echo "BANGER-MARKER uptime=$(cut -d' ' -f1 /proc/uptime) vda=$(cat /sys/block/vda/serial 2>/dev/null) vdb=$(cat /sys/block/vdb/serial 2>/dev/null)"
 for port in /sys/class/virtio-ports/*; do
@@ -49,7 +46,10 @@ while true; do sleep 1; done
 struct Host {
     kernel: PathBuf,
     busybox: PathBuf,
+    /// Module files in load order (dependencies first).
     modules: Vec<PathBuf>,
+    /// Whether the guest has the ACPI button and evdev (built in or loaded).
+    has_power_button: bool,
 }
 
 /// The host's kernel, busybox and QEMU, or `None` after printing why the
@@ -96,29 +96,27 @@ fn require_qemu(test: &str) -> Option<Host> {
         .and_then(|name| name.to_str())
         .and_then(|name| name.strip_prefix("vmlinuz-"))
         .unwrap_or_default();
-    let modules = MODULES
+    let modules_directory = Path::new("/lib/modules").join(version);
+    let kernel_modules = match KernelModules::open(&modules_directory) {
+        Ok(kernel_modules) => kernel_modules,
+        Err(error) => return skip(&format!("the kernel's modules cannot be read: {error}")),
+    };
+    let resolved = kernel_modules
+        .resolve(&REQUIRED_MODULES, &POWER_BUTTON_MODULES)
+        .unwrap_or_else(|error| panic!("{}: {error}", modules_directory.display()));
+    let has_power_button = POWER_BUTTON_MODULES.iter().all(|name| {
+        kernel_modules.is_builtin(name) || resolved.iter().any(|module| module.name == *name)
+    });
+    let modules = resolved
         .iter()
-        .filter_map(|module| find_module(&Path::new("/lib/modules").join(version), module))
+        .map(|module| modules_directory.join(&module.relative_path))
         .collect();
     Some(Host {
         kernel,
         busybox,
         modules,
+        has_power_button,
     })
-}
-
-fn find_module(directory: &Path, module: &str) -> Option<PathBuf> {
-    for entry in std::fs::read_dir(directory).ok()?.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            if let Some(found) = find_module(&path, module) {
-                return Some(found);
-            }
-        } else if path.file_name().and_then(|name| name.to_str()) == Some(&format!("{module}.ko")) {
-            return Some(path);
-        }
-    }
-    None
 }
 
 /// An uncompressed `newc` cpio archive, which the kernel takes as an
@@ -187,8 +185,9 @@ fn build_initramfs(host: &Host, path: &Path) {
     );
     for (index, module) in host.modules.iter().enumerate() {
         let name = module.file_name().unwrap().to_str().unwrap();
+        // Zero-padded: the init script loads them in glob (name) order.
         cpio.entry(
-            &format!("modules/{index}-{name}"),
+            &format!("modules/{index:03}-{name}"),
             0o100_644,
             &std::fs::read(module).unwrap(),
         );
@@ -298,19 +297,17 @@ async fn guest_boots_to_its_marker_and_powers_off() {
     let boot_time = started.elapsed();
     eprintln!("boot to marker: {boot_time:?} ({marker})");
 
-    if host.modules.len() == MODULES.len() {
-        // Root drive first, whatever the spec's order; serials are ids.
-        assert!(marker.contains("vda=rootfs vdb=seed"), "{marker}");
-        let mut line = String::new();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::io::BufReader::new(agent).read_line(&mut line),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        assert_eq!(line, "hello-from-guest\n");
-    }
+    // Root drive first, whatever the spec's order; serials are ids.
+    assert!(marker.contains("vda=rootfs vdb=seed"), "{marker}");
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::BufReader::new(agent).read_line(&mut line),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(line, "hello-from-guest\n");
 
     let status = tokio::time::timeout(BOOT_DEADLINE, handle.wait_exit())
         .await
@@ -344,15 +341,7 @@ async fn stop_presses_the_power_button_of_a_running_guest() {
     let outcome = vmm.stop(&adopted, Duration::from_secs(30)).await.unwrap();
     eprintln!("stop: {outcome:?} in {:?}", started.elapsed());
     let console = std::fs::read_to_string(guest.runtime_dir.join(CONSOLE_LOG_FILE)).unwrap();
-    if host
-        .modules
-        .iter()
-        .any(|module| module.ends_with("button.ko"))
-        && host
-            .modules
-            .iter()
-            .any(|module| module.ends_with("evdev.ko"))
-    {
+    if host.has_power_button {
         assert!(outcome.was_graceful(), "{outcome:?}\n{console}");
         assert!(console.contains("BANGER-POWER-BUTTON"), "{console}");
     } else {
