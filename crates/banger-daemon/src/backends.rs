@@ -76,6 +76,18 @@ impl Backends {
         })
     }
 
+    /// Backends with `firecracker` standing in for Firecracker (a fake in
+    /// tests), and the default QEMU.
+    #[must_use]
+    pub fn with_firecracker(firecracker: Arc<dyn Vmm>) -> Self {
+        Self {
+            firecracker,
+            qemu: Arc::new(Qemu::new(QemuConfig::default())),
+            default: "firecracker",
+            reason: "configured".to_owned(),
+        }
+    }
+
     /// The backend named `name`.
     pub fn get(&self, name: &str) -> DaemonResult<Arc<dyn Vmm>> {
         match name {

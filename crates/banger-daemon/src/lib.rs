@@ -9,6 +9,7 @@
 pub mod access;
 pub mod agents;
 pub mod backends;
+pub mod capabilities;
 pub mod catalog;
 pub mod config;
 pub mod disks;
@@ -34,8 +35,16 @@ use banger_store::Store;
 use tokio::net::UnixListener;
 
 use crate::access::AccessPolicy;
+use crate::agents::Agents;
+use crate::backends::Backends;
+use crate::capabilities::agent::AgentCapability;
+use crate::capabilities::network::{DnsCapability, NatCapability, NetworkCapability};
+use crate::capabilities::work_disk::WorkDiskCapability;
+use crate::capabilities::Capabilities;
 use crate::config::Config;
+use crate::disks::WorkDisks;
 use crate::images::ImageService;
+use crate::network::Network;
 use crate::operations::OperationRegistry;
 use crate::paths::StatePaths;
 use crate::server::{Daemon, DaemonInfo};
@@ -81,16 +90,20 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         Arc::clone(&operations),
     )?);
     let network = crate::network::Network::start(&config.network, store.clone()).await?;
+    let backends = Arc::new(backends);
+    let agents = Arc::new(Agents::default());
+    let disks = Arc::new(WorkDisks::new(store.clone(), paths.disks()));
     let vms = VmService::new(VmServiceParts {
         store,
         paths: paths.clone(),
         config: Arc::clone(&config),
         images: images.clone(),
-        backends,
+        backends: Arc::clone(&backends),
         clone: Arc::from(clone),
         catalog: Arc::clone(&catalog),
-        network: network.clone(),
         operations: Arc::clone(&operations),
+        capabilities: capabilities(&config, network.as_ref(), &disks, &agents, &backends),
+        agents,
     });
     let report = vms.reconcile().await?;
     tracing::info!(
@@ -115,6 +128,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         images,
         catalog,
         operations,
+        network: network.clone(),
+        disks,
         access,
         info: DaemonInfo {
             socket: options.socket.display().to_string(),
@@ -137,6 +152,30 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&options.socket);
     tracing::info!("bangerd stopped; VMs keep running");
     Ok(())
+}
+
+/// The capabilities every VM gets, in the order their hooks run: prepares
+/// (and their create stages) in this order, undos and deletes in reverse.
+fn capabilities(
+    config: &Config,
+    network: Option<&Arc<Network>>,
+    disks: &Arc<WorkDisks>,
+    agents: &Arc<Agents>,
+    backends: &Arc<Backends>,
+) -> Capabilities {
+    let mut list: Capabilities = vec![Arc::new(WorkDiskCapability::new(Arc::clone(disks)))];
+    if let Some(network) = network {
+        list.push(Arc::new(NetworkCapability::new(Arc::clone(network))));
+        list.push(Arc::new(DnsCapability::new(Arc::clone(network))));
+        list.push(Arc::new(NatCapability::new(Arc::clone(network))));
+    }
+    list.push(Arc::new(AgentCapability::new(
+        Arc::clone(agents),
+        Arc::clone(backends) as Arc<dyn crate::capabilities::agent::AgentEndpoints>,
+        config.agent.wait,
+        config.agent.ready_timeout(),
+    )));
+    list
 }
 
 async fn shutdown_signal() {

@@ -1,6 +1,7 @@
-//! The network capability: gives each VM an address, a tap on the bridge, a
-//! MAC, a `banger.net=` kernel argument and a DNS name, built on
-//! `banger-net` and hooked into the VM lifecycle:
+//! The host network: gives each VM an address, a tap on the bridge, a MAC,
+//! a `banger.net=` kernel argument and a DNS name, built on `banger-net`.
+//! The network, DNS and NAT capabilities (`crate::capabilities::network`)
+//! hook it into the VM lifecycle:
 //!
 //! 1. daemon start ([`Network::start`]): bridge, forwarding, NAT table,
 //!    leaked VM taps removed, the tap pool's leftovers adopted and the pool
@@ -8,11 +9,13 @@
 //!    lease, and systemd-resolved told to route `~DOMAIN` there;
 //! 2. create (stage `network`, [`Network::prepare`]): lease address and tap
 //!    name in the store, take a tap from the pool (renamed to the lease's
-//!    name) or create it, add the DNS record; undone by [`Network::release`];
+//!    name) or create it; undone by [`Network::release`]. The DNS record
+//!    ([`Network::add_record`]) and the NAT check ([`Network::ensure_nat`])
+//!    follow;
 //! 3. start: [`Network::attach`] gets the tap of an existing lease again if
 //!    it is gone (host reboot);
 //! 4. delete: [`Network::release`] returns the tap to the pool (or deletes
-//!    it), deletes the lease and the record;
+//!    it) and deletes the lease; [`Network::remove_record`] the DNS record;
 //! 5. daemon stop ([`Network::shutdown`]): stops the pool filler and the DNS
 //!    server, reverts resolved, and with `teardown_on_exit` deletes the pool,
 //!    the NAT table and the bridge.
@@ -21,14 +24,15 @@
 //! address) does not stop the daemon: VMs still get addresses and egress,
 //! `doctor` reports the port, and each create tries to bind again.
 //!
-//! With `[network] enabled = false` there is no capability: VMs get no NIC.
+//! With `[network] enabled = false` there is no network and none of its
+//! capabilities: VMs get no NIC.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use banger_net::dns::{DnsConfig, DnsRecords, DnsServer};
-use banger_net::nat::{Nft, NftCommand};
+use banger_net::nat::{NatConfig, Nft, NftCommand};
 use banger_net::netlink::{BridgeConfig, HostNetwork, LinkStatus, LinuxHostNetwork};
 use banger_net::pool::{PoolStatus, TapPool};
 use banger_net::resolved::{self, Presence, ResolvectlCommand, Resolved, ResolvedLink};
@@ -75,6 +79,8 @@ pub struct Network {
     dns_config: DnsConfig,
     dns: tokio::sync::Mutex<DnsState>,
     teardown_on_exit: bool,
+    /// The NAT table as applied at start, to restore it.
+    nat: NatConfig,
 }
 
 /// What the VMM and the guest need from a lease.
@@ -140,7 +146,7 @@ impl Network {
             isolate_vms: config.isolate_vms,
             domain: config.domain.clone(),
         };
-        setup::bring_up(host.as_ref(), nft.as_ref(), &settings).await?;
+        let nat = setup::bring_up(host.as_ref(), nft.as_ref(), &settings).await?;
         let leases = store.list_leases()?;
         let claimed: BTreeSet<String> = leases
             .iter()
@@ -208,6 +214,7 @@ impl Network {
             dns_config,
             dns: tokio::sync::Mutex::new(DnsState::Stopped),
             teardown_on_exit: config.teardown_on_exit,
+            nat,
         });
         network.ensure_dns().await;
         let state = if config.resolved {
@@ -358,9 +365,9 @@ impl Network {
         })
     }
 
-    /// Leases an address and a tap to the VM and sets the tap up.
-    pub async fn prepare(&self, vm_id: &str, vm_name: &str) -> DaemonResult<Attachment> {
-        self.ensure_dns().await;
+    /// Leases an address and a tap to the VM and sets the tap up; returns
+    /// the lease (stored with the VM).
+    pub async fn prepare(&self, vm_id: &str, vm_name: &str) -> DaemonResult<VmNetwork> {
         let subnet = self.settings.bridge.subnet;
         let leased = self
             .store
@@ -392,10 +399,44 @@ impl Network {
                 ));
             }
         }
-        if let Ok(address) = leased.ip.parse() {
+        Ok(leased)
+    }
+
+    /// Answers `NAME.DOMAIN` with the lease's address (binding the DNS
+    /// server first if it is not serving yet).
+    pub async fn add_record(&self, vm_name: &str, lease: &VmNetwork) {
+        self.ensure_dns().await;
+        if let Ok(address) = lease.ip.parse() {
             self.records.insert(vm_name, address);
         }
-        self.attachment(vm_id, &leased)
+    }
+
+    /// Stops answering `NAME.DOMAIN`.
+    pub fn remove_record(&self, vm_name: &str) {
+        self.records.remove(vm_name);
+    }
+
+    /// Puts banger's NAT table back if something removed it (a firewall
+    /// reload that flushes the whole ruleset does); says whether it had to.
+    pub async fn ensure_nat(&self) -> DaemonResult<bool> {
+        let listing =
+            self.nft.list_ruleset_json().await.map_err(|error| {
+                DaemonError::failed("Failed to list the nftables ruleset", error)
+            })?;
+        match banger_net::nat::summarize(&listing) {
+            Ok(summary) if summary.tables > 0 => return Ok(false),
+            Ok(_) => {}
+            Err(error) => {
+                // Unknown is not missing: leave the ruleset alone.
+                tracing::warn!(%error, "cannot read the nftables ruleset");
+                return Ok(false);
+            }
+        }
+        banger_net::nat::apply(self.nft.as_ref(), &self.nat)
+            .await
+            .map_err(|error| DaemonError::failed("Failed to restore the NAT table", error))?;
+        tracing::warn!("banger's nftables table was gone; restored it");
+        Ok(true)
     }
 
     /// The attachment of an existing lease, getting its tap again if the
@@ -422,8 +463,8 @@ impl Network {
         self.attachment(vm_id, lease).map(Some)
     }
 
-    /// Returns the VM's tap to the pool (or deletes it), deletes the lease
-    /// and the DNS record. Missing parts are fine.
+    /// Returns the VM's tap to the pool (or deletes it) and deletes the
+    /// lease. Missing parts are fine.
     pub async fn release(&self, vm_id: &str, vm_name: &str) -> DaemonResult<()> {
         let lease = self
             .store
@@ -439,7 +480,6 @@ impl Network {
             tracing::debug!(vm = %vm_name, tap = %network.tap, ?fate, "tap released");
         }
         self.store.delete_lease(vm_id)?;
-        self.records.remove(vm_name);
         Ok(())
     }
 

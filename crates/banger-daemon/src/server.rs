@@ -52,6 +52,9 @@ pub struct Daemon {
     pub images: ImageService,
     pub catalog: Arc<crate::catalog::CatalogService>,
     pub operations: Arc<OperationRegistry>,
+    /// The host network; `None` when `[network] enabled = false`.
+    pub network: Option<Arc<crate::network::Network>>,
+    pub disks: Arc<crate::disks::WorkDisks>,
     pub access: AccessPolicy,
     pub info: DaemonInfo,
 }
@@ -276,7 +279,7 @@ async fn dispatch(
                 paths: &daemon.paths,
                 images: &daemon.images,
                 access: &daemon.access,
-                network: daemon.vms.network().map(AsRef::as_ref),
+                network: daemon.network.as_deref(),
                 catalog: &daemon.catalog,
             };
             to_value(doctor.run().await)
@@ -306,32 +309,23 @@ async fn dispatch(
         method::VM_STATS => to_value(daemon.vms.stats(&params::<VmRef>(raw)?.vm).await?),
         method::DISK_CREATE => {
             let create: CreateDiskParams = params(raw)?;
-            to_value(
-                daemon
-                    .vms
-                    .disks()
-                    .create(&create.name, &create.size)
-                    .await?,
-            )
+            to_value(daemon.disks.create(&create.name, &create.size).await?)
         }
         method::DISK_LIST => {
             no_params(raw)?;
-            to_value(daemon.vms.disks().list()?)
+            to_value(daemon.disks.list()?)
         }
-        method::DISK_REMOVE => to_value(
-            daemon
-                .vms
-                .disks()
-                .remove(&params::<RemoveParams>(raw)?.name)?,
-        ),
+        method::DISK_REMOVE => to_value(daemon.disks.remove(&params::<RemoveParams>(raw)?.name)?),
         method::DISK_RESIZE => {
             let resize: ResizeDiskParams = params(raw)?;
-            to_value(
-                daemon
-                    .vms
-                    .resize_work_disk(&resize.name, &resize.size)
-                    .await?,
-            )
+            // The lock of the VM the disk is attached to: that VM cannot
+            // start while `resize2fs` runs.
+            let attached_to = daemon.disks.find(&resize.name)?.vm_id;
+            let _guard = match &attached_to {
+                Some(vm_id) => Some(daemon.vms.lock_vm(vm_id).await),
+                None => None,
+            };
+            to_value(daemon.disks.resize(&resize.name, &resize.size).await?)
         }
         method::IMAGE_IMPORT => to_value(
             daemon
@@ -421,8 +415,8 @@ fn status(daemon: &Daemon) -> DaemonResult<DaemonStatus> {
         clone_strategy: daemon.info.clone_reason.clone(),
         vms,
         network: daemon
-            .vms
-            .network()
+            .network
+            .as_ref()
             .map(|network| network.status())
             .transpose()?,
     })

@@ -1,0 +1,140 @@
+//! The network capabilities, over the host network ([`Network`]):
+//! - [`NetworkCapability`]: an address, a tap and a MAC (stage `network`);
+//!   the NIC and the `banger.net=` kernel argument at every launch;
+//! - [`DnsCapability`]: the VM's `NAME.DOMAIN` record;
+//! - [`NatCapability`]: egress; before each create's VMM starts, banger's
+//!   NAT table is put back if something flushed it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use banger_proto::Vm;
+use banger_vmm::LaunchSpec;
+
+use super::{Capability, CreateOptions, DeleteOptions, Prepared, Undo};
+use crate::error::DaemonResult;
+use crate::network::Network;
+
+pub struct NetworkCapability {
+    network: Arc<Network>,
+}
+
+impl NetworkCapability {
+    pub fn new(network: Arc<Network>) -> Self {
+        Self { network }
+    }
+}
+
+#[async_trait]
+impl Capability for NetworkCapability {
+    fn name(&self) -> &'static str {
+        "network"
+    }
+
+    fn prepare_stage(&self, _options: &CreateOptions) -> Option<&'static str> {
+        Some("network")
+    }
+
+    async fn prepare(&self, vm: &mut Vm, _options: &CreateOptions) -> DaemonResult<Prepared> {
+        let lease = self.network.prepare(&vm.id, &vm.name).await?;
+        let detail = format!("{} on {}", lease.ip, lease.tap);
+        vm.network = Some(lease);
+        let network = Arc::clone(&self.network);
+        let (vm_id, vm_name) = (vm.id.clone(), vm.name.clone());
+        Ok(Prepared {
+            detail: Some(detail),
+            undo: Some(Undo::new(async move {
+                if let Err(error) = network.release(&vm_id, &vm_name).await {
+                    tracing::error!(vm = %vm_name, %error, "rollback failed to release the network");
+                }
+            })),
+        })
+    }
+
+    async fn launch(&self, vm: &Vm, spec: &mut LaunchSpec) -> DaemonResult<()> {
+        if let Some(attachment) = self.network.attach(&vm.id, vm.network.as_ref()).await? {
+            spec.kernel_cmdline.push(' ');
+            spec.kernel_cmdline.push_str(&attachment.kernel_argument);
+            spec.network_interfaces.push(attachment.interface);
+        }
+        Ok(())
+    }
+
+    async fn on_delete(&self, vm: &Vm, _options: DeleteOptions) -> DaemonResult<()> {
+        self.network.release(&vm.id, &vm.name).await
+    }
+
+    async fn on_interrupted_create(&self, vm: &Vm) -> DaemonResult<()> {
+        self.network.release(&vm.id, &vm.name).await
+    }
+}
+
+pub struct DnsCapability {
+    network: Arc<Network>,
+}
+
+impl DnsCapability {
+    pub fn new(network: Arc<Network>) -> Self {
+        Self { network }
+    }
+}
+
+#[async_trait]
+impl Capability for DnsCapability {
+    fn name(&self) -> &'static str {
+        "dns"
+    }
+
+    async fn prepare(&self, vm: &mut Vm, _options: &CreateOptions) -> DaemonResult<Prepared> {
+        let Some(lease) = &vm.network else {
+            return Ok(Prepared::default());
+        };
+        self.network.add_record(&vm.name, lease).await;
+        let network = Arc::clone(&self.network);
+        let name = vm.name.clone();
+        Ok(Prepared {
+            detail: None,
+            undo: Some(Undo::new(async move { network.remove_record(&name) })),
+        })
+    }
+
+    async fn on_delete(&self, vm: &Vm, _options: DeleteOptions) -> DaemonResult<()> {
+        self.network.remove_record(&vm.name);
+        Ok(())
+    }
+
+    async fn on_interrupted_create(&self, vm: &Vm) -> DaemonResult<()> {
+        self.network.remove_record(&vm.name);
+        Ok(())
+    }
+
+    fn describe(&self, vm: &mut Vm) {
+        if let Some(lease) = vm.network.as_mut() {
+            lease.dns_name = self.network.dns_name(&vm.name);
+        }
+    }
+}
+
+pub struct NatCapability {
+    network: Arc<Network>,
+}
+
+impl NatCapability {
+    pub fn new(network: Arc<Network>) -> Self {
+        Self { network }
+    }
+}
+
+#[async_trait]
+impl Capability for NatCapability {
+    fn name(&self) -> &'static str {
+        "nat"
+    }
+
+    async fn prepare(&self, _vm: &mut Vm, options: &CreateOptions) -> DaemonResult<Prepared> {
+        if !options.no_start {
+            self.network.ensure_nat().await?;
+        }
+        Ok(Prepared::default())
+    }
+}

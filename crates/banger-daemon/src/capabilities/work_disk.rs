@@ -1,0 +1,88 @@
+//! The work-disk capability: a persistent ext4 disk made or attached at
+//! create (stage `work disk`), given to the VMM at every launch, deleted or
+//! kept detached at delete. The disks themselves are [`WorkDisks`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use banger_proto::Vm;
+use banger_vmm::LaunchSpec;
+
+use super::{Capability, CreateOptions, DeleteOptions, Prepared, Undo};
+use crate::disks::WorkDisks;
+use crate::error::DaemonResult;
+
+pub struct WorkDiskCapability {
+    disks: Arc<WorkDisks>,
+}
+
+impl WorkDiskCapability {
+    pub fn new(disks: Arc<WorkDisks>) -> Self {
+        Self { disks }
+    }
+}
+
+#[async_trait]
+impl Capability for WorkDiskCapability {
+    fn name(&self) -> &'static str {
+        "work disk"
+    }
+
+    fn check(&self, vm_name: &str, options: &CreateOptions) -> DaemonResult<()> {
+        match &options.work_disk {
+            Some(spec) => self.disks.check(vm_name, spec),
+            None => Ok(()),
+        }
+    }
+
+    fn prepare_stage(&self, options: &CreateOptions) -> Option<&'static str> {
+        options.work_disk.as_ref().map(|_| "work disk")
+    }
+
+    async fn prepare(&self, vm: &mut Vm, options: &CreateOptions) -> DaemonResult<Prepared> {
+        let Some(spec) = &options.work_disk else {
+            return Ok(Prepared::default());
+        };
+        let prepared = self.disks.prepare(vm, spec).await?;
+        let detail = format!(
+            "{} {} ({} MiB)",
+            if prepared.created { "made" } else { "attached" },
+            prepared.disk.name,
+            prepared.disk.size_bytes >> 20
+        );
+        vm.work_disk = Some(prepared.disk.name.clone());
+        let disks = Arc::clone(&self.disks);
+        let (vm_id, created) = (vm.id.clone(), prepared.created);
+        Ok(Prepared {
+            detail: Some(detail),
+            // A disk the create made is deleted; one it attached is detached.
+            undo: Some(Undo::new(async move {
+                if let Err(error) = disks.release(&vm_id, !created) {
+                    tracing::error!(%error, "rollback failed to release the work disk");
+                }
+            })),
+        })
+    }
+
+    async fn launch(&self, vm: &Vm, spec: &mut LaunchSpec) -> DaemonResult<()> {
+        spec.drives.extend(self.disks.drive(&vm.id)?);
+        Ok(())
+    }
+
+    async fn on_delete(&self, vm: &Vm, options: DeleteOptions) -> DaemonResult<()> {
+        self.disks.release(&vm.id, options.keep_work_disk).map(drop)
+    }
+
+    async fn on_interrupted_create(&self, vm: &Vm) -> DaemonResult<()> {
+        self.disks.release_interrupted(vm)
+    }
+
+    async fn reconcile(&self) -> DaemonResult<Vec<String>> {
+        Ok(self
+            .disks
+            .remove_orphans()?
+            .into_iter()
+            .map(|path| path.display().to_string())
+            .collect())
+    }
+}

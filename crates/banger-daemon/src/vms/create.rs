@@ -1,0 +1,565 @@
+//! The create operation: validation and name reservation up front, then the
+//! create steps as a named, ordered list run in the background.
+//!
+//! 1. [`VmService::create`] checks the request, reserves the name (a
+//!    `creating` row, or, when the catalog must supply the image or kernel,
+//!    only a check until the pulls end), and starts the operation.
+//! 2. The pulls run as stages (`pull image`, `pull kernel`).
+//! 3. [`VmService::plan`] lists the steps for this create; each runs as the
+//!    stage it names (some capability prepares run silently) and, when it
+//!    made something, leaves an [`Undo`].
+//! 4. On failure or cancellation the undos run once each, newest first, and
+//!    each stage that had one is reported rolled back; a cancelled create (or
+//!    one that failed before its row existed) leaves no row, a failed one
+//!    leaves a `failed` row with the error.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use banger_catalog::{ImageEntry, KernelEntry};
+use banger_disk::clone::{CloneError, CloneRequest, RootDisk};
+use banger_proto::{
+    validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Image, Kernel, OperationState, Vm,
+    VmState,
+};
+use banger_store::VmLookup;
+use banger_vmm::VmmHandle;
+use tokio::sync::OwnedMutexGuard;
+
+use super::{duplicate_name, remove_dir_if_present, validate_size, VmService};
+use crate::capabilities::{CreateOptions, Undo};
+use crate::error::{DaemonError, DaemonResult};
+use crate::ids::{new_id, now};
+use crate::operations::{LiveOperation, Stage};
+
+/// An image or kernel: registered, or to be pulled from the catalog.
+enum Artifact<Local, Entry> {
+    Local(Local),
+    Catalog(Entry),
+}
+
+/// What a create works from, decided before its operation starts.
+struct CreateInputs {
+    image: Artifact<Image, ImageEntry>,
+    kernel: Artifact<Kernel, KernelEntry>,
+    /// Whether the VM row exists yet (it waits for pulls).
+    inserted: bool,
+    options: CreateOptions,
+}
+
+/// One step of create, in the order [`VmService::plan`] lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// The image and kernel files are where their rows say.
+    ResolveImage,
+    /// The root disk: a copy-on-write clone of the image.
+    CloneRootDisk,
+    /// Capability `n`'s prepare.
+    Prepare(usize),
+    /// Spawn and configure the VMM (capabilities add to the launch spec).
+    StartVmm,
+    /// Start the guest.
+    Boot,
+    /// Capability `n`'s after-boot work (`agent ready`).
+    AfterBoot(usize),
+    /// The VM is what was asked for: running, or stopped with `--no-start`.
+    Ready,
+}
+
+/// What the steps share while they run.
+struct CreateRun<'a> {
+    operation: &'a Arc<LiveOperation>,
+    vm: &'a mut Vm,
+    image_path: PathBuf,
+    kernel: Kernel,
+    options: &'a CreateOptions,
+    root_disk: Option<RootDisk>,
+    vmm: Option<VmmHandle>,
+}
+
+/// What a finished step reports and leaves for rollback.
+#[derive(Default)]
+struct StepDone {
+    detail: Option<String>,
+    undo: Option<Undo>,
+}
+
+impl VmService {
+    /// Validates, reserves the name (a `creating` row), and starts the create
+    /// operation in the background.
+    pub async fn create(self: &Arc<Self>, params: CreateVmParams) -> DaemonResult<CreateVmResult> {
+        validate_vm_name(&params.name)
+            .map_err(|error| DaemonError::invalid_params(error.to_string()))?;
+        let vcpus = params.vcpus.unwrap_or(self.config.vm.vcpus);
+        let memory_mib = params.memory_mib.unwrap_or(self.config.vm.memory_mib);
+        validate_size(vcpus, memory_mib)?;
+        let options = CreateOptions {
+            no_start: params.no_start,
+            work_disk: params.work_disk,
+        };
+        for capability in &self.capabilities {
+            capability.check(&params.name, &options)?;
+        }
+        let image_name = params.image.as_deref().unwrap_or(&self.config.vm.image);
+        let image = match self.store.find_image(image_name)? {
+            Some(image) => Artifact::Local(image),
+            None => Artifact::Catalog(self.catalog.image_entry(image_name, None).await?.ok_or_else(
+                || {
+                    DaemonError::not_found(format!("No image named `{image_name}`")).with_hint(
+                        "`banger image list` shows the images; `banger image import` or `banger image pull` adds one",
+                    )
+                },
+            )?),
+        };
+        let backend_name = params.backend.as_deref().unwrap_or(self.backends.default);
+        let backend = self.backends.get(backend_name)?.backend().to_owned();
+        let kernel_name = params.kernel.as_deref().unwrap_or(&self.config.vm.kernel);
+        let kernel = match self.store.find_kernel(kernel_name)? {
+            Some(kernel) => Artifact::Local(kernel),
+            None => Artifact::Catalog(
+                self.catalog
+                    .kernel_entry(kernel_name, None)
+                    .await?
+                    .ok_or_else(|| {
+                        DaemonError::not_found(format!("No kernel named `{kernel_name}`")).with_hint(
+                            "`banger kernel list` shows the kernels; `banger kernel import` or `banger kernel pull` adds one",
+                        )
+                    })?,
+            ),
+        };
+        let id = new_id();
+        let vm = Vm {
+            dir: self.paths.vm_dir(&id).display().to_string(),
+            id,
+            name: params.name,
+            state: VmState::Creating,
+            image: image_name.to_owned(),
+            kernel: kernel_name.to_owned(),
+            backend,
+            vcpus,
+            memory_mib,
+            disk_bytes: match &image {
+                Artifact::Local(image) => image.size_bytes,
+                Artifact::Catalog(entry) => entry.size,
+            },
+            pid: None,
+            created_at: now(),
+            started_at: None,
+            error: None,
+            network: None,
+            work_disk: None,
+        };
+        // Taken before the row is visible, so a concurrent delete of the new
+        // name waits for the create to finish (or be cancelled) first.
+        let guard = Arc::clone(&self.lock_of(&vm.id)).lock_owned().await;
+        // The row references the image and kernel, so with a pull it is
+        // inserted after the pull stages; the name is checked now anyway.
+        let pulls = matches!(image, Artifact::Catalog(_)) || matches!(kernel, Artifact::Catalog(_));
+        let inserted = if pulls {
+            if let VmLookup::Found(existing) = self.store.lookup_vm(&vm.name)? {
+                if existing.name == vm.name {
+                    self.forget_lock(&vm.id);
+                    return Err(duplicate_name(&vm.name));
+                }
+            }
+            false
+        } else {
+            self.insert_new_vm(&vm)?;
+            true
+        };
+        let operation = match self.operations.begin("vm.create", &vm) {
+            Ok(operation) => operation,
+            Err(error) => {
+                let _ = self.store.delete_vm(&vm.id);
+                self.forget_lock(&vm.id);
+                return Err(error);
+            }
+        };
+        let result = CreateVmResult {
+            operation_id: operation.id.clone(),
+            vm_id: vm.id.clone(),
+        };
+        let inputs = CreateInputs {
+            image,
+            kernel,
+            inserted,
+            options,
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            this.run_create(operation, vm, inputs, guard).await;
+        });
+        Ok(result)
+    }
+
+    fn insert_new_vm(&self, vm: &Vm) -> DaemonResult<()> {
+        self.store.insert_vm(vm).map_err(|error| {
+            self.forget_lock(&vm.id);
+            let error = DaemonError::from(error);
+            if error.kind == ErrorKind::AlreadyExists {
+                duplicate_name(&vm.name)
+            } else {
+                error
+            }
+        })
+    }
+
+    /// Pulls what the catalog must supply, as stages of the create.
+    async fn pull_inputs(
+        &self,
+        operation: &Arc<LiveOperation>,
+        image: Artifact<Image, ImageEntry>,
+        kernel: Artifact<Kernel, KernelEntry>,
+    ) -> DaemonResult<(Image, Kernel)> {
+        let image = match image {
+            Artifact::Local(image) => image,
+            Artifact::Catalog(entry) => {
+                let stage = begin_stage(operation, "pull image")?;
+                let outcome = self.catalog.pull_image(&entry, operation, &stage).await;
+                end_stage(operation, &stage, outcome, Some(entry.url.to_string()))?
+            }
+        };
+        let kernel = match kernel {
+            Artifact::Local(kernel) => kernel,
+            Artifact::Catalog(entry) => {
+                let stage = begin_stage(operation, "pull kernel")?;
+                let outcome = self.catalog.pull_kernel(&entry, operation, &stage).await;
+                end_stage(operation, &stage, outcome, Some(entry.url.to_string()))?
+            }
+        };
+        Ok((image, kernel))
+    }
+
+    async fn run_create(
+        self: Arc<Self>,
+        operation: Arc<LiveOperation>,
+        mut vm: Vm,
+        inputs: CreateInputs,
+        _guard: OwnedMutexGuard<()>,
+    ) {
+        let mut undo = Vec::new();
+        let mut inserted = inputs.inserted;
+        let result = async {
+            let (image, kernel) = self
+                .pull_inputs(&operation, inputs.image, inputs.kernel)
+                .await?;
+            if !inserted {
+                self.insert_new_vm(&vm)?;
+                inserted = true;
+            }
+            let mut run = CreateRun {
+                operation: &operation,
+                vm: &mut vm,
+                image_path: PathBuf::from(&image.path),
+                kernel,
+                options: &inputs.options,
+                root_disk: None,
+                vmm: None,
+            };
+            self.run_steps(&mut run, &mut undo).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %vm.name, state = %vm.state, "created VM");
+                operation.finish(OperationState::Succeeded, None, Some(vm));
+            }
+            Err(error) => {
+                let cancelled = operation.is_cancelled();
+                roll_back(&operation, undo).await;
+                vm.pid = None;
+                if cancelled || !inserted {
+                    tracing::info!(vm = %vm.name, %error, "create ended before the VM existed, or was cancelled; rolled back");
+                    if inserted {
+                        if let Err(error) = self.store.delete_vm(&vm.id) {
+                            tracing::error!(vm = %vm.name, %error, "failed to delete row of cancelled VM");
+                        }
+                    }
+                    self.forget_lock(&vm.id);
+                    let state = if cancelled {
+                        OperationState::Cancelled
+                    } else {
+                        OperationState::Failed
+                    };
+                    operation.finish(state, Some(error.chain()), None);
+                } else {
+                    tracing::warn!(vm = %vm.name, error = %error, "create failed; rolled back");
+                    vm.state = VmState::Failed;
+                    vm.error = Some(error.chain());
+                    if let Err(store_error) = self.store.update_vm(&vm) {
+                        tracing::error!(vm = %vm.name, %store_error, "failed to record failed VM");
+                    }
+                    operation.finish(OperationState::Failed, Some(error.chain()), Some(vm));
+                }
+            }
+        }
+        self.operations.retire(&operation.id);
+    }
+
+    /// The create steps for these choices, in order: the root disk, every
+    /// capability's prepare, the VMM and boot, every capability's
+    /// after-boot work, ready.
+    pub(super) fn plan(&self, options: &CreateOptions) -> Vec<Step> {
+        let mut steps = vec![Step::ResolveImage, Step::CloneRootDisk];
+        steps.extend((0..self.capabilities.len()).map(Step::Prepare));
+        if !options.no_start {
+            steps.extend([Step::StartVmm, Step::Boot]);
+            steps.extend(
+                self.capabilities
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, capability)| capability.after_boot_stage().is_some())
+                    .map(|(index, _)| Step::AfterBoot(index)),
+            );
+        }
+        steps.push(Step::Ready);
+        steps
+    }
+
+    /// The stage a step reports as; `None` for a capability prepare that
+    /// runs silently.
+    fn stage_of(&self, step: Step, options: &CreateOptions) -> Option<&'static str> {
+        match step {
+            Step::ResolveImage => Some("resolve image"),
+            Step::CloneRootDisk => Some("clone root disk"),
+            Step::Prepare(index) => self.capabilities[index].prepare_stage(options),
+            Step::StartVmm => Some("start vmm"),
+            Step::Boot => Some("boot"),
+            Step::AfterBoot(index) => self.capabilities[index].after_boot_stage(),
+            Step::Ready => Some("ready"),
+        }
+    }
+
+    /// Runs the plan; each step's undo is kept (with its stage) before the
+    /// next step runs.
+    async fn run_steps(
+        self: &Arc<Self>,
+        run: &mut CreateRun<'_>,
+        undo: &mut Vec<(Option<&'static str>, Undo)>,
+    ) -> DaemonResult<()> {
+        for step in self.plan(run.options) {
+            let operation = run.operation;
+            let stage_name = self.stage_of(step, run.options);
+            let done = match stage_name {
+                Some(name) => {
+                    let stage = begin_stage(operation, name)?;
+                    let mut outcome = self.run_step(step, run).await;
+                    let detail = outcome.as_mut().ok().and_then(|done| done.detail.take());
+                    end_stage(operation, &stage, outcome, detail)?
+                }
+                None => {
+                    if operation.is_cancelled() {
+                        return Err(operation.cancelled_error());
+                    }
+                    self.run_step(step, run).await?
+                }
+            };
+            if let Some(step_undo) = done.undo {
+                undo.push((stage_name, step_undo));
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_step(
+        self: &Arc<Self>,
+        step: Step,
+        run: &mut CreateRun<'_>,
+    ) -> DaemonResult<StepDone> {
+        let cancellation = run.operation.cancellation();
+        match step {
+            Step::ResolveImage => {
+                check_artifacts(&run.image_path, &run.kernel)?;
+                Ok(StepDone::default())
+            }
+            Step::CloneRootDisk => {
+                let root_disk = self
+                    .clone_root_disk(
+                        run.operation,
+                        &run.vm.id,
+                        &run.image_path,
+                        Path::new(&run.vm.dir),
+                    )
+                    .await?;
+                run.root_disk = Some(root_disk);
+                let this = Arc::clone(self);
+                let (vm_id, directory) = (run.vm.id.clone(), PathBuf::from(&run.vm.dir));
+                Ok(StepDone {
+                    detail: Some(self.clone.kind().to_string()),
+                    undo: Some(Undo::new(async move {
+                        if let Err(error) = this.remove_disk(&vm_id, &directory).await {
+                            tracing::error!(path = %directory.display(), %error, "rollback failed to remove the root disk");
+                        }
+                    })),
+                })
+            }
+            Step::Prepare(index) => {
+                let prepared = self.capabilities[index]
+                    .prepare(run.vm, run.options)
+                    .await?;
+                Ok(StepDone {
+                    detail: prepared.detail,
+                    undo: prepared.undo,
+                })
+            }
+            Step::StartVmm => {
+                run.vm.state = VmState::Starting;
+                self.store.update_vm(run.vm)?;
+                let root_disk = run.root_disk.as_ref().ok_or_else(|| {
+                    DaemonError::new(ErrorKind::Internal, "No root disk before the VMM start")
+                })?;
+                let handle = self.spawn_vmm(run.vm, &run.kernel, root_disk).await?;
+                run.vmm = Some(handle.clone());
+                let this = Arc::clone(self);
+                let vm_id = run.vm.id.clone();
+                Ok(StepDone {
+                    detail: None,
+                    undo: Some(Undo::new(async move {
+                        this.discard_process(&vm_id, &handle).await;
+                    })),
+                })
+            }
+            Step::Boot => {
+                let handle = running_vmm(run)?;
+                tokio::select! {
+                    outcome = self.boot_vmm(run.vm, &handle) => outcome?,
+                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error()),
+                }
+                Ok(StepDone::default())
+            }
+            Step::AfterBoot(index) => {
+                let handle = running_vmm(run)?;
+                let capability = &self.capabilities[index];
+                let detail = tokio::select! {
+                    outcome = capability.after_boot(run.vm, &handle) => outcome?,
+                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error()),
+                };
+                Ok(StepDone { detail, undo: None })
+            }
+            Step::Ready => {
+                if run.options.no_start {
+                    run.vm.state = VmState::Stopped;
+                    self.store.update_vm(run.vm)?;
+                    return Ok(StepDone {
+                        detail: Some("created stopped".to_owned()),
+                        undo: None,
+                    });
+                }
+                Ok(StepDone::default())
+            }
+        }
+    }
+
+    /// Makes the VM's directory and clones the image into it; removes the
+    /// directory again when the clone fails.
+    async fn clone_root_disk(
+        &self,
+        operation: &Arc<LiveOperation>,
+        vm_id: &str,
+        image_path: &Path,
+        directory: &Path,
+    ) -> DaemonResult<RootDisk> {
+        std::fs::create_dir(directory).map_err(|error| {
+            DaemonError::failed(format!("Failed to create {}", directory.display()), error)
+        })?;
+        let strategy = Arc::clone(&self.clone);
+        let (owned_vm_id, image, owned_directory) = (
+            vm_id.to_owned(),
+            image_path.to_owned(),
+            directory.to_owned(),
+        );
+        let cancellation = operation.cancellation();
+        let cloned = tokio::task::spawn_blocking(move || {
+            strategy.clone_image(&CloneRequest {
+                vm_id: &owned_vm_id,
+                image: &image,
+                vm_dir: &owned_directory,
+                cancelled: &|| cancellation.is_cancelled(),
+            })
+        })
+        .await
+        .map_err(|error| DaemonError::failed("Root disk clone task failed", error));
+        let outcome = match cloned {
+            Ok(Ok(root_disk)) => return Ok(root_disk),
+            Ok(Err(CloneError::Cancelled { .. })) => Err(operation.cancelled_error()),
+            Ok(Err(error)) => Err(DaemonError::failed("Failed to clone root disk", error)),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = self.remove_disk(vm_id, directory).await {
+            tracing::error!(path = %directory.display(), %error, "failed to remove a failed clone");
+        }
+        outcome
+    }
+
+    /// [`Self::remove_disk`] for reconciliation: logs instead of failing.
+    pub(super) async fn remove_leftover_disk(&self, vm_id: &str, directory: &Path) {
+        if let Err(error) = self.remove_disk(vm_id, directory).await {
+            tracing::error!(path = %directory.display(), %error, "failed to remove leftover; remove it by hand");
+        }
+    }
+
+    /// Removes a VM's clone (devices first) and then its directory.
+    pub(super) async fn remove_disk(&self, vm_id: &str, directory: &Path) -> DaemonResult<()> {
+        let strategy = Arc::clone(&self.clone);
+        let (vm_id, owned_directory) = (vm_id.to_owned(), directory.to_owned());
+        tokio::task::spawn_blocking(move || strategy.remove(&vm_id, &owned_directory))
+            .await
+            .map_err(|error| DaemonError::failed("Root disk removal task failed", error))?
+            .map_err(|error| DaemonError::failed("Failed to remove the root disk", error))?;
+        remove_dir_if_present(directory).map_err(|error| {
+            DaemonError::failed(format!("Failed to remove {}", directory.display()), error)
+        })
+    }
+}
+
+fn running_vmm(run: &CreateRun<'_>) -> DaemonResult<VmmHandle> {
+    run.vmm
+        .clone()
+        .ok_or_else(|| DaemonError::new(ErrorKind::Internal, "No VMM process to boot"))
+}
+
+/// Runs the undos newest first, each once; a stage whose undo ran is
+/// reported rolled back.
+async fn roll_back(operation: &LiveOperation, undo: Vec<(Option<&'static str>, Undo)>) {
+    for (stage, step_undo) in undo.into_iter().rev() {
+        step_undo.run().await;
+        if let Some(stage) = stage {
+            operation.rolled_back(stage);
+        }
+    }
+}
+
+fn check_artifacts(image_path: &Path, kernel: &Kernel) -> DaemonResult<()> {
+    let mut required = vec![image_path.to_owned(), PathBuf::from(&kernel.kernel_path)];
+    required.extend(kernel.initrd_path.as_ref().map(PathBuf::from));
+    for path in required {
+        if !path.is_file() {
+            return Err(DaemonError::new(
+                ErrorKind::Failed,
+                format!("{} is missing from the state dir", path.display()),
+            )
+            .with_hint("remove and import the image or kernel again"));
+        }
+    }
+    Ok(())
+}
+
+fn begin_stage(operation: &LiveOperation, name: &'static str) -> DaemonResult<Stage> {
+    if operation.is_cancelled() {
+        return Err(operation.cancelled_error());
+    }
+    Ok(operation.start_stage(name))
+}
+
+fn end_stage<T>(
+    operation: &LiveOperation,
+    stage: &Stage,
+    outcome: DaemonResult<T>,
+    message: Option<String>,
+) -> DaemonResult<T> {
+    match &outcome {
+        Ok(_) => operation.finish_stage(stage, message),
+        Err(error) => operation.fail_stage(stage, error),
+    }
+    outcome
+}

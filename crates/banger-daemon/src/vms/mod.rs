@@ -1,0 +1,345 @@
+//! VMService: the VMs' lifecycle, one room per job:
+//! - this file: the service, its parts, the per-VM locks, the process table,
+//!   lookups, and access to running guests' agents;
+//! - [`state`]: the state machine (legal transitions, stated once);
+//! - [`create`]: the create operation as a list of named steps with undos;
+//! - [`lifecycle`]: start, stop, restart, delete, set;
+//! - [`supervise`]: launching the VMM and watching it exit;
+//! - [`reconcile`]: bringing store and host back in line at daemon start.
+//!
+//! Capabilities (`crate::capabilities`) hook into each of these; the list is
+//! built in the composition root and handed over in [`VmServiceParts`].
+//!
+//! Lock order (see docs/ARCHITECTURE.md): a per-VM async lock is taken first
+//! and may be held across awaits for as long as the lifecycle step runs; the
+//! short std mutexes (`locks`, `processes`, the store's connection) are taken
+//! after it, never held across an await, and never two at once. No lock spans
+//! more than one VM, so operations on different VMs run in parallel.
+
+mod create;
+mod lifecycle;
+mod reconcile;
+pub mod state;
+mod supervise;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use banger_agent::client::AgentClient;
+use banger_proto::{ErrorKind, Vm, VmStats, VmmProcessStats};
+use banger_store::{Store, VmLookup};
+use banger_vmm::{AgentEndpoint, VmmHandle};
+use tokio::sync::OwnedMutexGuard;
+
+use crate::agents::Agents;
+use crate::backends::Backends;
+use crate::capabilities::agent::AgentEndpoints;
+use crate::capabilities::Capabilities;
+use crate::catalog::CatalogService;
+use crate::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
+use crate::error::{DaemonError, DaemonResult};
+use crate::images::ImageService;
+use crate::operations::OperationRegistry;
+use crate::paths::StatePaths;
+use banger_disk::clone::CloneStrategy;
+
+pub use reconcile::ReconcileReport;
+use state::{Decision, Refusal, Request};
+
+type VmLock = Arc<tokio::sync::Mutex<()>>;
+
+pub struct VmService {
+    store: Store,
+    paths: StatePaths,
+    config: Arc<Config>,
+    images: ImageService,
+    backends: Arc<Backends>,
+    clone: Arc<dyn CloneStrategy>,
+    catalog: Arc<CatalogService>,
+    operations: Arc<OperationRegistry>,
+    /// Hooked into every lifecycle step, in this order.
+    capabilities: Capabilities,
+    /// Connections to the guest agents of running VMs (`vm.agent`, stats).
+    agents: Arc<Agents>,
+    locks: Mutex<HashMap<String, VmLock>>,
+    /// The live VMM process of each VM that has one.
+    processes: Mutex<HashMap<String, VmmHandle>>,
+}
+
+/// What [`VmService`] is built from: its seams and the services it uses.
+pub struct VmServiceParts {
+    pub store: Store,
+    pub paths: StatePaths,
+    pub config: Arc<Config>,
+    pub images: ImageService,
+    pub backends: Arc<Backends>,
+    pub clone: Arc<dyn CloneStrategy>,
+    pub catalog: Arc<CatalogService>,
+    pub operations: Arc<OperationRegistry>,
+    pub capabilities: Capabilities,
+    pub agents: Arc<Agents>,
+}
+
+impl VmService {
+    pub fn new(parts: VmServiceParts) -> Arc<Self> {
+        let VmServiceParts {
+            store,
+            paths,
+            config,
+            images,
+            backends,
+            clone,
+            catalog,
+            operations,
+            capabilities,
+            agents,
+        } = parts;
+        Arc::new(Self {
+            store,
+            paths,
+            config,
+            images,
+            backends,
+            clone,
+            catalog,
+            operations,
+            capabilities,
+            agents,
+            locks: Mutex::new(HashMap::new()),
+            processes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// The clone strategy's one-line description.
+    pub fn clone_strategy(&self) -> String {
+        self.clone.describe()
+    }
+
+    fn lock_of(&self, vm_id: &str) -> VmLock {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(locks.entry(vm_id.to_owned()).or_default())
+    }
+
+    /// Holds the VM's lock: no lifecycle step of that VM runs meanwhile
+    /// (`disk.resize` holds it so the VM cannot boot mid-`resize2fs`).
+    pub async fn lock_vm(&self, vm_id: &str) -> OwnedMutexGuard<()> {
+        self.lock_of(vm_id).lock_owned().await
+    }
+
+    fn forget_lock(&self, vm_id: &str) {
+        self.locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(vm_id);
+    }
+
+    fn processes(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmmHandle>> {
+        self.processes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn process_of(&self, vm_id: &str) -> Option<VmmHandle> {
+        self.processes().get(vm_id).cloned()
+    }
+
+    // ---- reads ----
+
+    pub fn list(&self) -> DaemonResult<Vec<Vm>> {
+        Ok(self
+            .store
+            .list_vms()?
+            .into_iter()
+            .map(|vm| self.described(vm))
+            .collect())
+    }
+
+    /// The VM as users see it: what the capabilities add to the row.
+    fn described(&self, mut vm: Vm) -> Vm {
+        for capability in &self.capabilities {
+            capability.describe(&mut vm);
+        }
+        vm
+    }
+
+    /// Resolves a name or unique id prefix.
+    pub fn find(&self, reference: &str) -> DaemonResult<Vm> {
+        match self.store.lookup_vm(reference)? {
+            VmLookup::Found(vm) => Ok(self.described(*vm)),
+            VmLookup::NotFound => Err(DaemonError::not_found(format!("No VM named `{reference}`"))
+                .with_hint("`banger vm list` shows the VMs")),
+            VmLookup::Ambiguous(names) => Err(DaemonError::invalid_params(format!(
+                "`{reference}` matches several VMs: {}",
+                names.join(", ")
+            ))),
+        }
+    }
+
+    pub fn get(&self, vm_id: &str) -> Option<Vm> {
+        self.store.get_vm(vm_id).ok().flatten()
+    }
+
+    /// Reloads `vm` under its lock; it may have changed while we waited.
+    fn reload(&self, vm: &Vm) -> DaemonResult<Vm> {
+        self.store
+            .get_vm(&vm.id)?
+            .ok_or_else(|| DaemonError::not_found(format!("VM `{}` was deleted", vm.name)))
+    }
+
+    /// The error for a request [`state::decide`] refused.
+    fn refused(&self, vm: &Vm, decision: Decision, request: Request) -> DaemonError {
+        let name = &vm.name;
+        match decision {
+            Decision::BusyCreating => {
+                let operation = self
+                    .operations
+                    .running_for_vm(&vm.id)
+                    .map(|operation| operation.id.clone())
+                    .unwrap_or_default();
+                DaemonError::invalid_state(format!("VM `{name}` is being created")).with_hint(
+                    format!("wait for it, cancel it with `banger operation cancel {operation}`, or pass --force to delete"),
+                )
+            }
+            Decision::Refuse(Refusal::StartFirst) => DaemonError::invalid_state(format!(
+                "VM `{name}` is {}; the guest agent answers only while it runs",
+                vm.state
+            ))
+            .with_hint(format!("start it with `banger vm start {name}`")),
+            Decision::Refuse(Refusal::StopFirst) if request == Request::Change => {
+                DaemonError::invalid_state(format!(
+                    "VM `{name}` is {}; `vm set` changes stopped VMs only",
+                    vm.state
+                ))
+                .with_hint(format!("stop it first with `banger vm stop {name}`"))
+            }
+            Decision::Refuse(Refusal::StopFirst) => {
+                DaemonError::invalid_state(format!("VM `{name}` is {}", vm.state)).with_hint(
+                    format!("stop it first with `banger vm stop {name}`, or pass --force"),
+                )
+            }
+            _ => DaemonError::invalid_state(format!("VM `{name}` is {}", vm.state)),
+        }
+    }
+
+    // ---- running guests ----
+
+    /// The agent connection of a running VM.
+    pub async fn agent(&self, reference: &str) -> DaemonResult<(Vm, AgentClient)> {
+        let vm = self.find(reference)?;
+        let decision = state::decide(vm.state, Request::UseAgent);
+        if decision != Decision::Proceed {
+            return Err(self.refused(&vm, decision, Request::UseAgent));
+        }
+        let endpoint = self.backends.agent_endpoint(&vm)?;
+        let client = self.agents.client(&vm.id, &vm.name, &endpoint).await?;
+        Ok((vm, client))
+    }
+
+    /// The guest's and the VMM process's resource use.
+    pub async fn stats(&self, reference: &str) -> DaemonResult<VmStats> {
+        let (vm, client) = self.agent(reference).await?;
+        let guest = client.stats().await.map_err(|error| {
+            DaemonError::failed(
+                format!("The guest agent of VM `{}` could not report stats", vm.name),
+                error,
+            )
+        })?;
+        let vmm = vm
+            .pid
+            .and_then(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                vmm_process_stats(pid, &stat)
+            })
+            .unwrap_or_default();
+        Ok(VmStats { vm, guest, vmm })
+    }
+}
+
+impl AgentEndpoints for Backends {
+    fn agent_endpoint(&self, vm: &Vm) -> DaemonResult<AgentEndpoint> {
+        Ok(self
+            .get(&vm.backend)?
+            .agent_endpoint(std::path::Path::new(&vm.dir))
+            .0)
+    }
+}
+
+/// Parses `/proc/PID/stat` (fields after the command's closing parenthesis).
+fn vmm_process_stats(pid: u32, stat: &str) -> Option<VmmProcessStats> {
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    // Field n of proc(5) is fields[n - 3] here.
+    let number = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|field| field.parse::<u64>().ok())
+    };
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096);
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_seconds = (number(14)? + number(15)?) as f64 / ticks as f64;
+    Some(VmmProcessStats {
+        pid,
+        rss_bytes: number(24)?.saturating_mul(u64::try_from(page).unwrap_or(4096)),
+        cpu_seconds,
+        threads: u32::try_from(number(20)?).unwrap_or(u32::MAX),
+    })
+}
+
+fn duplicate_name(name: &str) -> DaemonError {
+    DaemonError::new(
+        ErrorKind::AlreadyExists,
+        format!("VM `{name}` already exists"),
+    )
+    .with_hint("pick another name, or `banger vm delete` the old VM")
+}
+
+fn validate_size(vcpus: u8, memory_mib: u32) -> DaemonResult<()> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(DaemonError::invalid_params(format!(
+            "vcpus must be between 1 and {MAX_VCPUS}, not {vcpus}"
+        )));
+    }
+    if memory_mib < MIN_MEMORY_MIB {
+        return Err(DaemonError::invalid_params(format!(
+            "memory must be at least {MIN_MEMORY_MIB} MiB, not {memory_mib}"
+        )));
+    }
+    Ok(())
+}
+
+fn remove_dir_if_present(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn vmm_process_stats_reads_proc_stat() {
+        let stat = "4242 (qemu (x86) S) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 12345 1000000 2560 18446744073709551615";
+        let stats = super::vmm_process_stats(4242, stat).unwrap();
+        assert_eq!(stats.threads, 7);
+        assert!(stats.cpu_seconds > 0.0);
+        assert_eq!(stats.rss_bytes % 2560, 0);
+        assert!(stats.rss_bytes >= 2560 * 4096);
+        assert!(super::vmm_process_stats(1, "garbage").is_none());
+    }
+}
+
+#[cfg(test)]
+mod create_tests;

@@ -1,0 +1,217 @@
+//! Reconciliation at daemon start: brings the store and the host back in
+//! line after a (re)start.
+//!
+//! 1. Every VM row: re-adopt its VMM process if it still runs; an
+//!    interrupted create (its operation never ended) is removed with
+//!    everything it made (capabilities' `on_interrupted_create`, the root
+//!    disk, the row); other rows take the state
+//!    [`super::state::after_restart`] gives.
+//! 2. VM directories and VMM processes no row accounts for are removed and
+//!    killed; images' and capabilities' orphans are removed.
+//! 3. Leaked dm and loop devices are released; operations left running are
+//!    marked failed.
+//!
+//! Failures to remove a leftover are logged and do not stop the daemon.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use banger_proto::{OperationState, Vm, VmState};
+use banger_vmm::VmmHandle;
+
+use super::{state, VmService};
+use crate::error::{DaemonError, DaemonResult};
+
+/// What reconciliation did, for the log and tests.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    pub adopted: Vec<String>,
+    pub crashed: Vec<String>,
+    pub stopped: Vec<String>,
+    /// VMs whose VMM could not be checked; left as recorded.
+    pub unresolved: Vec<String>,
+    pub killed_orphan_processes: Vec<u32>,
+    pub removed_orphan_files: Vec<String>,
+    /// Leaked dm and loop devices that were released.
+    pub released_devices: String,
+    pub removed_interrupted: Vec<String>,
+    pub removed_orphan_dirs: Vec<String>,
+}
+
+impl VmService {
+    async fn adopt(&self, vm: &Vm, directory: &Path, pid: u32) -> DaemonResult<Option<VmmHandle>> {
+        self.backends
+            .get(&vm.backend)?
+            .adopt(&vm.id, directory, pid)
+            .await
+            .map_err(|error| DaemonError::failed("Failed to check the VMM process", error))
+    }
+
+    /// See the module docs.
+    pub async fn reconcile(self: &Arc<Self>) -> DaemonResult<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        // VMs whose create operation never ended: the create was interrupted.
+        let interrupted_creates: Vec<String> = self
+            .operations
+            .list()?
+            .into_iter()
+            .filter(|operation| {
+                operation.kind == "vm.create" && operation.state == OperationState::Running
+            })
+            .map(|operation| operation.vm_id)
+            .collect();
+        for vm in self.store.list_vms()? {
+            self.reconcile_vm(vm, &interrupted_creates, &mut report)
+                .await?;
+        }
+        let known: Vec<String> = self.store.list_vms()?.into_iter().map(|vm| vm.id).collect();
+        if let Ok(entries) = std::fs::read_dir(self.paths.vms()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    self.remove_leftover_disk(&name, &entry.path()).await;
+                    report.removed_orphan_dirs.push(name);
+                }
+            }
+        }
+        let adopted_pids: Vec<u32> = self.processes().values().map(VmmHandle::pid).collect();
+        for pid in vmm_processes_under(&self.paths.vms()) {
+            if !adopted_pids.contains(&pid) {
+                tracing::warn!(pid, "killing a VMM process no VM accounts for");
+                if let Ok(raw) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(raw),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                report.killed_orphan_processes.push(pid);
+            }
+        }
+        report.removed_orphan_files = self.images.remove_unreferenced_files()?;
+        for capability in &self.capabilities {
+            report
+                .removed_orphan_files
+                .extend(capability.reconcile().await?);
+        }
+        let state_dir = self.paths.root.clone();
+        let live: Vec<String> = known.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            banger_disk::clone::devices::release_leaked(
+                &banger_disk::command::HostCommands,
+                Path::new("/sys"),
+                &state_dir,
+                &|vm_id| live.iter().any(|known| known == vm_id),
+            )
+        })
+        .await;
+        match released {
+            Ok(Ok(released)) => report.released_devices = format!("{released:?}"),
+            Ok(Err(error)) => tracing::error!(%error, "failed to release leaked disk devices"),
+            Err(error) => tracing::error!(%error, "disk device release task failed"),
+        }
+        self.operations
+            .fail_orphans("Interrupted: the daemon stopped during the operation")?;
+        Ok(report)
+    }
+
+    async fn reconcile_vm(
+        self: &Arc<Self>,
+        mut vm: Vm,
+        interrupted_creates: &[String],
+        report: &mut ReconcileReport,
+    ) -> DaemonResult<()> {
+        let directory = PathBuf::from(&vm.dir);
+        let adopted = match vm.pid {
+            Some(pid) => match self.adopt(&vm, &directory, pid).await {
+                Ok(found) => found,
+                Err(error) => {
+                    // Whether it still runs is unknown: leave the VM as
+                    // recorded rather than risk a second VMM on its disk.
+                    tracing::warn!(vm = %vm.name, pid, %error, "cannot check the VMM; leaving the VM as recorded");
+                    report.unresolved.push(vm.name);
+                    return Ok(());
+                }
+            },
+            None => None,
+        };
+        if interrupted_creates.contains(&vm.id) || vm.state == VmState::Creating {
+            // An interrupted create leaves nothing.
+            if let Some(handle) = adopted {
+                let _ = self.backends.of(&handle).kill(&handle).await;
+            }
+            for capability in self.capabilities.iter().rev() {
+                if let Err(error) = capability.on_interrupted_create(&vm).await {
+                    tracing::error!(vm = %vm.name, capability = capability.name(), %error, "failed to release what an interrupted create made");
+                }
+            }
+            self.remove_leftover_disk(&vm.id, &directory).await;
+            self.store.delete_vm(&vm.id)?;
+            report.removed_interrupted.push(vm.name);
+            return Ok(());
+        }
+        let Some(next) = state::after_restart(vm.state, adopted.is_some()) else {
+            match adopted {
+                Some(handle) if vm.state == VmState::Running => {
+                    self.processes().insert(vm.id.clone(), handle.clone());
+                    self.supervise(&vm.id, handle);
+                    report.adopted.push(vm.name);
+                }
+                _ if vm.pid.is_some() => {
+                    vm.pid = None;
+                    self.store.update_vm(&vm)?;
+                }
+                _ => {}
+            }
+            return Ok(());
+        };
+        if let Some(handle) = adopted {
+            let _ = self.backends.of(&handle).kill(&handle).await;
+        }
+        if let Ok(backend) = self.backends.get(&vm.backend) {
+            backend.release(&directory);
+        }
+        if next == VmState::Crashed {
+            vm.error = Some("The VMM process ended while the daemon was not running".to_owned());
+            report.crashed.push(vm.name.clone());
+        } else {
+            report.stopped.push(vm.name.clone());
+        }
+        vm.state = next;
+        vm.pid = None;
+        vm.started_at = None;
+        self.store.update_vm(&vm)?;
+        Ok(())
+    }
+}
+
+/// Processes whose command line names a socket in a VM directory under
+/// `vms_dir` (`--api-sock DIR/ID/firecracker.sock`, `unix:DIR/ID/qmp.sock`):
+/// VMM processes of this state dir, whoever started them.
+fn vmm_processes_under(vms_dir: &Path) -> Vec<u32> {
+    let prefix = format!("{}/", vms_dir.display());
+    let own = std::process::id();
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        // `--api-sock PATH` (Firecracker), `-chardev socket,...,path=PATH,...` (QEMU).
+        let names_vm_socket = cmdline.split(|&byte| byte == 0).any(|argument| {
+            String::from_utf8_lossy(argument).split(',').any(|part| {
+                let path = part.strip_prefix("path=").unwrap_or(part);
+                let path = path.strip_prefix("unix:").unwrap_or(path);
+                path.starts_with(&prefix) && path.ends_with(".sock")
+            })
+        });
+        if names_vm_socket && pid != own {
+            pids.push(pid);
+        }
+    }
+    pids
+}
