@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use banger_agent::client::AgentClient;
+use banger_agent_proto::client::AgentClient;
 use banger_proto::{
     parse_size, validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Image, Kernel,
     OperationState, SetVmParams, Vm, VmState, VmStats, VmmProcessStats, WorkDisk,
