@@ -20,13 +20,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use banger_agent_proto::protocol::{send_frame, FrameSender, ReceiveStream, SendWindow};
 use banger_proto::agent::{ExecRequest, ExitStatus, Frame, StreamId, WindowSize};
 use bytes::Bytes;
 use nix::unistd::{Gid, Uid};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::protocol::{send_frame, FrameSender, ReceiveStream, SendWindow};
 use crate::reaper::Reaper;
 use crate::transport::FdStream;
 

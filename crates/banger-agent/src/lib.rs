@@ -1,12 +1,12 @@
-//! `banger-agent`: the guest agent and the host-side client of its protocol.
+//! `banger-agent`: the guest agent.
 //!
-//! - [`client`]: what the daemon uses ([`client::AgentClient`]).
-//! - [`server`]: the agent's side of a connection; [`exec`], [`files`] and
-//!   [`system`] implement the operations; [`reaper`] collects children.
-//! - [`protocol`]: the frame codec and flow control both sides share; the
-//!   frame types are in `banger_proto::agent`, the format in
-//!   `docs/agent-protocol.md`.
-//! - [`transport`]: vsock, virtio-serial and Firecracker's vsock handshake.
+//! - [`server`]: the agent's side of a connection; [`exec`] and [`system`]
+//!   implement the operations (tar streams with `banger_agent_proto::files`);
+//!   [`reaper`] collects children.
+//! - The frame codec and flow control both sides share, and the host-side
+//!   client, are `banger-agent-proto`; the frame types are in
+//!   `banger_proto::agent`, the format in `docs/agent-protocol.md`.
+//! - [`transport`]: the guest's vsock listener and virtio-serial port.
 //! - [`init`]: PID 1 duties.
 //!
 //! - [`network`]: the guest network from `banger.net=`.
@@ -23,12 +23,9 @@
 //! 5. As PID 1 power off; otherwise exit.
 
 pub mod cli;
-pub mod client;
 pub mod exec;
-pub mod files;
 pub mod init;
 pub mod network;
-pub mod protocol;
 pub mod reaper;
 pub mod server;
 pub mod system;

@@ -14,6 +14,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use banger_agent_proto::files;
+use banger_agent_proto::protocol::{
+    read_frame, receive_stream, send_frame, spawn_writer, FrameError, FrameSender, ReceiveStream,
+    SendWindow, StreamInlet,
+};
 use banger_proto::agent::{
     AgentError, AgentErrorKind, Frame, Operation, OperationResult, StreamId, CONNECTION_SESSION,
     PROTOCOL_VERSION,
@@ -23,11 +28,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
 use crate::exec::{self, Control, ExecIo};
-use crate::files;
-use crate::protocol::{
-    read_frame, receive_stream, send_frame, spawn_writer, FrameError, FrameSender, ReceiveStream,
-    SendWindow, StreamInlet,
-};
 use crate::reaper::Reaper;
 use crate::system::{self, SystemPaths};
 

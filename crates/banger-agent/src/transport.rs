@@ -1,12 +1,10 @@
-//! Byte streams the protocol runs over.
+//! The guest's byte streams the protocol runs over (the host's side is in
+//! `banger_agent_proto::transport`).
 //!
 //! - [`FdStream`]: any pollable fd (an accepted AF_VSOCK socket, a
 //!   virtio-serial char device, a pty master) as `AsyncRead + AsyncWrite`.
 //! - [`VsockListener`]: the guest's AF_VSOCK listener (`VMADDR_CID_ANY`).
 //! - [`open_serial`]: the guest's virtio-serial port.
-//! - [`firecracker_vsock_handshake`]: the host side of Firecracker's vsock
-//!   multiplexer: write `CONNECT <port>\n` on the VM's vsock Unix socket,
-//!   read `OK <host port>\n`, then the socket is the guest's stream.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,7 +14,7 @@ use std::task::{ready, Context, Poll};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A non-blocking fd driven by the tokio reactor.
 #[derive(Debug)]
@@ -189,46 +187,6 @@ pub fn open_serial(path: &Path) -> io::Result<FdStream> {
     FdStream::new(OwnedFd::from(file))
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum VsockHandshakeError {
-    #[error("Vsock handshake I/O failed")]
-    Io(#[from] io::Error),
-    #[error("Firecracker refused the vsock connection to port {port}: {answer:?}")]
-    Refused { port: u32, answer: String },
-}
-
-/// Firecracker's host-initiated vsock handshake on an already connected stream.
-pub async fn firecracker_vsock_handshake<S>(
-    stream: &mut S,
-    port: u32,
-) -> Result<(), VsockHandshakeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await?;
-    stream.flush().await?;
-    // Read byte by byte: whatever follows the newline is the guest's protocol.
-    let mut answer = Vec::new();
-    loop {
-        let byte = stream.read_u8().await?;
-        if byte == b'\n' {
-            break;
-        }
-        answer.push(byte);
-        if answer.len() > 64 {
-            break;
-        }
-    }
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    if answer.starts_with("OK ") {
-        Ok(())
-    } else {
-        Err(VsockHandshakeError::Refused { port, answer })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,29 +225,5 @@ mod tests {
         std::fs::create_dir_all(&device).unwrap();
         std::fs::write(device.join("device"), "0x0003\n").unwrap();
         assert!(has_virtio_console(root));
-    }
-
-    #[tokio::test]
-    async fn firecracker_handshake_sends_connect_and_accepts_ok() {
-        let (mut host, mut vmm) = tokio::io::duplex(256);
-        let fake = tokio::spawn(async move {
-            let mut line = vec![0_u8; 13];
-            vmm.read_exact(&mut line).await.unwrap();
-            vmm.write_all(b"OK 1073741824\nrest").await.unwrap();
-            (String::from_utf8(line).unwrap(), vmm)
-        });
-        firecracker_vsock_handshake(&mut host, 1024).await.unwrap();
-        let (line, _vmm) = fake.await.unwrap();
-        assert_eq!(line, "CONNECT 1024\n");
-        let mut rest = [0_u8; 4];
-        host.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"rest");
-
-        let (mut host, mut vmm) = tokio::io::duplex(256);
-        vmm.write_all(b"FAILURE\n").await.unwrap();
-        assert!(matches!(
-            firecracker_vsock_handshake(&mut host, 5).await,
-            Err(VsockHandshakeError::Refused { port: 5, .. })
-        ));
     }
 }

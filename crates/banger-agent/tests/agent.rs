@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use banger_agent::client::{AgentClient, ExecSession};
+use banger_agent_proto::client::{AgentClient, ExecSession};
 use banger_proto::agent::{AgentErrorKind, ExecRequest, WindowSize};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -625,7 +625,7 @@ async fn connects_through_a_firecracker_style_vsock_socket() {
 
 #[tokio::test]
 async fn a_wrong_protocol_version_is_refused() {
-    use banger_agent::protocol::{read_frame, write_frame};
+    use banger_agent_proto::protocol::{read_frame, write_frame};
     use banger_proto::agent::Frame;
     use tokio::io::AsyncWriteExt;
     let agent = TestAgent::start();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use banger_agent::client::AgentClient;
+use banger_agent_proto::client::AgentClient;
 use banger_disk::initramfs::{self, KernelModules};
 use banger_proto::agent::ExecRequest;
 use banger_vmm::qemu::{Accel, Qemu, QemuConfig, AGENT_SOCKET_FILE};

@@ -166,14 +166,14 @@ impl Client {
     pub async fn agent(
         mut self,
         vm: &str,
-    ) -> Result<banger_agent::client::AgentClient, ClientError> {
+    ) -> Result<banger_agent_proto::client::AgentClient, ClientError> {
         let _: serde_json::Value = self
             .call(method::VM_AGENT, banger_proto::VmRef { vm: vm.to_owned() })
             .await?;
         let socket = self.socket.clone();
         // Nothing follows the answer until the hello, but keep the buffer anyway.
         let stream = tokio::io::join(self.lines.into_inner(), self.write);
-        banger_agent::client::AgentClient::connect(stream)
+        banger_agent_proto::client::AgentClient::connect(stream)
             .await
             .map_err(|error| ClientError::Io {
                 socket,

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use banger_agent::client::{AgentClient, ClientError};
+use banger_agent_proto::client::{AgentClient, ClientError};
 use banger_proto::ErrorKind;
 use banger_vmm::AgentEndpoint;
 

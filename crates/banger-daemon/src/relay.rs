@@ -18,8 +18,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use banger_agent::client::{AgentClient, RawSender};
-use banger_agent::protocol::{read_frame, send_frame, spawn_writer, FrameSender, Outgoing};
+use banger_agent_proto::client::{AgentClient, RawSender};
+use banger_agent_proto::protocol::{read_frame, send_frame, spawn_writer, FrameSender, Outgoing};
 use banger_proto::agent::{AgentError, AgentErrorKind, Frame, Operation, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite};
 

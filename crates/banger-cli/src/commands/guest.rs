@@ -8,7 +8,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use banger_agent::client::{AgentClient, ExecSession};
+use banger_agent_proto::client::{AgentClient, ExecSession};
 use banger_proto::agent::{AuthSyncRequest, ExecRequest, WindowSize};
 use banger_proto::{method, Vm, VmRef, VmStats};
 use bytes::Bytes;
@@ -19,7 +19,7 @@ use crate::client::Client;
 use crate::printer::Printer;
 use crate::{CliError, CliResult};
 
-fn agent_error(vm: &str, error: banger_agent::client::ClientError) -> CliError {
+fn agent_error(vm: &str, error: banger_agent_proto::client::ClientError) -> CliError {
     CliError::new(format!("VM `{vm}`: {}", error_chain(&error)))
 }
 
@@ -75,7 +75,7 @@ async fn drive(
     session: ExecSession,
     forward_stdin: bool,
     tty: bool,
-) -> Result<banger_proto::agent::ExitStatus, banger_agent::client::ClientError> {
+) -> Result<banger_proto::agent::ExitStatus, banger_agent_proto::client::ClientError> {
     let ExecSession {
         mut stdin,
         mut stdout,
@@ -354,7 +354,7 @@ async fn copy_out(agent: &AgentClient, vm: &str, path: &str, destination: &Path)
     let staging_path = staging.clone();
     let unpacked = tokio::task::spawn_blocking(move || {
         let reader = tokio_util::io::SyncIoBridge::new(stream);
-        banger_agent::files::unpack(reader, &staging_path)
+        banger_agent_proto::files::unpack(reader, &staging_path)
     })
     .await
     .map_err(|error| CliError::new(format!("Unpacking task failed: {error}")));

@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use banger_agent::client::{AgentClient, ClientError, ExecOutput};
+use banger_agent_proto::client::{AgentClient, ClientError, ExecOutput};
 use banger_proto::agent::ExecRequest;
 use banger_proto::{StageEvent, StageStatus, Vm, VmState};
 use tokio::io::AsyncWriteExt;
@@ -296,7 +296,7 @@ impl Plan {
             let target = std::fs::read_link(&path).map_err(|error| {
                 CliError::new(format!("Cannot read the link {}: {error}", path.display()))
             })?;
-            if banger_agent::files::check_symlink_target(name, &target).is_err() {
+            if banger_agent_proto::files::check_symlink_target(name, &target).is_err() {
                 // The agent refuses links out of DEST; they are made afterwards.
                 match (target.to_str(), name.to_str()) {
                     (Some(target), Some(name)) => {
@@ -985,7 +985,7 @@ async fn write_patch(
         .exec(export_request(dest, user, "patch", "", Vec::new()))
         .await
         .map_err(|error| guest_error(vm, &error))?;
-    let banger_agent::client::ExecSession {
+    let banger_agent_proto::client::ExecSession {
         mut stdin,
         mut stdout,
         mut stderr,
@@ -1181,7 +1181,7 @@ async fn fetch_bundle(agent: &AgentClient, vm: &str, repo: &HostRepo, bundle: &s
         let target = scratch.clone();
         tokio::task::spawn_blocking(move || {
             let reader = tokio_util::io::SyncIoBridge::new(stream);
-            banger_agent::files::unpack(reader, &target)
+            banger_agent_proto::files::unpack(reader, &target)
         })
         .await
         .map_err(|error| CliError::new(format!("Unpacking task failed: {error}")))?

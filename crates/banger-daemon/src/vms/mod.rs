@@ -25,7 +25,7 @@ mod supervise;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use banger_agent::client::AgentClient;
+use banger_agent_proto::client::AgentClient;
 use banger_proto::{ErrorKind, Vm, VmStats, VmmProcessStats};
 use banger_store::{Store, VmLookup};
 use banger_vmm::{AgentEndpoint, VmmHandle};

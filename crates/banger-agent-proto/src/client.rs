@@ -1,4 +1,4 @@
-//! The host's side of the agent protocol, as the daemon uses it.
+//! The host's side of the agent protocol, as the daemon and the CLI use it.
 //!
 //! 1. [`AgentClient::connect`] (or `connect_unix` / `connect_firecracker_vsock`)
 //!    sends `Hello`, waits for `HelloReply`, then starts a reader task.
