@@ -22,6 +22,7 @@ pub mod name;
 pub mod operation;
 pub mod status;
 pub mod vm;
+pub mod workspace;
 
 pub use image::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
 pub use jsonrpc::{ErrorData, ErrorKind, Request, Response, RpcError};
