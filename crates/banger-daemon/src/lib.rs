@@ -23,6 +23,7 @@ pub mod paths;
 pub mod relay;
 pub mod server;
 pub mod vms;
+pub mod workspace;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -115,6 +116,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         images,
         catalog,
         operations,
+        workspace: crate::workspace::WorkspaceService::new(),
         access,
         info: DaemonInfo {
             socket: options.socket.display().to_string(),

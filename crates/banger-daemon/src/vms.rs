@@ -32,6 +32,7 @@ use crate::images::ImageService;
 use crate::network::{Attachment, Network};
 use crate::operations::{LiveOperation, OperationRegistry};
 use crate::paths::StatePaths;
+use crate::workspace::WorkspaceStage;
 use banger_catalog::{ImageEntry, KernelEntry};
 use banger_disk::clone::{CloneError, CloneRequest, CloneStrategy, RootDisk};
 
@@ -71,6 +72,8 @@ struct CreateInputs {
     no_start: bool,
     /// `--work-disk`: a size or a detached disk's name.
     work_disk: Option<String>,
+    /// `--workspace`: the `workspace` stage (WorkspaceService).
+    workspace: Option<WorkspaceStage>,
 }
 
 /// The caller's choices the create stages act on.
@@ -78,6 +81,8 @@ struct Choices<'a> {
     no_start: bool,
     /// `--work-disk`: a size or a detached disk's name.
     work_disk: Option<&'a str>,
+    /// `--workspace`: the `workspace` stage (WorkspaceService).
+    workspace: Option<WorkspaceStage>,
 }
 
 /// What a create step made, undone in reverse order if a later step fails.
@@ -227,8 +232,13 @@ impl VmService {
     // ---- create ----
 
     /// Validates, reserves the name (a `creating` row), and starts the create
-    /// operation in the background.
-    pub async fn create(self: &Arc<Self>, params: CreateVmParams) -> DaemonResult<CreateVmResult> {
+    /// operation in the background. `workspace` (from the WorkspaceService)
+    /// runs as the `workspace` stage.
+    pub async fn create(
+        self: &Arc<Self>,
+        params: CreateVmParams,
+        workspace: Option<WorkspaceStage>,
+    ) -> DaemonResult<CreateVmResult> {
         validate_vm_name(&params.name)
             .map_err(|error| DaemonError::invalid_params(error.to_string()))?;
         let vcpus = params.vcpus.unwrap_or(self.config.vm.vcpus);
@@ -316,6 +326,8 @@ impl VmService {
             operation_id: operation.id.clone(),
             vm_id: vm.id.clone(),
         };
+        // The caller may upload the workspace once it has the operation's id.
+        let workspace = workspace.map(|stage| stage.expect_upload(&operation.id));
         let this = Arc::clone(self);
         tokio::spawn(async move {
             this.run_create(
@@ -327,6 +339,7 @@ impl VmService {
                     inserted,
                     no_start: params.no_start,
                     work_disk: params.work_disk,
+                    workspace,
                 },
                 guard,
             )
@@ -398,6 +411,7 @@ impl VmService {
                 Choices {
                     no_start: inputs.no_start,
                     work_disk: inputs.work_disk.as_deref(),
+                    workspace: inputs.workspace,
                 },
                 &mut undo,
             )
@@ -454,6 +468,7 @@ impl VmService {
         let Choices {
             no_start,
             work_disk,
+            workspace,
         } = choices;
         let stage = begin_stage(operation, "resolve image")?;
         let outcome = check_artifacts(image_path, kernel);
@@ -550,6 +565,13 @@ impl VmService {
                 format!("{} on {}", hello.distro, hello.kernel_release)
             });
             end_stage(operation, &stage, outcome, detail)?;
+        }
+
+        // ---- the `workspace` stage (WorkspaceService, workspace.rs) ----
+        if let Some(workspace) = workspace {
+            workspace
+                .run(operation, vm, self.wait_for_agent(vm, &handle))
+                .await?;
         }
 
         let stage = begin_stage(operation, "ready")?;
