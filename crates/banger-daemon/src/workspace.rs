@@ -806,3 +806,366 @@ fn chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_agent::reaper::{ReapMode, Reaper};
+    use banger_agent::server::{serve_connection, Agent};
+    use banger_agent::system::SystemPaths;
+    use banger_proto::workspace::{FrameKind, WorkspaceLink, MAX_LINKS};
+    use banger_proto::{OperationState, StageStatus, VmState};
+
+    /// A guest agent in this process (host test mode: guest paths are
+    /// host paths), and a client connected to it.
+    async fn agent() -> AgentClient {
+        let (host, guest) = tokio::io::duplex(1 << 20);
+        let agent = Agent::new(
+            SystemPaths::default(),
+            false,
+            Reaper::start(ReapMode::OwnChildren).unwrap(),
+        );
+        tokio::spawn(serve_connection(agent, guest));
+        AgentClient::connect(host).await.unwrap()
+    }
+
+    fn spec(dest: &std::path::Path) -> WorkspaceSpec {
+        WorkspaceSpec {
+            dest: dest.to_str().unwrap().to_owned(),
+            user: "root".to_owned(),
+            force: false,
+            base: Some("none".to_owned()),
+        }
+    }
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, content) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(0o644);
+            builder.append_data(&mut header, name, *content).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    /// A tar whose one entry the agent refuses: a link out of DEST.
+    fn absolute_link_tar() -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        builder
+            .append_link(&mut header, "escape", "/etc/hostname")
+            .unwrap();
+        builder.into_inner().unwrap()
+    }
+
+    fn frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![kind.byte()];
+        bytes.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    fn trailer(links: Vec<WorkspaceLink>) -> Vec<u8> {
+        serde_json::to_vec(&UploadTrailer { links, skipped: 1 }).unwrap()
+    }
+
+    /// Runs `receive` on an upload of `wire` into a fresh DEST.
+    async fn receive(wire: Vec<u8>) -> (tempfile::TempDir, DaemonResult<Received>) {
+        let dir = tempfile::tempdir().unwrap();
+        let service = WorkspaceService::new();
+        let agent = agent().await;
+        let mut reader: Reader = Box::new(std::io::Cursor::new(wire));
+        let spec = spec(&dir.path().join("repo"));
+        let outcome = service
+            .receive(&agent, "vm", &spec, &mut reader, |_| {})
+            .await;
+        (dir, outcome)
+    }
+
+    #[tokio::test]
+    async fn an_upload_lands_with_its_links_and_base() {
+        let mut wire = frame(FrameKind::Data, &tar_of(&[("a.txt", b"one\n")]));
+        wire.extend(frame(
+            FrameKind::End,
+            &trailer(vec![WorkspaceLink {
+                target: "/etc/hostname".into(),
+                name: "deep/link".into(),
+            }]),
+        ));
+        let (dir, outcome) = receive(wire).await;
+        let received = outcome.unwrap();
+        assert_eq!(received.entries, 1);
+        assert_eq!(received.skipped, 1);
+        let repo = dir.path().join("repo");
+        assert_eq!(std::fs::read(repo.join("a.txt")).unwrap(), b"one\n");
+        assert_eq!(
+            std::fs::read_link(repo.join("deep/link")).unwrap(),
+            std::path::Path::new("/etc/hostname")
+        );
+        assert_eq!(
+            std::fs::read_to_string(repo.join(".git/banger-workspace-base")).unwrap(),
+            "none\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn hostile_uploads_are_refused() {
+        let data = frame(FrameKind::Data, &tar_of(&[("a.txt", b"one\n")]));
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            // Ends without its closing frame: the caller went away.
+            (data.clone(), "the caller went away"),
+            // Cut in the middle of a frame.
+            (data[..data.len() - 3].to_vec(), "middle of a frame"),
+            // A length over the kind's limit.
+            (
+                [
+                    vec![FrameKind::Data.byte()],
+                    u32::MAX.to_be_bytes().to_vec(),
+                ]
+                .concat(),
+                "over the limit",
+            ),
+            ([9_u8, 0, 0, 0, 0].to_vec(), "Unknown workspace frame kind"),
+            (
+                [data.clone(), frame(FrameKind::End, b"not json")].concat(),
+                "not the expected JSON",
+            ),
+            // A link out of DEST, or too many.
+            (
+                [
+                    data.clone(),
+                    frame(
+                        FrameKind::End,
+                        &trailer(vec![WorkspaceLink {
+                            target: "x".into(),
+                            name: "../../escape".into(),
+                        }]),
+                    ),
+                ]
+                .concat(),
+                "Invalid symlink",
+            ),
+            (
+                [
+                    data.clone(),
+                    frame(
+                        FrameKind::End,
+                        &trailer(vec![
+                            WorkspaceLink {
+                                target: "x".into(),
+                                name: "l".into(),
+                            };
+                            MAX_LINKS + 1
+                        ]),
+                    ),
+                ]
+                .concat(),
+                "Too many symlinks",
+            ),
+            // The caller gives up, and says why.
+            (
+                [
+                    data.clone(),
+                    frame(
+                        FrameKind::Error,
+                        &serde_json::to_vec(&banger_proto::RpcError::new(
+                            ErrorKind::Failed,
+                            "Cannot pack x",
+                        ))
+                        .unwrap(),
+                    ),
+                ]
+                .concat(),
+                "The caller gave up the upload: Cannot pack x",
+            ),
+            // The guest refuses the tar itself.
+            (
+                [
+                    frame(FrameKind::Data, &absolute_link_tar()),
+                    frame(FrameKind::End, &trailer(Vec::new())),
+                ]
+                .concat(),
+                "guest agent of VM `vm` failed",
+            ),
+        ];
+        for (wire, expected) in cases {
+            let (dir, outcome) = receive(wire).await;
+            let error = outcome.err().expect("refused").chain();
+            assert!(error.contains(expected), "{error} (wanted {expected})");
+            assert!(!dir.path().join("escape").exists());
+            assert!(!dir.path().join("repo/.git/banger-workspace-base").exists());
+        }
+    }
+
+    fn vm() -> Vm {
+        Vm {
+            id: "0123456789abcdef".into(),
+            name: "dev".into(),
+            state: VmState::Running,
+            image: "img".into(),
+            kernel: "krn".into(),
+            backend: "firecracker".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            disk_bytes: 0,
+            pid: None,
+            created_at: crate::ids::now(),
+            started_at: None,
+            error: None,
+            dir: "/x".into(),
+            network: None,
+            work_disk: None,
+        }
+    }
+
+    fn registry() -> crate::operations::OperationRegistry {
+        crate::operations::OperationRegistry::new(banger_store::Store::open_in_memory().unwrap())
+    }
+
+    #[test]
+    fn only_the_creator_uploads_and_only_once() {
+        let service = WorkspaceService::new();
+        let dest = std::path::Path::new("/root/repo");
+        assert!(service.create_stage(&spec(dest), true, 1000).is_err());
+        let mut bad = spec(dest);
+        bad.dest = "relative".into();
+        assert_eq!(
+            service.create_stage(&bad, false, 1000).err().unwrap().kind,
+            ErrorKind::InvalidParams
+        );
+
+        let stage = service
+            .create_stage(&spec(dest), false, 1000)
+            .unwrap()
+            .expect_upload("op");
+        let kind = |result: DaemonResult<oneshot::Sender<Connection>>| result.err().unwrap().kind;
+        assert_eq!(kind(service.accept_upload("op", 0)), ErrorKind::NotAllowed);
+        assert_eq!(
+            kind(service.accept_upload("op", 1001)),
+            ErrorKind::NotAllowed
+        );
+        assert_eq!(
+            kind(service.accept_upload("other", 1000)),
+            ErrorKind::NotFound
+        );
+        assert!(service.accept_upload("op", 1000).is_ok());
+        assert_eq!(
+            kind(service.accept_upload("op", 1000)),
+            ErrorKind::InvalidState
+        );
+        // The slot lives as long as the stage.
+        drop(stage);
+        assert_eq!(kind(service.accept_upload("op", 1000)), ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn the_stage_waits_for_its_upload_and_reports_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry();
+        let operation = registry.begin("vm.create", &vm()).unwrap();
+        let service = WorkspaceService::new();
+        let stage = service
+            .create_stage(&spec(&dir.path().join("repo")), false, 1000)
+            .unwrap()
+            .expect_upload(&operation.id);
+        let mut watch = registry.subscribe(&operation.id, |_| None).unwrap();
+
+        // The upload arrives before the stage runs, and waits.
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (server_reader, server_writer) = tokio::io::split(server);
+        service
+            .accept_upload(&operation.id, 1000)
+            .unwrap()
+            .send(Connection {
+                reader: Box::new(server_reader),
+                writer: Box::new(server_writer),
+                total_bytes: Some(10_000),
+            })
+            .ok()
+            .unwrap();
+        let (mut client_reader, mut client_writer) = tokio::io::split(client);
+        let big = vec![5_u8; 600_000];
+        let tar = tar_of(&[("big.bin", &big)]);
+        let uploader = tokio::spawn(async move {
+            for chunk in tar.chunks(50_000) {
+                stream::write_data(&mut client_writer, chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            stream::write_end(&mut client_writer, &UploadTrailer::default())
+                .await
+                .unwrap();
+            stream::read_answer::<_, WorkspacePrepared>(&mut client_reader)
+                .await
+                .unwrap()
+        });
+        stage.run(&operation, &vm(), agent_ready()).await.unwrap();
+        let prepared = uploader.await.unwrap().unwrap();
+        assert_eq!(prepared.entries, 1);
+        assert!(prepared.bytes > 600_000);
+        assert_eq!(std::fs::read(dir.path().join("repo/big.bin")).unwrap(), big);
+        let live = watch.live.as_mut().unwrap();
+        let mut statuses = Vec::new();
+        while let Ok(frame) = live.try_recv() {
+            if let banger_proto::StreamFrame::Stage(event) = frame {
+                assert_eq!(event.stage, STAGE);
+                statuses.push(event.status);
+            }
+        }
+        assert_eq!(statuses.first(), Some(&StageStatus::Started));
+        assert!(statuses.contains(&StageStatus::Progress), "{statuses:?}");
+        assert_eq!(statuses.last(), Some(&StageStatus::Finished));
+        // The slot is gone with the stage.
+        assert!(service.accept_upload(&operation.id, 1000).is_err());
+        operation.finish(OperationState::Succeeded, None, None);
+    }
+
+    async fn agent_ready() -> DaemonResult<AgentClient> {
+        Ok(agent().await)
+    }
+
+    #[tokio::test]
+    async fn the_stage_gives_up_without_an_upload_and_on_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry();
+        let service = WorkspaceService::with_timeouts(Duration::from_millis(200), IDLE_TIMEOUT);
+
+        // Nobody uploads.
+        let operation = registry.begin("vm.create", &vm()).unwrap();
+        let stage = service
+            .create_stage(&spec(&dir.path().join("a")), false, 1000)
+            .unwrap()
+            .expect_upload(&operation.id);
+        let error = stage
+            .run(&operation, &vm(), agent_ready())
+            .await
+            .unwrap_err();
+        assert!(
+            error.chain().contains("No workspace upload arrived"),
+            "{error}"
+        );
+        let record = operation.snapshot();
+        assert_eq!(record.stages.last().unwrap().status, StageStatus::Failed);
+
+        // Cancelled while it waits.
+        let service = WorkspaceService::new();
+        let operation = registry.begin("vm.create", &vm()).unwrap();
+        let stage = service
+            .create_stage(&spec(&dir.path().join("b")), false, 1000)
+            .unwrap()
+            .expect_upload(&operation.id);
+        let cancel = {
+            let id = operation.id.clone();
+            let registry = &registry;
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                registry.cancel(&id).unwrap();
+            }
+        };
+        let vm = vm();
+        let (outcome, ()) = tokio::join!(stage.run(&operation, &vm, agent_ready()), cancel);
+        assert_eq!(outcome.unwrap_err().kind, ErrorKind::Cancelled);
+    }
+}
