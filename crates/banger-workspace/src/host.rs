@@ -49,6 +49,8 @@ pub enum HostError {
     CurrentDir(#[source] io::Error),
     #[error("`{}` is not a directory", path.display())]
     NotADirectory { path: PathBuf },
+    #[error("`{}` does not name a file", path.display())]
+    NotAFile { path: PathBuf },
     #[error("`{}` is not in a git working tree", path.display())]
     NotAWorkTree { path: PathBuf },
     #[error("{} keeps its git directory elsewhere ({}): linked worktrees and submodule checkouts cannot be sent on their own", top.display(), git_dir.display())]
@@ -576,7 +578,7 @@ pub async fn receive_patch<R: AsyncRead + Unpin>(
     mut reader: R,
     file: &Path,
 ) -> Result<WorkspaceExported, HostError> {
-    let name = file.file_name().ok_or_else(|| HostError::NotADirectory {
+    let name = file.file_name().ok_or_else(|| HostError::NotAFile {
         path: file.to_owned(),
     })?;
     let partial = file.with_file_name(format!(
@@ -721,10 +723,7 @@ pub async fn receive_branch<R: AsyncRead + Unpin>(
             }
         }
         if exported.bytes > 0 {
-            let path = bundle.to_str().ok_or_else(|| HostError::NotADirectory {
-                path: bundle.clone(),
-            })?;
-            git_stdout(&repo.top, &["bundle", "unbundle", path])?;
+            unbundle(repo, &bundle)?;
         }
         update_ref(repo, branch, commit, force)?;
         Ok(exported)
@@ -732,6 +731,24 @@ pub async fn receive_branch<R: AsyncRead + Unpin>(
     .await;
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// Stores the bundle's objects in the repository (no ref changes).
+fn unbundle(repo: &HostRepo, bundle: &Path) -> Result<(), HostError> {
+    let output = git(&repo.top)
+        .args(["bundle", "unbundle"])
+        .arg(bundle)
+        .output()
+        .map_err(HostError::RunGit)?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(HostError::Git {
+            args: format!("bundle unbundle {}", bundle.display()),
+            dir: repo.top.clone(),
+            message: one_line(&output.stderr),
+        })
+    }
 }
 
 fn update_ref(repo: &HostRepo, branch: &str, commit: &str, force: bool) -> Result<(), HostError> {
