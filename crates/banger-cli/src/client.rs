@@ -13,6 +13,8 @@
 //!    live) up to and including the terminal [`StreamFrame::Done`].
 //! 4. [`Client::agent`] calls `vm.agent` and speaks the guest agent protocol
 //!    on the same connection, relayed by the daemon.
+//! 5. [`Client::call_streaming`] calls a method that streams after its answer
+//!    (`vm.workspace.*`) and hands back the connection's two halves.
 
 use std::path::{Path, PathBuf};
 
@@ -161,6 +163,18 @@ impl Client {
 }
 
 impl Client {
+    /// Calls a method after whose answer the connection carries a stream of
+    /// its own (`vm.workspace.*`); returns the result and the connection,
+    /// the reader keeping what it buffered past the answer.
+    pub async fn call_streaming<P: Serialize, R: DeserializeOwned>(
+        mut self,
+        method_name: &str,
+        params: P,
+    ) -> Result<(R, BufReader<OwnedReadHalf>, OwnedWriteHalf), ClientError> {
+        let result = self.call(method_name, params).await?;
+        Ok((result, self.lines.into_inner(), self.write))
+    }
+
     /// Turns this connection into a relay to VM `vm`'s guest agent and
     /// speaks the agent protocol over it (see `vm.agent`).
     pub async fn agent(

@@ -24,6 +24,7 @@ pub mod paths;
 pub mod relay;
 pub mod server;
 pub mod vms;
+pub mod workspace;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -130,6 +131,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         operations,
         network: network.clone(),
         disks,
+        workspace: crate::workspace::WorkspaceService::new(),
         access,
         info: DaemonInfo {
             socket: options.socket.display().to_string(),

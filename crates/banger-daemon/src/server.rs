@@ -13,6 +13,8 @@
 //!    frames and closes it after the terminal frame.
 //! 5. `vm.agent` answers with the guest agent's hello, then the connection
 //!    carries the agent protocol, relayed to the VM ([`crate::relay`]).
+//! 6. `vm.workspace.*` answer, then the connection carries a workspace
+//!    upload or export stream ([`crate::workspace`]).
 //!
 //! [`serve`] takes its listener and shutdown signal from outside, so tests run
 //! it on a temporary socket.
@@ -55,6 +57,8 @@ pub struct Daemon {
     /// The host network; `None` when `[network] enabled = false`.
     pub network: Option<Arc<crate::network::Network>>,
     pub disks: Arc<crate::disks::WorkDisks>,
+    /// Workspace prepare/export and the create's `workspace` stage.
+    pub workspace: Arc<crate::workspace::WorkspaceService>,
     pub access: AccessPolicy,
     pub info: DaemonInfo,
 }
@@ -183,6 +187,15 @@ async fn handle_connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::
                 Err(error) => send(&mut write, &Response::failure(id, error.to_rpc())).await,
             };
         }
+        // ---- workspace service: `vm.workspace.*` stream on the connection ----
+        if let Some(call) = crate::workspace::Call::parse(&request.method) {
+            let id = id.unwrap_or(Value::Null);
+            return daemon
+                .workspace
+                .serve(call, &daemon.vms, peer, request.params, id, reader, write)
+                .await;
+        }
+        // ---- end workspace service ----
         let outcome = dispatch(&daemon, peer, &request.method, request.params).await;
         if let Some(id) = id {
             let response = match outcome {
@@ -284,7 +297,20 @@ async fn dispatch(
             };
             to_value(doctor.run().await)
         }
-        method::VM_CREATE => to_value(daemon.vms.create(params::<CreateVmParams>(raw)?).await?),
+        method::VM_CREATE => {
+            let create: CreateVmParams = params(raw)?;
+            // ---- workspace service: the create's `workspace` stage, for this caller ----
+            let workspace: Option<Box<dyn crate::vms::GuestStage>> = match &create.workspace {
+                Some(spec) => Some(Box::new(daemon.workspace.create_stage(
+                    spec,
+                    create.no_start,
+                    peer.uid,
+                )?)),
+                None => None,
+            };
+            // ---- end workspace service ----
+            to_value(daemon.vms.create(create, workspace).await?)
+        }
         method::VM_LIST => {
             no_params(raw)?;
             to_value(daemon.vms.list()?)

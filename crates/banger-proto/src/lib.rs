@@ -9,7 +9,10 @@
 //!    with a normal response first; after it the connection carries
 //!    newline-delimited [`StreamFrame`]s until a terminal frame, and is then
 //!    closed by the daemon.
-//! 3. Errors are JSON-RPC errors whose `data` carries a stable [`ErrorKind`]
+//! 3. Two kinds of call hand the connection to another protocol after their
+//!    response: `vm.agent` (the agent protocol, [`agent`]) and
+//!    `vm.workspace.*` (binary frames, [`workspace`]).
+//! 4. Errors are JSON-RPC errors whose `data` carries a stable [`ErrorKind`]
 //!    and an optional hint; the message is the whole cause chain.
 //!
 //! Nothing in this crate performs I/O.
@@ -22,6 +25,7 @@ pub mod name;
 pub mod operation;
 pub mod status;
 pub mod vm;
+pub mod workspace;
 
 pub use image::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
 pub use jsonrpc::{ErrorData, ErrorKind, Request, Response, RpcError};

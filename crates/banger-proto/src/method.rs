@@ -19,6 +19,17 @@ pub const VM_AGENT: &str = "vm.agent";
 /// The guest's resource use (from its agent) and the VMM process's; returns `VmStats`.
 pub const VM_STATS: &str = "vm.stats";
 
+/// Copies a workspace into a running VM: `PrepareWorkspaceParams`, answered
+/// once the destination is claimed; then the CLI's tar upload and the
+/// daemon's result frame (see [`crate::workspace`]).
+pub const VM_WORKSPACE_PREPARE: &str = "vm.workspace.prepare";
+/// The upload of a `vm create --workspace` operation's `workspace` stage:
+/// `UploadWorkspaceParams`; then the same stream as `vm.workspace.prepare`.
+pub const VM_WORKSPACE_UPLOAD: &str = "vm.workspace.upload";
+/// Brings a workspace's changes back: `ExportWorkspaceParams`; then the
+/// patch or bundle as a stream (see [`crate::workspace`]).
+pub const VM_WORKSPACE_EXPORT: &str = "vm.workspace.export";
+
 /// Work disks: `disk.create` (`CreateDiskParams`), `disk.list`, `disk.rm`
 /// (`RemoveParams`), `disk.resize` (`ResizeDiskParams`).
 pub const DISK_CREATE: &str = "disk.create";

@@ -186,6 +186,10 @@ pub struct CreateVmParams {
     /// A size (`10G`): a new work disk for the VM; or the name of a detached one.
     #[serde(default)]
     pub work_disk: Option<String>,
+    /// Copy a workspace into the VM as the `workspace` stage, from the upload
+    /// the caller sends with `vm.workspace.upload` (not with `no_start`).
+    #[serde(default)]
+    pub workspace: Option<crate::workspace::WorkspaceSpec>,
 }
 
 /// Result of `vm.create`: the operation to watch.

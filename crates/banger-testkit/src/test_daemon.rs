@@ -339,6 +339,19 @@ impl TestDaemon {
     /// Pids of VMM processes (Firecracker or QEMU) whose command line points
     /// into this state dir.
     pub fn vmm_pids(&self) -> Vec<u32> {
+        self.pids_matching(|cmdline| cmdline.contains("--api-sock") || cmdline.contains("qmp.sock"))
+    }
+
+    /// Pids of the `banger-agent --listen-unix` guests fake-firecracker
+    /// started for VMs in this state dir. A VMM killed with SIGKILL leaves
+    /// its guest agent running (a real guest dies with its VMM).
+    pub fn guest_agent_pids(&self) -> Vec<u32> {
+        self.pids_matching(|cmdline| cmdline.contains("--listen-unix"))
+    }
+
+    /// Pids of processes whose command line names this state dir and
+    /// passes `matches`.
+    fn pids_matching(&self, matches: impl Fn(&str) -> bool) -> Vec<u32> {
         let needle = self.state_dir.display().to_string();
         let mut pids = Vec::new();
         let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -352,8 +365,7 @@ impl TestDaemon {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline);
-            let is_vmm = cmdline.contains("--api-sock") || cmdline.contains("qmp.sock");
-            if is_vmm && cmdline.contains(&needle) {
+            if matches(&cmdline) && cmdline.contains(&needle) {
                 // Zombies have an empty cmdline, so a match is a live process.
                 pids.push(pid);
             }
@@ -403,7 +415,7 @@ impl TestDaemon {
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill9();
-        for pid in self.vmm_pids() {
+        for pid in self.vmm_pids().into_iter().chain(self.guest_agent_pids()) {
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),

@@ -1082,3 +1082,426 @@ fn prepare_hands_the_copy_to_the_guest_user() {
     ]);
     assert!(error.contains("has no user `no-such-user-xyz`"), "{error}");
 }
+
+/// A control connection spoken by hand, for the `vm.workspace.*` streams
+/// (`banger_proto::workspace`): one request line, its answer, then frames.
+struct RawConnection {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl RawConnection {
+    /// Connects, calls `method` and returns the connection and the answer.
+    fn call(socket: &Path, method: &str, params: &serde_json::Value) -> (Self, serde_json::Value) {
+        use std::io::{BufRead, Write};
+        let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let request =
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        writeln!(writer, "{request}").unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("answer");
+        (
+            Self { reader, writer },
+            serde_json::from_str(&line).expect("JSON answer"),
+        )
+    }
+
+    /// Sends one frame: `kind u8 | length u32 (big-endian) | payload`.
+    fn send(&mut self, kind: u8, payload: &[u8]) {
+        use std::io::Write;
+        let mut frame = vec![kind];
+        frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.writer.write_all(&frame).unwrap();
+    }
+
+    /// The next frame, or `None` when the daemon closed the connection.
+    fn receive(&mut self) -> Option<(u8, Vec<u8>)> {
+        use std::io::Read;
+        let mut header = [0_u8; 5];
+        self.reader.read_exact(&mut header).ok()?;
+        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let mut payload = vec![0_u8; length as usize];
+        self.reader.read_exact(&mut payload).ok()?;
+        Some((header[0], payload))
+    }
+}
+
+const DATA: u8 = 1;
+const ERROR: u8 = 3;
+
+/// `vm.create` of `name` with a workspace at `dest`, on a raw connection;
+/// returns the operation id.
+fn create_with_workspace(daemon: &TestDaemon, name: &str, dest: &Path) -> String {
+    let (_, answer) = RawConnection::call(
+        &daemon.socket,
+        "vm.create",
+        &serde_json::json!({
+            "name": name,
+            "image": "image",
+            "kernel": "kernel",
+            "workspace": {"dest": s(dest), "base": "none"},
+        }),
+    );
+    answer["result"]["operation_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .to_owned()
+}
+
+/// The start of a tar whose one file is far longer than what is sent.
+fn unfinished_tar() -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_path("big.bin").unwrap();
+    header.set_size(1 << 20);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut bytes = header.as_bytes().to_vec();
+    bytes.extend_from_slice(&[7_u8; 1000]);
+    bytes
+}
+
+fn operation(daemon: &TestDaemon, id: &str) -> serde_json::Value {
+    daemon.banger_json(&["operation", "show", id])
+}
+
+/// Polls the operation until `done` says so (or panics after 20 s).
+fn wait_for_operation(
+    daemon: &TestDaemon,
+    id: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let operation = operation(daemon, id);
+        if done(&operation) {
+            return operation;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "operation never {what}: {operation}\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn has_stage(operation: &serde_json::Value, stage: &str, status: &str) -> bool {
+    operation["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|event| event["stage"] == stage && event["status"] == status)
+}
+
+fn stage_names(operation: &serde_json::Value, status: &str) -> Vec<String> {
+    operation["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["status"] == status)
+        .map(|event| event["stage"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn daemon_with_fixtures() -> TestDaemon {
+    let mut daemon = TestDaemon::new(&[]);
+    daemon.with_agent();
+    daemon.start();
+    daemon.import_fixtures();
+    daemon
+}
+
+#[test]
+fn the_workspace_stage_is_a_stage_of_the_create_operation() {
+    let daemon = daemon_with_fixtures();
+    let work = daemon.dir.path().join("stage");
+    let host = export_repo(&work);
+    let dest = work.join("guest/repo");
+    let stdout = daemon.banger_ok(&[
+        "vm",
+        "create",
+        "staged",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "--workspace",
+        s(&host),
+        "--workspace-dest",
+        s(&dest),
+        "--json",
+    ]);
+    let done: serde_json::Value = stdout
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|frame| frame["event"] == "done")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let id = done["operation"]["id"].as_str().unwrap();
+
+    // `operation show` has it, where the daemon ran it: after the agent
+    // answered, before the VM was ready.
+    let operation = operation(&daemon, id);
+    assert_eq!(
+        stage_names(&operation, "finished"),
+        [
+            "resolve image",
+            "clone root disk",
+            "start vmm",
+            "boot",
+            "agent ready",
+            "workspace",
+            "ready"
+        ],
+        "{operation}"
+    );
+    let finished = operation["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|event| event["stage"] == "workspace" && event["status"] == "finished")
+        .unwrap();
+    assert!(
+        finished["message"].as_str().unwrap().contains("files"),
+        "{finished}"
+    );
+    let text = daemon.banger_ok(&["operation", "show", id]);
+    assert!(text.contains("workspace"), "{text}");
+    assert_eq!(status(&dest), status(&host));
+    assert_eq!(
+        std::fs::read_to_string(dest.join(".git/banger-workspace-base")).unwrap(),
+        git(&host, &["rev-parse", "HEAD"])
+    );
+}
+
+#[test]
+fn cancelling_create_during_the_workspace_stage_leaves_no_vm() {
+    let daemon = daemon_with_fixtures();
+    let dest = daemon.dir.path().join("cancel/guest/repo");
+    let id = create_with_workspace(&daemon, "stalled", &dest);
+
+    // The upload starts, then stalls in the middle of a file.
+    let (mut upload, answer) = RawConnection::call(
+        &daemon.socket,
+        "vm.workspace.upload",
+        &serde_json::json!({"operation_id": id}),
+    );
+    assert_eq!(answer["result"]["operation_id"], id.as_str(), "{answer}");
+    upload.send(DATA, &unfinished_tar());
+    wait_for_operation(&daemon, &id, "started the workspace stage", |operation| {
+        has_stage(operation, "workspace", "started")
+    });
+    let vms = daemon.banger_json(&["vm", "list"]);
+    assert_eq!(vms[0]["name"], "stalled", "{vms}");
+    assert_eq!(vms[0]["state"], "running", "{vms}");
+    assert_eq!(daemon.vmm_pids().len(), 1);
+
+    daemon.banger_ok(&["operation", "cancel", &id]);
+    let operation = wait_for_operation(&daemon, &id, "ended", |operation| {
+        operation["state"] != "running"
+    });
+    assert_eq!(operation["state"], "cancelled", "{operation}");
+    assert!(has_stage(&operation, "workspace", "failed"), "{operation}");
+    for stage in ["start vmm", "clone root disk"] {
+        assert!(has_stage(&operation, stage, "rolled_back"), "{operation}");
+    }
+    assert!(!has_stage(&operation, "ready", "started"), "{operation}");
+
+    // The uploader is told, and the daemon hangs up.
+    let (kind, payload) = upload.receive().expect("a closing frame");
+    assert_eq!(kind, ERROR);
+    let error: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert!(
+        error["message"].as_str().unwrap().contains("cancelled"),
+        "{error}"
+    );
+    assert!(upload.receive().is_none());
+
+    // No row, no VM directory, no VMM process, nothing in tmp.
+    assert_eq!(daemon.banger_json(&["vm", "list"]), serde_json::json!([]));
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn an_uploader_that_goes_away_fails_the_stage_and_rolls_back() {
+    let daemon = daemon_with_fixtures();
+    let dest = daemon.dir.path().join("gone/guest/repo");
+    let id = create_with_workspace(&daemon, "orphan", &dest);
+    let (mut upload, answer) = RawConnection::call(
+        &daemon.socket,
+        "vm.workspace.upload",
+        &serde_json::json!({"operation_id": id}),
+    );
+    assert!(answer["result"].is_object(), "{answer}");
+    upload.send(DATA, &unfinished_tar());
+    drop(upload);
+
+    let operation = wait_for_operation(&daemon, &id, "ended", |operation| {
+        operation["state"] != "running"
+    });
+    assert_eq!(operation["state"], "failed", "{operation}");
+    let error = operation["error"].as_str().unwrap();
+    assert!(error.contains("the caller went away"), "{error}");
+    assert!(
+        has_stage(&operation, "start vmm", "rolled_back"),
+        "{operation}"
+    );
+    let vm = daemon.vm("orphan");
+    assert_eq!(vm["state"], "failed", "{vm}");
+    assert_eq!(vm["pid"], serde_json::Value::Null, "{vm}");
+    daemon.banger_ok(&["vm", "delete", "orphan"]);
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn uploads_are_refused_for_operations_that_do_not_wait_for_one() {
+    let daemon = daemon_with_fixtures();
+    let upload = |id: &str| {
+        RawConnection::call(
+            &daemon.socket,
+            "vm.workspace.upload",
+            &serde_json::json!({"operation_id": id}),
+        )
+    };
+    let kind = |answer: &serde_json::Value| answer["error"]["data"]["kind"].clone();
+
+    let (_, answer) = upload("no-such-operation");
+    assert_eq!(kind(&answer), "not_found", "{answer}");
+
+    // A create without a workspace takes no upload.
+    daemon.banger_ok(&[
+        "vm", "create", "plain", "--image", "image", "--kernel", "kernel",
+    ]);
+    let operations = daemon.banger_json(&["operation", "list"]);
+    let plain = operations[0]["id"].as_str().unwrap().to_owned();
+    let (_, answer) = upload(&plain);
+    assert_eq!(kind(&answer), "not_found", "{answer}");
+
+    // One upload per create.
+    let dest = daemon.dir.path().join("once/guest/repo");
+    let id = create_with_workspace(&daemon, "once", &dest);
+    let (mut first, answer) = upload(&id);
+    assert!(answer["result"].is_object(), "{answer}");
+    let (_, answer) = upload(&id);
+    assert_eq!(kind(&answer), "invalid_state", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already has its workspace upload"),
+        "{answer}"
+    );
+
+    // A frame over its limit ends the stage (and the create).
+    first.send(DATA, &[]);
+    let mut oversized = vec![DATA];
+    oversized.extend_from_slice(&u32::MAX.to_be_bytes());
+    use std::io::Write;
+    first.writer.write_all(&oversized).unwrap();
+    let operation = wait_for_operation(&daemon, &id, "ended", |operation| {
+        operation["state"] != "running"
+    });
+    assert_eq!(operation["state"], "failed", "{operation}");
+    assert!(
+        operation["error"]
+            .as_str()
+            .unwrap()
+            .contains("over the limit"),
+        "{operation}"
+    );
+    daemon.banger_ok(&["vm", "delete", "once"]);
+    daemon.banger_ok(&["vm", "delete", "plain", "--force"]);
+    daemon.assert_no_leaks();
+}
+
+/// Where `upload_helper_run_as_another_user` finds its socket and operation.
+const HELPER_SOCKET: &str = "BANGER_TEST_UPLOAD_SOCKET";
+const HELPER_OPERATION: &str = "BANGER_TEST_UPLOAD_OPERATION";
+const HELPER_MARK: &str = "upload-answer: ";
+
+/// Does nothing in a normal run. `an_upload_from_another_user_is_refused`
+/// runs this test binary again, as another user, with these variables set:
+/// it then calls `vm.workspace.upload` from there and prints the answer.
+#[test]
+fn upload_helper_run_as_another_user() {
+    let (Some(socket), Ok(operation)) = (
+        std::env::var_os(HELPER_SOCKET),
+        std::env::var(HELPER_OPERATION),
+    ) else {
+        return;
+    };
+    let (_, answer) = RawConnection::call(
+        Path::new(&socket),
+        "vm.workspace.upload",
+        &serde_json::json!({"operation_id": operation}),
+    );
+    println!("{HELPER_MARK}{answer}");
+}
+
+#[test]
+fn an_upload_from_another_user_is_refused() {
+    if !banger_testkit::test_daemon::require_root("an_upload_from_another_user_is_refused") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut daemon = TestDaemon::new(&[]);
+    daemon.with_agent();
+    // Members of `nogroup` may use the daemon: uid 65534 gets past the
+    // access check and reaches the upload's own.
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(
+        &daemon.config,
+        format!("{config}\n[access]\ngroup = \"nogroup\"\n"),
+    )
+    .unwrap();
+    daemon.start();
+    daemon.import_fixtures();
+    let dest = daemon.dir.path().join("owner/guest/repo");
+    let id = create_with_workspace(&daemon, "mine", &dest);
+
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "upload_helper_run_as_another_user",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_SOCKET, &daemon.socket)
+        .env(HELPER_OPERATION, &id)
+        .uid(65_534)
+        .gid(65_534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let answer: serde_json::Value = stdout
+        .lines()
+        .find_map(|line| line.split_once(HELPER_MARK).map(|(_, answer)| answer))
+        .map(|line| serde_json::from_str(line).unwrap())
+        .unwrap_or_else(|| {
+            panic!(
+                "the helper printed no answer: {stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    assert_eq!(answer["error"]["data"]["kind"], "not_allowed", "{answer}");
+
+    // The creator's own upload is still possible; hanging up fails the create.
+    let (upload, answer) = RawConnection::call(
+        &daemon.socket,
+        "vm.workspace.upload",
+        &serde_json::json!({"operation_id": id}),
+    );
+    assert!(answer["result"].is_object(), "{answer}");
+    drop(upload);
+    wait_for_operation(&daemon, &id, "ended", |operation| {
+        operation["state"] != "running"
+    });
+    daemon.banger_ok(&["vm", "delete", "mine"]);
+    daemon.assert_no_leaks();
+}

@@ -200,9 +200,14 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
         });
     }
     // A workspace that cannot be sent is refused before there is a VM.
-    if let Some(path) = &args.workspace {
-        super::workspace::check_source(path)?;
-    }
+    let workspace = match &args.workspace {
+        Some(path) => {
+            let plan = super::workspace::create_plan(path).await?;
+            let spec = super::workspace::create_spec(&plan, &args.workspace_dest)?;
+            Some((plan, spec))
+        }
+        None => None,
+    };
     let started = Instant::now();
     // Catch Ctrl-C before the operation exists: one pressed during the
     // `vm.create` call is then seen by `follow` and cancels the operation
@@ -222,6 +227,7 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
                 no_start: args.no_start,
                 backend: args.backend,
                 work_disk: args.work_disk,
+                workspace: workspace.as_ref().map(|(_, spec)| spec.clone()),
             },
         )
         .await?;
@@ -229,41 +235,32 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
         .await?
         .watch(&created.operation_id)
         .await?;
-    let Some(workspace) = args.workspace else {
-        return follow(
-            socket,
-            printer,
-            args.json,
-            watch,
-            interrupts,
-            &created.operation_id,
-            started,
-        )
-        .await;
-    };
-    let (mut view, done) = watch_until_done(
+    // The `workspace` stage waits for this upload; the operation's frames
+    // say how it goes, and a Ctrl-C cancels the operation (and so the stage).
+    let upload = workspace.map(|(plan, _)| {
+        tokio::spawn(super::workspace::create_upload(
+            socket.to_owned(),
+            created.operation_id.clone(),
+            plan,
+        ))
+    });
+    let followed = follow(
         socket,
         printer,
         args.json,
         watch,
         interrupts,
         &created.operation_id,
+        started,
     )
-    .await?;
-    if let StreamFrame::Done { vm: Some(vm), .. } = &done {
-        super::workspace::create_stage(
-            socket,
-            &mut view,
-            &created.operation_id,
-            vm,
-            &workspace,
-            &args.workspace_dest,
-        )
-        .await?;
+    .await;
+    if let Some(upload) = upload {
+        // Done or failed by now as far as the operation is concerned; stop
+        // its packing before leaving.
+        upload.abort();
+        let _ = upload.await;
     }
-    view.clear();
-    report_done(printer, args.json, &done, started);
-    Ok(())
+    followed
 }
 
 /// Renders an operation's frames until it ends; Ctrl-C cancels it (a second

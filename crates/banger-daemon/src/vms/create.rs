@@ -6,7 +6,8 @@
 //!    only a check until the pulls end), and starts the operation.
 //! 2. The pulls run as stages (`pull image`, `pull kernel`).
 //! 3. [`VmService::plan`] lists the steps for this create; each runs as the
-//!    stage it names (some capability prepares run silently) and, when it
+//!    stage it names (some capability prepares run silently; a
+//!    [`GuestStage`] such as the workspace copy reports itself) and, when it
 //!    made something, leaves an [`Undo`].
 //! 4. On failure or cancellation the undos run once each, newest first, and
 //!    each stage that had one is reported rolled back; a cancelled create (or
@@ -16,6 +17,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use async_trait::async_trait;
+use banger_agent_proto::client::AgentClient;
 use banger_catalog::{ImageEntry, KernelEntry};
 use banger_disk::clone::{CloneError, CloneRequest, RootDisk};
 use banger_proto::{
@@ -45,7 +48,32 @@ struct CreateInputs {
     /// Whether the VM row exists yet (it waits for pulls).
     inserted: bool,
     options: CreateOptions,
+    /// Another service's work in the guest (the workspace copy).
+    guest_stage: Option<Box<dyn GuestStage>>,
 }
+
+/// Work another service does in the guest as a stage of create, after the
+/// capabilities' after-boot work (the workspace copy: `WorkspaceService`).
+/// A seam the VM service defines; the stage reports its own stage events.
+#[async_trait]
+pub trait GuestStage: Send {
+    /// The create's operation exists: the stage may accept what it waits
+    /// for under that id (the caller's upload).
+    fn bind(&mut self, operation_id: &str);
+
+    /// Runs the stage. `agent` resolves to the guest agent's connection,
+    /// waited for inside the stage.
+    async fn run(
+        self: Box<Self>,
+        operation: &LiveOperation,
+        vm: &Vm,
+        agent: AgentWait<'_>,
+    ) -> DaemonResult<()>;
+}
+
+/// The guest agent's connection, as a future a [`GuestStage`] awaits.
+pub type AgentWait<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = DaemonResult<AgentClient>> + Send + 'a>>;
 
 /// One step of create, in the order [`VmService::plan`] lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +90,8 @@ pub(super) enum Step {
     Boot,
     /// Capability `n`'s after-boot work (`agent ready`).
     AfterBoot(usize),
+    /// The create's [`GuestStage`] (`workspace`), which reports itself.
+    Guest,
     /// The VM is what was asked for: running, or stopped with `--no-start`.
     Ready,
 }
@@ -75,6 +105,7 @@ struct CreateRun<'a> {
     options: &'a CreateOptions,
     root_disk: Option<RootDisk>,
     vmm: Option<VmmHandle>,
+    guest_stage: Option<Box<dyn GuestStage>>,
 }
 
 /// What a finished step reports and leaves for rollback.
@@ -87,7 +118,11 @@ struct StepDone {
 impl VmService {
     /// Validates, reserves the name (a `creating` row), and starts the create
     /// operation in the background.
-    pub async fn create(self: &Arc<Self>, params: CreateVmParams) -> DaemonResult<CreateVmResult> {
+    pub async fn create(
+        self: &Arc<Self>,
+        params: CreateVmParams,
+        mut guest_stage: Option<Box<dyn GuestStage>>,
+    ) -> DaemonResult<CreateVmResult> {
         validate_vm_name(&params.name)
             .map_err(|error| DaemonError::invalid_params(error.to_string()))?;
         let vcpus = params.vcpus.unwrap_or(self.config.vm.vcpus);
@@ -179,11 +214,15 @@ impl VmService {
             operation_id: operation.id.clone(),
             vm_id: vm.id.clone(),
         };
+        if let Some(stage) = guest_stage.as_mut() {
+            stage.bind(&operation.id);
+        }
         let inputs = CreateInputs {
             image,
             kernel,
             inserted,
             options,
+            guest_stage,
         };
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -255,6 +294,7 @@ impl VmService {
                 options: &inputs.options,
                 root_disk: None,
                 vmm: None,
+                guest_stage: inputs.guest_stage,
             };
             self.run_steps(&mut run, &mut undo).await
         }
@@ -299,7 +339,7 @@ impl VmService {
     /// The create steps for these choices, in order: the root disk, every
     /// capability's prepare, the VMM and boot, every capability's
     /// after-boot work, ready.
-    pub(super) fn plan(&self, options: &CreateOptions) -> Vec<Step> {
+    pub(super) fn plan(&self, options: &CreateOptions, has_guest_stage: bool) -> Vec<Step> {
         let mut steps = vec![Step::ResolveImage, Step::CloneRootDisk];
         steps.extend((0..self.capabilities.len()).map(Step::Prepare));
         if !options.no_start {
@@ -311,13 +351,16 @@ impl VmService {
                     .filter(|(_, capability)| capability.after_boot_stage().is_some())
                     .map(|(index, _)| Step::AfterBoot(index)),
             );
+            if has_guest_stage {
+                steps.push(Step::Guest);
+            }
         }
         steps.push(Step::Ready);
         steps
     }
 
     /// The stage a step reports as; `None` for a capability prepare that
-    /// runs silently.
+    /// runs silently and for the guest stage, which reports itself.
     fn stage_of(&self, step: Step, options: &CreateOptions) -> Option<&'static str> {
         match step {
             Step::ResolveImage => Some("resolve image"),
@@ -326,6 +369,7 @@ impl VmService {
             Step::StartVmm => Some("start vmm"),
             Step::Boot => Some("boot"),
             Step::AfterBoot(index) => self.capabilities[index].after_boot_stage(),
+            Step::Guest => None,
             Step::Ready => Some("ready"),
         }
     }
@@ -337,7 +381,7 @@ impl VmService {
         run: &mut CreateRun<'_>,
         undo: &mut Vec<(Option<&'static str>, Undo)>,
     ) -> DaemonResult<()> {
-        for step in self.plan(run.options) {
+        for step in self.plan(run.options, run.guest_stage.is_some()) {
             let operation = run.operation;
             let stage_name = self.stage_of(step, run.options);
             let done = match stage_name {
@@ -435,6 +479,20 @@ impl VmService {
                     () = cancellation.cancelled() => return Err(run.operation.cancelled_error()),
                 };
                 Ok(StepDone { detail, undo: None })
+            }
+            Step::Guest => {
+                let handle = running_vmm(run)?;
+                let Some(stage) = run.guest_stage.take() else {
+                    return Ok(StepDone::default());
+                };
+                stage
+                    .run(
+                        run.operation,
+                        run.vm,
+                        Box::pin(self.agent_of(run.vm, &handle)),
+                    )
+                    .await?;
+                Ok(StepDone::default())
             }
             Step::Ready => {
                 if run.options.no_start {

@@ -12,14 +12,16 @@ use banger_store::Store;
 use banger_vmm::process::ProcessHandle;
 use banger_vmm::{AgentEndpoint, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, VsockSpec};
 
-use super::{VmService, VmServiceParts};
+use super::{AgentWait, GuestStage, VmService, VmServiceParts};
 use crate::agents::Agents;
 use crate::backends::Backends;
 use crate::capabilities::recording::{Journal, RecordingCapability};
 use crate::capabilities::{Capabilities, Capability};
 use crate::catalog::CatalogService;
 use crate::config::Config;
+use crate::error::DaemonResult;
 use crate::images::ImageService;
+use crate::operations::LiveOperation;
 use crate::operations::OperationRegistry;
 use crate::paths::StatePaths;
 
@@ -110,6 +112,28 @@ impl Vmm for FakeVmm {
         _pid: u32,
     ) -> Result<Option<VmmHandle>, VmmError> {
         Ok(None)
+    }
+}
+
+/// A guest stage that records its calls (and never needs the agent).
+struct RecordingGuestStage {
+    journal: Journal,
+}
+
+#[async_trait]
+impl GuestStage for RecordingGuestStage {
+    fn bind(&mut self, _operation_id: &str) {
+        self.journal.push("guest.bind".to_owned());
+    }
+
+    async fn run(
+        self: Box<Self>,
+        _operation: &LiveOperation,
+        vm: &banger_proto::Vm,
+        _agent: AgentWait<'_>,
+    ) -> DaemonResult<()> {
+        self.journal.push(format!("guest.run {}", vm.state));
+        Ok(())
     }
 }
 
@@ -208,18 +232,30 @@ fn fixture() -> Fixture {
 impl Fixture {
     /// Creates VM `name` and waits for the operation to end.
     async fn create(&self, name: &str) -> banger_proto::Operation {
+        self.create_with(name, None).await
+    }
+
+    async fn create_with(
+        &self,
+        name: &str,
+        guest_stage: Option<Box<dyn GuestStage>>,
+    ) -> banger_proto::Operation {
         let started = self
             .vms
-            .create(CreateVmParams {
-                name: name.to_owned(),
-                image: Some("image".to_owned()),
-                kernel: Some("kernel".to_owned()),
-                vcpus: None,
-                memory_mib: None,
-                no_start: false,
-                backend: None,
-                work_disk: None,
-            })
+            .create(
+                CreateVmParams {
+                    name: name.to_owned(),
+                    image: Some("image".to_owned()),
+                    kernel: Some("kernel".to_owned()),
+                    vcpus: None,
+                    memory_mib: None,
+                    no_start: false,
+                    backend: None,
+                    work_disk: None,
+                    workspace: None,
+                },
+                guest_stage,
+            )
             .await
             .unwrap();
         for _ in 0..1000 {
@@ -352,11 +388,17 @@ async fn a_failure_at_each_step_undoes_the_steps_before_it_newest_first() {
 #[tokio::test]
 async fn a_create_runs_every_hook_in_list_order_and_delete_runs_them_backwards() {
     let fixture = fixture();
-    let operation = fixture.create("works").await;
+    let guest_stage = RecordingGuestStage {
+        journal: fixture.journal.clone(),
+    };
+    let operation = fixture
+        .create_with("works", Some(Box::new(guest_stage)))
+        .await;
     assert_eq!(operation.state, OperationState::Succeeded);
     assert_eq!(
         fixture.journal.entries(),
         strings(&[
+            "guest.bind",
             "first.prepare",
             "second.prepare",
             "first.launch",
@@ -364,6 +406,7 @@ async fn a_create_runs_every_hook_in_list_order_and_delete_runs_them_backwards()
             "vmm.spawn",
             "vmm.boot",
             "second.after_boot",
+            "guest.run running",
         ])
     );
     // Stages: the capabilities' own, the after-boot one, in order.

@@ -43,6 +43,7 @@ use crate::operations::OperationRegistry;
 use crate::paths::StatePaths;
 use banger_disk::clone::CloneStrategy;
 
+pub use create::{AgentWait, GuestStage};
 pub use reconcile::ReconcileReport;
 use state::{Decision, Refusal, Request};
 
@@ -240,6 +241,25 @@ impl VmService {
         let endpoint = self.backends.agent_endpoint(&vm)?;
         let client = self.agents.client(&vm.id, &vm.name, &endpoint).await?;
         Ok((vm, client))
+    }
+
+    /// The agent of a VM whose VMM `handle` runs: the kept connection, or
+    /// one waited for as `agent ready` does (within `[agent]
+    /// ready_timeout_seconds`, giving up if the VMM exits).
+    async fn agent_of(&self, vm: &Vm, handle: &VmmHandle) -> DaemonResult<AgentClient> {
+        let endpoint = self.backends.agent_endpoint(vm)?;
+        let console = std::path::Path::new(&vm.dir).join(banger_vmm::CONSOLE_LOG_FILE);
+        self.agents
+            .wait_ready(
+                &vm.id,
+                &endpoint,
+                &console,
+                self.config.agent.ready_timeout(),
+                async {
+                    handle.wait_exit().await;
+                },
+            )
+            .await
     }
 
     /// The guest's and the VMM process's resource use.
