@@ -192,7 +192,15 @@ async fn handle_connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::
             let id = id.unwrap_or(Value::Null);
             return daemon
                 .workspace
-                .serve(call, &daemon.vms, peer, request.params, id, reader, write)
+                .serve(
+                    call,
+                    daemon.vms.as_ref(),
+                    peer,
+                    request.params,
+                    id,
+                    reader,
+                    write,
+                )
                 .await;
         }
         // ---- end workspace service ----

@@ -70,6 +70,21 @@ use crate::error::{DaemonError, DaemonResult};
 use crate::operations::{LiveOperation, Stage};
 use crate::vms::{AgentWait, GuestStage, VmService};
 
+/// The running guests a workspace call reaches: a seam the workspace service
+/// defines, which the VM service implements.
+#[async_trait::async_trait]
+pub trait Guests: Send + Sync {
+    /// A running VM (by name or id prefix) and its agent connection.
+    async fn agent(&self, reference: &str) -> DaemonResult<(Vm, AgentClient)>;
+}
+
+#[async_trait::async_trait]
+impl Guests for VmService {
+    async fn agent(&self, reference: &str) -> DaemonResult<(Vm, AgentClient)> {
+        VmService::agent(self, reference).await
+    }
+}
+
 /// How long the `workspace` stage waits for its upload to arrive.
 pub const UPLOAD_WAIT: Duration = Duration::from_secs(60);
 /// How long an upload may pause between frames, or an export's reader
@@ -168,7 +183,7 @@ impl WorkspaceService {
     pub async fn serve<R, W>(
         &self,
         call: Call,
-        vms: &VmService,
+        vms: &dyn Guests,
         peer: Peer,
         params: Option<Value>,
         id: Value,
@@ -193,7 +208,7 @@ impl WorkspaceService {
 
     async fn serve_prepare(
         &self,
-        vms: &VmService,
+        vms: &dyn Guests,
         params: Option<Value>,
         id: Value,
         mut connection: Connection,
@@ -310,7 +325,7 @@ impl WorkspaceService {
 
     async fn serve_export(
         &self,
-        vms: &VmService,
+        vms: &dyn Guests,
         params: Option<Value>,
         id: Value,
         mut connection: Connection,
