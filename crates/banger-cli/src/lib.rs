@@ -43,17 +43,9 @@ impl CliError {
 
 impl From<ClientError> for CliError {
     fn from(error: ClientError) -> Self {
-        let hint = error.hint();
-        let mut message = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
         Self {
-            message,
-            hint,
+            message: banger_proto::error_chain(&error),
+            hint: error.hint(),
             exit_code: 1,
         }
     }

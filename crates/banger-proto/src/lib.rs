@@ -15,6 +15,7 @@
 //! Nothing in this crate performs I/O.
 
 pub mod agent;
+mod chain;
 pub mod image;
 pub mod jsonrpc;
 pub mod method;
@@ -23,6 +24,7 @@ pub mod operation;
 pub mod status;
 pub mod vm;
 
+pub use chain::error_chain;
 pub use image::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
 pub use jsonrpc::{ErrorData, ErrorKind, Request, Response, RpcError};
 pub use name::{validate_vm_name, NameError};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use banger_agent::client::{AgentClient, ExecSession};
 use banger_proto::agent::{AuthSyncRequest, ExecRequest, WindowSize};
-use banger_proto::{method, Vm, VmRef, VmStats};
+use banger_proto::{error_chain, method, Vm, VmRef, VmStats};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
@@ -21,17 +21,6 @@ use crate::{CliError, CliResult};
 
 fn agent_error(vm: &str, error: banger_agent::client::ClientError) -> CliError {
     CliError::new(format!("VM `{vm}`: {}", error_chain(&error)))
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 async fn connect(socket: &Path, vm: &str) -> CliResult<AgentClient> {

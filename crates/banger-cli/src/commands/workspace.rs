@@ -74,14 +74,7 @@ pub async fn run(socket: &Path, printer: Printer, command: WorkspaceCommand) -> 
 // ---- errors and small helpers ----
 
 fn guest_error(vm: &str, error: &ClientError) -> CliError {
-    let mut text = format!("VM `{vm}`: {error}");
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    CliError::new(text)
+    CliError::new(format!("VM `{vm}`: {}", banger_proto::error_chain(error)))
 }
 
 /// Git's complaint on one line.
