@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
+use banger_proto::method::{self, NoParams};
 use banger_proto::status::{CheckStatus, DoctorReport};
-use banger_proto::{method, DaemonStatus};
 
 use crate::args::DaemonCommand;
 use crate::client::Client;
@@ -13,9 +13,9 @@ use crate::{CliError, CliResult};
 pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> CliResult {
     match command {
         DaemonCommand::Status(flag) => {
-            let status: DaemonStatus = Client::connect(socket)
+            let status = Client::connect(socket)
                 .await?
-                .call(method::DAEMON_STATUS, serde_json::json!({}))
+                .call::<method::DaemonStatus>(NoParams)
                 .await?;
             if flag.json {
                 printer.json(&status);
@@ -58,7 +58,7 @@ pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> Cli
 pub async fn doctor(socket: &Path, printer: Printer, json: bool) -> CliResult {
     let report: DoctorReport = Client::connect(socket)
         .await?
-        .call(method::DAEMON_DOCTOR, serde_json::json!({}))
+        .call::<method::DaemonDoctor>(NoParams)
         .await?;
     if json {
         printer.json(&report);

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use banger_agent::client::{AgentClient, ExecSession};
 use banger_proto::agent::{AuthSyncRequest, ExecRequest, WindowSize};
-use banger_proto::{error_chain, method, Vm, VmRef, VmStats};
+use banger_proto::{error_chain, method, Vm, VmRef};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
@@ -578,12 +578,9 @@ async fn pin_host_keys(
 async fn vm_of(socket: &Path, reference: &str) -> CliResult<Vm> {
     Ok(Client::connect(socket)
         .await?
-        .call(
-            method::VM_SHOW,
-            VmRef {
-                vm: reference.to_owned(),
-            },
-        )
+        .call::<method::VmShow>(VmRef {
+            vm: reference.to_owned(),
+        })
         .await?)
 }
 
@@ -685,14 +682,11 @@ pub fn ssh_config(printer: Printer) -> CliResult {
 // ---- stats ----
 
 pub async fn stats(socket: &Path, printer: Printer, reference: &str, json: bool) -> CliResult {
-    let stats: VmStats = Client::connect(socket)
+    let stats = Client::connect(socket)
         .await?
-        .call(
-            method::VM_STATS,
-            VmRef {
-                vm: reference.to_owned(),
-            },
-        )
+        .call::<method::VmStats>(VmRef {
+            vm: reference.to_owned(),
+        })
         .await?;
     if json {
         printer.json(&stats);

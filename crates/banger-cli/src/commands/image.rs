@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use banger_proto::image::{OperationStarted, PullParams};
-use banger_proto::method;
-use banger_proto::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
+use banger_proto::method::{self, Method, NoParams};
+use banger_proto::{ImportImageParams, ImportKernelParams, RemoveParams};
 
 use crate::args::{ImageCommand, KernelCommand};
 use crate::client::Client;
@@ -22,10 +22,9 @@ pub fn absolute(path: &Path) -> CliResult<String> {
 }
 
 /// Starts a pull and follows it like `vm create` (Ctrl-C cancels).
-async fn pull(
+async fn pull<M: Method<Params = PullParams, Result = OperationStarted>>(
     socket: &Path,
     printer: Printer,
-    method_name: &str,
     name: String,
     version: Option<String>,
     json: bool,
@@ -33,9 +32,9 @@ async fn pull(
     let started = std::time::Instant::now();
     let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
-    let pull: OperationStarted = Client::connect(socket)
+    let pull = Client::connect(socket)
         .await?
-        .call(method_name, PullParams { name, version })
+        .call::<M>(PullParams { name, version })
         .await?;
     let watch = Client::connect(socket)
         .await?
@@ -64,7 +63,7 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
         json,
     } = command
     {
-        return pull(socket, printer, method::IMAGE_PULL, name, version, json).await;
+        return pull::<method::ImagePull>(socket, printer, name, version, json).await;
     }
     let mut client = Client::connect(socket).await?;
     match command {
@@ -72,8 +71,8 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
         ImageCommand::Import { name, file, json } => {
             let path = absolute(&file)?;
             printer.message(&format!("importing {path} as image {name}…"));
-            let image: Image = client
-                .call(method::IMAGE_IMPORT, ImportImageParams { name, path })
+            let image = client
+                .call::<method::ImageImport>(ImportImageParams { name, path })
                 .await?;
             if json.json {
                 printer.json(&image);
@@ -87,9 +86,7 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
             }
         }
         ImageCommand::List(flag) => {
-            let images: Vec<Image> = client
-                .call(method::IMAGE_LIST, serde_json::json!({}))
-                .await?;
+            let images = client.call::<method::ImageList>(NoParams).await?;
             if flag.json {
                 printer.json(&images);
             } else {
@@ -112,8 +109,8 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
             }
         }
         ImageCommand::Show { name, json } => {
-            let image: Image = client
-                .call(method::IMAGE_SHOW, RemoveParams { name })
+            let image = client
+                .call::<method::ImageShow>(RemoveParams { name })
                 .await?;
             if json.json {
                 printer.json(&image);
@@ -125,8 +122,8 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
             }
         }
         ImageCommand::Rm { name } => {
-            let image: Image = client
-                .call(method::IMAGE_REMOVE, RemoveParams { name })
+            let image = client
+                .call::<method::ImageRemove>(RemoveParams { name })
                 .await?;
             printer.message(&format!("removed image {}", image.name));
         }
@@ -145,7 +142,7 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
         json,
     } = command
     {
-        return pull(socket, printer, method::KERNEL_PULL, name, version, json).await;
+        return pull::<method::KernelPull>(socket, printer, name, version, json).await;
     }
     let mut client = Client::connect(socket).await?;
     match command {
@@ -171,17 +168,14 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
                 }
                 other => other,
             };
-            let kernel: Kernel = client
-                .call(
-                    method::KERNEL_IMPORT,
-                    ImportKernelParams {
-                        name,
-                        path,
-                        initrd,
-                        cmdline,
-                        from_debian,
-                    },
-                )
+            let kernel = client
+                .call::<method::KernelImport>(ImportKernelParams {
+                    name,
+                    path,
+                    initrd,
+                    cmdline,
+                    from_debian,
+                })
                 .await?;
             if json.json {
                 printer.json(&kernel);
@@ -190,9 +184,7 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
             }
         }
         KernelCommand::List(flag) => {
-            let kernels: Vec<Kernel> = client
-                .call(method::KERNEL_LIST, serde_json::json!({}))
-                .await?;
+            let kernels = client.call::<method::KernelList>(NoParams).await?;
             if flag.json {
                 printer.json(&kernels);
             } else {
@@ -216,8 +208,8 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
             }
         }
         KernelCommand::Show { name, json } => {
-            let kernel: Kernel = client
-                .call(method::KERNEL_SHOW, RemoveParams { name })
+            let kernel = client
+                .call::<method::KernelShow>(RemoveParams { name })
                 .await?;
             if json.json {
                 printer.json(&kernel);
@@ -235,8 +227,8 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
             }
         }
         KernelCommand::Rm { name } => {
-            let kernel: Kernel = client
-                .call(method::KERNEL_REMOVE, RemoveParams { name })
+            let kernel = client
+                .call::<method::KernelRemove>(RemoveParams { name })
                 .await?;
             printer.message(&format!("removed kernel {}", kernel.name));
         }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use banger_proto::method;
+use banger_proto::method::{self, Method, NoParams};
 use banger_proto::{
     CreateVmParams, CreateVmResult, DeleteVmParams, OperationRef, OperationState, SetVmParams,
     StageEvent, StageStatus, StopVmParams, StreamFrame, Vm, VmRef,
@@ -29,9 +29,9 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
         VmCommand::Create(args) => create(socket, printer, args).await,
         VmCommand::Workspace(command) => super::workspace::run(socket, printer, command).await,
         VmCommand::List(flag) => {
-            let vms: Vec<Vm> = Client::connect(socket)
+            let vms = Client::connect(socket)
                 .await?
-                .call(method::VM_LIST, serde_json::json!({}))
+                .call::<method::VmList>(NoParams)
                 .await?;
             if flag.json {
                 printer.json(&vms);
@@ -41,9 +41,9 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             Ok(())
         }
         VmCommand::Show { name, json } => {
-            let vm: Vm = Client::connect(socket)
+            let vm = Client::connect(socket)
                 .await?
-                .call(method::VM_SHOW, VmRef { vm: name.vm })
+                .call::<method::VmShow>(VmRef { vm: name.vm })
                 .await?;
             if json.json {
                 printer.json(&vm);
@@ -53,15 +53,15 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             Ok(())
         }
         VmCommand::Start { name, json } => {
-            let vm = call_vm(socket, method::VM_START, VmRef { vm: name.vm }).await?;
+            let vm = call_vm::<method::VmStart>(socket, VmRef { vm: name.vm }).await?;
             report(printer, json.json, &vm, "started")
         }
         VmCommand::Stop { name, force, json } => {
-            let vm = call_vm(socket, method::VM_STOP, StopVmParams { vm: name.vm, force }).await?;
+            let vm = call_vm::<method::VmStop>(socket, StopVmParams { vm: name.vm, force }).await?;
             report(printer, json.json, &vm, "stopped")
         }
         VmCommand::Restart { name, json } => {
-            let vm = call_vm(socket, method::VM_RESTART, VmRef { vm: name.vm }).await?;
+            let vm = call_vm::<method::VmRestart>(socket, VmRef { vm: name.vm }).await?;
             report(printer, json.json, &vm, "restarted")
         }
         VmCommand::Delete {
@@ -70,9 +70,8 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             keep_work_disk,
             json,
         } => {
-            let vm = call_vm(
+            let vm = call_vm::<method::VmDelete>(
                 socket,
-                method::VM_DELETE,
                 DeleteVmParams {
                     vm: name.vm,
                     force,
@@ -89,9 +88,8 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             disk_size,
             json,
         }) => {
-            let vm = call_vm(
+            let vm = call_vm::<method::VmSet>(
                 socket,
-                method::VM_SET,
                 SetVmParams {
                     vm: name.vm,
                     vcpus,
@@ -105,11 +103,9 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
     }
 }
 
-async fn call_vm(socket: &Path, method_name: &str, params: impl serde::Serialize) -> CliResult<Vm> {
-    Ok(Client::connect(socket)
-        .await?
-        .call(method_name, params)
-        .await?)
+/// Calls a method that answers with the VM it acted on.
+async fn call_vm<M: Method<Result = Vm>>(socket: &Path, params: M::Params) -> CliResult<Vm> {
+    Ok(Client::connect(socket).await?.call::<M>(params).await?)
 }
 
 fn report(printer: Printer, json: bool, vm: &Vm, verb: &str) -> CliResult {
@@ -211,19 +207,16 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
         .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
     let mut client = Client::connect(socket).await?;
     let created: CreateVmResult = client
-        .call(
-            method::VM_CREATE,
-            CreateVmParams {
-                name: name.clone(),
-                image: args.image,
-                kernel: args.kernel,
-                vcpus: args.vcpus,
-                memory_mib: args.memory_mib,
-                no_start: args.no_start,
-                backend: args.backend,
-                work_disk: args.work_disk,
-            },
-        )
+        .call::<method::VmCreate>(CreateVmParams {
+            name: name.clone(),
+            image: args.image,
+            kernel: args.kernel,
+            vcpus: args.vcpus,
+            memory_mib: args.memory_mib,
+            no_start: args.no_start,
+            backend: args.backend,
+            work_disk: args.work_disk,
+        })
         .await?;
     let watch = Client::connect(socket)
         .await?
@@ -367,8 +360,8 @@ async fn watch_until_done(
                 cancelling = true;
                 printer.message("cancelling… (Ctrl-C again to stop waiting)");
                 let mut client = Client::connect(socket).await?;
-                let cancelled: Result<serde_json::Value, _> = client
-                    .call(method::OPERATION_CANCEL, OperationRef { id: operation_id.to_owned() })
+                let cancelled = client
+                    .call::<method::OperationCancel>(OperationRef { id: operation_id.to_owned() })
                     .await;
                 if let Err(error) = cancelled {
                     printer.message(&format!("cancel failed: {error}"));
