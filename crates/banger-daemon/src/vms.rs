@@ -248,8 +248,7 @@ impl VmService {
                 },
             )?),
         };
-        let backend_name = params.backend.as_deref().unwrap_or(self.backends.default);
-        self.backends.get(backend_name)?;
+        let backend = params.backend.unwrap_or(self.backends.default);
         let kernel_name = params.kernel.as_deref().unwrap_or(&self.config.vm.kernel);
         let kernel = match self.store.find_kernel(kernel_name)? {
             Some(kernel) => Artifact::Local(kernel),
@@ -272,7 +271,7 @@ impl VmService {
             state: VmState::Creating,
             image: image_name.to_owned(),
             kernel: kernel_name.to_owned(),
-            backend: self.backends.get(backend_name)?.backend().to_owned(),
+            backend,
             vcpus,
             memory_mib,
             disk_bytes: match &image {
@@ -560,7 +559,7 @@ impl VmService {
     fn agent_endpoint(&self, vm: &Vm) -> DaemonResult<AgentEndpoint> {
         Ok(self
             .backends
-            .get(&vm.backend)?
+            .get(vm.backend)
             .agent_endpoint(Path::new(&vm.dir))
             .0)
     }
@@ -733,7 +732,7 @@ impl VmService {
         attachment: Option<&Attachment>,
     ) -> DaemonResult<LaunchSpec> {
         let directory = PathBuf::from(&vm.dir);
-        let (_, vsock) = self.backends.get(&vm.backend)?.agent_endpoint(&directory);
+        let (_, vsock) = self.backends.get(vm.backend).agent_endpoint(&directory);
         Ok(LaunchSpec {
             vm_id: vm.id.clone(),
             vm_name: vm.name.clone(),
@@ -776,7 +775,7 @@ impl VmService {
         let spec = self.launch_spec(vm, kernel, root_disk, attachment)?;
         let handle = self
             .backends
-            .get(&vm.backend)?
+            .get(vm.backend)
             .spawn(&spec)
             .await
             .map_err(|error| DaemonError::failed("Failed to start the VMM", error))?;
@@ -1158,7 +1157,7 @@ impl VmService {
 
     async fn adopt(&self, vm: &Vm, directory: &Path, pid: u32) -> DaemonResult<Option<VmmHandle>> {
         self.backends
-            .get(&vm.backend)?
+            .get(vm.backend)
             .adopt(&vm.id, directory, pid)
             .await
             .map_err(|error| DaemonError::failed("Failed to check the VMM process", error))
@@ -1227,9 +1226,7 @@ impl VmService {
                     if let Some(handle) = adopted {
                         let _ = self.backends.of(&handle).kill(&handle).await;
                     }
-                    if let Ok(backend) = self.backends.get(&vm.backend) {
-                        backend.release(&directory);
-                    }
+                    self.backends.get(vm.backend).release(&directory);
                     vm.state = VmState::Stopped;
                     vm.pid = None;
                     vm.started_at = None;
@@ -1241,9 +1238,7 @@ impl VmService {
                     if let Some(handle) = adopted {
                         let _ = self.backends.of(&handle).kill(&handle).await;
                     }
-                    if let Ok(backend) = self.backends.get(&vm.backend) {
-                        backend.release(&directory);
-                    }
+                    self.backends.get(vm.backend).release(&directory);
                     vm.state = VmState::Crashed;
                     vm.pid = None;
                     vm.started_at = None;

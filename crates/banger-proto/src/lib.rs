@@ -18,6 +18,7 @@
 //! Nothing in this crate performs I/O.
 
 pub mod agent;
+pub mod backend;
 mod chain;
 pub mod image;
 pub mod jsonrpc;
@@ -27,6 +28,7 @@ pub mod operation;
 pub mod status;
 pub mod vm;
 
+pub use backend::{Backend, UnknownBackend};
 pub use chain::error_chain;
 pub use image::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
 pub use jsonrpc::{ErrorData, ErrorKind, Request, Response, RpcError};

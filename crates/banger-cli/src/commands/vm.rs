@@ -504,7 +504,7 @@ mod tests {
             state,
             image: "debian-12".into(),
             kernel: "6.1".into(),
-            backend: "firecracker".into(),
+            backend: banger_proto::Backend::Firecracker,
             vcpus: 2,
             memory_mib: 1024,
             disk_bytes: 4 << 30,
