@@ -7,10 +7,10 @@ use banger_proto::status::{CheckStatus, DoctorReport};
 
 use crate::args::DaemonCommand;
 use crate::client::Client;
+use crate::error::Exit;
 use crate::printer::Printer;
-use crate::{CliError, CliResult};
 
-pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> anyhow::Result<()> {
     match command {
         DaemonCommand::Status(flag) => {
             let status = Client::connect(socket)
@@ -55,7 +55,7 @@ pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> Cli
     }
 }
 
-pub async fn doctor(socket: &Path, printer: Printer, json: bool) -> CliResult {
+pub async fn doctor(socket: &Path, printer: Printer, json: bool) -> anyhow::Result<()> {
     let report: DoctorReport = Client::connect(socket)
         .await?
         .call::<method::DaemonDoctor>(NoParams)
@@ -76,11 +76,8 @@ pub async fn doctor(socket: &Path, printer: Printer, json: bool) -> CliResult {
         }
     }
     if report.worst() == CheckStatus::Fail {
-        return Err(CliError {
-            message: String::new(),
-            hint: None,
-            exit_code: 1,
-        });
+        // The report says what failed.
+        return Err(Exit(1).into());
     }
     Ok(())
 }

@@ -8,9 +8,8 @@ use banger_proto::{CreateDiskParams, RemoveParams, ResizeDiskParams, WorkDisk};
 use crate::args::DiskCommand;
 use crate::client::Client;
 use crate::printer::{table, Printer};
-use crate::CliResult;
 
-pub async fn run(socket: &Path, printer: Printer, command: DiskCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: DiskCommand) -> anyhow::Result<()> {
     let mut client = Client::connect(socket).await?;
     match command {
         DiskCommand::Create { name, size, json } => {
@@ -54,7 +53,7 @@ pub async fn run(socket: &Path, printer: Printer, command: DiskCommand) -> CliRe
     }
 }
 
-fn report(printer: Printer, json: bool, disk: &WorkDisk, done: &str) -> CliResult {
+fn report(printer: Printer, json: bool, disk: &WorkDisk, done: &str) -> anyhow::Result<()> {
     if json {
         printer.json(disk);
     } else {

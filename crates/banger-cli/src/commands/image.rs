@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use banger_proto::image::{OperationStarted, PullParams};
 use banger_proto::method::{self, Method, NoParams};
 use banger_proto::{ImportImageParams, ImportKernelParams, RemoveParams};
@@ -9,16 +10,15 @@ use banger_proto::{ImportImageParams, ImportKernelParams, RemoveParams};
 use crate::args::{ImageCommand, KernelCommand};
 use crate::client::Client;
 use crate::printer::{table, Printer};
-use crate::{CliError, CliResult};
 
 /// The daemon runs elsewhere (another cwd): send absolute, existing paths.
-pub fn absolute(path: &Path) -> CliResult<String> {
-    let absolute: PathBuf = std::fs::canonicalize(path)
-        .map_err(|error| CliError::new(format!("Cannot use {}: {error}", path.display())))?;
+pub fn absolute(path: &Path) -> anyhow::Result<String> {
+    let absolute: PathBuf =
+        std::fs::canonicalize(path).with_context(|| format!("Cannot use {}", path.display()))?;
     absolute
         .to_str()
         .map(str::to_owned)
-        .ok_or_else(|| CliError::new(format!("{} is not valid UTF-8", absolute.display())))
+        .with_context(|| format!("{} is not valid UTF-8", absolute.display()))
 }
 
 /// Starts a pull and follows it like `vm create` (Ctrl-C cancels).
@@ -28,10 +28,10 @@ async fn pull<M: Method<Params = PullParams, Result = OperationStarted>>(
     name: String,
     version: Option<String>,
     json: bool,
-) -> CliResult {
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
+        .context("Failed to handle Ctrl-C")?;
     let pull = Client::connect(socket)
         .await?
         .call::<M>(PullParams { name, version })
@@ -52,7 +52,11 @@ async fn pull<M: Method<Params = PullParams, Result = OperationStarted>>(
     .await
 }
 
-pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -> CliResult {
+pub async fn run_image(
+    socket: &Path,
+    printer: Printer,
+    command: ImageCommand,
+) -> anyhow::Result<()> {
     // Local mistakes (a missing file) are reported before the daemon is asked.
     if let ImageCommand::Import { file, .. } = &command {
         absolute(file)?;
@@ -131,7 +135,11 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
     Ok(())
 }
 
-pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand) -> CliResult {
+pub async fn run_kernel(
+    socket: &Path,
+    printer: Printer,
+    command: KernelCommand,
+) -> anyhow::Result<()> {
     if let KernelCommand::Import { file, initrd, .. } = &command {
         file.as_deref().map(absolute).transpose()?;
         initrd.as_deref().map(absolute).transpose()?;
@@ -241,12 +249,10 @@ mod tests {
     #[test]
     fn absolute_names_missing_paths() {
         let error = super::absolute(std::path::Path::new("/nonexistent/disk.ext4")).unwrap_err();
+        let message = banger_proto::error_chain(error.as_ref());
         assert!(
-            error
-                .message
-                .starts_with("Cannot use /nonexistent/disk.ext4"),
-            "{}",
-            error.message
+            message.starts_with("Cannot use /nonexistent/disk.ext4: No such file"),
+            "{message}"
         );
         let here = super::absolute(std::path::Path::new(".")).unwrap();
         assert!(here.starts_with('/'));

@@ -8,9 +8,8 @@ use banger_proto::{OperationParams, OperationRef};
 use crate::args::OperationCommand;
 use crate::client::Client;
 use crate::printer::{table, Printer};
-use crate::CliResult;
 
-pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> anyhow::Result<()> {
     let mut client = Client::connect(socket).await?;
     match command {
         OperationCommand::List(flag) => {

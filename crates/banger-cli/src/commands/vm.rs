@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context as _};
 use banger_proto::method::{self, Method, NoParams};
 use banger_proto::{
     CreateVmParams, CreateVmResult, DeleteVmParams, OperationRef, OperationState, SetVmParams,
@@ -13,10 +14,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressState, ProgressStyle};
 
 use crate::args::{CreateArgs, SetArgs, VmCommand};
 use crate::client::{Client, Watch};
+use crate::error::{Exit, Hint as _, UsageError};
 use crate::printer::{table, Printer};
-use crate::{CliError, CliResult};
 
-pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow::Result<()> {
     match command {
         VmCommand::Run(args) => super::guest::run(socket, args).await,
         VmCommand::Cp(args) => super::guest::cp(socket, printer, args).await,
@@ -104,11 +105,11 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
 }
 
 /// Calls a method that answers with the VM it acted on.
-async fn call_vm<M: Method<Result = Vm>>(socket: &Path, params: M::Params) -> CliResult<Vm> {
+async fn call_vm<M: Method<Result = Vm>>(socket: &Path, params: M::Params) -> anyhow::Result<Vm> {
     Ok(Client::connect(socket).await?.call::<M>(params).await?)
 }
 
-fn report(printer: Printer, json: bool, vm: &Vm, verb: &str) -> CliResult {
+fn report(printer: Printer, json: bool, vm: &Vm, verb: &str) -> anyhow::Result<()> {
     if json {
         printer.json(vm);
     } else if verb == "deleted" {
@@ -186,14 +187,11 @@ fn vm_details(vm: &Vm) -> String {
     lines.join("\n")
 }
 
-async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult {
+async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> anyhow::Result<()> {
     let name = args.name.unwrap_or_else(crate::names::random_name);
     if let Err(error) = banger_proto::validate_vm_name(&name) {
-        return Err(CliError {
-            message: error.to_string(),
-            hint: Some("VM names are DNS labels: lowercase letters, digits and `-`".into()),
-            exit_code: 2,
-        });
+        return Err(UsageError(error.to_string()))
+            .hint("VM names are DNS labels: lowercase letters, digits and `-`");
     }
     // A workspace that cannot be sent is refused before there is a VM.
     if let Some(path) = &args.workspace {
@@ -204,7 +202,7 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
     // `vm.create` call is then seen by `follow` and cancels the operation
     // instead of killing the CLI and leaving it unwatched.
     let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
+        .context("Failed to handle Ctrl-C")?;
     let mut client = Client::connect(socket).await?;
     let created: CreateVmResult = client
         .call::<method::VmCreate>(CreateVmParams {
@@ -269,7 +267,7 @@ pub(crate) async fn follow(
     interrupts: tokio::signal::unix::Signal,
     operation_id: &str,
     started: Instant,
-) -> CliResult {
+) -> anyhow::Result<()> {
     let (mut view, done) =
         watch_until_done(socket, printer, json, watch, interrupts, operation_id).await?;
     view.clear();
@@ -316,7 +314,7 @@ async fn watch_until_done(
     mut watch: Watch,
     mut interrupts: tokio::signal::unix::Signal,
     operation_id: &str,
-) -> CliResult<(StageView, StreamFrame)> {
+) -> anyhow::Result<(StageView, StreamFrame)> {
     let mut view = StageView::new(printer, json);
     let mut cancelling = false;
     loop {
@@ -337,13 +335,11 @@ async fn watch_until_done(
                     }
                     return match state {
                         OperationState::Succeeded => Ok((view, done)),
-                        OperationState::Cancelled => Err(CliError {
-                            message: String::new(),
-                            hint: None,
-                            exit_code: 130,
-                        })
-                        .inspect_err(|_| printer.message("cancelled; everything it made was removed")),
-                        OperationState::Failed | OperationState::Running => Err(CliError::new(
+                        OperationState::Cancelled => {
+                            printer.message("cancelled; everything it made was removed");
+                            Err(Exit(130).into())
+                        }
+                        OperationState::Failed | OperationState::Running => Err(anyhow::Error::msg(
                             operation
                                 .error
                                 .clone()
@@ -351,11 +347,11 @@ async fn watch_until_done(
                         )),
                     };
                 }
-                None => return Err(CliError::new("The daemon closed the operation stream early")),
+                None => bail!("The daemon closed the operation stream early"),
             },
             _ = interrupts.recv() => {
                 if cancelling {
-                    return Err(CliError { message: String::new(), hint: None, exit_code: 130 });
+                    return Err(Exit(130).into());
                 }
                 cancelling = true;
                 printer.message("cancelling… (Ctrl-C again to stop waiting)");

@@ -48,7 +48,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use banger_agent::client::{AgentClient, ClientError, ExecOutput};
+use anyhow::{anyhow, Context as _};
+use banger_agent::client::{AgentClient, ExecOutput};
 use banger_proto::agent::ExecRequest;
 use banger_proto::{StageEvent, StageStatus, Vm, VmState};
 use tokio::io::AsyncWriteExt;
@@ -56,15 +57,15 @@ use tokio::io::AsyncWriteExt;
 use super::vm::StageView;
 use crate::args::{WorkspaceCommand, WorkspaceExportArgs, WorkspacePrepareArgs};
 use crate::client::Client;
+use crate::error::{hinted, Hint as _, UsageError};
 use crate::printer::Printer;
-use crate::{CliError, CliResult};
 
 /// Where prepare records the commit the workspace was made from.
 const BASE_FILE: &str = ".git/banger-workspace-base";
 /// The stage name, as `vm create` shows it.
 const STAGE: &str = "workspace";
 
-pub async fn run(socket: &Path, printer: Printer, command: WorkspaceCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: WorkspaceCommand) -> anyhow::Result<()> {
     match command {
         WorkspaceCommand::Prepare(args) => prepare_command(socket, printer, args).await,
         WorkspaceCommand::Export(args) => export_command(socket, printer, args).await,
@@ -72,10 +73,6 @@ pub async fn run(socket: &Path, printer: Printer, command: WorkspaceCommand) -> 
 }
 
 // ---- errors and small helpers ----
-
-fn guest_error(vm: &str, error: &ClientError) -> CliError {
-    CliError::new(format!("VM `{vm}`: {}", banger_proto::error_chain(error)))
-}
 
 /// Git's complaint on one line.
 fn one_line(stderr: &[u8]) -> String {
@@ -93,7 +90,7 @@ fn one_line(stderr: &[u8]) -> String {
 }
 
 /// A guest directory: absolute, no `..`, not `/`; trailing slashes dropped.
-fn check_dest(dest: &str) -> CliResult<String> {
+fn check_dest(dest: &str) -> anyhow::Result<String> {
     let trimmed = dest.trim_end_matches('/');
     let path = Path::new(trimmed);
     let valid = path.is_absolute()
@@ -104,9 +101,7 @@ fn check_dest(dest: &str) -> CliResult<String> {
     if valid {
         Ok(trimmed.to_owned())
     } else {
-        Err(CliError::new(format!(
-            "Invalid workspace directory `{dest}`: it must be an absolute guest path below `/`, without `..`"
-        )))
+        Err(anyhow!("Invalid workspace directory `{dest}`: it must be an absolute guest path below `/`, without `..`"))
     }
 }
 
@@ -133,24 +128,26 @@ fn git(dir: &Path) -> Command {
     command
 }
 
-fn run_git(dir: &Path, args: &[&str]) -> CliResult<std::process::Output> {
-    git(dir).args(args).output().map_err(|error| {
-        CliError::new(format!("Cannot run git: {error}")).with_hint("install git (apt install git)")
-    })
+fn run_git(dir: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    git(dir)
+        .args(args)
+        .output()
+        .context("Cannot run git")
+        .hint("install git (apt install git)")
 }
 
 /// Runs git in `dir`; its stdout, or an error quoting git.
-fn git_stdout(dir: &Path, args: &[&str]) -> CliResult<Vec<u8>> {
+fn git_stdout(dir: &Path, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let output = run_git(dir, args)?;
     if output.status.success() {
         Ok(output.stdout)
     } else {
-        Err(CliError::new(format!(
+        Err(anyhow!(
             "`git {}` failed in {}: {}",
             args.join(" "),
             dir.display(),
             one_line(&output.stderr)
-        )))
+        ))
     }
 }
 
@@ -165,29 +162,23 @@ struct HostRepo {
 }
 
 /// The repository holding `start` (default: the current directory).
-fn find_repo(start: Option<&Path>, hint: &str) -> CliResult<HostRepo> {
+fn find_repo(start: Option<&Path>, hint: &str) -> anyhow::Result<HostRepo> {
     let start = match start {
         Some(path) => path.to_owned(),
-        None => std::env::current_dir().map_err(|error| {
-            CliError::new(format!("Cannot read the current directory: {error}"))
-        })?,
+        None => std::env::current_dir().context("Cannot read the current directory")?,
     };
     if !start.is_dir() {
-        return Err(CliError::new(format!(
-            "`{}` is not a directory",
-            start.display()
-        )));
+        return Err(anyhow!("`{}` is not a directory", start.display()));
     }
     let output = run_git(
         &start,
         &["rev-parse", "--show-toplevel", "--absolute-git-dir"],
     )?;
     if !output.status.success() {
-        return Err(CliError::new(format!(
-            "`{}` is not in a git working tree",
-            start.display()
-        ))
-        .with_hint(hint));
+        return Err(hinted(
+            anyhow!("`{}` is not in a git working tree", start.display()),
+            hint,
+        ));
     }
     let mut lines = output
         .stdout
@@ -195,27 +186,29 @@ fn find_repo(start: Option<&Path>, hint: &str) -> CliResult<HostRepo> {
         .filter(|line| !line.is_empty())
         .map(|line| PathBuf::from(OsStr::from_bytes(line)));
     let (Some(top), Some(git_dir)) = (lines.next(), lines.next()) else {
-        return Err(CliError::new(format!(
+        return Err(anyhow!(
             "`git rev-parse` gave no top level for {}",
             start.display()
-        )));
+        ));
     };
     let dot_git = top.join(".git");
     let same = dot_git.is_dir()
         && std::fs::canonicalize(&dot_git).ok() == std::fs::canonicalize(&git_dir).ok();
     if !same {
-        return Err(CliError::new(format!(
-            "{} keeps its git directory elsewhere ({}): linked worktrees and submodule checkouts cannot be sent on their own",
-            top.display(),
-            git_dir.display()
-        ))
-        .with_hint("prepare the main repository, whose .git is a directory"));
+        return Err(hinted(
+            anyhow!(
+                "{} keeps its git directory elsewhere ({}): linked worktrees and submodule checkouts cannot be sent on their own",
+                top.display(),
+                git_dir.display()
+            ),
+            "prepare the main repository, whose .git is a directory",
+        ));
     }
     Ok(HostRepo { top, git_dir })
 }
 
 /// The commit HEAD points to; `None` on an unborn branch.
-fn head_commit(repo: &Path) -> CliResult<Option<String>> {
+fn head_commit(repo: &Path) -> anyhow::Result<Option<String>> {
     let output = run_git(repo, &["rev-parse", "-q", "--verify", "HEAD^{commit}"])?;
     Ok(output
         .status
@@ -225,14 +218,18 @@ fn head_commit(repo: &Path) -> CliResult<Option<String>> {
 }
 
 /// A command in the guest with its output collected.
-async fn guest_exec(agent: &AgentClient, vm: &str, request: ExecRequest) -> CliResult<ExecOutput> {
+async fn guest_exec(
+    agent: &AgentClient,
+    vm: &str,
+    request: ExecRequest,
+) -> anyhow::Result<ExecOutput> {
     agent
         .exec(request)
         .await
-        .map_err(|error| guest_error(vm, &error))?
+        .map_err(|error| super::guest::agent_error(vm, error))?
         .output()
         .await
-        .map_err(|error| guest_error(vm, &error))
+        .map_err(|error| super::guest::agent_error(vm, error))
 }
 
 /// `sh -c SCRIPT banger-workspace ARGS...`.
@@ -272,23 +269,19 @@ struct Plan {
 impl Plan {
     /// Adds `name` (relative to `root`) as it is on disk; a missing path (a
     /// tracked file deleted in the working tree) is not an error.
-    fn add(&mut self, root: &Path, name: &Path) -> CliResult<Option<std::fs::FileType>> {
+    fn add(&mut self, root: &Path, name: &Path) -> anyhow::Result<Option<std::fs::FileType>> {
         let path = root.join(name);
         let metadata = match std::fs::symlink_metadata(&path) {
             Ok(metadata) => metadata,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(error) => {
-                return Err(CliError::new(format!(
-                    "Cannot read {}: {error}",
-                    path.display()
-                )))
+                return Err(error).with_context(|| format!("Cannot read {}", path.display()))
             }
         };
         let file_type = metadata.file_type();
         if file_type.is_symlink() {
-            let target = std::fs::read_link(&path).map_err(|error| {
-                CliError::new(format!("Cannot read the link {}: {error}", path.display()))
-            })?;
+            let target = std::fs::read_link(&path)
+                .with_context(|| format!("Cannot read the link {}", path.display()))?;
             if banger_agent::files::check_symlink_target(name, &target).is_err() {
                 // The agent refuses links out of DEST; they are made afterwards.
                 match (target.to_str(), name.to_str()) {
@@ -320,16 +313,16 @@ impl Plan {
     }
 
     /// Adds `name` and, for a directory, everything below it.
-    fn add_tree(&mut self, root: &Path, name: &Path) -> CliResult {
+    fn add_tree(&mut self, root: &Path, name: &Path) -> anyhow::Result<()> {
         if !self.add(root, name)?.is_some_and(|kind| kind.is_dir()) {
             return Ok(());
         }
         let dir = root.join(name);
         let mut children: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(|error| CliError::new(format!("Cannot read {}: {error}", dir.display())))?
+            .with_context(|| format!("Cannot read {}", dir.display()))?
             .map(|entry| entry.map(|entry| entry.file_name()))
             .collect::<Result<_, _>>()
-            .map_err(|error| CliError::new(format!("Cannot read {}: {error}", dir.display())))?;
+            .with_context(|| format!("Cannot read {}", dir.display()))?;
         children.sort();
         for child in children {
             let child = name.join(child);
@@ -345,7 +338,12 @@ impl Plan {
     /// Adds the files git lists in the checkout at `name` (relative to
     /// `root`), and each nested checkout (submodule) as it is checked out,
     /// its `.git` included.
-    fn add_checkout(&mut self, root: &Path, name: &Path, include_ignored: bool) -> CliResult {
+    fn add_checkout(
+        &mut self,
+        root: &Path,
+        name: &Path,
+        include_ignored: bool,
+    ) -> anyhow::Result<()> {
         let dir = root.join(name);
         let mut args = vec!["ls-files", "-z", "--cached", "--others"];
         if !include_ignored {
@@ -479,7 +477,7 @@ async fn claim_dest(
     dest: &str,
     user: &str,
     force: bool,
-) -> CliResult {
+) -> anyhow::Result<()> {
     const SCRIPT: &str = r#"dest=$1 force=$2 user=$3
 if [ "$user" != root ] && ! id -u "$user" >/dev/null 2>&1; then exit 5; fi
 if [ -e "$dest" ] || [ -L "$dest" ]; then
@@ -500,17 +498,19 @@ fi"#;
     let hint = "`--force` replaces it (everything there is removed first)";
     match output.status.code {
         Some(0) => Ok(()),
-        Some(3) => {
-            Err(CliError::new(format!("VM `{vm}` already has files at {dest}")).with_hint(hint))
-        }
-        Some(4) => Err(
-            CliError::new(format!("VM `{vm}` already has a workspace at {dest}")).with_hint(hint),
-        ),
-        Some(5) => Err(CliError::new(format!("VM `{vm}` has no user `{user}`"))),
-        _ => Err(CliError::new(format!(
+        Some(3) => Err(hinted(
+            anyhow!("VM `{vm}` already has files at {dest}"),
+            hint,
+        )),
+        Some(4) => Err(hinted(
+            anyhow!("VM `{vm}` already has a workspace at {dest}"),
+            hint,
+        )),
+        Some(5) => Err(anyhow!("VM `{vm}` has no user `{user}`")),
+        _ => Err(anyhow!(
             "Cannot clear {dest} in VM `{vm}`: {}",
             one_line(&output.stderr)
-        ))),
+        )),
     }
 }
 
@@ -521,7 +521,7 @@ async fn finish_dest(
     dest: &str,
     user: &str,
     links: &[(String, String)],
-) -> CliResult {
+) -> anyhow::Result<()> {
     const SCRIPT: &str = r#"dest=$1 owner=$2
 shift 2
 while [ $# -ge 2 ]; do
@@ -549,10 +549,10 @@ if [ "$owner" != root ]; then chown -R -h -- "$owner:" "$dest"; fi"#;
     if output.status.code == Some(0) {
         Ok(())
     } else {
-        Err(CliError::new(format!(
+        Err(anyhow!(
             "Cannot finish {dest} in VM `{vm}` (symlinks, owner): {}",
             one_line(&output.stderr)
-        )))
+        ))
     }
 }
 
@@ -561,20 +561,15 @@ fn plan(
     options_source: Option<&Path>,
     include_ignored: bool,
     no_git: bool,
-) -> CliResult<(PathBuf, Plan, Option<String>)> {
+) -> anyhow::Result<(PathBuf, Plan, Option<String>)> {
     let mut plan = Plan::default();
     if no_git {
         let source = match options_source {
             Some(path) => path.to_owned(),
-            None => std::env::current_dir().map_err(|error| {
-                CliError::new(format!("Cannot read the current directory: {error}"))
-            })?,
+            None => std::env::current_dir().context("Cannot read the current directory")?,
         };
         if !source.is_dir() {
-            return Err(CliError::new(format!(
-                "`{}` is not a directory",
-                source.display()
-            )));
+            return Err(anyhow!("`{}` is not a directory", source.display()));
         }
         plan.add_tree(&source, Path::new(""))?;
         return Ok((source, plan, None));
@@ -590,7 +585,7 @@ fn plan(
 }
 
 /// Checks, before a VM is made for it, that `path` can be prepared.
-pub(crate) fn check_source(path: &Path) -> CliResult {
+pub(crate) fn check_source(path: &Path) -> anyhow::Result<()> {
     find_repo(
         Some(path),
         "`vm create --workspace` takes a git working tree; use `vm cp` for other directories",
@@ -604,14 +599,14 @@ async fn prepare(
     vm: &str,
     options: &PrepareOptions<'_>,
     stage: &mut Stage<'_>,
-) -> CliResult<Prepared> {
+) -> anyhow::Result<Prepared> {
     let dest = check_dest(options.dest)?;
     let source = options.source.map(Path::to_owned);
     let (include_ignored, no_git) = (options.include_ignored, options.no_git);
     let (root, plan, base) =
         tokio::task::spawn_blocking(move || plan(source.as_deref(), include_ignored, no_git))
             .await
-            .map_err(|error| CliError::new(format!("Listing task failed: {error}")))??;
+            .context("Listing task failed")??;
     claim_dest(agent, vm, &dest, options.user, options.force).await?;
 
     let total_files = plan.items.len() as u64;
@@ -646,17 +641,15 @@ async fn prepare(
             ),
         }
     };
-    let packed = packer
-        .await
-        .map_err(|error| CliError::new(format!("Packing task failed: {error}")))?;
+    let packed = packer.await.context("Packing task failed")?;
     match (copied, packed) {
         (Ok(_), Ok(())) => {}
         // The agent stopped reading: its answer says why.
         (Err(error), Err(packing)) if packing.kind() == io::ErrorKind::BrokenPipe => {
-            return Err(guest_error(vm, &error));
+            return Err(super::guest::agent_error(vm, error));
         }
-        (_, Err(error)) => return Err(CliError::new(error.to_string())),
-        (Err(error), Ok(())) => return Err(guest_error(vm, &error)),
+        (_, Err(error)) => return Err(error.into()),
+        (Err(error), Ok(())) => return Err(super::guest::agent_error(vm, error)),
     }
     finish_dest(agent, vm, &dest, options.user, &links).await?;
     Ok(Prepared {
@@ -675,7 +668,7 @@ async fn prepare_stage(
     options: &PrepareOptions<'_>,
     view: &mut StageView,
     operation_id: &str,
-) -> CliResult<Prepared> {
+) -> anyhow::Result<Prepared> {
     let mut stage = Stage {
         view,
         operation_id,
@@ -700,16 +693,25 @@ async fn prepare_stage(
             }
             stage.event(StageStatus::Finished, Some(message), None, None);
         }
-        Err(error) => stage.event(StageStatus::Failed, Some(error.message.clone()), None, None),
+        Err(error) => stage.event(
+            StageStatus::Failed,
+            Some(banger_proto::error_chain(error.as_ref())),
+            None,
+            None,
+        ),
     }
     result
 }
 
-async fn connect(socket: &Path, vm: &str) -> CliResult<AgentClient> {
+async fn connect(socket: &Path, vm: &str) -> anyhow::Result<AgentClient> {
     Ok(Client::connect(socket).await?.agent(vm).await?)
 }
 
-async fn prepare_command(socket: &Path, printer: Printer, args: WorkspacePrepareArgs) -> CliResult {
+async fn prepare_command(
+    socket: &Path,
+    printer: Printer,
+    args: WorkspacePrepareArgs,
+) -> anyhow::Result<()> {
     let agent = connect(socket, &args.name.vm).await?;
     let options = PrepareOptions {
         source: args.path.as_deref(),
@@ -722,11 +724,8 @@ async fn prepare_command(socket: &Path, printer: Printer, args: WorkspacePrepare
     let mut view = StageView::new(printer, false);
     let prepared = prepare_stage(&agent, &args.name.vm, &options, &mut view, "").await;
     view.clear();
-    let prepared = prepared.map_err(|mut error| {
-        // The stage line already said it; the error line says it again with its hint.
-        error.message = format!("Workspace not prepared: {}", error.message);
-        error
-    })?;
+    // The stage line already said it; the error line says it again with its hint.
+    let prepared = prepared.context("Workspace not prepared")?;
     for path in &prepared.skipped {
         printer.message(&format!(
             "skipped {} (not a file, directory or symlink)",
@@ -755,7 +754,7 @@ pub(crate) async fn create_stage(
     vm: &Vm,
     path: &Path,
     dest: &str,
-) -> CliResult {
+) -> anyhow::Result<()> {
     if vm.state != VmState::Running {
         return Ok(());
     }
@@ -764,9 +763,7 @@ pub(crate) async fn create_stage(
         vm.name,
         path.display()
     );
-    let agent = connect(socket, &vm.name)
-        .await
-        .map_err(|error| error.with_hint(retry.clone()))?;
+    let agent = connect(socket, &vm.name).await.hint(retry.clone())?;
     let options = PrepareOptions {
         source: Some(path),
         dest,
@@ -778,9 +775,8 @@ pub(crate) async fn create_stage(
     prepare_stage(&agent, &vm.name, &options, view, operation_id)
         .await
         .map(|_| ())
-        .map_err(|error| {
-            CliError::new(format!("Workspace not prepared: {}", error.message)).with_hint(retry)
-        })
+        .context("Workspace not prepared")
+        .hint(retry)
 }
 
 // ---- export ----
@@ -863,27 +859,30 @@ fn export_request(
     }
 }
 
-fn export_failure(vm: &str, dest: &str, output: &ExecOutput) -> CliError {
+fn export_failure(vm: &str, dest: &str, output: &ExecOutput) -> anyhow::Error {
     match output.status.code {
-        Some(3) => CliError::new(format!(
-            "VM `{vm}` has no workspace at {dest} ({BASE_FILE} is missing)"
-        ))
-        .with_hint("make one with `banger vm workspace prepare` (not with --no-git)"),
-        _ => CliError::new(format!(
-            "Export in VM `{vm}` failed: {}",
-            one_line(&output.stderr)
-        )),
+        Some(3) => hinted(
+            anyhow!("VM `{vm}` has no workspace at {dest} ({BASE_FILE} is missing)"),
+            "make one with `banger vm workspace prepare` (not with --no-git)",
+        ),
+        _ => anyhow!("Export in VM `{vm}` failed: {}", one_line(&output.stderr)),
     }
 }
 
-async fn export_command(socket: &Path, printer: Printer, args: WorkspaceExportArgs) -> CliResult {
+async fn export_command(
+    socket: &Path,
+    printer: Printer,
+    args: WorkspaceExportArgs,
+) -> anyhow::Result<()> {
     let dest = check_dest(&args.dest)?;
     let vm = args.name.vm.clone();
     match (&args.patch, &args.branch) {
         (Some(file), None) => {
             if file.exists() && !args.force {
-                return Err(CliError::new(format!("{} already exists", file.display()))
-                    .with_hint("`--force` replaces it"));
+                return Err(hinted(
+                    anyhow!("{} already exists", file.display()),
+                    "`--force` replaces it",
+                ));
             }
             let agent = connect(socket, &vm).await?;
             let written = export_patch(&agent, &vm, &dest, &args.user, file).await?;
@@ -927,11 +926,9 @@ async fn export_command(socket: &Path, printer: Printer, args: WorkspaceExportAr
             ));
             Ok(())
         }
-        _ => Err(CliError {
-            message: "Pass exactly one of --patch FILE and --branch NAME".to_owned(),
-            hint: None,
-            exit_code: 2,
-        }),
+        _ => {
+            Err(UsageError("Pass exactly one of --patch FILE and --branch NAME".to_owned()).into())
+        }
     }
 }
 
@@ -943,10 +940,10 @@ async fn export_patch(
     dest: &str,
     user: &str,
     file: &Path,
-) -> CliResult<u64> {
+) -> anyhow::Result<u64> {
     let name = file
         .file_name()
-        .ok_or_else(|| CliError::new(format!("`{}` is not a file name", file.display())))?;
+        .ok_or_else(|| anyhow!("`{}` is not a file name", file.display()))?;
     let partial = file.with_file_name(format!(
         ".{}.banger-{}",
         name.to_string_lossy(),
@@ -956,7 +953,7 @@ async fn export_patch(
     let renamed = result.and_then(|size| {
         std::fs::rename(&partial, file)
             .map(|()| size)
-            .map_err(|error| CliError::new(format!("Cannot write {}: {error}", file.display())))
+            .with_context(|| format!("Cannot write {}", file.display()))
     });
     if renamed.is_err() {
         let _ = std::fs::remove_file(&partial);
@@ -970,14 +967,14 @@ async fn write_patch(
     dest: &str,
     user: &str,
     partial: &Path,
-) -> CliResult<u64> {
+) -> anyhow::Result<u64> {
     let mut out = tokio::fs::File::create(partial)
         .await
-        .map_err(|error| CliError::new(format!("Cannot create {}: {error}", partial.display())))?;
+        .with_context(|| format!("Cannot create {}", partial.display()))?;
     let session = agent
         .exec(export_request(dest, user, "patch", "", Vec::new()))
         .await
-        .map_err(|error| guest_error(vm, &error))?;
+        .map_err(|error| super::guest::agent_error(vm, error))?;
     let banger_agent::client::ExecSession {
         mut stdin,
         mut stdout,
@@ -997,7 +994,10 @@ async fn write_patch(
         Ok::<u64, io::Error>(size)
     };
     let (written, errors) = tokio::join!(copy, stderr.read_to_end());
-    let status = exit.wait().await.map_err(|error| guest_error(vm, &error))?;
+    let status = exit
+        .wait()
+        .await
+        .map_err(|error| super::guest::agent_error(vm, error))?;
     let output = ExecOutput {
         stdout: Vec::new(),
         stderr: errors,
@@ -1006,30 +1006,27 @@ async fn write_patch(
     if status.code != Some(0) {
         return Err(export_failure(vm, dest, &output));
     }
-    written.map_err(|error| CliError::new(format!("Cannot write {}: {error}", partial.display())))
+    written.with_context(|| format!("Cannot write {}", partial.display()))
 }
 
 /// Refuses an invalid, existing (without `force`) or checked-out branch.
-fn check_branch(repo: &HostRepo, branch: &str, force: bool) -> CliResult {
+fn check_branch(repo: &HostRepo, branch: &str, force: bool) -> anyhow::Result<()> {
     let reference = format!("refs/heads/{branch}");
     let valid = !branch.starts_with('-')
         && run_git(&repo.top, &["check-ref-format", &reference])?
             .status
             .success();
     if !valid {
-        return Err(CliError::new(format!(
-            "`{branch}` is not a valid branch name"
-        )));
+        return Err(anyhow!("`{branch}` is not a valid branch name"));
     }
     let exists = run_git(&repo.top, &["rev-parse", "-q", "--verify", &reference])?
         .status
         .success();
     if exists && !force {
-        return Err(CliError::new(format!(
-            "Branch `{branch}` already exists in {}",
-            repo.top.display()
-        ))
-        .with_hint("`--force` replaces it, or pick another name"));
+        return Err(hinted(
+            anyhow!("Branch `{branch}` already exists in {}", repo.top.display()),
+            "`--force` replaces it, or pick another name",
+        ));
     }
     // Also an unborn one: making it would change what HEAD shows.
     let worktrees = git_stdout(&repo.top, &["worktree", "list", "--porcelain"])?;
@@ -1037,11 +1034,13 @@ fn check_branch(repo: &HostRepo, branch: &str, force: bool) -> CliResult {
         .lines()
         .any(|line| line.strip_prefix("branch ") == Some(reference.as_str()));
     if checked_out {
-        return Err(CliError::new(format!(
-            "Branch `{branch}` is checked out in {}; export would change its working tree",
-            repo.top.display()
-        ))
-        .with_hint("export to another branch name"));
+        return Err(hinted(
+            anyhow!(
+                "Branch `{branch}` is checked out in {}; export would change its working tree",
+                repo.top.display()
+            ),
+            "export to another branch name",
+        ));
     }
     Ok(())
 }
@@ -1073,7 +1072,7 @@ async fn export_branch(
     repo: &HostRepo,
     branch: &str,
     force: bool,
-) -> CliResult<(String, String)> {
+) -> anyhow::Result<(String, String)> {
     let output = guest_exec(
         agent,
         vm,
@@ -1092,11 +1091,11 @@ async fn export_branch(
         .status
         .success();
         if !known {
-            return Err(CliError::new(format!(
-                "The host repository {} does not have the workspace's base commit {base}",
-                repo.top.display()
-            ))
-            .with_hint(
+            return Err(hinted(
+                anyhow!(
+                    "The host repository {} does not have the workspace's base commit {base}",
+                    repo.top.display()
+                ),
                 "the workspace was prepared from another repository, or that commit is gone; `--patch FILE` needs no host repository",
             ));
         }
@@ -1116,8 +1115,8 @@ async fn export_branch(
         text.lines()
             .find_map(|line| line.strip_prefix(key).map(|rest| rest.trim().to_owned()))
     };
-    let commit = field("commit ")
-        .ok_or_else(|| CliError::new(format!("Export in VM `{vm}` printed no commit")))?;
+    let commit =
+        field("commit ").ok_or_else(|| anyhow!("Export in VM `{vm}` printed no commit"))?;
     if let Some(bundle) = field("bundle ") {
         let fetched = fetch_bundle(agent, vm, repo, &bundle).await;
         // The bundle is the guest's only leftover.
@@ -1140,54 +1139,55 @@ async fn export_branch(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|error| CliError::new(format!("Cannot run git: {error}")))?;
+        .context("Cannot run git")?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = writeln!(stdin, "{command} refs/heads/{branch} {commit}");
     }
-    let output = child
-        .wait_with_output()
-        .map_err(|error| CliError::new(format!("Cannot run git: {error}")))?;
+    let output = child.wait_with_output().context("Cannot run git")?;
     if !output.status.success() {
-        return Err(CliError::new(format!(
+        return Err(anyhow!(
             "Cannot create branch `{branch}`: {}",
             one_line(&output.stderr)
-        )));
+        ));
     }
     Ok((commit, base))
 }
 
 /// Copies the guest's bundle out into a scratch directory in the host's git
 /// directory and unbundles it (objects only; no ref changes).
-async fn fetch_bundle(agent: &AgentClient, vm: &str, repo: &HostRepo, bundle: &str) -> CliResult {
+async fn fetch_bundle(
+    agent: &AgentClient,
+    vm: &str,
+    repo: &HostRepo,
+    bundle: &str,
+) -> anyhow::Result<()> {
     let scratch = repo.git_dir.join(format!(
         "banger-export-{}-{}",
         std::process::id(),
         rand::random::<u32>()
     ));
     std::fs::create_dir(&scratch)
-        .map_err(|error| CliError::new(format!("Cannot create {}: {error}", scratch.display())))?;
+        .with_context(|| format!("Cannot create {}", scratch.display()))?;
     let result = async {
         let stream = agent
             .copy_out(bundle)
             .await
-            .map_err(|error| guest_error(vm, &error))?;
+            .map_err(|error| super::guest::agent_error(vm, error))?;
         let target = scratch.clone();
         tokio::task::spawn_blocking(move || {
             let reader = tokio_util::io::SyncIoBridge::new(stream);
             banger_agent::files::unpack(reader, &target)
         })
         .await
-        .map_err(|error| CliError::new(format!("Unpacking task failed: {error}")))?
-        .map_err(|error| {
-            CliError::new(format!("Copy of the bundle from VM `{vm}` failed: {error}"))
-        })?;
+        .context("Unpacking task failed")?
+        .with_context(|| format!("Copy of the bundle from VM `{vm}` failed"))?;
         let name = Path::new(bundle)
             .file_name()
-            .ok_or_else(|| CliError::new(format!("Bad bundle path `{bundle}`")))?;
+            .ok_or_else(|| anyhow!("Bad bundle path `{bundle}`"))?;
         let file = scratch.join(name);
         let file = file
             .to_str()
-            .ok_or_else(|| CliError::new(format!("Bundle path {} is not UTF-8", file.display())))?;
+            .ok_or_else(|| anyhow!("Bundle path {} is not UTF-8", file.display()))?;
         git_stdout(&repo.top, &["bundle", "unbundle", file]).map(|_| ())
     }
     .await;
