@@ -393,7 +393,7 @@ pub fn load_modules(list: &Path) -> Result<Vec<InitError>, InitError> {
     let mut failures = Vec::new();
     for path in parse_module_list(&text) {
         if let Err(error) = load_module(&path) {
-            tracing::error!("{}", crate::server::error_chain(&error));
+            tracing::error!("{}", banger_proto::error_chain(&error));
             failures.push(error);
         }
     }
@@ -459,7 +459,7 @@ pub fn switch_from_initramfs() -> Result<bool, InitError> {
     let copied = match copy_agent(new_root) {
         Ok(()) => true,
         Err(error) => {
-            tracing::error!("{}", crate::server::error_chain(&error));
+            tracing::error!("{}", banger_proto::error_chain(&error));
             false
         }
     };

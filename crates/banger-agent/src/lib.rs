@@ -76,7 +76,7 @@ pub fn main() -> ExitCode {
                 }
                 Err(error) => tracing::error!(
                     "{}; serving from the initramfs",
-                    server::error_chain(&error)
+                    banger_proto::error_chain(&error)
                 ),
             }
         }
@@ -88,16 +88,16 @@ pub fn main() -> ExitCode {
                         tracing::info!(device = %device.display(), "work disk mounted on /root")
                     }
                     Ok(None) => {}
-                    Err(error) => tracing::error!("{}", server::error_chain(&error)),
+                    Err(error) => tracing::error!("{}", banger_proto::error_chain(&error)),
                 }
                 if let Some(init_path) = parameters.hand_off_target(from_initramfs, Path::exists) {
                     match init::hand_off(&init_path) {
                         Ok(()) => is_init = false,
-                        Err(error) => tracing::error!("{}", server::error_chain(&error)),
+                        Err(error) => tracing::error!("{}", banger_proto::error_chain(&error)),
                     }
                 }
             }
-            Err(error) => tracing::error!("{}", server::error_chain(&error)),
+            Err(error) => tracing::error!("{}", banger_proto::error_chain(&error)),
         }
     }
     let listen = if booted_as_init {
@@ -130,7 +130,7 @@ pub fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_secs(1));
     if is_init {
         if let Err(error) = &result {
-            tracing::error!("{}", server::error_chain(error.as_ref()));
+            tracing::error!("{}", banger_proto::error_chain(error.as_ref()));
         }
         init::power_off();
     }
@@ -141,7 +141,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{}", server::error_chain(error.as_ref()));
+            tracing::error!("{}", banger_proto::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -163,7 +163,7 @@ async fn apply_network() {
             "network configured"
         ),
         Ok(None) => {}
-        Err(error) => tracing::error!("{}", server::error_chain(&error)),
+        Err(error) => tracing::error!("{}", banger_proto::error_chain(&error)),
     }
 }
 
@@ -225,7 +225,7 @@ async fn run(listen: Listen, paths: SystemPaths, is_init: bool) -> Result<(), Bo
                     match transport::open_serial(&path) {
                         Ok(stream) => {
                             if let Err(error) = serve_connection(Arc::clone(&agent), stream).await {
-                                tracing::warn!("{}", server::error_chain(&error));
+                                tracing::warn!("{}", banger_proto::error_chain(&error));
                             }
                         }
                         Err(error) => tracing::warn!("open {} failed: {error}", path.display()),
@@ -252,7 +252,7 @@ where
     let agent = Arc::clone(agent);
     tokio::spawn(async move {
         if let Err(error) = serve_connection(agent, stream).await {
-            tracing::warn!("{}", server::error_chain(&error));
+            tracing::warn!("{}", banger_proto::error_chain(&error));
         }
     });
 }

@@ -23,6 +23,7 @@ use banger_proto::agent::{
     AgentError, AgentErrorKind, Frame, Operation, OperationResult, StreamId, CONNECTION_SESSION,
     PROTOCOL_VERSION,
 };
+use banger_proto::error_chain;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
@@ -306,18 +307,6 @@ fn failure(kind: AgentErrorKind, error: &(dyn std::error::Error + 'static)) -> A
         kind,
         message: error_chain(error),
     }
-}
-
-/// `error: cause: cause`, as the CLI prints it.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 async fn run_operation(

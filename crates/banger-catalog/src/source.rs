@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use banger_proto::error_chain;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
@@ -365,18 +366,6 @@ async fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
     let temporary = PathBuf::from(temporary);
     tokio::fs::write(&temporary, contents).await?;
     tokio::fs::rename(&temporary, path).await
-}
-
-/// `error: cause: cause`, for warnings that carry a whole chain in one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(next) = cause {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        cause = next.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use banger_proto::Backend;
 use clap::{Args, Parser, Subcommand};
 
 pub const DEFAULT_SOCKET: &str = "/run/banger/bangerd.sock";
@@ -287,8 +288,8 @@ pub struct CreateArgs {
     #[arg(long)]
     pub no_start: bool,
     /// VMM backend: firecracker or qemu (default: the daemon's choice).
-    #[arg(long, value_parser = ["firecracker", "qemu"])]
-    pub backend: Option<String>,
+    #[arg(long)]
+    pub backend: Option<Backend>,
     /// A persistent work disk mounted at /root: a size (`10G`) makes one
     /// named NAME-work; a name attaches a detached one.
     #[arg(long, value_name = "SIZE|NAME")]
@@ -477,6 +478,23 @@ mod tests {
             panic!("not create");
         };
         assert!(create.name.is_none());
+    }
+
+    #[test]
+    fn backend_is_parsed_and_unknown_ones_are_usage_errors() {
+        let cli = parse(&["vm", "create", "dev", "--backend", "qemu"]).unwrap();
+        let Command::Vm(VmCommand::Create(create)) = cli.command else {
+            panic!("not create");
+        };
+        assert_eq!(create.backend, Some(Backend::Qemu));
+        let error = parse(&["vm", "create", "dev", "--backend", "foo"]).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(
+            error
+                .to_string()
+                .contains("Unknown backend `foo`: use firecracker or qemu"),
+            "{error}"
+        );
     }
 
     #[test]

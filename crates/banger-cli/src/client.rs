@@ -6,8 +6,9 @@
 //! 1. [`Client::connect`] opens the Unix socket; a missing socket or a refused
 //!    connection means the daemon is not running, `EACCES` means the caller
 //!    is neither root nor in the daemon's access group.
-//! 2. [`Client::call`] writes one JSON-RPC request line and reads one response
-//!    line; calls on one connection are answered in order.
+//! 2. [`Client::call`] takes a method type of `banger_proto::method`, writes
+//!    one JSON-RPC request line with its params and reads one response line,
+//!    decoded as its result; calls on one connection are answered in order.
 //! 3. [`Client::watch`] calls `operation.watch` and turns the connection into
 //!    a [`Watch`]: newline-delimited [`StreamFrame`]s (history first, then
 //!    live) up to and including the terminal [`StreamFrame::Done`].
@@ -18,9 +19,8 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_proto::{method, Request, Response, RpcError, StreamFrame};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use banger_proto::method::{self, Method};
+use banger_proto::{Request, Response, RpcError, StreamFrame};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -105,16 +105,27 @@ impl Client {
         }
     }
 
-    /// Calls `method` and decodes its result.
-    pub async fn call<P: Serialize, R: DeserializeOwned>(
-        &mut self,
-        method_name: &str,
-        params: P,
-    ) -> Result<R, ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
+    /// Calls method `M` and decodes its result.
+    pub async fn call<M: Method>(&mut self, params: M::Params) -> Result<M::Result, ClientError> {
         let params = serde_json::to_value(params)
             .map_err(|error| ClientError::Protocol(error.to_string()))?;
+        let result = self.request(M::NAME, params).await?;
+        serde_json::from_value(result).map_err(|error| {
+            ClientError::Protocol(format!(
+                "{} returned an unexpected result: {error}",
+                M::NAME
+            ))
+        })
+    }
+
+    /// Sends one request and returns its result.
+    async fn request(
+        &mut self,
+        method_name: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
         let mut line = serde_json::to_vec(&Request::new(id, method_name, params))
             .map_err(|error| ClientError::Protocol(error.to_string()))?;
         line.push(b'\n');
@@ -137,24 +148,15 @@ impl Client {
         }
         // `Response::result` cannot tell `"result": null` from a missing
         // field; both mean a null result, valid for methods returning nothing.
-        let result = response.result.unwrap_or(serde_json::Value::Null);
-        serde_json::from_value(result).map_err(|error| {
-            ClientError::Protocol(format!(
-                "{method_name} returned an unexpected result: {error}"
-            ))
-        })
+        Ok(response.result.unwrap_or(serde_json::Value::Null))
     }
 
     /// Turns this connection into the frame stream of `operation_id`.
     pub async fn watch(mut self, operation_id: &str) -> Result<Watch, ClientError> {
-        let _: serde_json::Value = self
-            .call(
-                method::OPERATION_WATCH,
-                banger_proto::OperationRef {
-                    id: operation_id.to_owned(),
-                },
-            )
-            .await?;
+        self.call::<method::OperationWatch>(banger_proto::OperationRef {
+            id: operation_id.to_owned(),
+        })
+        .await?;
         Ok(Watch {
             client: self,
             done: false,
@@ -166,12 +168,11 @@ impl Client {
     /// Calls a method after whose answer the connection carries a stream of
     /// its own (`vm.workspace.*`); returns the result and the connection,
     /// the reader keeping what it buffered past the answer.
-    pub async fn call_streaming<P: Serialize, R: DeserializeOwned>(
+    pub async fn call_streaming<M: Method>(
         mut self,
-        method_name: &str,
-        params: P,
-    ) -> Result<(R, BufReader<OwnedReadHalf>, OwnedWriteHalf), ClientError> {
-        let result = self.call(method_name, params).await?;
+        params: M::Params,
+    ) -> Result<(M::Result, BufReader<OwnedReadHalf>, OwnedWriteHalf), ClientError> {
+        let result = self.call::<M>(params).await?;
         Ok((result, self.lines.into_inner(), self.write))
     }
 
@@ -181,8 +182,7 @@ impl Client {
         mut self,
         vm: &str,
     ) -> Result<banger_agent_proto::client::AgentClient, ClientError> {
-        let _: serde_json::Value = self
-            .call(method::VM_AGENT, banger_proto::VmRef { vm: vm.to_owned() })
+        self.call::<method::VmAgent>(banger_proto::VmRef { vm: vm.to_owned() })
             .await?;
         let socket = self.socket.clone();
         // Nothing follows the answer until the hello, but keep the buffer anyway.
@@ -224,7 +224,10 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use banger_proto::{ErrorKind, Operation, OperationState, StageEvent, StageStatus};
+    use banger_proto::method::{NoParams, OperationStatus, VmList};
+    use banger_proto::{
+        ErrorKind, Operation, OperationRef, OperationState, StageEvent, StageStatus,
+    };
     use tokio::net::UnixListener;
 
     /// A daemon stand-in answering each request line with the next canned line(s).
@@ -252,20 +255,41 @@ mod tests {
     async fn call_decodes_result_and_errors() {
         let error = RpcError::new(ErrorKind::NotFound, "No VM named `x`").with_hint("list them");
         let (_dir, socket) = canned(vec![
-            vec![r#"{"jsonrpc":"2.0","result":[1,2],"id":1}"#.to_owned()],
+            vec![r#"{"jsonrpc":"2.0","result":[],"id":1}"#.to_owned()],
             vec![serde_json::to_string(&Response::failure(2.into(), error)).unwrap()],
         ])
         .await;
         let mut client = Client::connect(&socket).await.unwrap();
-        let numbers: Vec<u32> = client.call("x", serde_json::json!({})).await.unwrap();
-        assert_eq!(numbers, [1, 2]);
-        let error = client
-            .call::<_, serde_json::Value>("y", serde_json::json!({}))
-            .await
-            .unwrap_err();
+        let vms = client.call::<VmList>(NoParams).await.unwrap();
+        assert_eq!(vms, []);
+        let error = client.call::<VmList>(NoParams).await.unwrap_err();
         assert!(matches!(&error, ClientError::Rpc(rpc) if rpc.kind() == ErrorKind::NotFound));
         assert_eq!(error.to_string(), "No VM named `x`");
         assert_eq!(error.hint().as_deref(), Some("list them"));
+    }
+
+    #[tokio::test]
+    async fn requests_carry_the_method_name_and_its_params() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let (sent, received) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let _ = sent.send(lines.next_line().await.unwrap().unwrap());
+            write
+                .write_all(b"{\"jsonrpc\":\"2.0\",\"result\":[],\"id\":1}\n")
+                .await
+                .unwrap();
+        });
+        let mut client = Client::connect(&socket).await.unwrap();
+        client.call::<VmList>(NoParams).await.unwrap();
+        assert_eq!(
+            received.await.unwrap(),
+            r#"{"jsonrpc":"2.0","method":"vm.list","params":{},"id":1}"#
+        );
     }
 
     #[tokio::test]
@@ -329,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn watch_ends_when_the_daemon_closes() {
         let (_dir, socket) = canned(vec![vec![
-            r#"{"jsonrpc":"2.0","result":null,"id":1}"#.to_owned()
+            r#"{"jsonrpc":"2.0","result":{"streaming":true},"id":1}"#.to_owned(),
         ]])
         .await;
         let mut watch = Client::connect(&socket)
@@ -366,10 +390,30 @@ mod tests {
         let error = Client::connect(&socket)
             .await
             .unwrap()
-            .call::<_, serde_json::Value>("x", serde_json::json!({}))
+            .call::<VmList>(NoParams)
             .await
             .unwrap_err();
         assert!(matches!(error, ClientError::Protocol(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_result_of_the_wrong_shape_is_a_protocol_error() {
+        let (_dir, socket) = canned(vec![vec![
+            r#"{"jsonrpc":"2.0","result":[1,2],"id":1}"#.to_owned()
+        ]])
+        .await;
+        let error = Client::connect(&socket)
+            .await
+            .unwrap()
+            .call::<OperationStatus>(OperationRef { id: "op".into() })
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with(
+                "Unexpected answer from the daemon: operation.status returned an unexpected result"
+            ),
+            "{error}"
+        );
     }
 
     #[tokio::test]

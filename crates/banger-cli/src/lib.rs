@@ -6,60 +6,17 @@
 pub mod args;
 pub mod client;
 mod commands;
+pub mod error;
 pub mod names;
 pub mod printer;
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Parser;
 
 use crate::args::{Cli, Command};
-use crate::client::ClientError;
 use crate::printer::Printer;
-
-/// A failure with what the user can do about it.
-#[derive(Debug)]
-pub struct CliError {
-    pub message: String,
-    pub hint: Option<String>,
-    pub exit_code: u8,
-}
-
-impl CliError {
-    pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            hint: None,
-            exit_code: 1,
-        }
-    }
-
-    #[must_use]
-    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
-        self
-    }
-}
-
-impl From<ClientError> for CliError {
-    fn from(error: ClientError) -> Self {
-        let hint = error.hint();
-        let mut message = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        Self {
-            message,
-            hint,
-            exit_code: 1,
-        }
-    }
-}
-
-pub type CliResult<T = ()> = Result<T, CliError>;
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -70,28 +27,18 @@ pub fn main() -> ExitCode {
         }
     };
     let printer = Printer::new(cli.quiet, cli.no_progress);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            printer.error(&format!("Failed to start the async runtime: {error}"), None);
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli, printer)) {
+        .context("Failed to start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli, printer)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            if !error.message.is_empty() {
-                printer.error(&error.message, error.hint.as_deref());
-            }
-            ExitCode::from(error.exit_code)
-        }
+        Err(error) => error::report(printer, &error),
     }
 }
 
-async fn run(cli: Cli, printer: Printer) -> CliResult {
+async fn run(cli: Cli, printer: Printer) -> anyhow::Result<()> {
     let socket = cli.socket;
     match cli.command {
         Command::Vm(command) => commands::vm::run(&socket, printer, command).await,

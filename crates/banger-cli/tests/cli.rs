@@ -63,6 +63,30 @@ fn invalid_vm_name_is_refused_before_connecting() {
 }
 
 #[test]
+fn unknown_backend_is_a_usage_error_naming_it() {
+    let output = banger(&[
+        "--socket",
+        "/nonexistent/x.sock",
+        "vm",
+        "create",
+        "x",
+        "--backend",
+        "foo",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .collect();
+    assert_eq!(
+        errors,
+        ["error: invalid value 'foo' for '--backend <BACKEND>': Unknown backend `foo`: use firecracker or qemu"],
+        "{stderr}"
+    );
+}
+
+#[test]
 fn missing_import_file_is_named() {
     let output = banger(&[
         "--socket",

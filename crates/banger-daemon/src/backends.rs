@@ -8,19 +8,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use banger_proto::Backend;
 use banger_vmm::firecracker::{Firecracker, FirecrackerConfig};
 use banger_vmm::qemu::{Accel, Qemu, QemuConfig};
 use banger_vmm::{Vmm, VmmHandle};
 
-use crate::config::Config;
+use crate::config::{BackendSetting, Config};
 use crate::doctor::find_executable;
-use crate::error::{DaemonError, DaemonResult};
 
 pub struct Backends {
     firecracker: Arc<dyn Vmm>,
     qemu: Arc<Qemu>,
     /// The backend new VMs get.
-    pub default: &'static str,
+    pub default: Backend,
     /// Why it is the default.
     pub reason: String,
 }
@@ -43,13 +43,12 @@ impl Backends {
             startup_timeout: Duration::from_millis(config.qemu.startup_timeout_ms),
             ..QemuConfig::default()
         }));
-        let (default, reason) = match config.vmm.backend.as_str() {
-            "firecracker" => ("firecracker", "configured".to_owned()),
-            "qemu" => ("qemu", "configured".to_owned()),
-            _ => {
+        let (default, reason) = match config.vmm.backend {
+            BackendSetting::Fixed(backend) => (backend, "configured".to_owned()),
+            BackendSetting::Auto => {
                 if find_executable(&config.firecracker.binary).is_none() {
                     (
-                        "qemu",
+                        Backend::Qemu,
                         format!(
                             "auto: Firecracker binary `{}` not found",
                             config.firecracker.binary.display()
@@ -59,11 +58,11 @@ impl Backends {
                     let choice = qemu.accel_choice().await;
                     if choice.accel == Accel::Kvm {
                         (
-                            "firecracker",
+                            Backend::Firecracker,
                             "auto: Firecracker found and KVM usable".to_owned(),
                         )
                     } else {
-                        ("qemu", format!("auto: {}", choice.reason))
+                        (Backend::Qemu, format!("auto: {}", choice.reason))
                     }
                 }
             }
@@ -83,26 +82,22 @@ impl Backends {
         Self {
             firecracker,
             qemu: Arc::new(Qemu::new(QemuConfig::default())),
-            default: "firecracker",
+            default: Backend::Firecracker,
             reason: "configured".to_owned(),
         }
     }
 
-    /// The backend named `name`.
-    pub fn get(&self, name: &str) -> DaemonResult<Arc<dyn Vmm>> {
-        match name {
-            "firecracker" => Ok(Arc::clone(&self.firecracker)),
-            "qemu" => Ok(Arc::clone(&self.qemu) as Arc<dyn Vmm>),
-            other => Err(DaemonError::invalid_params(format!(
-                "Unknown backend `{other}`: use firecracker or qemu"
-            ))),
+    /// The implementation of `backend`.
+    pub fn get(&self, backend: Backend) -> Arc<dyn Vmm> {
+        match backend {
+            Backend::Firecracker => Arc::clone(&self.firecracker),
+            Backend::Qemu => Arc::clone(&self.qemu) as Arc<dyn Vmm>,
         }
     }
 
     /// The backend that made `handle`.
     pub fn of(&self, handle: &VmmHandle) -> Arc<dyn Vmm> {
         self.get(handle.backend())
-            .unwrap_or_else(|_| Arc::clone(&self.firecracker))
     }
 
     /// QEMU's accelerator choice and why, for `doctor`.

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use banger_proto::Backend;
+use serde::{Deserialize, Deserializer};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/banger/config.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger";
@@ -204,19 +205,42 @@ impl Default for VmDefaults {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct VmmConfig {
-    /// The backend new VMs use: `auto` (Firecracker when its binary is
-    /// present and KVM is usable, else QEMU), `firecracker` or `qemu`.
-    pub backend: String,
+    /// The backend new VMs use.
+    pub backend: BackendSetting,
 }
 
-impl Default for VmmConfig {
-    fn default() -> Self {
-        Self {
-            backend: "auto".to_owned(),
+/// `[vmm] backend`: `auto`, `firecracker` or `qemu`. Anything else is
+/// refused when the config is loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BackendSetting {
+    /// Firecracker when its binary is present and KVM is usable, else QEMU.
+    #[default]
+    Auto,
+    Fixed(Backend),
+}
+
+impl std::str::FromStr for BackendSetting {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            other => other
+                .parse()
+                .map(Self::Fixed)
+                .map_err(|_| format!("must be one of auto, firecracker, qemu, not {other:?}")),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendSetting {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(|problem| serde::de::Error::custom(format!("`vmm.backend` {problem}")))
     }
 }
 
@@ -315,15 +339,6 @@ impl Config {
                 format!(
                     "must be at least {MIN_MEMORY_MIB}, not {}",
                     self.vm.memory_mib
-                ),
-            ));
-        }
-        if !["auto", "firecracker", "qemu"].contains(&self.vmm.backend.as_str()) {
-            return Err(bad(
-                "vmm.backend",
-                format!(
-                    "must be one of auto, firecracker, qemu, not {:?}",
-                    self.vmm.backend
                 ),
             ));
         }
@@ -455,12 +470,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("invalid type"));
-        assert!(parse("[vmm]\nbackend = \"xen\"\n").is_err());
         assert!(parse("[firecracker]\nlog_level = \"loud\"\n").is_err());
         assert!(parse("[storage]\nclone = \"magic\"\n")
             .unwrap_err()
             .to_string()
             .contains("`storage.clone` must be one of"));
+    }
+
+    #[test]
+    fn backend_is_auto_or_a_known_backend() {
+        assert_eq!(parse("").unwrap().vmm.backend, BackendSetting::Auto);
+        assert_eq!(
+            parse("[vmm]\nbackend = \"qemu\"\n").unwrap().vmm.backend,
+            BackendSetting::Fixed(Backend::Qemu)
+        );
+        assert_eq!(
+            parse("[vmm]\nbackend = \"xen\"\n")
+                .unwrap_err()
+                .to_string(),
+            "Invalid config /etc/banger/config.toml: line 2: `vmm.backend` must be one of auto, firecracker, qemu, not \"xen\""
+        );
     }
 
     #[test]

@@ -54,14 +54,14 @@ impl DaemonError {
 
     /// The message followed by every cause, joined with `: `.
     pub fn chain(&self) -> String {
-        let mut text = self.message.clone();
-        if let Some(source) = &self.source {
-            for cause in source.chain() {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-            }
+        match &self.source {
+            Some(source) => format!(
+                "{}: {}",
+                self.message,
+                banger_proto::error_chain(source.as_ref())
+            ),
+            None => self.message.clone(),
         }
-        text
     }
 
     pub fn to_rpc(&self) -> RpcError {

@@ -73,7 +73,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let store = Store::open(&paths.database())?;
 
     let backends = crate::backends::Backends::from_config(&config).await?;
-    tracing::info!(backend = backends.default, reason = %backends.reason, "default VMM backend");
+    tracing::info!(backend = %backends.default, reason = %backends.reason, "default VMM backend");
     let (clone, clone_reason) =
         banger_disk::clone::select_strategy(&config.storage.clone, &paths.root)?;
     tracing::info!(strategy = %clone.kind(), reason = %clone_reason, "root disk clone strategy");

@@ -349,7 +349,7 @@ mod tests {
             state: VmState::Creating,
             image: "img".into(),
             kernel: "krn".into(),
-            backend: "firecracker".into(),
+            backend: banger_proto::Backend::Firecracker,
             vcpus: 1,
             memory_mib: 128,
             disk_bytes: 0,

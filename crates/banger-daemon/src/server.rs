@@ -9,12 +9,16 @@
 //!    are notifications and get no answer.
 //! 3. An unauthorised peer gets a `not_allowed` error for its first request
 //!    and the connection is closed.
-//! 4. `operation.watch` answers, then turns the connection into a stream of
-//!    frames and closes it after the terminal frame.
-//! 5. `vm.agent` answers with the guest agent's hello, then the connection
-//!    carries the agent protocol, relayed to the VM ([`crate::relay`]).
-//! 6. `vm.workspace.*` answer, then the connection carries a workspace
-//!    upload or export stream ([`crate::workspace`]).
+//! 4. Every other request names a method type of `banger_proto::method`;
+//!    [`handle`] decodes its params (`invalid_params` with serde's message)
+//!    and encodes its result, so each arm of [`dispatch`] only calls a
+//!    service. An unknown name is `method_not_found`.
+//! 5. A streaming method (`Method::STREAMS`) owns the rest of the
+//!    connection: `operation.watch` answers, then sends frames and closes
+//!    after the terminal one; `vm.agent` answers with the guest agent's
+//!    hello, then relays the agent protocol to the VM ([`crate::relay`]);
+//!    `vm.workspace.*` answer, then carry a workspace upload or export
+//!    stream ([`crate::workspace`]).
 //!
 //! [`serve`] takes its listener and shutdown signal from outside, so tests run
 //! it on a temporary socket.
@@ -23,13 +27,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use banger_proto::method;
+use banger_proto::method::{self, Method, NoParams};
 use banger_proto::{
-    CreateDiskParams, CreateVmParams, DaemonStatus, DeleteVmParams, ErrorKind, ImportImageParams,
-    ImportKernelParams, OperationParams, OperationRef, RemoveParams, Request, ResizeDiskParams,
-    Response, RpcError, SetVmParams, StopVmParams, StreamFrame, VmRef, VmState,
+    DaemonStatus, ErrorKind, Request, Response, RpcError, StreamFrame, StreamStarted, VmState,
 };
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -161,49 +162,19 @@ async fn handle_connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::
             )
             .await;
         }
-        if request.method == method::OPERATION_WATCH {
-            return watch(&daemon, request.params, id.unwrap_or(Value::Null), write).await;
-        }
-        if request.method == method::VM_AGENT {
+        if method::is_streaming(&request.method) {
             let id = id.unwrap_or(Value::Null);
-            let agent = match params::<VmRef>(request.params) {
-                Ok(reference) => daemon.vms.agent(&reference.vm).await,
-                Err(error) => Err(error),
-            };
-            return match agent {
-                Ok((_, client)) => {
-                    send(
-                        &mut write,
-                        &Response::success(
-                            id,
-                            serde_json::to_value(client.hello()).unwrap_or(Value::Null),
-                        ),
-                    )
-                    .await?;
-                    // Bytes the reader buffered past the request line are the first frames.
-                    crate::relay::relay(client, reader, write).await;
-                    Ok(())
-                }
-                Err(error) => send(&mut write, &Response::failure(id, error.to_rpc())).await,
-            };
+            return serve_stream(
+                &daemon,
+                peer,
+                &request.method,
+                request.params,
+                id,
+                reader,
+                write,
+            )
+            .await;
         }
-        // ---- workspace service: `vm.workspace.*` stream on the connection ----
-        if let Some(call) = crate::workspace::Call::parse(&request.method) {
-            let id = id.unwrap_or(Value::Null);
-            return daemon
-                .workspace
-                .serve(
-                    call,
-                    daemon.vms.as_ref(),
-                    peer,
-                    request.params,
-                    id,
-                    reader,
-                    write,
-                )
-                .await;
-        }
-        // ---- end workspace service ----
         let outcome = dispatch(&daemon, peer, &request.method, request.params).await;
         if let Some(id) = id {
             let response = match outcome {
@@ -255,8 +226,10 @@ async fn send(write: &mut OwnedWriteHalf, message: &impl Serialize) -> std::io::
     write.write_all(&bytes).await
 }
 
-fn params<T: DeserializeOwned>(params: Option<Value>) -> DaemonResult<T> {
-    let value = match params {
+/// Decodes a request's params as `M`'s; absent or `null` params decode as
+/// `{}`, so methods whose params are all optional need none.
+fn params<M: Method>(raw: Option<Value>) -> DaemonResult<M::Params> {
+    let value = match raw {
         None | Some(Value::Null) => Value::Object(serde_json::Map::new()),
         Some(value) => value,
     };
@@ -264,20 +237,22 @@ fn params<T: DeserializeOwned>(params: Option<Value>) -> DaemonResult<T> {
         .map_err(|error| DaemonError::invalid_params(format!("Invalid params: {error}")))
 }
 
-fn no_params(params: Option<Value>) -> DaemonResult<()> {
-    match params {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Object(map)) if map.is_empty() => Ok(()),
-        Some(Value::Array(list)) if list.is_empty() => Ok(()),
-        Some(other) => Err(DaemonError::invalid_params(format!(
-            "Invalid params: this method takes none, got {other}"
-        ))),
-    }
+fn encode<M: Method>(result: &M::Result) -> DaemonResult<Value> {
+    serde_json::to_value(result)
+        .map_err(|error| DaemonError::failed("Failed to encode the result", error))
 }
 
-fn to_value(value: impl Serialize) -> DaemonResult<Value> {
-    serde_json::to_value(value)
-        .map_err(|error| DaemonError::failed("Failed to encode the result", error))
+/// Runs method `M`: decodes its params, awaits `handler` on them and
+/// encodes the result.
+async fn handle<M: Method, F>(
+    raw: Option<Value>,
+    handler: impl FnOnce(M::Params) -> F,
+) -> DaemonResult<Value>
+where
+    F: Future<Output = DaemonResult<M::Result>>,
+{
+    let result = handler(params::<M>(raw)?).await?;
+    encode::<M>(&result)
 }
 
 async fn dispatch(
@@ -286,138 +261,172 @@ async fn dispatch(
     method_name: &str,
     raw: Option<Value>,
 ) -> DaemonResult<Value> {
+    use banger_proto::method::{
+        DaemonDoctor, DiskCreate, DiskList, DiskRemove, DiskResize, ImageImport, ImageList,
+        ImagePull, ImageRemove, ImageShow, KernelImport, KernelList, KernelPull, KernelRemove,
+        KernelShow, OperationCancel, OperationList, OperationStatus, VmCreate, VmDelete, VmList,
+        VmRestart, VmSet, VmShow, VmStart, VmStats, VmStop,
+    };
+    let vms = &daemon.vms;
     match method_name {
-        method::DAEMON_STATUS => {
-            no_params(raw)?;
-            to_value(status(daemon)?)
+        method::DaemonStatus::NAME => {
+            handle::<method::DaemonStatus, _>(raw, |NoParams| async { status(daemon) }).await
         }
-        method::DAEMON_DOCTOR => {
-            no_params(raw)?;
-            let doctor = crate::doctor::Doctor {
-                backends: daemon.vms.backends(),
-                clone_reason: &daemon.info.clone_reason,
-                config: &daemon.config,
-                paths: &daemon.paths,
-                images: &daemon.images,
-                access: &daemon.access,
-                network: daemon.network.as_deref(),
-                catalog: &daemon.catalog,
-            };
-            to_value(doctor.run().await)
+        DaemonDoctor::NAME => {
+            handle::<DaemonDoctor, _>(raw, |NoParams| async {
+                let doctor = crate::doctor::Doctor {
+                    backends: vms.backends(),
+                    clone_reason: &daemon.info.clone_reason,
+                    config: &daemon.config,
+                    paths: &daemon.paths,
+                    images: &daemon.images,
+                    access: &daemon.access,
+                    network: daemon.network.as_deref(),
+                    catalog: &daemon.catalog,
+                };
+                Ok(doctor.run().await)
+            })
+            .await
         }
-        method::VM_CREATE => {
-            let create: CreateVmParams = params(raw)?;
-            // ---- workspace service: the create's `workspace` stage, for this caller ----
-            let workspace: Option<Box<dyn crate::vms::GuestStage>> = match &create.workspace {
-                Some(spec) => Some(Box::new(daemon.workspace.create_stage(
-                    spec,
-                    create.no_start,
-                    peer.uid,
-                )?)),
-                None => None,
-            };
-            // ---- end workspace service ----
-            to_value(daemon.vms.create(create, workspace).await?)
+        VmCreate::NAME => {
+            handle::<VmCreate, _>(raw, |create| async move {
+                // The create's `workspace` stage, for this caller.
+                let workspace: Option<Box<dyn crate::vms::GuestStage>> = match &create.workspace {
+                    Some(spec) => Some(Box::new(daemon.workspace.create_stage(
+                        spec,
+                        create.no_start,
+                        peer.uid,
+                    )?)),
+                    None => None,
+                };
+                vms.create(create, workspace).await
+            })
+            .await
         }
-        method::VM_LIST => {
-            no_params(raw)?;
-            to_value(daemon.vms.list()?)
+        VmList::NAME => handle::<VmList, _>(raw, |NoParams| async { vms.list() }).await,
+        VmShow::NAME => handle::<VmShow, _>(raw, |show| async move { vms.find(&show.vm) }).await,
+        VmStart::NAME => {
+            handle::<VmStart, _>(raw, |start| async move { vms.start(&start.vm).await }).await
         }
-        method::VM_SHOW => to_value(daemon.vms.find(&params::<VmRef>(raw)?.vm)?),
-        method::VM_START => to_value(daemon.vms.start(&params::<VmRef>(raw)?.vm).await?),
-        method::VM_STOP => {
-            let stop: StopVmParams = params(raw)?;
-            to_value(daemon.vms.stop(&stop.vm, stop.force).await?)
-        }
-        method::VM_RESTART => to_value(daemon.vms.restart(&params::<VmRef>(raw)?.vm).await?),
-        method::VM_DELETE => {
-            let delete: DeleteVmParams = params(raw)?;
-            to_value(
-                daemon
-                    .vms
-                    .delete(&delete.vm, delete.force, delete.keep_work_disk)
-                    .await?,
+        VmStop::NAME => {
+            handle::<VmStop, _>(
+                raw,
+                |stop| async move { vms.stop(&stop.vm, stop.force).await },
             )
+            .await
         }
-        method::VM_SET => to_value(daemon.vms.set(params::<SetVmParams>(raw)?).await?),
-        method::VM_STATS => to_value(daemon.vms.stats(&params::<VmRef>(raw)?.vm).await?),
-        method::DISK_CREATE => {
-            let create: CreateDiskParams = params(raw)?;
-            to_value(daemon.disks.create(&create.name, &create.size).await?)
+        VmRestart::NAME => {
+            handle::<VmRestart, _>(raw, |restart| async move { vms.restart(&restart.vm).await })
+                .await
         }
-        method::DISK_LIST => {
-            no_params(raw)?;
-            to_value(daemon.disks.list()?)
+        VmDelete::NAME => {
+            handle::<VmDelete, _>(raw, |delete| async move {
+                vms.delete(&delete.vm, delete.force, delete.keep_work_disk)
+                    .await
+            })
+            .await
         }
-        method::DISK_REMOVE => to_value(daemon.disks.remove(&params::<RemoveParams>(raw)?.name)?),
-        method::DISK_RESIZE => {
-            let resize: ResizeDiskParams = params(raw)?;
-            // The lock of the VM the disk is attached to: that VM cannot
-            // start while `resize2fs` runs.
-            let attached_to = daemon.disks.find(&resize.name)?.vm_id;
-            let _guard = match &attached_to {
-                Some(vm_id) => Some(daemon.vms.lock_vm(vm_id).await),
-                None => None,
-            };
-            to_value(daemon.disks.resize(&resize.name, &resize.size).await?)
+        VmSet::NAME => handle::<VmSet, _>(raw, |set| vms.set(set)).await,
+        VmStats::NAME => {
+            handle::<VmStats, _>(raw, |stats| async move { vms.stats(&stats.vm).await }).await
         }
-        method::IMAGE_IMPORT => to_value(
-            daemon
-                .images
-                .import_image(peer, params::<ImportImageParams>(raw)?)
-                .await?,
-        ),
-        method::IMAGE_PULL => to_value(
-            daemon
-                .catalog
-                .start_pull(crate::catalog::PullKind::Image, params(raw)?)
-                .await?,
-        ),
-        method::KERNEL_PULL => to_value(
-            daemon
-                .catalog
-                .start_pull(crate::catalog::PullKind::Kernel, params(raw)?)
-                .await?,
-        ),
-        method::IMAGE_LIST => {
-            no_params(raw)?;
-            to_value(daemon.images.list_images()?)
+        DiskCreate::NAME => {
+            handle::<DiskCreate, _>(raw, |create| async move {
+                daemon.disks.create(&create.name, &create.size).await
+            })
+            .await
         }
-        method::IMAGE_SHOW => to_value(daemon.images.image(&params::<RemoveParams>(raw)?.name)?),
-        method::IMAGE_REMOVE => to_value(
-            daemon
-                .images
-                .remove_image(&params::<RemoveParams>(raw)?.name)?,
-        ),
-        method::KERNEL_IMPORT => to_value(
-            daemon
-                .images
-                .import_kernel(peer, params::<ImportKernelParams>(raw)?)
-                .await?,
-        ),
-        method::KERNEL_LIST => {
-            no_params(raw)?;
-            to_value(daemon.images.list_kernels()?)
+        DiskList::NAME => {
+            handle::<DiskList, _>(raw, |NoParams| async { daemon.disks.list() }).await
         }
-        method::KERNEL_SHOW => to_value(daemon.images.kernel(&params::<RemoveParams>(raw)?.name)?),
-        method::KERNEL_REMOVE => to_value(
-            daemon
-                .images
-                .remove_kernel(&params::<RemoveParams>(raw)?.name)?,
-        ),
-        method::OPERATION_LIST => {
-            let filter: OperationParams = params(raw)?;
-            let mut operations = daemon.operations.list()?;
-            if filter.running {
-                operations.retain(|operation| !operation.state.is_terminal());
-            }
-            to_value(operations)
+        DiskRemove::NAME => {
+            handle::<DiskRemove, _>(
+                raw,
+                |remove| async move { daemon.disks.remove(&remove.name) },
+            )
+            .await
         }
-        method::OPERATION_STATUS => {
-            to_value(daemon.operations.status(&params::<OperationRef>(raw)?.id)?)
+        DiskResize::NAME => {
+            handle::<DiskResize, _>(raw, |resize| async move {
+                // The lock of the VM the disk is attached to: that VM cannot
+                // start while `resize2fs` runs.
+                let attached_to = daemon.disks.find(&resize.name)?.vm_id;
+                let _guard = match &attached_to {
+                    Some(vm_id) => Some(vms.lock_vm(vm_id).await),
+                    None => None,
+                };
+                daemon.disks.resize(&resize.name, &resize.size).await
+            })
+            .await
         }
-        method::OPERATION_CANCEL => {
-            to_value(daemon.operations.cancel(&params::<OperationRef>(raw)?.id)?)
+        ImageImport::NAME => {
+            handle::<ImageImport, _>(raw, |import| daemon.images.import_image(peer, import)).await
+        }
+        ImagePull::NAME => {
+            handle::<ImagePull, _>(raw, |pull| {
+                daemon
+                    .catalog
+                    .start_pull(crate::catalog::PullKind::Image, pull)
+            })
+            .await
+        }
+        KernelPull::NAME => {
+            handle::<KernelPull, _>(raw, |pull| {
+                daemon
+                    .catalog
+                    .start_pull(crate::catalog::PullKind::Kernel, pull)
+            })
+            .await
+        }
+        ImageList::NAME => {
+            handle::<ImageList, _>(raw, |NoParams| async { daemon.images.list_images() }).await
+        }
+        ImageShow::NAME => {
+            handle::<ImageShow, _>(raw, |show| async move { daemon.images.image(&show.name) }).await
+        }
+        ImageRemove::NAME => {
+            handle::<ImageRemove, _>(raw, |remove| async move {
+                daemon.images.remove_image(&remove.name)
+            })
+            .await
+        }
+        KernelImport::NAME => {
+            handle::<KernelImport, _>(raw, |import| daemon.images.import_kernel(peer, import)).await
+        }
+        KernelList::NAME => {
+            handle::<KernelList, _>(raw, |NoParams| async { daemon.images.list_kernels() }).await
+        }
+        KernelShow::NAME => {
+            handle::<KernelShow, _>(raw, |show| async move { daemon.images.kernel(&show.name) })
+                .await
+        }
+        KernelRemove::NAME => {
+            handle::<KernelRemove, _>(raw, |remove| async move {
+                daemon.images.remove_kernel(&remove.name)
+            })
+            .await
+        }
+        OperationList::NAME => {
+            handle::<OperationList, _>(raw, |filter| async move {
+                let mut operations = daemon.operations.list()?;
+                if filter.running {
+                    operations.retain(|operation| !operation.state.is_terminal());
+                }
+                Ok(operations)
+            })
+            .await
+        }
+        OperationStatus::NAME => {
+            handle::<OperationStatus, _>(raw, |reference| async move {
+                daemon.operations.status(&reference.id)
+            })
+            .await
+        }
+        OperationCancel::NAME => {
+            handle::<OperationCancel, _>(raw, |reference| async move {
+                daemon.operations.cancel(&reference.id)
+            })
+            .await
         }
         other => Err(DaemonError::new(
             ErrorKind::MethodNotFound,
@@ -456,13 +465,71 @@ fn status(daemon: &Daemon) -> DaemonResult<DaemonStatus> {
     })
 }
 
+/// Serves a streaming method (`Method::STREAMS`), which owns the rest of
+/// the connection. `reader` may hold bytes buffered past the request line.
+async fn serve_stream(
+    daemon: &Daemon,
+    peer: Peer,
+    method_name: &str,
+    raw: Option<Value>,
+    id: Value,
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: OwnedWriteHalf,
+) -> std::io::Result<()> {
+    match method_name {
+        method::OperationWatch::NAME => watch(daemon, raw, id, write).await,
+        method::VmAgent::NAME => {
+            let agent = match params::<method::VmAgent>(raw) {
+                Ok(reference) => daemon.vms.agent(&reference.vm).await,
+                Err(error) => Err(error),
+            };
+            match agent.and_then(|(_, client)| {
+                let hello = encode::<method::VmAgent>(client.hello())?;
+                Ok((client, hello))
+            }) {
+                Ok((client, hello)) => {
+                    send(&mut write, &Response::success(id, hello)).await?;
+                    // Bytes the reader buffered past the request line are the first frames.
+                    crate::relay::relay(client, reader, write).await;
+                    Ok(())
+                }
+                Err(error) => send(&mut write, &Response::failure(id, error.to_rpc())).await,
+            }
+        }
+        method::VmWorkspacePrepare::NAME
+        | method::VmWorkspaceUpload::NAME
+        | method::VmWorkspaceExport::NAME => match crate::workspace::Call::parse(method_name) {
+            Some(call) => {
+                daemon
+                    .workspace
+                    .serve(call, daemon.vms.as_ref(), peer, raw, id, reader, write)
+                    .await
+            }
+            None => {
+                let error = DaemonError::new(
+                    ErrorKind::Internal,
+                    format!("Streaming method `{method_name}` has no handler"),
+                );
+                send(&mut write, &Response::failure(id, error.to_rpc())).await
+            }
+        },
+        other => {
+            let error = DaemonError::new(
+                ErrorKind::Internal,
+                format!("Streaming method `{other}` has no handler"),
+            );
+            send(&mut write, &Response::failure(id, error.to_rpc())).await
+        }
+    }
+}
+
 async fn watch(
     daemon: &Daemon,
     raw: Option<Value>,
     id: Value,
     mut write: OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    let subscription = params::<OperationRef>(raw).and_then(|reference| {
+    let subscription = params::<method::OperationWatch>(raw).and_then(|reference| {
         daemon
             .operations
             .subscribe(&reference.id, |vm_id| daemon.vms.get(vm_id))
@@ -471,11 +538,11 @@ async fn watch(
         Ok(subscription) => subscription,
         Err(error) => return send(&mut write, &Response::failure(id, error.to_rpc())).await,
     };
-    send(
-        &mut write,
-        &Response::success(id, serde_json::json!({ "streaming": true })),
-    )
-    .await?;
+    let started = StreamStarted { streaming: true };
+    match encode::<method::OperationWatch>(&started) {
+        Ok(started) => send(&mut write, &Response::success(id, started)).await?,
+        Err(error) => return send(&mut write, &Response::failure(id, error.to_rpc())).await,
+    }
     for frame in &subscription.history {
         send(&mut write, frame).await?;
         if matches!(frame, StreamFrame::Done { .. }) {

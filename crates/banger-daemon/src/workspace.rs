@@ -52,12 +52,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_agent_proto::client::AgentClient;
+use banger_proto::method::{self, Method as _};
 use banger_proto::workspace::{
     ExportMode, ExportWorkspaceParams, ExportWorkspaceResult, PrepareWorkspaceParams,
     PrepareWorkspaceResult, UploadTrailer, UploadWorkspaceParams, UploadWorkspaceResult,
     WorkspaceExported, WorkspacePrepared, WorkspaceSpec, STAGE,
 };
-use banger_proto::{method, ErrorKind, Response, Vm};
+use banger_proto::{ErrorKind, Response, Vm};
 use banger_workspace::guest::{self, GuestError};
 use banger_workspace::stream::{self, Frame, StreamError};
 use serde::Serialize;
@@ -129,9 +130,9 @@ pub enum Call {
 impl Call {
     pub fn parse(method_name: &str) -> Option<Self> {
         match method_name {
-            method::VM_WORKSPACE_PREPARE => Some(Self::Prepare),
-            method::VM_WORKSPACE_UPLOAD => Some(Self::Upload),
-            method::VM_WORKSPACE_EXPORT => Some(Self::Export),
+            method::VmWorkspacePrepare::NAME => Some(Self::Prepare),
+            method::VmWorkspaceUpload::NAME => Some(Self::Upload),
+            method::VmWorkspaceExport::NAME => Some(Self::Export),
             _ => None,
         }
     }
@@ -1023,7 +1024,7 @@ mod tests {
             state: VmState::Running,
             image: "img".into(),
             kernel: "krn".into(),
-            backend: "firecracker".into(),
+            backend: banger_proto::Backend::Firecracker,
             vcpus: 1,
             memory_mib: 128,
             disk_bytes: 0,

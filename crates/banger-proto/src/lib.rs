@@ -5,19 +5,22 @@
 //! 1. The client connects and writes one JSON-RPC 2.0 request per line
 //!    ([`Request`]); the daemon answers each with one [`Response`] line, in
 //!    order. A connection may carry any number of calls.
-//! 2. A call whose method streams (see [`method::is_streaming`]) is answered
-//!    with a normal response first; after it the connection carries
-//!    newline-delimited [`StreamFrame`]s until a terminal frame, and is then
-//!    closed by the daemon.
-//! 3. Two kinds of call hand the connection to another protocol after their
-//!    response: `vm.agent` (the agent protocol, [`agent`]) and
-//!    `vm.workspace.*` (binary frames, [`workspace`]).
-//! 4. Errors are JSON-RPC errors whose `data` carries a stable [`ErrorKind`]
+//! 2. Each method is a type implementing [`method::Method`]: its name, its
+//!    params and its result. A call whose method streams
+//!    ([`method::Method::STREAMS`]) is answered with a normal response
+//!    first; after it the connection carries that method's stream:
+//!    newline-delimited [`StreamFrame`]s up to a terminal frame for
+//!    `operation.watch` (then the daemon closes it), the guest agent
+//!    protocol for `vm.agent`, binary frames ([`workspace`]) for
+//!    `vm.workspace.*`.
+//! 3. Errors are JSON-RPC errors whose `data` carries a stable [`ErrorKind`]
 //!    and an optional hint; the message is the whole cause chain.
 //!
 //! Nothing in this crate performs I/O.
 
 pub mod agent;
+pub mod backend;
+mod chain;
 pub mod image;
 pub mod jsonrpc;
 pub mod method;
@@ -27,11 +30,15 @@ pub mod status;
 pub mod vm;
 pub mod workspace;
 
+pub use backend::{Backend, UnknownBackend};
+pub use chain::error_chain;
 pub use image::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
 pub use jsonrpc::{ErrorData, ErrorKind, Request, Response, RpcError};
+pub use method::{Method, NoParams};
 pub use name::{validate_vm_name, NameError};
 pub use operation::{
     Operation, OperationParams, OperationRef, OperationState, StageEvent, StageStatus, StreamFrame,
+    StreamStarted,
 };
 pub use status::DaemonStatus;
 pub use vm::{

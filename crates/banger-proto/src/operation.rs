@@ -104,6 +104,13 @@ pub struct OperationParams {
     pub running: bool,
 }
 
+/// The answer of a call that turns the connection into a stream
+/// (`operation.watch`); the frames follow it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamStarted {
+    pub streaming: bool,
+}
+
 /// A frame of a streamed call, one JSON object per line.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "event", rename_all = "snake_case")]

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Backend;
+
 /// Lifecycle state. `creating → starting → running → stopping → stopped`,
 /// plus `failed` (the error is kept in [`Vm::error`]) and `crashed` (the VMM
 /// process died without being asked to).
@@ -66,7 +68,7 @@ pub struct Vm {
     pub image: String,
     /// Kernel name.
     pub kernel: String,
-    pub backend: String,
+    pub backend: Backend,
     pub vcpus: u8,
     pub memory_mib: u32,
     /// Root disk size in bytes.
@@ -180,9 +182,9 @@ pub struct CreateVmParams {
     /// Create the VM stopped.
     #[serde(default)]
     pub no_start: bool,
-    /// `firecracker` or `qemu`; the daemon's default when absent.
+    /// The daemon's default when absent.
     #[serde(default)]
-    pub backend: Option<String>,
+    pub backend: Option<Backend>,
     /// A size (`10G`): a new work disk for the VM; or the name of a detached one.
     #[serde(default)]
     pub work_disk: Option<String>,
@@ -298,6 +300,22 @@ mod tests {
         assert!(
             error.to_string().contains("unknown field `cpus`"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn create_params_refuse_unknown_backends() {
+        let params: CreateVmParams =
+            serde_json::from_str(r#"{"name":"a","backend":"qemu"}"#).unwrap();
+        assert_eq!(params.backend, Some(Backend::Qemu));
+        let error = serde_json::from_value::<CreateVmParams>(
+            serde_json::json!({"name": "a", "backend": "foo"}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error,
+            "unknown variant `foo`, expected `firecracker` or `qemu`"
         );
     }
 }

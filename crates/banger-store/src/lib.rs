@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use banger_proto::vm::VmNetwork;
-use banger_proto::{Image, Kernel, Operation, OperationState, StageEvent, Vm, VmState, WorkDisk};
+use banger_proto::{
+    Backend, Image, Kernel, Operation, OperationState, StageEvent, Vm, VmState, WorkDisk,
+};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use migrations::MIGRATIONS;
@@ -252,7 +254,7 @@ impl Store {
                 vm.state.as_str(),
                 vm.image,
                 vm.kernel,
-                vm.backend,
+                vm.backend.as_str(),
                 vm.vcpus,
                 vm.memory_mib,
                 to_i64(vm.disk_bytes),
@@ -666,13 +668,18 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
             format!("unknown VM state `{state}`").into(),
         )
     })?;
+    // An unknown backend is a corrupt row, never a silent default.
+    let backend: String = row.get(5)?;
+    let backend: Backend = backend.parse().map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(error))
+    })?;
     Ok(Vm {
         id: row.get(0)?,
         name: row.get(1)?,
         state,
         image: row.get(3)?,
         kernel: row.get(4)?,
-        backend: row.get(5)?,
+        backend,
         vcpus: row.get(6)?,
         memory_mib: row.get(7)?,
         disk_bytes: get_u64(row, 8)?,

@@ -32,7 +32,7 @@ fn vm(id: &str, name: &str) -> Vm {
         state: VmState::Creating,
         image: "debian".to_owned(),
         kernel: "default".to_owned(),
-        backend: "firecracker".to_owned(),
+        backend: Backend::Firecracker,
         vcpus: 2,
         memory_mib: 1024,
         disk_bytes: 1 << 30,
@@ -198,6 +198,23 @@ fn operations_round_trip() {
     assert_eq!(store.get_operation("op1").unwrap().unwrap(), operation);
     assert_eq!(store.list_operations().unwrap(), vec![operation]);
     assert!(store.get_operation("nope").unwrap().is_none());
+}
+
+#[test]
+fn backends_round_trip_and_an_unknown_one_is_an_error() {
+    let store = seeded();
+    let mut record = vm("q1", "on-qemu");
+    record.backend = Backend::Qemu;
+    store.insert_vm(&record).unwrap();
+    assert_eq!(store.list_vms().unwrap()[0].backend, Backend::Qemu);
+    store
+        .lock()
+        .execute("UPDATE vms SET backend = 'xen' WHERE id = 'q1'", [])
+        .unwrap();
+    let error = store.list_vms().unwrap_err();
+    assert!(matches!(error, StoreError::Query(_)), "{error:?}");
+    let message = banger_proto::error_chain(&error);
+    assert!(message.contains("Unknown backend `xen`"), "{message}");
 }
 
 #[test]

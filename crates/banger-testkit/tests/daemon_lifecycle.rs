@@ -514,6 +514,41 @@ fn unauthorised_peer_is_refused_and_daemon_keeps_serving() {
 }
 
 #[test]
+fn params_are_checked_against_the_method_types() {
+    let daemon = TestDaemon::start_with(&[]);
+    let response = daemon.raw_call(
+        r#"{"jsonrpc":"2.0","id":1,"method":"vm.create","params":{"name":"x","backend":"foo"}}"#,
+    );
+    assert_eq!(response["error"]["code"], -32602, "{response}");
+    assert_eq!(response["error"]["data"]["kind"], "invalid_params");
+    assert_eq!(
+        response["error"]["message"],
+        "Invalid params: unknown variant `foo`, expected `firecracker` or `qemu`"
+    );
+    let response =
+        daemon.raw_call(r#"{"jsonrpc":"2.0","id":2,"method":"vm.list","params":{"all":true}}"#);
+    assert_eq!(response["error"]["code"], -32602, "{response}");
+    assert_eq!(
+        response["error"]["message"],
+        r#"Invalid params: this method takes none, got {"all":true}"#
+    );
+    for accepted in [
+        "",
+        r#","params":null"#,
+        r#","params":{}"#,
+        r#","params":[]"#,
+    ] {
+        let response = daemon.raw_call(&format!(
+            r#"{{"jsonrpc":"2.0","id":3,"method":"vm.list"{accepted}}}"#
+        ));
+        assert_eq!(response["result"], Value::Array(vec![]), "{response}");
+    }
+    let response = daemon.raw_call(r#"{"jsonrpc":"2.0","id":4,"method":"vm.explode"}"#);
+    assert_eq!(response["error"]["message"], "Unknown method `vm.explode`");
+    assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
+}
+
+#[test]
 fn bad_config_is_a_one_line_error_at_start() {
     let daemon = TestDaemon::new(&[]);
     std::fs::write(&daemon.config, "[vm]\nvcpus = 2\nturbo = true\n").unwrap();

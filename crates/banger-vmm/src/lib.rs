@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use banger_proto::Backend;
 
 pub use process::{ExitStatusInfo, ProcessError, ProcessHandle};
 
@@ -146,7 +147,7 @@ pub struct VmmHandle {
 }
 
 struct HandleInner {
-    backend: &'static str,
+    backend: Backend,
     vm_id: String,
     runtime_dir: PathBuf,
     api_socket: PathBuf,
@@ -166,7 +167,7 @@ impl VmmHandle {
     /// [`Vmm`] can build them around any process.
     #[must_use]
     pub fn new(
-        backend: &'static str,
+        backend: Backend,
         vm_id: impl Into<String>,
         runtime_dir: impl Into<PathBuf>,
         api_socket: impl Into<PathBuf>,
@@ -184,7 +185,7 @@ impl VmmHandle {
     }
 
     #[must_use]
-    pub fn backend(&self) -> &'static str {
+    pub fn backend(&self) -> Backend {
         self.inner.backend
     }
 
@@ -259,8 +260,8 @@ impl fmt::Debug for VmmHandle {
 /// [`qemu::Qemu`].
 #[async_trait]
 pub trait Vmm: Send + Sync + 'static {
-    /// Short backend name, e.g. `"firecracker"`.
-    fn backend(&self) -> &'static str;
+    /// Which backend this is.
+    fn backend(&self) -> Backend;
 
     /// Spawn the VMM process and apply all pre-boot configuration. On any
     /// error the process is killed and reaped before returning: nothing is
@@ -321,7 +322,7 @@ pub enum VmmError {
     },
     #[error("Could not start {backend} for VM {vm_name}")]
     SpawnProcess {
-        backend: &'static str,
+        backend: Backend,
         vm_name: String,
         #[source]
         source: ProcessError,
@@ -331,7 +332,7 @@ pub enum VmmError {
         format_console_tail(console_tail)
     )]
     ExitDuringStartup {
-        backend: &'static str,
+        backend: Backend,
         vm_name: String,
         status: ExitStatusInfo,
         /// The last lines the process wrote to its console log.
@@ -339,7 +340,7 @@ pub enum VmmError {
     },
     #[error("The {backend} API of VM {vm_name} did not become ready")]
     WaitForApi {
-        backend: &'static str,
+        backend: Backend,
         vm_name: String,
         #[source]
         source: ControlError,

@@ -2,20 +2,20 @@
 
 use std::path::Path;
 
+use banger_proto::method::{self, NoParams};
 use banger_proto::status::{CheckStatus, DoctorReport};
-use banger_proto::{method, DaemonStatus};
 
 use crate::args::DaemonCommand;
 use crate::client::Client;
+use crate::error::Exit;
 use crate::printer::Printer;
-use crate::{CliError, CliResult};
 
-pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> anyhow::Result<()> {
     match command {
         DaemonCommand::Status(flag) => {
-            let status: DaemonStatus = Client::connect(socket)
+            let status = Client::connect(socket)
                 .await?
-                .call(method::DAEMON_STATUS, serde_json::json!({}))
+                .call::<method::DaemonStatus>(NoParams)
                 .await?;
             if flag.json {
                 printer.json(&status);
@@ -55,10 +55,10 @@ pub async fn run(socket: &Path, printer: Printer, command: DaemonCommand) -> Cli
     }
 }
 
-pub async fn doctor(socket: &Path, printer: Printer, json: bool) -> CliResult {
+pub async fn doctor(socket: &Path, printer: Printer, json: bool) -> anyhow::Result<()> {
     let report: DoctorReport = Client::connect(socket)
         .await?
-        .call(method::DAEMON_DOCTOR, serde_json::json!({}))
+        .call::<method::DaemonDoctor>(NoParams)
         .await?;
     if json {
         printer.json(&report);
@@ -76,11 +76,8 @@ pub async fn doctor(socket: &Path, printer: Printer, json: bool) -> CliResult {
         }
     }
     if report.worst() == CheckStatus::Fail {
-        return Err(CliError {
-            message: String::new(),
-            hint: None,
-            exit_code: 1,
-        });
+        // The report says what failed.
+        return Err(Exit(1).into());
     }
     Ok(())
 }

@@ -2,26 +2,24 @@
 
 use std::path::Path;
 
-use banger_proto::{method, CreateDiskParams, RemoveParams, ResizeDiskParams, WorkDisk};
+use banger_proto::method::{self, NoParams};
+use banger_proto::{CreateDiskParams, RemoveParams, ResizeDiskParams, WorkDisk};
 
 use crate::args::DiskCommand;
 use crate::client::Client;
 use crate::printer::{table, Printer};
-use crate::CliResult;
 
-pub async fn run(socket: &Path, printer: Printer, command: DiskCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: DiskCommand) -> anyhow::Result<()> {
     let mut client = Client::connect(socket).await?;
     match command {
         DiskCommand::Create { name, size, json } => {
-            let disk: WorkDisk = client
-                .call(method::DISK_CREATE, CreateDiskParams { name, size })
+            let disk = client
+                .call::<method::DiskCreate>(CreateDiskParams { name, size })
                 .await?;
             report(printer, json.json, &disk, "created")
         }
         DiskCommand::List(flag) => {
-            let disks: Vec<WorkDisk> = client
-                .call(method::DISK_LIST, serde_json::json!({}))
-                .await?;
+            let disks = client.call::<method::DiskList>(NoParams).await?;
             if flag.json {
                 printer.json(&disks);
             } else {
@@ -41,21 +39,21 @@ pub async fn run(socket: &Path, printer: Printer, command: DiskCommand) -> CliRe
             Ok(())
         }
         DiskCommand::Rm { name, json } => {
-            let disk: WorkDisk = client
-                .call(method::DISK_REMOVE, RemoveParams { name })
+            let disk = client
+                .call::<method::DiskRemove>(RemoveParams { name })
                 .await?;
             report(printer, json.json, &disk, "removed")
         }
         DiskCommand::Resize { name, size, json } => {
-            let disk: WorkDisk = client
-                .call(method::DISK_RESIZE, ResizeDiskParams { name, size })
+            let disk = client
+                .call::<method::DiskResize>(ResizeDiskParams { name, size })
                 .await?;
             report(printer, json.json, &disk, "resized")
         }
     }
 }
 
-fn report(printer: Printer, json: bool, disk: &WorkDisk, done: &str) -> CliResult {
+fn report(printer: Printer, json: bool, disk: &WorkDisk, done: &str) -> anyhow::Result<()> {
     if json {
         printer.json(disk);
     } else {

@@ -8,39 +8,33 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+use anyhow::{bail, Context as _};
 use banger_agent_proto::client::{AgentClient, ExecSession};
 use banger_proto::agent::{AuthSyncRequest, ExecRequest, WindowSize};
-use banger_proto::{method, Vm, VmRef, VmStats};
+use banger_proto::{method, Vm, VmRef};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::args::{AuthsyncArgs, CpArgs, RunArgs, SshArgs};
 use crate::client::Client;
+use crate::error::{hinted, Exit, Hint as _};
 use crate::printer::Printer;
-use crate::{CliError, CliResult};
 
-fn agent_error(vm: &str, error: banger_agent_proto::client::ClientError) -> CliError {
-    CliError::new(format!("VM `{vm}`: {}", error_chain(&error)))
+/// A failure of the agent of VM `vm`.
+pub(crate) fn agent_error(
+    vm: &str,
+    error: banger_agent_proto::client::ClientError,
+) -> anyhow::Error {
+    anyhow::Error::new(error).context(format!("VM `{vm}`"))
 }
 
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-async fn connect(socket: &Path, vm: &str) -> CliResult<AgentClient> {
+async fn connect(socket: &Path, vm: &str) -> anyhow::Result<AgentClient> {
     Ok(Client::connect(socket).await?.agent(vm).await?)
 }
 
 // ---- vm run ----
 
-pub async fn run(socket: &Path, args: RunArgs) -> CliResult {
+pub async fn run(socket: &Path, args: RunArgs) -> anyhow::Result<()> {
     let agent = connect(socket, &args.name.vm).await?;
     let tty = args.tty && std::io::stdin().is_terminal();
     let request = ExecRequest {
@@ -61,11 +55,7 @@ pub async fn run(socket: &Path, args: RunArgs) -> CliResult {
     let status = status.map_err(|error| agent_error(&args.name.vm, error))?;
     match u8::try_from(status.shell_code()) {
         Ok(0) => Ok(()),
-        code => Err(CliError {
-            message: String::new(),
-            hint: None,
-            exit_code: code.unwrap_or(255),
-        }),
+        code => Err(Exit(code.unwrap_or(255)).into()),
     }
 }
 
@@ -228,7 +218,7 @@ fn parse_location(text: &str) -> Location {
     Location::Host(PathBuf::from(text))
 }
 
-pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> CliResult {
+pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> anyhow::Result<()> {
     match (
         parse_location(&args.source),
         parse_location(&args.destination),
@@ -246,12 +236,12 @@ pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> CliResult {
             Ok(())
         }
         (Location::Host(_), Location::Host(_)) => {
-            Err(CliError::new("Neither side of `vm cp` is in a VM")
-                .with_hint("write one side as NAME:/path, e.g. `banger vm cp ./src devbox:/root/`"))
+            Err(anyhow::anyhow!("Neither side of `vm cp` is in a VM"))
+                .hint("write one side as NAME:/path, e.g. `banger vm cp ./src devbox:/root/`")
         }
-        (Location::Guest { .. }, Location::Guest { .. }) => Err(CliError::new(
-            "`vm cp` copies between the host and a VM, not between two VMs",
-        )),
+        (Location::Guest { .. }, Location::Guest { .. }) => {
+            bail!("`vm cp` copies between the host and a VM, not between two VMs")
+        }
     }
 }
 
@@ -262,7 +252,7 @@ fn last_component(path: &str) -> Option<String> {
 }
 
 /// Whether `path` is a directory in the guest.
-async fn guest_is_dir(agent: &AgentClient, vm: &str, path: &str) -> CliResult<bool> {
+async fn guest_is_dir(agent: &AgentClient, vm: &str, path: &str) -> anyhow::Result<bool> {
     let probe = agent
         .exec(ExecRequest {
             argv: vec!["test".into(), "-d".into(), path.into()],
@@ -278,9 +268,9 @@ async fn guest_is_dir(agent: &AgentClient, vm: &str, path: &str) -> CliResult<bo
 
 /// Copies a host file or tree into the guest: into `dest` when it is a
 /// directory there, else as `dest` (the source renamed).
-async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> CliResult<u64> {
+async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> anyhow::Result<u64> {
     let metadata = std::fs::symlink_metadata(source)
-        .map_err(|error| CliError::new(format!("Cannot read {}: {error}", source.display())))?;
+        .with_context(|| format!("Cannot read {}", source.display()))?;
     let source_name = source
         .canonicalize()
         .ok()
@@ -288,15 +278,15 @@ async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> Cl
             path.file_name()
                 .map(|name| name.to_string_lossy().into_owned())
         })
-        .ok_or_else(|| CliError::new(format!("{} has no name to copy as", source.display())))?;
+        .with_context(|| format!("{} has no name to copy as", source.display()))?;
     let (dest_dir, name) = if guest_is_dir(agent, vm, dest).await? {
         (dest.to_owned(), source_name)
     } else {
         let parent = Path::new(dest.trim_end_matches('/'))
             .parent()
             .map_or_else(|| "/".to_owned(), |parent| parent.display().to_string());
-        let name = last_component(dest)
-            .ok_or_else(|| CliError::new(format!("Invalid destination path `{dest}`")))?;
+        let name =
+            last_component(dest).with_context(|| format!("Invalid destination path `{dest}`"))?;
         (
             if parent.is_empty() {
                 ".".into()
@@ -319,24 +309,26 @@ async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> Cl
         };
         result
             .and_then(|()| builder.finish())
-            .map_err(|error| format!("Cannot pack {}: {error}", source.display()))
+            .with_context(|| format!("Cannot pack {}", source.display()))
     });
     let copied = agent.copy_in(&dest_dir, reader).await;
-    let packed = packer
-        .await
-        .map_err(|error| CliError::new(format!("Packing task failed: {error}")))?;
+    let packed = packer.await.context("Packing task failed")?;
     match (copied, packed) {
         (Ok(entries), Ok(())) => Ok(entries),
         (Err(error), _) => Err(agent_error(vm, error)),
-        (Ok(_), Err(error)) => Err(CliError::new(error)),
+        (Ok(_), Err(error)) => Err(error),
     }
 }
 
 /// Copies a guest file or tree to the host: into `destination` when it is a
 /// directory, else as `destination`. Hostile archives are refused.
-async fn copy_out(agent: &AgentClient, vm: &str, path: &str, destination: &Path) -> CliResult {
-    let name = last_component(path)
-        .ok_or_else(|| CliError::new(format!("Invalid guest path `{path}`")))?;
+async fn copy_out(
+    agent: &AgentClient,
+    vm: &str,
+    path: &str,
+    destination: &Path,
+) -> anyhow::Result<()> {
+    let name = last_component(path).with_context(|| format!("Invalid guest path `{path}`"))?;
     let stream = agent
         .copy_out(path)
         .await
@@ -357,7 +349,7 @@ async fn copy_out(agent: &AgentClient, vm: &str, path: &str, destination: &Path)
         banger_agent_proto::files::unpack(reader, &staging_path)
     })
     .await
-    .map_err(|error| CliError::new(format!("Unpacking task failed: {error}")));
+    .context("Unpacking task failed");
     let result = match unpacked {
         Ok(Ok(_)) => {
             let unpacked = staging.join(&name);
@@ -366,17 +358,12 @@ async fn copy_out(agent: &AgentClient, vm: &str, path: &str, destination: &Path)
             } else {
                 destination.to_owned()
             };
-            std::fs::rename(&unpacked, &target).map_err(|error| {
-                CliError::new(format!(
-                    "Cannot move the copy to {}: {error}",
-                    target.display()
-                ))
-            })
+            std::fs::rename(&unpacked, &target)
+                .with_context(|| format!("Cannot move the copy to {}", target.display()))
         }
-        Ok(Err(error)) => Err(CliError::new(format!(
-            "Copy from VM `{vm}` failed: {}",
-            error_chain(&error)
-        ))),
+        Ok(Err(error)) => {
+            Err(anyhow::Error::new(error).context(format!("Copy from VM `{vm}` failed")))
+        }
         Err(error) => Err(error),
     };
     let _ = std::fs::remove_dir_all(&staging);
@@ -384,7 +371,7 @@ async fn copy_out(agent: &AgentClient, vm: &str, path: &str, destination: &Path)
 }
 
 /// A fresh hidden directory in `parent`, so the final rename stays on one filesystem.
-fn tempfile_dir(parent: &Path) -> CliResult<PathBuf> {
+fn tempfile_dir(parent: &Path) -> anyhow::Result<PathBuf> {
     for attempt in 0..100_u32 {
         let path = parent.join(format!(
             ".banger-cp-{}-{attempt}-{}",
@@ -395,14 +382,13 @@ fn tempfile_dir(parent: &Path) -> CliResult<PathBuf> {
             Ok(()) => return Ok(path),
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(error) => {
-                return Err(CliError::new(format!(
-                    "Cannot create a staging directory in {}: {error}",
-                    parent.display()
-                )))
+                return Err(error).with_context(|| {
+                    format!("Cannot create a staging directory in {}", parent.display())
+                })
             }
         }
     }
-    Err(CliError::new("Cannot create a staging directory"))
+    bail!("Cannot create a staging directory")
 }
 
 // ---- authsync, ssh ----
@@ -413,14 +399,14 @@ struct ManagedSsh {
 }
 
 impl ManagedSsh {
-    fn locate() -> CliResult<Self> {
+    fn locate() -> anyhow::Result<Self> {
         let data = std::env::var_os("XDG_DATA_HOME")
             .map(PathBuf::from)
             .filter(|path| path.is_absolute())
             .or_else(|| {
                 std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share"))
             })
-            .ok_or_else(|| CliError::new("Neither XDG_DATA_HOME nor HOME is set"))?;
+            .context("Neither XDG_DATA_HOME nor HOME is set")?;
         Ok(Self {
             dir: data.join("banger").join("ssh"),
         })
@@ -435,12 +421,11 @@ impl ManagedSsh {
     }
 
     /// Makes the key pair with `ssh-keygen` if it does not exist yet.
-    fn ensure_key(&self) -> CliResult<String> {
+    fn ensure_key(&self) -> anyhow::Result<String> {
         let public = self.dir.join("id_ed25519.pub");
         if !public.exists() {
-            std::fs::create_dir_all(&self.dir).map_err(|error| {
-                CliError::new(format!("Cannot create {}: {error}", self.dir.display()))
-            })?;
+            std::fs::create_dir_all(&self.dir)
+                .with_context(|| format!("Cannot create {}", self.dir.display()))?;
             let _ = std::fs::set_permissions(
                 &self.dir,
                 std::os::unix::fs::PermissionsExt::from_mode(0o700),
@@ -458,17 +443,15 @@ impl ManagedSsh {
                 ])
                 .arg(self.key())
                 .status()
-                .map_err(|error| {
-                    CliError::new(format!("Cannot run ssh-keygen: {error}"))
-                        .with_hint("install the OpenSSH client (apt install openssh-client)")
-                })?;
+                .context("Cannot run ssh-keygen")
+                .hint("install the OpenSSH client (apt install openssh-client)")?;
             if !status.success() {
-                return Err(CliError::new(format!("ssh-keygen failed ({status})")));
+                bail!("ssh-keygen failed ({status})");
             }
         }
         std::fs::read_to_string(&public)
             .map(|key| key.trim().to_owned())
-            .map_err(|error| CliError::new(format!("Cannot read {}: {error}", public.display())))
+            .with_context(|| format!("Cannot read {}", public.display()))
     }
 }
 
@@ -511,7 +494,7 @@ fn git_config(key: &str) -> Option<String> {
 }
 
 /// Installs the keys and git identity for `user` in the guest; returns the key count.
-async fn push_auth(agent: &AgentClient, vm: &str, user: &str) -> CliResult<usize> {
+async fn push_auth(agent: &AgentClient, vm: &str, user: &str) -> anyhow::Result<usize> {
     let managed = ManagedSsh::locate()?.ensure_key()?;
     let keys = public_keys(&managed);
     let count = keys.len();
@@ -527,7 +510,7 @@ async fn push_auth(agent: &AgentClient, vm: &str, user: &str) -> CliResult<usize
     Ok(count)
 }
 
-pub async fn authsync(socket: &Path, printer: Printer, args: AuthsyncArgs) -> CliResult {
+pub async fn authsync(socket: &Path, printer: Printer, args: AuthsyncArgs) -> anyhow::Result<()> {
     let agent = connect(socket, &args.name.vm).await?;
     let count = push_auth(&agent, &args.name.vm, &args.user).await?;
     printer.message(&format!(
@@ -546,7 +529,7 @@ async fn pin_host_keys(
     vm: &str,
     alias: &str,
     managed: &ManagedSsh,
-) -> CliResult {
+) -> anyhow::Result<()> {
     // A guest that just booted may still be generating its host keys.
     let deadline = std::time::Instant::now() + HOST_KEY_WAIT;
     let mut told = false;
@@ -559,10 +542,10 @@ async fn pin_host_keys(
             break keys;
         }
         if std::time::Instant::now() >= deadline {
-            return Err(CliError::new(format!(
+            bail!(
                 "VM `{vm}` has no SSH host keys after {} s (is openssh-server installed in its image?)",
                 HOST_KEY_WAIT.as_secs()
-            )));
+            );
         }
         if !told {
             eprintln!("waiting for {vm} to generate its SSH host keys…");
@@ -582,19 +565,15 @@ async fn pin_host_keys(
     }
     let mut text = lines.join("\n");
     text.push('\n');
-    std::fs::write(&path, text)
-        .map_err(|error| CliError::new(format!("Cannot write {}: {error}", path.display())))
+    std::fs::write(&path, text).with_context(|| format!("Cannot write {}", path.display()))
 }
 
-async fn vm_of(socket: &Path, reference: &str) -> CliResult<Vm> {
+async fn vm_of(socket: &Path, reference: &str) -> anyhow::Result<Vm> {
     Ok(Client::connect(socket)
         .await?
-        .call(
-            method::VM_SHOW,
-            VmRef {
-                vm: reference.to_owned(),
-            },
-        )
+        .call::<method::VmShow>(VmRef {
+            vm: reference.to_owned(),
+        })
         .await?)
 }
 
@@ -604,7 +583,7 @@ async fn prepare_ssh(
     socket: &Path,
     reference: &str,
     user: &str,
-) -> CliResult<(Vm, String, ManagedSsh)> {
+) -> anyhow::Result<(Vm, String, ManagedSsh)> {
     let vm = vm_of(socket, reference).await?;
     let agent = connect(socket, &vm.name).await?;
     push_auth(&agent, &vm.name, user).await?;
@@ -617,14 +596,13 @@ async fn prepare_ssh(
     Ok((vm, alias, managed))
 }
 
-pub async fn ssh(socket: &Path, args: SshArgs) -> CliResult {
+pub async fn ssh(socket: &Path, args: SshArgs) -> anyhow::Result<()> {
     let (vm, alias, managed) = prepare_ssh(socket, &args.name.vm, &args.user).await?;
     let Some(network) = &vm.network else {
-        return Err(
-            CliError::new(format!("VM `{}` has no network interface", vm.name)).with_hint(
-                "the daemon runs with `[network] enabled = false`; use `banger vm run` instead",
-            ),
-        );
+        return Err(hinted(
+            anyhow::anyhow!("VM `{}` has no network interface", vm.name),
+            "the daemon runs with `[network] enabled = false`; use `banger vm run` instead",
+        ));
     };
     let mut command = std::process::Command::new("ssh");
     command
@@ -650,31 +628,30 @@ pub async fn ssh(socket: &Path, args: SshArgs) -> CliResult {
     }
     use std::os::unix::process::CommandExt;
     let error = command.exec();
-    Err(CliError::new(format!("Cannot run ssh: {error}"))
-        .with_hint("install the OpenSSH client (apt install openssh-client)"))
+    Err(hinted(
+        anyhow::Error::new(error).context("Cannot run ssh"),
+        "install the OpenSSH client (apt install openssh-client)",
+    ))
 }
 
 /// `ProxyCommand` of `ssh-config`: prepares keys for `host` (`NAME.banger`)
 /// and pipes stdin/stdout to the VM's `port`.
-pub async fn ssh_proxy(socket: &Path, host: &str, port: u16) -> CliResult {
+pub async fn ssh_proxy(socket: &Path, host: &str, port: u16) -> anyhow::Result<()> {
     let name = host.split('.').next().unwrap_or(host);
     let user = std::env::var("BANGER_SSH_USER").unwrap_or_else(|_| "root".to_owned());
     let (vm, _, _) = prepare_ssh(socket, name, &user).await?;
     let Some(network) = &vm.network else {
-        return Err(CliError::new(format!(
-            "VM `{}` has no network interface",
-            vm.name
-        )));
+        bail!("VM `{}` has no network interface", vm.name);
     };
     let mut stream = tokio::net::TcpStream::connect((network.ip.as_str(), port))
         .await
-        .map_err(|error| CliError::new(format!("Cannot reach {}:{port}: {error}", network.ip)))?;
+        .with_context(|| format!("Cannot reach {}:{port}", network.ip))?;
     let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
     let _ = tokio::io::copy_bidirectional(&mut stream, &mut stdio).await;
     Ok(())
 }
 
-pub fn ssh_config(printer: Printer) -> CliResult {
+pub fn ssh_config(printer: Printer) -> anyhow::Result<()> {
     let managed = ManagedSsh::locate()?;
     let program = std::env::current_exe()
         .map_or_else(|_| "banger".to_owned(), |path| path.display().to_string());
@@ -695,15 +672,17 @@ pub fn ssh_config(printer: Printer) -> CliResult {
 
 // ---- stats ----
 
-pub async fn stats(socket: &Path, printer: Printer, reference: &str, json: bool) -> CliResult {
-    let stats: VmStats = Client::connect(socket)
+pub async fn stats(
+    socket: &Path,
+    printer: Printer,
+    reference: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let stats = Client::connect(socket)
         .await?
-        .call(
-            method::VM_STATS,
-            VmRef {
-                vm: reference.to_owned(),
-            },
-        )
+        .call::<method::VmStats>(VmRef {
+            vm: reference.to_owned(),
+        })
         .await?;
     if json {
         printer.json(&stats);

@@ -2,40 +2,39 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use banger_proto::image::{OperationStarted, PullParams};
-use banger_proto::method;
-use banger_proto::{Image, ImportImageParams, ImportKernelParams, Kernel, RemoveParams};
+use banger_proto::method::{self, Method, NoParams};
+use banger_proto::{ImportImageParams, ImportKernelParams, RemoveParams};
 
 use crate::args::{ImageCommand, KernelCommand};
 use crate::client::Client;
 use crate::printer::{table, Printer};
-use crate::{CliError, CliResult};
 
 /// The daemon runs elsewhere (another cwd): send absolute, existing paths.
-pub fn absolute(path: &Path) -> CliResult<String> {
-    let absolute: PathBuf = std::fs::canonicalize(path)
-        .map_err(|error| CliError::new(format!("Cannot use {}: {error}", path.display())))?;
+pub fn absolute(path: &Path) -> anyhow::Result<String> {
+    let absolute: PathBuf =
+        std::fs::canonicalize(path).with_context(|| format!("Cannot use {}", path.display()))?;
     absolute
         .to_str()
         .map(str::to_owned)
-        .ok_or_else(|| CliError::new(format!("{} is not valid UTF-8", absolute.display())))
+        .with_context(|| format!("{} is not valid UTF-8", absolute.display()))
 }
 
 /// Starts a pull and follows it like `vm create` (Ctrl-C cancels).
-async fn pull(
+async fn pull<M: Method<Params = PullParams, Result = OperationStarted>>(
     socket: &Path,
     printer: Printer,
-    method_name: &str,
     name: String,
     version: Option<String>,
     json: bool,
-) -> CliResult {
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
-    let pull: OperationStarted = Client::connect(socket)
+        .context("Failed to handle Ctrl-C")?;
+    let pull = Client::connect(socket)
         .await?
-        .call(method_name, PullParams { name, version })
+        .call::<M>(PullParams { name, version })
         .await?;
     let watch = Client::connect(socket)
         .await?
@@ -53,7 +52,11 @@ async fn pull(
     .await
 }
 
-pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -> CliResult {
+pub async fn run_image(
+    socket: &Path,
+    printer: Printer,
+    command: ImageCommand,
+) -> anyhow::Result<()> {
     // Local mistakes (a missing file) are reported before the daemon is asked.
     if let ImageCommand::Import { file, .. } = &command {
         absolute(file)?;
@@ -64,7 +67,7 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
         json,
     } = command
     {
-        return pull(socket, printer, method::IMAGE_PULL, name, version, json).await;
+        return pull::<method::ImagePull>(socket, printer, name, version, json).await;
     }
     let mut client = Client::connect(socket).await?;
     match command {
@@ -72,8 +75,8 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
         ImageCommand::Import { name, file, json } => {
             let path = absolute(&file)?;
             printer.message(&format!("importing {path} as image {name}…"));
-            let image: Image = client
-                .call(method::IMAGE_IMPORT, ImportImageParams { name, path })
+            let image = client
+                .call::<method::ImageImport>(ImportImageParams { name, path })
                 .await?;
             if json.json {
                 printer.json(&image);
@@ -87,9 +90,7 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
             }
         }
         ImageCommand::List(flag) => {
-            let images: Vec<Image> = client
-                .call(method::IMAGE_LIST, serde_json::json!({}))
-                .await?;
+            let images = client.call::<method::ImageList>(NoParams).await?;
             if flag.json {
                 printer.json(&images);
             } else {
@@ -112,8 +113,8 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
             }
         }
         ImageCommand::Show { name, json } => {
-            let image: Image = client
-                .call(method::IMAGE_SHOW, RemoveParams { name })
+            let image = client
+                .call::<method::ImageShow>(RemoveParams { name })
                 .await?;
             if json.json {
                 printer.json(&image);
@@ -125,8 +126,8 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
             }
         }
         ImageCommand::Rm { name } => {
-            let image: Image = client
-                .call(method::IMAGE_REMOVE, RemoveParams { name })
+            let image = client
+                .call::<method::ImageRemove>(RemoveParams { name })
                 .await?;
             printer.message(&format!("removed image {}", image.name));
         }
@@ -134,7 +135,11 @@ pub async fn run_image(socket: &Path, printer: Printer, command: ImageCommand) -
     Ok(())
 }
 
-pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand) -> CliResult {
+pub async fn run_kernel(
+    socket: &Path,
+    printer: Printer,
+    command: KernelCommand,
+) -> anyhow::Result<()> {
     if let KernelCommand::Import { file, initrd, .. } = &command {
         file.as_deref().map(absolute).transpose()?;
         initrd.as_deref().map(absolute).transpose()?;
@@ -145,7 +150,7 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
         json,
     } = command
     {
-        return pull(socket, printer, method::KERNEL_PULL, name, version, json).await;
+        return pull::<method::KernelPull>(socket, printer, name, version, json).await;
     }
     let mut client = Client::connect(socket).await?;
     match command {
@@ -171,17 +176,14 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
                 }
                 other => other,
             };
-            let kernel: Kernel = client
-                .call(
-                    method::KERNEL_IMPORT,
-                    ImportKernelParams {
-                        name,
-                        path,
-                        initrd,
-                        cmdline,
-                        from_debian,
-                    },
-                )
+            let kernel = client
+                .call::<method::KernelImport>(ImportKernelParams {
+                    name,
+                    path,
+                    initrd,
+                    cmdline,
+                    from_debian,
+                })
                 .await?;
             if json.json {
                 printer.json(&kernel);
@@ -190,9 +192,7 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
             }
         }
         KernelCommand::List(flag) => {
-            let kernels: Vec<Kernel> = client
-                .call(method::KERNEL_LIST, serde_json::json!({}))
-                .await?;
+            let kernels = client.call::<method::KernelList>(NoParams).await?;
             if flag.json {
                 printer.json(&kernels);
             } else {
@@ -216,8 +216,8 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
             }
         }
         KernelCommand::Show { name, json } => {
-            let kernel: Kernel = client
-                .call(method::KERNEL_SHOW, RemoveParams { name })
+            let kernel = client
+                .call::<method::KernelShow>(RemoveParams { name })
                 .await?;
             if json.json {
                 printer.json(&kernel);
@@ -235,8 +235,8 @@ pub async fn run_kernel(socket: &Path, printer: Printer, command: KernelCommand)
             }
         }
         KernelCommand::Rm { name } => {
-            let kernel: Kernel = client
-                .call(method::KERNEL_REMOVE, RemoveParams { name })
+            let kernel = client
+                .call::<method::KernelRemove>(RemoveParams { name })
                 .await?;
             printer.message(&format!("removed kernel {}", kernel.name));
         }
@@ -249,12 +249,10 @@ mod tests {
     #[test]
     fn absolute_names_missing_paths() {
         let error = super::absolute(std::path::Path::new("/nonexistent/disk.ext4")).unwrap_err();
+        let message = banger_proto::error_chain(error.as_ref());
         assert!(
-            error
-                .message
-                .starts_with("Cannot use /nonexistent/disk.ext4"),
-            "{}",
-            error.message
+            message.starts_with("Cannot use /nonexistent/disk.ext4: No such file"),
+            "{message}"
         );
         let here = super::absolute(std::path::Path::new(".")).unwrap();
         assert!(here.starts_with('/'));

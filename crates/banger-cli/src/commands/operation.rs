@@ -3,19 +3,18 @@
 use std::path::Path;
 
 use banger_proto::method;
-use banger_proto::{Operation, OperationParams, OperationRef};
+use banger_proto::{OperationParams, OperationRef};
 
 use crate::args::OperationCommand;
 use crate::client::Client;
 use crate::printer::{table, Printer};
-use crate::CliResult;
 
-pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> anyhow::Result<()> {
     let mut client = Client::connect(socket).await?;
     match command {
         OperationCommand::List(flag) => {
-            let operations: Vec<Operation> = client
-                .call(method::OPERATION_LIST, OperationParams::default())
+            let operations = client
+                .call::<method::OperationList>(OperationParams::default())
                 .await?;
             if flag.json {
                 printer.json(&operations);
@@ -40,8 +39,8 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
             }
         }
         OperationCommand::Show { id, json } => {
-            let operation: Operation = client
-                .call(method::OPERATION_STATUS, OperationRef { id })
+            let operation = client
+                .call::<method::OperationStatus>(OperationRef { id })
                 .await?;
             if json.json {
                 printer.json(&operation);
@@ -70,8 +69,8 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
             }
         }
         OperationCommand::Cancel { id } => {
-            let operation: Operation = client
-                .call(method::OPERATION_CANCEL, OperationRef { id })
+            let operation = client
+                .call::<method::OperationCancel>(OperationRef { id })
                 .await?;
             printer.message(&format!("cancelling operation {}", operation.id));
         }

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use banger_proto::method;
+use anyhow::{bail, Context as _};
+use banger_proto::method::{self, Method, NoParams};
 use banger_proto::{
     CreateVmParams, CreateVmResult, DeleteVmParams, OperationRef, OperationState, SetVmParams,
     StageEvent, StageStatus, StopVmParams, StreamFrame, Vm, VmRef,
@@ -13,10 +14,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressState, ProgressStyle};
 
 use crate::args::{CreateArgs, SetArgs, VmCommand};
 use crate::client::{Client, Watch};
+use crate::error::{Exit, Hint as _, UsageError};
 use crate::printer::{table, Printer};
-use crate::{CliError, CliResult};
 
-pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow::Result<()> {
     match command {
         VmCommand::Run(args) => super::guest::run(socket, args).await,
         VmCommand::Cp(args) => super::guest::cp(socket, printer, args).await,
@@ -29,9 +30,9 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
         VmCommand::Create(args) => create(socket, printer, args).await,
         VmCommand::Workspace(command) => super::workspace::run(socket, printer, command).await,
         VmCommand::List(flag) => {
-            let vms: Vec<Vm> = Client::connect(socket)
+            let vms = Client::connect(socket)
                 .await?
-                .call(method::VM_LIST, serde_json::json!({}))
+                .call::<method::VmList>(NoParams)
                 .await?;
             if flag.json {
                 printer.json(&vms);
@@ -41,9 +42,9 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             Ok(())
         }
         VmCommand::Show { name, json } => {
-            let vm: Vm = Client::connect(socket)
+            let vm = Client::connect(socket)
                 .await?
-                .call(method::VM_SHOW, VmRef { vm: name.vm })
+                .call::<method::VmShow>(VmRef { vm: name.vm })
                 .await?;
             if json.json {
                 printer.json(&vm);
@@ -53,15 +54,15 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             Ok(())
         }
         VmCommand::Start { name, json } => {
-            let vm = call_vm(socket, method::VM_START, VmRef { vm: name.vm }).await?;
+            let vm = call_vm::<method::VmStart>(socket, VmRef { vm: name.vm }).await?;
             report(printer, json.json, &vm, "started")
         }
         VmCommand::Stop { name, force, json } => {
-            let vm = call_vm(socket, method::VM_STOP, StopVmParams { vm: name.vm, force }).await?;
+            let vm = call_vm::<method::VmStop>(socket, StopVmParams { vm: name.vm, force }).await?;
             report(printer, json.json, &vm, "stopped")
         }
         VmCommand::Restart { name, json } => {
-            let vm = call_vm(socket, method::VM_RESTART, VmRef { vm: name.vm }).await?;
+            let vm = call_vm::<method::VmRestart>(socket, VmRef { vm: name.vm }).await?;
             report(printer, json.json, &vm, "restarted")
         }
         VmCommand::Delete {
@@ -70,9 +71,8 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             keep_work_disk,
             json,
         } => {
-            let vm = call_vm(
+            let vm = call_vm::<method::VmDelete>(
                 socket,
-                method::VM_DELETE,
                 DeleteVmParams {
                     vm: name.vm,
                     force,
@@ -89,9 +89,8 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
             disk_size,
             json,
         }) => {
-            let vm = call_vm(
+            let vm = call_vm::<method::VmSet>(
                 socket,
-                method::VM_SET,
                 SetVmParams {
                     vm: name.vm,
                     vcpus,
@@ -105,14 +104,12 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> CliResu
     }
 }
 
-async fn call_vm(socket: &Path, method_name: &str, params: impl serde::Serialize) -> CliResult<Vm> {
-    Ok(Client::connect(socket)
-        .await?
-        .call(method_name, params)
-        .await?)
+/// Calls a method that answers with the VM it acted on.
+async fn call_vm<M: Method<Result = Vm>>(socket: &Path, params: M::Params) -> anyhow::Result<Vm> {
+    Ok(Client::connect(socket).await?.call::<M>(params).await?)
 }
 
-fn report(printer: Printer, json: bool, vm: &Vm, verb: &str) -> CliResult {
+fn report(printer: Printer, json: bool, vm: &Vm, verb: &str) -> anyhow::Result<()> {
     if json {
         printer.json(vm);
     } else if verb == "deleted" {
@@ -190,14 +187,11 @@ fn vm_details(vm: &Vm) -> String {
     lines.join("\n")
 }
 
-async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult {
+async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> anyhow::Result<()> {
     let name = args.name.unwrap_or_else(crate::names::random_name);
     if let Err(error) = banger_proto::validate_vm_name(&name) {
-        return Err(CliError {
-            message: error.to_string(),
-            hint: Some("VM names are DNS labels: lowercase letters, digits and `-`".into()),
-            exit_code: 2,
-        });
+        return Err(UsageError(error.to_string()))
+            .hint("VM names are DNS labels: lowercase letters, digits and `-`");
     }
     // A workspace that cannot be sent is refused before there is a VM.
     let workspace = match &args.workspace {
@@ -213,23 +207,20 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> CliResult 
     // `vm.create` call is then seen by `follow` and cancels the operation
     // instead of killing the CLI and leaving it unwatched.
     let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|error| CliError::new(format!("Failed to handle Ctrl-C: {error}")))?;
+        .context("Failed to handle Ctrl-C")?;
     let mut client = Client::connect(socket).await?;
     let created: CreateVmResult = client
-        .call(
-            method::VM_CREATE,
-            CreateVmParams {
-                name: name.clone(),
-                image: args.image,
-                kernel: args.kernel,
-                vcpus: args.vcpus,
-                memory_mib: args.memory_mib,
-                no_start: args.no_start,
-                backend: args.backend,
-                work_disk: args.work_disk,
-                workspace: workspace.as_ref().map(|(_, spec)| spec.clone()),
-            },
-        )
+        .call::<method::VmCreate>(CreateVmParams {
+            name: name.clone(),
+            image: args.image,
+            kernel: args.kernel,
+            vcpus: args.vcpus,
+            memory_mib: args.memory_mib,
+            no_start: args.no_start,
+            backend: args.backend,
+            work_disk: args.work_disk,
+            workspace: workspace.as_ref().map(|(_, spec)| spec.clone()),
+        })
         .await?;
     let watch = Client::connect(socket)
         .await?
@@ -273,7 +264,7 @@ pub(crate) async fn follow(
     interrupts: tokio::signal::unix::Signal,
     operation_id: &str,
     started: Instant,
-) -> CliResult {
+) -> anyhow::Result<()> {
     let (mut view, done) =
         watch_until_done(socket, printer, json, watch, interrupts, operation_id).await?;
     view.clear();
@@ -320,7 +311,7 @@ async fn watch_until_done(
     mut watch: Watch,
     mut interrupts: tokio::signal::unix::Signal,
     operation_id: &str,
-) -> CliResult<(StageView, StreamFrame)> {
+) -> anyhow::Result<(StageView, StreamFrame)> {
     let mut view = StageView::new(printer, json);
     let mut cancelling = false;
     loop {
@@ -341,13 +332,11 @@ async fn watch_until_done(
                     }
                     return match state {
                         OperationState::Succeeded => Ok((view, done)),
-                        OperationState::Cancelled => Err(CliError {
-                            message: String::new(),
-                            hint: None,
-                            exit_code: 130,
-                        })
-                        .inspect_err(|_| printer.message("cancelled; everything it made was removed")),
-                        OperationState::Failed | OperationState::Running => Err(CliError::new(
+                        OperationState::Cancelled => {
+                            printer.message("cancelled; everything it made was removed");
+                            Err(Exit(130).into())
+                        }
+                        OperationState::Failed | OperationState::Running => Err(anyhow::Error::msg(
                             operation
                                 .error
                                 .clone()
@@ -355,17 +344,17 @@ async fn watch_until_done(
                         )),
                     };
                 }
-                None => return Err(CliError::new("The daemon closed the operation stream early")),
+                None => bail!("The daemon closed the operation stream early"),
             },
             _ = interrupts.recv() => {
                 if cancelling {
-                    return Err(CliError { message: String::new(), hint: None, exit_code: 130 });
+                    return Err(Exit(130).into());
                 }
                 cancelling = true;
                 printer.message("cancelling… (Ctrl-C again to stop waiting)");
                 let mut client = Client::connect(socket).await?;
-                let cancelled: Result<serde_json::Value, _> = client
-                    .call(method::OPERATION_CANCEL, OperationRef { id: operation_id.to_owned() })
+                let cancelled = client
+                    .call::<method::OperationCancel>(OperationRef { id: operation_id.to_owned() })
                     .await;
                 if let Err(error) = cancelled {
                     printer.message(&format!("cancel failed: {error}"));
@@ -508,7 +497,7 @@ mod tests {
             state,
             image: "debian-12".into(),
             kernel: "6.1".into(),
-            backend: "firecracker".into(),
+            backend: banger_proto::Backend::Firecracker,
             vcpus: 2,
             memory_mib: 1024,
             disk_bytes: 4 << 30,

@@ -23,8 +23,9 @@ use banger_workspace::host::{self, Counters, HostError, Plan};
 use super::vm::StageView;
 use crate::args::{WorkspaceCommand, WorkspaceExportArgs, WorkspacePrepareArgs};
 use crate::client::Client;
+use crate::error::{hinted, UsageError};
 use crate::printer::Printer;
-use crate::{CliError, CliResult};
+use anyhow::{anyhow, Context as _};
 
 /// Hints for a PATH that is not in a git working tree, per command.
 const PREPARE_NEEDS_GIT: &str =
@@ -34,7 +35,7 @@ const CREATE_NEEDS_GIT: &str =
 const BRANCH_NEEDS_GIT: &str =
     "run it in the host repository, or pass its path; `--patch FILE` needs none";
 
-pub async fn run(socket: &Path, printer: Printer, command: WorkspaceCommand) -> CliResult {
+pub async fn run(socket: &Path, printer: Printer, command: WorkspaceCommand) -> anyhow::Result<()> {
     match command {
         WorkspaceCommand::Prepare(args) => prepare_command(socket, printer, args).await,
         WorkspaceCommand::Export(args) => export_command(socket, printer, args).await,
@@ -43,27 +44,15 @@ pub async fn run(socket: &Path, printer: Printer, command: WorkspaceCommand) -> 
 
 /// The error with its causes on one line, and its hint; `needs_git` is the
 /// hint for a PATH outside git, which depends on the command.
-fn host_error(error: &HostError, needs_git: &str) -> CliError {
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    let hint = match error {
+fn host_error(error: HostError, needs_git: &str) -> anyhow::Error {
+    let hint = match &error {
         HostError::NotAWorkTree { .. } => Some(needs_git.to_owned()),
         other => other.hint(),
     };
-    let error = CliError::new(message);
     match hint {
-        Some(hint) => error.with_hint(hint),
-        None => error,
+        Some(hint) => hinted(error, hint),
+        None => error.into(),
     }
-}
-
-fn guest_error(error: &banger_workspace::guest::GuestError) -> CliError {
-    CliError::new(error.to_string())
 }
 
 fn short(commit: &str) -> &str {
@@ -83,12 +72,12 @@ async fn list(
     include_ignored: bool,
     no_git: bool,
     needs_git: &str,
-) -> CliResult<Plan> {
+) -> anyhow::Result<Plan> {
     let source = source.map(Path::to_owned);
     tokio::task::spawn_blocking(move || Plan::list(source.as_deref(), include_ignored, no_git))
         .await
-        .map_err(|error| CliError::new(format!("Listing task failed: {error}")))?
-        .map_err(|error| host_error(&error, needs_git))
+        .context("Listing task failed")?
+        .map_err(|error| host_error(error, needs_git))
 }
 
 // ---- prepare ----
@@ -133,17 +122,14 @@ async fn prepare(
     spec: WorkspaceSpec,
     plan: Plan,
     stage: &mut LocalStage<'_>,
-) -> CliResult<String> {
+) -> anyhow::Result<String> {
     let (total_entries, total_bytes) = (plan.entries(), plan.bytes);
     let (answer, reader, writer): (PrepareWorkspaceResult, _, _) = Client::connect(socket)
         .await?
-        .call_streaming(
-            method::VM_WORKSPACE_PREPARE,
-            PrepareWorkspaceParams {
-                vm: vm.to_owned(),
-                workspace: spec,
-            },
-        )
+        .call_streaming::<method::VmWorkspacePrepare>(PrepareWorkspaceParams {
+            vm: vm.to_owned(),
+            workspace: spec,
+        })
         .await?;
     let counters = Arc::new(Counters::default());
     let upload = host::upload(plan, reader, writer, Arc::clone(&counters));
@@ -160,12 +146,16 @@ async fn prepare(
             ),
         }
     };
-    uploaded.map_err(|error| host_error(&error, PREPARE_NEEDS_GIT))?;
+    uploaded.map_err(|error| host_error(error, PREPARE_NEEDS_GIT))?;
     Ok(answer.dest)
 }
 
-async fn prepare_command(socket: &Path, printer: Printer, args: WorkspacePrepareArgs) -> CliResult {
-    let dest = check_dest(&args.dest).map_err(|error| guest_error(&error))?;
+async fn prepare_command(
+    socket: &Path,
+    printer: Printer,
+    args: WorkspacePrepareArgs,
+) -> anyhow::Result<()> {
+    let dest = check_dest(&args.dest)?;
     let mut view = StageView::new(printer, false);
     let mut stage = LocalStage {
         view: &mut view,
@@ -214,14 +204,16 @@ async fn prepare_command(socket: &Path, printer: Printer, args: WorkspacePrepare
             }
             stage.event(StageStatus::Finished, Some(message), None, None);
         }
-        Err(error) => stage.event(StageStatus::Failed, Some(error.message.clone()), None, None),
+        Err(error) => stage.event(
+            StageStatus::Failed,
+            Some(banger_proto::error_chain(error.as_ref())),
+            None,
+            None,
+        ),
     }
     view.clear();
-    let dest = prepared.map_err(|mut error| {
-        // The stage line already said it; the error line says it again with its hint.
-        error.message = format!("Workspace not prepared: {}", error.message);
-        error
-    })?;
+    // The stage line already said it; the error line says it again with its hint.
+    let dest = prepared.context("Workspace not prepared")?;
     for path in &skipped {
         printer.message(&format!(
             "skipped {} (not a file, directory or symlink)",
@@ -245,14 +237,14 @@ async fn prepare_command(socket: &Path, printer: Printer, args: WorkspacePrepare
 
 /// Lists `path` for `vm create --workspace`, before there is a VM: a
 /// workspace that cannot be sent is refused first.
-pub(crate) async fn create_plan(path: &Path) -> CliResult<Plan> {
+pub(crate) async fn create_plan(path: &Path) -> anyhow::Result<Plan> {
     list(Some(path), false, false, CREATE_NEEDS_GIT).await
 }
 
 /// What `vm.create` is asked to do with the workspace.
-pub(crate) fn create_spec(plan: &Plan, dest: &str) -> CliResult<WorkspaceSpec> {
+pub(crate) fn create_spec(plan: &Plan, dest: &str) -> anyhow::Result<WorkspaceSpec> {
     Ok(WorkspaceSpec {
-        dest: check_dest(dest).map_err(|error| guest_error(&error))?,
+        dest: check_dest(dest)?,
         user: "root".to_owned(),
         force: false,
         base: plan.base.clone(),
@@ -263,28 +255,33 @@ pub(crate) fn create_spec(plan: &Plan, dest: &str) -> CliResult<WorkspaceSpec> {
 /// stage reports progress and failure through the operation; this only
 /// moves the bytes, and its error matters only if the operation says
 /// nothing better.
-pub(crate) async fn create_upload(socket: PathBuf, operation_id: String, plan: Plan) -> CliResult {
+pub(crate) async fn create_upload(
+    socket: PathBuf,
+    operation_id: String,
+    plan: Plan,
+) -> anyhow::Result<()> {
     let total_bytes = Some(plan.tar_size());
     let (_, reader, writer): (UploadWorkspaceResult, _, _) = Client::connect(&socket)
         .await?
-        .call_streaming(
-            method::VM_WORKSPACE_UPLOAD,
-            UploadWorkspaceParams {
-                operation_id,
-                total_bytes,
-            },
-        )
+        .call_streaming::<method::VmWorkspaceUpload>(UploadWorkspaceParams {
+            operation_id,
+            total_bytes,
+        })
         .await?;
     host::upload(plan, reader, writer, Arc::default())
         .await
         .map(drop)
-        .map_err(|error| host_error(&error, CREATE_NEEDS_GIT))
+        .map_err(|error| host_error(error, CREATE_NEEDS_GIT))
 }
 
 // ---- export ----
 
-async fn export_command(socket: &Path, printer: Printer, args: WorkspaceExportArgs) -> CliResult {
-    let dest = check_dest(&args.dest).map_err(|error| guest_error(&error))?;
+async fn export_command(
+    socket: &Path,
+    printer: Printer,
+    args: WorkspaceExportArgs,
+) -> anyhow::Result<()> {
+    let dest = check_dest(&args.dest)?;
     let vm = args.name.vm.clone();
     let params = |mode, identity: Option<(String, String)>| {
         let (git_name, git_email) = identity.unzip();
@@ -300,16 +297,18 @@ async fn export_command(socket: &Path, printer: Printer, args: WorkspaceExportAr
     match (&args.patch, &args.branch) {
         (Some(file), None) => {
             if file.exists() && !args.force {
-                return Err(CliError::new(format!("{} already exists", file.display()))
-                    .with_hint("`--force` replaces it"));
+                return Err(hinted(
+                    anyhow!("{} already exists", file.display()),
+                    "`--force` replaces it",
+                ));
             }
             let (answer, reader, _writer): (ExportWorkspaceResult, _, _) = Client::connect(socket)
                 .await?
-                .call_streaming(method::VM_WORKSPACE_EXPORT, params(ExportMode::Patch, None))
+                .call_streaming::<method::VmWorkspaceExport>(params(ExportMode::Patch, None))
                 .await?;
             let exported = host::receive_patch(reader, file)
                 .await
-                .map_err(|error| host_error(&error, BRANCH_NEEDS_GIT))?;
+                .map_err(|error| host_error(error, BRANCH_NEEDS_GIT))?;
             if exported.bytes == 0 {
                 printer.message(&format!(
                     "No changes in {vm}:{} since its base; {} is empty",
@@ -328,25 +327,25 @@ async fn export_command(socket: &Path, printer: Printer, args: WorkspaceExportAr
         }
         (None, Some(branch)) => {
             let repo = host::find_repo(args.path.as_deref())
-                .map_err(|error| host_error(&error, BRANCH_NEEDS_GIT))?;
+                .map_err(|error| host_error(error, BRANCH_NEEDS_GIT))?;
             host::check_branch(&repo, branch, args.force)
-                .map_err(|error| host_error(&error, BRANCH_NEEDS_GIT))?;
+                .map_err(|error| host_error(error, BRANCH_NEEDS_GIT))?;
             let identity = host::git_identity(&repo.top);
             let (_, reader, _writer): (ExportWorkspaceResult, _, _) = Client::connect(socket)
                 .await?
-                .call_streaming(
-                    method::VM_WORKSPACE_EXPORT,
-                    params(ExportMode::Branch, Some(identity)),
-                )
+                .call_streaming::<method::VmWorkspaceExport>(params(
+                    ExportMode::Branch,
+                    Some(identity),
+                ))
                 .await?;
             let exported = host::receive_branch(reader, &repo, branch, args.force)
                 .await
-                .map_err(|error| host_error(&error, BRANCH_NEEDS_GIT))?;
+                .map_err(|error| host_error(error, BRANCH_NEEDS_GIT))?;
             let (Some(base), Some(commit)) = (exported.base, exported.commit) else {
-                return Err(CliError::new("The daemon sent no commit for the branch"));
+                return Err(anyhow!("The daemon sent no commit for the branch"));
             };
             let count = host::count_commits(&repo, &base, &commit)
-                .map_err(|error| host_error(&error, BRANCH_NEEDS_GIT))?;
+                .map_err(|error| host_error(error, BRANCH_NEEDS_GIT))?;
             printer.message(&format!(
                 "Created branch {branch} at {} ({count} commits on top of {})",
                 short(&commit),
@@ -358,10 +357,8 @@ async fn export_command(socket: &Path, printer: Printer, args: WorkspaceExportAr
             ));
             Ok(())
         }
-        _ => Err(CliError {
-            message: "Pass exactly one of --patch FILE and --branch NAME".to_owned(),
-            hint: None,
-            exit_code: 2,
-        }),
+        _ => {
+            Err(UsageError("Pass exactly one of --patch FILE and --branch NAME".to_owned()).into())
+        }
     }
 }

@@ -50,7 +50,10 @@ fn main() -> ExitCode {
     match runtime.block_on(banger_daemon::run(options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("bangerd: error: {error:#}");
+            eprintln!(
+                "bangerd: error: {}",
+                banger_proto::error_chain(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

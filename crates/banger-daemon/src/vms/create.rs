@@ -146,8 +146,7 @@ impl VmService {
                 },
             )?),
         };
-        let backend_name = params.backend.as_deref().unwrap_or(self.backends.default);
-        let backend = self.backends.get(backend_name)?.backend().to_owned();
+        let backend = params.backend.unwrap_or(self.backends.default);
         let kernel_name = params.kernel.as_deref().unwrap_or(&self.config.vm.kernel);
         let kernel = match self.store.find_kernel(kernel_name)? {
             Some(kernel) => Artifact::Local(kernel),

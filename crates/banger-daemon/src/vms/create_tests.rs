@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use banger_proto::{CreateVmParams, Image, Kernel, OperationState, VmState};
+use banger_proto::{Backend, CreateVmParams, Image, Kernel, OperationState, VmState};
 use banger_store::Store;
 use banger_vmm::process::ProcessHandle;
 use banger_vmm::{AgentEndpoint, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, VsockSpec};
@@ -53,8 +53,8 @@ impl FakeVmm {
 
 #[async_trait]
 impl Vmm for FakeVmm {
-    fn backend(&self) -> &'static str {
-        "firecracker"
+    fn backend(&self) -> Backend {
+        Backend::Firecracker
     }
 
     async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
@@ -69,12 +69,12 @@ impl Vmm for FakeVmm {
             &spec.runtime_dir.join(banger_vmm::CONSOLE_LOG_FILE),
         )
         .map_err(|source| VmmError::SpawnProcess {
-            backend: "fake",
+            backend: Backend::Firecracker,
             vm_name: spec.vm_name.clone(),
             source,
         })?;
         Ok(VmmHandle::new(
-            "firecracker",
+            Backend::Firecracker,
             spec.vm_id.clone(),
             spec.runtime_dir.clone(),
             spec.runtime_dir.join("fake.sock"),

@@ -285,7 +285,7 @@ impl VmService {
 impl AgentEndpoints for Backends {
     fn agent_endpoint(&self, vm: &Vm) -> DaemonResult<AgentEndpoint> {
         Ok(self
-            .get(&vm.backend)?
+            .get(vm.backend)
             .agent_endpoint(std::path::Path::new(&vm.dir))
             .0)
     }

@@ -41,7 +41,7 @@ pub struct ReconcileReport {
 impl VmService {
     async fn adopt(&self, vm: &Vm, directory: &Path, pid: u32) -> DaemonResult<Option<VmmHandle>> {
         self.backends
-            .get(&vm.backend)?
+            .get(vm.backend)
             .adopt(&vm.id, directory, pid)
             .await
             .map_err(|error| DaemonError::failed("Failed to check the VMM process", error))
@@ -167,9 +167,7 @@ impl VmService {
         if let Some(handle) = adopted {
             let _ = self.backends.of(&handle).kill(&handle).await;
         }
-        if let Ok(backend) = self.backends.get(&vm.backend) {
-            backend.release(&directory);
-        }
+        self.backends.get(vm.backend).release(&directory);
         if next == VmState::Crashed {
             vm.error = Some("The VMM process ended while the daemon was not running".to_owned());
             report.crashed.push(vm.name.clone());

@@ -31,7 +31,7 @@ impl VmService {
         root_disk: &RootDisk,
     ) -> DaemonResult<LaunchSpec> {
         let directory = PathBuf::from(&vm.dir);
-        let (_, vsock) = self.backends.get(&vm.backend)?.agent_endpoint(&directory);
+        let (_, vsock) = self.backends.get(vm.backend).agent_endpoint(&directory);
         let mut spec = LaunchSpec {
             vm_id: vm.id.clone(),
             vm_name: vm.name.clone(),
@@ -67,7 +67,7 @@ impl VmService {
         let spec = self.launch_spec(vm, kernel, root_disk).await?;
         let handle = self
             .backends
-            .get(&vm.backend)?
+            .get(vm.backend)
             .spawn(&spec)
             .await
             .map_err(|error| DaemonError::failed("Failed to start the VMM", error))?;

@@ -314,16 +314,7 @@ fn is_valid_instance_id(id: &str) -> bool {
 
 /// An error and its sources joined with `: `, as a `fault_message` or a
 /// start-up message.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
+pub(crate) use banger_proto::error_chain;
 
 #[cfg(test)]
 mod tests {

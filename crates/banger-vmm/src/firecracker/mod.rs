@@ -55,10 +55,12 @@ use models::{
 };
 
 use crate::process::{self, has_flag_value, read_log_tail};
-use crate::{ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, CONSOLE_LOG_FILE};
+use crate::{
+    Backend, ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, CONSOLE_LOG_FILE,
+};
 
-/// Name of this backend, as [`Vmm::backend`] reports it.
-pub const BACKEND: &str = "firecracker";
+/// This backend, as [`Vmm::backend`] reports it.
+pub const BACKEND: Backend = Backend::Firecracker;
 /// File names inside a VM's runtime directory.
 pub const API_SOCKET_FILE: &str = "firecracker.sock";
 pub const LOG_FILE: &str = "firecracker.log";
@@ -278,7 +280,7 @@ impl Firecracker {
 
 #[async_trait]
 impl Vmm for Firecracker {
-    fn backend(&self) -> &'static str {
+    fn backend(&self) -> Backend {
         BACKEND
     }
 
@@ -643,7 +645,7 @@ read -r never <> "$dir/idle.fifo"
         let handle = spawn_retrying(&fixture.vmm, &spec).await.unwrap();
         let (server, pid) = server.await.unwrap();
         assert_eq!(handle.pid(), pid);
-        assert_eq!(handle.backend(), "firecracker");
+        assert_eq!(handle.backend(), Backend::Firecracker);
         assert_eq!(handle.vm_id(), "vm-0123abcd");
         assert_eq!(
             handle.api_socket(),

@@ -35,6 +35,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use banger_proto::error_chain;
+
 /// Where KVM lives.
 pub const KVM_DEVICE: &str = "/dev/kvm";
 /// Rounds of the probe program.
@@ -136,17 +138,6 @@ pub fn detect_accel() -> AccelChoice {
             ),
         },
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Runs the probe (module docs, steps 1–5) against `device` and returns how

@@ -55,10 +55,12 @@ pub use accel::{detect_accel, Accel, AccelChoice, KvmProbeError};
 pub use qmp::{QmpClient, QmpConnection, QmpError, QmpEvent, StatusInfo};
 
 use crate::process::{self, has_flag_value, read_log_tail};
-use crate::{ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, CONSOLE_LOG_FILE};
+use crate::{
+    Backend, ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, CONSOLE_LOG_FILE,
+};
 
-/// Name of this backend, as [`Vmm::backend`] reports it.
-pub const BACKEND: &str = "qemu";
+/// This backend, as [`Vmm::backend`] reports it.
+pub const BACKEND: Backend = Backend::Qemu;
 /// File names inside a VM's runtime directory.
 pub const QMP_SOCKET_FILE: &str = "qmp.sock";
 pub const AGENT_SOCKET_FILE: &str = "agent.sock";
@@ -435,7 +437,7 @@ impl Qemu {
 
 #[async_trait]
 impl Vmm for Qemu {
-    fn backend(&self) -> &'static str {
+    fn backend(&self) -> Backend {
         BACKEND
     }
 
@@ -837,7 +839,7 @@ read -r never <> "$dir/idle.fifo"
         let handle = spawn_retrying(&fixture.vmm, &spec).await.unwrap();
         let (server, pid) = server.await.unwrap();
         assert_eq!(handle.pid(), pid);
-        assert_eq!(handle.backend(), "qemu");
+        assert_eq!(handle.backend(), Backend::Qemu);
         assert_eq!(handle.api_socket(), fixture.runtime_dir.join("qmp.sock"));
         assert!(!fixture.runtime_dir.join(AGENT_SOCKET_FILE).exists());
 
