@@ -160,6 +160,7 @@ impl CatalogService {
         })
         .await
         .map_err(|error| DaemonError::failed("Image registration task failed", error))?
+        .map_err(DaemonError::from)
     }
 
     /// Downloads, verifies (signature too, when the entry has one) and
@@ -255,6 +256,7 @@ impl CatalogService {
         })
         .await
         .map_err(|error| DaemonError::failed("Kernel registration task failed", error))?
+        .map_err(DaemonError::from)
     }
 
     /// `image.pull` / `kernel.pull`: starts the pull as an operation.
