@@ -128,7 +128,7 @@ impl CatalogService {
             .await
             .map_err(|error| {
                 if operation.is_cancelled() {
-                    operation.cancelled_error()
+                    operation.cancelled_error().into()
                 } else {
                     DaemonError::failed(format!("Failed to download {}", request.url), error)
                 }

@@ -172,7 +172,7 @@ impl VmService {
             Err(error) => {
                 let _ = self.store.delete_vm(&vm.id);
                 self.forget_lock(&vm.id);
-                return Err(error);
+                return Err(error.into());
             }
         };
         let result = CreateVmResult {
@@ -349,7 +349,7 @@ impl VmService {
                 }
                 None => {
                     if operation.is_cancelled() {
-                        return Err(operation.cancelled_error());
+                        return Err(operation.cancelled_error().into());
                     }
                     self.run_step(step, run).await?
                 }
@@ -423,7 +423,7 @@ impl VmService {
                 let handle = running_vmm(run)?;
                 tokio::select! {
                     outcome = self.boot_vmm(run.vm, &handle) => outcome?,
-                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error()),
+                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error().into()),
                 }
                 Ok(StepDone::default())
             }
@@ -432,7 +432,7 @@ impl VmService {
                 let capability = &self.capabilities[index];
                 let detail = tokio::select! {
                     outcome = capability.after_boot(run.vm, &handle) => outcome?,
-                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error()),
+                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error().into()),
                 };
                 Ok(StepDone { detail, undo: None })
             }
@@ -481,7 +481,7 @@ impl VmService {
         .map_err(|error| DaemonError::failed("Root disk clone task failed", error));
         let outcome = match cloned {
             Ok(Ok(root_disk)) => return Ok(root_disk),
-            Ok(Err(CloneError::Cancelled { .. })) => Err(operation.cancelled_error()),
+            Ok(Err(CloneError::Cancelled { .. })) => Err(operation.cancelled_error().into()),
             Ok(Err(error)) => Err(DaemonError::failed("Failed to clone root disk", error)),
             Err(error) => Err(error),
         };
@@ -546,7 +546,7 @@ fn check_artifacts(image_path: &Path, kernel: &Kernel) -> DaemonResult<()> {
 
 fn begin_stage(operation: &LiveOperation, name: &'static str) -> DaemonResult<Stage> {
     if operation.is_cancelled() {
-        return Err(operation.cancelled_error());
+        return Err(operation.cancelled_error().into());
     }
     Ok(operation.start_stage(name))
 }
