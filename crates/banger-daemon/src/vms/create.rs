@@ -215,7 +215,11 @@ impl VmService {
             Artifact::Local(image) => image,
             Artifact::Catalog(entry) => {
                 let stage = begin_stage(operation, "pull image")?;
-                let outcome = self.catalog.pull_image(&entry, operation, &stage).await;
+                let outcome = self
+                    .catalog
+                    .pull_image(&entry, operation, &stage)
+                    .await
+                    .map_err(DaemonError::from);
                 end_stage(operation, &stage, outcome, Some(entry.url.to_string()))?
             }
         };
@@ -223,7 +227,11 @@ impl VmService {
             Artifact::Local(kernel) => kernel,
             Artifact::Catalog(entry) => {
                 let stage = begin_stage(operation, "pull kernel")?;
-                let outcome = self.catalog.pull_kernel(&entry, operation, &stage).await;
+                let outcome = self
+                    .catalog
+                    .pull_kernel(&entry, operation, &stage)
+                    .await
+                    .map_err(DaemonError::from);
                 end_stage(operation, &stage, outcome, Some(entry.url.to_string()))?
             }
         };
