@@ -30,7 +30,7 @@ impl Capability for WorkDiskCapability {
 
     fn check(&self, vm_name: &str, options: &CreateOptions) -> DaemonResult<()> {
         match &options.work_disk {
-            Some(spec) => self.disks.check(vm_name, spec),
+            Some(spec) => Ok(self.disks.check(vm_name, spec)?),
             None => Ok(()),
         }
     }
@@ -70,11 +70,14 @@ impl Capability for WorkDiskCapability {
     }
 
     async fn on_delete(&self, vm: &Vm, options: DeleteOptions) -> DaemonResult<()> {
-        self.disks.release(&vm.id, options.keep_work_disk).map(drop)
+        Ok(self
+            .disks
+            .release(&vm.id, options.keep_work_disk)
+            .map(drop)?)
     }
 
     async fn on_interrupted_create(&self, vm: &Vm) -> DaemonResult<()> {
-        self.disks.release_interrupted(vm)
+        Ok(self.disks.release_interrupted(vm)?)
     }
 
     async fn reconcile(&self) -> DaemonResult<Vec<String>> {

@@ -204,6 +204,6 @@ impl VmService {
             .with_hint("import a larger image, or use a work disk (`--work-disk`) for space"));
         }
         let path = Path::new(&vm.dir).join(banger_disk::clone::ROOT_DISK_FILE);
-        crate::disks::grow(&path, bytes).await
+        Ok(crate::disks::grow(&path, bytes).await?)
     }
 }
