@@ -501,7 +501,12 @@ async fn bridge(network: &Network) -> Check {
             format!("{} is missing: VMs are cut off", bridge.name),
             Some("restart bangerd to create it again"),
         ),
-        Err(error) => check("bridge", CheckStatus::Fail, error.chain(), None),
+        Err(error) => check(
+            "bridge",
+            CheckStatus::Fail,
+            crate::error::chain(&error),
+            None,
+        ),
     }
 }
 

@@ -61,11 +61,11 @@ impl Capability for NetworkCapability {
     }
 
     async fn on_delete(&self, vm: &Vm, _options: DeleteOptions) -> DaemonResult<()> {
-        self.network.release(&vm.id, &vm.name).await
+        Ok(self.network.release(&vm.id, &vm.name).await?)
     }
 
     async fn on_interrupted_create(&self, vm: &Vm) -> DaemonResult<()> {
-        self.network.release(&vm.id, &vm.name).await
+        Ok(self.network.release(&vm.id, &vm.name).await?)
     }
 }
 
