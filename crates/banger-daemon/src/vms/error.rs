@@ -11,6 +11,7 @@ use banger_store::StoreError;
 use banger_vmm::VmmError;
 
 use crate::agents::AgentError;
+use crate::capabilities::CapabilityError;
 use crate::catalog::CatalogError;
 use crate::config::{MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::disks::WorkDiskError;
@@ -131,7 +132,7 @@ pub enum VmError {
     #[error(transparent)]
     Backend(DaemonError),
     #[error(transparent)]
-    Capability(#[from] DaemonError),
+    Capability(#[from] CapabilityError),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -187,7 +188,8 @@ impl RpcFailure for VmError {
             | Self::CheckVmm(_)
             | Self::GuestStats { .. }
             | Self::Task { .. } => ErrorKind::Failed,
-            Self::Backend(error) | Self::Capability(error) => error.kind,
+            Self::Backend(error) => error.kind,
+            Self::Capability(error) => error.kind(),
             Self::Image(error) => error.kind(),
             Self::Catalog(error) => error.kind(),
             Self::Operation(error) => error.kind(),
@@ -224,7 +226,8 @@ impl RpcFailure for VmError {
             Self::NoUsableRootDisk { name, .. } => {
                 format!("delete it with `banger vm delete {name}` and create it again")
             }
-            Self::Backend(error) | Self::Capability(error) => return error.hint().map(str::to_owned),
+            Self::Backend(error) => return error.hint().map(str::to_owned),
+            Self::Capability(error) => return error.hint(),
             Self::Image(error) => return error.hint(),
             Self::Catalog(error) => return error.hint(),
             Self::Operation(error) => return error.hint(),

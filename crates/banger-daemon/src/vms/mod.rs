@@ -36,7 +36,7 @@ use tokio::sync::OwnedMutexGuard;
 use crate::agents::Agents;
 use crate::backends::Backends;
 use crate::capabilities::agent::AgentEndpoints;
-use crate::capabilities::Capabilities;
+use crate::capabilities::{Capabilities, CapabilityError};
 use crate::catalog::CatalogService;
 use crate::config::{Config, MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::error::DaemonResult;
@@ -261,9 +261,10 @@ impl VmService {
 }
 
 impl AgentEndpoints for Backends {
-    fn agent_endpoint(&self, vm: &Vm) -> DaemonResult<AgentEndpoint> {
+    fn agent_endpoint(&self, vm: &Vm) -> Result<AgentEndpoint, CapabilityError> {
         Ok(self
-            .get(&vm.backend)?
+            .get(&vm.backend)
+            .map_err(VmError::Backend)?
             .agent_endpoint(std::path::Path::new(&vm.dir))
             .0)
     }
