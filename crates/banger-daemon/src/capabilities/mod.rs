@@ -382,7 +382,8 @@ mod tests {
         let exists = CapabilityError::from(WorkDiskError::Exists {
             name: "dev-work".to_owned(),
         });
-        let rpc = DaemonError::from(crate::vms::VmError::from(exists)).to_rpc();
+        let error: DaemonError = crate::vms::VmError::from(exists).into();
+        let rpc = error.to_rpc();
         assert_eq!(rpc.kind(), ErrorKind::AlreadyExists);
         assert_eq!(rpc.message, "A work disk named `dev-work` exists");
         assert_eq!(

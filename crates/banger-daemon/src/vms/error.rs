@@ -290,14 +290,14 @@ mod tests {
         assert_eq!(error.to_string(), "No kernel named `k`");
         assert_eq!(error.kind(), ErrorKind::NotFound);
         assert!(error.hint().unwrap().starts_with("`banger kernel list`"));
-        let backend = VmError::Backend(
-            DaemonError::invalid_params("Unknown backend `x`").with_hint("pick one"),
-        );
+        let qemu = banger_vmm::qemu::Qemu::new(banger_vmm::qemu::QemuConfig::default());
+        let backends = crate::backends::Backends::with_firecracker(std::sync::Arc::new(qemu));
+        let backend = VmError::Backend(backends.get("x").err().unwrap());
         assert_eq!(backend.kind(), ErrorKind::InvalidParams);
-        assert_eq!(backend.hint().as_deref(), Some("pick one"));
+        let rpc: DaemonError = backend.into();
         assert_eq!(
-            DaemonError::from(backend).to_rpc().message,
-            "Unknown backend `x`"
+            rpc.to_rpc().message,
+            "Unknown backend `x`: use firecracker or qemu"
         );
     }
 }
