@@ -6,7 +6,9 @@
 //!    paths, VMs) in fields, the cause as `#[source]`, never repeated in
 //!    the message. A module that calls another wraps that module's error
 //!    in a variant of its own (`#[error(transparent)]` when it adds
-//!    nothing); state database errors are a [`StoreFailure`].
+//!    nothing); state database errors are a [`StoreFailure`]. A capability
+//!    hook fails with a `CapabilityError`, which holds the capability's own
+//!    module error (`crate::capabilities` says why it is not an enum).
 //! 2. Each enum implements [`RpcFailure`]: a `match` on its variants picks
 //!    the stable [`ErrorKind`] the client sees and the hint, if any. A
 //!    variant wrapping another error delegates both to it.
