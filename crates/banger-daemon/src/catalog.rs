@@ -34,7 +34,7 @@ pub enum CatalogError {
     #[error("No catalog is configured")]
     NotConfigured,
     #[error("Failed to load the catalog")]
-    Load(#[source] CatalogLoadError),
+    Load(#[source] Box<CatalogLoadError>),
     #[error("{} `{name}` is already registered", .kind.title())]
     AlreadyRegistered { kind: PullKind, name: String },
     #[error(
@@ -51,7 +51,7 @@ pub enum CatalogError {
     Download {
         url: Url,
         #[source]
-        source: DownloadError,
+        source: Box<DownloadError>,
     },
     #[error("Kernel `{name}` is signed but no keyring is configured")]
     NoKeyring { name: String },
@@ -59,7 +59,7 @@ pub enum CatalogError {
     Signature {
         name: String,
         #[source]
-        source: RemoteSignatureError,
+        source: Box<RemoteSignatureError>,
     },
     #[error("{task} task failed")]
     Task {
@@ -148,7 +148,10 @@ impl CatalogService {
         let Some(cache) = &self.cache else {
             return Ok(None);
         };
-        let loaded = cache.load(self.max_age).await.map_err(CatalogError::Load)?;
+        let loaded = cache
+            .load(self.max_age)
+            .await
+            .map_err(|error| CatalogError::Load(Box::new(error)))?;
         if let Some(warning) = loaded.warning() {
             tracing::warn!("{warning}");
         }
@@ -204,7 +207,7 @@ impl CatalogService {
                 } else {
                     CatalogError::Download {
                         url: request.url.clone(),
-                        source,
+                        source: Box::new(source),
                     }
                 }
             })
@@ -286,7 +289,7 @@ impl CatalogService {
                 remove_kernel();
                 return Err(CatalogError::Signature {
                     name: entry.name.clone(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         }

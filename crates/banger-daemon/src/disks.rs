@@ -81,12 +81,12 @@ pub enum WorkDiskError {
         source: std::io::Error,
     },
     #[error("Failed to make the work disk")]
-    Make(#[source] Ext4Error),
+    Make(#[source] Box<Ext4Error>),
     #[error("Failed to grow {path}")]
     Grow {
         path: PathBuf,
         #[source]
-        source: Ext4Error,
+        source: Box<Ext4Error>,
     },
     #[error("Failed to remove {path}")]
     Remove {
@@ -247,7 +247,7 @@ impl WorkDisks {
             task: "Work disk",
             source,
         })?
-        .map_err(WorkDiskError::Make)?;
+        .map_err(|error| WorkDiskError::Make(Box::new(error)))?;
         if let Err(error) = self.store.insert_work_disk(&disk) {
             let _ = std::fs::remove_file(&path);
             return Err(error.into());
@@ -439,7 +439,7 @@ pub async fn grow(path: &Path, bytes: u64) -> Result<(), WorkDiskError> {
         })?
         .map_err(|source| WorkDiskError::Grow {
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         })
 }
 

@@ -98,7 +98,7 @@ pub enum ImageError {
         source: UnpackError,
     },
     #[error("Failed to build the ext4 image")]
-    BuildExt4(#[source] Ext4Error),
+    BuildExt4(#[source] Box<Ext4Error>),
     #[error("Failed to read the image")]
     ReadImage(#[source] FileError),
     #[error("Failed to copy {path}")]
@@ -463,7 +463,7 @@ impl ImageService {
             output,
             &banger_disk::ext4::BuildOptions::default(),
         )
-        .map_err(ImageError::BuildExt4)?;
+        .map_err(|error| ImageError::BuildExt4(Box::new(error)))?;
         Ok(kind.describe().to_owned())
     }
 

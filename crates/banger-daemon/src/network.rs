@@ -56,18 +56,18 @@ pub enum NetworkError {
     SetUpTap {
         tap: String,
         #[source]
-        source: NetlinkError,
+        source: Box<NetlinkError>,
     },
     #[error("Failed to release tap {tap}")]
     ReleaseTap {
         tap: String,
         #[source]
-        source: NetlinkError,
+        source: Box<NetlinkError>,
     },
     #[error("Failed to look up the VM's tap")]
-    LookUpTap(#[source] NetlinkError),
+    LookUpTap(#[source] Box<NetlinkError>),
     #[error("Failed to look at the bridge")]
-    LookAtBridge(#[source] NetlinkError),
+    LookAtBridge(#[source] Box<NetlinkError>),
     #[error("Corrupt lease address {address}")]
     CorruptLease {
         address: String,
@@ -391,7 +391,7 @@ impl Network {
         self.host
             .link_status(&self.settings.bridge.name)
             .await
-            .map_err(NetworkError::LookAtBridge)
+            .map_err(|error| NetworkError::LookAtBridge(Box::new(error)))
     }
 
     pub fn resolved_state(&self) -> ResolvedState {
@@ -460,7 +460,7 @@ impl Network {
                 let _ = self.store.delete_lease(vm_id);
                 return Err(NetworkError::SetUpTap {
                     tap: leased.tap,
-                    source,
+                    source: Box::new(source),
                 });
             }
         }
@@ -519,7 +519,7 @@ impl Network {
             .host
             .link_status(&lease.tap)
             .await
-            .map_err(NetworkError::LookUpTap)?
+            .map_err(|error| NetworkError::LookUpTap(Box::new(error)))?
             .is_some();
         if !present {
             self.pool
@@ -527,7 +527,7 @@ impl Network {
                 .await
                 .map_err(|source| NetworkError::SetUpTap {
                     tap: lease.tap.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         self.attachment(vm_id, lease).map(Some)
@@ -547,7 +547,7 @@ impl Network {
             let fate = self.pool.give_back(&network.tap).await.map_err(|source| {
                 NetworkError::ReleaseTap {
                     tap: network.tap.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             tracing::debug!(vm = %vm_name, tap = %network.tap, ?fate, "tap released");

@@ -484,7 +484,7 @@ impl VmService {
         let outcome = match cloned {
             Ok(Ok(root_disk)) => return Ok(root_disk),
             Ok(Err(CloneError::Cancelled { .. })) => Err(operation.cancelled_error().into()),
-            Ok(Err(error)) => Err(VmError::CloneRootDisk(error)),
+            Ok(Err(error)) => Err(VmError::CloneRootDisk(Box::new(error))),
             Err(error) => Err(error),
         };
         if let Err(error) = self.remove_disk(vm_id, directory).await {
@@ -510,7 +510,7 @@ impl VmService {
                 task: "Root disk removal",
                 source,
             })?
-            .map_err(VmError::RemoveRootDisk)?;
+            .map_err(|error| VmError::RemoveRootDisk(Box::new(error)))?;
         remove_dir_if_present(directory).map_err(|source| VmError::RemoveDirectory {
             path: directory.to_owned(),
             source,

@@ -82,15 +82,15 @@ pub enum VmError {
         source: std::io::Error,
     },
     #[error("Failed to clone root disk")]
-    CloneRootDisk(#[source] CloneError),
+    CloneRootDisk(#[source] Box<CloneError>),
     #[error("VM `{name}` has no usable root disk (did it fail during create?)")]
     NoUsableRootDisk {
         name: String,
         #[source]
-        source: CloneError,
+        source: Box<CloneError>,
     },
     #[error("Failed to remove the root disk")]
-    RemoveRootDisk(#[source] CloneError),
+    RemoveRootDisk(#[source] Box<CloneError>),
     #[error("Failed to remove {path}")]
     RemoveDirectory {
         path: PathBuf,
@@ -102,17 +102,17 @@ pub enum VmError {
 
     // The VMM and the guest.
     #[error("Failed to start the VMM")]
-    StartVmm(#[source] VmmError),
+    StartVmm(#[source] Box<VmmError>),
     #[error("Failed to boot the VM")]
-    Boot(#[source] VmmError),
+    Boot(#[source] Box<VmmError>),
     #[error("The VMM exited right after boot")]
     ExitedAfterBoot,
     #[error("No VMM process to boot")]
     NoVmmProcess,
     #[error("Failed to kill the VMM")]
-    KillVmm(#[source] VmmError),
+    KillVmm(#[source] Box<VmmError>),
     #[error("Failed to check the VMM process")]
-    CheckVmm(#[source] VmmError),
+    CheckVmm(#[source] Box<VmmError>),
     #[error("The guest agent of VM `{name}` could not report stats")]
     GuestStats {
         name: String,

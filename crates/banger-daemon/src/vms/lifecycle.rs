@@ -91,7 +91,10 @@ impl VmService {
             };
             if let Err(error) = outcome {
                 tracing::warn!(vm = %vm.name, %error, "graceful stop failed; killing");
-                backend.kill(&handle).await.map_err(VmError::KillVmm)?;
+                backend
+                    .kill(&handle)
+                    .await
+                    .map_err(|error| VmError::KillVmm(Box::new(error)))?;
             }
             self.forget_process(&vm.id, &handle);
             self.exited(&vm.id);

@@ -47,7 +47,7 @@ impl VmService {
         self.backend(&vm.backend)?
             .adopt(&vm.id, directory, pid)
             .await
-            .map_err(VmError::CheckVmm)
+            .map_err(|error| VmError::CheckVmm(Box::new(error)))
     }
 
     /// See the module docs.

@@ -68,7 +68,7 @@ impl VmService {
             .backend(&vm.backend)?
             .spawn(&spec)
             .await
-            .map_err(VmError::StartVmm)?;
+            .map_err(|error| VmError::StartVmm(Box::new(error)))?;
         self.processes().insert(vm.id.clone(), handle.clone());
         vm.pid = Some(handle.pid());
         if let Err(error) = self.store.update_vm(vm) {
@@ -85,7 +85,7 @@ impl VmService {
             .of(handle)
             .boot(handle)
             .await
-            .map_err(VmError::Boot)?;
+            .map_err(|error| VmError::Boot(Box::new(error)))?;
         if handle.has_exited() {
             return Err(VmError::ExitedAfterBoot);
         }
@@ -198,7 +198,7 @@ impl VmService {
         })?;
         attached.map_err(|source| VmError::NoUsableRootDisk {
             name: vm.name.clone(),
-            source,
+            source: Box::new(source),
         })
     }
 }
