@@ -143,12 +143,6 @@ impl<E: RpcFailure> From<E> for DaemonError {
     }
 }
 
-impl From<StoreError> for DaemonError {
-    fn from(error: StoreError) -> Self {
-        StoreFailure::from(error).into()
-    }
-}
-
 pub type DaemonResult<T> = Result<T, DaemonError>;
 
 /// A state database error as the client sees it: a taken name or a row
@@ -245,17 +239,17 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::AlreadyExists);
         assert_eq!(error.chain(), "VM `dev` already exists");
 
-        let in_use = DaemonError::from(StoreError::InUse {
+        let in_use = DaemonError::from(StoreFailure::from(StoreError::InUse {
             kind: "Image",
             name: "base".to_owned(),
             users: "dev".to_owned(),
-        });
+        }));
         assert_eq!(in_use.kind, ErrorKind::InvalidState);
         assert_eq!(in_use.chain(), "Image `base` is used by VM(s): dev");
 
-        let missing = DaemonError::from(StoreError::MissingVm {
+        let missing = DaemonError::from(StoreFailure::from(StoreError::MissingVm {
             name: "dev".to_owned(),
-        });
+        }));
         assert_eq!(missing.kind, ErrorKind::Internal);
         assert_eq!(
             missing.chain(),
