@@ -147,8 +147,8 @@ pub type DaemonResult<T> = Result<T, DaemonError>;
 
 /// A state database error as the client sees it: a taken name or a row
 /// still in use keeps the store's own message; anything else is a "State
-/// database error" caused by the store's error. Every module error has a
-/// `Store` variant holding one.
+/// database error" caused by the store's error. The error of every module
+/// that uses the store has a `Store` variant holding one.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreFailure {
     /// A unique name is taken.
