@@ -19,7 +19,7 @@ use banger_agent_proto::client::{AgentClient, ClientError};
 use banger_proto::ErrorKind;
 use banger_vmm::AgentEndpoint;
 
-use crate::error::{DaemonError, DaemonResult};
+use crate::error::{chain, RpcFailure};
 
 /// How often a refused connection is retried while a guest boots.
 const RETRY_INTERVAL: Duration = Duration::from_millis(100);
@@ -27,6 +27,50 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Console lines quoted when the agent never answers.
 const CONSOLE_TAIL_LINES: usize = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("The VMM exited before the guest agent answered")]
+    VmmExited,
+    #[error("The guest agent did not answer before the deadline")]
+    Deadline {
+        /// Why the last connection attempt failed, if one was made.
+        #[source]
+        last_attempt: Option<ClientError>,
+    },
+    /// [`Agents::wait_ready`] gave up. The console's tail goes in the
+    /// message, after the reason: a create operation keeps only the
+    /// message chain, and the tail must end it, so the reason is written
+    /// out here instead of being the source.
+    #[error("{} (waited {waited_seconds:.1} s); {console}", chain(.reason.as_ref()))]
+    NotReady {
+        reason: Box<AgentError>,
+        waited_seconds: f64,
+        /// The console's last lines, or why there are none.
+        console: String,
+    },
+    #[error("The guest agent of VM `{vm}` does not answer")]
+    NotAnswering {
+        vm: String,
+        #[source]
+        source: Box<AgentError>,
+    },
+}
+
+impl RpcFailure for AgentError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Failed
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::NotAnswering { vm, .. } => Some(format!(
+                "the guest may still be booting or may not carry the agent; `banger vm show {vm}` and its console log say more"
+            )),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct Agents {
@@ -74,19 +118,15 @@ impl Agents {
         console_log: &Path,
         timeout: Duration,
         gone: impl std::future::Future<Output = ()>,
-    ) -> DaemonResult<AgentClient> {
+    ) -> Result<AgentClient, AgentError> {
         let started = Instant::now();
         let outcome = tokio::select! {
             outcome = self.connect_until(vm_id, endpoint, started + timeout) => outcome,
-            () = gone => Err(DaemonError::new(
-                ErrorKind::Failed,
-                "The VMM exited before the guest agent answered",
-            )),
+            () = gone => Err(AgentError::VmmExited),
         };
-        outcome.map_err(|error| {
-            // The operation records the chain only, so the tail goes in the message.
+        outcome.map_err(|reason| {
             let tail = banger_vmm::process::read_log_tail(console_log, CONSOLE_TAIL_LINES);
-            let context = if tail.trim().is_empty() {
+            let console = if tail.trim().is_empty() {
                 format!(
                     "the console log {} is empty (does the kernel boot, and does its initramfs carry the agent? `banger kernel import --from-debian` makes one that does)",
                     console_log.display()
@@ -98,14 +138,11 @@ impl Agents {
                     tail.trim_end()
                 )
             };
-            DaemonError::new(
-                error.kind,
-                format!(
-                    "{} (waited {:.1} s); {context}",
-                    error.chain(),
-                    started.elapsed().as_secs_f64()
-                ),
-            )
+            AgentError::NotReady {
+                reason: Box::new(reason),
+                waited_seconds: started.elapsed().as_secs_f64(),
+                console,
+            }
         })
     }
 
@@ -114,7 +151,7 @@ impl Agents {
         vm_id: &str,
         endpoint: &AgentEndpoint,
         deadline: Instant,
-    ) -> DaemonResult<AgentClient> {
+    ) -> Result<AgentClient, AgentError> {
         let lock = self.connect_lock(vm_id);
         let _guard = lock.lock().await;
         if let Some(client) = self.cached(vm_id) {
@@ -124,13 +161,8 @@ impl Agents {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                let error = DaemonError::new(
-                    ErrorKind::Failed,
-                    "The guest agent did not answer before the deadline",
-                );
-                return Err(match last_error {
-                    Some(cause) => error.with_source(cause),
-                    None => error,
+                return Err(AgentError::Deadline {
+                    last_attempt: last_error,
                 });
             }
             match tokio::time::timeout(remaining, connect(endpoint)).await {
@@ -155,23 +187,15 @@ impl Agents {
         vm_id: &str,
         vm_name: &str,
         endpoint: &AgentEndpoint,
-    ) -> DaemonResult<AgentClient> {
+    ) -> Result<AgentClient, AgentError> {
         if let Some(client) = self.cached(vm_id) {
             return Ok(client);
         }
         self.connect_until(vm_id, endpoint, Instant::now() + RECONNECT_TIMEOUT)
             .await
-            .map_err(|error| {
-                DaemonError::new(
-                    ErrorKind::Failed,
-                    format!(
-                        "The guest agent of VM `{vm_name}` does not answer: {}",
-                        error.chain()
-                    ),
-                )
-                .with_hint(format!(
-                    "the guest may still be booting or may not carry the agent; `banger vm show {vm_name}` and its console log say more"
-                ))
+            .map_err(|source| AgentError::NotAnswering {
+                vm: vm_name.to_owned(),
+                source: Box::new(source),
             })
     }
 
@@ -191,5 +215,56 @@ async fn connect(endpoint: &AgentEndpoint) -> Result<AgentClient, ClientError> {
         AgentEndpoint::FirecrackerVsock { uds_path, port } => {
             AgentClient::connect_firecracker_vsock(uds_path, *port).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_agent_that_never_answers_is_reported_with_the_console_tail() {
+        let directory = tempfile::tempdir().unwrap();
+        let console = directory.path().join("console.log");
+        std::fs::write(&console, "booting\nKernel panic\n").unwrap();
+        let endpoint = AgentEndpoint::Unix(directory.path().join("agent.sock"));
+        let agents = Agents::default();
+        let error = agents
+            .wait_ready(
+                "vm",
+                &endpoint,
+                &console,
+                Duration::from_millis(150),
+                std::future::pending(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Failed);
+        let text = chain(&error);
+        assert!(
+            text.starts_with("The guest agent did not answer before the deadline: "),
+            "{text}"
+        );
+        assert!(text.contains(" s); last console lines ("), "{text}");
+        assert!(text.ends_with(":\nbooting\nKernel panic"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_exits_first_ends_the_wait() {
+        let directory = tempfile::tempdir().unwrap();
+        let console = directory.path().join("console.log");
+        let endpoint = AgentEndpoint::Unix(directory.path().join("agent.sock"));
+        let error = Agents::default()
+            .wait_ready("vm", &endpoint, &console, Duration::from_secs(30), async {})
+            .await
+            .unwrap_err();
+        let text = chain(&error);
+        assert!(
+            text.starts_with(
+                "The VMM exited before the guest agent answered (waited 0.0 s); the console log "
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("is empty (does the kernel boot, and does its initramfs carry the agent? `banger kernel import --from-debian` makes one that does)"), "{text}");
     }
 }

@@ -16,17 +16,92 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_catalog::{
-    CatalogCache, CatalogSource, DownloadRequest, Downloader, ImageEntry, KernelEntry, Progress,
+    CatalogCache, CatalogLoadError, CatalogSource, DownloadError, DownloadRequest, Downloader,
+    ImageEntry, KernelEntry, Progress, RemoteSignatureError, Url,
 };
 use banger_proto::image::{OperationStarted, PullParams};
 use banger_proto::{ErrorKind, Image, Kernel, OperationState};
 
 use crate::config::CatalogConfig;
-use crate::error::{DaemonError, DaemonResult};
+use crate::error::{chain, RpcFailure};
 use crate::ids::new_id;
-use crate::images::ImageService;
-use crate::operations::{LiveOperation, OperationRegistry, Stage};
+use crate::images::{ImageError, ImageService};
+use crate::operations::{LiveOperation, OperationError, OperationRegistry, Stage};
 use crate::paths::StatePaths;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("No catalog is configured")]
+    NotConfigured,
+    #[error("Failed to load the catalog")]
+    Load(#[source] Box<CatalogLoadError>),
+    #[error("{} `{name}` is already registered", .kind.title())]
+    AlreadyRegistered { kind: PullKind, name: String },
+    #[error(
+        "No {} `{name}`{} in the catalog",
+        .kind.label(),
+        .version.as_ref().map(|version| format!(" version {version}")).unwrap_or_default()
+    )]
+    NotInCatalog {
+        kind: PullKind,
+        name: String,
+        version: Option<String>,
+    },
+    #[error("Failed to download {url}")]
+    Download {
+        url: Url,
+        #[source]
+        source: Box<DownloadError>,
+    },
+    #[error("Kernel `{name}` is signed but no keyring is configured")]
+    NoKeyring { name: String },
+    #[error("Kernel `{name}` failed signature verification")]
+    Signature {
+        name: String,
+        #[source]
+        source: Box<RemoteSignatureError>,
+    },
+    #[error("{task} task failed")]
+    Task {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// Registering the download.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Operation(#[from] OperationError),
+}
+
+impl RpcFailure for CatalogError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotConfigured => ErrorKind::InvalidState,
+            Self::AlreadyRegistered { .. } => ErrorKind::AlreadyExists,
+            Self::NotInCatalog { .. } => ErrorKind::NotFound,
+            Self::Image(error) => error.kind(),
+            Self::Operation(error) => error.kind(),
+            _ => ErrorKind::Failed,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::NotConfigured => Some("set `[catalog] url` in the daemon's config".to_owned()),
+            Self::AlreadyRegistered { kind, name } => Some(format!(
+                "remove it first with `banger {} rm {name}`",
+                kind.label()
+            )),
+            Self::NoKeyring { .. } => {
+                Some("set `[catalog] keyrings` to the signing keys' keyring files".to_owned())
+            }
+            Self::Image(error) => error.hint(),
+            Self::Operation(error) => error.hint(),
+            _ => None,
+        }
+    }
+}
 
 pub struct CatalogService {
     cache: Option<CatalogCache>,
@@ -69,14 +144,14 @@ impl CatalogService {
 
     /// The catalog (fetched again when older than `max_age_seconds`); `None`
     /// when none is configured.
-    pub async fn catalog(&self) -> DaemonResult<Option<banger_catalog::Catalog>> {
+    pub async fn catalog(&self) -> Result<Option<banger_catalog::Catalog>, CatalogError> {
         let Some(cache) = &self.cache else {
             return Ok(None);
         };
         let loaded = cache
             .load(self.max_age)
             .await
-            .map_err(|error| DaemonError::failed("Failed to load the catalog", error))?;
+            .map_err(|error| CatalogError::Load(Box::new(error)))?;
         if let Some(warning) = loaded.warning() {
             tracing::warn!("{warning}");
         }
@@ -88,7 +163,7 @@ impl CatalogService {
         &self,
         name: &str,
         version: Option<&str>,
-    ) -> DaemonResult<Option<ImageEntry>> {
+    ) -> Result<Option<ImageEntry>, CatalogError> {
         Ok(self
             .catalog()
             .await?
@@ -99,7 +174,7 @@ impl CatalogService {
         &self,
         name: &str,
         version: Option<&str>,
-    ) -> DaemonResult<Option<KernelEntry>> {
+    ) -> Result<Option<KernelEntry>, CatalogError> {
         Ok(self
             .catalog()
             .await?
@@ -112,7 +187,7 @@ impl CatalogService {
         request: DownloadRequest,
         operation: &LiveOperation,
         stage: &Stage,
-    ) -> DaemonResult<banger_catalog::Downloaded> {
+    ) -> Result<banger_catalog::Downloaded, CatalogError> {
         let mut last = Instant::now() - Duration::from_secs(1);
         self.downloader
             .download(
@@ -126,11 +201,14 @@ impl CatalogService {
                 },
             )
             .await
-            .map_err(|error| {
+            .map_err(|source| {
                 if operation.is_cancelled() {
-                    operation.cancelled_error()
+                    operation.cancelled_error().into()
                 } else {
-                    DaemonError::failed(format!("Failed to download {}", request.url), error)
+                    CatalogError::Download {
+                        url: request.url.clone(),
+                        source: Box::new(source),
+                    }
                 }
             })
     }
@@ -141,7 +219,7 @@ impl CatalogService {
         entry: &ImageEntry,
         operation: &LiveOperation,
         stage: &Stage,
-    ) -> DaemonResult<Image> {
+    ) -> Result<Image, CatalogError> {
         let request = DownloadRequest {
             url: entry.url.clone(),
             expected_size: Some(entry.size),
@@ -159,7 +237,11 @@ impl CatalogService {
             images.register_downloaded_image(&name, &downloaded.path, digest, source)
         })
         .await
-        .map_err(|error| DaemonError::failed("Image registration task failed", error))?
+        .map_err(|source| CatalogError::Task {
+            task: "Image registration",
+            source,
+        })?
+        .map_err(CatalogError::from)
     }
 
     /// Downloads, verifies (signature too, when the entry has one) and
@@ -169,7 +251,7 @@ impl CatalogService {
         entry: &KernelEntry,
         operation: &LiveOperation,
         stage: &Stage,
-    ) -> DaemonResult<Kernel> {
+    ) -> Result<Kernel, CatalogError> {
         let id = new_id();
         let kernel = self
             .download(
@@ -192,16 +274,11 @@ impl CatalogService {
         if let Some(signature_url) = &entry.signature_url {
             if self.keyrings.is_empty() {
                 remove_kernel();
-                return Err(DaemonError::new(
-                    ErrorKind::Failed,
-                    format!(
-                        "Kernel `{}` is signed but no keyring is configured",
-                        entry.name
-                    ),
-                )
-                .with_hint("set `[catalog] keyrings` to the signing keys' keyring files"));
+                return Err(CatalogError::NoKeyring {
+                    name: entry.name.clone(),
+                });
             }
-            if let Err(error) = banger_catalog::verify_signature_from_url(
+            if let Err(source) = banger_catalog::verify_signature_from_url(
                 &self.downloader,
                 &kernel_path,
                 signature_url,
@@ -210,10 +287,10 @@ impl CatalogService {
             .await
             {
                 remove_kernel();
-                return Err(DaemonError::failed(
-                    format!("Kernel `{}` failed signature verification", entry.name),
-                    error,
-                ));
+                return Err(CatalogError::Signature {
+                    name: entry.name.clone(),
+                    source: Box::new(source),
+                });
             }
         }
         let initrd = match &entry.initrd {
@@ -254,7 +331,11 @@ impl CatalogService {
             )
         })
         .await
-        .map_err(|error| DaemonError::failed("Kernel registration task failed", error))?
+        .map_err(|source| CatalogError::Task {
+            task: "Kernel registration",
+            source,
+        })?
+        .map_err(CatalogError::from)
     }
 
     /// `image.pull` / `kernel.pull`: starts the pull as an operation.
@@ -262,38 +343,25 @@ impl CatalogService {
         self: &Arc<Self>,
         kind: PullKind,
         params: PullParams,
-    ) -> DaemonResult<OperationStarted> {
-        let (label, registered) = match kind {
-            PullKind::Image => ("image", self.images.image(&params.name).is_ok()),
-            PullKind::Kernel => ("kernel", self.images.kernel(&params.name).is_ok()),
+    ) -> Result<OperationStarted, CatalogError> {
+        let registered = match kind {
+            PullKind::Image => self.images.image(&params.name).is_ok(),
+            PullKind::Kernel => self.images.kernel(&params.name).is_ok(),
         };
         if registered {
-            return Err(DaemonError::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "{} `{}` is already registered",
-                    capitalised(label),
-                    params.name
-                ),
-            )
-            .with_hint(format!(
-                "remove it first with `banger {label} rm {}`",
-                params.name
-            )));
+            return Err(CatalogError::AlreadyRegistered {
+                kind,
+                name: params.name,
+            });
         }
         if self.cache.is_none() {
-            return Err(DaemonError::invalid_state("No catalog is configured")
-                .with_hint("set `[catalog] url` in the daemon's config"));
+            return Err(CatalogError::NotConfigured);
         }
         let version = params.version.as_deref();
-        let missing = || {
-            DaemonError::not_found(format!(
-                "No {label} `{}`{} in the catalog",
-                params.name,
-                version
-                    .map(|version| format!(" version {version}"))
-                    .unwrap_or_default()
-            ))
+        let missing = || CatalogError::NotInCatalog {
+            kind,
+            name: params.name.clone(),
+            version: params.version.clone(),
         };
         let entry = match kind {
             PullKind::Image => PullEntry::Image(Box::new(
@@ -307,6 +375,7 @@ impl CatalogService {
                     .ok_or_else(missing)?,
             )),
         };
+        let label = kind.label();
         let operation = self.operations.begin_on(
             &format!("{label}.pull"),
             "",
@@ -333,9 +402,9 @@ impl CatalogService {
             match outcome {
                 Ok(()) => operation.finish(OperationState::Succeeded, None, None),
                 Err(error) if operation.is_cancelled() => {
-                    operation.finish(OperationState::Cancelled, Some(error.chain()), None);
+                    operation.finish(OperationState::Cancelled, Some(chain(&error)), None);
                 }
-                Err(error) => operation.finish(OperationState::Failed, Some(error.chain()), None),
+                Err(error) => operation.finish(OperationState::Failed, Some(chain(&error)), None),
             }
             this.operations.retire(&operation.id);
         });
@@ -349,23 +418,37 @@ pub enum PullKind {
     Kernel,
 }
 
+impl PullKind {
+    /// `image` or `kernel`, as commands and operation kinds say it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Kernel => "kernel",
+        }
+    }
+
+    /// The label starting a sentence.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Image => "Image",
+            Self::Kernel => "Kernel",
+        }
+    }
+}
+
 enum PullEntry {
     Image(Box<ImageEntry>),
     Kernel(Box<KernelEntry>),
 }
 
-fn end(operation: &LiveOperation, stage: &Stage, outcome: DaemonResult<()>) -> DaemonResult<()> {
+fn end(
+    operation: &LiveOperation,
+    stage: &Stage,
+    outcome: Result<(), CatalogError>,
+) -> Result<(), CatalogError> {
     match &outcome {
         Ok(()) => operation.finish_stage(stage, None),
         Err(error) => operation.fail_stage(stage, error),
     }
     outcome
-}
-
-fn capitalised(word: &str) -> String {
-    let mut characters = word.chars();
-    characters
-        .next()
-        .map(|first| first.to_uppercase().chain(characters).collect())
-        .unwrap_or_default()
 }

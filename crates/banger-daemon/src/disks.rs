@@ -19,11 +19,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use banger_proto::{parse_size, validate_vm_name, ErrorKind, Vm, WorkDisk};
-use banger_store::Store;
+use banger_disk::ext4::Ext4Error;
+use banger_proto::{parse_size, validate_vm_name, ErrorKind, NameError, Vm, VmState, WorkDisk};
+use banger_store::{Store, StoreError};
 use banger_vmm::DriveSpec;
 
-use crate::error::{DaemonError, DaemonResult};
+use crate::error::{RpcFailure, StoreFailure};
 use crate::ids::{new_id, now};
 
 /// The file system label of every work disk; the agent mounts the disk
@@ -44,6 +45,112 @@ pub struct WorkDisks {
     busy: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum WorkDiskError {
+    #[error("No work disk named `{name}`")]
+    NotFound { name: String },
+    #[error("Invalid work disk name")]
+    InvalidName(#[source] NameError),
+    /// Not a size at all (`parse_size`'s own words).
+    #[error("{reason}")]
+    InvalidSize { reason: String },
+    #[error("Work disk size `{size}` is out of range (64M to 16T)")]
+    SizeOutOfRange { size: String },
+    #[error("A work disk named `{name}` exists")]
+    Exists { name: String },
+    /// A create asked for a disk another VM has.
+    #[error("Work disk `{disk}` is attached to VM `{vm}`")]
+    AttachedElsewhere { disk: String, vm: String },
+    /// `disk rm` of a disk a VM has.
+    #[error("Work disk `{disk}` is attached to VM `{vm}`")]
+    StillAttached { disk: String, vm: String },
+    #[error("Work disk `{disk}` was attached to a VM meanwhile")]
+    AttachedMeanwhile { disk: String },
+    #[error("Work disk `{disk}` is in use by VM `{vm}`, which is {state}")]
+    InUse {
+        disk: String,
+        vm: String,
+        state: VmState,
+    },
+    #[error("Work disk `{disk}` is {size_bytes} bytes; disks grow but never shrink")]
+    Shrink { disk: String, size_bytes: u64 },
+    #[error("Failed to create {path}")]
+    CreateDirectory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to make the work disk")]
+    Make(#[source] Box<Ext4Error>),
+    #[error("Failed to grow {path}")]
+    Grow {
+        path: PathBuf,
+        #[source]
+        source: Box<Ext4Error>,
+    },
+    #[error("Failed to remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{task} task failed")]
+    Task {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreFailure),
+}
+
+impl From<StoreError> for WorkDiskError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error.into())
+    }
+}
+
+impl RpcFailure for WorkDiskError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotFound { .. } => ErrorKind::NotFound,
+            Self::InvalidName(_)
+            | Self::InvalidSize { .. }
+            | Self::SizeOutOfRange { .. }
+            | Self::Shrink { .. } => ErrorKind::InvalidParams,
+            Self::Exists { .. } => ErrorKind::AlreadyExists,
+            Self::AttachedElsewhere { .. }
+            | Self::StillAttached { .. }
+            | Self::AttachedMeanwhile { .. }
+            | Self::InUse { .. } => ErrorKind::InvalidState,
+            Self::Store(error) => error.kind(),
+            Self::CreateDirectory { .. }
+            | Self::Make(_)
+            | Self::Grow { .. }
+            | Self::Remove { .. }
+            | Self::Task { .. } => ErrorKind::Failed,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            Self::NotFound { .. } => "`banger disk list` shows the work disks".to_owned(),
+            Self::Exists { name } => format!(
+                "attach it with `--work-disk {name}`, or remove it with `banger disk rm {name}`"
+            ),
+            Self::AttachedElsewhere { .. } => {
+                "a work disk is attached to one VM at a time".to_owned()
+            }
+            Self::StillAttached { vm, .. } => format!(
+                "delete the VM with `banger vm delete {vm} --keep-work-disk` to detach it first"
+            ),
+            Self::InUse { vm, .. } => format!("stop it first with `banger vm stop {vm}`"),
+            Self::Store(error) => return error.hint(),
+            _ => return None,
+        })
+    }
+}
+
 /// What [`WorkDisks::prepare`] did, for the undo.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -51,12 +158,12 @@ pub struct Prepared {
     pub created: bool,
 }
 
-fn size_of(text: &str) -> DaemonResult<u64> {
-    let bytes = parse_size(text).map_err(DaemonError::invalid_params)?;
+fn size_of(text: &str) -> Result<u64, WorkDiskError> {
+    let bytes = parse_size(text).map_err(|reason| WorkDiskError::InvalidSize { reason })?;
     if !(MIN_WORK_DISK_BYTES..=MAX_WORK_DISK_BYTES).contains(&bytes) {
-        return Err(DaemonError::invalid_params(format!(
-            "Work disk size `{text}` is out of range (64M to 16T)"
-        )));
+        return Err(WorkDiskError::SizeOutOfRange {
+            size: text.to_owned(),
+        });
     }
     Ok(bytes)
 }
@@ -86,38 +193,39 @@ impl WorkDisks {
         lock.lock_owned().await
     }
 
-    pub fn list(&self) -> DaemonResult<Vec<WorkDisk>> {
+    pub fn list(&self) -> Result<Vec<WorkDisk>, WorkDiskError> {
         Ok(self.store.list_work_disks()?)
     }
 
-    pub fn find(&self, name: &str) -> DaemonResult<WorkDisk> {
-        self.store.find_work_disk(name)?.ok_or_else(|| {
-            DaemonError::not_found(format!("No work disk named `{name}`"))
-                .with_hint("`banger disk list` shows the work disks")
-        })
+    pub fn find(&self, name: &str) -> Result<WorkDisk, WorkDiskError> {
+        self.store
+            .find_work_disk(name)?
+            .ok_or_else(|| WorkDiskError::NotFound {
+                name: name.to_owned(),
+            })
     }
 
     /// Makes a new detached disk.
-    pub async fn create(&self, name: &str, size: &str) -> DaemonResult<WorkDisk> {
-        validate_vm_name(name).map_err(|error| {
-            DaemonError::invalid_params(format!("Invalid work disk name: {error}"))
-        })?;
+    pub async fn create(&self, name: &str, size: &str) -> Result<WorkDisk, WorkDiskError> {
+        validate_vm_name(name).map_err(WorkDiskError::InvalidName)?;
         let bytes = size_of(size)?;
         self.make(name, bytes, None).await
     }
 
-    async fn make(&self, name: &str, bytes: u64, vm_id: Option<&str>) -> DaemonResult<WorkDisk> {
+    async fn make(
+        &self,
+        name: &str,
+        bytes: u64,
+        vm_id: Option<&str>,
+    ) -> Result<WorkDisk, WorkDiskError> {
         if self.store.find_work_disk(name)?.is_some() {
-            return Err(DaemonError::new(
-                ErrorKind::AlreadyExists,
-                format!("A work disk named `{name}` exists"),
-            )
-            .with_hint(format!(
-                "attach it with `--work-disk {name}`, or remove it with `banger disk rm {name}`"
-            )));
+            return Err(WorkDiskError::Exists {
+                name: name.to_owned(),
+            });
         }
-        std::fs::create_dir_all(&self.dir).map_err(|error| {
-            DaemonError::failed(format!("Failed to create {}", self.dir.display()), error)
+        std::fs::create_dir_all(&self.dir).map_err(|source| WorkDiskError::CreateDirectory {
+            path: self.dir.clone(),
+            source,
         })?;
         let id = new_id();
         let path = self.dir.join(format!("{id}.ext4"));
@@ -135,8 +243,11 @@ impl WorkDisks {
             banger_disk::ext4::create_empty(&file, bytes, WORK_DISK_LABEL)
         })
         .await
-        .map_err(|error| DaemonError::failed("Work disk task failed", error))?
-        .map_err(|error| DaemonError::failed("Failed to make the work disk", error))?;
+        .map_err(|source| WorkDiskError::Task {
+            task: "Work disk",
+            source,
+        })?
+        .map_err(|error| WorkDiskError::Make(Box::new(error)))?;
         if let Err(error) = self.store.insert_work_disk(&disk) {
             let _ = std::fs::remove_file(&path);
             return Err(error.into());
@@ -145,29 +256,27 @@ impl WorkDisks {
     }
 
     /// Deletes a detached disk and its file.
-    pub fn remove(&self, name: &str) -> DaemonResult<WorkDisk> {
+    pub fn remove(&self, name: &str) -> Result<WorkDisk, WorkDiskError> {
         let disk = self.find(name)?;
         if let Some(vm) = &disk.vm {
-            return Err(DaemonError::invalid_state(format!(
-                "Work disk `{name}` is attached to VM `{vm}`"
-            ))
-            .with_hint(format!(
-                "delete the VM with `banger vm delete {vm} --keep-work-disk` to detach it first"
-            )));
+            return Err(WorkDiskError::StillAttached {
+                disk: name.to_owned(),
+                vm: vm.clone(),
+            });
         }
         // The row goes first, and only while still detached: a create that
         // attached it meanwhile wins. A file left by a failed unlink has no
         // row and goes at the next reconciliation.
         if !self.store.delete_detached_work_disk(&disk.id)? {
-            return Err(DaemonError::invalid_state(format!(
-                "Work disk `{name}` was attached to a VM meanwhile"
-            )));
+            return Err(WorkDiskError::AttachedMeanwhile {
+                disk: name.to_owned(),
+            });
         }
         remove_file_if_present(Path::new(&disk.path))?;
         Ok(disk)
     }
 
-    fn delete(&self, disk: &WorkDisk) -> DaemonResult<()> {
+    fn delete(&self, disk: &WorkDisk) -> Result<(), WorkDiskError> {
         remove_file_if_present(Path::new(&disk.path))?;
         self.store.delete_work_disk(&disk.id)?;
         Ok(())
@@ -176,27 +285,27 @@ impl WorkDisks {
     /// Grows a disk that no running VM uses (`resize2fs`); never shrinks.
     /// The caller holds the lock of the VM the disk is attached to, if any
     /// (so the VM cannot start meanwhile).
-    pub async fn resize(&self, name: &str, size: &str) -> DaemonResult<WorkDisk> {
+    pub async fn resize(&self, name: &str, size: &str) -> Result<WorkDisk, WorkDiskError> {
         let disk = self.find(name)?;
         let _busy = self.hold(&disk.id).await;
         let mut disk = self.find(name)?;
         let bytes = size_of(size)?;
         if let Some(vm_id) = &disk.vm_id {
             if let Some(vm) = self.store.get_vm(vm_id)? {
-                if vm.state.has_process() || vm.state == banger_proto::VmState::Creating {
-                    return Err(DaemonError::invalid_state(format!(
-                        "Work disk `{name}` is in use by VM `{}`, which is {}",
-                        vm.name, vm.state
-                    ))
-                    .with_hint(format!("stop it first with `banger vm stop {}`", vm.name)));
+                if vm.state.has_process() || vm.state == VmState::Creating {
+                    return Err(WorkDiskError::InUse {
+                        disk: name.to_owned(),
+                        vm: vm.name,
+                        state: vm.state,
+                    });
                 }
             }
         }
         if bytes < disk.size_bytes {
-            return Err(DaemonError::invalid_params(format!(
-                "Work disk `{name}` is {} bytes; disks grow but never shrink",
-                disk.size_bytes
-            )));
+            return Err(WorkDiskError::Shrink {
+                disk: name.to_owned(),
+                size_bytes: disk.size_bytes,
+            });
         }
         grow(Path::new(&disk.path), bytes).await?;
         self.store.set_work_disk_size(&disk.id, bytes)?;
@@ -206,7 +315,7 @@ impl WorkDisks {
 
     /// The create hook: `spec` is a size (a new disk named `VM-work`) or the
     /// name of a detached disk to attach.
-    pub async fn prepare(&self, vm: &Vm, spec: &str) -> DaemonResult<Prepared> {
+    pub async fn prepare(&self, vm: &Vm, spec: &str) -> Result<Prepared, WorkDiskError> {
         if is_size(spec) {
             let bytes = size_of(spec)?;
             let disk = self
@@ -220,11 +329,10 @@ impl WorkDisks {
         let disk = self.find(spec)?;
         let _busy = self.hold(&disk.id).await;
         if !self.store.set_work_disk_vm(&disk.id, Some(&vm.id))? {
-            return Err(DaemonError::invalid_state(format!(
-                "Work disk `{spec}` is attached to VM `{}`",
-                disk.vm.unwrap_or_default()
-            ))
-            .with_hint("a work disk is attached to one VM at a time"));
+            return Err(WorkDiskError::AttachedElsewhere {
+                disk: spec.to_owned(),
+                vm: disk.vm.unwrap_or_default(),
+            });
         }
         Ok(Prepared {
             disk,
@@ -233,33 +341,27 @@ impl WorkDisks {
     }
 
     /// Validates a create's `--work-disk` before anything is made.
-    pub fn check(&self, vm_name: &str, spec: &str) -> DaemonResult<()> {
+    pub fn check(&self, vm_name: &str, spec: &str) -> Result<(), WorkDiskError> {
         if is_size(spec) {
             size_of(spec)?;
             let name = format!("{vm_name}-work");
             if self.store.find_work_disk(&name)?.is_some() {
-                return Err(DaemonError::new(
-                    ErrorKind::AlreadyExists,
-                    format!("A work disk named `{name}` exists"),
-                )
-                .with_hint(format!(
-                    "attach it with `--work-disk {name}`, or remove it with `banger disk rm {name}`"
-                )));
+                return Err(WorkDiskError::Exists { name });
             }
             return Ok(());
         }
         let disk = self.find(spec)?;
         if let Some(vm) = disk.vm {
-            return Err(DaemonError::invalid_state(format!(
-                "Work disk `{spec}` is attached to VM `{vm}`"
-            ))
-            .with_hint("a work disk is attached to one VM at a time"));
+            return Err(WorkDiskError::AttachedElsewhere {
+                disk: spec.to_owned(),
+                vm,
+            });
         }
         Ok(())
     }
 
     /// The VM's work disk as a launch drive, if it has one.
-    pub fn drive(&self, vm_id: &str) -> DaemonResult<Option<DriveSpec>> {
+    pub fn drive(&self, vm_id: &str) -> Result<Option<DriveSpec>, WorkDiskError> {
         Ok(self.store.work_disk_of_vm(vm_id)?.map(|disk| DriveSpec {
             id: WORK_DRIVE_ID.to_owned(),
             path: PathBuf::from(disk.path),
@@ -270,7 +372,7 @@ impl WorkDisks {
 
     /// The delete hook (and the create undo): delete the VM's disk, or keep
     /// it detached.
-    pub fn release(&self, vm_id: &str, keep: bool) -> DaemonResult<Option<WorkDisk>> {
+    pub fn release(&self, vm_id: &str, keep: bool) -> Result<Option<WorkDisk>, WorkDiskError> {
         let Some(disk) = self.store.work_disk_of_vm(vm_id)? else {
             return Ok(None);
         };
@@ -284,7 +386,7 @@ impl WorkDisks {
 
     /// Reconciliation of a create the daemon died in: a disk that create made
     /// is deleted, one it attached is kept, detached.
-    pub fn release_interrupted(&self, vm: &Vm) -> DaemonResult<()> {
+    pub fn release_interrupted(&self, vm: &Vm) -> Result<(), WorkDiskError> {
         let Some(disk) = self.store.work_disk_of_vm(&vm.id)? else {
             return Ok(());
         };
@@ -294,7 +396,7 @@ impl WorkDisks {
 
     /// Deletes disk files in the directory that no row accounts for (a
     /// create interrupted between mkfs and the insert); returns them.
-    pub fn remove_orphans(&self) -> DaemonResult<Vec<PathBuf>> {
+    pub fn remove_orphans(&self) -> Result<Vec<PathBuf>, WorkDiskError> {
         let known: std::collections::HashSet<String> = self
             .store
             .list_work_disks()?
@@ -315,22 +417,69 @@ impl WorkDisks {
     }
 }
 
-fn remove_file_if_present(path: &Path) -> DaemonResult<()> {
+fn remove_file_if_present(path: &Path) -> Result<(), WorkDiskError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(DaemonError::failed(
-            format!("Failed to remove {}", path.display()),
-            error,
-        )),
+        Err(source) => Err(WorkDiskError::Remove {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
 /// Grows an ext4 disk file (not in use) to `bytes`.
-pub async fn grow(path: &Path, bytes: u64) -> DaemonResult<()> {
+pub async fn grow(path: &Path, bytes: u64) -> Result<(), WorkDiskError> {
     let file = path.to_owned();
     tokio::task::spawn_blocking(move || banger_disk::ext4::grow(&file, bytes))
         .await
-        .map_err(|error| DaemonError::failed("Resize task failed", error))?
-        .map_err(|error| DaemonError::failed(format!("Failed to grow {}", path.display()), error))
+        .map_err(|source| WorkDiskError::Task {
+            task: "Resize",
+            source,
+        })?
+        .map_err(|source| WorkDiskError::Grow {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked_before_anything_is_made() {
+        let error = size_of("lots").unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidParams);
+        assert_eq!(error.to_string(), "`lots` is not a size (e.g. 10G, 512M)");
+        let error = size_of("1M").unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidParams);
+        assert_eq!(
+            error.to_string(),
+            "Work disk size `1M` is out of range (64M to 16T)"
+        );
+        assert_eq!(size_of("1G").unwrap(), 1 << 30);
+    }
+
+    #[test]
+    fn an_attached_disk_says_what_helps_where_it_was_asked_for() {
+        let attach = WorkDiskError::AttachedElsewhere {
+            disk: "data".to_owned(),
+            vm: "alpha".to_owned(),
+        };
+        let remove = WorkDiskError::StillAttached {
+            disk: "data".to_owned(),
+            vm: "alpha".to_owned(),
+        };
+        assert_eq!(attach.to_string(), remove.to_string());
+        assert_eq!(attach.kind(), ErrorKind::InvalidState);
+        assert_eq!(
+            attach.hint().as_deref(),
+            Some("a work disk is attached to one VM at a time")
+        );
+        assert_eq!(
+            remove.hint().as_deref(),
+            Some("delete the VM with `banger vm delete alpha --keep-work-disk` to detach it first")
+        );
+    }
 }

@@ -231,7 +231,7 @@ impl Doctor<'_> {
 
     fn catalog_check(
         &self,
-        catalog: &crate::error::DaemonResult<Option<banger_catalog::Catalog>>,
+        catalog: &Result<Option<banger_catalog::Catalog>, crate::catalog::CatalogError>,
     ) -> Check {
         let url = &self.config.catalog.url;
         match catalog {
@@ -254,7 +254,7 @@ impl Doctor<'_> {
             Err(error) => check(
                 "catalog",
                 CheckStatus::Fail,
-                format!("{url} cannot be loaded: {}", error.chain()),
+                format!("{url} cannot be loaded: {}", crate::error::chain(error)),
                 Some("check `[catalog] url` and that the host reaches it"),
             ),
         }
@@ -501,7 +501,12 @@ async fn bridge(network: &Network) -> Check {
             format!("{} is missing: VMs are cut off", bridge.name),
             Some("restart bangerd to create it again"),
         ),
-        Err(error) => check("bridge", CheckStatus::Fail, error.chain(), None),
+        Err(error) => check(
+            "bridge",
+            CheckStatus::Fail,
+            crate::error::chain(&error),
+            None,
+        ),
     }
 }
 

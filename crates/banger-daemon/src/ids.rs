@@ -17,9 +17,21 @@ pub fn now() -> String {
         .unwrap_or_default()
 }
 
+/// An image or kernel name [`validate_artifact_name`] refused.
+#[derive(Debug, thiserror::Error)]
+#[error("Invalid {artifact} name `{name}`: use up to 64 lowercase letters, digits, `.`, `_` or `-`, starting with a letter or digit")]
+pub struct InvalidArtifactName {
+    /// `image` or `kernel`.
+    pub artifact: &'static str,
+    pub name: String,
+}
+
 /// Image and kernel names: lowercase letters, digits, `.`, `_`, `-`, up to 64
 /// characters, starting with a letter or digit.
-pub fn validate_artifact_name(kind: &str, name: &str) -> Result<(), String> {
+pub fn validate_artifact_name(
+    artifact: &'static str,
+    name: &str,
+) -> Result<(), InvalidArtifactName> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name
@@ -32,9 +44,10 @@ pub fn validate_artifact_name(kind: &str, name: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
-            "Invalid {kind} name `{name}`: use up to 64 lowercase letters, digits, `.`, `_` or `-`, starting with a letter or digit"
-        ))
+        Err(InvalidArtifactName {
+            artifact,
+            name: name.to_owned(),
+        })
     }
 }
 

@@ -19,14 +19,19 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_disk::initramfs::{self, DebianKernel, InitramfsError, KernelModules};
+use banger_disk::ext4::Ext4Error;
+use banger_disk::initramfs::{
+    self, DebianKernel, InitramfsError, KernelModules, LocateKernelError,
+};
+use banger_disk::unpack::UnpackError;
+use banger_disk::vmlinux::VmlinuxError;
 use banger_proto::{ErrorKind, Image, ImportImageParams, ImportKernelParams, Kernel};
-use banger_store::Store;
+use banger_store::{Store, StoreError};
 
 use crate::access::{open_as_peer, Peer};
-use crate::error::{DaemonError, DaemonResult};
-use crate::files;
-use crate::ids::{new_id, now, validate_artifact_name};
+use crate::error::{RpcFailure, StoreFailure};
+use crate::files::{self, FileError};
+use crate::ids::{new_id, now, validate_artifact_name, InvalidArtifactName};
 use crate::paths::StatePaths;
 
 /// Kernel arguments used when an imported kernel gives none: serial console,
@@ -37,6 +42,234 @@ pub const DEBIAN_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 root=/de
 /// Where the static guest agent is looked for last (after `[agent] path`
 /// and the directory of `bangerd`).
 pub const AGENT_INSTALL_PATH: &str = "/usr/local/lib/banger/banger-agent";
+
+/// What can go wrong finding, importing, registering and removing images
+/// and kernels.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("No image named `{name}`")]
+    ImageNotFound { name: String },
+    #[error("No kernel named `{name}`")]
+    KernelNotFound { name: String },
+    #[error(transparent)]
+    InvalidName(#[from] InvalidArtifactName),
+    #[error("Image `{name}` already exists")]
+    ImageExists { name: String },
+    #[error("Kernel `{name}` already exists")]
+    KernelExists { name: String },
+    #[error("Kernel command line must be one line")]
+    MultilineCommandLine,
+    #[error("A kernel imported from Debian takes no kernel file or initrd")]
+    DebianKernelWithFiles,
+
+    // The source of an import, opened as the caller.
+    #[error("The {what} path {path} is not absolute")]
+    RelativePath { what: &'static str, path: PathBuf },
+    #[error("Cannot read {what} {path}")]
+    OpenSource {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot stat {what} {path}")]
+    StatSource {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("The {what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: PathBuf },
+
+    // Images.
+    #[error("Importing the directory {path} needs root")]
+    DirectoryNeedsRoot { path: PathBuf },
+    #[error("Cannot import {path}")]
+    UnknownFormat {
+        path: PathBuf,
+        #[source]
+        source: UnpackError,
+    },
+    #[error("Refused to import {path}")]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: UnpackError,
+    },
+    #[error("Failed to build the ext4 image")]
+    BuildExt4(#[source] Box<Ext4Error>),
+    #[error("Failed to read the image")]
+    ReadImage(#[source] FileError),
+    #[error("Failed to copy {path}")]
+    CopyImage {
+        path: PathBuf,
+        #[source]
+        source: FileError,
+    },
+    #[error("Failed to open the built image")]
+    OpenBuiltImage(#[source] std::io::Error),
+    #[error("Failed to hash the built image")]
+    HashBuiltImage(#[source] FileError),
+    #[error("Failed to read the new image")]
+    StatNewImage(#[source] std::io::Error),
+    #[error("Failed to move image into place")]
+    MoveImage(#[source] std::io::Error),
+
+    // Catalog downloads.
+    #[error("Failed to open the download")]
+    OpenDownload(#[source] std::io::Error),
+    #[error("Failed to read the download")]
+    ReadDownload(#[source] FileError),
+    #[error("Failed to stat the download")]
+    StatDownload(#[source] std::io::Error),
+    #[error("The catalog's image `{name}` is not an ext4 filesystem image")]
+    DownloadNotExt4 { name: String },
+    #[error("The catalog's kernel `{name}` is neither an ELF vmlinux nor a bzImage")]
+    DownloadNotAKernel { name: String },
+
+    // Kernels.
+    #[error("{path} is neither an ELF vmlinux nor a bzImage")]
+    NotAKernel { path: PathBuf },
+    #[error("Failed to read kernel")]
+    ReadKernel(#[source] FileError),
+    #[error("Failed to create the kernel dir")]
+    CreateKernelDirectory(#[source] std::io::Error),
+    #[error("Failed to create kernel staging dir")]
+    CreateKernelStaging(#[source] std::io::Error),
+    #[error("Failed to copy kernel")]
+    CopyKernel(#[source] FileError),
+    #[error("Failed to copy initrd")]
+    CopyInitrd(#[source] FileError),
+    #[error("Failed to move kernel into place")]
+    MoveKernel(#[source] std::io::Error),
+    #[error("Failed to move initrd into place")]
+    MoveInitrd(#[source] std::io::Error),
+    #[error(transparent)]
+    LocateDebianKernel(#[from] LocateKernelError),
+    #[error("Failed to build the initramfs for kernel {release}")]
+    BuildInitramfs {
+        release: String,
+        #[source]
+        source: InitramfsError,
+    },
+    #[error("No static guest agent found (looked at {})", list_paths(.candidates))]
+    AgentNotFound { candidates: Vec<PathBuf> },
+    #[error("Failed to unpack the vmlinux from {path}")]
+    UnpackVmlinux {
+        path: PathBuf,
+        #[source]
+        source: VmlinuxError,
+    },
+
+    // Files of either.
+    #[error("Failed to create {path}")]
+    CreateFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to reopen {path}")]
+    ReopenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to read {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to write {path}")]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{task} task failed")]
+    Task {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreFailure),
+}
+
+impl From<StoreError> for ImageError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error.into())
+    }
+}
+
+impl RpcFailure for ImageError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::ImageNotFound { .. } | Self::KernelNotFound { .. } => ErrorKind::NotFound,
+            Self::ImageExists { .. } | Self::KernelExists { .. } => ErrorKind::AlreadyExists,
+            Self::OpenSource { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                ErrorKind::NotAllowed
+            }
+            Self::DirectoryNeedsRoot { .. } => ErrorKind::NotAllowed,
+            Self::InvalidName(_)
+            | Self::MultilineCommandLine
+            | Self::DebianKernelWithFiles
+            | Self::RelativePath { .. }
+            | Self::OpenSource { .. }
+            | Self::NotAFile { .. }
+            | Self::UnknownFormat { .. }
+            | Self::Unpack { .. }
+            | Self::NotAKernel { .. }
+            | Self::LocateDebianKernel(_) => ErrorKind::InvalidParams,
+            Self::Store(error) => error.kind(),
+            _ => ErrorKind::Failed,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            Self::ImageNotFound { .. } => {
+                "`banger image list` shows the images; `banger image import` adds one".to_owned()
+            }
+            Self::KernelNotFound { .. } => {
+                "`banger kernel list` shows the kernels; `banger kernel import` adds one".to_owned()
+            }
+            Self::ImageExists { name } => format!("remove it first with `banger image rm {name}`"),
+            Self::KernelExists { name } => {
+                format!("remove it first with `banger kernel rm {name}`")
+            }
+            Self::DirectoryNeedsRoot { path } => format!(
+                "pack it first: `tar -C {} -cf rootfs.tar .`, then import rootfs.tar",
+                path.display()
+            ),
+            Self::UnknownFormat { .. } => "images are ext4 files, tarballs (plain, gzip, zstd), OCI layouts, `docker save` archives or directories".to_owned(),
+            Self::AgentNotFound { .. } => {
+                "build it with scripts/build-agent.sh and set `[agent] path` or install it there"
+                    .to_owned()
+            }
+            Self::Store(error) => return error.hint(),
+            _ => return None,
+        })
+    }
+}
+
+/// `a, b, c`, for a message.
+fn list_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 #[derive(Clone)]
 pub struct ImageService {
@@ -86,40 +319,38 @@ impl ImageService {
         self
     }
 
-    pub fn list_images(&self) -> DaemonResult<Vec<Image>> {
+    pub fn list_images(&self) -> Result<Vec<Image>, ImageError> {
         Ok(self.store.list_images()?)
     }
 
-    pub fn image(&self, name: &str) -> DaemonResult<Image> {
-        self.store.find_image(name)?.ok_or_else(|| {
-            DaemonError::not_found(format!("No image named `{name}`"))
-                .with_hint("`banger image list` shows the images; `banger image import` adds one")
-        })
+    pub fn image(&self, name: &str) -> Result<Image, ImageError> {
+        self.store
+            .find_image(name)?
+            .ok_or_else(|| ImageError::ImageNotFound {
+                name: name.to_owned(),
+            })
     }
 
-    pub fn list_kernels(&self) -> DaemonResult<Vec<Kernel>> {
+    pub fn list_kernels(&self) -> Result<Vec<Kernel>, ImageError> {
         Ok(self.store.list_kernels()?)
     }
 
-    pub fn kernel(&self, name: &str) -> DaemonResult<Kernel> {
-        self.store.find_kernel(name)?.ok_or_else(|| {
-            DaemonError::not_found(format!("No kernel named `{name}`")).with_hint(
-                "`banger kernel list` shows the kernels; `banger kernel import` adds one",
-            )
-        })
+    pub fn kernel(&self, name: &str) -> Result<Kernel, ImageError> {
+        self.store
+            .find_kernel(name)?
+            .ok_or_else(|| ImageError::KernelNotFound {
+                name: name.to_owned(),
+            })
     }
 
-    pub async fn import_image(&self, peer: Peer, params: ImportImageParams) -> DaemonResult<Image> {
-        validate_artifact_name("image", &params.name).map_err(DaemonError::invalid_params)?;
+    pub async fn import_image(
+        &self,
+        peer: Peer,
+        params: ImportImageParams,
+    ) -> Result<Image, ImageError> {
+        validate_artifact_name("image", &params.name)?;
         if self.store.find_image(&params.name)?.is_some() {
-            return Err(DaemonError::new(
-                ErrorKind::AlreadyExists,
-                format!("Image `{}` already exists", params.name),
-            )
-            .with_hint(format!(
-                "remove it first with `banger image rm {}`",
-                params.name
-            )));
+            return Err(ImageError::ImageExists { name: params.name });
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -127,7 +358,10 @@ impl ImageService {
             this.import_image_blocking(&peer, &params.name, source)
         })
         .await
-        .map_err(|error| DaemonError::failed("Image import task failed", error))?
+        .map_err(|source| ImageError::Task {
+            task: "Image import",
+            source,
+        })?
     }
 
     fn import_image_blocking(
@@ -135,7 +369,7 @@ impl ImageService {
         peer: &Peer,
         name: &str,
         source: OpenSource,
-    ) -> DaemonResult<Image> {
+    ) -> Result<Image, ImageError> {
         let OpenSource {
             path: source,
             mut file,
@@ -144,29 +378,29 @@ impl ImageService {
         let id = new_id();
         let temporary = self.paths.tmp().join(format!("image-{id}.ext4"));
         let mut temporary_guard = RemoveOnDrop(Some(temporary.clone()));
-        let is_ext4 = !is_directory
-            && files::is_ext4(&file, &source)
-                .map_err(|error| DaemonError::failed("Failed to read the image", error))?;
+        let is_ext4 =
+            !is_directory && files::is_ext4(&file, &source).map_err(ImageError::ReadImage)?;
         let (digest, description) = if is_ext4 {
             let digest =
                 files::copy_with_digest(&mut file, &source, &temporary).map_err(|error| {
-                    DaemonError::failed(format!("Failed to copy {}", source.display()), error)
+                    ImageError::CopyImage {
+                        path: source.clone(),
+                        source: error,
+                    }
                 })?;
             (digest, "ext4 image".to_owned())
         } else {
             let kind = self.build_image(peer, &source, &file, is_directory, &id, &temporary)?;
-            let mut built = std::fs::File::open(&temporary)
-                .map_err(|error| DaemonError::failed("Failed to open the built image", error))?;
-            let digest = files::digest(&mut built, &temporary)
-                .map_err(|error| DaemonError::failed("Failed to hash the built image", error))?;
+            let mut built = std::fs::File::open(&temporary).map_err(ImageError::OpenBuiltImage)?;
+            let digest =
+                files::digest(&mut built, &temporary).map_err(ImageError::HashBuiltImage)?;
             (digest, kind)
         };
         let size_bytes = std::fs::metadata(&temporary)
-            .map_err(|error| DaemonError::failed("Failed to read the new image", error))?
+            .map_err(ImageError::StatNewImage)?
             .len();
         let destination = self.paths.images().join(format!("{id}.ext4"));
-        std::fs::rename(&temporary, &destination)
-            .map_err(|error| DaemonError::failed("Failed to move image into place", error))?;
+        std::fs::rename(&temporary, &destination).map_err(ImageError::MoveImage)?;
         temporary_guard.disarm();
         let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
         let image = Image {
@@ -194,7 +428,7 @@ impl ImageService {
         is_directory: bool,
         id: &str,
         output: &Path,
-    ) -> DaemonResult<String> {
+    ) -> Result<String, ImageError> {
         use banger_disk::unpack;
         use std::os::fd::AsRawFd;
         // Archives are read through the descriptor opened as the caller.
@@ -202,23 +436,17 @@ impl ImageService {
         // import one.
         let readable = if is_directory {
             if peer.uid != 0 {
-                return Err(DaemonError::new(
-                    ErrorKind::NotAllowed,
-                    format!("Importing the directory {} needs root", source.display()),
-                )
-                .with_hint(format!(
-                    "pack it first: `tar -C {} -cf rootfs.tar .`, then import rootfs.tar",
-                    source.display()
-                )));
+                return Err(ImageError::DirectoryNeedsRoot {
+                    path: source.to_owned(),
+                });
             }
             source.to_owned()
         } else {
             PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
         };
-        let kind = unpack::detect(&readable).map_err(|error| {
-            DaemonError::invalid_params(format!("Cannot import {}", source.display()))
-                .with_source(error)
-                .with_hint("images are ext4 files, tarballs (plain, gzip, zstd), OCI layouts, `docker save` archives or directories")
+        let kind = unpack::detect(&readable).map_err(|error| ImageError::UnknownFormat {
+            path: source.to_owned(),
+            source: error,
         })?;
         let staging = self.paths.tmp().join(format!("unpack-{id}"));
         let _staging_guard = RemoveOnDrop(Some(staging.clone()));
@@ -226,16 +454,16 @@ impl ImageService {
             allow_devices: self.allow_device_nodes,
             ..unpack::UnpackOptions::default()
         };
-        unpack::unpack(&readable, &staging, &options).map_err(|error| {
-            DaemonError::invalid_params(format!("Refused to import {}", source.display()))
-                .with_source(error)
+        unpack::unpack(&readable, &staging, &options).map_err(|error| ImageError::Unpack {
+            path: source.to_owned(),
+            source: error,
         })?;
         banger_disk::ext4::build_from_directory(
             &staging,
             output,
             &banger_disk::ext4::BuildOptions::default(),
         )
-        .map_err(|error| DaemonError::failed("Failed to build the ext4 image", error))?;
+        .map_err(|error| ImageError::BuildExt4(Box::new(error)))?;
         Ok(kind.describe().to_owned())
     }
 
@@ -248,27 +476,19 @@ impl ImageService {
         downloaded: &Path,
         digest: String,
         source: String,
-    ) -> DaemonResult<Image> {
+    ) -> Result<Image, ImageError> {
         let mut downloaded_guard = RemoveOnDrop(Some(downloaded.to_owned()));
-        validate_artifact_name("image", name).map_err(DaemonError::invalid_params)?;
-        let file = std::fs::File::open(downloaded)
-            .map_err(|error| DaemonError::failed("Failed to open the download", error))?;
-        if !files::is_ext4(&file, downloaded)
-            .map_err(|error| DaemonError::failed("Failed to read the download", error))?
-        {
-            return Err(DaemonError::new(
-                ErrorKind::Failed,
-                format!("The catalog's image `{name}` is not an ext4 filesystem image"),
-            ));
+        validate_artifact_name("image", name)?;
+        let file = std::fs::File::open(downloaded).map_err(ImageError::OpenDownload)?;
+        if !files::is_ext4(&file, downloaded).map_err(ImageError::ReadDownload)? {
+            return Err(ImageError::DownloadNotExt4 {
+                name: name.to_owned(),
+            });
         }
-        let size_bytes = file
-            .metadata()
-            .map_err(|error| DaemonError::failed("Failed to stat the download", error))?
-            .len();
+        let size_bytes = file.metadata().map_err(ImageError::StatDownload)?.len();
         let id = new_id();
         let destination = self.paths.images().join(format!("{id}.ext4"));
-        std::fs::rename(downloaded, &destination)
-            .map_err(|error| DaemonError::failed("Failed to move image into place", error))?;
+        std::fs::rename(downloaded, &destination).map_err(ImageError::MoveImage)?;
         downloaded_guard.disarm();
         let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
         let image = Image {
@@ -295,30 +515,23 @@ impl ImageService {
         initrd: Option<&Path>,
         cmdline: Option<String>,
         source: String,
-    ) -> DaemonResult<Kernel> {
+    ) -> Result<Kernel, ImageError> {
         let _kernel_guard = RemoveOnDrop(Some(kernel.to_owned()));
         let _initrd_guard = RemoveOnDrop(initrd.map(Path::to_owned));
-        validate_artifact_name("kernel", name).map_err(DaemonError::invalid_params)?;
-        let file = std::fs::File::open(kernel)
-            .map_err(|error| DaemonError::failed("Failed to open the download", error))?;
-        if !files::is_kernel_image(&file, kernel)
-            .map_err(|error| DaemonError::failed("Failed to read the download", error))?
-        {
-            return Err(DaemonError::new(
-                ErrorKind::Failed,
-                format!("The catalog's kernel `{name}` is neither an ELF vmlinux nor a bzImage"),
-            ));
+        validate_artifact_name("kernel", name)?;
+        let file = std::fs::File::open(kernel).map_err(ImageError::OpenDownload)?;
+        if !files::is_kernel_image(&file, kernel).map_err(ImageError::ReadDownload)? {
+            return Err(ImageError::DownloadNotAKernel {
+                name: name.to_owned(),
+            });
         }
         let id = new_id();
         let destination = self.paths.kernels().join(&id);
         let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
-        std::fs::create_dir(&destination)
-            .map_err(|error| DaemonError::failed("Failed to create the kernel dir", error))?;
-        std::fs::rename(kernel, destination.join("vmlinux"))
-            .map_err(|error| DaemonError::failed("Failed to move kernel into place", error))?;
+        std::fs::create_dir(&destination).map_err(ImageError::CreateKernelDirectory)?;
+        std::fs::rename(kernel, destination.join("vmlinux")).map_err(ImageError::MoveKernel)?;
         if let Some(initrd) = initrd {
-            std::fs::rename(initrd, destination.join("initrd"))
-                .map_err(|error| DaemonError::failed("Failed to move initrd into place", error))?;
+            std::fs::rename(initrd, destination.join("initrd")).map_err(ImageError::MoveInitrd)?;
         }
         let record = Kernel {
             id,
@@ -337,7 +550,7 @@ impl ImageService {
     /// Removes files under `images/` and `kernels/` that no row references
     /// (an import interrupted between moving the file into place and
     /// registering it). Returns what was removed.
-    pub fn remove_unreferenced_files(&self) -> DaemonResult<Vec<String>> {
+    pub fn remove_unreferenced_files(&self) -> Result<Vec<String>, ImageError> {
         let mut referenced: Vec<PathBuf> = self
             .store
             .list_images()?
@@ -376,7 +589,7 @@ impl ImageService {
         Ok(removed)
     }
 
-    pub fn remove_image(&self, name: &str) -> DaemonResult<Image> {
+    pub fn remove_image(&self, name: &str) -> Result<Image, ImageError> {
         let image = self.image(name)?;
         self.store.delete_image(name)?;
         remove_file_if_present(Path::new(&image.path))?;
@@ -387,17 +600,10 @@ impl ImageService {
         &self,
         peer: Peer,
         params: ImportKernelParams,
-    ) -> DaemonResult<Kernel> {
-        validate_artifact_name("kernel", &params.name).map_err(DaemonError::invalid_params)?;
+    ) -> Result<Kernel, ImageError> {
+        validate_artifact_name("kernel", &params.name)?;
         if self.store.find_kernel(&params.name)?.is_some() {
-            return Err(DaemonError::new(
-                ErrorKind::AlreadyExists,
-                format!("Kernel `{}` already exists", params.name),
-            )
-            .with_hint(format!(
-                "remove it first with `banger kernel rm {}`",
-                params.name
-            )));
+            return Err(ImageError::KernelExists { name: params.name });
         }
         let default_cmdline = if params.from_debian.is_some() {
             DEBIAN_KERNEL_CMDLINE
@@ -409,22 +615,21 @@ impl ImageService {
             .clone()
             .unwrap_or_else(|| default_cmdline.to_owned());
         if cmdline.contains('\n') {
-            return Err(DaemonError::invalid_params(
-                "Kernel command line must be one line",
-            ));
+            return Err(ImageError::MultilineCommandLine);
         }
         if let Some(source) = params.from_debian.clone() {
             if !params.path.is_empty() || params.initrd.is_some() {
-                return Err(DaemonError::invalid_params(
-                    "A kernel imported from Debian takes no kernel file or initrd",
-                ));
+                return Err(ImageError::DebianKernelWithFiles);
             }
             let this = self.clone();
             return tokio::task::spawn_blocking(move || {
                 this.import_debian_kernel_blocking(&peer, &params.name, &source, cmdline)
             })
             .await
-            .map_err(|error| DaemonError::failed("Kernel import task failed", error))?;
+            .map_err(|source| ImageError::Task {
+                task: "Kernel import",
+                source,
+            })?;
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -437,7 +642,10 @@ impl ImageService {
             this.import_kernel_blocking(&params.name, kernel, initrd, cmdline)
         })
         .await
-        .map_err(|error| DaemonError::failed("Kernel import task failed", error))?
+        .map_err(|source| ImageError::Task {
+            task: "Kernel import",
+            source,
+        })?
     }
 
     fn import_debian_kernel_blocking(
@@ -446,13 +654,12 @@ impl ImageService {
         name: &str,
         source: &str,
         cmdline: String,
-    ) -> DaemonResult<Kernel> {
+    ) -> Result<Kernel, ImageError> {
         if source.starts_with('/') {
             // The package directory is read with the caller's rights.
             open_source(peer, source, "kernel package", true)?;
         }
-        let located = DebianKernel::locate(Path::new("/"), source)
-            .map_err(|error| DaemonError::invalid_params(error.to_string()))?;
+        let located = DebianKernel::locate(Path::new("/"), source)?;
         let mut kernel = open_source(peer, &located.kernel.to_string_lossy(), "kernel", false)?;
         let agent = find_agent(&agent_candidates(self.agent_path.as_deref()))?;
         let initrd_path = self.paths.tmp().join(format!("initrd-{}", new_id()));
@@ -464,14 +671,9 @@ impl ImageService {
         if let Some(file) = unpack_vmlinux(&mut kernel, &vmlinux_path)? {
             kernel.file = file;
         }
-        let build_error = |error: InitramfsError| {
-            DaemonError::failed(
-                format!(
-                    "Failed to build the initramfs for kernel {}",
-                    located.release
-                ),
-                error,
-            )
+        let build_error = |source: InitramfsError| ImageError::BuildInitramfs {
+            release: located.release.clone(),
+            source,
         };
         let modules = KernelModules::open(&located.modules).map_err(build_error)?;
         let (archive, _) = initramfs::build_agent_initramfs(
@@ -481,14 +683,17 @@ impl ImageService {
             &agent,
         )
         .map_err(build_error)?;
-        let output = std::fs::File::create(&initrd_path).map_err(|error| {
-            DaemonError::failed(format!("Failed to create {}", initrd_path.display()), error)
-        })?;
+        let output =
+            std::fs::File::create(&initrd_path).map_err(|source| ImageError::CreateFile {
+                path: initrd_path.clone(),
+                source,
+            })?;
         archive
             .write_gzip(std::io::BufWriter::new(output))
             .map_err(build_error)?;
-        let file = std::fs::File::open(&initrd_path).map_err(|error| {
-            DaemonError::failed(format!("Failed to reopen {}", initrd_path.display()), error)
+        let file = std::fs::File::open(&initrd_path).map_err(|source| ImageError::ReopenFile {
+            path: initrd_path.clone(),
+            source,
         })?;
         let initrd = OpenSource {
             path: initrd_path.clone(),
@@ -504,30 +709,23 @@ impl ImageService {
         mut kernel: OpenSource,
         initrd: Option<OpenSource>,
         cmdline: String,
-    ) -> DaemonResult<Kernel> {
-        if !files::is_kernel_image(&kernel.file, &kernel.path)
-            .map_err(|error| DaemonError::failed("Failed to read kernel", error))?
-        {
-            return Err(DaemonError::invalid_params(format!(
-                "{} is neither an ELF vmlinux nor a bzImage",
-                kernel.path.display()
-            )));
+    ) -> Result<Kernel, ImageError> {
+        if !files::is_kernel_image(&kernel.file, &kernel.path).map_err(ImageError::ReadKernel)? {
+            return Err(ImageError::NotAKernel { path: kernel.path });
         }
         let id = new_id();
         let staging = self.paths.tmp().join(format!("kernel-{id}"));
         let mut staging_guard = RemoveOnDrop(Some(staging.clone()));
-        std::fs::create_dir(&staging)
-            .map_err(|error| DaemonError::failed("Failed to create kernel staging dir", error))?;
+        std::fs::create_dir(&staging).map_err(ImageError::CreateKernelStaging)?;
         files::copy_with_digest(&mut kernel.file, &kernel.path, &staging.join("vmlinux"))
-            .map_err(|error| DaemonError::failed("Failed to copy kernel", error))?;
+            .map_err(ImageError::CopyKernel)?;
         let has_initrd = initrd.is_some();
         if let Some(mut initrd) = initrd {
             files::copy_with_digest(&mut initrd.file, &initrd.path, &staging.join("initrd"))
-                .map_err(|error| DaemonError::failed("Failed to copy initrd", error))?;
+                .map_err(ImageError::CopyInitrd)?;
         }
         let destination = self.paths.kernels().join(&id);
-        std::fs::rename(&staging, &destination)
-            .map_err(|error| DaemonError::failed("Failed to move kernel into place", error))?;
+        std::fs::rename(&staging, &destination).map_err(ImageError::MoveKernel)?;
         staging_guard.disarm();
         let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
         let record = Kernel {
@@ -544,18 +742,18 @@ impl ImageService {
         Ok(record)
     }
 
-    pub fn remove_kernel(&self, name: &str) -> DaemonResult<Kernel> {
+    pub fn remove_kernel(&self, name: &str) -> Result<Kernel, ImageError> {
         let kernel = self.kernel(name)?;
         self.store.delete_kernel(name)?;
         if let Some(directory) = Path::new(&kernel.kernel_path).parent() {
             match std::fs::remove_dir_all(directory) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    return Err(DaemonError::failed(
-                        format!("Failed to remove {}", directory.display()),
-                        error,
-                    ))
+                Err(source) => {
+                    return Err(ImageError::Remove {
+                        path: directory.to_owned(),
+                        source,
+                    })
                 }
             }
         }
@@ -567,15 +765,19 @@ impl ImageService {
 /// opened; `None` when `kernel` already is an ELF, or is compressed in a
 /// format banger does not unpack (it is then kept as it is: QEMU boots a
 /// bzImage, Firecracker will not).
-fn unpack_vmlinux(kernel: &mut OpenSource, output: &Path) -> DaemonResult<Option<std::fs::File>> {
+fn unpack_vmlinux(
+    kernel: &mut OpenSource,
+    output: &Path,
+) -> Result<Option<std::fs::File>, ImageError> {
     use std::io::{Read, Seek, Write};
     let mut image = Vec::new();
     kernel
         .file
         .read_to_end(&mut image)
         .and_then(|_| kernel.file.rewind())
-        .map_err(|error| {
-            DaemonError::failed(format!("Failed to read {}", kernel.path.display()), error)
+        .map_err(|source| ImageError::ReadFile {
+            path: kernel.path.clone(),
+            source,
         })?;
     if banger_disk::vmlinux::is_elf(&image) {
         return Ok(None);
@@ -586,18 +788,17 @@ fn unpack_vmlinux(kernel: &mut OpenSource, output: &Path) -> DaemonResult<Option
             tracing::warn!(kernel = %kernel.path.display(), format, "kept the bzImage: Firecracker cannot boot it");
             return Ok(None);
         }
-        Err(error) => {
-            return Err(DaemonError::failed(
-                format!(
-                    "Failed to unpack the vmlinux from {}",
-                    kernel.path.display()
-                ),
-                error,
-            ))
+        Err(source) => {
+            return Err(ImageError::UnpackVmlinux {
+                path: kernel.path.clone(),
+                source,
+            })
         }
     };
-    let write_error =
-        |error| DaemonError::failed(format!("Failed to write {}", output.display()), error);
+    let write_error = |source| ImageError::WriteFile {
+        path: output.to_owned(),
+        source,
+    };
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -628,26 +829,13 @@ pub fn agent_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
 }
 
 /// The first candidate that is a file.
-pub fn find_agent(candidates: &[PathBuf]) -> DaemonResult<PathBuf> {
+pub fn find_agent(candidates: &[PathBuf]) -> Result<PathBuf, ImageError> {
     candidates
         .iter()
         .find(|path| path.is_file())
         .cloned()
-        .ok_or_else(|| {
-            let looked: Vec<String> = candidates
-                .iter()
-                .map(|path| path.display().to_string())
-                .collect();
-            DaemonError::new(
-                ErrorKind::Failed,
-                format!(
-                    "No static guest agent found (looked at {})",
-                    looked.join(", ")
-                ),
-            )
-            .with_hint(
-                "build it with scripts/build-agent.sh and set `[agent] path` or install it there",
-            )
+        .ok_or_else(|| ImageError::AgentNotFound {
+            candidates: candidates.to_vec(),
         })
 }
 
@@ -665,33 +853,24 @@ struct OpenSource {
 fn open_source(
     peer: &Peer,
     path: &str,
-    what: &str,
+    what: &'static str,
     directory_allowed: bool,
-) -> DaemonResult<OpenSource> {
+) -> Result<OpenSource, ImageError> {
     let path = PathBuf::from(path);
     if !path.is_absolute() {
-        return Err(DaemonError::invalid_params(format!(
-            "The {what} path {} is not absolute",
-            path.display()
-        )));
+        return Err(ImageError::RelativePath { what, path });
     }
-    let file = open_as_peer(peer, &path).map_err(|error| {
-        let kind = if error.kind() == std::io::ErrorKind::PermissionDenied {
-            ErrorKind::NotAllowed
-        } else {
-            ErrorKind::InvalidParams
-        };
-        DaemonError::new(kind, format!("Cannot read {what} {}", path.display())).with_source(error)
-    })?;
-    let metadata = file.metadata().map_err(|error| {
-        DaemonError::failed(format!("Cannot stat {what} {}", path.display()), error)
-    })?;
+    let file = match open_as_peer(peer, &path) {
+        Ok(file) => file,
+        Err(source) => return Err(ImageError::OpenSource { what, path, source }),
+    };
+    let metadata = match file.metadata() {
+        Ok(metadata) => metadata,
+        Err(source) => return Err(ImageError::StatSource { what, path, source }),
+    };
     let is_directory = metadata.is_dir() && directory_allowed;
     if !metadata.is_file() && !is_directory {
-        return Err(DaemonError::invalid_params(format!(
-            "The {what} {} is not a regular file",
-            path.display()
-        )));
+        return Err(ImageError::NotAFile { what, path });
     }
     Ok(OpenSource {
         path,
@@ -700,14 +879,14 @@ fn open_source(
     })
 }
 
-fn remove_file_if_present(path: &Path) -> DaemonResult<()> {
+fn remove_file_if_present(path: &Path) -> Result<(), ImageError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(DaemonError::failed(
-            format!("Failed to remove {}", path.display()),
-            error,
-        )),
+        Err(source) => Err(ImageError::Remove {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -729,14 +908,32 @@ mod tests {
         let missing = [directory.path().join("a"), directory.path().join("b")];
         let error = find_agent(&missing).unwrap_err();
         assert_eq!(
-            error.chain(),
+            crate::error::chain(&error),
             format!(
                 "No static guest agent found (looked at {}, {})",
                 missing[0].display(),
                 missing[1].display()
             )
         );
+        assert_eq!(error.kind(), ErrorKind::Failed);
+        assert!(error.hint().unwrap().contains("build-agent.sh"));
         std::fs::write(&missing[1], "agent").unwrap();
         assert_eq!(find_agent(&missing).unwrap(), missing[1]);
+    }
+
+    #[test]
+    fn an_unreadable_source_is_not_allowed_and_a_missing_one_invalid() {
+        let open = |kind: std::io::ErrorKind| ImageError::OpenSource {
+            what: "image",
+            path: PathBuf::from("/x.ext4"),
+            source: std::io::Error::from(kind),
+        };
+        let refused = open(std::io::ErrorKind::PermissionDenied);
+        assert_eq!(refused.kind(), ErrorKind::NotAllowed);
+        assert!(crate::error::chain(&refused).starts_with("Cannot read image /x.ext4: "));
+        assert_eq!(
+            open(std::io::ErrorKind::NotFound).kind(),
+            ErrorKind::InvalidParams
+        );
     }
 }

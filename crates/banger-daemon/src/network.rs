@@ -32,18 +32,81 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use banger_net::dns::{DnsConfig, DnsRecords, DnsServer};
-use banger_net::nat::{NatConfig, Nft, NftCommand};
-use banger_net::netlink::{BridgeConfig, HostNetwork, LinkStatus, LinuxHostNetwork};
+use banger_net::nat::{NatConfig, NatError, Nft, NftCommand};
+use banger_net::netlink::{BridgeConfig, HostNetwork, LinkStatus, LinuxHostNetwork, NetlinkError};
 use banger_net::pool::{PoolStatus, TapPool};
 use banger_net::resolved::{self, Presence, ResolvectlCommand, Resolved, ResolvedLink};
 use banger_net::setup::{self, NetworkSettings};
 use banger_net::{MacAddress, Subnet};
 use banger_proto::vm::VmNetwork;
-use banger_store::Store;
+use banger_proto::ErrorKind;
+use banger_store::{Store, StoreError};
 use banger_vmm::NetworkInterfaceSpec;
 
 use crate::config::NetworkConfig;
-use crate::error::{DaemonError, DaemonResult};
+use crate::error::{RpcFailure, StoreFailure};
+
+/// What can go wrong giving VMs their network while the daemon runs
+/// (bringing it up at start is `anyhow`: it ends the daemon).
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("No address left for VM `{vm}`: {reason}")]
+    NoAddressLeft { vm: String, reason: String },
+    #[error("Failed to set up tap {tap}")]
+    SetUpTap {
+        tap: String,
+        #[source]
+        source: Box<NetlinkError>,
+    },
+    #[error("Failed to release tap {tap}")]
+    ReleaseTap {
+        tap: String,
+        #[source]
+        source: Box<NetlinkError>,
+    },
+    #[error("Failed to look up the VM's tap")]
+    LookUpTap(#[source] Box<NetlinkError>),
+    #[error("Failed to look at the bridge")]
+    LookAtBridge(#[source] Box<NetlinkError>),
+    #[error("Corrupt lease address {address}")]
+    CorruptLease {
+        address: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("Failed to list the nftables ruleset")]
+    ListRuleset(#[source] NatError),
+    #[error("Failed to restore the NAT table")]
+    RestoreNat(#[source] NatError),
+    #[error(transparent)]
+    Store(#[from] StoreFailure),
+}
+
+impl From<StoreError> for NetworkError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error.into())
+    }
+}
+
+impl RpcFailure for NetworkError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NoAddressLeft { .. } => ErrorKind::InvalidState,
+            Self::Store(error) => error.kind(),
+            _ => ErrorKind::Failed,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::NoAddressLeft { .. } => Some(
+                "delete VMs you no longer need, or configure a larger [network] subnet".to_owned(),
+            ),
+            Self::Store(error) => error.hint(),
+            _ => None,
+        }
+    }
+}
 
 /// What became of telling systemd-resolved about the bridge.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -324,11 +387,11 @@ impl Network {
     }
 
     /// The bridge's state; `None` when it is gone.
-    pub async fn bridge_status(&self) -> DaemonResult<Option<LinkStatus>> {
+    pub async fn bridge_status(&self) -> Result<Option<LinkStatus>, NetworkError> {
         self.host
             .link_status(&self.settings.bridge.name)
             .await
-            .map_err(|error| DaemonError::failed("Failed to look at the bridge", error))
+            .map_err(|error| NetworkError::LookAtBridge(Box::new(error)))
     }
 
     pub fn resolved_state(&self) -> ResolvedState {
@@ -350,10 +413,14 @@ impl Network {
         )
     }
 
-    fn attachment(&self, vm_id: &str, lease: &VmNetwork) -> DaemonResult<Attachment> {
-        let address: Ipv4Addr = lease.ip.parse().map_err(|error| {
-            DaemonError::failed(format!("Corrupt lease address {}", lease.ip), error)
-        })?;
+    fn attachment(&self, vm_id: &str, lease: &VmNetwork) -> Result<Attachment, NetworkError> {
+        let address: Ipv4Addr = lease
+            .ip
+            .parse()
+            .map_err(|source| NetworkError::CorruptLease {
+                address: lease.ip.clone(),
+                source,
+            })?;
         Ok(Attachment {
             interface: NetworkInterfaceSpec {
                 id: "eth0".to_owned(),
@@ -367,7 +434,7 @@ impl Network {
 
     /// Leases an address and a tap to the VM and sets the tap up; returns
     /// the lease (stored with the VM).
-    pub async fn prepare(&self, vm_id: &str, vm_name: &str) -> DaemonResult<VmNetwork> {
+    pub async fn prepare(&self, vm_id: &str, vm_name: &str) -> Result<VmNetwork, NetworkError> {
         let subnet = self.settings.bridge.subnet;
         let leased = self
             .store
@@ -382,21 +449,19 @@ impl Network {
                     MacAddress::for_vm(vm_id).to_string(),
                 ))
             })?
-            .map_err(|refusal| {
-                DaemonError::invalid_state(format!("No address left for VM `{vm_name}`: {refusal}"))
-                    .with_hint(
-                        "delete VMs you no longer need, or configure a larger [network] subnet",
-                    )
+            .map_err(|reason| NetworkError::NoAddressLeft {
+                vm: vm_name.to_owned(),
+                reason,
             })?;
         match self.pool.take(&leased.tap).await {
             Ok(source) => tracing::debug!(vm = %vm_name, tap = %leased.tap, ?source, "tap ready"),
-            Err(error) => {
+            Err(source) => {
                 let _ = self.host.delete_link(&leased.tap).await;
                 let _ = self.store.delete_lease(vm_id);
-                return Err(DaemonError::failed(
-                    format!("Failed to set up tap {}", leased.tap),
-                    error,
-                ));
+                return Err(NetworkError::SetUpTap {
+                    tap: leased.tap,
+                    source: Box::new(source),
+                });
             }
         }
         Ok(leased)
@@ -418,11 +483,12 @@ impl Network {
 
     /// Puts banger's NAT table back if something removed it (a firewall
     /// reload that flushes the whole ruleset does); says whether it had to.
-    pub async fn ensure_nat(&self) -> DaemonResult<bool> {
-        let listing =
-            self.nft.list_ruleset_json().await.map_err(|error| {
-                DaemonError::failed("Failed to list the nftables ruleset", error)
-            })?;
+    pub async fn ensure_nat(&self) -> Result<bool, NetworkError> {
+        let listing = self
+            .nft
+            .list_ruleset_json()
+            .await
+            .map_err(NetworkError::ListRuleset)?;
         match banger_net::nat::summarize(&listing) {
             Ok(summary) if summary.tables > 0 => return Ok(false),
             Ok(_) => {}
@@ -434,7 +500,7 @@ impl Network {
         }
         banger_net::nat::apply(self.nft.as_ref(), &self.nat)
             .await
-            .map_err(|error| DaemonError::failed("Failed to restore the NAT table", error))?;
+            .map_err(NetworkError::RestoreNat)?;
         tracing::warn!("banger's nftables table was gone; restored it");
         Ok(true)
     }
@@ -445,7 +511,7 @@ impl Network {
         &self,
         vm_id: &str,
         lease: Option<&VmNetwork>,
-    ) -> DaemonResult<Option<Attachment>> {
+    ) -> Result<Option<Attachment>, NetworkError> {
         let Some(lease) = lease else {
             return Ok(None);
         };
@@ -453,19 +519,23 @@ impl Network {
             .host
             .link_status(&lease.tap)
             .await
-            .map_err(|error| DaemonError::failed("Failed to look up the VM's tap", error))?
+            .map_err(|error| NetworkError::LookUpTap(Box::new(error)))?
             .is_some();
         if !present {
-            self.pool.take(&lease.tap).await.map_err(|error| {
-                DaemonError::failed(format!("Failed to set up tap {}", lease.tap), error)
-            })?;
+            self.pool
+                .take(&lease.tap)
+                .await
+                .map_err(|source| NetworkError::SetUpTap {
+                    tap: lease.tap.clone(),
+                    source: Box::new(source),
+                })?;
         }
         self.attachment(vm_id, lease).map(Some)
     }
 
     /// Returns the VM's tap to the pool (or deletes it) and deletes the
     /// lease. Missing parts are fine.
-    pub async fn release(&self, vm_id: &str, vm_name: &str) -> DaemonResult<()> {
+    pub async fn release(&self, vm_id: &str, vm_name: &str) -> Result<(), NetworkError> {
         let lease = self
             .store
             .list_leases()?
@@ -474,8 +544,11 @@ impl Network {
         // The tap goes before the lease: once the lease is gone its tap
         // name can be leased again.
         if let Some((_, _, network)) = lease {
-            let fate = self.pool.give_back(&network.tap).await.map_err(|error| {
-                DaemonError::failed(format!("Failed to release tap {}", network.tap), error)
+            let fate = self.pool.give_back(&network.tap).await.map_err(|source| {
+                NetworkError::ReleaseTap {
+                    tap: network.tap.clone(),
+                    source: Box::new(source),
+                }
             })?;
             tracing::debug!(vm = %vm_name, tap = %network.tap, ?fate, "tap released");
         }
@@ -484,7 +557,7 @@ impl Network {
     }
 
     /// Bridge, subnet and how many addresses are leased and free.
-    pub fn status(&self) -> DaemonResult<banger_proto::status::NetworkStatus> {
+    pub fn status(&self) -> Result<banger_proto::status::NetworkStatus, NetworkError> {
         let used = self.store.list_leases()?.len() as u64;
         let capacity = self.settings.bridge.subnet.assignable().count() as u64;
         Ok(banger_proto::status::NetworkStatus {

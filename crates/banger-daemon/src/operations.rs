@@ -20,12 +20,49 @@ use std::time::Instant;
 use banger_proto::{
     ErrorKind, Operation, OperationState, StageEvent, StageStatus, StreamFrame, Vm,
 };
-use banger_store::Store;
+use banger_store::{Store, StoreError};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{DaemonError, DaemonResult};
+use crate::error::{DaemonResult, RpcFailure, StoreFailure};
 use crate::ids::{new_id, now};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperationError {
+    #[error("No operation with id `{id}`")]
+    NotFound { id: String },
+    #[error("Operation `{id}` already ended ({})", .state.as_str())]
+    AlreadyEnded { id: String, state: OperationState },
+    /// What a step returns when it noticed the operation was cancelled.
+    #[error("Operation was cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Store(#[from] StoreFailure),
+}
+
+impl From<StoreError> for OperationError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error.into())
+    }
+}
+
+impl RpcFailure for OperationError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotFound { .. } => ErrorKind::NotFound,
+            Self::AlreadyEnded { .. } => ErrorKind::InvalidState,
+            Self::Cancelled => ErrorKind::Cancelled,
+            Self::Store(error) => error.kind(),
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::Store(error) => error.hint(),
+            _ => None,
+        }
+    }
+}
 
 pub struct OperationRegistry {
     store: Store,
@@ -69,7 +106,7 @@ impl OperationRegistry {
     }
 
     /// Registers and persists a new running operation on `vm`.
-    pub fn begin(&self, kind: &str, vm: &Vm) -> DaemonResult<Arc<LiveOperation>> {
+    pub fn begin(&self, kind: &str, vm: &Vm) -> Result<Arc<LiveOperation>, OperationError> {
         self.begin_on(kind, &vm.id, &vm.name, format!("vm {}", vm.name))
     }
 
@@ -81,7 +118,7 @@ impl OperationRegistry {
         vm_id: &str,
         vm_name: &str,
         subject: String,
-    ) -> DaemonResult<Arc<LiveOperation>> {
+    ) -> Result<Arc<LiveOperation>, OperationError> {
         let record = Operation {
             id: new_id(),
             kind: kind.to_owned(),
@@ -113,16 +150,16 @@ impl OperationRegistry {
         self.live().remove(id);
     }
 
-    pub fn status(&self, id: &str) -> DaemonResult<Operation> {
+    pub fn status(&self, id: &str) -> Result<Operation, OperationError> {
         if let Some(operation) = self.live().get(id) {
             return Ok(operation.snapshot());
         }
         self.store
             .get_operation(id)?
-            .ok_or_else(|| DaemonError::not_found(format!("No operation with id `{id}`")))
+            .ok_or_else(|| OperationError::NotFound { id: id.to_owned() })
     }
 
-    pub fn list(&self) -> DaemonResult<Vec<Operation>> {
+    pub fn list(&self) -> Result<Vec<Operation>, OperationError> {
         Ok(self.store.list_operations()?)
     }
 
@@ -135,29 +172,36 @@ impl OperationRegistry {
     }
 
     /// Asks a running operation to stop; it rolls back what it made.
-    pub fn cancel(&self, id: &str) -> DaemonResult<Operation> {
+    pub fn cancel(&self, id: &str) -> Result<Operation, OperationError> {
         if let Some(operation) = self.live().get(id) {
             operation.cancel.cancel();
             return Ok(operation.snapshot());
         }
         match self.store.get_operation(id)? {
-            Some(operation) => Err(DaemonError::invalid_state(format!(
-                "Operation `{id}` already ended ({})",
-                operation.state.as_str()
-            ))),
-            None => Err(DaemonError::not_found(format!(
-                "No operation with id `{id}`"
-            ))),
+            Some(operation) => Err(OperationError::AlreadyEnded {
+                id: id.to_owned(),
+                state: operation.state,
+            }),
+            None => Err(OperationError::NotFound { id: id.to_owned() }),
         }
     }
 
     /// See the module docs. `vm_of` supplies the VM for the `Done` frame of
-    /// operations that are no longer live.
+    /// operations that are no longer live. A [`DaemonResult`]: the RPC
+    /// layer chains it onto its own parsing of the params.
     pub fn subscribe(
         &self,
         id: &str,
         vm_of: impl FnOnce(&str) -> Option<Vm>,
     ) -> DaemonResult<Subscription> {
+        Ok(self.subscription(id, vm_of)?)
+    }
+
+    fn subscription(
+        &self,
+        id: &str,
+        vm_of: impl FnOnce(&str) -> Option<Vm>,
+    ) -> Result<Subscription, OperationError> {
         let live = self.live().get(id).cloned();
         let record = match live {
             Some(operation) => {
@@ -182,7 +226,7 @@ impl OperationRegistry {
             None => self
                 .store
                 .get_operation(id)?
-                .ok_or_else(|| DaemonError::not_found(format!("No operation with id `{id}`")))?,
+                .ok_or_else(|| OperationError::NotFound { id: id.to_owned() })?,
         };
         let mut history: Vec<StreamFrame> = record
             .stages
@@ -207,7 +251,7 @@ impl OperationRegistry {
 
     /// Marks operations the store says are running but no task runs (the
     /// daemon was restarted mid-operation) as failed.
-    pub fn fail_orphans(&self, reason: &str) -> DaemonResult<usize> {
+    pub fn fail_orphans(&self, reason: &str) -> Result<usize, OperationError> {
         let live: Vec<String> = self.live().keys().cloned().collect();
         let mut count = 0;
         for mut operation in self.store.list_operations()? {
@@ -243,8 +287,8 @@ impl LiveOperation {
     }
 
     /// The error a step returns when it noticed cancellation.
-    pub fn cancelled_error(&self) -> DaemonError {
-        DaemonError::new(ErrorKind::Cancelled, "Operation was cancelled")
+    pub fn cancelled_error(&self) -> OperationError {
+        OperationError::Cancelled
     }
 
     fn record_event(
@@ -290,12 +334,13 @@ impl LiveOperation {
         );
     }
 
-    pub fn fail_stage(&self, stage: &Stage, error: &DaemonError) {
+    /// Reports the stage failed; its message is the error's chain.
+    pub fn fail_stage(&self, stage: &Stage, error: &dyn std::error::Error) {
         self.record_event(
             stage.name,
             StageStatus::Failed,
             elapsed_ms(stage.started),
-            Some(error.chain()),
+            Some(crate::error::chain(error)),
         );
     }
 
@@ -414,14 +459,15 @@ mod tests {
         assert!(operation.is_cancelled());
         operation.finish(OperationState::Cancelled, None, None);
         registry.retire(&operation.id);
+        let ended = registry.cancel(&operation.id).unwrap_err();
+        assert_eq!(ended.kind(), ErrorKind::InvalidState);
         assert_eq!(
-            registry.cancel(&operation.id).unwrap_err().kind,
-            ErrorKind::InvalidState
+            ended.to_string(),
+            format!("Operation `{}` already ended (cancelled)", operation.id)
         );
-        assert_eq!(
-            registry.cancel("nope").unwrap_err().kind,
-            ErrorKind::NotFound
-        );
+        let missing = registry.cancel("nope").unwrap_err();
+        assert_eq!(missing.kind(), ErrorKind::NotFound);
+        assert_eq!(missing.to_string(), "No operation with id `nope`");
         assert_eq!(
             registry.status(&operation.id).unwrap().state,
             OperationState::Cancelled

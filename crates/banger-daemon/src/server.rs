@@ -244,12 +244,13 @@ fn encode<M: Method>(result: &M::Result) -> DaemonResult<Value> {
 
 /// Runs method `M`: decodes its params, awaits `handler` on them and
 /// encodes the result.
-async fn handle<M: Method, F>(
+async fn handle<M: Method, F, E>(
     raw: Option<Value>,
     handler: impl FnOnce(M::Params) -> F,
 ) -> DaemonResult<Value>
 where
-    F: Future<Output = DaemonResult<M::Result>>,
+    F: Future<Output = Result<M::Result, E>>,
+    DaemonError: From<E>,
 {
     let result = handler(params::<M>(raw)?).await?;
     encode::<M>(&result)
@@ -270,10 +271,10 @@ async fn dispatch(
     let vms = &daemon.vms;
     match method_name {
         method::DaemonStatus::NAME => {
-            handle::<method::DaemonStatus, _>(raw, |NoParams| async { status(daemon) }).await
+            handle::<method::DaemonStatus, _, _>(raw, |NoParams| async { status(daemon) }).await
         }
         DaemonDoctor::NAME => {
-            handle::<DaemonDoctor, _>(raw, |NoParams| async {
+            handle::<DaemonDoctor, _, _>(raw, |NoParams| async {
                 let doctor = crate::doctor::Doctor {
                     backends: vms.backends(),
                     clone_reason: &daemon.info.clone_reason,
@@ -284,12 +285,12 @@ async fn dispatch(
                     network: daemon.network.as_deref(),
                     catalog: &daemon.catalog,
                 };
-                Ok(doctor.run().await)
+                Ok::<_, DaemonError>(doctor.run().await)
             })
             .await
         }
         VmCreate::NAME => {
-            handle::<VmCreate, _>(raw, |create| async move {
+            handle::<VmCreate, _, _>(raw, |create| async move {
                 // The create's `workspace` stage, for this caller.
                 let workspace: Option<Box<dyn crate::vms::GuestStage>> = match &create.workspace {
                     Some(spec) => Some(Box::new(daemon.workspace.create_stage(
@@ -299,55 +300,57 @@ async fn dispatch(
                     )?)),
                     None => None,
                 };
-                vms.create(create, workspace).await
+                vms.create(create, workspace)
+                    .await
+                    .map_err(DaemonError::from)
             })
             .await
         }
-        VmList::NAME => handle::<VmList, _>(raw, |NoParams| async { vms.list() }).await,
-        VmShow::NAME => handle::<VmShow, _>(raw, |show| async move { vms.find(&show.vm) }).await,
+        VmList::NAME => handle::<VmList, _, _>(raw, |NoParams| async { vms.list() }).await,
+        VmShow::NAME => handle::<VmShow, _, _>(raw, |show| async move { vms.find(&show.vm) }).await,
         VmStart::NAME => {
-            handle::<VmStart, _>(raw, |start| async move { vms.start(&start.vm).await }).await
+            handle::<VmStart, _, _>(raw, |start| async move { vms.start(&start.vm).await }).await
         }
         VmStop::NAME => {
-            handle::<VmStop, _>(
+            handle::<VmStop, _, _>(
                 raw,
                 |stop| async move { vms.stop(&stop.vm, stop.force).await },
             )
             .await
         }
         VmRestart::NAME => {
-            handle::<VmRestart, _>(raw, |restart| async move { vms.restart(&restart.vm).await })
+            handle::<VmRestart, _, _>(raw, |restart| async move { vms.restart(&restart.vm).await })
                 .await
         }
         VmDelete::NAME => {
-            handle::<VmDelete, _>(raw, |delete| async move {
+            handle::<VmDelete, _, _>(raw, |delete| async move {
                 vms.delete(&delete.vm, delete.force, delete.keep_work_disk)
                     .await
             })
             .await
         }
-        VmSet::NAME => handle::<VmSet, _>(raw, |set| vms.set(set)).await,
+        VmSet::NAME => handle::<VmSet, _, _>(raw, |set| vms.set(set)).await,
         VmStats::NAME => {
-            handle::<VmStats, _>(raw, |stats| async move { vms.stats(&stats.vm).await }).await
+            handle::<VmStats, _, _>(raw, |stats| async move { vms.stats(&stats.vm).await }).await
         }
         DiskCreate::NAME => {
-            handle::<DiskCreate, _>(raw, |create| async move {
+            handle::<DiskCreate, _, _>(raw, |create| async move {
                 daemon.disks.create(&create.name, &create.size).await
             })
             .await
         }
         DiskList::NAME => {
-            handle::<DiskList, _>(raw, |NoParams| async { daemon.disks.list() }).await
+            handle::<DiskList, _, _>(raw, |NoParams| async { daemon.disks.list() }).await
         }
         DiskRemove::NAME => {
-            handle::<DiskRemove, _>(
+            handle::<DiskRemove, _, _>(
                 raw,
                 |remove| async move { daemon.disks.remove(&remove.name) },
             )
             .await
         }
         DiskResize::NAME => {
-            handle::<DiskResize, _>(raw, |resize| async move {
+            handle::<DiskResize, _, _>(raw, |resize| async move {
                 // The lock of the VM the disk is attached to: that VM cannot
                 // start while `resize2fs` runs.
                 let attached_to = daemon.disks.find(&resize.name)?.vm_id;
@@ -360,10 +363,11 @@ async fn dispatch(
             .await
         }
         ImageImport::NAME => {
-            handle::<ImageImport, _>(raw, |import| daemon.images.import_image(peer, import)).await
+            handle::<ImageImport, _, _>(raw, |import| daemon.images.import_image(peer, import))
+                .await
         }
         ImagePull::NAME => {
-            handle::<ImagePull, _>(raw, |pull| {
+            handle::<ImagePull, _, _>(raw, |pull| {
                 daemon
                     .catalog
                     .start_pull(crate::catalog::PullKind::Image, pull)
@@ -371,7 +375,7 @@ async fn dispatch(
             .await
         }
         KernelPull::NAME => {
-            handle::<KernelPull, _>(raw, |pull| {
+            handle::<KernelPull, _, _>(raw, |pull| {
                 daemon
                     .catalog
                     .start_pull(crate::catalog::PullKind::Kernel, pull)
@@ -379,51 +383,53 @@ async fn dispatch(
             .await
         }
         ImageList::NAME => {
-            handle::<ImageList, _>(raw, |NoParams| async { daemon.images.list_images() }).await
+            handle::<ImageList, _, _>(raw, |NoParams| async { daemon.images.list_images() }).await
         }
         ImageShow::NAME => {
-            handle::<ImageShow, _>(raw, |show| async move { daemon.images.image(&show.name) }).await
+            handle::<ImageShow, _, _>(raw, |show| async move { daemon.images.image(&show.name) })
+                .await
         }
         ImageRemove::NAME => {
-            handle::<ImageRemove, _>(raw, |remove| async move {
+            handle::<ImageRemove, _, _>(raw, |remove| async move {
                 daemon.images.remove_image(&remove.name)
             })
             .await
         }
         KernelImport::NAME => {
-            handle::<KernelImport, _>(raw, |import| daemon.images.import_kernel(peer, import)).await
+            handle::<KernelImport, _, _>(raw, |import| daemon.images.import_kernel(peer, import))
+                .await
         }
         KernelList::NAME => {
-            handle::<KernelList, _>(raw, |NoParams| async { daemon.images.list_kernels() }).await
+            handle::<KernelList, _, _>(raw, |NoParams| async { daemon.images.list_kernels() }).await
         }
         KernelShow::NAME => {
-            handle::<KernelShow, _>(raw, |show| async move { daemon.images.kernel(&show.name) })
+            handle::<KernelShow, _, _>(raw, |show| async move { daemon.images.kernel(&show.name) })
                 .await
         }
         KernelRemove::NAME => {
-            handle::<KernelRemove, _>(raw, |remove| async move {
+            handle::<KernelRemove, _, _>(raw, |remove| async move {
                 daemon.images.remove_kernel(&remove.name)
             })
             .await
         }
         OperationList::NAME => {
-            handle::<OperationList, _>(raw, |filter| async move {
+            handle::<OperationList, _, _>(raw, |filter| async move {
                 let mut operations = daemon.operations.list()?;
                 if filter.running {
                     operations.retain(|operation| !operation.state.is_terminal());
                 }
-                Ok(operations)
+                Ok::<_, DaemonError>(operations)
             })
             .await
         }
         OperationStatus::NAME => {
-            handle::<OperationStatus, _>(raw, |reference| async move {
+            handle::<OperationStatus, _, _>(raw, |reference| async move {
                 daemon.operations.status(&reference.id)
             })
             .await
         }
         OperationCancel::NAME => {
-            handle::<OperationCancel, _>(raw, |reference| async move {
+            handle::<OperationCancel, _, _>(raw, |reference| async move {
                 daemon.operations.cancel(&reference.id)
             })
             .await

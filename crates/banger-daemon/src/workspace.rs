@@ -674,7 +674,7 @@ impl GuestStage for WorkspaceStage {
         agent: AgentWait<'_>,
     ) -> DaemonResult<()> {
         if operation.is_cancelled() {
-            return Err(operation.cancelled_error());
+            return Err(operation.cancelled_error().into());
         }
         let stage = operation.start_stage(STAGE);
         let started = Instant::now();
@@ -682,7 +682,7 @@ impl GuestStage for WorkspaceStage {
         let mut connection = None;
         let outcome = tokio::select! {
             outcome = self.prepare(operation, &stage, vm, agent, &mut connection) => outcome,
-            () = cancellation.cancelled() => Err(operation.cancelled_error()),
+            () = cancellation.cancelled() => Err(operation.cancelled_error().into()),
         };
         let answer = outcome
             .as_ref()

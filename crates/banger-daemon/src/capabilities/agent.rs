@@ -12,9 +12,8 @@ use async_trait::async_trait;
 use banger_proto::Vm;
 use banger_vmm::{AgentEndpoint, VmmHandle};
 
-use super::Capability;
+use super::{Capability, CapabilityError};
 use crate::agents::Agents;
-use crate::error::DaemonResult;
 
 /// How long a stop waits for the agent to take the shutdown request.
 const SHUTDOWN_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -22,7 +21,7 @@ const SHUTDOWN_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Where a VM's agent is reached: a seam the capability defines, which the
 /// VMM backends implement.
 pub trait AgentEndpoints: Send + Sync {
-    fn agent_endpoint(&self, vm: &Vm) -> DaemonResult<AgentEndpoint>;
+    fn agent_endpoint(&self, vm: &Vm) -> AgentEndpoint;
 }
 
 pub struct AgentCapability {
@@ -59,8 +58,12 @@ impl Capability for AgentCapability {
         self.wait.then_some("agent ready")
     }
 
-    async fn after_boot(&self, vm: &Vm, vmm: &VmmHandle) -> DaemonResult<Option<String>> {
-        let endpoint = self.endpoints.agent_endpoint(vm)?;
+    async fn after_boot(
+        &self,
+        vm: &Vm,
+        vmm: &VmmHandle,
+    ) -> Result<Option<String>, CapabilityError> {
+        let endpoint = self.endpoints.agent_endpoint(vm);
         let console = Path::new(&vm.dir).join(banger_vmm::CONSOLE_LOG_FILE);
         let client = self
             .agents

@@ -27,6 +27,12 @@
 //!    capability removes orphans of its own ([`Capability::reconcile`]).
 //!
 //! Adding a capability is its own file and one line in the list.
+//!
+//! A hook fails with a [`CapabilityError`]: the capability's own module
+//! error (`WorkDiskError`, `NetworkError`, `AgentError`), kept whole with its
+//! kind and hint. It boxes any [`RpcFailure`] rather than being an enum with
+//! a variant per capability, because the set of capabilities is open: a new
+//! one brings its own error and changes nothing here.
 
 pub mod agent;
 pub mod network;
@@ -37,10 +43,43 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use banger_proto::Vm;
+use banger_proto::{ErrorKind, Vm};
 use banger_vmm::{LaunchSpec, VmmHandle};
 
-use crate::error::DaemonResult;
+use crate::error::RpcFailure;
+
+/// What a capability hook fails with; see the module docs. Its message,
+/// causes, kind and hint are those of the error it holds.
+#[derive(Debug)]
+pub struct CapabilityError(Box<dyn RpcFailure>);
+
+impl<E: RpcFailure> From<E> for CapabilityError {
+    fn from(error: E) -> Self {
+        Self(Box::new(error))
+    }
+}
+
+impl CapabilityError {
+    pub fn kind(&self) -> ErrorKind {
+        self.0.kind()
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        self.0.hint()
+    }
+}
+
+impl std::fmt::Display for CapabilityError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(formatter)
+    }
+}
+
+impl std::error::Error for CapabilityError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
 
 /// The caller's choices a create's capabilities act on.
 #[derive(Debug, Clone, Default)]
@@ -89,7 +128,7 @@ pub trait Capability: Send + Sync {
 
     /// Create, before anything is made: refuses choices this capability
     /// cannot honour (a taken work-disk name).
-    fn check(&self, _vm_name: &str, _options: &CreateOptions) -> DaemonResult<()> {
+    fn check(&self, _vm_name: &str, _options: &CreateOptions) -> Result<(), CapabilityError> {
         Ok(())
     }
 
@@ -101,12 +140,16 @@ pub trait Capability: Send + Sync {
 
     /// Create: makes the VM's resources and records them in `vm` (the VM
     /// service stores it). Cleans up after itself when it fails.
-    async fn prepare(&self, _vm: &mut Vm, _options: &CreateOptions) -> DaemonResult<Prepared> {
+    async fn prepare(
+        &self,
+        _vm: &mut Vm,
+        _options: &CreateOptions,
+    ) -> Result<Prepared, CapabilityError> {
         Ok(Prepared::default())
     }
 
     /// Create and start: adds to the launch spec.
-    async fn launch(&self, _vm: &Vm, _spec: &mut LaunchSpec) -> DaemonResult<()> {
+    async fn launch(&self, _vm: &Vm, _spec: &mut LaunchSpec) -> Result<(), CapabilityError> {
         Ok(())
     }
 
@@ -117,7 +160,11 @@ pub trait Capability: Send + Sync {
     }
 
     /// Create and start, once the guest runs: returns the stage's detail.
-    async fn after_boot(&self, _vm: &Vm, _vmm: &VmmHandle) -> DaemonResult<Option<String>> {
+    async fn after_boot(
+        &self,
+        _vm: &Vm,
+        _vmm: &VmmHandle,
+    ) -> Result<Option<String>, CapabilityError> {
         Ok(None)
     }
 
@@ -128,19 +175,19 @@ pub trait Capability: Send + Sync {
     fn after_exit(&self, _vm_id: &str) {}
 
     /// Delete: releases the VM's resources for good.
-    async fn on_delete(&self, _vm: &Vm, _options: DeleteOptions) -> DaemonResult<()> {
+    async fn on_delete(&self, _vm: &Vm, _options: DeleteOptions) -> Result<(), CapabilityError> {
         Ok(())
     }
 
     /// Reconciliation found a create the daemon died in: release whatever
     /// prepare may have made (its undo did not run).
-    async fn on_interrupted_create(&self, _vm: &Vm) -> DaemonResult<()> {
+    async fn on_interrupted_create(&self, _vm: &Vm) -> Result<(), CapabilityError> {
         Ok(())
     }
 
     /// Reconciliation, after every VM was looked at: removes leftovers no
     /// VM accounts for; returns what was removed.
-    async fn reconcile(&self) -> DaemonResult<Vec<String>> {
+    async fn reconcile(&self) -> Result<Vec<String>, CapabilityError> {
         Ok(Vec::new())
     }
 
@@ -158,9 +205,26 @@ pub mod recording {
 
     use std::sync::{Arc, Mutex};
 
-    use super::{async_trait, Capability, CreateOptions, DeleteOptions, Prepared, Undo, Vm};
-    use crate::error::{DaemonError, DaemonResult};
+    use super::{
+        async_trait, Capability, CapabilityError, CreateOptions, DeleteOptions, ErrorKind,
+        Prepared, Undo, Vm,
+    };
+    use crate::error::RpcFailure;
     use banger_vmm::{LaunchSpec, VmmHandle};
+
+    /// The failure a recording capability was told to have.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{capability} fails at {hook}")]
+    pub struct InjectedFailure {
+        capability: &'static str,
+        hook: String,
+    }
+
+    impl RpcFailure for InjectedFailure {
+        fn kind(&self) -> ErrorKind {
+            ErrorKind::InvalidState
+        }
+    }
 
     /// The calls made, across every recording capability sharing it.
     #[derive(Clone, Default)]
@@ -214,17 +278,17 @@ pub mod recording {
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = hook;
         }
 
-        fn call(&self, hook: &str) -> DaemonResult<()> {
+        fn call(&self, hook: &str) -> Result<(), InjectedFailure> {
             self.journal.push(format!("{}.{hook}", self.name));
             let fail = *self
                 .fail
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if fail == Some(hook) {
-                return Err(DaemonError::invalid_state(format!(
-                    "{} fails at {hook}",
-                    self.name
-                )));
+                return Err(InjectedFailure {
+                    capability: self.name,
+                    hook: hook.to_owned(),
+                });
             }
             Ok(())
         }
@@ -240,7 +304,11 @@ pub mod recording {
             Some(self.name)
         }
 
-        async fn prepare(&self, _vm: &mut Vm, _options: &CreateOptions) -> DaemonResult<Prepared> {
+        async fn prepare(
+            &self,
+            _vm: &mut Vm,
+            _options: &CreateOptions,
+        ) -> Result<Prepared, CapabilityError> {
             self.call("prepare")?;
             let journal = self.journal.clone();
             let name = self.name;
@@ -252,7 +320,7 @@ pub mod recording {
             })
         }
 
-        async fn launch(&self, _vm: &Vm, spec: &mut LaunchSpec) -> DaemonResult<()> {
+        async fn launch(&self, _vm: &Vm, spec: &mut LaunchSpec) -> Result<(), CapabilityError> {
             self.call("launch")?;
             spec.kernel_cmdline.push_str(&format!(" {}=1", self.name));
             Ok(())
@@ -262,8 +330,13 @@ pub mod recording {
             self.after_boot_stage
         }
 
-        async fn after_boot(&self, _vm: &Vm, _vmm: &VmmHandle) -> DaemonResult<Option<String>> {
-            self.call("after_boot").map(|()| None)
+        async fn after_boot(
+            &self,
+            _vm: &Vm,
+            _vmm: &VmmHandle,
+        ) -> Result<Option<String>, CapabilityError> {
+            self.call("after_boot")?;
+            Ok(None)
         }
 
         async fn before_stop(&self, _vm: &Vm) {
@@ -274,12 +347,48 @@ pub mod recording {
             let _ = self.call("after_exit");
         }
 
-        async fn on_delete(&self, _vm: &Vm, _options: DeleteOptions) -> DaemonResult<()> {
-            self.call("on_delete")
+        async fn on_delete(
+            &self,
+            _vm: &Vm,
+            _options: DeleteOptions,
+        ) -> Result<(), CapabilityError> {
+            Ok(self.call("on_delete")?)
         }
 
-        async fn on_interrupted_create(&self, _vm: &Vm) -> DaemonResult<()> {
-            self.call("on_interrupted_create")
+        async fn on_interrupted_create(&self, _vm: &Vm) -> Result<(), CapabilityError> {
+            Ok(self.call("on_interrupted_create")?)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disks::WorkDiskError;
+    use crate::error::{chain, DaemonError};
+
+    #[test]
+    fn a_capability_error_is_the_error_it_holds() {
+        let error = CapabilityError::from(WorkDiskError::Remove {
+            path: "/disks/x.ext4".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+        assert_eq!(error.kind(), ErrorKind::Failed);
+        assert_eq!(error.to_string(), "Failed to remove /disks/x.ext4");
+        assert_eq!(
+            chain(&error),
+            "Failed to remove /disks/x.ext4: permission denied"
+        );
+        let exists = CapabilityError::from(WorkDiskError::Exists {
+            name: "dev-work".to_owned(),
+        });
+        let error: DaemonError = crate::vms::VmError::from(exists).into();
+        let rpc = error.to_rpc();
+        assert_eq!(rpc.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(rpc.message, "A work disk named `dev-work` exists");
+        assert_eq!(
+            rpc.hint(),
+            Some("attach it with `--work-disk dev-work`, or remove it with `banger disk rm dev-work`")
+        );
     }
 }

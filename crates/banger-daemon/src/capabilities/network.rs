@@ -11,8 +11,7 @@ use async_trait::async_trait;
 use banger_proto::Vm;
 use banger_vmm::LaunchSpec;
 
-use super::{Capability, CreateOptions, DeleteOptions, Prepared, Undo};
-use crate::error::DaemonResult;
+use super::{Capability, CapabilityError, CreateOptions, DeleteOptions, Prepared, Undo};
 use crate::network::Network;
 
 pub struct NetworkCapability {
@@ -35,7 +34,11 @@ impl Capability for NetworkCapability {
         Some("network")
     }
 
-    async fn prepare(&self, vm: &mut Vm, _options: &CreateOptions) -> DaemonResult<Prepared> {
+    async fn prepare(
+        &self,
+        vm: &mut Vm,
+        _options: &CreateOptions,
+    ) -> Result<Prepared, CapabilityError> {
         let lease = self.network.prepare(&vm.id, &vm.name).await?;
         let detail = format!("{} on {}", lease.ip, lease.tap);
         vm.network = Some(lease);
@@ -51,7 +54,7 @@ impl Capability for NetworkCapability {
         })
     }
 
-    async fn launch(&self, vm: &Vm, spec: &mut LaunchSpec) -> DaemonResult<()> {
+    async fn launch(&self, vm: &Vm, spec: &mut LaunchSpec) -> Result<(), CapabilityError> {
         if let Some(attachment) = self.network.attach(&vm.id, vm.network.as_ref()).await? {
             spec.kernel_cmdline.push(' ');
             spec.kernel_cmdline.push_str(&attachment.kernel_argument);
@@ -60,12 +63,12 @@ impl Capability for NetworkCapability {
         Ok(())
     }
 
-    async fn on_delete(&self, vm: &Vm, _options: DeleteOptions) -> DaemonResult<()> {
-        self.network.release(&vm.id, &vm.name).await
+    async fn on_delete(&self, vm: &Vm, _options: DeleteOptions) -> Result<(), CapabilityError> {
+        Ok(self.network.release(&vm.id, &vm.name).await?)
     }
 
-    async fn on_interrupted_create(&self, vm: &Vm) -> DaemonResult<()> {
-        self.network.release(&vm.id, &vm.name).await
+    async fn on_interrupted_create(&self, vm: &Vm) -> Result<(), CapabilityError> {
+        Ok(self.network.release(&vm.id, &vm.name).await?)
     }
 }
 
@@ -85,7 +88,11 @@ impl Capability for DnsCapability {
         "dns"
     }
 
-    async fn prepare(&self, vm: &mut Vm, _options: &CreateOptions) -> DaemonResult<Prepared> {
+    async fn prepare(
+        &self,
+        vm: &mut Vm,
+        _options: &CreateOptions,
+    ) -> Result<Prepared, CapabilityError> {
         let Some(lease) = &vm.network else {
             return Ok(Prepared::default());
         };
@@ -98,12 +105,12 @@ impl Capability for DnsCapability {
         })
     }
 
-    async fn on_delete(&self, vm: &Vm, _options: DeleteOptions) -> DaemonResult<()> {
+    async fn on_delete(&self, vm: &Vm, _options: DeleteOptions) -> Result<(), CapabilityError> {
         self.network.remove_record(&vm.name);
         Ok(())
     }
 
-    async fn on_interrupted_create(&self, vm: &Vm) -> DaemonResult<()> {
+    async fn on_interrupted_create(&self, vm: &Vm) -> Result<(), CapabilityError> {
         self.network.remove_record(&vm.name);
         Ok(())
     }
@@ -131,7 +138,11 @@ impl Capability for NatCapability {
         "nat"
     }
 
-    async fn prepare(&self, _vm: &mut Vm, options: &CreateOptions) -> DaemonResult<Prepared> {
+    async fn prepare(
+        &self,
+        _vm: &mut Vm,
+        options: &CreateOptions,
+    ) -> Result<Prepared, CapabilityError> {
         if !options.no_start {
             self.network.ensure_nat().await?;
         }

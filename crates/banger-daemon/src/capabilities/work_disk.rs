@@ -8,9 +8,8 @@ use async_trait::async_trait;
 use banger_proto::Vm;
 use banger_vmm::LaunchSpec;
 
-use super::{Capability, CreateOptions, DeleteOptions, Prepared, Undo};
+use super::{Capability, CapabilityError, CreateOptions, DeleteOptions, Prepared, Undo};
 use crate::disks::WorkDisks;
-use crate::error::DaemonResult;
 
 pub struct WorkDiskCapability {
     disks: Arc<WorkDisks>,
@@ -28,9 +27,9 @@ impl Capability for WorkDiskCapability {
         "work disk"
     }
 
-    fn check(&self, vm_name: &str, options: &CreateOptions) -> DaemonResult<()> {
+    fn check(&self, vm_name: &str, options: &CreateOptions) -> Result<(), CapabilityError> {
         match &options.work_disk {
-            Some(spec) => self.disks.check(vm_name, spec),
+            Some(spec) => Ok(self.disks.check(vm_name, spec)?),
             None => Ok(()),
         }
     }
@@ -39,7 +38,11 @@ impl Capability for WorkDiskCapability {
         options.work_disk.as_ref().map(|_| "work disk")
     }
 
-    async fn prepare(&self, vm: &mut Vm, options: &CreateOptions) -> DaemonResult<Prepared> {
+    async fn prepare(
+        &self,
+        vm: &mut Vm,
+        options: &CreateOptions,
+    ) -> Result<Prepared, CapabilityError> {
         let Some(spec) = &options.work_disk else {
             return Ok(Prepared::default());
         };
@@ -64,20 +67,23 @@ impl Capability for WorkDiskCapability {
         })
     }
 
-    async fn launch(&self, vm: &Vm, spec: &mut LaunchSpec) -> DaemonResult<()> {
+    async fn launch(&self, vm: &Vm, spec: &mut LaunchSpec) -> Result<(), CapabilityError> {
         spec.drives.extend(self.disks.drive(&vm.id)?);
         Ok(())
     }
 
-    async fn on_delete(&self, vm: &Vm, options: DeleteOptions) -> DaemonResult<()> {
-        self.disks.release(&vm.id, options.keep_work_disk).map(drop)
+    async fn on_delete(&self, vm: &Vm, options: DeleteOptions) -> Result<(), CapabilityError> {
+        Ok(self
+            .disks
+            .release(&vm.id, options.keep_work_disk)
+            .map(drop)?)
     }
 
-    async fn on_interrupted_create(&self, vm: &Vm) -> DaemonResult<()> {
-        self.disks.release_interrupted(vm)
+    async fn on_interrupted_create(&self, vm: &Vm) -> Result<(), CapabilityError> {
+        Ok(self.disks.release_interrupted(vm)?)
     }
 
-    async fn reconcile(&self) -> DaemonResult<Vec<String>> {
+    async fn reconcile(&self) -> Result<Vec<String>, CapabilityError> {
         Ok(self
             .disks
             .remove_orphans()?

@@ -22,18 +22,17 @@ use banger_agent_proto::client::AgentClient;
 use banger_catalog::{ImageEntry, KernelEntry};
 use banger_disk::clone::{CloneError, CloneRequest, RootDisk};
 use banger_proto::{
-    validate_vm_name, CreateVmParams, CreateVmResult, ErrorKind, Image, Kernel, OperationState, Vm,
-    VmState,
+    validate_vm_name, CreateVmParams, CreateVmResult, Image, Kernel, OperationState, Vm, VmState,
 };
-use banger_store::VmLookup;
+use banger_store::{StoreError, VmLookup};
 use banger_vmm::VmmHandle;
 use tokio::sync::OwnedMutexGuard;
 
-use super::{duplicate_name, remove_dir_if_present, validate_size, VmService};
+use super::{remove_dir_if_present, validate_size, VmError, VmService};
 use crate::capabilities::{CreateOptions, Undo};
-use crate::error::{DaemonError, DaemonResult};
+use crate::error::{chain, DaemonResult};
 use crate::ids::{new_id, now};
-use crate::operations::{LiveOperation, Stage};
+use crate::operations::{LiveOperation, OperationError, Stage};
 
 /// An image or kernel: registered, or to be pulled from the catalog.
 enum Artifact<Local, Entry> {
@@ -122,9 +121,8 @@ impl VmService {
         self: &Arc<Self>,
         params: CreateVmParams,
         mut guest_stage: Option<Box<dyn GuestStage>>,
-    ) -> DaemonResult<CreateVmResult> {
-        validate_vm_name(&params.name)
-            .map_err(|error| DaemonError::invalid_params(error.to_string()))?;
+    ) -> Result<CreateVmResult, VmError> {
+        validate_vm_name(&params.name)?;
         let vcpus = params.vcpus.unwrap_or(self.config.vm.vcpus);
         let memory_mib = params.memory_mib.unwrap_or(self.config.vm.memory_mib);
         validate_size(vcpus, memory_mib)?;
@@ -138,13 +136,14 @@ impl VmService {
         let image_name = params.image.as_deref().unwrap_or(&self.config.vm.image);
         let image = match self.store.find_image(image_name)? {
             Some(image) => Artifact::Local(image),
-            None => Artifact::Catalog(self.catalog.image_entry(image_name, None).await?.ok_or_else(
-                || {
-                    DaemonError::not_found(format!("No image named `{image_name}`")).with_hint(
-                        "`banger image list` shows the images; `banger image import` or `banger image pull` adds one",
-                    )
-                },
-            )?),
+            None => Artifact::Catalog(
+                self.catalog
+                    .image_entry(image_name, None)
+                    .await?
+                    .ok_or_else(|| VmError::NoImage {
+                        name: image_name.to_owned(),
+                    })?,
+            ),
         };
         let backend = params.backend.unwrap_or(self.backends.default);
         let kernel_name = params.kernel.as_deref().unwrap_or(&self.config.vm.kernel);
@@ -154,10 +153,8 @@ impl VmService {
                 self.catalog
                     .kernel_entry(kernel_name, None)
                     .await?
-                    .ok_or_else(|| {
-                        DaemonError::not_found(format!("No kernel named `{kernel_name}`")).with_hint(
-                            "`banger kernel list` shows the kernels; `banger kernel import` or `banger kernel pull` adds one",
-                        )
+                    .ok_or_else(|| VmError::NoKernel {
+                        name: kernel_name.to_owned(),
                     })?,
             ),
         };
@@ -193,7 +190,7 @@ impl VmService {
             if let VmLookup::Found(existing) = self.store.lookup_vm(&vm.name)? {
                 if existing.name == vm.name {
                     self.forget_lock(&vm.id);
-                    return Err(duplicate_name(&vm.name));
+                    return Err(VmError::DuplicateName { name: vm.name });
                 }
             }
             false
@@ -206,7 +203,7 @@ impl VmService {
             Err(error) => {
                 let _ = self.store.delete_vm(&vm.id);
                 self.forget_lock(&vm.id);
-                return Err(error);
+                return Err(error.into());
             }
         };
         let result = CreateVmResult {
@@ -230,14 +227,14 @@ impl VmService {
         Ok(result)
     }
 
-    fn insert_new_vm(&self, vm: &Vm) -> DaemonResult<()> {
+    fn insert_new_vm(&self, vm: &Vm) -> Result<(), VmError> {
         self.store.insert_vm(vm).map_err(|error| {
             self.forget_lock(&vm.id);
-            let error = DaemonError::from(error);
-            if error.kind == ErrorKind::AlreadyExists {
-                duplicate_name(&vm.name)
-            } else {
-                error
+            match error {
+                StoreError::AlreadyExists { .. } => VmError::DuplicateName {
+                    name: vm.name.clone(),
+                },
+                error => error.into(),
             }
         })
     }
@@ -248,7 +245,7 @@ impl VmService {
         operation: &Arc<LiveOperation>,
         image: Artifact<Image, ImageEntry>,
         kernel: Artifact<Kernel, KernelEntry>,
-    ) -> DaemonResult<(Image, Kernel)> {
+    ) -> Result<(Image, Kernel), VmError> {
         let image = match image {
             Artifact::Local(image) => image,
             Artifact::Catalog(entry) => {
@@ -320,15 +317,15 @@ impl VmService {
                     } else {
                         OperationState::Failed
                     };
-                    operation.finish(state, Some(error.chain()), None);
+                    operation.finish(state, Some(chain(&error)), None);
                 } else {
                     tracing::warn!(vm = %vm.name, error = %error, "create failed; rolled back");
                     vm.state = VmState::Failed;
-                    vm.error = Some(error.chain());
+                    vm.error = Some(chain(&error));
                     if let Err(store_error) = self.store.update_vm(&vm) {
                         tracing::error!(vm = %vm.name, %store_error, "failed to record failed VM");
                     }
-                    operation.finish(OperationState::Failed, Some(error.chain()), Some(vm));
+                    operation.finish(OperationState::Failed, Some(chain(&error)), Some(vm));
                 }
             }
         }
@@ -379,7 +376,7 @@ impl VmService {
         self: &Arc<Self>,
         run: &mut CreateRun<'_>,
         undo: &mut Vec<(Option<&'static str>, Undo)>,
-    ) -> DaemonResult<()> {
+    ) -> Result<(), VmError> {
         for step in self.plan(run.options, run.guest_stage.is_some()) {
             let operation = run.operation;
             let stage_name = self.stage_of(step, run.options);
@@ -392,7 +389,7 @@ impl VmService {
                 }
                 None => {
                     if operation.is_cancelled() {
-                        return Err(operation.cancelled_error());
+                        return Err(operation.cancelled_error().into());
                     }
                     self.run_step(step, run).await?
                 }
@@ -408,7 +405,7 @@ impl VmService {
         self: &Arc<Self>,
         step: Step,
         run: &mut CreateRun<'_>,
-    ) -> DaemonResult<StepDone> {
+    ) -> Result<StepDone, VmError> {
         let cancellation = run.operation.cancellation();
         match step {
             Step::ResolveImage => {
@@ -448,9 +445,7 @@ impl VmService {
             Step::StartVmm => {
                 run.vm.state = VmState::Starting;
                 self.store.update_vm(run.vm)?;
-                let root_disk = run.root_disk.as_ref().ok_or_else(|| {
-                    DaemonError::new(ErrorKind::Internal, "No root disk before the VMM start")
-                })?;
+                let root_disk = run.root_disk.as_ref().ok_or(VmError::NoRootDisk)?;
                 let handle = self.spawn_vmm(run.vm, &run.kernel, root_disk).await?;
                 run.vmm = Some(handle.clone());
                 let this = Arc::clone(self);
@@ -466,7 +461,7 @@ impl VmService {
                 let handle = running_vmm(run)?;
                 tokio::select! {
                     outcome = self.boot_vmm(run.vm, &handle) => outcome?,
-                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error()),
+                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error().into()),
                 }
                 Ok(StepDone::default())
             }
@@ -475,7 +470,7 @@ impl VmService {
                 let capability = &self.capabilities[index];
                 let detail = tokio::select! {
                     outcome = capability.after_boot(run.vm, &handle) => outcome?,
-                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error()),
+                    () = cancellation.cancelled() => return Err(run.operation.cancelled_error().into()),
                 };
                 Ok(StepDone { detail, undo: None })
             }
@@ -490,7 +485,8 @@ impl VmService {
                         run.vm,
                         Box::pin(self.agent_of(run.vm, &handle)),
                     )
-                    .await?;
+                    .await
+                    .map_err(VmError::GuestStage)?;
                 Ok(StepDone::default())
             }
             Step::Ready => {
@@ -515,9 +511,10 @@ impl VmService {
         vm_id: &str,
         image_path: &Path,
         directory: &Path,
-    ) -> DaemonResult<RootDisk> {
-        std::fs::create_dir(directory).map_err(|error| {
-            DaemonError::failed(format!("Failed to create {}", directory.display()), error)
+    ) -> Result<RootDisk, VmError> {
+        std::fs::create_dir(directory).map_err(|source| VmError::CreateDirectory {
+            path: directory.to_owned(),
+            source,
         })?;
         let strategy = Arc::clone(&self.clone);
         let (owned_vm_id, image, owned_directory) = (
@@ -535,11 +532,14 @@ impl VmService {
             })
         })
         .await
-        .map_err(|error| DaemonError::failed("Root disk clone task failed", error));
+        .map_err(|source| VmError::Task {
+            task: "Root disk clone",
+            source,
+        });
         let outcome = match cloned {
             Ok(Ok(root_disk)) => return Ok(root_disk),
-            Ok(Err(CloneError::Cancelled { .. })) => Err(operation.cancelled_error()),
-            Ok(Err(error)) => Err(DaemonError::failed("Failed to clone root disk", error)),
+            Ok(Err(CloneError::Cancelled { .. })) => Err(operation.cancelled_error().into()),
+            Ok(Err(error)) => Err(VmError::CloneRootDisk(Box::new(error))),
             Err(error) => Err(error),
         };
         if let Err(error) = self.remove_disk(vm_id, directory).await {
@@ -556,23 +556,25 @@ impl VmService {
     }
 
     /// Removes a VM's clone (devices first) and then its directory.
-    pub(super) async fn remove_disk(&self, vm_id: &str, directory: &Path) -> DaemonResult<()> {
+    pub(super) async fn remove_disk(&self, vm_id: &str, directory: &Path) -> Result<(), VmError> {
         let strategy = Arc::clone(&self.clone);
         let (vm_id, owned_directory) = (vm_id.to_owned(), directory.to_owned());
         tokio::task::spawn_blocking(move || strategy.remove(&vm_id, &owned_directory))
             .await
-            .map_err(|error| DaemonError::failed("Root disk removal task failed", error))?
-            .map_err(|error| DaemonError::failed("Failed to remove the root disk", error))?;
-        remove_dir_if_present(directory).map_err(|error| {
-            DaemonError::failed(format!("Failed to remove {}", directory.display()), error)
+            .map_err(|source| VmError::Task {
+                task: "Root disk removal",
+                source,
+            })?
+            .map_err(|error| VmError::RemoveRootDisk(Box::new(error)))?;
+        remove_dir_if_present(directory).map_err(|source| VmError::RemoveDirectory {
+            path: directory.to_owned(),
+            source,
         })
     }
 }
 
-fn running_vmm(run: &CreateRun<'_>) -> DaemonResult<VmmHandle> {
-    run.vmm
-        .clone()
-        .ok_or_else(|| DaemonError::new(ErrorKind::Internal, "No VMM process to boot"))
+fn running_vmm(run: &CreateRun<'_>) -> Result<VmmHandle, VmError> {
+    run.vmm.clone().ok_or(VmError::NoVmmProcess)
 }
 
 /// Runs the undos newest first, each once; a stage whose undo ran is
@@ -586,34 +588,30 @@ async fn roll_back(operation: &LiveOperation, undo: Vec<(Option<&'static str>, U
     }
 }
 
-fn check_artifacts(image_path: &Path, kernel: &Kernel) -> DaemonResult<()> {
+fn check_artifacts(image_path: &Path, kernel: &Kernel) -> Result<(), VmError> {
     let mut required = vec![image_path.to_owned(), PathBuf::from(&kernel.kernel_path)];
     required.extend(kernel.initrd_path.as_ref().map(PathBuf::from));
     for path in required {
         if !path.is_file() {
-            return Err(DaemonError::new(
-                ErrorKind::Failed,
-                format!("{} is missing from the state dir", path.display()),
-            )
-            .with_hint("remove and import the image or kernel again"));
+            return Err(VmError::MissingArtifact { path });
         }
     }
     Ok(())
 }
 
-fn begin_stage(operation: &LiveOperation, name: &'static str) -> DaemonResult<Stage> {
+fn begin_stage(operation: &LiveOperation, name: &'static str) -> Result<Stage, OperationError> {
     if operation.is_cancelled() {
         return Err(operation.cancelled_error());
     }
     Ok(operation.start_stage(name))
 }
 
-fn end_stage<T>(
+fn end_stage<T, E: std::error::Error>(
     operation: &LiveOperation,
     stage: &Stage,
-    outcome: DaemonResult<T>,
+    outcome: Result<T, E>,
     message: Option<String>,
-) -> DaemonResult<T> {
+) -> Result<T, E> {
     match &outcome {
         Ok(_) => operation.finish_stage(stage, message),
         Err(error) => operation.fail_stage(stage, error),

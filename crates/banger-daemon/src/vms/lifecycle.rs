@@ -8,12 +8,12 @@ use std::sync::Arc;
 use banger_proto::{parse_size, SetVmParams, Vm, VmState};
 
 use super::state::{self, Decision, Request};
-use super::{validate_size, VmService};
+use super::{validate_size, VmError, VmService};
 use crate::capabilities::DeleteOptions;
-use crate::error::{DaemonError, DaemonResult};
+use crate::error::chain;
 
 impl VmService {
-    pub async fn start(self: &Arc<Self>, reference: &str) -> DaemonResult<Vm> {
+    pub async fn start(self: &Arc<Self>, reference: &str) -> Result<Vm, VmError> {
         let vm = self.find(reference)?;
         let lock = self.lock_of(&vm.id);
         let _guard = lock.lock().await;
@@ -46,14 +46,14 @@ impl VmService {
             Err(error) => {
                 vm.state = VmState::Failed;
                 vm.pid = None;
-                vm.error = Some(error.chain());
+                vm.error = Some(chain(&error));
                 self.store.update_vm(&vm)?;
                 Err(error)
             }
         }
     }
 
-    pub async fn stop(self: &Arc<Self>, reference: &str, force: bool) -> DaemonResult<Vm> {
+    pub async fn stop(self: &Arc<Self>, reference: &str, force: bool) -> Result<Vm, VmError> {
         let vm = self.find(reference)?;
         // Refused before waiting for the lock, which the create holds.
         if vm.state == VmState::Creating {
@@ -94,7 +94,7 @@ impl VmService {
                 backend
                     .kill(&handle)
                     .await
-                    .map_err(|error| DaemonError::failed("Failed to kill the VMM", error))?;
+                    .map_err(|error| VmError::KillVmm(Box::new(error)))?;
             }
             self.forget_process(&vm.id, &handle);
             self.exited(&vm.id);
@@ -106,7 +106,7 @@ impl VmService {
         Ok(vm)
     }
 
-    pub async fn restart(self: &Arc<Self>, reference: &str) -> DaemonResult<Vm> {
+    pub async fn restart(self: &Arc<Self>, reference: &str) -> Result<Vm, VmError> {
         let vm = self.stop(reference, false).await?;
         self.start(&vm.id).await
     }
@@ -116,7 +116,7 @@ impl VmService {
         reference: &str,
         force: bool,
         keep_work_disk: bool,
-    ) -> DaemonResult<Vm> {
+    ) -> Result<Vm, VmError> {
         let request = Request::Delete { force };
         let vm = self.find(reference)?;
         // Decided before waiting for the lock, which a create holds.
@@ -155,16 +155,14 @@ impl VmService {
         Ok(vm)
     }
 
-    pub async fn set(self: &Arc<Self>, params: SetVmParams) -> DaemonResult<Vm> {
+    pub async fn set(self: &Arc<Self>, params: SetVmParams) -> Result<Vm, VmError> {
         if params.vcpus.is_none() && params.memory_mib.is_none() && params.disk_size.is_none() {
-            return Err(DaemonError::invalid_params(
-                "Nothing to change: give vcpus, memory_mib and/or disk_size",
-            ));
+            return Err(VmError::NothingToChange);
         }
         let disk_bytes = params
             .disk_size
             .as_deref()
-            .map(|size| parse_size(size).map_err(DaemonError::invalid_params))
+            .map(|size| parse_size(size).map_err(|reason| VmError::InvalidSize { reason }))
             .transpose()?;
         let vm = self.find(&params.vm)?;
         let lock = self.lock_of(&vm.id);
@@ -188,22 +186,19 @@ impl VmService {
     }
 
     /// Grows a stopped VM's root disk file and its file system.
-    async fn grow_root_disk(&self, vm: &Vm, bytes: u64) -> DaemonResult<()> {
+    async fn grow_root_disk(&self, vm: &Vm, bytes: u64) -> Result<(), VmError> {
         if bytes < vm.disk_bytes {
-            return Err(DaemonError::invalid_params(format!(
-                "VM `{}` has a {} MiB root disk; disks grow but never shrink",
-                vm.name,
-                vm.disk_bytes >> 20
-            )));
+            return Err(VmError::ShrinkRootDisk {
+                name: vm.name.clone(),
+                size_mib: vm.disk_bytes >> 20,
+            });
         }
         if self.clone.kind() == banger_disk::clone::StrategyKind::DmSnapshot {
-            return Err(DaemonError::invalid_state(format!(
-                "VM `{}` has a dm-snapshot root disk, which is as large as its image",
-                vm.name
-            ))
-            .with_hint("import a larger image, or use a work disk (`--work-disk`) for space"));
+            return Err(VmError::GrowDmSnapshot {
+                name: vm.name.clone(),
+            });
         }
         let path = Path::new(&vm.dir).join(banger_disk::clone::ROOT_DISK_FILE);
-        crate::disks::grow(&path, bytes).await
+        Ok(crate::disks::grow(&path, bytes).await?)
     }
 }

@@ -5,7 +5,8 @@
 //! - [`create`]: the create operation as a list of named steps with undos;
 //! - [`lifecycle`]: start, stop, restart, delete, set;
 //! - [`supervise`]: launching the VMM and watching it exit;
-//! - [`reconcile`]: bringing store and host back in line at daemon start.
+//! - [`reconcile`]: bringing store and host back in line at daemon start;
+//! - [`error`]: [`VmError`], what all of these fail with.
 //!
 //! Capabilities (`crate::capabilities`) hook into each of these; the list is
 //! built in the composition root and handed over in [`VmServiceParts`].
@@ -17,6 +18,7 @@
 //! more than one VM, so operations on different VMs run in parallel.
 
 mod create;
+mod error;
 mod lifecycle;
 mod reconcile;
 pub mod state;
@@ -26,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use banger_agent_proto::client::AgentClient;
-use banger_proto::{ErrorKind, Vm, VmStats, VmmProcessStats};
+use banger_proto::{Vm, VmStats, VmmProcessStats};
 use banger_store::{Store, VmLookup};
 use banger_vmm::{AgentEndpoint, VmmHandle};
 use tokio::sync::OwnedMutexGuard;
@@ -44,6 +46,7 @@ use crate::paths::StatePaths;
 use banger_disk::clone::CloneStrategy;
 
 pub use create::{AgentWait, GuestStage};
+pub use error::VmError;
 pub use reconcile::ReconcileReport;
 use state::{Decision, Refusal, Request};
 
@@ -153,7 +156,7 @@ impl VmService {
 
     // ---- reads ----
 
-    pub fn list(&self) -> DaemonResult<Vec<Vm>> {
+    pub fn list(&self) -> Result<Vec<Vm>, VmError> {
         Ok(self
             .store
             .list_vms()?
@@ -171,15 +174,16 @@ impl VmService {
     }
 
     /// Resolves a name or unique id prefix.
-    pub fn find(&self, reference: &str) -> DaemonResult<Vm> {
+    pub fn find(&self, reference: &str) -> Result<Vm, VmError> {
         match self.store.lookup_vm(reference)? {
             VmLookup::Found(vm) => Ok(self.described(*vm)),
-            VmLookup::NotFound => Err(DaemonError::not_found(format!("No VM named `{reference}`"))
-                .with_hint("`banger vm list` shows the VMs")),
-            VmLookup::Ambiguous(names) => Err(DaemonError::invalid_params(format!(
-                "`{reference}` matches several VMs: {}",
-                names.join(", ")
-            ))),
+            VmLookup::NotFound => Err(VmError::NotFound {
+                reference: reference.to_owned(),
+            }),
+            VmLookup::Ambiguous(names) => Err(VmError::Ambiguous {
+                reference: reference.to_owned(),
+                names,
+            }),
         }
     }
 
@@ -188,57 +192,48 @@ impl VmService {
     }
 
     /// Reloads `vm` under its lock; it may have changed while we waited.
-    fn reload(&self, vm: &Vm) -> DaemonResult<Vm> {
-        self.store
-            .get_vm(&vm.id)?
-            .ok_or_else(|| DaemonError::not_found(format!("VM `{}` was deleted", vm.name)))
+    fn reload(&self, vm: &Vm) -> Result<Vm, VmError> {
+        self.store.get_vm(&vm.id)?.ok_or_else(|| VmError::Deleted {
+            name: vm.name.clone(),
+        })
     }
 
     /// The error for a request [`state::decide`] refused.
-    fn refused(&self, vm: &Vm, decision: Decision, request: Request) -> DaemonError {
-        let name = &vm.name;
+    fn refused(&self, vm: &Vm, decision: Decision, request: Request) -> VmError {
+        let (name, state) = (vm.name.clone(), vm.state);
         match decision {
-            Decision::BusyCreating => {
-                let operation = self
+            Decision::BusyCreating => VmError::BeingCreated {
+                name,
+                operation: self
                     .operations
                     .running_for_vm(&vm.id)
                     .map(|operation| operation.id.clone())
-                    .unwrap_or_default();
-                DaemonError::invalid_state(format!("VM `{name}` is being created")).with_hint(
-                    format!("wait for it, cancel it with `banger operation cancel {operation}`, or pass --force to delete"),
-                )
-            }
-            Decision::Refuse(Refusal::StartFirst) => DaemonError::invalid_state(format!(
-                "VM `{name}` is {}; the guest agent answers only while it runs",
-                vm.state
-            ))
-            .with_hint(format!("start it with `banger vm start {name}`")),
+                    .unwrap_or_default(),
+            },
+            Decision::Refuse(Refusal::StartFirst) => VmError::NotRunning { name, state },
             Decision::Refuse(Refusal::StopFirst) if request == Request::Change => {
-                DaemonError::invalid_state(format!(
-                    "VM `{name}` is {}; `vm set` changes stopped VMs only",
-                    vm.state
-                ))
-                .with_hint(format!("stop it first with `banger vm stop {name}`"))
+                VmError::ChangeNeedsStop { name, state }
             }
-            Decision::Refuse(Refusal::StopFirst) => {
-                DaemonError::invalid_state(format!("VM `{name}` is {}", vm.state)).with_hint(
-                    format!("stop it first with `banger vm stop {name}`, or pass --force"),
-                )
-            }
-            _ => DaemonError::invalid_state(format!("VM `{name}` is {}", vm.state)),
+            Decision::Refuse(Refusal::StopFirst) => VmError::StopFirst { name, state },
+            _ => VmError::InTransition { name, state },
         }
     }
 
     // ---- running guests ----
 
-    /// The agent connection of a running VM.
+    /// The agent connection of a running VM. A [`DaemonResult`]: the RPC
+    /// layer matches it against its own parsing of the params.
     pub async fn agent(&self, reference: &str) -> DaemonResult<(Vm, AgentClient)> {
+        Ok(self.agent_client(reference).await?)
+    }
+
+    async fn agent_client(&self, reference: &str) -> Result<(Vm, AgentClient), VmError> {
         let vm = self.find(reference)?;
         let decision = state::decide(vm.state, Request::UseAgent);
         if decision != Decision::Proceed {
             return Err(self.refused(&vm, decision, Request::UseAgent));
         }
-        let endpoint = self.backends.agent_endpoint(&vm)?;
+        let endpoint = self.backends.agent_endpoint(&vm);
         let client = self.agents.client(&vm.id, &vm.name, &endpoint).await?;
         Ok((vm, client))
     }
@@ -247,7 +242,7 @@ impl VmService {
     /// one waited for as `agent ready` does (within `[agent]
     /// ready_timeout_seconds`, giving up if the VMM exits).
     async fn agent_of(&self, vm: &Vm, handle: &VmmHandle) -> DaemonResult<AgentClient> {
-        let endpoint = self.backends.agent_endpoint(vm)?;
+        let endpoint = self.backends.agent_endpoint(vm);
         let console = std::path::Path::new(&vm.dir).join(banger_vmm::CONSOLE_LOG_FILE);
         self.agents
             .wait_ready(
@@ -260,16 +255,15 @@ impl VmService {
                 },
             )
             .await
+            .map_err(DaemonError::from)
     }
 
     /// The guest's and the VMM process's resource use.
-    pub async fn stats(&self, reference: &str) -> DaemonResult<VmStats> {
-        let (vm, client) = self.agent(reference).await?;
-        let guest = client.stats().await.map_err(|error| {
-            DaemonError::failed(
-                format!("The guest agent of VM `{}` could not report stats", vm.name),
-                error,
-            )
+    pub async fn stats(&self, reference: &str) -> Result<VmStats, VmError> {
+        let (vm, client) = self.agent_client(reference).await?;
+        let guest = client.stats().await.map_err(|source| VmError::GuestStats {
+            name: vm.name.clone(),
+            source,
         })?;
         let vmm = vm
             .pid
@@ -283,11 +277,10 @@ impl VmService {
 }
 
 impl AgentEndpoints for Backends {
-    fn agent_endpoint(&self, vm: &Vm) -> DaemonResult<AgentEndpoint> {
-        Ok(self
-            .get(vm.backend)
+    fn agent_endpoint(&self, vm: &Vm) -> AgentEndpoint {
+        self.get(vm.backend)
             .agent_endpoint(std::path::Path::new(&vm.dir))
-            .0)
+            .0
     }
 }
 
@@ -318,24 +311,12 @@ fn vmm_process_stats(pid: u32, stat: &str) -> Option<VmmProcessStats> {
     })
 }
 
-fn duplicate_name(name: &str) -> DaemonError {
-    DaemonError::new(
-        ErrorKind::AlreadyExists,
-        format!("VM `{name}` already exists"),
-    )
-    .with_hint("pick another name, or `banger vm delete` the old VM")
-}
-
-fn validate_size(vcpus: u8, memory_mib: u32) -> DaemonResult<()> {
+fn validate_size(vcpus: u8, memory_mib: u32) -> Result<(), VmError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
-        return Err(DaemonError::invalid_params(format!(
-            "vcpus must be between 1 and {MAX_VCPUS}, not {vcpus}"
-        )));
+        return Err(VmError::Vcpus { vcpus });
     }
     if memory_mib < MIN_MEMORY_MIB {
-        return Err(DaemonError::invalid_params(format!(
-            "memory must be at least {MIN_MEMORY_MIB} MiB, not {memory_mib}"
-        )));
+        return Err(VmError::Memory { memory_mib });
     }
     Ok(())
 }

@@ -19,8 +19,7 @@ use std::sync::Arc;
 use banger_proto::{OperationState, Vm, VmState};
 use banger_vmm::VmmHandle;
 
-use super::{state, VmService};
-use crate::error::{DaemonError, DaemonResult};
+use super::{state, VmError, VmService};
 
 /// What reconciliation did, for the log and tests.
 #[derive(Debug, Default)]
@@ -39,16 +38,21 @@ pub struct ReconcileReport {
 }
 
 impl VmService {
-    async fn adopt(&self, vm: &Vm, directory: &Path, pid: u32) -> DaemonResult<Option<VmmHandle>> {
+    async fn adopt(
+        &self,
+        vm: &Vm,
+        directory: &Path,
+        pid: u32,
+    ) -> Result<Option<VmmHandle>, VmError> {
         self.backends
             .get(vm.backend)
             .adopt(&vm.id, directory, pid)
             .await
-            .map_err(|error| DaemonError::failed("Failed to check the VMM process", error))
+            .map_err(|error| VmError::CheckVmm(Box::new(error)))
     }
 
     /// See the module docs.
-    pub async fn reconcile(self: &Arc<Self>) -> DaemonResult<ReconcileReport> {
+    pub async fn reconcile(self: &Arc<Self>) -> Result<ReconcileReport, VmError> {
         let mut report = ReconcileReport::default();
         // VMs whose create operation never ended: the create was interrupted.
         let interrupted_creates: Vec<String> = self
@@ -119,7 +123,7 @@ impl VmService {
         mut vm: Vm,
         interrupted_creates: &[String],
         report: &mut ReconcileReport,
-    ) -> DaemonResult<()> {
+    ) -> Result<(), VmError> {
         let directory = PathBuf::from(&vm.dir);
         let adopted = match vm.pid {
             Some(pid) => match self.adopt(&vm, &directory, pid).await {

@@ -15,11 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use banger_disk::clone::RootDisk;
-use banger_proto::{ErrorKind, Kernel, Vm, VmState};
+use banger_proto::{Kernel, Vm, VmState};
 use banger_vmm::{DriveSpec, LaunchSpec, VmmHandle};
 
-use super::{state, VmService};
-use crate::error::{DaemonError, DaemonResult};
+use super::{state, VmError, VmService};
 use crate::ids::now;
 
 impl VmService {
@@ -29,7 +28,7 @@ impl VmService {
         vm: &Vm,
         kernel: &Kernel,
         root_disk: &RootDisk,
-    ) -> DaemonResult<LaunchSpec> {
+    ) -> Result<LaunchSpec, VmError> {
         let directory = PathBuf::from(&vm.dir);
         let (_, vsock) = self.backends.get(vm.backend).agent_endpoint(&directory);
         let mut spec = LaunchSpec {
@@ -63,14 +62,14 @@ impl VmService {
         vm: &mut Vm,
         kernel: &Kernel,
         root_disk: &RootDisk,
-    ) -> DaemonResult<VmmHandle> {
+    ) -> Result<VmmHandle, VmError> {
         let spec = self.launch_spec(vm, kernel, root_disk).await?;
         let handle = self
             .backends
             .get(vm.backend)
             .spawn(&spec)
             .await
-            .map_err(|error| DaemonError::failed("Failed to start the VMM", error))?;
+            .map_err(|error| VmError::StartVmm(Box::new(error)))?;
         self.processes().insert(vm.id.clone(), handle.clone());
         vm.pid = Some(handle.pid());
         if let Err(error) = self.store.update_vm(vm) {
@@ -82,17 +81,14 @@ impl VmService {
         Ok(handle)
     }
 
-    pub(super) async fn boot_vmm(&self, vm: &mut Vm, handle: &VmmHandle) -> DaemonResult<()> {
+    pub(super) async fn boot_vmm(&self, vm: &mut Vm, handle: &VmmHandle) -> Result<(), VmError> {
         self.backends
             .of(handle)
             .boot(handle)
             .await
-            .map_err(|error| DaemonError::failed("Failed to boot the VM", error))?;
+            .map_err(|error| VmError::Boot(Box::new(error)))?;
         if handle.has_exited() {
-            return Err(DaemonError::new(
-                ErrorKind::Failed,
-                "The VMM exited right after boot",
-            ));
+            return Err(VmError::ExitedAfterBoot);
         }
         vm.state = VmState::Running;
         vm.started_at = Some(now());
@@ -103,7 +99,7 @@ impl VmService {
 
     /// Every capability's after-boot work, in list order (start's
     /// equivalent of create's after-boot stages).
-    pub(super) async fn after_boot(&self, vm: &Vm, handle: &VmmHandle) -> DaemonResult<()> {
+    pub(super) async fn after_boot(&self, vm: &Vm, handle: &VmmHandle) -> Result<(), VmError> {
         for capability in &self.capabilities {
             if capability.after_boot_stage().is_some() {
                 capability.after_boot(vm, handle).await?;
@@ -189,7 +185,7 @@ impl VmService {
     }
 
     /// Attaches the root disk of an existing VM (start).
-    pub(super) async fn attach_root_disk(&self, vm: &Vm) -> DaemonResult<RootDisk> {
+    pub(super) async fn attach_root_disk(&self, vm: &Vm) -> Result<RootDisk, VmError> {
         let image = self.images.image(&vm.image)?;
         let strategy = Arc::clone(&self.clone);
         let (vm_id, directory) = (vm.id.clone(), PathBuf::from(&vm.dir));
@@ -197,17 +193,13 @@ impl VmService {
             strategy.attach(&vm_id, Path::new(&image.path), &directory)
         })
         .await
-        .map_err(|error| DaemonError::failed("Root disk attach task failed", error))?;
-        attached.map_err(|error| {
-            DaemonError::invalid_state(format!(
-                "VM `{}` has no usable root disk (did it fail during create?)",
-                vm.name
-            ))
-            .with_source(error)
-            .with_hint(format!(
-                "delete it with `banger vm delete {}` and create it again",
-                vm.name
-            ))
+        .map_err(|source| VmError::Task {
+            task: "Root disk attach",
+            source,
+        })?;
+        attached.map_err(|source| VmError::NoUsableRootDisk {
+            name: vm.name.clone(),
+            source: Box::new(source),
         })
     }
 }
