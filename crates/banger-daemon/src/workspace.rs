@@ -45,6 +45,14 @@
 //!
 //! Everything read from a caller is bounded: frame sizes (by kind), link
 //! count and lengths, text that reaches a guest command line.
+//!
+//! The service's functions fail with a [`WorkspaceError`]. It becomes a
+//! `DaemonError` at the service's edges: the answers it writes to a caller
+//! (the call's response, the closing `Error` frame), `vm.create`'s `?` on
+//! [`WorkspaceService::create_stage`], and [`GuestStage::run`], which
+//! returns a `DaemonResult`. What the VM service answers (through
+//! [`Guests`] and the stage's agent wait) is a `DaemonError` already, kept
+//! whole in `WorkspaceError::Vm`.
 
 use std::collections::HashMap;
 use std::io;
@@ -58,7 +66,7 @@ use banger_proto::workspace::{
     PrepareWorkspaceResult, UploadTrailer, UploadWorkspaceParams, UploadWorkspaceResult,
     WorkspaceExported, WorkspacePrepared, WorkspaceSpec, STAGE,
 };
-use banger_proto::{ErrorKind, Response, Vm};
+use banger_proto::{ErrorKind, Response, RpcError, Vm};
 use banger_workspace::guest::{self, GuestError};
 use banger_workspace::stream::{self, Frame, StreamError};
 use serde::Serialize;
@@ -67,8 +75,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use crate::access::Peer;
-use crate::error::{DaemonError, DaemonResult};
-use crate::operations::{LiveOperation, Stage};
+use crate::error::{DaemonError, DaemonResult, RpcFailure};
+use crate::operations::{LiveOperation, OperationError, Stage};
 use crate::vms::{AgentWait, GuestStage, VmService};
 
 /// The running guests a workspace call reaches: a seam the workspace service
@@ -83,6 +91,125 @@ pub trait Guests: Send + Sync {
 impl Guests for VmService {
     async fn agent(&self, reference: &str) -> DaemonResult<(Vm, AgentClient)> {
         VmService::agent(self, reference).await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    // What a caller asked for.
+    #[error("Invalid params")]
+    InvalidParams(#[source] serde_json::Error),
+    #[error("A workspace needs a running VM: `workspace` and `no_start` exclude each other")]
+    NoStart,
+
+    // The upload slot of a create.
+    #[error("No create operation `{operation}` is waiting for a workspace upload")]
+    NoPendingUpload { operation: String },
+    #[error(
+        "Operation `{operation}` was started by another user; only they may upload its workspace"
+    )]
+    NotCreator { operation: String },
+    #[error("Operation `{operation}` already has its workspace upload")]
+    UploadTaken { operation: String },
+    #[error("Operation `{operation}` ended before its workspace upload")]
+    OperationEnded { operation: String },
+    #[error("The workspace stage has no upload slot")]
+    NoUploadSlot,
+    #[error("No workspace upload arrived within {} s", .wait.as_secs())]
+    NoUpload { wait: Duration },
+    #[error("The workspace upload slot closed")]
+    SlotClosed,
+
+    // An upload.
+    /// The caller broke the protocol, or its stream failed.
+    #[error("The workspace upload failed")]
+    Upload(#[source] StreamError),
+    #[error("The workspace upload stalled: nothing arrived for {} s", .idle.as_secs())]
+    UploadStalled { idle: Duration },
+    /// The caller's `Error` frame.
+    #[error("The caller gave up the upload")]
+    CallerGaveUp(#[source] RpcError),
+    #[error("The workspace upload ended early: the caller went away")]
+    CallerGone,
+    #[error("The guest agent of VM `{vm}` stopped reading the workspace early")]
+    GuestStopped { vm: String },
+
+    // An export.
+    #[error("The caller stopped reading the export")]
+    ExportUnread(#[source] io::Error),
+    #[error("The caller read nothing of the export for {} s", .idle.as_secs())]
+    ExportIdle { idle: Duration },
+
+    // What the guest and the services this one calls returned.
+    /// A check of the request, or the guest side of a workspace.
+    #[error(transparent)]
+    Guest(Box<GuestError>),
+    /// The VM service's answer through [`Guests`] or a create's
+    /// [`AgentWait`] (a lookup, a VM that is not running, its agent): a
+    /// `DaemonResult` there, kept whole.
+    #[error(transparent)]
+    Vm(DaemonError),
+    /// The create was cancelled.
+    #[error(transparent)]
+    Operation(#[from] OperationError),
+}
+
+impl From<GuestError> for WorkspaceError {
+    fn from(error: GuestError) -> Self {
+        Self::Guest(Box::new(error))
+    }
+}
+
+impl RpcFailure for WorkspaceError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidParams(_) | Self::NoStart => ErrorKind::InvalidParams,
+            Self::NoPendingUpload { .. } => ErrorKind::NotFound,
+            Self::NotCreator { .. } => ErrorKind::NotAllowed,
+            Self::UploadTaken { .. } | Self::OperationEnded { .. } => ErrorKind::InvalidState,
+            Self::NoUploadSlot => ErrorKind::Internal,
+            Self::Upload(error) => match error {
+                StreamError::TooLarge { .. }
+                | StreamError::UnknownKind { .. }
+                | StreamError::Decode { .. }
+                | StreamError::Unexpected { .. } => ErrorKind::InvalidRequest,
+                StreamError::Io(_) | StreamError::Truncated | StreamError::Ended => {
+                    ErrorKind::Failed
+                }
+            },
+            Self::NoUpload { .. }
+            | Self::SlotClosed
+            | Self::UploadStalled { .. }
+            | Self::CallerGaveUp(_)
+            | Self::CallerGone
+            | Self::GuestStopped { .. }
+            | Self::ExportUnread(_)
+            | Self::ExportIdle { .. } => ErrorKind::Failed,
+            Self::Guest(error) => match &**error {
+                error if error.is_invalid_request() => ErrorKind::InvalidParams,
+                GuestError::DestHasFiles { .. } | GuestError::DestHasWorkspace { .. } => {
+                    ErrorKind::AlreadyExists
+                }
+                GuestError::NoUser { .. } => ErrorKind::InvalidParams,
+                GuestError::NoWorkspace { .. } => ErrorKind::NotFound,
+                _ => ErrorKind::Failed,
+            },
+            Self::Vm(error) => error.kind,
+            Self::Operation(error) => error.kind(),
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::NoUpload { .. } => Some(
+                "`banger vm create --workspace` sends it; a client of `vm.create` sends it with `vm.workspace.upload`"
+                    .to_owned(),
+            ),
+            Self::Guest(error) => error.hint().map(str::to_owned),
+            Self::Vm(error) => error.hint().map(str::to_owned),
+            Self::Operation(error) => error.hint(),
+            _ => None,
+        }
     }
 }
 
@@ -163,15 +290,13 @@ impl WorkspaceService {
         spec: &WorkspaceSpec,
         no_start: bool,
         caller_uid: u32,
-    ) -> DaemonResult<WorkspaceStage> {
+    ) -> Result<WorkspaceStage, WorkspaceError> {
         if no_start {
-            return Err(DaemonError::invalid_params(
-                "A workspace needs a running VM: `workspace` and `no_start` exclude each other",
-            ));
+            return Err(WorkspaceError::NoStart);
         }
         Ok(WorkspaceStage {
             service: Arc::clone(self),
-            spec: guest::check_spec(spec).map_err(guest_error)?,
+            spec: guest::check_spec(spec)?,
             caller_uid,
             operation_id: None,
             arrival: None,
@@ -217,12 +342,10 @@ impl WorkspaceService {
         let started = Instant::now();
         let claimed = async {
             let params: PrepareWorkspaceParams = parse(params)?;
-            let spec = guest::check_spec(&params.workspace).map_err(guest_error)?;
-            let (vm, agent) = vms.agent(&params.vm).await?;
-            guest::claim_dest(&agent, &vm.name, &spec.dest, &spec.user, spec.force)
-                .await
-                .map_err(guest_error)?;
-            Ok::<_, DaemonError>((vm, agent, spec))
+            let spec = guest::check_spec(&params.workspace)?;
+            let (vm, agent) = vms.agent(&params.vm).await.map_err(WorkspaceError::Vm)?;
+            guest::claim_dest(&agent, &vm.name, &spec.dest, &spec.user, spec.force).await?;
+            Ok::<_, WorkspaceError>((vm, agent, spec))
         }
         .await;
         let (vm, agent, spec) = match claimed {
@@ -230,7 +353,7 @@ impl WorkspaceService {
             Err(error) => {
                 return respond(
                     &mut connection.writer,
-                    &Response::failure(id, error.to_rpc()),
+                    &Response::failure(id, DaemonError::from(error).to_rpc()),
                 )
                 .await
             }
@@ -247,7 +370,8 @@ impl WorkspaceService {
         let outcome = self
             .receive(&agent, &vm.name, &spec, &mut connection.reader, |_| {})
             .await
-            .map(|received| received.prepared(started));
+            .map(|received| received.prepared(started))
+            .map_err(DaemonError::from);
         log_outcome(&vm.name, &spec.dest, &outcome);
         self.answer(&mut connection.writer, &outcome).await
     }
@@ -263,7 +387,7 @@ impl WorkspaceService {
             let deliver = self.accept_upload(&params.operation_id, peer.uid)?;
             Ok((params, deliver))
         });
-        let (params, deliver) = match accepted {
+        let (params, deliver) = match accepted.map_err(DaemonError::from) {
             Ok(accepted) => accepted,
             Err(error) => {
                 if error.kind == ErrorKind::NotAllowed {
@@ -286,10 +410,9 @@ impl WorkspaceService {
         .await?;
         connection.total_bytes = params.total_bytes;
         if let Err(mut connection) = deliver.send(connection) {
-            let error = DaemonError::invalid_state(format!(
-                "Operation `{}` ended before its workspace upload",
-                params.operation_id
-            ));
+            let error = DaemonError::from(WorkspaceError::OperationEnded {
+                operation: params.operation_id,
+            });
             return stream::write_error(&mut connection.writer, &error.to_rpc()).await;
         }
         Ok(())
@@ -300,28 +423,26 @@ impl WorkspaceService {
         &self,
         operation_id: &str,
         uid: u32,
-    ) -> DaemonResult<oneshot::Sender<Connection>> {
+    ) -> Result<oneshot::Sender<Connection>, WorkspaceError> {
         let mut pending = self.pending();
         let Some(upload) = pending.get_mut(operation_id) else {
-            return Err(DaemonError::not_found(format!(
-                "No create operation `{operation_id}` is waiting for a workspace upload"
-            )));
+            return Err(WorkspaceError::NoPendingUpload {
+                operation: operation_id.to_owned(),
+            });
         };
         // Anyone in the access group may call; only the creator may fill
         // the VM it is creating.
         if upload.caller_uid != uid {
-            return Err(DaemonError::new(
-                ErrorKind::NotAllowed,
-                format!(
-                    "Operation `{operation_id}` was started by another user; only they may upload its workspace"
-                ),
-            ));
+            return Err(WorkspaceError::NotCreator {
+                operation: operation_id.to_owned(),
+            });
         }
-        upload.deliver.take().ok_or_else(|| {
-            DaemonError::invalid_state(format!(
-                "Operation `{operation_id}` already has its workspace upload"
-            ))
-        })
+        upload
+            .deliver
+            .take()
+            .ok_or_else(|| WorkspaceError::UploadTaken {
+                operation: operation_id.to_owned(),
+            })
     }
 
     async fn serve_export(
@@ -338,12 +459,10 @@ impl WorkspaceService {
                 user: params.user.clone(),
                 force: false,
                 base: None,
-            })
-            .map_err(guest_error)?;
-            guest::check_identity(params.git_name.as_deref(), params.git_email.as_deref())
-                .map_err(guest_error)?;
-            let (vm, agent) = vms.agent(&params.vm).await?;
-            Ok::<_, DaemonError>((params, spec, vm, agent))
+            })?;
+            guest::check_identity(params.git_name.as_deref(), params.git_email.as_deref())?;
+            let (vm, agent) = vms.agent(&params.vm).await.map_err(WorkspaceError::Vm)?;
+            Ok::<_, WorkspaceError>((params, spec, vm, agent))
         }
         .await;
         let (params, spec, vm, agent) = match checked {
@@ -351,7 +470,7 @@ impl WorkspaceService {
             Err(error) => {
                 return respond(
                     &mut connection.writer,
-                    &Response::failure(id, error.to_rpc()),
+                    &Response::failure(id, DaemonError::from(error).to_rpc()),
                 )
                 .await
             }
@@ -367,7 +486,8 @@ impl WorkspaceService {
         .await?;
         let outcome = self
             .export(&agent, &vm, &spec, &params, &mut connection.writer)
-            .await;
+            .await
+            .map_err(DaemonError::from);
         match &outcome {
             Ok(exported) => {
                 tracing::info!(vm = %vm.name, dest = %spec.dest, mode = ?params.mode, bytes = exported.bytes, "exported workspace");
@@ -386,12 +506,10 @@ impl WorkspaceService {
         spec: &WorkspaceSpec,
         params: &ExportWorkspaceParams,
         writer: &mut Writer,
-    ) -> DaemonResult<WorkspaceExported> {
+    ) -> Result<WorkspaceExported, WorkspaceError> {
         match params.mode {
             ExportMode::Patch => {
-                let output = guest::export_patch(agent, &vm.name, &spec.dest, &spec.user)
-                    .await
-                    .map_err(guest_error)?;
+                let output = guest::export_patch(agent, &vm.name, &spec.dest, &spec.user).await?;
                 let bytes = self.forward(output, writer).await?;
                 Ok(WorkspaceExported {
                     base: None,
@@ -408,8 +526,7 @@ impl WorkspaceService {
                 let commit = guest::export_commit(
                     agent, &vm.name, &spec.dest, &spec.user, &message, identity,
                 )
-                .await
-                .map_err(guest_error)?;
+                .await?;
                 let bytes = if commit.needs_bundle {
                     let output = guest::export_bundle(
                         agent,
@@ -418,8 +535,7 @@ impl WorkspaceService {
                         &spec.user,
                         &commit.commit,
                     )
-                    .await
-                    .map_err(guest_error)?;
+                    .await?;
                     self.forward(output, writer).await?
                 } else {
                     0
@@ -438,30 +554,21 @@ impl WorkspaceService {
         &self,
         mut output: guest::ExportStream,
         writer: &mut Writer,
-    ) -> DaemonResult<u64> {
+    ) -> Result<u64, WorkspaceError> {
         let mut bytes = 0_u64;
         while let Some(chunk) = output.next().await {
             match tokio::time::timeout(self.idle_timeout, stream::write_data(writer, &chunk)).await
             {
                 Ok(Ok(())) => bytes += chunk.len() as u64,
-                Ok(Err(error)) => {
-                    return Err(DaemonError::failed(
-                        "The caller stopped reading the export",
-                        error,
-                    ))
-                }
+                Ok(Err(error)) => return Err(WorkspaceError::ExportUnread(error)),
                 Err(_) => {
-                    return Err(DaemonError::new(
-                        ErrorKind::Failed,
-                        format!(
-                            "The caller read nothing of the export for {} s",
-                            self.idle_timeout.as_secs()
-                        ),
-                    ))
+                    return Err(WorkspaceError::ExportIdle {
+                        idle: self.idle_timeout,
+                    })
                 }
             }
         }
-        output.finish().await.map_err(guest_error)?;
+        output.finish().await?;
         Ok(bytes)
     }
 
@@ -473,7 +580,7 @@ impl WorkspaceService {
         spec: &WorkspaceSpec,
         reader: &mut Reader,
         mut progress: impl FnMut(u64) + Send,
-    ) -> DaemonResult<Received> {
+    ) -> Result<Received, WorkspaceError> {
         let (pipe, mut pipe_writer) = tokio::io::duplex(PIPE_BYTES);
         let idle = self.idle_timeout;
         // Owns the pipe's writing end: however it ends, the agent sees the
@@ -482,16 +589,10 @@ impl WorkspaceService {
             let mut bytes = 0_u64;
             loop {
                 let frame = match tokio::time::timeout(idle, stream::read_frame(reader)).await {
-                    Ok(frame) => frame.map_err(|error| Pump::Caller(upload_error(error)))?,
-                    Err(_) => {
-                        return Err(Pump::Caller(DaemonError::new(
-                            ErrorKind::Failed,
-                            format!(
-                                "The workspace upload stalled: nothing arrived for {} s",
-                                idle.as_secs()
-                            ),
-                        )))
+                    Ok(frame) => {
+                        frame.map_err(|error| Pump::Caller(WorkspaceError::Upload(error)))?
                     }
+                    Err(_) => return Err(Pump::Caller(WorkspaceError::UploadStalled { idle })),
                 };
                 match frame {
                     Some(Frame::Data(chunk)) => {
@@ -504,7 +605,7 @@ impl WorkspaceService {
                     Some(frame @ Frame::End(_)) => {
                         let trailer = frame
                             .decode_end::<UploadTrailer>()
-                            .map_err(|error| Pump::Caller(upload_error(error)))?
+                            .map_err(|error| Pump::Caller(WorkspaceError::Upload(error)))?
                             .map_err(|_| Pump::GuestStopped)?;
                         if pipe_writer.shutdown().await.is_err() {
                             return Err(Pump::GuestStopped);
@@ -512,17 +613,9 @@ impl WorkspaceService {
                         return Ok((trailer, bytes));
                     }
                     Some(Frame::Error(error)) => {
-                        return Err(Pump::Caller(DaemonError::new(
-                            ErrorKind::Failed,
-                            format!("The caller gave up the upload: {}", error.message),
-                        )))
+                        return Err(Pump::Caller(WorkspaceError::CallerGaveUp(error)))
                     }
-                    None => {
-                        return Err(Pump::Caller(DaemonError::new(
-                            ErrorKind::Failed,
-                            "The workspace upload ended early: the caller went away",
-                        )))
-                    }
+                    None => return Err(Pump::Caller(WorkspaceError::CallerGone)),
                 }
             }
         };
@@ -532,18 +625,13 @@ impl WorkspaceService {
             (Ok((trailer, bytes)), Ok(entries)) => (trailer, bytes, entries),
             // The caller's failure explains the guest's (a cut tar).
             (Err(Pump::Caller(error)), _) => return Err(error),
-            (_, Err(error)) => return Err(guest_error(error)),
+            (_, Err(error)) => return Err(error.into()),
             (Err(Pump::GuestStopped), Ok(_)) => {
-                return Err(DaemonError::new(
-                    ErrorKind::Failed,
-                    format!("The guest agent of VM `{vm}` stopped reading the workspace early"),
-                ))
+                return Err(WorkspaceError::GuestStopped { vm: vm.to_owned() })
             }
         };
-        guest::check_trailer(&trailer).map_err(guest_error)?;
-        guest::finish_dest(agent, vm, spec, &trailer.links)
-            .await
-            .map_err(guest_error)?;
+        guest::check_trailer(&trailer)?;
+        guest::finish_dest(agent, vm, spec, &trailer.links).await?;
         Ok(Received {
             entries,
             bytes,
@@ -572,20 +660,9 @@ impl WorkspaceService {
 /// Why the upload's pump stopped early.
 enum Pump {
     /// The caller failed, went away or broke the protocol.
-    Caller(DaemonError),
+    Caller(WorkspaceError),
     /// The agent stopped taking the tar; its own answer says why.
     GuestStopped,
-}
-
-fn upload_error(error: StreamError) -> DaemonError {
-    let kind = match error {
-        StreamError::TooLarge { .. }
-        | StreamError::UnknownKind { .. }
-        | StreamError::Decode { .. }
-        | StreamError::Unexpected { .. } => ErrorKind::InvalidRequest,
-        StreamError::Io(_) | StreamError::Truncated | StreamError::Ended => ErrorKind::Failed,
-    };
-    DaemonError::new(kind, "The workspace upload failed").with_source(error)
 }
 
 /// What an upload left in the guest.
@@ -683,7 +760,8 @@ impl GuestStage for WorkspaceStage {
         let outcome = tokio::select! {
             outcome = self.prepare(operation, &stage, vm, agent, &mut connection) => outcome,
             () = cancellation.cancelled() => Err(operation.cancelled_error().into()),
-        };
+        }
+        .map_err(DaemonError::from);
         let answer = outcome
             .as_ref()
             .map(|received| received.prepared(started))
@@ -716,8 +794,8 @@ impl WorkspaceStage {
         vm: &Vm,
         agent: AgentWait<'_>,
         connection: &mut Option<Connection>,
-    ) -> DaemonResult<Received> {
-        let agent = agent.await?;
+    ) -> Result<Received, WorkspaceError> {
+        let agent = agent.await.map_err(WorkspaceError::Vm)?;
         guest::claim_dest(
             &agent,
             &vm.name,
@@ -725,25 +803,13 @@ impl WorkspaceStage {
             &self.spec.user,
             self.spec.force,
         )
-        .await
-        .map_err(guest_error)?;
-        let arrival = self.arrival.take().ok_or_else(|| {
-            DaemonError::new(
-                ErrorKind::Internal,
-                "The workspace stage has no upload slot",
-            )
-        })?;
+        .await?;
+        let arrival = self.arrival.take().ok_or(WorkspaceError::NoUploadSlot)?;
         let wait = self.service.upload_wait;
         let arrived = tokio::time::timeout(wait, arrival)
             .await
-            .map_err(|_| {
-                DaemonError::new(
-                    ErrorKind::Failed,
-                    format!("No workspace upload arrived within {} s", wait.as_secs()),
-                )
-                .with_hint("`banger vm create --workspace` sends it; a client of `vm.create` sends it with `vm.workspace.upload`")
-            })?
-            .map_err(|_| DaemonError::new(ErrorKind::Failed, "The workspace upload slot closed"))?;
+            .map_err(|_| WorkspaceError::NoUpload { wait })?
+            .map_err(|_| WorkspaceError::SlotClosed)?;
         let connection = connection.insert(arrived);
         let total = connection.total_bytes;
         let mut reported = Instant::now();
@@ -773,13 +839,12 @@ impl Drop for WorkspaceStage {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(params: Option<Value>) -> DaemonResult<T> {
+fn parse<T: serde::de::DeserializeOwned>(params: Option<Value>) -> Result<T, WorkspaceError> {
     let value = match params {
         None | Some(Value::Null) => Value::Object(serde_json::Map::new()),
         Some(value) => value,
     };
-    serde_json::from_value(value)
-        .map_err(|error| DaemonError::invalid_params(format!("Invalid params: {error}")))
+    serde_json::from_value(value).map_err(WorkspaceError::InvalidParams)
 }
 
 fn to_value(value: &impl Serialize) -> Value {
@@ -792,36 +857,6 @@ async fn respond(writer: &mut Writer, response: &Response) -> io::Result<()> {
     bytes.push(b'\n');
     writer.write_all(&bytes).await?;
     writer.flush().await
-}
-
-fn guest_error(error: GuestError) -> DaemonError {
-    let kind = match &error {
-        error if error.is_invalid_request() => ErrorKind::InvalidParams,
-        GuestError::DestHasFiles { .. } | GuestError::DestHasWorkspace { .. } => {
-            ErrorKind::AlreadyExists
-        }
-        GuestError::NoUser { .. } => ErrorKind::InvalidParams,
-        GuestError::NoWorkspace { .. } => ErrorKind::NotFound,
-        _ => ErrorKind::Failed,
-    };
-    let hint = error.hint();
-    let error = DaemonError::new(kind, chain(&error));
-    match hint {
-        Some(hint) => error.with_hint(hint),
-        None => error,
-    }
-}
-
-/// The error and its causes on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -890,7 +925,7 @@ mod tests {
     }
 
     /// Runs `receive` on an upload of `wire` into a fresh DEST.
-    async fn receive(wire: Vec<u8>) -> (tempfile::TempDir, DaemonResult<Received>) {
+    async fn receive(wire: Vec<u8>) -> (tempfile::TempDir, Result<Received, WorkspaceError>) {
         let dir = tempfile::tempdir().unwrap();
         let service = WorkspaceService::new();
         let agent = agent().await;
@@ -1010,11 +1045,54 @@ mod tests {
         ];
         for (wire, expected) in cases {
             let (dir, outcome) = receive(wire).await;
-            let error = outcome.err().expect("refused").chain();
+            let error = crate::error::chain(&outcome.err().expect("refused"));
             assert!(error.contains(expected), "{error} (wanted {expected})");
             assert!(!dir.path().join("escape").exists());
             assert!(!dir.path().join("repo/.git/banger-workspace-base").exists());
         }
+    }
+
+    #[test]
+    fn errors_keep_their_kind_and_hint() {
+        let taken = WorkspaceError::from(GuestError::DestHasFiles {
+            vm: "dev".to_owned(),
+            dest: "/root/repo".to_owned(),
+        });
+        assert_eq!(taken.kind(), ErrorKind::AlreadyExists);
+        let rpc = DaemonError::from(taken).to_rpc();
+        assert_eq!(rpc.message, "VM `dev` already has files at /root/repo");
+        assert_eq!(
+            rpc.hint(),
+            Some("`--force` replaces it (everything there is removed first)")
+        );
+
+        let refused = WorkspaceError::Vm(
+            DaemonError::invalid_state("VM `dev` is stopped").with_hint("start it"),
+        );
+        assert_eq!(refused.kind(), ErrorKind::InvalidState);
+        assert_eq!(refused.hint().as_deref(), Some("start it"));
+
+        let gave_up = WorkspaceError::CallerGaveUp(banger_proto::RpcError::new(
+            ErrorKind::Failed,
+            "Cannot pack x",
+        ));
+        assert_eq!(
+            crate::error::chain(&gave_up),
+            "The caller gave up the upload: Cannot pack x"
+        );
+        assert_eq!(
+            WorkspaceError::Upload(StreamError::Truncated).kind(),
+            ErrorKind::Failed
+        );
+        assert_eq!(
+            WorkspaceError::Upload(StreamError::UnknownKind { kind: 9 }).kind(),
+            ErrorKind::InvalidRequest
+        );
+        let late = WorkspaceError::NoUpload {
+            wait: Duration::from_secs(60),
+        };
+        assert_eq!(late.to_string(), "No workspace upload arrived within 60 s");
+        assert!(late.hint().unwrap().contains("vm.workspace.upload"));
     }
 
     fn vm() -> Vm {
@@ -1050,7 +1128,11 @@ mod tests {
         let mut bad = spec(dest);
         bad.dest = "relative".into();
         assert_eq!(
-            service.create_stage(&bad, false, 1000).err().unwrap().kind,
+            service
+                .create_stage(&bad, false, 1000)
+                .err()
+                .unwrap()
+                .kind(),
             ErrorKind::InvalidParams
         );
 
@@ -1058,7 +1140,9 @@ mod tests {
             .create_stage(&spec(dest), false, 1000)
             .unwrap()
             .bound("op");
-        let kind = |result: DaemonResult<oneshot::Sender<Connection>>| result.err().unwrap().kind;
+        let kind = |result: Result<oneshot::Sender<Connection>, WorkspaceError>| {
+            result.err().unwrap().kind()
+        };
         assert_eq!(kind(service.accept_upload("op", 0)), ErrorKind::NotAllowed);
         assert_eq!(
             kind(service.accept_upload("op", 1001)),
