@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR", env = "BANGER_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
     /// Run only these cases (repeatable): create, concurrent, run,
-    /// workspace, list, rss, clone, firecracker.
+    /// workspace, list, rss, clone, firecracker, qemu.
     #[arg(long = "case", value_name = "CASE")]
     pub cases: Vec<String>,
     /// Real Firecracker binary for the `firecracker` case.
@@ -30,8 +30,8 @@ pub struct Args {
     /// Golden image (ext4) for the real-guest `qemu` case.
     #[arg(long, value_name = "PATH", env = "BANGER_GOLDEN_IMAGE")]
     pub golden_image: Option<PathBuf>,
-    /// Static guest agent for real guests (default: banger-agent in the
-    /// binaries' directory, which must then be a static build).
+    /// Static guest agent for real guests (scripts/build-agent.sh builds
+    /// it; scripts/bench.sh passes it).
     #[arg(long, value_name = "PATH", env = "BANGER_AGENT_STATIC")]
     pub agent_static: Option<PathBuf>,
     /// Keep the work directory (daemon logs, state) after the run.

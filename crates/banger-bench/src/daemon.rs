@@ -6,9 +6,10 @@
 //!    waits until the socket answers.
 //! 2. Cases run `banger` commands against it ([`Daemon::banger`],
 //!    [`Daemon::timed`]).
-//! 3. Dropping it deletes every VM through the CLI, SIGTERMs the daemon and
-//!    then SIGKILLs, by pid, any process still running from its directory
-//!    (VMMs, guest agents), so a failed case leaves nothing behind.
+//! 3. Dropping it deletes every VM through the CLI, SIGTERMs the daemon,
+//!    SIGKILLs, by pid, any process still running from its directory (VMMs,
+//!    guest agents), so a failed case leaves nothing behind, and removes
+//!    its state dir (the log stays).
 
 use std::io::Read as _;
 use std::os::unix::net::UnixStream;
@@ -376,6 +377,10 @@ impl Drop for Daemon {
                 "banger-bench: cleanup of {}: {problem}",
                 self.directory.display()
             );
+        }
+        // Images and clones can be gigabytes; the log stays for --keep.
+        if let Err(error) = crate::fixtures::remove_tree(&self.state_dir) {
+            eprintln!("banger-bench: {error:#}");
         }
     }
 }

@@ -49,7 +49,9 @@ pub fn write_noise(path: &Path, bytes: u64, seed: u64) -> anyhow::Result<()> {
 }
 
 /// An ext4 file system of `size_mib` (a sparse file), filled from
-/// `contents` when given (`mkfs.ext4 -d`).
+/// `contents` when given (`mkfs.ext4 -d`). No journal: nothing mounts it
+/// on the host, and a journal would be most of what a small one holds,
+/// which a thousand clones of it would pay for in space.
 ///
 /// # Errors
 /// `mkfs.ext4` is missing or fails.
@@ -58,7 +60,7 @@ pub fn make_ext4(path: &Path, size_mib: u64, contents: Option<&Path>) -> anyhow:
     file.set_len(size_mib << 20)?;
     drop(file);
     let mut command = Command::new("mkfs.ext4");
-    command.args(["-q", "-F"]);
+    command.args(["-q", "-F", "-O", "^has_journal"]);
     if let Some(contents) = contents {
         command.arg("-d").arg(contents);
     }
@@ -175,6 +177,40 @@ pub fn run(command: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Fails with a reason unless the file system holding `path` has
+/// `needed` bytes free for this run (none of the cases may fill a disk).
+///
+/// # Errors
+/// Too little space, or statvfs fails.
+pub fn require_free(path: &Path, needed: u64) -> Result<(), String> {
+    let statistics = nix::sys::statvfs::statvfs(path)
+        .map_err(|error| format!("statvfs {}: {error}", path.display()))?;
+    let free = statistics.blocks_available() * statistics.fragment_size();
+    if free < needed {
+        return Err(format!(
+            "needs about {:.1} GiB free under {}, which has {:.1} GiB (TMPDIR picks another place)",
+            gib(needed),
+            path.display(),
+            gib(free)
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 30)
+}
+
+/// The type of the file system holding `path`, as `stat -f` names it
+/// (`ext2/ext3`, `tmpfs`, `xfs`).
+#[must_use]
+pub fn file_system_type(path: &Path) -> String {
+    run(Command::new("stat").args(["-f", "-c", "%T"]).arg(path))
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 /// Removes a directory tree if it exists.

@@ -207,6 +207,15 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                 error: "panicked".to_owned(),
             }),
         }
+        // A case's inputs can be gigabytes; the next case may need the room.
+        if !args.keep {
+            if let Err(error) = fixtures::remove_tree(&folder) {
+                report.failed.push(Failed {
+                    case: case.name.to_owned(),
+                    error: format!("{error:#}"),
+                });
+            }
+        }
         if leaked > 0 {
             report.failed.push(Failed {
                 case: case.name.to_owned(),

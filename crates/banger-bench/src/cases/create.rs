@@ -17,7 +17,7 @@ use crate::{Context, Outcome};
 /// list` with at most one VM), which every command pays. Deletes are
 /// measured on the way.
 pub fn sequential(context: &Context) -> anyhow::Result<Outcome> {
-    let daemon = fake_daemon(context, "create", true)?;
+    let daemon = fake_daemon(context, "create", true, 64)?;
     let runs = context.pick(3, 30);
     // The first create pays one-off costs (page cache, the daemon's lazy
     // state); it is not what a user sees on the next one.
@@ -56,7 +56,7 @@ pub fn sequential(context: &Context) -> anyhow::Result<Outcome> {
 /// the first spawn to the last exit, against the same N creates one after
 /// another in the same daemon.
 pub fn concurrent(context: &Context) -> anyhow::Result<Outcome> {
-    let daemon = fake_daemon(context, "concurrent", true)?;
+    let daemon = fake_daemon(context, "concurrent", true, 64)?;
     let rounds = context.pick(2, 3);
     daemon.banger(&["-q", "vm", "create", "warmup"])?;
     daemon.banger(&["-q", "vm", "delete", "--force", "warmup"])?;

@@ -87,9 +87,9 @@ pub fn firecracker(context: &Context) -> anyhow::Result<Outcome> {
     probe.banger(&["-q", "vm", "create", "probe"])?;
     let vm = probe.json(&["vm", "show", "probe"])?;
     let script = Script::from_log(&request_log, &vm)?;
-    // The probe daemon's kernel files stay where they are (the baseline
-    // boots them) until the case's folder goes.
-    drop(probe);
+    // The probe daemon stays up to the end: the baseline boots its kernel
+    // files, which go with its state dir.
+    probe.delete_all()?;
 
     // 2. The real binary behind banger.
     let mut setup = DaemonSetup::fake(&context.bins, &directory.join("real"), false);

@@ -14,7 +14,7 @@ use crate::{Context, Outcome};
 /// `banger vm run VM -- true` against spawning `/bin/true` directly: what a
 /// command in a VM costs over a local one.
 pub fn run_true(context: &Context) -> anyhow::Result<Outcome> {
-    let daemon = fake_daemon(context, "run", true)?;
+    let daemon = fake_daemon(context, "run", true, 64)?;
     daemon.banger(&["-q", "vm", "create", "runner"])?;
     let runs = context.pick(3, 100);
     daemon.banger(&["vm", "run", "runner", "--", "true"])?;
@@ -44,10 +44,14 @@ pub fn run_true(context: &Context) -> anyhow::Result<Outcome> {
 /// against `tar | tar` of the same tree: the floor of any copy, with no
 /// network or daemon in between. The tree is in the page cache for all.
 pub fn workspace(context: &Context) -> anyhow::Result<Outcome> {
-    let daemon = fake_daemon(context, "workspace", true)?;
+    let (files, mib) = context.pick((200, 4), (20_000, 300));
+    // The tree, its .git, and one copy of both at a time.
+    if let Err(reason) = fixtures::require_free(&context.work, (mib << 20) * 4 + (256 << 20)) {
+        return Ok(Outcome::skipped("workspace", reason));
+    }
+    let daemon = fake_daemon(context, "workspace", true, 64)?;
     let directory = context.work.join("workspace");
     let tree = directory.join("tree");
-    let (files, mib) = context.pick((200, 4), (20_000, 300));
     fixtures::generate_tree(&tree, files, mib << 20)?;
     fixtures::commit_tree(&tree)?;
     let bytes = fixtures::disk_usage(&tree)?;

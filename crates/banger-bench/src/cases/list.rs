@@ -14,7 +14,11 @@ use crate::{Context, Outcome};
 /// `vm list` and `vm list --json` with 1,000 stopped VMs (`--no-start`; 20
 /// in a quick run) against `vm list` with none.
 pub fn list(context: &Context) -> anyhow::Result<Outcome> {
-    let daemon = fake_daemon(context, "list", false)?;
+    // A thousand clones of it: a small image.
+    if let Err(reason) = crate::fixtures::require_free(&context.work, 512 << 20) {
+        return Ok(Outcome::skipped("list", reason));
+    }
+    let daemon = fake_daemon(context, "list", false, 8)?;
     let runs = context.pick(3, 20);
     let count = context.pick(20, 1000);
     let mut empty = Vec::new();
@@ -56,7 +60,7 @@ pub fn list(context: &Context) -> anyhow::Result<Outcome> {
 /// bangerd's RSS (`/proc/PID/status`) idle, and per running VM with 100
 /// fake VMs (5 in a quick run), each with its agent connection.
 pub fn rss(context: &Context) -> anyhow::Result<Outcome> {
-    let daemon = fake_daemon(context, "rss", true)?;
+    let daemon = fake_daemon(context, "rss", true, 64)?;
     let count = context.pick(5, 100);
     daemon.banger(&["vm", "list"])?;
     let idle = sample_rss(&daemon)?;

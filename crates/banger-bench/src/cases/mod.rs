@@ -14,6 +14,7 @@ mod create;
 mod firecracker;
 mod guest;
 mod list;
+mod qemu;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -61,6 +62,10 @@ pub const ALL: &[Case] = &[
         name: "firecracker",
         run: firecracker::firecracker,
     },
+    Case {
+        name: "qemu",
+        run: qemu::qemu,
+    },
 ];
 
 /// The case's folder in the run's work directory (created).
@@ -70,11 +75,16 @@ fn folder(context: &Context, case: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A fake-firecracker daemon in the case's folder with a small image and a
-/// stand-in kernel registered as `default`.
-fn fake_daemon(context: &Context, case: &str, guest_agent: bool) -> anyhow::Result<Daemon> {
+/// A fake-firecracker daemon in the case's folder with a small image
+/// (`image_mib`) and a stand-in kernel registered as `default`.
+fn fake_daemon(
+    context: &Context,
+    case: &str,
+    guest_agent: bool,
+    image_mib: u64,
+) -> anyhow::Result<Daemon> {
     let directory = folder(context, case)?;
-    let (image, kernel) = fixtures::fake_defaults(&directory, 64)?;
+    let (image, kernel) = fixtures::fake_defaults(&directory, image_mib)?;
     let daemon = Daemon::start(
         &context.bins,
         &directory.join("daemon"),
