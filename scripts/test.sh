@@ -24,4 +24,10 @@ fi
 scripts/tests/test-make-generic-kernel.sh
 # --no-fail-fast: one failing test binary must not hide the results of the
 # ones after it; the exit status is still non-zero.
-cargo test --workspace --locked --no-fail-fast -- "$@"
+status=0
+cargo test --workspace --locked --no-fail-fast -- "$@" || status=$?
+# The benchmark suite, quick (each case two or three times, tiny sizes, on
+# the debug binaries built above), so it cannot rot. It fails only when a
+# case errors, never on a time; figures come from scripts/bench.sh.
+target/debug/banger-bench --quick || status=$?
+exit "$status"

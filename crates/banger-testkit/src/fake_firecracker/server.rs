@@ -274,6 +274,7 @@ impl Server {
             .arg(&socket)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
+        die_with_parent(&mut command);
         if let Some(dir) = &self.config.settings.guest_agent_ssh_dir {
             command.arg("--ssh-config-dir").arg(dir);
         }
@@ -304,6 +305,24 @@ impl Server {
             tokio::time::sleep(delay).await;
             // The server may already be stopping for another reason.
             let _ = sender.send(exit);
+        });
+    }
+}
+
+/// The guest goes when its VMM goes, however the VMM ends: a VMM killed
+/// with SIGKILL (`vm delete --force`) runs no drop handler, so
+/// `kill_on_drop` alone would leave the agent behind.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // prctl(2), which is async-signal-safe and touches no state shared with
+    // the parent. The runtime is single-threaded, so the parent thread the
+    // signal is tied to is the process's main thread, which lives as long as
+    // the VMM.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
         });
     }
 }
