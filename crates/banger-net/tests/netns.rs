@@ -9,7 +9,7 @@
 //!
 //! ```text
 //!  guest ns            host ns                                  outside ns
-//!  eth0 172.30.0.2 ── bgveth1 ─ banger0 172.30.0.1   up0 192.0.2.1 ── wan0 192.0.2.2 (HTTP)
+//!  eth0 172.30.0.2 ── bgtap1 ─ banger0 172.30.0.1   up0 192.0.2.1 ── wan0 192.0.2.2 (HTTP)
 //! ```
 
 #![allow(clippy::missing_panics_doc)]
@@ -22,7 +22,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use banger_net::nat::{self, NatConfig, Nft, NftCommand};
+use std::collections::BTreeSet;
+
+use banger_net::nat::{self, GuestPort, NatConfig, Nft, NftCommand};
 use banger_net::netlink::{BridgeConfig, HostNetwork, LinuxHostNetwork, TAP_PREFIX};
 use banger_net::{GuestNetwork, MacAddress, Subnet};
 
@@ -215,6 +217,15 @@ fn add_guest(host: &str, guest: &str, host_end: &str, kernel_argument: &str) -> 
     network
 }
 
+/// What the guest behind `host_end` may send from.
+fn guest_port(network: &GuestNetwork, host_end: &str) -> GuestPort {
+    GuestPort {
+        tap: host_end.to_owned(),
+        mac: network.mac.expect("guest MAC"),
+        address: network.address,
+    }
+}
+
 fn guest_argument(subnet: Subnet, address: Ipv4Addr, vm_id: &str) -> String {
     GuestNetwork {
         address,
@@ -384,7 +395,7 @@ fn guest_reaches_gateway_and_outside_through_nat() {
     let guest_network = add_guest(
         &host,
         &guest,
-        "bgveth1",
+        "bgtap1",
         &guest_argument(subnet, address, "00000000000000a1"),
     );
 
@@ -398,7 +409,7 @@ fn guest_reaches_gateway_and_outside_through_nat() {
             .await
             .unwrap();
         network
-            .attach_to_bridge("bgveth1", "banger0", true)
+            .attach_to_bridge("bgtap1", "banger0", true)
             .await
             .unwrap();
         network.enable_ip_forwarding().await.unwrap();
@@ -426,6 +437,8 @@ fn guest_reaches_gateway_and_outside_through_nat() {
         subnet,
         uplink: uplink.unwrap(),
         isolate_vms: true,
+        dns_port: 53,
+        guests: BTreeSet::from([guest_port(&guest_network, "bgtap1")]),
     };
     block_in_netns(&host, move || async move {
         nat::apply(&NftCommand::new(), &config).await.unwrap();
@@ -462,21 +475,26 @@ fn isolated_guests_cannot_reach_each_other() {
     let subnet = Subnet::default();
     let first = subnet.allocate(|_| false).unwrap();
     let second = subnet.allocate(|address| address == first).unwrap();
-    add_guest(
+    let guest_one = add_guest(
         &host,
         &one,
-        "bgveth1",
+        "bgtap1",
         &guest_argument(subnet, first, "00000000000000b1"),
     );
-    add_guest(
+    let guest_two = add_guest(
         &host,
         &two,
-        "bgveth2",
+        "bgtap2",
         &guest_argument(subnet, second, "00000000000000b2"),
     );
+    let guests = BTreeSet::from([
+        guest_port(&guest_one, "bgtap1"),
+        guest_port(&guest_two, "bgtap2"),
+    ]);
     // The uplink is only a name in the ruleset here; it need not exist.
 
     let setup = |isolated_ports: bool, isolate_vms: bool| {
+        let guests = guests.clone();
         block_in_netns(&host, move || async move {
             let network = LinuxHostNetwork::connect().unwrap();
             network
@@ -487,11 +505,11 @@ fn isolated_guests_cannot_reach_each_other() {
                 .await
                 .unwrap();
             network
-                .attach_to_bridge("bgveth1", "banger0", isolated_ports)
+                .attach_to_bridge("bgtap1", "banger0", isolated_ports)
                 .await
                 .unwrap();
             network
-                .attach_to_bridge("bgveth2", "banger0", isolated_ports)
+                .attach_to_bridge("bgtap2", "banger0", isolated_ports)
                 .await
                 .unwrap();
             network.enable_ip_forwarding().await.unwrap();
@@ -500,17 +518,26 @@ fn isolated_guests_cannot_reach_each_other() {
                 subnet,
                 uplink: "up0".to_owned(),
                 isolate_vms,
+                dns_port: 53,
+                guests: guests.clone(),
             };
             nat::apply(&NftCommand::new(), &config).await.unwrap();
         });
     };
 
-    // Control: without isolation the guests talk.
+    // Control: without isolation (`isolate_vms = false`, the opt-in) the
+    // guests talk.
     setup(false, false);
     assert!(
         reaches(&one, second),
         "control: guests should reach each other"
     );
+    // A port attached without the isolated flag is still isolated by the
+    // bridge table.
+    setup(false, true);
+    assert!(reaches(&one, subnet.gateway()));
+    assert!(!pings(&one, second), "the bridge forwards between guests");
+    assert!(!pings(&two, first), "the bridge forwards between guests");
 
     // Isolated bridge ports stop layer 2 traffic between guests...
     setup(true, false);
@@ -568,6 +595,8 @@ fn applying_nat_repeatedly_keeps_one_table() {
             subnet: Subnet::default(),
             uplink: "eth0".to_owned(),
             isolate_vms: true,
+            dns_port: 53,
+            guests: BTreeSet::new(),
         };
         nat::apply(&nft, &config).await.unwrap();
         let first = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
@@ -581,9 +610,9 @@ fn applying_nat_repeatedly_keeps_one_table() {
         let removed_twice = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
         (first, hundredth, removed, removed_twice)
     });
-    assert_eq!(first.tables, 1);
-    assert_eq!(first.chains, 2);
-    assert_eq!(first.rules, 4);
+    assert_eq!(first.tables, 2);
+    assert_eq!(first.chains, 5);
+    assert_eq!(first.rules, 17);
     assert_eq!(hundredth, first);
     assert_eq!(removed, nat::TableSummary::default());
     assert_eq!(removed_twice, nat::TableSummary::default());
@@ -610,6 +639,8 @@ fn a_refused_ruleset_keeps_the_previous_table() {
             subnet: Subnet::default(),
             uplink: "eth0".to_owned(),
             isolate_vms: false,
+            dns_port: 53,
+            guests: BTreeSet::new(),
         };
         nat::apply(&nft, &config).await.unwrap();
         let before = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
@@ -624,7 +655,7 @@ fn a_refused_ruleset_keeps_the_previous_table() {
     });
     assert!(error.starts_with("nft refused the ruleset"), "{error}");
     assert_eq!(before, after);
-    assert_eq!(after.rules, 3);
+    assert_eq!(after.rules, 15);
     drop(namespaces);
 }
 
@@ -711,7 +742,7 @@ fn guest_resolves_vm_names_through_the_gateway() {
     let network = add_guest(
         &host,
         &guest,
-        "bgveth1",
+        "bgtap1",
         &guest_argument(subnet, address, "00000000000000c1"),
     );
     let dns_server = SocketAddr::new(network.dns[0].into(), 53);
@@ -734,7 +765,7 @@ fn guest_resolves_vm_names_through_the_gateway() {
                     .await
                     .unwrap();
                 network
-                    .attach_to_bridge("bgveth1", "banger0", true)
+                    .attach_to_bridge("bgtap1", "banger0", true)
                     .await
                     .unwrap();
                 let upstream: SocketAddr = "127.0.0.1:5353".parse().unwrap();
