@@ -134,8 +134,7 @@ pub enum NatError {
 }
 
 fn check_interface(name: &str) -> Result<(), NatError> {
-    if !crate::netlink::is_valid_interface_name(name) || name.contains('"') || name.contains('\\')
-    {
+    if !crate::netlink::is_valid_interface_name(name) || name.contains('"') || name.contains('\\') {
         return Err(NatError::InvalidInterface {
             name: name.to_owned(),
         });
@@ -320,8 +319,7 @@ pub fn summarize(ruleset_json: &str) -> Result<TableSummary, NatError> {
         } else if let Some(rule) = item.get("rule") {
             summary.rules += usize::from(ours(rule));
         } else if let Some(set) = item.get("set") {
-            if ours(set) && set.get("name").and_then(serde_json::Value::as_str) == Some(GUEST_SET)
-            {
+            if ours(set) && set.get("name").and_then(serde_json::Value::as_str) == Some(GUEST_SET) {
                 summary.guests += set
                     .get("elem")
                     .and_then(serde_json::Value::as_array)

@@ -247,7 +247,9 @@ mod tests {
         let host = RecordingHostNetwork::new().with_default_route("wlan0");
         let nft = RecordingNft::new();
         let settings = NetworkSettings::default();
-        let config = bring_up(&host, &nft, &settings, BTreeSet::new()).await.unwrap();
+        let config = bring_up(&host, &nft, &settings, BTreeSet::new())
+            .await
+            .unwrap();
         assert_eq!(config.uplink, "wlan0");
         assert!(config.isolate_vms);
         assert!(host.ip_forwarding());
@@ -279,7 +281,10 @@ mod tests {
             ..NetworkSettings::default()
         };
         assert_eq!(
-            bring_up(&host, &nft, &settings, BTreeSet::new()).await.unwrap().uplink,
+            bring_up(&host, &nft, &settings, BTreeSet::new())
+                .await
+                .unwrap()
+                .uplink,
             "eth1"
         );
     }
@@ -302,7 +307,9 @@ mod tests {
         let host = RecordingHostNetwork::new().with_default_route("eth0");
         let nft = RecordingNft::new();
         let settings = NetworkSettings::default();
-        bring_up(&host, &nft, &settings, BTreeSet::new()).await.unwrap();
+        bring_up(&host, &nft, &settings, BTreeSet::new())
+            .await
+            .unwrap();
         let mut in_use = BTreeSet::new();
         for _ in 0..3 {
             let name = next_tap_name(&in_use);
