@@ -672,12 +672,9 @@ impl Network {
 fn guest_port(lease: &VmNetwork) -> Result<GuestPort, NetworkError> {
     Ok(GuestPort {
         tap: lease.tap.clone(),
-        mac: lease
-            .mac
-            .parse()
-            .map_err(|_| NetworkError::CorruptMac {
-                mac: lease.mac.clone(),
-            })?,
+        mac: lease.mac.parse().map_err(|_| NetworkError::CorruptMac {
+            mac: lease.mac.clone(),
+        })?,
         address: lease
             .ip
             .parse()
