@@ -13,9 +13,11 @@
 //!    ([`Network::add_record`]) and the NAT check ([`Network::ensure_nat`])
 //!    follow;
 //! 3. start: [`Network::attach`] gets the tap of an existing lease again if
-//!    it is gone (host reboot);
-//! 4. delete: [`Network::release`] returns the tap to the pool (or deletes
-//!    it) and deletes the lease; [`Network::remove_record`] the DNS record;
+//!    it is gone (host reboot) and adds the VM's (tap, MAC, IP) to the
+//!    bridge table's guest set, so its tap may send as the VM (the set is
+//!    rebuilt from all leases at daemon start);
+//! 4. delete: [`Network::release`] takes the VM out of the guest set,
+//!    returns the tap to the pool (or deletes it) and deletes the lease; [`Network::remove_record`] the DNS record;
 //! 5. daemon stop ([`Network::shutdown`]): stops the pool filler and the DNS
 //!    server, reverts resolved, and with `teardown_on_exit` deletes the pool,
 //!    the NAT table and the bridge.
