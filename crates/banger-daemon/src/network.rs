@@ -786,6 +786,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_started_vm_may_send_as_itself_until_deleted() {
+        let (_dir, store) = store().await;
+        let nft = RecordingNft::new();
+        let seams = NetworkSeams {
+            host: Arc::new(RecordingHostNetwork::new().with_default_route("eth0")),
+            nft: Arc::new(nft.clone()),
+            resolved: Arc::new(RecordingResolved::new()),
+            resolved_presence: Presence::NotRunning,
+        };
+        let network = Network::start_with(&config(), store, seams).await.unwrap();
+        // A lease as the network stage stores it.
+        let lease = VmNetwork {
+            ip: "192.0.2.2".to_owned(),
+            mac: MacAddress::for_vm("00000000000000e1").to_string(),
+            tap: "bgtap0".to_owned(),
+            dns_name: String::new(),
+        };
+        let guest = guest_port(&lease).unwrap();
+        assert_eq!(guest.tap, "bgtap0");
+        assert_eq!(guest.mac, MacAddress::for_vm("00000000000000e1"));
+        assert_eq!(guest.address, Ipv4Addr::new(192, 0, 2, 2));
+        network
+            .attach("00000000000000e1", Some(&lease))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            nft.scripts().last(),
+            Some(&nat::add_guest_script(&guest).unwrap())
+        );
+        // Tables flushed behind the daemon's back come back with the guest.
+        assert!(network.ensure_nat().await.unwrap());
+        let restored = nft.scripts().last().unwrap().clone();
+        assert!(
+            restored.contains("elements = { \"bgtap0\" . "),
+            "{restored}"
+        );
+        // `release` takes it out (after looking the lease up in the store).
+        network.disallow_guest(&lease).await;
+        assert_eq!(
+            nft.scripts().last(),
+            Some(&nat::remove_guest_script(&guest).unwrap())
+        );
+        assert!(network.nat_guard().guests.is_empty());
+        network.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn an_unbindable_dns_port_does_not_stop_the_network() {
         let (_dir, store) = store().await;
         let (host, _resolved, seams) = seams(Presence::NotRunning);
