@@ -13,9 +13,11 @@
 //!    ([`Network::add_record`]) and the NAT check ([`Network::ensure_nat`])
 //!    follow;
 //! 3. start: [`Network::attach`] gets the tap of an existing lease again if
-//!    it is gone (host reboot);
-//! 4. delete: [`Network::release`] returns the tap to the pool (or deletes
-//!    it) and deletes the lease; [`Network::remove_record`] the DNS record;
+//!    it is gone (host reboot) and adds the VM's (tap, MAC, IP) to the
+//!    bridge table's guest set, so its tap may send as the VM (the set is
+//!    rebuilt from all leases at daemon start);
+//! 4. delete: [`Network::release`] takes the VM out of the guest set,
+//!    returns the tap to the pool (or deletes it) and deletes the lease; [`Network::remove_record`] the DNS record;
 //! 5. daemon stop ([`Network::shutdown`]): stops the pool filler and the DNS
 //!    server, reverts resolved, and with `teardown_on_exit` deletes the pool,
 //!    the NAT table and the bridge.
@@ -32,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use banger_net::dns::{DnsConfig, DnsRecords, DnsServer};
-use banger_net::nat::{NatConfig, NatError, Nft, NftCommand};
+use banger_net::nat::{self, GuestPort, NatConfig, NatError, Nft, NftCommand};
 use banger_net::netlink::{BridgeConfig, HostNetwork, LinkStatus, LinuxHostNetwork, NetlinkError};
 use banger_net::pool::{PoolStatus, TapPool};
 use banger_net::resolved::{self, Presence, ResolvectlCommand, Resolved, ResolvedLink};
@@ -78,6 +80,14 @@ pub enum NetworkError {
     ListRuleset(#[source] NatError),
     #[error("Failed to restore the NAT table")]
     RestoreNat(#[source] NatError),
+    #[error("Corrupt lease MAC address {mac}")]
+    CorruptMac { mac: String },
+    #[error("Failed to let tap {tap} send as its VM")]
+    AllowGuest {
+        tap: String,
+        #[source]
+        source: NatError,
+    },
     #[error(transparent)]
     Store(#[from] StoreFailure),
 }
@@ -142,8 +152,9 @@ pub struct Network {
     dns_config: DnsConfig,
     dns: tokio::sync::Mutex<DnsState>,
     teardown_on_exit: bool,
-    /// The NAT table as applied at start, to restore it.
-    nat: NatConfig,
+    /// The tables as applied at start, with the guests' ports as they are
+    /// now, to restore them.
+    nat: std::sync::Mutex<NatConfig>,
 }
 
 /// What the VMM and the guest need from a lease.
@@ -208,9 +219,23 @@ impl Network {
             uplink: (!config.uplink.is_empty()).then(|| config.uplink.clone()),
             isolate_vms: config.isolate_vms,
             domain: config.domain.clone(),
+            dns_port: config.dns_port,
         };
-        let nat = setup::bring_up(host.as_ref(), nft.as_ref(), &settings).await?;
         let leases = store.list_leases()?;
+        // Every leased VM's tap may send as its VM: VMs that kept running
+        // across a restart keep their network, and the set is rebuilt from
+        // the leases rather than added to, so it never holds duplicates.
+        let guests = leases
+            .iter()
+            .filter_map(|(vm_id, name, network)| match guest_port(network) {
+                Ok(guest) => Some(guest),
+                Err(error) => {
+                    tracing::warn!(vm = %name, %vm_id, %error, "lease left out of the guest set");
+                    None
+                }
+            })
+            .collect();
+        let nat = setup::bring_up(host.as_ref(), nft.as_ref(), &settings, guests).await?;
         let claimed: BTreeSet<String> = leases
             .iter()
             .map(|(_, _, network)| network.tap.clone())
@@ -277,7 +302,7 @@ impl Network {
             dns_config,
             dns: tokio::sync::Mutex::new(DnsState::Stopped),
             teardown_on_exit: config.teardown_on_exit,
-            nat,
+            nat: std::sync::Mutex::new(nat),
         });
         network.ensure_dns().await;
         let state = if config.resolved {
@@ -288,6 +313,42 @@ impl Network {
         *network.resolved_state_guard() = state;
         tracing::info!(bridge = %config.bridge, subnet = %config.subnet, dns = %dns_address, "network up");
         Ok(network)
+    }
+
+    fn nat_guard(&self) -> std::sync::MutexGuard<'_, NatConfig> {
+        self.nat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lets the VM's tap send as the VM (its MAC and address); if the
+    /// tables are gone, puts them back with it.
+    async fn allow_guest(&self, lease: &VmNetwork) -> Result<(), NetworkError> {
+        let guest = guest_port(lease)?;
+        self.nat_guard().guests.insert(guest.clone());
+        if let Err(error) = nat::add_guest(self.nft.as_ref(), &guest).await {
+            tracing::warn!(%error, tap = %guest.tap, "adding the guest failed; re-applying the tables");
+            let config = self.nat_guard().clone();
+            nat::apply(self.nft.as_ref(), &config)
+                .await
+                .map_err(|source| NetworkError::AllowGuest {
+                    tap: guest.tap.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stops the tap of `lease` sending; a failure is logged (the only way
+    /// it fails is the table being gone, which took the element along).
+    async fn disallow_guest(&self, lease: &VmNetwork) {
+        let Ok(guest) = guest_port(lease) else {
+            return;
+        };
+        self.nat_guard().guests.remove(&guest);
+        if let Err(error) = nat::remove_guest(self.nft.as_ref(), &guest).await {
+            tracing::warn!(%error, tap = %guest.tap, "failed to remove the guest from the bridge table");
+        }
     }
 
     fn resolved_state_guard(&self) -> std::sync::MutexGuard<'_, ResolvedState> {
@@ -490,7 +551,7 @@ impl Network {
             .await
             .map_err(NetworkError::ListRuleset)?;
         match banger_net::nat::summarize(&listing) {
-            Ok(summary) if summary.tables > 0 => return Ok(false),
+            Ok(summary) if summary.complete() => return Ok(false),
             Ok(_) => {}
             Err(error) => {
                 // Unknown is not missing: leave the ruleset alone.
@@ -498,7 +559,8 @@ impl Network {
                 return Ok(false);
             }
         }
-        banger_net::nat::apply(self.nft.as_ref(), &self.nat)
+        let config = self.nat_guard().clone();
+        banger_net::nat::apply(self.nft.as_ref(), &config)
             .await
             .map_err(NetworkError::RestoreNat)?;
         tracing::warn!("banger's nftables table was gone; restored it");
@@ -530,7 +592,9 @@ impl Network {
                     source: Box::new(source),
                 })?;
         }
-        self.attachment(vm_id, lease).map(Some)
+        let attachment = self.attachment(vm_id, lease)?;
+        self.allow_guest(lease).await?;
+        Ok(Some(attachment))
     }
 
     /// Returns the VM's tap to the pool (or deletes it) and deletes the
@@ -544,6 +608,7 @@ impl Network {
         // The tap goes before the lease: once the lease is gone its tap
         // name can be leased again.
         if let Some((_, _, network)) = lease {
+            self.disallow_guest(&network).await;
             let fate = self.pool.give_back(&network.tap).await.map_err(|source| {
                 NetworkError::ReleaseTap {
                     tap: network.tap.clone(),
@@ -603,6 +668,23 @@ impl Network {
             }
         }
     }
+}
+
+/// What the tap of `lease` may send from.
+fn guest_port(lease: &VmNetwork) -> Result<GuestPort, NetworkError> {
+    Ok(GuestPort {
+        tap: lease.tap.clone(),
+        mac: lease.mac.parse().map_err(|_| NetworkError::CorruptMac {
+            mac: lease.mac.clone(),
+        })?,
+        address: lease
+            .ip
+            .parse()
+            .map_err(|source| NetworkError::CorruptLease {
+                address: lease.ip.clone(),
+                source,
+            })?,
+    })
 }
 
 #[cfg(test)]
@@ -701,6 +783,54 @@ mod tests {
             "{error}"
         );
         assert_eq!(resolved.calls().last().unwrap()[0], "revert");
+    }
+
+    #[tokio::test]
+    async fn a_started_vm_may_send_as_itself_until_deleted() {
+        let (_dir, store) = store().await;
+        let nft = RecordingNft::new();
+        let seams = NetworkSeams {
+            host: Arc::new(RecordingHostNetwork::new().with_default_route("eth0")),
+            nft: Arc::new(nft.clone()),
+            resolved: Arc::new(RecordingResolved::new()),
+            resolved_presence: Presence::NotRunning,
+        };
+        let network = Network::start_with(&config(), store, seams).await.unwrap();
+        // A lease as the network stage stores it.
+        let lease = VmNetwork {
+            ip: "192.0.2.2".to_owned(),
+            mac: MacAddress::for_vm("00000000000000e1").to_string(),
+            tap: "bgtap0".to_owned(),
+            dns_name: String::new(),
+        };
+        let guest = guest_port(&lease).unwrap();
+        assert_eq!(guest.tap, "bgtap0");
+        assert_eq!(guest.mac, MacAddress::for_vm("00000000000000e1"));
+        assert_eq!(guest.address, Ipv4Addr::new(192, 0, 2, 2));
+        network
+            .attach("00000000000000e1", Some(&lease))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            nft.scripts().last(),
+            Some(&nat::add_guest_script(&guest).unwrap())
+        );
+        // Tables flushed behind the daemon's back come back with the guest.
+        assert!(network.ensure_nat().await.unwrap());
+        let restored = nft.scripts().last().unwrap().clone();
+        assert!(
+            restored.contains("elements = { \"bgtap0\" . "),
+            "{restored}"
+        );
+        // `release` takes it out (after looking the lease up in the store).
+        network.disallow_guest(&lease).await;
+        assert_eq!(
+            nft.scripts().last(),
+            Some(&nat::remove_guest_script(&guest).unwrap())
+        );
+        assert!(network.nat_guard().guests.is_empty());
+        network.shutdown().await;
     }
 
     #[tokio::test]

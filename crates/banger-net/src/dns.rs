@@ -15,6 +15,14 @@
 //!    [`DnsConfig::upstream_timeout`] for each; the first answer is relayed
 //!    with the client's id. No answer from any upstream gives SERVFAIL.
 //!
+//! Limits ([`DnsLimits`]): a guest can flood the server, so what each source
+//! address holds is bounded, and so is the total: open TCP connections
+//! (over the limit a connection is closed as soon as it is accepted), and
+//! queries being answered (over the limit a UDP query is dropped, a TCP
+//! query answered REFUSED). A TCP client idle for
+//! [`DnsLimits::tcp_idle_timeout`] is disconnected. Every query is answered
+//! in its own task, so a slow upstream holds up no one else.
+//!
 //! The server takes its sockets and its shutdown signal from outside
 //! ([`run`]), so tests start it on an ephemeral loopback port;
 //! [`DnsServer::bind`] is the convenience the daemon uses.
@@ -27,12 +35,8 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use hickory_proto::op::{Header, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{rdata::A, Name, RData, Record, RecordType};
-use hickory_server::authority::MessageResponseBuilder;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::ServerFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -40,8 +44,36 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 pub const DEFAULT_DOMAIN: &str = "banger";
 /// TTL of answers for VM names: short, since VMs come and go.
 pub const RECORD_TTL: u32 = 5;
-/// How long a TCP client may stay idle.
-const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much one client (a source address) and all clients together may
+/// hold of the server, so that one guest's flood leaves the others served
+/// and the daemon's descriptors for its own sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsLimits {
+    /// Open TCP connections from one address; more are closed at once.
+    pub tcp_connections_per_source: usize,
+    pub tcp_connections: usize,
+    /// Queries being answered (forwards waiting on an upstream, mostly)
+    /// for one address; more UDP queries are dropped, more TCP queries
+    /// answered REFUSED.
+    pub queries_per_source: usize,
+    pub queries: usize,
+    /// A TCP client idle (or slow to send a query or read an answer) this
+    /// long is disconnected.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for DnsLimits {
+    fn default() -> Self {
+        Self {
+            tcp_connections_per_source: 8,
+            tcp_connections: 256,
+            queries_per_source: 32,
+            queries: 512,
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// VM name → address, shared between the daemon and the server.
 #[derive(Clone, Debug, Default)]
@@ -97,6 +129,7 @@ pub struct DnsConfig {
     pub upstreams: Vec<SocketAddr>,
     /// How long to wait for each upstream.
     pub upstream_timeout: Duration,
+    pub limits: DnsLimits,
 }
 
 impl DnsConfig {
@@ -107,6 +140,7 @@ impl DnsConfig {
             domain: DEFAULT_DOMAIN.to_owned(),
             upstreams,
             upstream_timeout: Duration::from_secs(2),
+            limits: DnsLimits::default(),
         }
     }
 }
@@ -127,11 +161,6 @@ pub enum DnsError {
     },
     #[error("Invalid DNS domain `{domain}`")]
     InvalidDomain { domain: String },
-    #[error("The DNS server failed")]
-    Serve {
-        #[source]
-        source: hickory_proto::ProtoError,
-    },
     #[error("The DNS server task panicked")]
     Panicked,
 }
@@ -216,113 +245,167 @@ pub fn local_answer(
     }
 }
 
-struct Handler {
+/// Counts what each source (and everyone together) holds: TCP connections,
+/// or queries being answered.
+struct Limiter {
+    per_source: usize,
+    total: usize,
+    held: std::sync::Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One unit of a [`Limiter`], returned on drop.
+struct Permit {
+    limiter: Arc<Limiter>,
+    source: IpAddr,
+}
+
+impl Limiter {
+    fn new(per_source: usize, total: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_source,
+            total,
+            held: std::sync::Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A permit for `source`, or `None` when it or everyone holds the most
+    /// allowed.
+    fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Option<Permit> {
+        let mut held = self.lock();
+        let (total, sources) = &mut *held;
+        let mine = sources.entry(source).or_insert(0);
+        if *mine >= self.per_source || *total >= self.total {
+            if *mine == 0 {
+                sources.remove(&source);
+            }
+            return None;
+        }
+        *mine += 1;
+        *total += 1;
+        Some(Permit {
+            limiter: Arc::clone(self),
+            source,
+        })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut held = self.limiter.lock();
+        let (total, sources) = &mut *held;
+        *total = total.saturating_sub(1);
+        if let Some(mine) = sources.get_mut(&self.source) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                sources.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Answers one query at a time; shared by the UDP and TCP paths.
+struct Responder {
     domain: String,
     records: DnsRecords,
     upstreams: Vec<SocketAddr>,
     upstream_timeout: Duration,
 }
 
-#[async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let builder = MessageResponseBuilder::from_message_request(request);
-        let info = match request.request_info() {
-            Ok(info)
-                if request.op_code() == OpCode::Query
-                    && request.message_type() == MessageType::Query =>
-            {
-                info
-            }
-            _ => {
-                let response = builder.error_msg(request.header(), ResponseCode::FormErr);
-                return send(&mut response_handle, response).await;
+/// A response to `request` with its id, opcode, RD flag and question.
+fn response_to(request: &Message, code: ResponseCode) -> Message {
+    let mut response = Message::new();
+    response
+        .set_id(request.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(request.op_code())
+        .set_recursion_desired(request.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(code)
+        .add_queries(request.queries().to_vec());
+    response
+}
+
+impl Responder {
+    /// The answer to the query in `bytes`; `None` for bytes too short to
+    /// carry even an id to answer to.
+    async fn respond(&self, bytes: &[u8]) -> Option<Message> {
+        let request = match Message::from_vec(bytes) {
+            Ok(request) => request,
+            Err(_) => {
+                let header = bytes.get(..12)?;
+                let mut response = Message::new();
+                response
+                    .set_id(u16::from_be_bytes([header[0], header[1]]))
+                    .set_message_type(MessageType::Response)
+                    .set_response_code(ResponseCode::FormErr);
+                return Some(response);
             }
         };
-        let query = info.query.original();
+        if request.message_type() != MessageType::Query
+            || request.op_code() != OpCode::Query
+            || request.queries().len() != 1
+        {
+            return Some(response_to(&request, ResponseCode::FormErr));
+        }
+        let query = &request.queries()[0];
         let answer = local_answer(
             &query.name().to_ascii(),
             query.query_type(),
             &self.domain,
             &self.records,
         );
-        let mut header = Header::response_from_request(request.header());
-        header.set_recursion_available(true);
-        match answer {
+        Some(match answer {
             LocalAnswer::Address(address) => {
-                header.set_authoritative(true);
-                let record =
-                    Record::from_rdata(query.name().clone(), RECORD_TTL, RData::A(A(address)));
-                let answers = [record];
-                let response = builder.build(header, answers.iter(), [], [], []);
-                send(&mut response_handle, response).await
+                let mut response = response_to(&request, ResponseCode::NoError);
+                response.set_authoritative(true);
+                response.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    RECORD_TTL,
+                    RData::A(A(address)),
+                ));
+                response
             }
-            LocalAnswer::NoData | LocalAnswer::NxDomain => {
-                header.set_authoritative(true);
-                if answer == LocalAnswer::NxDomain {
-                    header.set_response_code(ResponseCode::NXDomain);
-                }
-                send(&mut response_handle, builder.build_no_records(header)).await
+            LocalAnswer::NoData => {
+                let mut response = response_to(&request, ResponseCode::NoError);
+                response.set_authoritative(true);
+                response
             }
-            LocalAnswer::Forward => match self.forward(request).await {
-                Some(upstream) => {
-                    let mut header = *upstream.header();
-                    header.set_id(request.id());
-                    let response = builder.build(
-                        header,
-                        upstream.answers(),
-                        upstream.name_servers(),
-                        [],
-                        upstream.additionals(),
-                    );
-                    send(&mut response_handle, response).await
+            LocalAnswer::NxDomain => {
+                let mut response = response_to(&request, ResponseCode::NXDomain);
+                response.set_authoritative(true);
+                response
+            }
+            LocalAnswer::Forward => match self.forward(&request).await {
+                Some(mut upstream) => {
+                    let mut response = response_to(&request, upstream.response_code());
+                    response
+                        .set_authoritative(upstream.authoritative())
+                        .set_authentic_data(upstream.authentic_data());
+                    response.add_answers(upstream.take_answers());
+                    response.add_name_servers(upstream.take_name_servers());
+                    response.add_additionals(upstream.take_additionals());
+                    response
                 }
-                None => {
-                    let response = builder.error_msg(request.header(), ResponseCode::ServFail);
-                    send(&mut response_handle, response).await
-                }
+                None => response_to(&request, ResponseCode::ServFail),
             },
-        }
+        })
     }
-}
 
-async fn send<'a, R: ResponseHandler>(
-    handle: &mut R,
-    response: hickory_server::authority::MessageResponse<
-        '_,
-        'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-    >,
-) -> ResponseInfo {
-    match handle.send_response(response).await {
-        Ok(info) => info,
-        Err(error) => {
-            tracing::debug!(%error, "failed to send DNS response");
-            let mut header = Header::new();
-            header.set_response_code(ResponseCode::ServFail);
-            header.into()
-        }
-    }
-}
-
-impl Handler {
     /// The first upstream answer, or `None`.
-    async fn forward(&self, request: &Request) -> Option<Message> {
-        let query = request.request_info().ok()?.query.original().clone();
+    async fn forward(&self, request: &Message) -> Option<Message> {
         let mut message = Message::new();
         message
             .set_id(request.id())
             .set_message_type(MessageType::Query)
             .set_op_code(OpCode::Query)
             .set_recursion_desired(request.recursion_desired())
-            .add_query(query);
+            .add_queries(request.queries().to_vec());
         let bytes = message.to_vec().ok()?;
         for upstream in &self.upstreams {
             let exchanged =
@@ -335,6 +418,145 @@ impl Handler {
             }
         }
         None
+    }
+}
+
+/// `response` encoded for UDP: cut down to the header and question, with
+/// TC set, when it is larger than the client can take.
+fn encode_for_udp(mut response: Message, max_payload: usize) -> Option<Vec<u8>> {
+    let bytes = response.to_vec().ok()?;
+    if bytes.len() <= max_payload {
+        return Some(bytes);
+    }
+    response.take_answers();
+    response.take_name_servers();
+    response.take_additionals();
+    response.set_truncated(true);
+    response.to_vec().ok()
+}
+
+/// How large a UDP answer the client of `query` takes: 512 bytes, or what
+/// its EDNS record says (at most [`MAX_UDP_PAYLOAD`]).
+fn udp_payload_limit(query: &[u8]) -> usize {
+    Message::from_vec(query)
+        .ok()
+        .and_then(|message| message.extensions().as_ref().map(|edns| edns.max_payload()))
+        .map_or(512, |size| usize::from(size).clamp(512, MAX_UDP_PAYLOAD))
+}
+
+/// The largest UDP answer sent.
+const MAX_UDP_PAYLOAD: usize = 4096;
+
+/// How long to back off after `accept` fails (out of descriptors, say),
+/// so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// One UDP socket's queries, each answered in its own task while the
+/// source and everyone together are under their limits; queries over the
+/// limit are dropped (clients retry).
+async fn serve_udp(socket: Arc<UdpSocket>, responder: Arc<Responder>, queries: Arc<Limiter>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut buffer = vec![0_u8; MAX_UDP_PAYLOAD];
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let (length, peer) = match socket.recv_from(&mut buffer).await {
+            Ok(received) => received,
+            Err(error) => {
+                tracing::debug!(%error, "DNS UDP receive failed");
+                continue;
+            }
+        };
+        let Some(permit) = queries.try_acquire(peer.ip()) else {
+            tracing::debug!(%peer, "DNS query dropped: too many in flight");
+            continue;
+        };
+        let query = buffer[..length].to_vec();
+        let socket = Arc::clone(&socket);
+        let responder = Arc::clone(&responder);
+        tasks.spawn(async move {
+            let _permit = permit;
+            let Some(response) = responder.respond(&query).await else {
+                return;
+            };
+            if let Some(bytes) = encode_for_udp(response, udp_payload_limit(&query)) {
+                let _ = socket.send_to(&bytes, peer).await;
+            }
+        });
+    }
+}
+
+/// Accepts TCP clients while the source and everyone together hold fewer
+/// connections than allowed; a client over the limit is closed at once.
+async fn serve_tcp(
+    listener: TcpListener,
+    responder: Arc<Responder>,
+    connections: Arc<Limiter>,
+    queries: Arc<Limiter>,
+    idle_timeout: Duration,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "DNS TCP accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(permit) = connections.try_acquire(peer.ip()) else {
+            tracing::debug!(%peer, "DNS TCP connection refused: too many open");
+            drop(stream);
+            continue;
+        };
+        let responder = Arc::clone(&responder);
+        let queries = Arc::clone(&queries);
+        tasks.spawn(async move {
+            let _permit = permit;
+            if let Err(error) =
+                serve_tcp_client(stream, peer.ip(), &responder, &queries, idle_timeout).await
+            {
+                tracing::debug!(%peer, %error, "DNS TCP client done");
+            }
+        });
+    }
+}
+
+/// Length-prefixed queries from one client, answered in order; the client
+/// is dropped when it stays idle (or slow to send a whole query, or to
+/// read an answer) for `idle_timeout`.
+async fn serve_tcp_client(
+    mut stream: TcpStream,
+    source: IpAddr,
+    responder: &Responder,
+    queries: &Arc<Limiter>,
+    idle_timeout: Duration,
+) -> io::Result<()> {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "idle");
+    loop {
+        let length = tokio::time::timeout(idle_timeout, stream.read_u16())
+            .await
+            .map_err(|_| timed_out())??;
+        let mut query = vec![0_u8; usize::from(length)];
+        tokio::time::timeout(idle_timeout, stream.read_exact(&mut query))
+            .await
+            .map_err(|_| timed_out())??;
+        let response = match queries.try_acquire(source) {
+            Some(_permit) => responder.respond(&query).await,
+            None => Message::from_vec(&query)
+                .ok()
+                .map(|request| response_to(&request, ResponseCode::Refused)),
+        };
+        let Some(bytes) = response.and_then(|response| response.to_vec().ok()) else {
+            return Ok(());
+        };
+        let length = u16::try_from(bytes.len()).map_err(io::Error::other)?;
+        let mut framed = length.to_be_bytes().to_vec();
+        framed.extend_from_slice(&bytes);
+        tokio::time::timeout(idle_timeout, stream.write_all(&framed))
+            .await
+            .map_err(|_| timed_out())??;
     }
 }
 
@@ -369,7 +591,7 @@ async fn exchange(upstream: SocketAddr, query: &[u8]) -> io::Result<Message> {
 /// Serves DNS on `udp` and `tcp` until `shutdown` completes.
 ///
 /// # Errors
-/// The domain is not a valid DNS name, or the server fails.
+/// The domain is not a valid DNS name.
 pub async fn run(
     udp: UdpSocket,
     tcp: TcpListener,
@@ -382,18 +604,21 @@ pub async fn run(
             domain: config.domain,
         });
     }
-    let handler = Handler {
+    let limits = config.limits;
+    let responder = Arc::new(Responder {
         domain: config.domain,
         records,
         upstreams: config.upstreams,
         upstream_timeout: config.upstream_timeout,
-    };
-    let mut server = ServerFuture::new(handler);
-    server.register_socket(udp);
-    server.register_listener(tcp, TCP_TIMEOUT);
+    });
+    let queries = Limiter::new(limits.queries_per_source, limits.queries);
+    let connections = Limiter::new(limits.tcp_connections_per_source, limits.tcp_connections);
+    // Every task either loop spawned lives in the loop's JoinSet: when
+    // `shutdown` wins, dropping the loops aborts them all.
     tokio::select! {
-        result = server.block_until_done() => result.map_err(|source| DnsError::Serve { source }),
-        () = shutdown => server.shutdown_gracefully().await.map_err(|source| DnsError::Serve { source }),
+        () = serve_udp(Arc::new(udp), Arc::clone(&responder), Arc::clone(&queries)) => Ok(()),
+        () = serve_tcp(tcp, responder, connections, queries, limits.tcp_idle_timeout) => Ok(()),
+        () = shutdown => Ok(()),
     }
 }
 
@@ -665,6 +890,123 @@ mod tests {
         assert_eq!(answer.id(), 7);
         assert_eq!(addresses(&answer), [Ipv4Addr::new(172, 30, 0, 8)]);
         server.shutdown().await.unwrap();
+    }
+
+    /// Asks `server` over TCP from `source`.
+    async fn ask_tcp(source: Ipv4Addr, server: SocketAddr, name: &str) -> io::Result<Message> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((source, 0).into())?;
+        let mut stream = socket.connect(server).await?;
+        let mut message = Message::new();
+        message
+            .set_id(7)
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let bytes = message.to_vec().unwrap();
+        stream
+            .write_u16(u16::try_from(bytes.len()).unwrap())
+            .await?;
+        stream.write_all(&bytes).await?;
+        let length = tokio::time::timeout(Duration::from_secs(5), stream.read_u16())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no DNS answer over TCP"))??;
+        let mut buffer = vec![0_u8; usize::from(length)];
+        stream.read_exact(&mut buffer).await?;
+        Message::from_vec(&buffer).map_err(io::Error::other)
+    }
+
+    /// Whether the server closed `stream` (reading gives end of file).
+    async fn closed(stream: &mut TcpStream) -> bool {
+        let mut byte = [0_u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_tcp_flood_from_one_source_leaves_others_served() {
+        let records = DnsRecords::new();
+        records.insert("box", Ipv4Addr::new(172, 30, 0, 8));
+        let config = DnsConfig {
+            limits: DnsLimits {
+                tcp_connections_per_source: 4,
+                tcp_connections: 64,
+                tcp_idle_timeout: Duration::from_millis(1500),
+                ..DnsLimits::default()
+            },
+            ..DnsConfig::new(vec![])
+        };
+        let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), config, records)
+            .await
+            .unwrap();
+        let address = server.local_address();
+        let flooder = Ipv4Addr::new(127, 0, 0, 2);
+        let mut flood = Vec::new();
+        for _ in 0..200 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind((flooder, 0).into()).unwrap();
+            flood.push(socket.connect(address).await.unwrap());
+        }
+        // Let the server accept (and close) them all.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut open = 0;
+        for stream in &mut flood {
+            open += usize::from(!closed(stream).await);
+        }
+        assert_eq!(open, 4, "connections from one source are not bounded");
+
+        // Another source resolves over TCP and UDP meanwhile.
+        let answer = ask_tcp(Ipv4Addr::new(127, 0, 0, 3), address, "box.banger.")
+            .await
+            .unwrap();
+        assert_eq!(addresses(&answer), [Ipv4Addr::new(172, 30, 0, 8)]);
+        let answer = ask(address, "box.banger.", RecordType::A).await;
+        assert_eq!(addresses(&answer), [Ipv4Addr::new(172, 30, 0, 8)]);
+        // The flooder itself is refused a fifth connection's answer...
+        assert!(ask_tcp(flooder, address, "box.banger.").await.is_err());
+        // ...until its idle connections time out.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        for stream in &mut flood {
+            assert!(closed(stream).await, "an idle connection stayed open");
+        }
+        let answer = ask_tcp(flooder, address, "box.banger.").await.unwrap();
+        assert_eq!(addresses(&answer), [Ipv4Addr::new(172, 30, 0, 8)]);
+        server.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn limiter_counts_per_source_and_in_total() {
+        let limiter = Limiter::new(2, 3);
+        let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let b: IpAddr = Ipv4Addr::new(10, 0, 0, 2).into();
+        let first = limiter.try_acquire(a).unwrap();
+        let _second = limiter.try_acquire(a).unwrap();
+        assert!(limiter.try_acquire(a).is_none(), "per source");
+        let _third = limiter.try_acquire(b).unwrap();
+        assert!(limiter.try_acquire(b).is_none(), "in total");
+        drop(first);
+        assert!(limiter.try_acquire(b).is_some());
+        assert!(limiter.lock().1.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn oversized_udp_answers_are_truncated() {
+        let mut response = Message::new();
+        response.set_id(1).set_message_type(MessageType::Response);
+        for index in 0..100 {
+            response.add_answer(Record::from_rdata(
+                Name::from_ascii("many.example.").unwrap(),
+                60,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, index))),
+            ));
+        }
+        let bytes = encode_for_udp(response, 512).unwrap();
+        assert!(bytes.len() <= 512);
+        let message = Message::from_vec(&bytes).unwrap();
+        assert!(message.truncated());
+        assert!(message.answers().is_empty());
     }
 
     #[tokio::test]

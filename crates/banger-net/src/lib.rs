@@ -14,7 +14,9 @@
 //! Host side effects (feature `host`):
 //! - [`netlink`]: bridge, taps, link listing and the default-route interface
 //!   through rtnetlink, behind the [`netlink::HostNetwork`] trait,
-//! - [`nat`]: the `inet banger` nftables table, behind [`nat::Nft`],
+//! - [`nat`]: the `inet banger` (NAT, forward and input filtering) and
+//!   `bridge banger` (per-tap anti-spoofing) nftables tables, behind
+//!   [`nat::Nft`],
 //! - [`dns`]: the `<vm>.banger` DNS server that forwards everything else,
 //! - [`pool`]: pre-created taps handed to VMs by renaming,
 //! - [`resolved`]: telling systemd-resolved to send `~banger` queries to

@@ -1,33 +1,65 @@
-//! NAT and forwarding for guests, in one nftables table owned by banger.
+//! NAT and filtering for guests, in two nftables tables owned by banger:
+//! `inet banger` (routed traffic: NAT, forward, input) and `bridge banger`
+//! (frames entering the bridge from a guest's tap). Nothing else of the
+//! host's ruleset is touched. Applying works like this:
 //!
-//! The table is `inet banger` ([`TABLE_FAMILY`], [`TABLE_NAME`]); nothing
-//! else of the host's ruleset is touched. Applying works like this:
-//!
-//! 1. [`ruleset`] renders the whole table from a [`NatConfig`] as an
-//!    `nft -f` script that first declares the table (a no-op if it exists),
-//!    then deletes it, then defines it afresh.
+//! 1. [`ruleset`] renders both tables from a [`NatConfig`] as an `nft -f`
+//!    script that first declares each table (a no-op if it exists), then
+//!    deletes it, then defines it afresh.
 //! 2. [`Nft::run_script`] feeds the script to `nft -f -`. nft applies one
-//!    script as one transaction, so the table is replaced atomically and N
+//!    script as one transaction, so the tables are replaced atomically and N
 //!    applies leave exactly one copy of each rule; a failed apply leaves the
-//!    previous table in place.
-//! 3. [`remove_script`] deletes the table the same way (declare, delete), so
-//!    removing an absent table succeeds.
+//!    previous tables in place.
+//! 3. [`remove_script`] deletes the tables the same way (declare, delete),
+//!    so removing absent tables succeeds.
 //!
-//! The table has two chains:
-//! - `postrouting` (nat, srcnat): traffic from the subnet leaving through the
-//!   uplink (the default-route interface) is masqueraded.
-//! - `forward` (filter, policy accept): bridge → uplink from the subnet is
-//!   accepted, uplink → bridge only for established/related connections
-//!   (nothing outside can open a connection to a guest), and with
-//!   `isolate_vms` bridge → bridge is dropped.
+//! Every base chain keeps `policy accept`: a drop policy would also drop the
+//! host's other traffic (Docker, libvirt, the host's own services). What is
+//! not for banger's bridge is never matched; what is, and is not explicitly
+//! accepted, hits an explicit drop scoped to the bridge.
 //!
-//! Isolation between VMs has two halves. Frames between two taps of one
-//! bridge are switched at layer 2 and never reach the `inet` forward hook
-//! (unless `br_netfilter` is loaded), so the daemon also attaches taps with
-//! the bridge port `isolated` flag ([`crate::netlink::HostNetwork::attach_to_bridge`]):
-//! isolated ports cannot exchange frames. The `forward` rule covers the
-//! other path, a guest routing to another guest through the gateway.
+//! `inet banger`:
+//! - `input` (filter): from the bridge, only established/related traffic,
+//!   DNS (UDP and TCP) to the gateway on the DNS port, and pings of the
+//!   gateway; everything else a guest sends to any host address is dropped.
+//! - `forward` (filter): bridge → uplink from the subnet is accepted,
+//!   uplink → bridge only for established/related connections; bridge →
+//!   bridge (a guest routing to another through the gateway) is accepted
+//!   only without `isolate_vms`; anything else into or out of the bridge is
+//!   dropped: other host interfaces (docker0, a VPN, libvirt's bridges),
+//!   sources outside the subnet, and connections opened from outside.
+//! - `postrouting` (nat, srcnat): traffic from the subnet leaving through
+//!   the uplink is masqueraded.
+//!
+//! `bridge banger`, per tap ([`GuestPort`], one element of the set
+//! `guests`, added when the VM starts and removed when it is deleted; the
+//! whole set is re-rendered at every apply, so reconciling never
+//! duplicates):
+//! The bridge table recognises guests' ports by name: `bgtap<N>` (a VM's
+//! tap) and `bgpool<N>` (a pooled tap), the only ports banger attaches.
+//! (`meta ibrname`, the bridge a port belongs to, needs
+//! `CONFIG_NFT_BRIDGE_META`, which not every kernel has.)
+//!
+//! - `prerouting`: a frame entering from a guest's port must be IPv4
+//!   or ARP, and its (port, source MAC, source IP) — for ARP also the
+//!   sender MAC and IP inside the packet — must be a `guests` element: a
+//!   guest sends only as itself, and a port with no element (a pooled tap)
+//!   sends nothing. With `isolate_vms`, ARP may only ask for the gateway.
+//! - `forward`: with `isolate_vms`, frames switched from one guest port
+//!   to another are dropped.
+//!
+//! Isolation between VMs therefore has three layers: the bridge port
+//! `isolated` flag ([`crate::netlink::HostNetwork::attach_to_bridge`]),
+//! the bridge `forward` drop (for a port attached without the flag), and
+//! the `inet` forward drop for the routed path.
+//!
+//! Network groups (guests allowed to talk in sets) would attach their taps
+//! without the `isolated` flag and accept their (port, port) pairs in the
+//! bridge `forward` chain before the drop.
 
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
@@ -35,11 +67,32 @@ use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
 use crate::ipam::Subnet;
+use crate::mac::MacAddress;
+use crate::netlink::{POOL_TAP_PREFIX, TAP_PREFIX};
 
 pub const TABLE_FAMILY: &str = "inet";
 pub const TABLE_NAME: &str = "banger";
+/// The family of the table filtering frames from the taps.
+pub const BRIDGE_TABLE_FAMILY: &str = "bridge";
+/// The set in the bridge table naming each guest's port, MAC and address.
+pub const GUEST_SET: &str = "guests";
 
-/// What the NAT table is made from.
+/// What a guest's tap may send from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestPort {
+    pub tap: String,
+    pub mac: MacAddress,
+    pub address: Ipv4Addr,
+}
+
+impl GuestPort {
+    /// The set element, `"TAP" . MAC . ADDRESS`.
+    fn element(&self) -> String {
+        format!("\"{}\" . {} . {}", self.tap, self.mac, self.address)
+    }
+}
+
+/// What the tables are made from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NatConfig {
     /// The bridge the guests' taps are attached to.
@@ -50,6 +103,10 @@ pub struct NatConfig {
     pub uplink: String,
     /// Drop traffic between VMs.
     pub isolate_vms: bool,
+    /// The port the DNS server listens on at the gateway.
+    pub dns_port: u16,
+    /// The guests' ports.
+    pub guests: BTreeSet<GuestPort>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,67 +133,164 @@ pub enum NatError {
     Injected,
 }
 
-/// The nft script that (re)creates banger's table from `config`.
+fn check_interface(name: &str) -> Result<(), NatError> {
+    if !crate::netlink::is_valid_interface_name(name) || name.contains('"') || name.contains('\\') {
+        return Err(NatError::InvalidInterface {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The nft script that (re)creates banger's tables from `config`.
 ///
 /// # Errors
 /// An interface name that is not a valid interface name (it would be
 /// interpolated into the script).
 pub fn ruleset(config: &NatConfig) -> Result<String, NatError> {
-    for name in [&config.bridge, &config.uplink] {
-        if !crate::netlink::is_valid_interface_name(name)
-            || name.contains('"')
-            || name.contains('\\')
-        {
-            return Err(NatError::InvalidInterface { name: name.clone() });
-        }
+    check_interface(&config.bridge)?;
+    check_interface(&config.uplink)?;
+    for guest in &config.guests {
+        check_interface(&guest.tap)?;
     }
     let NatConfig {
         bridge,
         uplink,
         isolate_vms,
+        dns_port,
+        guests,
         ..
     } = config;
     let network = config.subnet.network_cidr();
-    let isolation = if *isolate_vms {
-        format!("\t\tiifname \"{bridge}\" oifname \"{bridge}\" drop\n")
+    let gateway = config.subnet.gateway();
+    let ports = format!("{{ \"{TAP_PREFIX}*\", \"{POOL_TAP_PREFIX}*\" }}");
+    let (routed_between_guests, switched_between_guests, arp_targets) = if *isolate_vms {
+        (
+            "drop",
+            format!("\t\tiifname {ports} oifname {ports} drop\n"),
+            format!("\t\tiifname {ports} arp daddr ip != {gateway} drop\n"),
+        )
     } else {
-        String::new()
+        ("accept", String::new(), String::new())
     };
-    Ok(format!(
-        "table {TABLE_FAMILY} {TABLE_NAME}\n\
-         delete table {TABLE_FAMILY} {TABLE_NAME}\n\
-         table {TABLE_FAMILY} {TABLE_NAME} {{\n\
+    let elements = if guests.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = guests.iter().map(GuestPort::element).collect();
+        format!("\t\telements = {{ {} }}\n", list.join(", "))
+    };
+    let mut script = String::new();
+    for family in [TABLE_FAMILY, BRIDGE_TABLE_FAMILY] {
+        let _ = write!(
+            script,
+            "table {family} {TABLE_NAME}\ndelete table {family} {TABLE_NAME}\n"
+        );
+    }
+    let _ = write!(
+        script,
+        "table {TABLE_FAMILY} {TABLE_NAME} {{\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname \"{bridge}\" ct state established,related accept\n\
+         \t\tiifname \"{bridge}\" ip saddr {network} ip daddr {gateway} udp dport {dns_port} accept\n\
+         \t\tiifname \"{bridge}\" ip saddr {network} ip daddr {gateway} tcp dport {dns_port} accept\n\
+         \t\tiifname \"{bridge}\" ip saddr {network} ip daddr {gateway} icmp type echo-request accept\n\
+         \t\tiifname \"{bridge}\" drop\n\
+         \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
-         {isolation}\
+         \t\tiifname \"{bridge}\" oifname \"{bridge}\" ip saddr {network} ip daddr {network} {routed_between_guests}\n\
          \t\tiifname \"{bridge}\" oifname \"{uplink}\" ip saddr {network} accept\n\
          \t\tiifname \"{uplink}\" oifname \"{bridge}\" ip daddr {network} ct state established,related accept\n\
+         \t\tiifname \"{bridge}\" drop\n\
+         \t\toifname \"{bridge}\" drop\n\
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\toifname \"{uplink}\" ip saddr {network} masquerade\n\
          \t}}\n\
+         }}\n\
+         table {BRIDGE_TABLE_FAMILY} {TABLE_NAME} {{\n\
+         \tset {GUEST_SET} {{\n\
+         \t\ttype ifname . ether_addr . ipv4_addr\n\
+         {elements}\
+         \t}}\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority filter; policy accept;\n\
+         \t\tiifname {ports} ether type != {{ ip, arp }} drop\n\
+         \t\tiifname {ports} ether type ip iifname . ether saddr . ip saddr != @{GUEST_SET} drop\n\
+         \t\tiifname {ports} ether type arp iifname . ether saddr . arp saddr ip != @{GUEST_SET} drop\n\
+         \t\tiifname {ports} ether type arp iifname . arp saddr ether . arp saddr ip != @{GUEST_SET} drop\n\
+         {arp_targets}\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         {switched_between_guests}\
+         \t}}\n\
          }}\n"
+    );
+    Ok(script)
+}
+
+/// The nft script that deletes banger's tables; succeeds if they are
+/// absent.
+#[must_use]
+pub fn remove_script() -> String {
+    format!(
+        "table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n\
+         table {BRIDGE_TABLE_FAMILY} {TABLE_NAME}\ndelete table {BRIDGE_TABLE_FAMILY} {TABLE_NAME}\n"
+    )
+}
+
+/// The nft script that lets `guest` send from its tap (a no-op if it
+/// already may).
+///
+/// # Errors
+/// The tap name cannot be used in a ruleset.
+pub fn add_guest_script(guest: &GuestPort) -> Result<String, NatError> {
+    check_interface(&guest.tap)?;
+    Ok(format!(
+        "add element {BRIDGE_TABLE_FAMILY} {TABLE_NAME} {GUEST_SET} {{ {} }}\n",
+        guest.element()
     ))
 }
 
-/// The nft script that deletes banger's table; succeeds if it is absent.
-#[must_use]
-pub fn remove_script() -> String {
-    format!("table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n")
+/// The nft script that takes `guest`'s element out of the set (adding it
+/// first, so an absent element is no error). Fails only if the bridge
+/// table is gone, which took the element with it.
+///
+/// # Errors
+/// The tap name cannot be used in a ruleset.
+pub fn remove_guest_script(guest: &GuestPort) -> Result<String, NatError> {
+    let add = add_guest_script(guest)?;
+    Ok(format!(
+        "{add}delete element {BRIDGE_TABLE_FAMILY} {TABLE_NAME} {GUEST_SET} {{ {} }}\n",
+        guest.element()
+    ))
 }
 
-/// What `nft -j list ruleset` says about banger's table.
+/// What `nft -j list ruleset` says about banger's tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableSummary {
-    /// How many `inet banger` tables exist (0 or 1, unless something is
-    /// badly wrong).
+    /// How many `banger` tables exist in the `inet` and `bridge` families
+    /// (2 when all is well, unless something is badly wrong).
     pub tables: usize,
     pub chains: usize,
     pub rules: usize,
+    /// Elements of the `guests` set.
+    pub guests: usize,
 }
 
-/// Counts banger's tables, chains and rules in `nft -j list ruleset` output.
+impl TableSummary {
+    /// Both tables are there.
+    #[must_use]
+    pub fn complete(&self) -> bool {
+        self.tables >= 2
+    }
+}
+
+/// Counts banger's tables, chains, rules and guest elements in `nft -j list
+/// ruleset` output.
 ///
 /// # Errors
 /// The text is not JSON.
@@ -144,10 +298,12 @@ pub fn summarize(ruleset_json: &str) -> Result<TableSummary, NatError> {
     let value: serde_json::Value =
         serde_json::from_str(ruleset_json).map_err(|source| NatError::ParseJson { source })?;
     let ours = |object: &serde_json::Value| {
-        object.get("family").and_then(serde_json::Value::as_str) == Some(TABLE_FAMILY)
-            && (object.get("table").or_else(|| object.get("name")))
-                .and_then(serde_json::Value::as_str)
-                == Some(TABLE_NAME)
+        matches!(
+            object.get("family").and_then(serde_json::Value::as_str),
+            Some(TABLE_FAMILY | BRIDGE_TABLE_FAMILY)
+        ) && (object.get("table").or_else(|| object.get("name")))
+            .and_then(serde_json::Value::as_str)
+            == Some(TABLE_NAME)
     };
     let mut summary = TableSummary::default();
     let items = value
@@ -162,6 +318,13 @@ pub fn summarize(ruleset_json: &str) -> Result<TableSummary, NatError> {
             summary.chains += usize::from(chain.get("table").is_some() && ours(chain));
         } else if let Some(rule) = item.get("rule") {
             summary.rules += usize::from(ours(rule));
+        } else if let Some(set) = item.get("set") {
+            if ours(set) && set.get("name").and_then(serde_json::Value::as_str) == Some(GUEST_SET) {
+                summary.guests += set
+                    .get("elem")
+                    .and_then(serde_json::Value::as_array)
+                    .map_or(0, Vec::len);
+            }
         }
     }
     Ok(summary)
@@ -191,6 +354,22 @@ pub async fn apply(nft: &dyn Nft, config: &NatConfig) -> Result<(), NatError> {
 /// nft fails.
 pub async fn remove(nft: &dyn Nft) -> Result<(), NatError> {
     nft.run_script(&remove_script()).await
+}
+
+/// Lets `guest` send from its tap.
+///
+/// # Errors
+/// nft fails (the bridge table is missing, say).
+pub async fn add_guest(nft: &dyn Nft, guest: &GuestPort) -> Result<(), NatError> {
+    nft.run_script(&add_guest_script(guest)?).await
+}
+
+/// Stops `guest`'s tap from sending.
+///
+/// # Errors
+/// nft fails (the bridge table is missing, which removed the element too).
+pub async fn remove_guest(nft: &dyn Nft, guest: &GuestPort) -> Result<(), NatError> {
+    nft.run_script(&remove_guest_script(guest)?).await
 }
 
 /// The real nft binary.
@@ -336,40 +515,89 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn guest() -> GuestPort {
+        GuestPort {
+            tap: "bgtap0".to_owned(),
+            mac: MacAddress([0x06, 0, 0, 0, 0, 0xa1]),
+            address: Ipv4Addr::new(172, 30, 0, 2),
+        }
+    }
+
     fn config(isolate_vms: bool) -> NatConfig {
         NatConfig {
             bridge: "banger0".to_owned(),
             subnet: Subnet::default(),
             uplink: "eth0".to_owned(),
             isolate_vms,
+            dns_port: 53,
+            guests: BTreeSet::from([guest()]),
         }
     }
 
     #[test]
     fn ruleset_text() {
+        let isolated = ruleset(&config(true)).unwrap();
+        assert!(isolated.starts_with(
+            "table inet banger\ndelete table inet banger\n\
+             table bridge banger\ndelete table bridge banger\n"
+        ));
+        for line in [
+            // Never a drop policy: other forwarded traffic is not ours.
+            "type filter hook forward priority filter; policy accept;",
+            "iifname \"banger0\" ip saddr 172.30.0.0/24 ip daddr 172.30.0.1 udp dport 53 accept",
+            "iifname \"banger0\" ip saddr 172.30.0.0/24 ip daddr 172.30.0.1 tcp dport 53 accept",
+            "iifname \"banger0\" oifname \"banger0\" ip saddr 172.30.0.0/24 ip daddr 172.30.0.0/24 drop",
+            "iifname \"banger0\" oifname \"eth0\" ip saddr 172.30.0.0/24 accept",
+            "iifname \"eth0\" oifname \"banger0\" ip daddr 172.30.0.0/24 ct state established,related accept",
+            "\t\tiifname \"banger0\" drop\n\t\toifname \"banger0\" drop\n\t}",
+            "oifname \"eth0\" ip saddr 172.30.0.0/24 masquerade",
+            "elements = { \"bgtap0\" . 06:00:00:00:00:a1 . 172.30.0.2 }",
+            "iifname { \"bgtap*\", \"bgpool*\" } ether type ip iifname . ether saddr . ip saddr != @guests drop",
+            "iifname { \"bgtap*\", \"bgpool*\" } arp daddr ip != 172.30.0.1 drop",
+            "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\t\
+             iifname { \"bgtap*\", \"bgpool*\" } oifname { \"bgtap*\", \"bgpool*\" } drop\n",
+        ] {
+            assert!(isolated.contains(line), "missing {line:?} in\n{isolated}");
+        }
+        assert!(!isolated.contains("policy drop"));
+        // The input chain accepts nothing but DNS and pings to the gateway.
+        let input = isolated.split("chain forward").next().unwrap();
+        assert_eq!(input.matches(" accept\n").count(), 4, "{input}");
+
+        let open = ruleset(&NatConfig {
+            guests: BTreeSet::new(),
+            ..config(false)
+        })
+        .unwrap();
+        assert!(open.contains(
+            "iifname \"banger0\" oifname \"banger0\" ip saddr 172.30.0.0/24 ip daddr 172.30.0.0/24 accept"
+        ));
+        assert!(!open.contains("oifname { \"bgtap*\""));
+        assert!(!open.contains("arp daddr"));
+        assert!(!open.contains("elements"));
+    }
+
+    #[test]
+    fn guest_scripts_are_idempotent() {
         assert_eq!(
-            ruleset(&config(true)).unwrap(),
-            "table inet banger\n\
-             delete table inet banger\n\
-             table inet banger {\n\
-             \tchain forward {\n\
-             \t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tiifname \"banger0\" oifname \"banger0\" drop\n\
-             \t\tiifname \"banger0\" oifname \"eth0\" ip saddr 172.30.0.0/24 accept\n\
-             \t\tiifname \"eth0\" oifname \"banger0\" ip daddr 172.30.0.0/24 ct state established,related accept\n\
-             \t}\n\
-             \tchain postrouting {\n\
-             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\toifname \"eth0\" ip saddr 172.30.0.0/24 masquerade\n\
-             \t}\n\
-             }\n"
+            add_guest_script(&guest()).unwrap(),
+            "add element bridge banger guests { \"bgtap0\" . 06:00:00:00:00:a1 . 172.30.0.2 }\n"
         );
-        let open = ruleset(&config(false)).unwrap();
-        assert!(!open.contains("drop"));
-        assert_eq!(
-            open.lines().count(),
-            ruleset(&config(true)).unwrap().lines().count() - 1
-        );
+        let remove = remove_guest_script(&guest()).unwrap();
+        assert!(remove.starts_with(&add_guest_script(&guest()).unwrap()));
+        assert!(remove.ends_with(
+            "delete element bridge banger guests { \"bgtap0\" . 06:00:00:00:00:a1 . 172.30.0.2 }\n"
+        ));
+        let bad = GuestPort {
+            tap: "x\" accept".to_owned(),
+            ..guest()
+        };
+        assert!(add_guest_script(&bad).is_err());
+        assert!(ruleset(&NatConfig {
+            guests: BTreeSet::from([bad]),
+            ..config(true)
+        })
+        .is_err());
     }
 
     #[test]
@@ -390,7 +618,8 @@ mod tests {
     fn remove_script_tolerates_an_absent_table() {
         assert_eq!(
             remove_script(),
-            "table inet banger\ndelete table inet banger\n"
+            "table inet banger\ndelete table inet banger\n\
+             table bridge banger\ndelete table bridge banger\n"
         );
     }
 
@@ -405,16 +634,21 @@ mod tests {
             {"chain": {"family": "inet", "table": "filter", "name": "input", "handle": 1}},
             {"rule": {"family": "inet", "table": "banger", "chain": "forward", "handle": 3, "expr": []}},
             {"rule": {"family": "inet", "table": "banger", "chain": "forward", "handle": 4, "expr": []}},
-            {"rule": {"family": "inet", "table": "filter", "chain": "input", "handle": 5, "expr": []}}
+            {"rule": {"family": "inet", "table": "filter", "chain": "input", "handle": 5, "expr": []}},
+            {"table": {"family": "bridge", "name": "banger", "handle": 6}},
+            {"set": {"family": "bridge", "table": "banger", "name": "guests", "elem": [1, 2]}}
         ]}"#;
+        let summary = summarize(json).unwrap();
         assert_eq!(
-            summarize(json).unwrap(),
+            summary,
             TableSummary {
-                tables: 1,
+                tables: 2,
                 chains: 1,
-                rules: 2
+                rules: 2,
+                guests: 2,
             }
         );
+        assert!(summary.complete());
         assert!(summarize("nope").is_err());
     }
 

@@ -22,6 +22,10 @@
 //!    line and the tap + [`crate::MacAddress::for_vm`] to the VMM,
 //! 4. insert the DNS record [remove it].
 //!
+//! VM start: [`crate::nat::add_guest`] lets the VM's tap send as the VM;
+//! VM delete: [`crate::nat::remove_guest`]. [`bring_up`] renders every
+//! leased VM's element, so a daemon restart reconciles them.
+//!
 //! Daemon shutdown: [`tear_down`] removes the NAT table, and the bridge too
 //! when asked (`teardown_on_exit`).
 
@@ -30,7 +34,7 @@ use std::net::Ipv4Addr;
 
 use crate::cmdline::GuestNetwork;
 use crate::mac::MacAddress;
-use crate::nat::{self, NatConfig, NatError, Nft};
+use crate::nat::{self, GuestPort, NatConfig, NatError, Nft};
 use crate::netlink::{
     parse_tap_name, tap_name, BridgeConfig, HostNetwork, NetlinkError, TAP_PREFIX,
 };
@@ -46,6 +50,9 @@ pub struct NetworkSettings {
     pub isolate_vms: bool,
     /// The DNS domain of VM names.
     pub domain: String,
+    /// The port of the DNS server on the gateway: the one host port guests
+    /// may reach.
+    pub dns_port: u16,
 }
 
 impl Default for NetworkSettings {
@@ -55,6 +62,7 @@ impl Default for NetworkSettings {
             uplink: None,
             isolate_vms: true,
             domain: crate::dns::DEFAULT_DOMAIN.to_owned(),
+            dns_port: 53,
         }
     }
 }
@@ -94,8 +102,9 @@ pub enum SetupError {
     },
 }
 
-/// Brings the host network up (steps 1 of the module docs). Returns the NAT
-/// configuration that was applied.
+/// Brings the host network up (steps 1 of the module docs), letting
+/// `guests` send from their taps. Returns the NAT configuration that was
+/// applied.
 ///
 /// # Errors
 /// Any step fails; earlier steps are left in place (they are idempotent and
@@ -104,6 +113,7 @@ pub async fn bring_up(
     host: &dyn HostNetwork,
     nft: &dyn Nft,
     settings: &NetworkSettings,
+    guests: BTreeSet<GuestPort>,
 ) -> Result<NatConfig, SetupError> {
     let bridge_error = |source| SetupError::SetUpBridge {
         bridge: settings.bridge.name.clone(),
@@ -126,6 +136,8 @@ pub async fn bring_up(
         subnet: settings.bridge.subnet,
         uplink,
         isolate_vms: settings.isolate_vms,
+        dns_port: settings.dns_port,
+        guests,
     };
     nat::apply(nft, &config)
         .await
@@ -235,7 +247,9 @@ mod tests {
         let host = RecordingHostNetwork::new().with_default_route("wlan0");
         let nft = RecordingNft::new();
         let settings = NetworkSettings::default();
-        let config = bring_up(&host, &nft, &settings).await.unwrap();
+        let config = bring_up(&host, &nft, &settings, BTreeSet::new())
+            .await
+            .unwrap();
         assert_eq!(config.uplink, "wlan0");
         assert!(config.isolate_vms);
         assert!(host.ip_forwarding());
@@ -256,7 +270,7 @@ mod tests {
     async fn bring_up_without_a_way_out_fails_clearly() {
         let host = RecordingHostNetwork::new();
         let nft = RecordingNft::new();
-        let error = bring_up(&host, &nft, &NetworkSettings::default())
+        let error = bring_up(&host, &nft, &NetworkSettings::default(), BTreeSet::new())
             .await
             .unwrap_err();
         assert!(matches!(error, SetupError::NoUplink));
@@ -267,7 +281,10 @@ mod tests {
             ..NetworkSettings::default()
         };
         assert_eq!(
-            bring_up(&host, &nft, &settings).await.unwrap().uplink,
+            bring_up(&host, &nft, &settings, BTreeSet::new())
+                .await
+                .unwrap()
+                .uplink,
             "eth1"
         );
     }
@@ -277,7 +294,7 @@ mod tests {
         let host = RecordingHostNetwork::new().with_default_route("eth0");
         host.fail_call(0);
         let nft = RecordingNft::new();
-        let error = bring_up(&host, &nft, &NetworkSettings::default())
+        let error = bring_up(&host, &nft, &NetworkSettings::default(), BTreeSet::new())
             .await
             .unwrap_err();
         assert!(matches!(error, SetupError::SetUpBridge { .. }));
@@ -290,7 +307,9 @@ mod tests {
         let host = RecordingHostNetwork::new().with_default_route("eth0");
         let nft = RecordingNft::new();
         let settings = NetworkSettings::default();
-        bring_up(&host, &nft, &settings).await.unwrap();
+        bring_up(&host, &nft, &settings, BTreeSet::new())
+            .await
+            .unwrap();
         let mut in_use = BTreeSet::new();
         for _ in 0..3 {
             let name = next_tap_name(&in_use);

@@ -9,7 +9,7 @@
 //!
 //! ```text
 //!  guest ns            host ns                                  outside ns
-//!  eth0 172.30.0.2 ── bgveth1 ─ banger0 172.30.0.1   up0 192.0.2.1 ── wan0 192.0.2.2 (HTTP)
+//!  eth0 172.30.0.2 ── bgtap1 ─ banger0 172.30.0.1   up0 192.0.2.1 ── wan0 192.0.2.2 (HTTP)
 //! ```
 
 #![allow(clippy::missing_panics_doc)]
@@ -22,7 +22,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use banger_net::nat::{self, NatConfig, Nft, NftCommand};
+use std::collections::BTreeSet;
+
+use banger_net::nat::{self, GuestPort, NatConfig, Nft, NftCommand};
 use banger_net::netlink::{BridgeConfig, HostNetwork, LinuxHostNetwork, TAP_PREFIX};
 use banger_net::{GuestNetwork, MacAddress, Subnet};
 
@@ -215,6 +217,15 @@ fn add_guest(host: &str, guest: &str, host_end: &str, kernel_argument: &str) -> 
     network
 }
 
+/// What the guest behind `host_end` may send from.
+fn guest_port(network: &GuestNetwork, host_end: &str) -> GuestPort {
+    GuestPort {
+        tap: host_end.to_owned(),
+        mac: network.mac.expect("guest MAC"),
+        address: network.address,
+    }
+}
+
 fn guest_argument(subnet: Subnet, address: Ipv4Addr, vm_id: &str) -> String {
     GuestNetwork {
         address,
@@ -384,7 +395,7 @@ fn guest_reaches_gateway_and_outside_through_nat() {
     let guest_network = add_guest(
         &host,
         &guest,
-        "bgveth1",
+        "bgtap1",
         &guest_argument(subnet, address, "00000000000000a1"),
     );
 
@@ -398,7 +409,7 @@ fn guest_reaches_gateway_and_outside_through_nat() {
             .await
             .unwrap();
         network
-            .attach_to_bridge("bgveth1", "banger0", true)
+            .attach_to_bridge("bgtap1", "banger0", true)
             .await
             .unwrap();
         network.enable_ip_forwarding().await.unwrap();
@@ -426,6 +437,8 @@ fn guest_reaches_gateway_and_outside_through_nat() {
         subnet,
         uplink: uplink.unwrap(),
         isolate_vms: true,
+        dns_port: 53,
+        guests: BTreeSet::from([guest_port(&guest_network, "bgtap1")]),
     };
     block_in_netns(&host, move || async move {
         nat::apply(&NftCommand::new(), &config).await.unwrap();
@@ -462,21 +475,35 @@ fn isolated_guests_cannot_reach_each_other() {
     let subnet = Subnet::default();
     let first = subnet.allocate(|_| false).unwrap();
     let second = subnet.allocate(|address| address == first).unwrap();
-    add_guest(
+    let guest_one = add_guest(
         &host,
         &one,
-        "bgveth1",
+        "bgtap1",
         &guest_argument(subnet, first, "00000000000000b1"),
     );
-    add_guest(
+    let guest_two = add_guest(
         &host,
         &two,
-        "bgveth2",
+        "bgtap2",
         &guest_argument(subnet, second, "00000000000000b2"),
     );
+    let guests = BTreeSet::from([
+        guest_port(&guest_one, "bgtap1"),
+        guest_port(&guest_two, "bgtap2"),
+    ]);
     // The uplink is only a name in the ruleset here; it need not exist.
+    // Where br_netfilter is built in, bridged IPv4 also passes the inet
+    // forward hook; turn that off so the bridge table alone must stop
+    // switched frames between ports attached without the isolated flag.
+    if std::path::Path::new("/proc/sys/net/bridge").exists() {
+        exec(
+            &host,
+            &["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0"],
+        );
+    }
 
     let setup = |isolated_ports: bool, isolate_vms: bool| {
+        let guests = guests.clone();
         block_in_netns(&host, move || async move {
             let network = LinuxHostNetwork::connect().unwrap();
             network
@@ -487,11 +514,11 @@ fn isolated_guests_cannot_reach_each_other() {
                 .await
                 .unwrap();
             network
-                .attach_to_bridge("bgveth1", "banger0", isolated_ports)
+                .attach_to_bridge("bgtap1", "banger0", isolated_ports)
                 .await
                 .unwrap();
             network
-                .attach_to_bridge("bgveth2", "banger0", isolated_ports)
+                .attach_to_bridge("bgtap2", "banger0", isolated_ports)
                 .await
                 .unwrap();
             network.enable_ip_forwarding().await.unwrap();
@@ -500,17 +527,26 @@ fn isolated_guests_cannot_reach_each_other() {
                 subnet,
                 uplink: "up0".to_owned(),
                 isolate_vms,
+                dns_port: 53,
+                guests: guests.clone(),
             };
             nat::apply(&NftCommand::new(), &config).await.unwrap();
         });
     };
 
-    // Control: without isolation the guests talk.
+    // Control: without isolation (`isolate_vms = false`, the opt-in) the
+    // guests talk.
     setup(false, false);
     assert!(
         reaches(&one, second),
         "control: guests should reach each other"
     );
+    // A port attached without the isolated flag is still isolated by the
+    // bridge table.
+    setup(false, true);
+    assert!(reaches(&one, subnet.gateway()));
+    assert!(!pings(&one, second), "the bridge forwards between guests");
+    assert!(!pings(&two, first), "the bridge forwards between guests");
 
     // Isolated bridge ports stop layer 2 traffic between guests...
     setup(true, false);
@@ -568,6 +604,8 @@ fn applying_nat_repeatedly_keeps_one_table() {
             subnet: Subnet::default(),
             uplink: "eth0".to_owned(),
             isolate_vms: true,
+            dns_port: 53,
+            guests: BTreeSet::new(),
         };
         nat::apply(&nft, &config).await.unwrap();
         let first = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
@@ -581,9 +619,9 @@ fn applying_nat_repeatedly_keeps_one_table() {
         let removed_twice = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
         (first, hundredth, removed, removed_twice)
     });
-    assert_eq!(first.tables, 1);
-    assert_eq!(first.chains, 2);
-    assert_eq!(first.rules, 4);
+    assert_eq!(first.tables, 2);
+    assert_eq!(first.chains, 5);
+    assert_eq!(first.rules, 17);
     assert_eq!(hundredth, first);
     assert_eq!(removed, nat::TableSummary::default());
     assert_eq!(removed_twice, nat::TableSummary::default());
@@ -610,6 +648,8 @@ fn a_refused_ruleset_keeps_the_previous_table() {
             subnet: Subnet::default(),
             uplink: "eth0".to_owned(),
             isolate_vms: false,
+            dns_port: 53,
+            guests: BTreeSet::new(),
         };
         nat::apply(&nft, &config).await.unwrap();
         let before = nat::summarize(&nft.list_ruleset_json().await.unwrap()).unwrap();
@@ -624,7 +664,7 @@ fn a_refused_ruleset_keeps_the_previous_table() {
     });
     assert!(error.starts_with("nft refused the ruleset"), "{error}");
     assert_eq!(before, after);
-    assert_eq!(after.rules, 3);
+    assert_eq!(after.rules, 15);
     drop(namespaces);
 }
 
@@ -711,7 +751,7 @@ fn guest_resolves_vm_names_through_the_gateway() {
     let network = add_guest(
         &host,
         &guest,
-        "bgveth1",
+        "bgtap1",
         &guest_argument(subnet, address, "00000000000000c1"),
     );
     let dns_server = SocketAddr::new(network.dns[0].into(), 53);
@@ -734,7 +774,7 @@ fn guest_resolves_vm_names_through_the_gateway() {
                     .await
                     .unwrap();
                 network
-                    .attach_to_bridge("bgveth1", "banger0", true)
+                    .attach_to_bridge("bgtap1", "banger0", true)
                     .await
                     .unwrap();
                 let upstream: SocketAddr = "127.0.0.1:5353".parse().unwrap();
@@ -863,4 +903,410 @@ fn pooled_taps_are_renamed_returned_clean_and_faster_than_creating() {
     let names = namespaces.names();
     drop(namespaces);
     assert_gone(&names);
+}
+
+/// A host with a bridge, an uplink to `outside` (which routes the VM subnet
+/// back through the host, like a LAN neighbour with a static route), a
+/// second host network `other` (as docker0 would be, 10.88.0.0/24), one
+/// guest on tap `bgtap1`, and banger's tables applied.
+///
+/// ```text
+///  guest ns          host ns                         outside ns
+///  eth0 172.30.0.2 ─ bgtap1 ─ banger0 172.30.0.1    up0 192.0.2.1 ── wan0 192.0.2.2
+///                             other0 10.88.0.1 ── eth0 10.88.0.2 (other ns)
+///                             lo 198.51.100.1
+/// ```
+struct RoutedLab {
+    namespaces: Namespaces,
+    guest: GuestNetwork,
+}
+
+impl RoutedLab {
+    fn new(test: &str) -> Self {
+        let namespaces = Namespaces::new(test, &["host", "guest", "outside", "other"]);
+        let host = namespaces.name("host").to_owned();
+        let outside = namespaces.name("outside").to_owned();
+        let other = namespaces.name("other").to_owned();
+        ip(
+            &host,
+            &[
+                "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", &outside,
+            ],
+        );
+        ip(&host, &["addr", "add", "192.0.2.1/24", "dev", "up0"]);
+        ip(&host, &["link", "set", "up0", "up"]);
+        ip(&host, &["route", "add", "default", "via", "192.0.2.2"]);
+        ip(&outside, &["addr", "add", "192.0.2.2/24", "dev", "wan0"]);
+        ip(&outside, &["link", "set", "wan0", "up"]);
+        ip(
+            &outside,
+            &["route", "add", "172.30.0.0/24", "via", "192.0.2.1"],
+        );
+        ip(
+            &host,
+            &[
+                "link", "add", "other0", "type", "veth", "peer", "name", "eth0", "netns", &other,
+            ],
+        );
+        ip(&host, &["addr", "add", "10.88.0.1/24", "dev", "other0"]);
+        ip(&host, &["link", "set", "other0", "up"]);
+        ip(&other, &["addr", "add", "10.88.0.2/24", "dev", "eth0"]);
+        ip(&other, &["link", "set", "eth0", "up"]);
+        ip(&other, &["route", "add", "default", "via", "10.88.0.1"]);
+        ip(&host, &["addr", "add", "198.51.100.1/32", "dev", "lo"]);
+
+        let subnet = Subnet::default();
+        let address = subnet.allocate(|_| false).unwrap();
+        let guest = add_guest(
+            &host,
+            namespaces.name("guest"),
+            "bgtap1",
+            &guest_argument(subnet, address, "00000000000000d1"),
+        );
+        let guests = BTreeSet::from([guest_port(&guest, "bgtap1")]);
+        block_in_netns(&host, move || async move {
+            let network = LinuxHostNetwork::connect().unwrap();
+            network
+                .ensure_bridge(&BridgeConfig {
+                    name: "banger0".to_owned(),
+                    subnet,
+                })
+                .await
+                .unwrap();
+            network
+                .attach_to_bridge("bgtap1", "banger0", true)
+                .await
+                .unwrap();
+            network.enable_ip_forwarding().await.unwrap();
+            let config = NatConfig {
+                bridge: "banger0".to_owned(),
+                subnet,
+                uplink: "up0".to_owned(),
+                isolate_vms: true,
+                dns_port: 53,
+                guests,
+            };
+            nat::apply(&NftCommand::new(), &config).await.unwrap();
+        });
+        assert!(reaches(namespaces.name("guest"), subnet.gateway()));
+        Self { namespaces, guest }
+    }
+
+    fn name(&self, role: &str) -> String {
+        self.namespaces.name(role).to_owned()
+    }
+
+    fn finish(self) {
+        let names = self.namespaces.names();
+        drop(self.namespaces);
+        assert_gone(&names);
+    }
+}
+
+/// A TCP listener bound in `netns`; the kernel completes handshakes into
+/// its backlog without anyone accepting.
+fn listen(netns: &str, address: SocketAddr) -> TcpListener {
+    in_netns(netns, move || TcpListener::bind(address).unwrap())
+}
+
+/// Whether a TCP connection from `netns` to `address` opens within two
+/// seconds.
+fn connects(netns: &str, address: SocketAddr) -> bool {
+    in_netns(netns, move || {
+        TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_ok()
+    })
+}
+
+#[test]
+fn outside_cannot_open_connections_to_guests_nor_guests_reach_other_host_networks() {
+    if !require_root(
+        "outside_cannot_open_connections_to_guests_nor_guests_reach_other_host_networks",
+    ) {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = RoutedLab::new("outside");
+    let (host, guest, outside, other) = (
+        lab.name("host"),
+        lab.name("guest"),
+        lab.name("outside"),
+        lab.name("other"),
+    );
+    let guest_service = SocketAddr::new(lab.guest.address.into(), 8080);
+    let _guest_listener = listen(&guest, guest_service);
+    // The host itself may connect to its guests (ssh does).
+    assert!(
+        connects(&host, guest_service),
+        "host cannot reach the guest"
+    );
+    // A machine on the uplink's side that routes the subnet via the host
+    // cannot open a connection to a guest.
+    assert!(
+        !connects(&outside, guest_service),
+        "outside opened a connection to a guest"
+    );
+    // Neither can a host network that is not the uplink (docker0, say).
+    assert!(
+        !connects(&other, guest_service),
+        "another host network opened a connection to a guest"
+    );
+
+    // The guest reaches the outside, masqueraded...
+    let server_address: SocketAddr = "192.0.2.2:8080".parse().unwrap();
+    let server = serve_peer_address(&outside, server_address);
+    let response = http_get(&guest, server_address, Duration::from_secs(5))
+        .expect("guest cannot reach outside");
+    assert!(response.ends_with("\r\n\r\n192.0.2.1"), "{response}");
+    assert_eq!(server.join().unwrap().as_deref(), Some("192.0.2.1"));
+    // ...but not the host's other networks.
+    let _other_listener = listen(&other, "10.88.0.2:8080".parse().unwrap());
+    assert!(connects(&host, "10.88.0.2:8080".parse().unwrap()));
+    assert!(
+        !connects(&guest, "10.88.0.2:8080".parse().unwrap()),
+        "guest reached another host network"
+    );
+    lab.finish();
+}
+
+#[test]
+fn guest_reaches_only_dns_on_the_host() {
+    if !require_root("guest_reaches_only_dns_on_the_host") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = RoutedLab::new("input");
+    let (host, guest) = (lab.name("host"), lab.name("guest"));
+    let gateway = lab.guest.gateway;
+    // DNS over TCP on the gateway, and an sshd-like service on every host
+    // address.
+    let _dns = listen(&host, SocketAddr::new(gateway.into(), 53));
+    let _service = listen(&host, "0.0.0.0:2222".parse().unwrap());
+    for address in [gateway, Ipv4Addr::new(192, 0, 2, 1)] {
+        assert!(
+            connects(&host, SocketAddr::new(address.into(), 2222)),
+            "control: the service listens on {address}"
+        );
+    }
+    assert!(
+        connects(&guest, SocketAddr::new(gateway.into(), 53)),
+        "guest cannot reach DNS on the gateway"
+    );
+    for address in [
+        gateway,
+        Ipv4Addr::new(192, 0, 2, 1),
+        Ipv4Addr::new(198, 51, 100, 1),
+        Ipv4Addr::new(10, 88, 0, 1),
+    ] {
+        assert!(
+            !connects(&guest, SocketAddr::new(address.into(), 2222)),
+            "guest reached a host service on {address}"
+        );
+    }
+    // The gateway still answers pings (a guest's first network check).
+    assert!(pings(&guest, gateway));
+    lab.finish();
+}
+
+/// Sends raw Ethernet frames out of `interface` in `netns`.
+fn send_frames(netns: &str, interface: &str, frames: Vec<Vec<u8>>) {
+    let interface = std::ffi::CString::new(interface).unwrap();
+    in_netns(netns, move || {
+        #[allow(unsafe_code)]
+        // SAFETY: plain socket calls on a descriptor owned here, with a
+        // zero-initialised sockaddr_ll of the right size.
+        unsafe {
+            let index = libc::if_nametoindex(interface.as_ptr());
+            assert_ne!(index, 0, "no such interface");
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let mut address: libc::sockaddr_ll = std::mem::zeroed();
+            address.sll_family = libc::AF_PACKET as u16;
+            address.sll_ifindex = i32::try_from(index).unwrap();
+            address.sll_halen = 6;
+            for frame in &frames {
+                let sent = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    std::ptr::addr_of!(address).cast(),
+                    u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
+                );
+                assert_eq!(
+                    usize::try_from(sent).ok(),
+                    Some(frame.len()),
+                    "sendto: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::close(fd);
+        }
+    });
+}
+
+fn ethernet(destination: [u8; 6], source: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&destination);
+    frame.extend_from_slice(&source);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An IPv4 UDP datagram (no UDP checksum, which IPv4 allows).
+fn ipv4_udp(source: Ipv4Addr, destination: Ipv4Addr, port: u16, payload: &[u8]) -> Vec<u8> {
+    let udp_length = u16::try_from(8 + payload.len()).unwrap();
+    let total = 20 + udp_length;
+    let mut packet = vec![0x45, 0];
+    packet.extend_from_slice(&total.to_be_bytes());
+    packet.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    packet.extend_from_slice(&source.octets());
+    packet.extend_from_slice(&destination.octets());
+    let sum: u32 = packet
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
+        .sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let checksum = !u16::try_from((folded & 0xffff) + (folded >> 16)).unwrap();
+    packet[10..12].copy_from_slice(&checksum.to_be_bytes());
+    packet.extend_from_slice(&40000_u16.to_be_bytes());
+    packet.extend_from_slice(&port.to_be_bytes());
+    packet.extend_from_slice(&udp_length.to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    packet
+}
+
+/// An ARP request "who has `target`? tell `sender_ip` at `sender_mac`".
+fn arp_request(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut packet = vec![0, 1, 0x08, 0, 6, 4, 0, 1];
+    packet.extend_from_slice(&sender_mac);
+    packet.extend_from_slice(&sender_ip.octets());
+    packet.extend_from_slice(&[0; 6]);
+    packet.extend_from_slice(&target.octets());
+    packet
+}
+
+fn mac_of(netns: &str, interface: &str) -> [u8; 6] {
+    let text = exec(
+        netns,
+        &["cat", &format!("/sys/class/net/{interface}/address")],
+    );
+    text.trim().parse::<MacAddress>().unwrap().octets()
+}
+
+/// The host's neighbour entry for `address` on the bridge, if any.
+fn neighbour(host: &str, address: Ipv4Addr) -> String {
+    ip(
+        host,
+        &["neigh", "show", &address.to_string(), "dev", "banger0"],
+    )
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn guests_send_only_from_their_own_mac_and_address() {
+    if !require_root("guests_send_only_from_their_own_mac_and_address") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = RoutedLab::new("spoof");
+    let (host, guest) = (lab.name("host"), lab.name("guest"));
+    let gateway = lab.guest.gateway;
+    let own_ip = lab.guest.address;
+    let own_mac = lab.guest.mac.unwrap().octets();
+    let other_ip = Ipv4Addr::new(172, 30, 0, 3);
+    let other_mac = [0x06, 0, 0, 0, 0, 0xee];
+    let bridge_mac = mac_of(&host, "banger0");
+
+    // UDP to the DNS port on the gateway, which the input chain accepts:
+    // only the bridge table can drop these.
+    let receiver = in_netns(&host, move || {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(gateway.into(), 53)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        socket
+    });
+    let datagram = |mac: [u8; 6], source: Ipv4Addr, label: &str| {
+        ethernet(
+            bridge_mac,
+            mac,
+            0x0800,
+            &ipv4_udp(source, gateway, 53, label.as_bytes()),
+        )
+    };
+    send_frames(
+        &guest,
+        "eth0",
+        vec![
+            datagram(own_mac, other_ip, "wrong-ip"),
+            datagram(other_mac, own_ip, "wrong-mac"),
+            datagram(own_mac, Ipv4Addr::new(10, 9, 9, 9), "foreign-ip"),
+            datagram(own_mac, own_ip, "own"),
+        ],
+    );
+    let mut received = Vec::new();
+    let mut buffer = [0_u8; 64];
+    while let Ok((length, peer)) = receiver.recv_from(&mut buffer) {
+        received.push(format!(
+            "{} from {}",
+            String::from_utf8_lossy(&buffer[..length]),
+            peer.ip()
+        ));
+    }
+    assert_eq!(received, [format!("own from {own_ip}")]);
+
+    // ARP: the host learns a neighbour from a request addressed to it,
+    // so a spoofed request would poison its cache.
+    ip(&host, &["neigh", "flush", "dev", "banger0"]);
+    let broadcast = [0xff; 6];
+    let arp = |mac: [u8; 6], sender_mac: [u8; 6], sender_ip: Ipv4Addr, target: Ipv4Addr| {
+        ethernet(
+            broadcast,
+            mac,
+            0x0806,
+            &arp_request(sender_mac, sender_ip, target),
+        )
+    };
+    send_frames(
+        &guest,
+        "eth0",
+        vec![
+            // Claiming another address...
+            arp(own_mac, own_mac, other_ip, gateway),
+            // ...from another MAC...
+            arp(other_mac, other_mac, own_ip, gateway),
+            // ...or naming another MAC inside the packet.
+            arp(own_mac, other_mac, own_ip, gateway),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        neighbour(&host, other_ip),
+        "",
+        "ARP claiming another address"
+    );
+    assert!(
+        !neighbour(&host, own_ip).contains("06:00:00:00:00:ee"),
+        "ARP with another MAC: {}",
+        neighbour(&host, own_ip)
+    );
+    // The guest's own request is learned.
+    send_frames(&guest, "eth0", vec![arp(own_mac, own_mac, own_ip, gateway)]);
+    std::thread::sleep(Duration::from_millis(300));
+    let learned = neighbour(&host, own_ip);
+    assert!(
+        learned.contains(&MacAddress(own_mac).to_string()),
+        "{learned}"
+    );
+    // IPv6 (or anything but IPv4 and ARP) does not leave a guest.
+    lab.finish();
 }

@@ -139,6 +139,38 @@ impl Netns {
             .count()
     }
 
+    /// The elements of the bridge table's guest set: `TAP MAC IP` each.
+    fn guest_elements(&self) -> Vec<String> {
+        let json: Value = serde_json::from_str(
+            &self.run("nft", &["-j", "list", "set", "bridge", "banger", "guests"]),
+        )
+        .unwrap();
+        let set = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|item| item.get("set"))
+            .expect("guests set")
+            .clone();
+        let mut elements: Vec<String> = set["elem"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|element| {
+                element["concat"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|part| part.as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        elements.sort();
+        elements
+    }
+
     /// Asks the daemon's DNS server (on the gateway, inside the namespace)
     /// for `name`'s A record.
     fn resolve(&self, name: &str) -> Option<Ipv4Addr> {
@@ -276,15 +308,43 @@ fn vms_get_addresses_taps_dns_and_nat_without_leaks() {
     assert_eq!(answer.to_string(), vm["network"]["ip"].as_str().unwrap());
     assert_eq!(netns.resolve("ghost.banger"), None);
 
-    // NAT: one table, and restarts do not add rules.
-    assert_eq!(netns.banger_tables(), 1);
+    // Each running VM's tap may send as the VM: one element each.
+    let expected_elements = |vms: &[Value]| {
+        let mut elements: Vec<String> = vms
+            .iter()
+            .map(|vm| {
+                let network = &vm["network"];
+                format!(
+                    "{} {} {}",
+                    network["tap"].as_str().unwrap(),
+                    network["mac"].as_str().unwrap(),
+                    network["ip"].as_str().unwrap()
+                )
+            })
+            .collect();
+        elements.sort();
+        elements
+    };
+    let elements = netns.guest_elements();
+    assert_eq!(elements, expected_elements(vms));
+
+    // NAT and filtering: one inet and one bridge table, and restarts add
+    // neither rules nor elements; a set emptied behind the daemon's back
+    // is rebuilt from the leases at the next start.
+    assert_eq!(netns.banger_tables(), 2);
     let rules = netns.banger_rules();
     for _ in 0..3 {
         daemon.kill9();
+        netns.run("nft", &["flush", "set", "bridge", "banger", "guests"]);
         daemon.start();
     }
-    assert_eq!(netns.banger_tables(), 1);
+    assert_eq!(netns.banger_tables(), 2);
     assert_eq!(netns.banger_rules(), rules);
+    assert_eq!(netns.guest_elements(), elements);
+    // A stop and start re-adds the element without duplicating it.
+    daemon.banger_ok(&["vm", "stop", "net3"]);
+    daemon.banger_ok(&["vm", "start", "net3"]);
+    assert_eq!(netns.guest_elements(), elements);
     // DNS records come back from the leases after a restart.
     assert!(netns.resolve("net3.banger").is_some());
 
@@ -292,6 +352,11 @@ fn vms_get_addresses_taps_dns_and_nat_without_leaks() {
         daemon.banger_ok(&["vm", "delete", &format!("net{index}"), "--force"]);
     }
     assert_eq!(netns.taps(), Vec::<String>::new(), "taps leaked");
+    assert_eq!(
+        netns.guest_elements(),
+        Vec::<String>::new(),
+        "guest elements leaked"
+    );
     assert_eq!(netns.pool_taps().len(), 4, "pool grew past its size");
     assert_eq!(netns.resolve("net3.banger"), None);
     daemon.assert_no_leaks();
@@ -459,7 +524,7 @@ fn tap_pool_is_filled_taken_returned_and_rebuilt_after_kill9() {
     assert_eq!(netns.taps().into_iter().collect::<BTreeSet<_>>(), kept);
     netns.run("ip", &["link", "del", "bgpoolside"]);
     netns.assert_pool_clean();
-    assert_eq!(netns.banger_tables(), 1);
+    assert_eq!(netns.banger_tables(), 2);
     assert_eq!(netns.banger_rules(), rules);
 
     // kill -9 in the middle of creates: after the restart only the taps of
@@ -619,4 +684,205 @@ fn doctor_with_networking_disabled_says_so() {
         .unwrap()
         .contains("enabled = false"));
     assert!(!checks.contains_key("bridge"));
+}
+
+/// `prlimit --nofile=SOFT:` on this test process (children inherit it).
+fn set_own_open_file_limit(soft: &str) {
+    let status = Command::new("prlimit")
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            &format!("--nofile={soft}:"),
+        ])
+        .status()
+        .expect("prlimit");
+    assert!(status.success(), "prlimit failed");
+}
+
+/// A field of `/proc/PID/status`, e.g. `VmRSS`.
+fn proc_status(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The soft and hard open file limits of `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_owned(), fields[4].to_owned())
+}
+
+/// A TCP connection from `source` to the DNS server on the gateway, or
+/// `None` when it does not open within two seconds. The calling thread
+/// must be in the daemon's namespace.
+fn dns_connection(source: Ipv4Addr) -> Option<std::net::TcpStream> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.bind((source, 0).into()).ok()?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(2),
+            socket.connect("172.30.0.1:53".parse().unwrap()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let stream = stream.into_std().ok()?;
+        stream.set_nonblocking(false).ok()?;
+        Some(stream)
+    })
+}
+
+/// A query for `name`'s A record; with `tcp`, framed with its length.
+fn dns_query(name: &str, tcp: bool) -> Vec<u8> {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(u8::try_from(label.len()).unwrap());
+        query.extend(label.as_bytes());
+    }
+    query.extend([0, 0, 1, 0, 1]);
+    if tcp {
+        let mut framed = u16::try_from(query.len()).unwrap().to_be_bytes().to_vec();
+        framed.extend(query);
+        framed
+    } else {
+        query
+    }
+}
+
+/// The address in an answer with exactly one A record.
+fn answered_address(answer: &[u8]) -> Option<Ipv4Addr> {
+    let answers = u16::from_be_bytes([answer[6], answer[7]]);
+    (answer[3] & 0x0f == 0 && answers == 1).then(|| {
+        let tail = &answer[answer.len() - 4..];
+        Ipv4Addr::new(tail[0], tail[1], tail[2], tail[3])
+    })
+}
+
+/// Resolves `name` from `source` over TCP and over UDP; the calling
+/// thread must be in the daemon's namespace.
+fn resolve_from(source: Ipv4Addr, name: &str) -> (Option<Ipv4Addr>, Option<Ipv4Addr>) {
+    use std::io::{Read, Write};
+    let tcp = dns_connection(source).and_then(|mut stream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        stream.write_all(&dns_query(name, true)).ok()?;
+        let mut length = [0_u8; 2];
+        stream.read_exact(&mut length).ok()?;
+        let mut answer = vec![0_u8; usize::from(u16::from_be_bytes(length))];
+        stream.read_exact(&mut answer).ok()?;
+        answered_address(&answer)
+    });
+    let socket = UdpSocket::bind((source, 0)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    socket
+        .send_to(&dns_query(name, false), "172.30.0.1:53")
+        .unwrap();
+    let mut answer = [0_u8; 512];
+    let udp = socket
+        .recv(&mut answer)
+        .ok()
+        .and_then(|length| answered_address(&answer[..length]));
+    (tcp, udp)
+}
+
+#[test]
+fn a_dns_flood_from_one_source_leaves_others_resolving_and_the_daemon_answering() {
+    if !require_root("a_dns_flood_from_one_source_leaves_others_resolving_and_the_daemon_answering")
+    {
+        return;
+    }
+    let netns = Netns::new("banger-test-dnsflood");
+    let mut daemon = network_daemon(&netns, 0);
+    // The daemon starts with the soft limit a system service usually gets.
+    let (_, hard) = open_file_limits(std::process::id());
+    set_own_open_file_limit("1024");
+    daemon.start();
+    set_own_open_file_limit(&hard);
+    let pid = daemon_pid(&daemon);
+    assert_eq!(
+        open_file_limits(pid),
+        (hard.clone(), hard.clone()),
+        "bangerd did not raise its open file limit"
+    );
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "dev", "--image", "image", "--kernel", "kernel",
+    ]);
+    let address: Ipv4Addr = daemon.vm("dev")["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rss_before = proc_status(pid, "VmRSS");
+
+    // One source opens 3000 connections to the DNS port and holds them.
+    let netns_file = std::fs::File::open(format!("/var/run/netns/{}", netns.0)).unwrap();
+    let (flood_tx, flood_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let flooder = std::thread::spawn(move || {
+        nix::sched::setns(netns_file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let flood: Vec<_> = (0..3000)
+            .filter_map(|_| dns_connection(Ipv4Addr::new(127, 0, 0, 2)))
+            .collect();
+        flood_tx.send(flood.len()).unwrap();
+        let _ = release_rx.recv();
+        drop(flood);
+    });
+    let opened = flood_rx.recv().unwrap();
+    // Give the daemon time to accept (and close) what it will.
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_flooded = proc_status(pid, "VmRSS");
+    let descriptors = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    println!(
+        "flood: {opened} connections opened; bangerd RSS {rss_before} before, \
+         {rss_flooded} during; {descriptors} descriptors open"
+    );
+
+    // Another source still resolves, over TCP and UDP...
+    let netns_file = std::fs::File::open(format!("/var/run/netns/{}", netns.0)).unwrap();
+    let resolved = std::thread::spawn(move || {
+        nix::sched::setns(netns_file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        resolve_from(Ipv4Addr::new(127, 0, 0, 3), "dev.banger")
+    })
+    .join()
+    .unwrap();
+    // ...and the control socket answers.
+    let status = daemon.banger(&["daemon", "status"]);
+    let _ = release_tx.send(());
+    flooder.join().unwrap();
+    assert_eq!(
+        resolved,
+        (Some(address), Some(address)),
+        "another source could not resolve during the flood"
+    );
+    assert!(
+        status.status.success(),
+        "the control socket did not answer during the flood: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        descriptors < 500,
+        "the flood holds {descriptors} of the daemon's descriptors"
+    );
+    daemon.banger_ok(&["vm", "delete", "dev", "--force"]);
+    daemon.assert_no_leaks();
+    drop(daemon);
 }

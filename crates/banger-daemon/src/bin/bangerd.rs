@@ -23,6 +23,41 @@ struct Args {
     log: String,
 }
 
+/// Raises the soft limit on open files to the hard limit: every VM holds
+/// descriptors (VMM sockets, disks, console logs) and the DNS server takes
+/// one per TCP client, and the usual soft limit of 1024 is soon reached.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`, a valid
+    // rlimit owned by this frame.
+    #[allow(unsafe_code)]
+    let result = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            -1
+        } else if limit.rlim_cur >= limit.rlim_max {
+            0
+        } else {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raised)
+        }
+    };
+    if result == 0 {
+        tracing::debug!(limit = limit.rlim_max, "open file limit");
+    } else {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            soft = limit.rlim_cur,
+            "failed to raise the open file limit"
+        );
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -32,6 +67,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    raise_open_file_limit();
     let options = banger_daemon::DaemonOptions {
         state_dir: args.state_dir,
         socket: args.socket,
