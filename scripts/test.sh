@@ -26,6 +26,9 @@ scripts/tests/test-make-generic-kernel.sh
 # ones after it; the exit status is still non-zero.
 status=0
 cargo test --workspace --locked --no-fail-fast -- "$@" || status=$?
+# The Debian package, from the debug binaries: contents, conffile, unit,
+# the shipped config accepted by the packaged daemon.
+scripts/tests/test-build-deb.sh || status=$?
 # The benchmark suite, quick (each case two or three times, tiny sizes, on
 # the debug binaries built above), so it cannot rot. It fails only when a
 # case errors, never on a time; figures come from scripts/bench.sh.

@@ -48,6 +48,20 @@ pub enum Command {
     Doctor(JsonFlag),
     /// Print an OpenSSH config snippet so `ssh NAME.banger` reaches VMs.
     SshConfig,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Names of VMs, images, kernels and disks complete from the daemon.
+    /// bash: `banger completions bash > ~/.local/share/bash-completion/completions/banger`.
+    Completions {
+        /// The shell.
+        shell: String,
+    },
+    /// Write the manual pages (roff) into a directory.
+    #[command(hide = true)]
+    ManualPages {
+        /// Where the pages go (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +74,7 @@ pub struct JsonFlag {
 #[derive(Debug, Args)]
 pub struct VmName {
     /// VM name or unique id prefix.
+    #[arg(add = crate::completion::vm_names())]
     pub vm: String,
 }
 
@@ -273,10 +288,10 @@ pub struct CreateArgs {
     /// VM name (a DNS label); a random one when absent.
     pub name: Option<String>,
     /// Image name (default: the daemon's configured default).
-    #[arg(long)]
+    #[arg(long, add = crate::completion::image_names())]
     pub image: Option<String>,
     /// Kernel name (default: the daemon's configured default).
-    #[arg(long)]
+    #[arg(long, add = crate::completion::kernel_names())]
     pub kernel: Option<String>,
     /// Number of vCPUs.
     #[arg(long)]
@@ -292,7 +307,7 @@ pub struct CreateArgs {
     pub backend: Option<Backend>,
     /// A persistent work disk mounted at /root: a size (`10G`) makes one
     /// named NAME-work; a name attaches a detached one.
-    #[arg(long, value_name = "SIZE|NAME")]
+    #[arg(long, value_name = "SIZE|NAME", add = crate::completion::disk_names())]
     pub work_disk: Option<String>,
     /// Once the VM runs, prepare this git working tree in it (as `vm
     /// workspace prepare`, a `workspace` stage).
@@ -339,12 +354,14 @@ pub enum DiskCommand {
     List(JsonFlag),
     /// Delete a detached work disk.
     Rm {
+        #[arg(add = crate::completion::disk_names())]
         name: String,
         #[command(flatten)]
         json: JsonFlag,
     },
     /// Grow a work disk (its VM must be stopped; never shrinks).
     Resize {
+        #[arg(add = crate::completion::disk_names())]
         name: String,
         size: String,
         #[command(flatten)]
@@ -376,12 +393,16 @@ pub enum ImageCommand {
     List(JsonFlag),
     /// Show one image.
     Show {
+        #[arg(add = crate::completion::image_names())]
         name: String,
         #[command(flatten)]
         json: JsonFlag,
     },
     /// Remove an image no VM uses.
-    Rm { name: String },
+    Rm {
+        #[arg(add = crate::completion::image_names())]
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -427,12 +448,16 @@ pub enum KernelCommand {
     List(JsonFlag),
     /// Show one kernel.
     Show {
+        #[arg(add = crate::completion::kernel_names())]
         name: String,
         #[command(flatten)]
         json: JsonFlag,
     },
     /// Remove a kernel no VM uses.
-    Rm { name: String },
+    Rm {
+        #[arg(add = crate::completion::kernel_names())]
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

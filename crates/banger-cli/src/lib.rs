@@ -6,6 +6,7 @@
 pub mod args;
 pub mod client;
 mod commands;
+pub mod completion;
 pub mod error;
 pub mod names;
 pub mod printer;
@@ -19,6 +20,7 @@ use crate::args::{Cli, Command};
 use crate::printer::Printer;
 
 pub fn main() -> ExitCode {
+    completion::complete_if_asked();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -49,5 +51,14 @@ async fn run(cli: Cli, printer: Printer) -> anyhow::Result<()> {
         Command::Daemon(command) => commands::daemon::run(&socket, printer, command).await,
         Command::Doctor(flag) => commands::daemon::doctor(&socket, printer, flag.json).await,
         Command::SshConfig => commands::guest::ssh_config(printer),
+        Command::Completions { shell } => {
+            completion::write_script(&shell, &mut std::io::stdout().lock())
+        }
+        Command::ManualPages { dir } => {
+            for page in completion::write_manual_pages(&dir)? {
+                printer.data(&page.display().to_string());
+            }
+            Ok(())
+        }
     }
 }

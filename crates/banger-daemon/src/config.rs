@@ -54,7 +54,8 @@ pub struct AgentConfig {
     pub ready_timeout_seconds: u64,
     /// The static agent binary packed into generated initramfs images
     /// (`kernel import --from-debian`); unset: `banger-agent` next to
-    /// `bangerd`, then /usr/local/lib/banger/banger-agent.
+    /// `bangerd`, then /usr/local/lib/banger/banger-agent, then
+    /// /usr/lib/banger/banger-agent.
     pub path: Option<PathBuf>,
 }
 

@@ -21,6 +21,9 @@ struct Args {
     /// Log filter, e.g. `info` or `banger_daemon=debug`.
     #[arg(long, env = "BANGER_LOG", default_value = "info")]
     log: String,
+    /// Read and validate the config file, then exit (0 when it is valid).
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// Raises the soft limit on open files to the hard limit: every VM holds
@@ -60,6 +63,22 @@ fn raise_open_file_limit() {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.check_config {
+        let path = args
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(banger_daemon::config::DEFAULT_CONFIG_PATH));
+        return match banger_daemon::config::Config::load(&path, true) {
+            Ok(_) => {
+                println!("{}: valid", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("bangerd: error: {}", banger_proto::error_chain(&error));
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log)

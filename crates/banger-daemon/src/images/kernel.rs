@@ -18,8 +18,12 @@ pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 /// The same for Debian kernels, whose initramfs mounts `root=`.
 pub const DEBIAN_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
 /// Where the static guest agent is looked for last (after `[agent] path`
-/// and the directory of `bangerd`).
-pub const AGENT_INSTALL_PATH: &str = "/usr/local/lib/banger/banger-agent";
+/// and the directory of `bangerd`): a source install
+/// (`scripts/quickstart.sh`), then the Debian package.
+pub const AGENT_INSTALL_PATHS: [&str; 2] = [
+    "/usr/local/lib/banger/banger-agent",
+    "/usr/lib/banger/banger-agent",
+];
 
 impl ImageService {
     pub async fn import_kernel(
@@ -220,7 +224,7 @@ fn unpack_vmlinux(
 
 /// Where the static guest agent is looked for, in order: `[agent] path`
 /// alone when set; else next to the running `bangerd`, then
-/// [`AGENT_INSTALL_PATH`].
+/// [`AGENT_INSTALL_PATHS`].
 pub fn agent_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
     if let Some(path) = configured {
         return vec![path.to_owned()];
@@ -232,7 +236,7 @@ pub fn agent_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
     {
         candidates.push(directory.join("banger-agent"));
     }
-    candidates.push(PathBuf::from(AGENT_INSTALL_PATH));
+    candidates.extend(AGENT_INSTALL_PATHS.map(PathBuf::from));
     candidates
 }
 
@@ -261,7 +265,7 @@ mod tests {
             [PathBuf::from("/opt/agent")]
         );
         let candidates = agent_candidates(None);
-        assert_eq!(candidates.last().unwrap(), Path::new(AGENT_INSTALL_PATH));
+        assert!(candidates.ends_with(&AGENT_INSTALL_PATHS.map(PathBuf::from)));
         assert!(candidates[0].ends_with("banger-agent"));
 
         let directory = tempfile::tempdir().unwrap();

@@ -43,7 +43,8 @@ use crate::paths::StatePaths;
 
 pub use error::ImageError;
 pub use kernel::{
-    agent_candidates, find_agent, AGENT_INSTALL_PATH, DEBIAN_KERNEL_CMDLINE, DEFAULT_KERNEL_CMDLINE,
+    agent_candidates, find_agent, AGENT_INSTALL_PATHS, DEBIAN_KERNEL_CMDLINE,
+    DEFAULT_KERNEL_CMDLINE,
 };
 
 #[derive(Clone)]
