@@ -41,7 +41,7 @@ pub struct WorkDisks {
     store: Store,
     dir: PathBuf,
     /// Held while a disk is resized or attached, so a create never attaches
-    /// (and boots) a disk that `resize2fs` is working on.
+    /// (and boots) a disk whose file is being lengthened.
     busy: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -282,7 +282,8 @@ impl WorkDisks {
         Ok(())
     }
 
-    /// Grows a disk that no running VM uses (`resize2fs`); never shrinks.
+    /// Grows a disk that no running VM uses (the file only: the guest agent
+    /// grows the file system at the next boot); never shrinks.
     /// The caller holds the lock of the VM the disk is attached to, if any
     /// (so the VM cannot start meanwhile).
     pub async fn resize(&self, name: &str, size: &str) -> Result<WorkDisk, WorkDiskError> {

@@ -185,7 +185,8 @@ impl VmService {
         Ok(vm)
     }
 
-    /// Grows a stopped VM's root disk file and its file system.
+    /// Grows a stopped VM's root disk file (the guest agent grows its file
+    /// system at the next boot).
     async fn grow_root_disk(&self, vm: &Vm, bytes: u64) -> Result<(), VmError> {
         if bytes < vm.disk_bytes {
             return Err(VmError::ShrinkRootDisk {

@@ -132,7 +132,7 @@ impl VmService {
     }
 
     /// Holds the VM's lock: no lifecycle step of that VM runs meanwhile
-    /// (`disk.resize` holds it so the VM cannot boot mid-`resize2fs`).
+    /// (`disk.resize` holds it so the VM cannot boot mid-resize).
     pub async fn lock_vm(&self, vm_id: &str) -> OwnedMutexGuard<()> {
         self.lock_of(vm_id).lock_owned().await
     }
