@@ -200,6 +200,12 @@ impl VmService {
             });
         }
         let path = Path::new(&vm.dir).join(banger_disk::clone::ROOT_DISK_FILE);
+        crate::disks::check_disk_size(
+            Path::new(&vm.dir),
+            vm.disk_bytes,
+            bytes,
+            self.config.vm.max_disk_bytes(),
+        )?;
         Ok(crate::disks::grow(&path, bytes).await?)
     }
 }
