@@ -249,3 +249,88 @@ fn a_hostile_agent_loses_its_connection_and_the_daemon_serves_on() {
     daemon.banger_ok(&["vm", "delete", "--force", "good"]);
     daemon.assert_no_leaks();
 }
+
+/// A "guest" that prints 256 KiB on its console (fake-firecracker's stdout,
+/// which is `console.log`) each time the file named by `SPAM_FLAG` appears.
+const CONSOLE_SPAMMER: &str = r#"#!/usr/bin/python3
+import os, sys, time
+# Drop the arguments naming the state dir: a restarted daemon kills
+# processes that name it and that no VM accounts for.
+if len(sys.argv) > 1:
+    os.execv(sys.executable, [sys.executable, sys.argv[0]])
+flag = os.environ["SPAM_FLAG"]
+while True:
+    if os.path.exists(flag):
+        os.remove(flag)
+        sys.stdout.write(("guest console line " + "z" * 100 + "\n") * 2100)
+        sys.stdout.flush()
+    time.sleep(0.05)
+"#;
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_guest_flooding_its_console_is_capped_also_after_a_daemon_restart() {
+    let mut daemon = TestDaemon::new(&[]);
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(
+        &daemon.config,
+        config.replace("[vm]\n", "[vm]\nconsole_log_max = \"64K\"\n"),
+    )
+    .unwrap();
+    let script = daemon.dir.path().join("console-spammer");
+    std::fs::write(&script, CONSOLE_SPAMMER).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let flag = daemon.dir.path().join("spam");
+    daemon.set_env(
+        "FAKE_FIRECRACKER_GUEST_AGENT_BIN",
+        &script.display().to_string(),
+    );
+    daemon.set_env("SPAM_FLAG", &flag.display().to_string());
+    daemon.start();
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "noisy", "--image", "image", "--kernel", "kernel",
+    ]);
+    let dir = daemon
+        .state_dir
+        .join("vms")
+        .join(daemon.vm("noisy")["id"].as_str().unwrap());
+    let console = dir.join("console.log");
+    let rotated = dir.join("console.log.1");
+    let size = |path: &Path| std::fs::metadata(path).map_or(0, |metadata| metadata.len());
+    let cap = 64 * 1024;
+
+    for round in ["first boot", "after a daemon restart"] {
+        let _ = std::fs::remove_file(&rotated);
+        std::fs::write(&flag, "").unwrap();
+        wait_until("the guest to print", Duration::from_secs(10), || {
+            !flag.exists()
+        });
+        wait_until(
+            &format!("console.log to be rotated ({round})"),
+            Duration::from_secs(10),
+            || size(&rotated) == cap && size(&console) <= cap,
+        );
+        eprintln!(
+            "{round}: the guest printed 256 KiB; console.log is {} bytes, console.log.1 {} bytes",
+            size(&console),
+            size(&rotated)
+        );
+        let tail = std::fs::read_to_string(&rotated).unwrap();
+        assert!(tail.ends_with("z\n"), "{}", &tail[tail.len() - 40..]);
+        // The VMM outlives the daemon; the restarted daemon adopts it and
+        // watches its console again.
+        daemon.kill9();
+        daemon.start();
+        assert_eq!(daemon.vm("noisy")["state"], "running", "{}", daemon.log_text());
+    }
+    daemon.banger_ok(&["vm", "delete", "--force", "noisy"]);
+    daemon.assert_no_leaks();
+}

@@ -17,6 +17,7 @@
 //! after it, never held across an await, and never two at once. No lock spans
 //! more than one VM, so operations on different VMs run in parallel.
 
+pub mod console;
 mod create;
 mod error;
 mod lifecycle;
