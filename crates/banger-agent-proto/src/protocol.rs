@@ -150,7 +150,10 @@ impl QueueState {
 
     async fn stopped(&self) -> StopReason {
         let mut receiver = self.stop.subscribe();
-        let reason = receiver.wait_for(Option::is_some).await.map(|reason| *reason);
+        let reason = receiver
+            .wait_for(Option::is_some)
+            .await
+            .map(|reason| *reason);
         match reason {
             Ok(Some(reason)) => reason,
             // The sender lives as long as `self`.
@@ -641,9 +644,15 @@ mod tests {
         let mut queued = 0;
         while send_frame(&frames, frame.clone()) {
             queued += 1;
-            assert!(queued * FRAME_COST <= limit + FRAME_COST, "queue grew past its limit");
+            assert!(
+                queued * FRAME_COST <= limit + FRAME_COST,
+                "queue grew past its limit"
+            );
         }
-        assert!(queued >= limit / FRAME_COST - 8, "refused early, after {queued}");
+        assert!(
+            queued >= limit / FRAME_COST - 8,
+            "refused early, after {queued}"
+        );
         assert!(matches!(
             writer.await.unwrap(),
             Err(FrameError::QueueOverflow { limit: 65536 })

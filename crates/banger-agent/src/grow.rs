@@ -97,8 +97,8 @@ pub fn device_of(mount_point: &Path) -> Result<PathBuf, GrowError> {
         nix::sys::stat::major(stat.st_dev),
         nix::sys::stat::minor(stat.st_dev),
     );
-    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))
-        .map_err(error)?;
+    let uevent =
+        std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent")).map_err(error)?;
     uevent
         .lines()
         .find_map(|line| line.strip_prefix("DEVNAME="))
@@ -232,7 +232,9 @@ mod tests {
         File::create(&image).unwrap().set_len(64 << 20).unwrap();
         let image_arg = image.to_str().unwrap();
         if run("mkfs.ext4", &["-q", "-F", "-L", "banger-work", image_arg]).is_none() {
-            eprintln!("SKIPPED a_mounted_file_system_grows_to_its_lengthened_disk: mkfs.ext4 not found");
+            eprintln!(
+                "SKIPPED a_mounted_file_system_grows_to_its_lengthened_disk: mkfs.ext4 not found"
+            );
             return;
         }
         // The host's part of a resize: the file gets longer, nothing else.
@@ -243,7 +245,9 @@ mod tests {
             .set_len(192 << 20)
             .unwrap();
         let Some(loop_device) = run("losetup", &["--find", "--show", image_arg]) else {
-            eprintln!("SKIPPED a_mounted_file_system_grows_to_its_lengthened_disk: losetup not found");
+            eprintln!(
+                "SKIPPED a_mounted_file_system_grows_to_its_lengthened_disk: losetup not found"
+            );
             return;
         };
         let mount_point = dir.path().join("mnt");

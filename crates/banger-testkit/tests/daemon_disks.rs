@@ -209,7 +209,11 @@ fn work_disks_attach_detach_survive_and_grow() {
     assert_eq!(daemon.vm("gamma")["disk_bytes"], 96 << 20);
     assert_eq!(std::fs::metadata(&root).unwrap().len(), 96 << 20);
     assert_eq!(ext4_bytes(&root), fs_before);
-    assert_eq!(fs_tool_calls(&calls), "", "vm set --disk-size ran host fs tools");
+    assert_eq!(
+        fs_tool_calls(&calls),
+        "",
+        "vm set --disk-size ran host fs tools"
+    );
     let error = daemon.banger_err(&["vm", "set", "gamma", "--disk-size", "32M"]);
     assert!(error.contains("never shrink"), "{error}");
     daemon.banger_ok(&["vm", "start", "gamma"]);

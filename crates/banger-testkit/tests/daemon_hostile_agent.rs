@@ -162,10 +162,7 @@ fn a_hostile_agent_loses_its_connection_and_the_daemon_serves_on() {
         "FAKE_FIRECRACKER_GUEST_AGENT_BIN",
         &script.display().to_string(),
     );
-    daemon.set_env(
-        "REAL_AGENT",
-        &binary("banger-agent").display().to_string(),
-    );
+    daemon.set_env("REAL_AGENT", &binary("banger-agent").display().to_string());
     daemon.set_env("HOSTILE_FLAG", &flag.display().to_string());
     daemon.set_env("HOSTILE_LOG", &hostile_log.display().to_string());
     // 500 rounds of 2000 frames: a million frames, about 70 MB.
@@ -329,7 +326,12 @@ fn a_guest_flooding_its_console_is_capped_also_after_a_daemon_restart() {
         // watches its console again.
         daemon.kill9();
         daemon.start();
-        assert_eq!(daemon.vm("noisy")["state"], "running", "{}", daemon.log_text());
+        assert_eq!(
+            daemon.vm("noisy")["state"],
+            "running",
+            "{}",
+            daemon.log_text()
+        );
     }
     daemon.banger_ok(&["vm", "delete", "--force", "noisy"]);
     daemon.assert_no_leaks();

@@ -118,7 +118,10 @@ fn create_list_show_stop_start_set_delete() {
 
     // Sizes are bounded by the host: refused before anything changes.
     let error = daemon.banger_err(&["vm", "set", "dev", "--vcpus", "32"]);
-    assert!(error.contains("vcpus 32 is more than the host's"), "{error}");
+    assert!(
+        error.contains("vcpus 32 is more than the host's"),
+        "{error}"
+    );
     let error = daemon.banger_err(&["vm", "set", "dev", "--memory", "100000000"]);
     assert!(
         error.contains("memory_mib 100000000 is more than the host's memory (MemTotal"),

@@ -71,7 +71,10 @@ impl std::os::fd::AsRawFd for Watch {
 fn watch(path: &Path) -> Option<AsyncFd<Watch>> {
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
     inotify
-        .add_watch(path, AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_DONT_FOLLOW)
+        .add_watch(
+            path,
+            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_DONT_FOLLOW,
+        )
         .ok()?;
     // SAFETY: `Watch` owns the inotify descriptor, which stays open and is
     // not replaced while the `AsyncFd` holds it.
@@ -132,10 +135,7 @@ mod tests {
         let log = dir.path().join("console.log");
         std::fs::write(&log, b"0123456789").unwrap();
         assert!(!rotate_if_over(&log, 10).unwrap());
-        let mut appender = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let mut appender = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         appender.write_all(b"abcdef").unwrap();
         assert!(rotate_if_over(&log, 10).unwrap());
         assert_eq!(
@@ -169,10 +169,7 @@ mod tests {
         let watcher = tokio::spawn(rotate_until(log.clone(), 64 * 1024, async {
             let _ = stopped.await;
         }));
-        let mut appender = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let mut appender = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         let line = vec![b'y'; 1024];
         for _ in 0..1024 {
             appender.write_all(&line).unwrap();

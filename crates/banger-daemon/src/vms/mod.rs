@@ -339,7 +339,14 @@ fn mem_total_mib(meminfo: &str) -> Option<u64> {
     meminfo
         .lines()
         .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map(|kib| kib / 1024)
 }
 
@@ -386,10 +393,7 @@ mod tests {
         };
         assert!(super::validate_size_on(2, 4000, &host).is_ok());
         let error = super::validate_size_on(3, 512, &host).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "vcpus 3 is more than the host's 2 CPUs"
-        );
+        assert_eq!(error.to_string(), "vcpus 3 is more than the host's 2 CPUs");
         let error = super::validate_size_on(1, 4001, &host).unwrap_err();
         assert_eq!(
             error.to_string(),
@@ -402,7 +406,12 @@ mod tests {
         );
         // This host: more memory than it has is refused.
         let error = super::validate_size(1, u32::MAX).unwrap_err();
-        assert!(error.to_string().starts_with("memory_mib 4294967295 is more than the host's memory (MemTotal "), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("memory_mib 4294967295 is more than the host's memory (MemTotal "),
+            "{error}"
+        );
     }
 
     #[test]
