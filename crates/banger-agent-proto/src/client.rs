@@ -11,6 +11,12 @@
 //! 4. When the connection ends, every open session fails with
 //!    [`ClientError::ConnectionClosed`].
 //!
+//! The agent is untrusted (a guest controls it), so what it can make the
+//! host hold is bounded: frames for sessions the client does not know are
+//! dropped without an answer; data beyond a stream's window, credit for
+//! bytes never sent, an oversized frame or a write queue the agent lets
+//! overflow ([`crate::protocol::WRITE_QUEUE_LIMIT`]) close the connection.
+//!
 //! `AgentClient` is cheap to clone; clones share the connection.
 
 use std::collections::HashMap;
@@ -27,13 +33,14 @@ use banger_proto::agent::{
     HelloInfo, HostKey, Operation, OperationResult, StreamId, WindowSize, CONNECTION_SESSION,
     PROTOCOL_VERSION,
 };
-use bytes::Bytes;
+use banger_proto::agent::{INITIAL_WINDOW, MAX_PAYLOAD_LEN};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
 use crate::protocol::{
-    read_frame, receive_stream, send_frame, spawn_writer, FrameError, FrameSender, ReceiveStream,
-    SendWindow, StreamInlet,
+    read_frame, receive_stream, send_frame, spawn_writer, FrameError, FrameSender, Outgoing,
+    ReceiveStream, SendWindow, StreamInlet, WeakFrameSender,
 };
 use crate::transport::{firecracker_vsock_handshake, VsockHandshakeError};
 
@@ -72,14 +79,10 @@ impl ClientError {
 }
 
 type Outcome = Result<OperationResult, ClientError>;
-type WeakFrameSender = mpsc::WeakUnboundedSender<crate::protocol::Outgoing>;
-
-/// Where the reader delivers a raw session's frames, unchanged.
-type RawInlet = mpsc::UnboundedSender<(Frame, Bytes)>;
 
 struct Route {
     /// Set for a raw session: every frame goes here instead of the typed parts.
-    raw: Option<RawInlet>,
+    raw: Option<Arc<RawInbox>>,
     stdout: Option<StreamInlet>,
     stderr: Option<StreamInlet>,
     stdin: Arc<SendWindow>,
@@ -239,7 +242,7 @@ impl AgentClient {
     /// session, credit and all, end to end.
     pub fn open_raw(&self, operation: Operation) -> Result<RawSession, ClientError> {
         let session = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
-        let (inlet, frames) = mpsc::unbounded_channel();
+        let inbox = Arc::new(RawInbox::default());
         {
             let mut routes = self.shared.routes();
             if *self
@@ -253,7 +256,7 @@ impl AgentClient {
             routes.insert(
                 session,
                 Route {
-                    raw: Some(inlet),
+                    raw: Some(Arc::clone(&inbox)),
                     stdout: None,
                     stderr: None,
                     stdin: SendWindow::new(),
@@ -269,8 +272,13 @@ impl AgentClient {
             sender: RawSender {
                 session,
                 sender: self.frames.clone(),
+                inbox: Arc::clone(&inbox),
             },
-            frames,
+            frames: RawFrames {
+                session,
+                inbox,
+                ended: false,
+            },
         })
     }
 
@@ -425,12 +433,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
 ) {
     let failure = loop {
-        let (frame, payload) = match read_frame(&mut reader).await {
-            Ok(Some(read)) => read,
-            Ok(None) | Err(_) => break None,
+        let read = tokio::select! {
+            read = read_frame(&mut reader) => read,
+            () = frames.overflowed() => {
+                break Some(protocol_error(
+                    "The agent does not read what the host sends it".to_owned(),
+                ));
+            }
         };
-        if forward_raw(&shared, &frame, &payload) {
-            continue;
+        let (frame, payload) = match read {
+            Ok(Some(read)) => read,
+            Ok(None) => break None,
+            Err(error) => break Some(protocol_error(error_chain(&error))),
+        };
+        match forward_raw(&shared, &frame, &payload) {
+            Forwarded::Yes => continue,
+            Forwarded::Violation(message) => break Some(protocol_error(message)),
+            Forwarded::No => {}
         }
         match frame {
             Frame::Data { session, stream } => {
@@ -442,17 +461,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         StreamId::Stdin => None,
                     })
                 };
-                let delivered = inlet.map(|inlet| inlet.deliver(payload.clone()));
-                match delivered {
-                    Some(Ok(())) => {}
-                    Some(Err(true)) => {
-                        break Some(AgentError {
-                            kind: AgentErrorKind::Protocol,
-                            message: format!("Agent overran the window of session {session}"),
-                        })
+                // Data for a session or stream that is not open is dropped
+                // unanswered: answering it would let the agent make the host
+                // queue frames without bound.
+                let Some(inlet) = inlet else { continue };
+                match inlet.deliver(payload.clone()) {
+                    Ok(()) => {}
+                    Err(true) => {
+                        break Some(protocol_error(format!(
+                            "Agent overran the window of session {session}"
+                        )))
                     }
                     // Nobody reads it any more: let the agent go on.
-                    Some(Err(false)) | None => {
+                    Err(false) => {
                         if let (Ok(bytes), Some(frames)) =
                             (u32::try_from(payload.len()), frames.upgrade())
                         {
@@ -497,6 +518,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             _ => {}
         }
     };
+    // Both directions close: the writer stops even with frames queued.
+    frames.shut_down();
+    drop(reader);
     let routes: Vec<Route> = {
         let mut routes = shared.routes();
         *shared.closed.lock().unwrap_or_else(PoisonError::into_inner) = true;
@@ -508,13 +532,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 kind: AgentErrorKind::Io,
                 message: "Agent connection closed".to_owned(),
             });
-            let _ = raw.send((
-                Frame::Failed {
-                    session: CONNECTION_SESSION,
-                    error,
-                },
-                Bytes::new(),
-            ));
+            raw.end(Frame::Failed {
+                session: CONNECTION_SESSION,
+                error,
+            });
         }
         route.stdin.close();
         if let Some(done) = route.done.take() {
@@ -525,23 +546,51 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-/// Hands a raw session's frame to its owner; false when the frame is not a
-/// raw session's. The session's route goes with its `Done` or `Failed`.
-fn forward_raw(shared: &Shared, frame: &Frame, payload: &Bytes) -> bool {
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn protocol_error(message: String) -> AgentError {
+    AgentError {
+        kind: AgentErrorKind::Protocol,
+        message,
+    }
+}
+
+enum Forwarded {
+    /// Not a raw session's frame.
+    No,
+    Yes,
+    /// The agent broke the protocol; the connection closes.
+    Violation(String),
+}
+
+/// Hands a raw session's frame to its inbox. The session's route goes with
+/// its `Done` or `Failed`.
+fn forward_raw(shared: &Shared, frame: &Frame, payload: &Bytes) -> Forwarded {
     let session = frame.session();
     if session == CONNECTION_SESSION {
-        return false;
+        return Forwarded::No;
     }
     let mut routes = shared.routes();
     let Some(raw) = routes.get(&session).and_then(|route| route.raw.clone()) else {
-        return false;
+        return Forwarded::No;
     };
     if matches!(frame, Frame::Done { .. } | Frame::Failed { .. }) {
         routes.remove(&session);
     }
     drop(routes);
-    let _ = raw.send((frame.clone(), payload.clone()));
-    true
+    match raw.arrived(frame, payload) {
+        Ok(()) => Forwarded::Yes,
+        Err(message) => Forwarded::Violation(format!("Session {session}: {message}")),
+    }
 }
 
 fn finish(shared: &Shared, session: u64, outcome: Outcome) {
@@ -559,9 +608,8 @@ fn finish(shared: &Shared, session: u64, outcome: Outcome) {
 pub struct RawSession {
     /// Sends the caller's frames for this session.
     pub sender: RawSender,
-    /// The agent's frames for this session, as sent (session id included).
-    /// A `Failed` with session 0 means the connection ended.
-    pub frames: mpsc::UnboundedReceiver<(Frame, Bytes)>,
+    /// The agent's frames for this session.
+    pub frames: RawFrames,
 }
 
 impl RawSession {
@@ -570,11 +618,187 @@ impl RawSession {
     }
 }
 
+/// What the agent sent for one raw session and its caller has not taken
+/// yet. It is bounded whatever the agent does: output bytes only within the
+/// windows the caller granted, stdin credit only for bytes the caller sent
+/// (summed, not queued), and one end.
+#[derive(Debug, Default)]
+struct RawInbox {
+    state: Mutex<RawState>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct RawState {
+    stdout: RawOutput,
+    stderr: RawOutput,
+    /// Stdin bytes sent to the agent that it has not credited yet.
+    stdin_unacknowledged: u64,
+    /// Stdin credit from the agent not yet handed to the caller.
+    stdin_credit: u64,
+    /// The session's `Done`/`Failed`, or a `Failed` with session 0 when
+    /// the connection ended.
+    end: Option<Frame>,
+}
+
+#[derive(Debug, Default)]
+struct RawOutput {
+    buffered: BytesMut,
+    /// Bytes the agent sent that the caller has not credited yet.
+    outstanding: u64,
+    eof: bool,
+    eof_taken: bool,
+}
+
+impl RawInbox {
+    fn state(&self) -> std::sync::MutexGuard<'_, RawState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes in one of the agent's frames; `Err` names a protocol violation.
+    fn arrived(&self, frame: &Frame, payload: &Bytes) -> Result<(), String> {
+        let mut state = self.state();
+        match frame {
+            Frame::Data { stream, .. } => {
+                let output = match stream {
+                    StreamId::Stdout => &mut state.stdout,
+                    StreamId::Stderr => &mut state.stderr,
+                    StreamId::Stdin => return Err("the agent sent data on stdin".to_owned()),
+                };
+                if output.eof {
+                    return Err(format!("the agent sent data on {stream:?} after its end"));
+                }
+                output.outstanding += payload.len() as u64;
+                if output.outstanding > u64::from(INITIAL_WINDOW) {
+                    return Err(format!(
+                        "the agent sent {} bytes on {stream:?} against a window of {INITIAL_WINDOW}",
+                        output.outstanding
+                    ));
+                }
+                output.buffered.extend_from_slice(payload);
+            }
+            Frame::Eof { stream, .. } => match stream {
+                StreamId::Stdout => state.stdout.eof = true,
+                StreamId::Stderr => state.stderr.eof = true,
+                StreamId::Stdin => {}
+            },
+            Frame::Credit {
+                stream: StreamId::Stdin,
+                bytes,
+                ..
+            } => {
+                let bytes = u64::from(*bytes);
+                if bytes > state.stdin_unacknowledged {
+                    return Err(format!(
+                        "the agent credited {bytes} stdin bytes, {} were sent",
+                        state.stdin_unacknowledged
+                    ));
+                }
+                state.stdin_unacknowledged -= bytes;
+                state.stdin_credit += bytes;
+            }
+            Frame::Done { .. } | Frame::Failed { .. } => {
+                if state.end.is_none() {
+                    state.end = Some(frame.clone());
+                }
+            }
+            _ => return Ok(()),
+        }
+        drop(state);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// The connection ended.
+    fn end(&self, frame: Frame) {
+        let mut state = self.state();
+        if state.end.is_none() {
+            state.end = Some(frame);
+        }
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// The next frame to hand over, if there is one now.
+    fn take(&self, session: u64) -> Option<(Frame, Bytes)> {
+        let mut state = self.state();
+        if state.stdin_credit > 0 {
+            let bytes = u32::try_from(state.stdin_credit).unwrap_or(u32::MAX);
+            state.stdin_credit -= u64::from(bytes);
+            return Some((
+                Frame::Credit {
+                    session,
+                    stream: StreamId::Stdin,
+                    bytes,
+                },
+                Bytes::new(),
+            ));
+        }
+        for stream in [StreamId::Stdout, StreamId::Stderr] {
+            let output = match stream {
+                StreamId::Stdout => &mut state.stdout,
+                _ => &mut state.stderr,
+            };
+            if !output.buffered.is_empty() {
+                let len = output.buffered.len().min(MAX_PAYLOAD_LEN as usize);
+                let chunk = output.buffered.split_to(len).freeze();
+                return Some((Frame::Data { session, stream }, chunk));
+            }
+            if output.eof && !output.eof_taken {
+                output.eof_taken = true;
+                return Some((Frame::Eof { session, stream }, Bytes::new()));
+            }
+        }
+        state.end.take().map(|frame| (frame, Bytes::new()))
+    }
+}
+
+/// The agent's frames of a [`RawSession`]: output as `Data`/`Eof`, stdin
+/// credit as `Credit`, then the session's `Done` or `Failed` (a `Failed`
+/// with session 0 when the connection ended). Output chunks may be split or
+/// merged differently from how the agent sent them; the byte counts, and
+/// so the credit the caller returns, are the same.
+#[derive(Debug)]
+pub struct RawFrames {
+    session: u64,
+    inbox: Arc<RawInbox>,
+    ended: bool,
+}
+
+impl RawFrames {
+    /// The next frame; `None` after the end.
+    pub async fn recv(&mut self) -> Option<(Frame, Bytes)> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            let changed = self.inbox.changed.notified();
+            if let Some((frame, payload)) = self.inbox.take(self.session) {
+                if matches!(frame, Frame::Done { .. } | Frame::Failed { .. }) {
+                    self.ended = true;
+                }
+                return Some((frame, payload));
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Why [`RawSender::send`] refused a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RawSendError {
+    #[error("The agent connection is closed")]
+    ConnectionClosed,
+    #[error("Stdin data beyond the window the agent granted")]
+    WindowOverrun,
+}
+
 /// The sending half of a [`RawSession`]; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct RawSender {
     session: u64,
     sender: FrameSender,
+    inbox: Arc<RawInbox>,
 }
 
 impl RawSender {
@@ -584,26 +808,54 @@ impl RawSender {
     }
 
     /// Sends `frame` (its session id replaced by this session's) to the agent.
-    /// Only frames a host may send for a session are forwarded; false when
-    /// the connection is gone.
-    pub fn send(&self, frame: Frame, payload: Bytes) -> bool {
+    /// Only frames a host may send for a session are forwarded. Stdin data
+    /// must stay within the window the agent granted; output credit is
+    /// passed on only for bytes the agent sent.
+    pub fn send(&self, frame: Frame, payload: Bytes) -> Result<(), RawSendError> {
         let session = self.session;
         let frame = match frame {
-            Frame::Data { stream, .. } => Frame::Data { session, stream },
+            Frame::Data {
+                stream: StreamId::Stdin,
+                ..
+            } => {
+                let mut state = self.inbox.state();
+                let unacknowledged = state.stdin_unacknowledged + payload.len() as u64;
+                if unacknowledged > u64::from(INITIAL_WINDOW) {
+                    return Err(RawSendError::WindowOverrun);
+                }
+                state.stdin_unacknowledged = unacknowledged;
+                Frame::Data {
+                    session,
+                    stream: StreamId::Stdin,
+                }
+            }
             Frame::Eof { stream, .. } => Frame::Eof { session, stream },
-            Frame::Credit { stream, bytes, .. } => Frame::Credit {
-                session,
-                stream,
-                bytes,
-            },
+            Frame::Credit { stream, bytes, .. } => {
+                let mut state = self.inbox.state();
+                let output = match stream {
+                    StreamId::Stdout => &mut state.stdout,
+                    StreamId::Stderr => &mut state.stderr,
+                    StreamId::Stdin => return Ok(()),
+                };
+                let bytes = u64::from(bytes).min(output.outstanding);
+                output.outstanding -= bytes;
+                if bytes == 0 {
+                    return Ok(());
+                }
+                Frame::Credit {
+                    session,
+                    stream,
+                    bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+                }
+            }
             Frame::Resize { size, .. } => Frame::Resize { session, size },
             Frame::Signal { signal, .. } => Frame::Signal { session, signal },
             Frame::Cancel { .. } => Frame::Cancel { session },
-            _ => return true,
+            _ => return Ok(()),
         };
         self.sender
-            .send(crate::protocol::Outgoing { frame, payload })
-            .is_ok()
+            .send(Outgoing { frame, payload })
+            .map_err(|_| RawSendError::ConnectionClosed)
     }
 
     /// Abandons the session (see [`Frame::Cancel`]).
@@ -815,3 +1067,286 @@ impl AsyncRead for CopyOutStream {
 }
 
 use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use banger_proto::agent::{ExitStatus, HelloInfo};
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::protocol::write_frame;
+
+    /// A hand-written agent: answers hello, then does what the test says.
+    async fn connected() -> (AgentClient, DuplexStream) {
+        let (host, mut guest) = tokio::io::duplex(1024 * 1024);
+        let peer = tokio::spawn(async move {
+            let (frame, _) = read_frame(&mut guest).await.unwrap().unwrap();
+            assert!(matches!(frame, Frame::Hello { .. }));
+            let hello = HelloInfo {
+                agent_version: "test".to_owned(),
+                protocol_version: PROTOCOL_VERSION,
+                kernel_release: String::new(),
+                distro: String::new(),
+                hostname: String::new(),
+                boot_time_unix: 0,
+                is_init: false,
+            };
+            write_frame(&mut guest, &Frame::HelloReply(hello), &[])
+                .await
+                .unwrap();
+            guest.flush().await.unwrap();
+            guest
+        });
+        let client = AgentClient::connect(host).await.unwrap();
+        (client, peer.await.unwrap())
+    }
+
+    async fn send(guest: &mut DuplexStream, frame: Frame, payload: &[u8]) {
+        write_frame(guest, &frame, payload).await.unwrap();
+        guest.flush().await.unwrap();
+    }
+
+    /// Frames the client sends within `wait`, until it closes the connection.
+    async fn frames_within(guest: &mut DuplexStream, wait: Duration) -> (Vec<Frame>, bool) {
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout(wait, read_frame(guest)).await {
+                Ok(Ok(Some((frame, _)))) => frames.push(frame),
+                Ok(_) => return (frames, true),
+                Err(_) => return (frames, false),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_for_unknown_sessions_are_dropped_unanswered() {
+        let (client, mut guest) = connected().await;
+        for session in [0, 7, 1 << 40] {
+            send(
+                &mut guest,
+                Frame::Data {
+                    session,
+                    stream: StreamId::Stdout,
+                },
+                &[1; 1000],
+            )
+            .await;
+            send(
+                &mut guest,
+                Frame::Credit {
+                    session,
+                    stream: StreamId::Stdin,
+                    bytes: 1000,
+                },
+                &[],
+            )
+            .await;
+            send(
+                &mut guest,
+                Frame::Done {
+                    session: session + 1,
+                    result: OperationResult::Exited(ExitStatus {
+                        code: Some(0),
+                        signal: None,
+                    }),
+                },
+                &[],
+            )
+            .await;
+        }
+        let (answers, closed) = frames_within(&mut guest, Duration::from_millis(200)).await;
+        assert!(answers.is_empty(), "answered: {answers:?}");
+        assert!(!closed);
+        assert!(!client.is_closed());
+    }
+
+    fn raw_exec(client: &AgentClient) -> RawSession {
+        client
+            .open_raw(Operation::Exec(ExecRequest {
+                argv: vec!["cat".to_owned()],
+                ..ExecRequest::default()
+            }))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_raw_session_holds_one_window_and_overrunning_it_closes_the_connection() {
+        let (client, mut guest) = connected().await;
+        let mut raw = raw_exec(&client);
+        let (open, _) = read_frame(&mut guest).await.unwrap().unwrap();
+        let session = open.session();
+        let chunk = vec![7_u8; MAX_PAYLOAD_LEN as usize];
+        for _ in 0..INITIAL_WINDOW / MAX_PAYLOAD_LEN {
+            send(
+                &mut guest,
+                Frame::Data {
+                    session,
+                    stream: StreamId::Stdout,
+                },
+                &chunk,
+            )
+            .await;
+        }
+        // The whole window arrives; credit it, and the agent may send more.
+        let mut received = 0;
+        while received < INITIAL_WINDOW as usize {
+            let (frame, payload) = raw.frames.recv().await.unwrap();
+            assert!(matches!(frame, Frame::Data { .. }), "{frame:?}");
+            received += payload.len();
+        }
+        assert_eq!(received, INITIAL_WINDOW as usize);
+        raw.sender
+            .send(
+                Frame::Credit {
+                    session: 0,
+                    stream: StreamId::Stdout,
+                    bytes: MAX_PAYLOAD_LEN,
+                },
+                Bytes::new(),
+            )
+            .unwrap();
+        let (credit, _) = read_frame(&mut guest).await.unwrap().unwrap();
+        assert_eq!(
+            credit,
+            Frame::Credit {
+                session,
+                stream: StreamId::Stdout,
+                bytes: MAX_PAYLOAD_LEN
+            }
+        );
+        // One window plus one byte, with only part of it credited: a violation.
+        for _ in 0..INITIAL_WINDOW / MAX_PAYLOAD_LEN {
+            send(
+                &mut guest,
+                Frame::Data {
+                    session,
+                    stream: StreamId::Stdout,
+                },
+                &chunk,
+            )
+            .await;
+        }
+        send(
+            &mut guest,
+            Frame::Data {
+                session,
+                stream: StreamId::Stdout,
+            },
+            b"x",
+        )
+        .await;
+        let (_, closed) = frames_within(&mut guest, Duration::from_secs(5)).await;
+        assert!(closed, "the connection stayed open");
+        assert!(client.is_closed());
+        let end = loop {
+            let (frame, _) = raw.frames.recv().await.unwrap();
+            if !matches!(frame, Frame::Data { .. }) {
+                break frame;
+            }
+        };
+        match end {
+            Frame::Failed {
+                session: CONNECTION_SESSION,
+                error,
+            } => assert!(error.message.contains("against a window of"), "{error:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(raw.frames.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn credit_for_stdin_never_sent_closes_the_connection() {
+        let (client, mut guest) = connected().await;
+        let raw = raw_exec(&client);
+        let (open, _) = read_frame(&mut guest).await.unwrap().unwrap();
+        let session = open.session();
+        raw.sender
+            .send(
+                Frame::Data {
+                    session: 0,
+                    stream: StreamId::Stdin,
+                },
+                Bytes::from_static(b"abc"),
+            )
+            .unwrap();
+        send(
+            &mut guest,
+            Frame::Credit {
+                session,
+                stream: StreamId::Stdin,
+                bytes: 3,
+            },
+            &[],
+        )
+        .await;
+        send(
+            &mut guest,
+            Frame::Credit {
+                session,
+                stream: StreamId::Stdin,
+                bytes: 1,
+            },
+            &[],
+        )
+        .await;
+        let (frames, closed) = frames_within(&mut guest, Duration::from_secs(5)).await;
+        assert!(closed, "the connection stayed open");
+        assert!(matches!(frames[..], [Frame::Data { .. }]), "{frames:?}");
+        assert!(client.is_closed());
+    }
+
+    #[tokio::test]
+    async fn stdin_beyond_the_window_is_refused_before_it_is_sent() {
+        let (client, _guest) = connected().await;
+        let raw = raw_exec(&client);
+        let window = Bytes::from(vec![0; INITIAL_WINDOW as usize]);
+        let stdin = Frame::Data {
+            session: 0,
+            stream: StreamId::Stdin,
+        };
+        raw.sender.send(stdin.clone(), window).unwrap();
+        assert_eq!(
+            raw.sender.send(stdin, Bytes::from_static(b"x")),
+            Err(RawSendError::WindowOverrun)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_floods_but_does_not_read_loses_the_connection() {
+        let (client, mut guest) = connected().await;
+        // Output nobody reads is credited at once; an agent that never
+        // reads those credits fills the host's write queue.
+        let session = client
+            .exec(ExecRequest {
+                argv: vec!["cat".to_owned()],
+                ..ExecRequest::default()
+            })
+            .await
+            .map(|exec| {
+                drop(exec.stdout);
+                drop(exec.stderr);
+                exec.exit
+            })
+            .unwrap();
+        let (open, _) = read_frame(&mut guest).await.unwrap().unwrap();
+        let id = open.session();
+        let frame = Frame::Data {
+            session: id,
+            stream: StreamId::Stdout,
+        };
+        let flood = async {
+            loop {
+                if write_frame(&mut guest, &frame, b"x").await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), flood)
+            .await
+            .expect("the host kept reading a peer that does not read");
+        assert!(client.is_closed());
+        assert!(session.wait().await.is_err());
+    }
+}

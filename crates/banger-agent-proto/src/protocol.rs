@@ -4,21 +4,25 @@
 //!    payload_len | JSON header | payload`, lengths big-endian) over any
 //!    `AsyncRead`/`AsyncWrite`.
 //! 2. [`spawn_writer`] owns the write half: every task of a connection queues
-//!    frames on one channel, so frames of one session stay in order. The
-//!    queue is unbounded but what it can hold is bounded: data frames only go
-//!    out against credit ([`SendWindow`]), and control frames answer frames
-//!    the peer sent.
+//!    frames on one queue, so frames of one session stay in order. A well
+//!    behaved peer keeps the queue small (data frames only go out against
+//!    credit, [`SendWindow`]; control frames answer frames the peer sent),
+//!    and the queue is capped at [`WRITE_QUEUE_LIMIT`] bytes: a peer that
+//!    makes it overflow (it sends but does not read) loses the connection.
+//!    [`FrameSender::shut_down`] ends the writer at once, so a reader that
+//!    gives up on a peer closes both directions.
 //! 3. [`SendWindow`] is the sender's view of one stream's window;
 //!    [`ReceiveStream`] is the receiver's, and returns credit as its consumer
 //!    takes the bytes.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use banger_proto::agent::{Frame, StreamId, INITIAL_WINDOW, MAX_HEADER_LEN, MAX_PAYLOAD_LEN};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -32,6 +36,8 @@ pub enum FrameError {
     DecodeHeader(#[source] serde_json::Error),
     #[error("Connection closed in the middle of a frame")]
     Truncated,
+    #[error("The peer does not read: more than {limit} bytes of frames are queued for it")]
+    QueueOverflow { limit: usize },
 }
 
 /// Reads one frame; `None` on a clean end of stream between frames.
@@ -109,8 +115,137 @@ pub struct Outgoing {
     pub payload: Bytes,
 }
 
-/// The sending side of a connection's frame queue.
-pub type FrameSender = mpsc::UnboundedSender<Outgoing>;
+/// Most bytes a connection's write queue holds (payloads plus
+/// [`FRAME_COST`] per frame) before the connection is closed.
+pub const WRITE_QUEUE_LIMIT: usize = 32 * 1024 * 1024;
+/// What a queued frame costs besides its payload (header and bookkeeping).
+pub const FRAME_COST: usize = 256;
+
+#[derive(Debug)]
+struct QueueState {
+    /// Bytes queued and not yet written.
+    queued: AtomicUsize,
+    limit: usize,
+    /// Why the writer must stop at once (`Some` once it must).
+    stop: watch::Sender<Option<StopReason>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Overflow,
+    ShutDown,
+}
+
+impl QueueState {
+    fn stop(&self, reason: StopReason) {
+        self.stop.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    async fn stopped(&self) -> StopReason {
+        let mut receiver = self.stop.subscribe();
+        let reason = receiver
+            .wait_for(Option::is_some)
+            .await
+            .map(|reason| *reason);
+        match reason {
+            Ok(Some(reason)) => reason,
+            // The sender lives as long as `self`.
+            _ => std::future::pending().await,
+        }
+    }
+}
+
+/// The sending side of a connection's frame queue; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FrameSender {
+    queue: mpsc::UnboundedSender<Outgoing>,
+    state: Arc<QueueState>,
+}
+
+/// A [`FrameSender`] that does not keep the connection open.
+#[derive(Debug, Clone)]
+pub struct WeakFrameSender {
+    queue: mpsc::WeakUnboundedSender<Outgoing>,
+    state: Arc<QueueState>,
+}
+
+/// The frame was not queued: the connection is closed, or its queue overflowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("The connection is closed")]
+pub struct QueueClosed;
+
+impl FrameSender {
+    /// Queues a frame. Past the queue's limit the connection is closed and
+    /// every later frame refused.
+    pub fn send(&self, outgoing: Outgoing) -> Result<(), QueueClosed> {
+        if self.state.stop.borrow().is_some() {
+            return Err(QueueClosed);
+        }
+        let cost = outgoing.payload.len() + FRAME_COST;
+        let before = self.state.queued.fetch_add(cost, Ordering::AcqRel);
+        if before + cost > self.state.limit {
+            self.state.queued.fetch_sub(cost, Ordering::AcqRel);
+            self.state.stop(StopReason::Overflow);
+            return Err(QueueClosed);
+        }
+        self.queue.send(outgoing).map_err(|_| {
+            self.state.queued.fetch_sub(cost, Ordering::AcqRel);
+            QueueClosed
+        })
+    }
+
+    pub fn downgrade(&self) -> WeakFrameSender {
+        WeakFrameSender {
+            queue: self.queue.downgrade(),
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// Ends the writer without writing what is still queued.
+    pub fn shut_down(&self) {
+        self.state.stop(StopReason::ShutDown);
+    }
+
+    /// Resolves once the queue overflowed (the connection is being closed).
+    pub async fn overflowed(&self) {
+        overflowed(&self.state).await;
+    }
+}
+
+async fn overflowed(state: &QueueState) {
+    loop {
+        if state.stopped().await == StopReason::Overflow {
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+impl WeakFrameSender {
+    pub fn upgrade(&self) -> Option<FrameSender> {
+        Some(FrameSender {
+            queue: self.queue.upgrade()?,
+            state: Arc::clone(&self.state),
+        })
+    }
+
+    /// See [`FrameSender::shut_down`].
+    pub fn shut_down(&self) {
+        self.state.stop(StopReason::ShutDown);
+    }
+
+    /// See [`FrameSender::overflowed`].
+    pub async fn overflowed(&self) {
+        overflowed(&self.state).await;
+    }
+}
 
 /// Queues a frame without payload; false when the connection is gone.
 pub fn send_frame(sender: &FrameSender, frame: Frame) -> bool {
@@ -122,27 +257,78 @@ pub fn send_frame(sender: &FrameSender, frame: Frame) -> bool {
         .is_ok()
 }
 
+/// A frame queue holding at most `limit` bytes, and its receiving end.
+fn frame_queue(limit: usize) -> (FrameSender, mpsc::UnboundedReceiver<Outgoing>) {
+    let (queue, receiver) = mpsc::unbounded_channel();
+    let (stop, _) = watch::channel(None);
+    let state = Arc::new(QueueState {
+        queued: AtomicUsize::new(0),
+        limit,
+        stop,
+    });
+    (FrameSender { queue, state }, receiver)
+}
+
 /// Starts the task that owns the write half; it ends when every sender is
-/// dropped or a write fails, and returns the error if one did.
+/// dropped, a write fails, the queue overflows or a sender shuts it down,
+/// and returns the error if one happened.
 pub fn spawn_writer<W>(writer: W) -> (FrameSender, tokio::task::JoinHandle<Result<(), FrameError>>)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, mut receiver) = mpsc::unbounded_channel::<Outgoing>();
+    spawn_writer_with_limit(writer, WRITE_QUEUE_LIMIT)
+}
+
+/// [`spawn_writer`] with a queue of `limit` bytes.
+pub fn spawn_writer_with_limit<W>(
+    writer: W,
+    limit: usize,
+) -> (FrameSender, tokio::task::JoinHandle<Result<(), FrameError>>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, receiver) = frame_queue(limit);
+    let state = Arc::clone(&sender.state);
     let task = tokio::spawn(async move {
-        let mut writer = BufWriter::with_capacity(128 * 1024, writer);
-        while let Some(outgoing) = receiver.recv().await {
-            write_frame(&mut writer, &outgoing.frame, &outgoing.payload).await?;
-            // Batch what is already queued, flush once the queue is empty.
-            while let Ok(outgoing) = receiver.try_recv() {
-                write_frame(&mut writer, &outgoing.frame, &outgoing.payload).await?;
-            }
-            writer.flush().await?;
+        tokio::select! {
+            result = write_queue(writer, receiver, &state) => result,
+            reason = state.stopped() => match reason {
+                StopReason::Overflow => Err(FrameError::QueueOverflow { limit: state.limit }),
+                StopReason::ShutDown => Ok(()),
+            },
         }
-        let _ = writer.shutdown().await;
-        Ok(())
     });
     (sender, task)
+}
+
+async fn write_queue<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut receiver: mpsc::UnboundedReceiver<Outgoing>,
+    state: &QueueState,
+) -> Result<(), FrameError> {
+    let mut writer = BufWriter::with_capacity(128 * 1024, writer);
+    while let Some(outgoing) = receiver.recv().await {
+        write_queued(&mut writer, outgoing, state).await?;
+        // Batch what is already queued, flush once the queue is empty.
+        while let Ok(outgoing) = receiver.try_recv() {
+            write_queued(&mut writer, outgoing, state).await?;
+        }
+        writer.flush().await?;
+    }
+    let _ = writer.shutdown().await;
+    Ok(())
+}
+
+async fn write_queued<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    outgoing: Outgoing,
+    state: &QueueState,
+) -> Result<(), FrameError> {
+    write_frame(writer, &outgoing.frame, &outgoing.payload).await?;
+    state
+        .queued
+        .fetch_sub(outgoing.payload.len() + FRAME_COST, Ordering::AcqRel);
+    Ok(())
 }
 
 /// The sender's side of one stream's window.
@@ -425,7 +611,7 @@ mod tests {
 
     #[tokio::test]
     async fn receive_window_detects_overrun_and_returns_credit() {
-        let (frames, mut queued) = mpsc::unbounded_channel();
+        let (frames, mut queued) = frame_queue(WRITE_QUEUE_LIMIT);
         let (inlet, mut stream) = receive_stream(frames, 9, StreamId::Stdin);
         assert!(inlet
             .deliver(Bytes::from(vec![0; INITIAL_WINDOW as usize]))
@@ -442,5 +628,56 @@ mod tests {
                 bytes: INITIAL_WINDOW
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_read_overflows_the_queue_and_loses_the_connection() {
+        // The peer never reads: the writer blocks once the pipe is full.
+        let (left, mut right) = tokio::io::duplex(1024);
+        let limit = 64 * 1024;
+        let (frames, writer) = spawn_writer_with_limit(left, limit);
+        let frame = Frame::Credit {
+            session: 1,
+            stream: StreamId::Stdout,
+            bytes: 1,
+        };
+        let mut queued = 0;
+        while send_frame(&frames, frame.clone()) {
+            queued += 1;
+            assert!(
+                queued * FRAME_COST <= limit + FRAME_COST,
+                "queue grew past its limit"
+            );
+        }
+        assert!(
+            queued >= limit / FRAME_COST - 8,
+            "refused early, after {queued}"
+        );
+        assert!(matches!(
+            writer.await.unwrap(),
+            Err(FrameError::QueueOverflow { limit: 65536 })
+        ));
+        // Every later frame is refused, and the write half is gone.
+        assert!(!send_frame(&frames, frame));
+        let mut sink = Vec::new();
+        right.read_to_end(&mut sink).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shut_down_ends_the_writer_of_a_blocked_peer() {
+        let (left, _right) = tokio::io::duplex(16);
+        let (frames, writer) = spawn_writer(left);
+        frames
+            .send(Outgoing {
+                frame: Frame::Data {
+                    session: 1,
+                    stream: StreamId::Stdin,
+                },
+                payload: Bytes::from(vec![0; 4096]),
+            })
+            .unwrap();
+        frames.downgrade().shut_down();
+        assert!(writer.await.unwrap().is_ok());
+        assert!(!send_frame(&frames, Frame::Cancel { session: 1 }));
     }
 }

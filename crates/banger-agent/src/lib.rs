@@ -24,6 +24,7 @@
 
 pub mod cli;
 pub mod exec;
+pub mod grow;
 pub mod init;
 pub mod network;
 pub mod reaper;
@@ -82,10 +83,16 @@ pub fn main() -> ExitCode {
         }
         match init::set_up() {
             Ok(parameters) => {
+                // The host only lengthens a grown disk; its file system
+                // grows here, in the guest (read-only roots stay as they are).
+                if !parameters.root.read_only {
+                    grow::grow_and_log(Path::new("/"));
+                }
                 // Before the image's init, so its services see /root in place.
                 match workdisk::mount() {
                     Ok(Some(device)) => {
-                        tracing::info!(device = %device.display(), "work disk mounted on /root")
+                        tracing::info!(device = %device.display(), "work disk mounted on /root");
+                        grow::grow_and_log(Path::new(workdisk::WORK_DISK_MOUNT));
                     }
                     Ok(None) => {}
                     Err(error) => tracing::error!("{}", banger_proto::error_chain(&error)),

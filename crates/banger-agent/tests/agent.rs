@@ -735,14 +735,17 @@ async fn raw_sessions_relay_frames_and_cancel_kills() {
         }
     );
     let pid: i32 = String::from_utf8_lossy(&payload).trim().parse().unwrap();
-    assert!(raw.sender.send(
-        Frame::Credit {
-            session: 0,
-            stream: StreamId::Stdout,
-            bytes: u32::try_from(payload.len()).unwrap(),
-        },
-        Bytes::new(),
-    ));
+    assert!(raw
+        .sender
+        .send(
+            Frame::Credit {
+                session: 0,
+                stream: StreamId::Stdout,
+                bytes: u32::try_from(payload.len()).unwrap(),
+            },
+            Bytes::new(),
+        )
+        .is_ok());
     assert!(raw.sender.cancel());
     let result = loop {
         match tokio::time::timeout(Duration::from_secs(10), raw.frames.recv())

@@ -192,6 +192,32 @@ pub struct VmDefaults {
     pub memory_mib: u32,
     /// How long `vm stop` waits for the guest to shut down before killing it.
     pub stop_grace_seconds: u64,
+    /// Largest disk (root or work) a VM may have, e.g. `"100G"`. Without it
+    /// a disk may grow by at most the free space of the state directory's
+    /// file system (which applies either way).
+    pub max_disk_size: Option<String>,
+    /// Size at which a VM's `console.log` is rotated to `console.log.1`
+    /// (e.g. `"8M"`; at least 64K).
+    pub console_log_max: String,
+}
+
+/// Default of `[vm] console_log_max`.
+pub const DEFAULT_CONSOLE_LOG_MAX: u64 = 8 << 20;
+/// Smallest `[vm] console_log_max`.
+pub const MIN_CONSOLE_LOG_MAX: u64 = 64 << 10;
+
+impl VmDefaults {
+    /// `max_disk_size` in bytes (validated when the config was loaded).
+    pub fn max_disk_bytes(&self) -> Option<u64> {
+        self.max_disk_size
+            .as_deref()
+            .and_then(|size| banger_proto::parse_size(size).ok())
+    }
+
+    /// `console_log_max` in bytes (validated when the config was loaded).
+    pub fn console_log_max_bytes(&self) -> u64 {
+        banger_proto::parse_size(&self.console_log_max).unwrap_or(DEFAULT_CONSOLE_LOG_MAX)
+    }
 }
 
 impl Default for VmDefaults {
@@ -202,6 +228,8 @@ impl Default for VmDefaults {
             vcpus: 2,
             memory_mib: 1024,
             stop_grace_seconds: 10,
+            max_disk_size: None,
+            console_log_max: "8M".to_owned(),
         }
     }
 }
@@ -333,6 +361,19 @@ impl Config {
                 "vm.vcpus",
                 format!("must be between 1 and {MAX_VCPUS}, not {}", self.vm.vcpus),
             ));
+        }
+        if let Some(size) = &self.vm.max_disk_size {
+            banger_proto::parse_size(size).map_err(|problem| bad("vm.max_disk_size", problem))?;
+        }
+        match banger_proto::parse_size(&self.vm.console_log_max) {
+            Ok(bytes) if bytes >= MIN_CONSOLE_LOG_MAX => {}
+            Ok(_) => {
+                return Err(bad(
+                    "vm.console_log_max",
+                    format!("must be at least 64K, not {}", self.vm.console_log_max),
+                ))
+            }
+            Err(problem) => return Err(bad("vm.console_log_max", problem)),
         }
         if self.vm.memory_mib < MIN_MEMORY_MIB {
             return Err(bad(

@@ -40,8 +40,10 @@ pub const MAX_WORK_DISK_BYTES: u64 = 16 << 40;
 pub struct WorkDisks {
     store: Store,
     dir: PathBuf,
+    /// `[vm] max_disk_size`.
+    max_bytes: Option<u64>,
     /// Held while a disk is resized or attached, so a create never attaches
-    /// (and boots) a disk that `resize2fs` is working on.
+    /// (and boots) a disk whose file is being lengthened.
     busy: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -56,6 +58,15 @@ pub enum WorkDiskError {
     InvalidSize { reason: String },
     #[error("Work disk size `{size}` is out of range (64M to 16T)")]
     SizeOutOfRange { size: String },
+    #[error("Disk size {size} is more than the configured maximum {max} (`[vm] max_disk_size`)")]
+    OverMaximum { size: String, max: String },
+    #[error("Disk size {size} needs {needed} more, and the file system of {dir} has {free} free")]
+    OverFreeSpace {
+        size: String,
+        needed: String,
+        free: String,
+        dir: PathBuf,
+    },
     #[error("A work disk named `{name}` exists")]
     Exists { name: String },
     /// A create asked for a disk another VM has.
@@ -117,6 +128,8 @@ impl RpcFailure for WorkDiskError {
             Self::InvalidName(_)
             | Self::InvalidSize { .. }
             | Self::SizeOutOfRange { .. }
+            | Self::OverMaximum { .. }
+            | Self::OverFreeSpace { .. }
             | Self::Shrink { .. } => ErrorKind::InvalidParams,
             Self::Exists { .. } => ErrorKind::AlreadyExists,
             Self::AttachedElsewhere { .. }
@@ -178,6 +191,7 @@ impl WorkDisks {
         Self {
             store,
             dir,
+            max_bytes: None,
             busy: std::sync::Mutex::default(),
         }
     }
@@ -212,6 +226,13 @@ impl WorkDisks {
         self.make(name, bytes, None).await
     }
 
+    /// Caps every work disk at `max_bytes` (`[vm] max_disk_size`).
+    #[must_use]
+    pub fn with_max_bytes(mut self, max_bytes: Option<u64>) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
     async fn make(
         &self,
         name: &str,
@@ -227,6 +248,7 @@ impl WorkDisks {
             path: self.dir.clone(),
             source,
         })?;
+        check_disk_size(&self.dir, 0, bytes, self.max_bytes)?;
         let id = new_id();
         let path = self.dir.join(format!("{id}.ext4"));
         let disk = WorkDisk {
@@ -282,7 +304,8 @@ impl WorkDisks {
         Ok(())
     }
 
-    /// Grows a disk that no running VM uses (`resize2fs`); never shrinks.
+    /// Grows a disk that no running VM uses (the file only: the guest agent
+    /// grows the file system at the next boot); never shrinks.
     /// The caller holds the lock of the VM the disk is attached to, if any
     /// (so the VM cannot start meanwhile).
     pub async fn resize(&self, name: &str, size: &str) -> Result<WorkDisk, WorkDiskError> {
@@ -307,6 +330,7 @@ impl WorkDisks {
                 size_bytes: disk.size_bytes,
             });
         }
+        check_disk_size(&self.dir, disk.size_bytes, bytes, self.max_bytes)?;
         grow(Path::new(&disk.path), bytes).await?;
         self.store.set_work_disk_size(&disk.id, bytes)?;
         disk.size_bytes = bytes;
@@ -428,6 +452,69 @@ fn remove_file_if_present(path: &Path) -> Result<(), WorkDiskError> {
     }
 }
 
+/// Refuses a disk of `requested` bytes (now `current`) that is over `max`
+/// or would need more than the free space of the file system holding `dir`
+/// (disk files are sparse, but a guest can fill them).
+pub fn check_disk_size(
+    dir: &Path,
+    current: u64,
+    requested: u64,
+    max: Option<u64>,
+) -> Result<(), WorkDiskError> {
+    if let Some(max) = max {
+        if requested > max {
+            return Err(WorkDiskError::OverMaximum {
+                size: human_size(requested),
+                max: human_size(max),
+            });
+        }
+    }
+    let needed = requested.saturating_sub(current);
+    if needed == 0 {
+        return Ok(());
+    }
+    // The directory may not exist yet: its nearest existing ancestor is on
+    // the same file system.
+    let existing = dir
+        .ancestors()
+        .find(|ancestor| ancestor.exists())
+        .unwrap_or(Path::new("/"));
+    let free = nix::sys::statvfs::statvfs(existing)
+        .map(|stat| stat.blocks_available().saturating_mul(stat.fragment_size()))
+        .map_err(|errno| WorkDiskError::CreateDirectory {
+            path: existing.to_owned(),
+            source: errno.into(),
+        })?;
+    if needed > free {
+        return Err(WorkDiskError::OverFreeSpace {
+            size: human_size(requested),
+            needed: human_size(needed),
+            free: human_size(free),
+            dir: existing.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// `1536` → `1.5K`, in binary units.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut unit = 0;
+    #[allow(clippy::cast_precision_loss)]
+    let mut value = bytes as f64;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes}")
+    } else if value.fract() == 0.0 {
+        format!("{value:.0}{}", UNITS[unit])
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
 /// Grows an ext4 disk file (not in use) to `bytes`.
 pub async fn grow(path: &Path, bytes: u64) -> Result<(), WorkDiskError> {
     let file = path.to_owned();
@@ -459,6 +546,33 @@ mod tests {
             "Work disk size `1M` is out of range (64M to 16T)"
         );
         assert_eq!(size_of("1G").unwrap(), 1 << 30);
+    }
+
+    #[test]
+    fn disk_sizes_are_bounded_by_the_cap_and_the_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = check_disk_size(dir.path(), 0, 3 << 30, Some(2 << 30)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "Disk size 3G is more than the configured maximum 2G (`[vm] max_disk_size`)"
+        );
+        assert_eq!(error.kind(), ErrorKind::InvalidParams);
+        let free = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        let free = free.blocks_available() * free.fragment_size();
+        let missing = dir.path().join("not").join("yet");
+        let error = check_disk_size(&missing, 0, free + (1 << 30), None).unwrap_err();
+        let text = error.to_string();
+        assert!(text.starts_with("Disk size "), "{text}");
+        assert!(text.ends_with(" free"), "{text}");
+        assert!(
+            text.contains(&format!("the file system of {} has", dir.path().display())),
+            "{text}"
+        );
+        // Growing by what is free is fine; the same size needs nothing.
+        check_disk_size(dir.path(), 1 << 40, (1 << 40) + (1 << 20), None).unwrap();
+        check_disk_size(dir.path(), 1 << 50, 1 << 50, None).unwrap();
+        assert_eq!(human_size(1536), "1.5K");
+        assert_eq!(human_size(64 << 20), "64M");
     }
 
     #[test]

@@ -93,7 +93,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let network = crate::network::Network::start(&config.network, store.clone()).await?;
     let backends = Arc::new(backends);
     let agents = Arc::new(Agents::default());
-    let disks = Arc::new(WorkDisks::new(store.clone(), paths.disks()));
+    let disks = Arc::new(
+        WorkDisks::new(store.clone(), paths.disks()).with_max_bytes(config.vm.max_disk_bytes()),
+    );
     let vms = VmService::new(VmServiceParts {
         store,
         paths: paths.clone(),

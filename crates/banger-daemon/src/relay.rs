@@ -12,13 +12,20 @@
 //! 4. When the CLI goes away, its unfinished sessions are cancelled (the
 //!    agent kills their commands).
 //!
+//! Nothing here buffers without bound: a raw session holds at most one
+//! window per output stream ([`banger_agent_proto::client::RawFrames`]; a
+//! guest that sends beyond it loses its agent connection), frames for
+//! sessions the CLI did not open are dropped, a CLI that sends stdin beyond
+//! the guest's window or stops reading while its queue fills
+//! ([`banger_agent_proto::protocol::WRITE_QUEUE_LIMIT`]) is disconnected.
+//!
 //! Only operations a VM's user may start are relayed: `shutdown` and
 //! `clock_sync` belong to the daemon.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use banger_agent_proto::client::{AgentClient, RawSender};
+use banger_agent_proto::client::{AgentClient, RawSendError, RawSender};
 use banger_agent_proto::protocol::{read_frame, send_frame, spawn_writer, FrameSender, Outgoing};
 use banger_proto::agent::{AgentError, AgentErrorKind, Frame, Operation, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -34,7 +41,14 @@ where
     let (to_cli, writer_task) = spawn_writer(writer);
     let sessions: Sessions = Arc::default();
     loop {
-        let (frame, payload) = match read_frame(&mut reader).await {
+        let read = tokio::select! {
+            read = read_frame(&mut reader) => read,
+            () = to_cli.overflowed() => {
+                tracing::debug!("agent relay: client does not read, disconnecting it");
+                break;
+            }
+        };
+        let (frame, payload) = match read {
             Ok(Some(read)) => read,
             Ok(None) => break,
             Err(error) => {
@@ -70,7 +84,14 @@ where
             | Frame::Cancel { session } => {
                 let sender = lock(&sessions).get(&session).cloned();
                 if let Some(sender) = sender {
-                    sender.send(frame, payload);
+                    if let Err(RawSendError::WindowOverrun) = sender.send(frame, payload) {
+                        tracing::debug!(
+                            session,
+                            "agent relay: client overran the stdin window, disconnecting it"
+                        );
+                        to_cli.shut_down();
+                        break;
+                    }
                 }
             }
             // Frames only an agent sends.

@@ -1,5 +1,6 @@
 //! ext4 disk files: images built from a directory with `mkfs.ext4 -d`, empty
-//! work disks, and growing a disk (never shrinking).
+//! work disks, and growing a disk file (never shrinking; the guest grows the
+//! file system in it).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -32,18 +33,6 @@ pub enum Ext4Error {
     },
     #[error("Failed to make an ext4 file system in {path}")]
     Mkfs {
-        path: PathBuf,
-        #[source]
-        source: CommandError,
-    },
-    #[error("File system check of {path} failed")]
-    Check {
-        path: PathBuf,
-        #[source]
-        source: CommandError,
-    },
-    #[error("Failed to grow the file system in {path}")]
-    Grow {
         path: PathBuf,
         #[source]
         source: CommandError,
@@ -228,11 +217,12 @@ fn make_file(output: &Path, size: u64) -> Result<(), Ext4Error> {
     Ok(())
 }
 
-/// Grows the disk file `path` (not in use by a VM) to `new_size` bytes and
-/// its file system with it: `e2fsck -fy` (resize2fs insists on a fresh
-/// check), then `resize2fs`. The same size is a no-op; a smaller one is
-/// [`Ext4Error::Shrink`]. If the check or resize fails the file keeps its new
-/// length, which a later grow completes.
+/// Grows the disk file `path` (not in use by a VM) to `new_size` bytes. The
+/// file system in it is not touched: the guest agent grows it online when
+/// it next mounts it (`banger-agent`'s `grow`). No `e2fsck` or `resize2fs`
+/// runs on the host, because the file system is the guest's (or an image
+/// author's) and its metadata may be crafted to attack those tools. The
+/// same size is a no-op; a smaller one is [`Ext4Error::Shrink`].
 ///
 /// # Errors
 /// [`Ext4Error`] naming the step.
@@ -265,40 +255,7 @@ pub fn grow(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
                 source,
             })?;
     }
-    check(path)?;
-    HostCommands
-        .run("resize2fs", &arguments([OsString::from("-f"), path.into()]))
-        .map_err(|source| Ext4Error::Grow {
-            path: path.to_owned(),
-            source,
-        })?;
     Ok(())
-}
-
-/// `e2fsck -fy`: exit 1 (errors corrected) counts as success.
-fn check(path: &Path) -> Result<(), Ext4Error> {
-    let output = std::process::Command::new("e2fsck")
-        .args([OsString::from("-f"), "-y".into(), path.into()])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|source| Ext4Error::Check {
-            path: path.to_owned(),
-            source: CommandError::Spawn {
-                program: "e2fsck".to_owned(),
-                source,
-            },
-        })?;
-    match output.status.code() {
-        Some(0 | 1) => Ok(()),
-        _ => Err(Ext4Error::Check {
-            path: path.to_owned(),
-            source: CommandError::Failed {
-                command_line: format!("e2fsck -f -y {}", path.display()),
-                status: output.status.to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            },
-        }),
-    }
 }
 
 /// Whether `path` holds an ext2/3/4 file system (magic 0xEF53 at byte 1080).
@@ -372,14 +329,22 @@ mod tests {
             .output()
             .unwrap();
         assert!(fsck.status.success(), "{fsck:?}");
-        // Growing keeps content; shrinking is refused; the same size is a no-op.
+        // Growing lengthens the file only: the file system (the guest's
+        // to grow) is left as it was. Shrinking is refused; the same size is
+        // a no-op.
+        let block_count = |stats: &str| {
+            stats
+                .lines()
+                .find(|line| line.starts_with("Block count:"))
+                .map(str::to_owned)
+                .unwrap()
+        };
+        let before = block_count(&debugfs(&image, "stats"));
+        let head_before = std::fs::read(&image).unwrap()[..64 * 1024].to_vec();
         grow(&image, 768 * MIB).unwrap();
         assert_eq!(std::fs::metadata(&image).unwrap().len(), 768 * MIB);
-        let stats = debugfs(&image, "stats");
-        assert!(
-            stats.contains(&format!("Block count:              {}", 768 * MIB / 4096)),
-            "{stats}"
-        );
+        assert_eq!(block_count(&debugfs(&image, "stats")), before);
+        assert_eq!(std::fs::read(&image).unwrap()[..64 * 1024], head_before[..]);
         assert_eq!(debugfs(&image, "cat /etc/hostname"), "banger\n");
         let error = grow(&image, 600 * MIB).unwrap_err();
         assert!(matches!(error, Ext4Error::Shrink { .. }), "{error}");

@@ -43,9 +43,39 @@ fn ext4_bytes(path: &Path) -> u64 {
     field("Block count:") * field("Block size:")
 }
 
+/// Puts `e2fsck` and `resize2fs` shims first on the daemon's PATH that log
+/// each call to the returned file, then run the real tool.
+fn record_fsck_and_resize(daemon: &mut TestDaemon) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let shims = daemon.dir.path().join("shims");
+    let calls = daemon.dir.path().join("fs-tool-calls.log");
+    std::fs::create_dir_all(&shims).unwrap();
+    for tool in ["e2fsck", "fsck.ext4", "resize2fs"] {
+        let shim = shims.join(tool);
+        std::fs::write(
+            &shim,
+            format!(
+                "#!/bin/sh\necho \"{tool} $*\" >> '{}'\nPATH=/usr/sbin:/sbin:/usr/bin:/bin exec {tool} \"$@\"\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    daemon.set_env("PATH", &format!("{}:{path}", shims.display()));
+    calls
+}
+
+fn fs_tool_calls(calls: &Path) -> String {
+    std::fs::read_to_string(calls).unwrap_or_default()
+}
+
 #[test]
 fn work_disks_attach_detach_survive_and_grow() {
-    let mut daemon = TestDaemon::start_with(&[]);
+    let mut daemon = TestDaemon::new(&[]);
+    let calls = record_fsck_and_resize(&mut daemon);
+    daemon.start();
     daemon.import_fixtures();
 
     // A VM with a new disk: made, labelled, handed to the VMM as a second drive.
@@ -149,9 +179,22 @@ fn work_disks_attach_detach_survive_and_grow() {
     ]);
     assert_eq!(daemon.vm("gamma")["work_disk"], "alpha-work");
     daemon.banger_ok(&["vm", "stop", "gamma"]);
+    // Growing lengthens the file; the file system is the guest's to grow
+    // (its agent does at the next boot), so no e2fsck or resize2fs runs on
+    // the host.
+    let _ = std::fs::remove_file(&calls);
+    let fs_before = ext4_bytes(&path);
     daemon.banger_ok(&["disk", "resize", "alpha-work", "256M"]);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 256 << 20);
-    assert_eq!(ext4_bytes(&path), 256 << 20);
+    assert_eq!(disk(&daemon, "alpha-work")["size_bytes"], 256 << 20);
+    assert_eq!(ext4_bytes(&path), fs_before);
+    assert_eq!(fs_tool_calls(&calls), "", "disk resize ran host fs tools");
+    // More than the state dir's file system has free is refused up front.
+    let error = daemon.banger_err(&["disk", "resize", "alpha-work", "15T"]);
+    assert!(error.contains("Disk size 15T needs"), "{error}");
+    let error = daemon.banger_err(&["disk", "create", "huge", "15T"]);
+    assert!(error.contains("Disk size 15T needs"), "{error}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 256 << 20);
     let error = daemon.banger_err(&["disk", "resize", "alpha-work", "64M"]);
     assert!(error.contains("never shrink"), "{error}");
 
@@ -161,9 +204,16 @@ fn work_disks_attach_detach_survive_and_grow() {
         .join("vms")
         .join(daemon.vm("gamma")["id"].as_str().unwrap())
         .join("rootfs.ext4");
+    let fs_before = ext4_bytes(&root);
     daemon.banger_ok(&["vm", "set", "gamma", "--disk-size", "96M"]);
     assert_eq!(daemon.vm("gamma")["disk_bytes"], 96 << 20);
-    assert_eq!(ext4_bytes(&root), 96 << 20);
+    assert_eq!(std::fs::metadata(&root).unwrap().len(), 96 << 20);
+    assert_eq!(ext4_bytes(&root), fs_before);
+    assert_eq!(
+        fs_tool_calls(&calls),
+        "",
+        "vm set --disk-size ran host fs tools"
+    );
     let error = daemon.banger_err(&["vm", "set", "gamma", "--disk-size", "32M"]);
     assert!(error.contains("never shrink"), "{error}");
     daemon.banger_ok(&["vm", "start", "gamma"]);

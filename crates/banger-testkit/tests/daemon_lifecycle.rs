@@ -116,17 +116,32 @@ fn create_list_show_stop_start_set_delete() {
     let last = daemon.requests_of(&id).last().cloned().unwrap();
     assert_eq!(last["body"]["action_type"], "SendCtrlAltDel");
 
-    daemon.banger_ok(&["vm", "set", "dev", "--vcpus", "4", "--memory", "1024"]);
+    // Sizes are bounded by the host: refused before anything changes.
+    let error = daemon.banger_err(&["vm", "set", "dev", "--vcpus", "32"]);
+    assert!(
+        error.contains("vcpus 32 is more than the host's"),
+        "{error}"
+    );
+    let error = daemon.banger_err(&["vm", "set", "dev", "--memory", "100000000"]);
+    assert!(
+        error.contains("memory_mib 100000000 is more than the host's memory (MemTotal"),
+        "{error}"
+    );
+    let error = daemon.banger_err(&["vm", "set", "dev", "--disk-size", "1000T"]);
+    assert!(error.contains("Disk size 1000T needs"), "{error}");
+    assert_eq!(daemon.vm("dev")["vcpus"], 2);
+
+    daemon.banger_ok(&["vm", "set", "dev", "--vcpus", "1", "--memory", "1024"]);
     daemon.banger_ok(&["vm", "start", "dev"]);
     let vm = daemon.vm("dev");
     assert_eq!(vm["state"], "running");
-    assert_eq!(vm["vcpus"], 4);
+    assert_eq!(vm["vcpus"], 1);
     let machine_configs: Vec<Value> = daemon
         .requests_of(&id)
         .into_iter()
         .filter(|request| request["path"] == "/machine-config")
         .collect();
-    assert_eq!(machine_configs.last().unwrap()["body"]["vcpu_count"], 4);
+    assert_eq!(machine_configs.last().unwrap()["body"]["vcpu_count"], 1);
     assert_eq!(
         machine_configs.last().unwrap()["body"]["mem_size_mib"],
         1024

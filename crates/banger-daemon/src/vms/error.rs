@@ -56,6 +56,10 @@ pub enum VmError {
     Vcpus { vcpus: u8 },
     #[error("memory must be at least {min} MiB, not {memory_mib}", min = MIN_MEMORY_MIB)]
     Memory { memory_mib: u32 },
+    #[error("vcpus {vcpus} is more than the host's {host_cpus} CPUs")]
+    VcpusOverHost { vcpus: u8, host_cpus: u32 },
+    #[error("memory_mib {memory_mib} is more than the host's memory (MemTotal {host_mib} MiB)")]
+    MemoryOverHost { memory_mib: u32, host_mib: u64 },
     /// Not a size at all (`parse_size`'s own words).
     #[error("{reason}")]
     InvalidSize { reason: String },
@@ -165,6 +169,8 @@ impl RpcFailure for VmError {
             | Self::InvalidName(_)
             | Self::Vcpus { .. }
             | Self::Memory { .. }
+            | Self::VcpusOverHost { .. }
+            | Self::MemoryOverHost { .. }
             | Self::InvalidSize { .. }
             | Self::NothingToChange
             | Self::ShrinkRootDisk { .. } => ErrorKind::InvalidParams,

@@ -185,7 +185,8 @@ impl VmService {
         Ok(vm)
     }
 
-    /// Grows a stopped VM's root disk file and its file system.
+    /// Grows a stopped VM's root disk file (the guest agent grows its file
+    /// system at the next boot).
     async fn grow_root_disk(&self, vm: &Vm, bytes: u64) -> Result<(), VmError> {
         if bytes < vm.disk_bytes {
             return Err(VmError::ShrinkRootDisk {
@@ -199,6 +200,12 @@ impl VmService {
             });
         }
         let path = Path::new(&vm.dir).join(banger_disk::clone::ROOT_DISK_FILE);
+        crate::disks::check_disk_size(
+            Path::new(&vm.dir),
+            vm.disk_bytes,
+            bytes,
+            self.config.vm.max_disk_bytes(),
+        )?;
         Ok(crate::disks::grow(&path, bytes).await?)
     }
 }

@@ -17,6 +17,7 @@
 //! after it, never held across an await, and never two at once. No lock spans
 //! more than one VM, so operations on different VMs run in parallel.
 
+pub mod console;
 mod create;
 mod error;
 mod lifecycle;
@@ -132,7 +133,7 @@ impl VmService {
     }
 
     /// Holds the VM's lock: no lifecycle step of that VM runs meanwhile
-    /// (`disk.resize` holds it so the VM cannot boot mid-`resize2fs`).
+    /// (`disk.resize` holds it so the VM cannot boot mid-resize).
     pub async fn lock_vm(&self, vm_id: &str) -> OwnedMutexGuard<()> {
         self.lock_of(vm_id).lock_owned().await
     }
@@ -312,11 +313,63 @@ fn vmm_process_stats(pid: u32, stat: &str) -> Option<VmmProcessStats> {
 }
 
 fn validate_size(vcpus: u8, memory_mib: u32) -> Result<(), VmError> {
+    validate_size_on(vcpus, memory_mib, &HostResources::read())
+}
+
+/// What a VM may not exceed on this host.
+#[derive(Debug, Clone, Copy)]
+struct HostResources {
+    cpus: u32,
+    /// `MemTotal` of `/proc/meminfo`; `None` when unreadable.
+    memory_mib: Option<u64>,
+}
+
+impl HostResources {
+    fn read() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map_or(1, |cpus| u32::try_from(cpus.get()).unwrap_or(u32::MAX));
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|meminfo| mem_total_mib(&meminfo));
+        Self { cpus, memory_mib }
+    }
+}
+
+fn mem_total_mib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024)
+}
+
+fn validate_size_on(vcpus: u8, memory_mib: u32, host: &HostResources) -> Result<(), VmError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(VmError::Vcpus { vcpus });
     }
+    if u32::from(vcpus) > host.cpus {
+        return Err(VmError::VcpusOverHost {
+            vcpus,
+            host_cpus: host.cpus,
+        });
+    }
     if memory_mib < MIN_MEMORY_MIB {
         return Err(VmError::Memory { memory_mib });
+    }
+    if let Some(host_mib) = host.memory_mib {
+        if u64::from(memory_mib) > host_mib {
+            return Err(VmError::MemoryOverHost {
+                memory_mib,
+                host_mib,
+            });
+        }
     }
     Ok(())
 }
@@ -330,6 +383,37 @@ fn remove_dir_if_present(path: &std::path::Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use crate::error::RpcFailure;
+
+    #[test]
+    fn vcpus_and_memory_are_bounded_by_the_host() {
+        let host = super::HostResources {
+            cpus: 2,
+            memory_mib: Some(4000),
+        };
+        assert!(super::validate_size_on(2, 4000, &host).is_ok());
+        let error = super::validate_size_on(3, 512, &host).unwrap_err();
+        assert_eq!(error.to_string(), "vcpus 3 is more than the host's 2 CPUs");
+        let error = super::validate_size_on(1, 4001, &host).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "memory_mib 4001 is more than the host's memory (MemTotal 4000 MiB)"
+        );
+        assert_eq!(error.kind(), banger_proto::ErrorKind::InvalidParams);
+        assert_eq!(
+            super::mem_total_mib("MemFree: 1 kB\nMemTotal:        4030120 kB\n"),
+            Some(3935)
+        );
+        // This host: more memory than it has is refused.
+        let error = super::validate_size(1, u32::MAX).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("memory_mib 4294967295 is more than the host's memory (MemTotal "),
+            "{error}"
+        );
+    }
+
     #[test]
     fn vmm_process_stats_reads_proc_stat() {
         let stat = "4242 (qemu (x86) S) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 12345 1000000 2560 18446744073709551615";

@@ -138,6 +138,15 @@ impl VmService {
     /// process (nobody stopped or discarded it), the VM becomes `stopped`
     /// (the guest powered itself off) or `crashed`.
     pub(super) fn supervise(self: &Arc<Self>, vm_id: &str, handle: VmmHandle) {
+        // The console log is capped for as long as the process runs.
+        let watched = handle.clone();
+        tokio::spawn(super::console::rotate_until(
+            handle.runtime_dir().join(banger_vmm::CONSOLE_LOG_FILE),
+            self.config.vm.console_log_max_bytes(),
+            async move {
+                watched.wait_exit().await;
+            },
+        ));
         let this = Arc::clone(self);
         let vm_id = vm_id.to_owned();
         tokio::spawn(async move {
