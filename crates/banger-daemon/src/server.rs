@@ -352,7 +352,7 @@ async fn dispatch(
         DiskResize::NAME => {
             handle::<DiskResize, _, _>(raw, |resize| async move {
                 // The lock of the VM the disk is attached to: that VM cannot
-                // start while `resize2fs` runs.
+                // start while the disk's file is lengthened.
                 let attached_to = daemon.disks.find(&resize.name)?.vm_id;
                 let _guard = match &attached_to {
                     Some(vm_id) => Some(vms.lock_vm(vm_id).await),

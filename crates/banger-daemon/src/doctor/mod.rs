@@ -65,8 +65,6 @@ impl Doctor<'_> {
             kvm(),
             self.qemu().await,
             tool("mkfs.ext4", "apt install e2fsprogs"),
-            tool("resize2fs", "apt install e2fsprogs"),
-            tool("e2fsck", "apt install e2fsprogs"),
             tool(
                 "gpgv",
                 "apt install gpgv (checks kernel signatures from the catalog)",
