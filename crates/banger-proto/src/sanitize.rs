@@ -69,6 +69,27 @@ pub fn bytes(input: &[u8]) -> String {
     text(&String::from_utf8_lossy(input))
 }
 
+/// Serialised JSON with any character [`text`] would escape written as a
+/// JSON `\uXXXX` escape instead: the same JSON value, safe on a terminal.
+/// (JSON encoders escape C0 controls but leave C1 controls, DEL and
+/// bidirectional overrides as they are.)
+#[must_use]
+pub fn json(input: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(input.len());
+    for character in input.chars() {
+        if is_safe(character) || matches!(character, '\n' | '\t') {
+            out.push(character);
+        } else {
+            let mut units = [0_u16; 2];
+            for unit in character.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        }
+    }
+    out
+}
+
 /// Whether `input` would pass [`one_line`] unchanged.
 #[must_use]
 pub fn is_clean_line(input: &str) -> bool {
@@ -94,6 +115,17 @@ mod tests {
     fn lines_are_kept_only_in_multi_line_text() {
         assert_eq!(text("one\r\ntwo\tthree\rfour"), "one\ntwo\tthree\\x0dfour");
         assert_eq!(one_line("one\ntwo\tthree"), "one two three");
+    }
+
+    #[test]
+    fn json_stays_the_same_value() {
+        let value = "os\u{9b}2J\u{202e}\x1b";
+        let encoded = "\"os\u{9b}2J\u{202e}\\u001b\"";
+        let safe = json(encoded);
+        assert_eq!(safe, "\"os\\u009b2J\\u202e\\u001b\"");
+        assert!(safe.chars().all(|character| !character.is_control()));
+        let back: String = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, value);
     }
 
     #[test]

@@ -231,7 +231,11 @@ pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> anyhow::Result
         }
         (Location::Guest { vm, path }, Location::Host(destination)) => {
             let agent = connect(socket, &vm).await?;
-            copy_out(&agent, &vm, &path, &destination).await?;
+            let options = CopyOutOptions {
+                follow_links: args.dereference,
+                unpack: unpack_options(args.archive),
+            };
+            copy_out(&agent, &vm, &path, &destination, options).await?;
             printer.message(&format!("Copied {vm}:{path} to {}", destination.display()));
             Ok(())
         }
@@ -320,17 +324,53 @@ async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> an
     }
 }
 
+/// How `vm cp` brings a guest file or tree to the host.
+#[derive(Debug, Clone, Copy)]
+struct CopyOutOptions {
+    /// `-L`: the guest follows symlinks.
+    follow_links: bool,
+    unpack: banger_agent_proto::files::UnpackOptions,
+}
+
+/// The calling process's umask (from `/proc/self/status`; 022 if unknown).
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("Umask:")
+                    .and_then(|value| u32::from_str_radix(value.trim(), 8).ok())
+            })
+        })
+        .unwrap_or(0o022)
+}
+
+/// What the guest's files become on the host: links as they are, no
+/// set-id or sticky bits; the caller's umask applied and the caller owning
+/// them, unless `archive` (`-a`: modes as they are, and owners when root).
+fn unpack_options(archive: bool) -> banger_agent_proto::files::UnpackOptions {
+    let mut options = banger_agent_proto::files::UnpackOptions::copy_out(current_umask());
+    if archive {
+        options.mode_mask = 0o777;
+        options.preserve_owners = nix::unistd::geteuid().is_root();
+    }
+    options
+}
+
 /// Copies a guest file or tree to the host: into `destination` when it is a
-/// directory, else as `destination`. Hostile archives are refused.
+/// directory, else as `destination`. The guest's tar is unpacked by
+/// `files::unpack_with` into a staging directory beside the destination
+/// (nothing written through a link, see its module), then renamed into place.
 async fn copy_out(
     agent: &AgentClient,
     vm: &str,
     path: &str,
     destination: &Path,
+    options: CopyOutOptions,
 ) -> anyhow::Result<()> {
     let name = last_component(path).with_context(|| format!("Invalid guest path `{path}`"))?;
     let stream = agent
-        .copy_out(path)
+        .copy_out_with(path, options.follow_links)
         .await
         .map_err(|error| agent_error(vm, error))?;
     let into_dir = destination.is_dir();
@@ -346,7 +386,7 @@ async fn copy_out(
     let staging_path = staging.clone();
     let unpacked = tokio::task::spawn_blocking(move || {
         let reader = tokio_util::io::SyncIoBridge::new(stream);
-        banger_agent_proto::files::unpack(reader, &staging_path)
+        banger_agent_proto::files::unpack_with(reader, &staging_path, &options.unpack)
     })
     .await
     .context("Unpacking task failed");
