@@ -582,18 +582,24 @@ pub async fn receive_patch<R: AsyncRead + Unpin>(
         path: file.to_owned(),
     })?;
     let partial = file.with_file_name(format!(
-        ".{}.banger-{}",
+        ".{}.banger-{}-{}",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u32>()
     ));
+    let mut created = false;
     let result = async {
-        let mut out =
-            tokio::fs::File::create(&partial)
-                .await
-                .map_err(|source| HostError::Write {
-                    path: partial.clone(),
-                    source,
-                })?;
+        // A new file: never through a link someone left at that name.
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .await
+            .map_err(|source| HostError::Write {
+                path: partial.clone(),
+                source,
+            })?;
+        created = true;
         let exported = receive(&mut reader, &mut out, &partial).await?;
         out.sync_all().await.map_err(|source| HostError::Write {
             path: partial.clone(),
@@ -606,7 +612,7 @@ pub async fn receive_patch<R: AsyncRead + Unpin>(
         Ok(exported)
     }
     .await;
-    if result.is_err() {
+    if result.is_err() && created {
         let _ = std::fs::remove_file(&partial);
     }
     result
