@@ -265,7 +265,13 @@ impl Writer {
                     .mode(0o600)
                     .open(&absolute)
                     .map_err(unpack_error)?;
-                io::copy(entry, &mut file).map_err(unpack_error)?;
+                if kind == EntryType::GNUSparse {
+                    // Holes stay holes: a tiny stream declaring a huge hole
+                    // takes no disk.
+                    copy_sparse(entry, &mut file).map_err(unpack_error)?;
+                } else {
+                    io::copy(entry, &mut file).map_err(unpack_error)?;
+                }
                 if let Some(modified) = modified {
                     file.set_modified(modified).map_err(unpack_error)?;
                 }
@@ -533,6 +539,34 @@ pub fn symlink_resolves_inside(root: &Path, link: &Path, target: &Path) -> bool 
         })
         .collect();
     resolve_inside(root, &components, target).is_ok()
+}
+
+/// Copies `content` into `file`, seeking over blocks of zeros.
+fn copy_sparse(content: &mut impl Read, file: &mut fs::File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut buffer = vec![0_u8; 64 * 1024];
+    let mut total: u64 = 0;
+    let mut ends_in_hole = false;
+    loop {
+        let read = match content.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        if buffer[..read].iter().all(|byte| *byte == 0) {
+            file.seek(SeekFrom::Current(i64::try_from(read).unwrap_or(i64::MAX)))?;
+            ends_in_hole = true;
+        } else {
+            file.write_all(&buffer[..read])?;
+            ends_in_hole = false;
+        }
+        total += read as u64;
+    }
+    if ends_in_hole {
+        file.set_len(total)?;
+    }
+    Ok(total)
 }
 
 /// Queues `target`'s components before the pending ones.
@@ -889,6 +923,36 @@ mod tests {
                 .mode()
                 & 0o7777,
             0o4755
+        );
+    }
+
+    #[test]
+    fn a_hole_from_a_guest_takes_no_disk() {
+        let scratch = tempfile::tempdir().unwrap();
+        let mut header = Corpus::header(EntryType::GNUSparse, 0o644, 512);
+        let gnu = header.as_gnu_mut().unwrap();
+        gnu.sparse[0].set_offset((256 << 20) - 512);
+        gnu.sparse[0].set_length(512);
+        gnu.set_real_size(256 << 20);
+        let mut archive = Corpus::new();
+        archive
+            .0
+            .append_data(&mut header, "hole", &[b'x'; 512][..])
+            .unwrap();
+        let archive = archive.bytes();
+        assert!(archive.len() < 4096);
+        unpack_with(
+            &archive[..],
+            scratch.path(),
+            &UnpackOptions::copy_out(0o022),
+        )
+        .unwrap();
+        let metadata = fs::metadata(scratch.path().join("hole")).unwrap();
+        assert_eq!(metadata.len(), 256 << 20);
+        assert!(
+            metadata.blocks() * 512 < 1 << 20,
+            "{} blocks",
+            metadata.blocks()
         );
     }
 
