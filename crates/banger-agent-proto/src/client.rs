@@ -358,8 +358,18 @@ impl AgentClient {
     /// `path` in the guest as a tar stream, its entries named after the
     /// path's last component. The stream fails at its end if the agent did.
     pub async fn copy_out(&self, path: &str) -> Result<CopyOutStream, ClientError> {
+        self.copy_out_with(path, false).await
+    }
+
+    /// [`Self::copy_out`], the guest following symlinks when `follow_links`.
+    pub async fn copy_out_with(
+        &self,
+        path: &str,
+        follow_links: bool,
+    ) -> Result<CopyOutStream, ClientError> {
         let opened = self.open(Operation::CopyOut {
             path: path.to_owned(),
+            follow_links,
         })?;
         Ok(CopyOutStream {
             stdout: opened.stdout,

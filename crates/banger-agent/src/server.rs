@@ -338,7 +338,9 @@ async fn run_operation(
                 failure(kind, &error)
             }),
         Operation::CopyIn { dest } => copy_in(io, PathBuf::from(dest)).await,
-        Operation::CopyOut { path } => copy_out(io, PathBuf::from(path)).await,
+        Operation::CopyOut { path, follow_links } => {
+            copy_out(io, PathBuf::from(path), follow_links).await
+        }
         Operation::Stats => {
             let paths = agent.paths.clone();
             blocking(move || {
@@ -431,7 +433,11 @@ async fn copy_in(io: ExecIo, dest: PathBuf) -> Result<OperationResult, AgentErro
     .await
 }
 
-async fn copy_out(io: ExecIo, path: PathBuf) -> Result<OperationResult, AgentError> {
+async fn copy_out(
+    io: ExecIo,
+    path: PathBuf,
+    follow_links: bool,
+) -> Result<OperationResult, AgentError> {
     let handle = tokio::runtime::Handle::current();
     let frames = io.frames.clone();
     let session = io.session;
@@ -451,7 +457,7 @@ async fn copy_out(io: ExecIo, path: PathBuf) -> Result<OperationResult, AgentErr
             handle,
         };
         let writer = std::io::BufWriter::with_capacity(64 * 1024, writer);
-        files::pack(&path, writer).map_err(|error| {
+        files::pack_with(&path, writer, follow_links).map_err(|error| {
             let kind = match &error {
                 files::FilesError::ReadSource { source, .. }
                     if source.kind() == std::io::ErrorKind::NotFound =>

@@ -260,6 +260,16 @@ pub struct CpArgs {
     pub source: String,
     /// Destination: a host path or NAME:/path in a VM.
     pub destination: String,
+    /// Copying out of a VM: follow symlinks in the guest (the source and
+    /// those in a copied tree) and copy what they point at. Without it a
+    /// symlink is copied as a link.
+    #[arg(short = 'L', long = "dereference")]
+    pub dereference: bool,
+    /// Copying out of a VM: keep the guest's owners (when run as root) and
+    /// permission bits without applying your umask. Set-user-ID, set-group-ID
+    /// and sticky bits are always dropped.
+    #[arg(short = 'a', long = "archive")]
+    pub archive: bool,
 }
 
 #[derive(Debug, Args)]

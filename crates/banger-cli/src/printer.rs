@@ -2,13 +2,18 @@
 //! human (progress, confirmations, errors) to stderr. It honours `--quiet`,
 //! `--no-progress`, `NO_COLOR`, and whether stderr is a terminal.
 //!
-//! It is the only module that prints. Writes to stdout ignore errors so that
+//! It is the only module that prints, and everything it prints goes
+//! through `banger_proto::sanitize` first: VM errors, console tails, agent
+//! messages and other text a guest chose reach the terminal with their
+//! control characters and escape sequences made visible (JSON keeps the
+//! same value, escaped). Writes to stdout ignore errors so that
 //! `banger vm list | head -1` ends quietly instead of panicking on a closed
 //! pipe.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::{IsTerminal, Write};
 
+use banger_proto::sanitize;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +40,10 @@ impl Printer {
 
     /// A line of data on stdout.
     pub fn data(&self, text: &str) {
+        self.write_data(&sanitize::text(text));
+    }
+
+    fn write_data(&self, text: &str) {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
     }
@@ -42,7 +51,7 @@ impl Printer {
     /// Pretty JSON on stdout.
     pub fn json(&self, value: &impl Serialize) {
         match serde_json::to_string_pretty(value) {
-            Ok(text) => self.data(&text),
+            Ok(text) => self.write_data(&sanitize::json(&text)),
             Err(error) => self.error(&format!("Failed to encode JSON: {error}"), None),
         }
     }
@@ -50,7 +59,7 @@ impl Printer {
     /// One compact JSON line on stdout, flushed at once (streams).
     pub fn json_line(&self, value: &impl Serialize) {
         match serde_json::to_string(value) {
-            Ok(text) => self.data(&text),
+            Ok(text) => self.write_data(&sanitize::json(&text)),
             Err(error) => self.error(&format!("Failed to encode JSON: {error}"), None),
         }
     }
@@ -58,19 +67,21 @@ impl Printer {
     /// A message for the human, unless quiet.
     pub fn message(&self, text: &str) {
         if !self.quiet {
-            eprintln!("{text}");
+            eprintln!("{}", sanitize::text(text));
         }
     }
 
     /// `error: <message>` and, when there is one, `hint: <hint>` on stderr,
     /// even when quiet.
     pub fn error(&self, message: &str, hint: Option<&str>) {
+        let message = sanitize::text(message);
+        let hint = hint.map(sanitize::text);
         if self.color {
             eprintln!("\x1b[1;31merror\x1b[0m: {message}");
         } else {
             eprintln!("error: {message}");
         }
-        if let Some(hint) = hint {
+        if let Some(hint) = hint.as_deref() {
             if self.color {
                 eprintln!("\x1b[1;36mhint\x1b[0m: {hint}");
             } else {

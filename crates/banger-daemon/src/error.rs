@@ -106,10 +106,12 @@ impl DaemonError {
         }
     }
 
+    /// The JSON-RPC error; its text may quote a guest, so it goes through
+    /// `banger_proto::sanitize` on the way out.
     pub fn to_rpc(&self) -> RpcError {
-        let error = RpcError::new(self.kind, self.chain());
+        let error = RpcError::new(self.kind, banger_proto::sanitize::text(&self.chain()));
         match &self.hint {
-            Some(hint) => error.with_hint(hint.clone()),
+            Some(hint) => error.with_hint(banger_proto::sanitize::text(hint)),
             None => error,
         }
     }

@@ -584,3 +584,233 @@ fn decompression_bombs_stop_at_the_limit() {
     assert!(!workspace.path("staging").exists());
     workspace.finish();
 }
+
+fn banger_proto_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+/// One PAX record, `LEN key=value\n`, LEN counting itself.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut length = body.len() + 1;
+    while format!("{length}{body}").len() != length {
+        length += 1;
+    }
+    format!("{length}{body}").into_bytes()
+}
+
+/// A GNU sparse entry: `data` stored at `offset` of a file of `real_size`
+/// bytes, the rest a hole.
+fn gnu_sparse(tar: &mut TarBuilder, name: &str, offset: u64, data: &[u8], real_size: u64) {
+    let mut header = header(EntryType::GNUSparse, data.len() as u64, 0o644);
+    let gnu = header.as_gnu_mut().unwrap();
+    gnu.sparse[0].set_offset(offset);
+    gnu.sparse[0].set_length(data.len() as u64);
+    gnu.set_real_size(real_size);
+    if offset + data.len() as u64 != real_size {
+        // A trailing hole ends with an empty block at the real size.
+        gnu.sparse[1].set_offset(real_size);
+        gnu.sparse[1].set_length(0);
+    }
+    gnu.set_is_extended(false);
+    tar.raw(header, name.as_bytes(), data);
+}
+
+#[test]
+fn a_tiny_sparse_tar_declaring_a_huge_hole_is_refused() {
+    let workspace = Workspace::new();
+    let mut tar = TarBuilder::new();
+    tar.file("etc/hostname", b"ok\n");
+    gnu_sparse(&mut tar, "var/hole", (1 << 40) - 512, &[b'x'; 512], 1 << 40);
+    let archive = tar.finish();
+    assert!(archive.len() < 8 << 10, "{} bytes", archive.len());
+    let source = workspace.path("hole.tar");
+    write_file(&source, &archive);
+    let staging = workspace.path("staging");
+    let error = unpack(&source, &staging, &UnpackOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            UnpackError::EntryTooLarge { entry, declared, .. }
+                if entry == "var/hole" && *declared == 1 << 40
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("limit"), "{error}");
+    assert!(!staging.exists());
+    workspace.finish();
+}
+
+#[test]
+fn sparse_files_within_the_limit_keep_their_holes() {
+    let workspace = Workspace::new();
+    let mut tar = TarBuilder::new();
+    gnu_sparse(&mut tar, "hole", (64 << 20) - 512, &[b'x'; 512], 64 << 20);
+    let source = workspace.path("hole.tar");
+    write_file(&source, &tar.finish());
+    let staging = workspace.path("staging");
+    let report = unpack(&source, &staging, &UnpackOptions::default())
+        .map_err(|error| banger_proto_chain(&error))
+        .unwrap();
+    assert_eq!(report.bytes, 64 << 20);
+    let metadata = std::fs::metadata(staging.join("hole")).unwrap();
+    assert_eq!(metadata.len(), 64 << 20);
+    // Only the data block takes space (a few file system blocks).
+    assert!(
+        metadata.blocks() * 512 < 1 << 20,
+        "{} blocks",
+        metadata.blocks()
+    );
+    let content = std::fs::read(staging.join("hole")).unwrap();
+    assert!(content[..(64 << 20) - 512].iter().all(|byte| *byte == 0));
+    assert!(content[(64 << 20) - 512..].iter().all(|byte| *byte == b'x'));
+    drop(content);
+    std::fs::remove_dir_all(&staging).unwrap();
+
+    // Declared sizes add up across files: two halves of the limit pass, a
+    // third file over it does not.
+    let mut tar = TarBuilder::new();
+    gnu_sparse(&mut tar, "a", 0, &[b'a'; 512], 512 << 10);
+    gnu_sparse(&mut tar, "b", 0, &[b'b'; 512], 512 << 10);
+    tar.file("c", b"one byte too many");
+    write_file(&source, &tar.finish());
+    let options = UnpackOptions {
+        maximum_content_bytes: Some(1 << 20),
+        ..UnpackOptions::default()
+    };
+    let error = unpack(&source, &staging, &options).unwrap_err();
+    assert!(
+        matches!(&error, UnpackError::EntryTooLarge { entry, .. } if entry == "c"),
+        "{error}"
+    );
+    assert!(!staging.exists());
+    workspace.finish();
+}
+
+#[test]
+fn pax_sparse_files_count_their_real_size_and_are_refused() {
+    let workspace = Workspace::new();
+    for (real_size, expected) in [(1_u64 << 40, "over the limit"), (4096, "PAX sparse")] {
+        let mut records = pax_record("GNU.sparse.major", "1");
+        records.extend(pax_record("GNU.sparse.minor", "0"));
+        records.extend(pax_record("GNU.sparse.name", "var/hole"));
+        records.extend(pax_record("GNU.sparse.realsize", &real_size.to_string()));
+        let mut tar = TarBuilder::new();
+        tar.raw(
+            header(EntryType::XHeader, records.len() as u64, 0o644),
+            b"PaxHeaders/hole",
+            &records,
+        );
+        // The sparse map then the data, as GNU tar writes format 1.0.
+        let mut data = b"1\n4095\n1\n".to_vec();
+        data.resize(512, 0);
+        data.push(b'x');
+        tar.raw(
+            header(EntryType::Regular, data.len() as u64, 0o644),
+            b"GNUSparseFile.0/hole",
+            &data,
+        );
+        let source = workspace.path("pax-sparse.tar");
+        write_file(&source, &tar.finish());
+        let staging = workspace.path("staging");
+        let error = unpack(&source, &staging, &UnpackOptions::default()).unwrap_err();
+        let message = error.to_string();
+        let matched = if real_size > 1 << 30 {
+            matches!(error, UnpackError::EntryTooLarge { declared, .. } if declared == real_size)
+                && message.contains("takes the image over the limit")
+        } else {
+            message.contains(expected)
+        };
+        assert!(matched, "{real_size}: {message}");
+        assert!(!staging.exists());
+    }
+    workspace.finish();
+}
+
+#[test]
+fn oversize_long_names_and_pax_headers_are_refused_before_they_are_read() {
+    let workspace = Workspace::new();
+    let limit = UnpackOptions::default().maximum_header_bytes;
+    let big = usize::try_from(limit).unwrap() + 1024;
+    let mut pax = Vec::new();
+    while pax.len() < big {
+        pax.extend(pax_record("comment", &"x".repeat(1000)));
+    }
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("PAX extended header", {
+            let mut tar = TarBuilder::new();
+            tar.raw(
+                header(EntryType::XHeader, pax.len() as u64, 0o644),
+                b"PaxHeaders/f",
+                &pax,
+            );
+            tar.file("f", b"data");
+            tar.finish()
+        }),
+        ("GNU long name", {
+            let mut tar = TarBuilder::new();
+            let name = vec![b'n'; big];
+            tar.raw(
+                header(EntryType::GNULongName, name.len() as u64, 0o644),
+                b"././@LongLink",
+                &name,
+            );
+            tar.file("f", b"data");
+            tar.finish()
+        }),
+        ("PAX extended header", {
+            // A header that only claims to be huge: refused on its size
+            // field, before a byte of it is buffered.
+            let mut tar = TarBuilder::new();
+            tar.raw(header(EntryType::Regular, 0, 0o644), b"first", &[]);
+            let mut archive = tar.finish();
+            let mut claim = header(EntryType::XHeader, 1 << 40, 0o644);
+            common::set_raw_name(&mut claim, b"PaxHeaders/huge");
+            claim.set_cksum();
+            archive.truncate(archive.len() - 1024);
+            archive.extend_from_slice(claim.as_bytes());
+            archive.extend_from_slice(&[b'9'; 4096]);
+            archive
+        }),
+    ];
+    for (what, archive) in cases {
+        let source = workspace.path("header.tar");
+        write_file(&source, &archive);
+        let staging = workspace.path("staging");
+        let error = unpack(&source, &staging, &UnpackOptions::default()).unwrap_err();
+        assert!(
+            matches!(&error, UnpackError::HeaderTooLarge { what: found, .. } if *found == what),
+            "{what}: {error}"
+        );
+        assert!(error.to_string().contains("exceeds the limit"), "{error}");
+        assert!(!staging.exists());
+    }
+    // Headers within the limit still work (and a PAX size record moves the
+    // framing the guard follows).
+    let mut records = pax_record("path", &format!("{}/long-file", "d".repeat(200)));
+    records.extend(pax_record("size", "5"));
+    let mut tar = TarBuilder::new();
+    tar.raw(
+        header(EntryType::XHeader, records.len() as u64, 0o644),
+        b"PaxHeaders/x",
+        &records,
+    );
+    tar.raw(header(EntryType::Regular, 5, 0o644), b"short", b"hello");
+    tar.file("after", b"still read\n");
+    let source = workspace.path("ok.tar");
+    write_file(&source, &tar.finish());
+    let staging = workspace.path("staging");
+    unpack(&source, &staging, &UnpackOptions::default()).unwrap();
+    assert_eq!(
+        read(&staging.join(format!("{}/long-file", "d".repeat(200)))),
+        "hello"
+    );
+    assert_eq!(read(&staging.join("after")), "still read\n");
+    workspace.finish();
+}

@@ -133,9 +133,12 @@ pub enum Operation {
         dest: String,
     },
     /// Send `path` (file or directory) as a tar on `stdout`, its entries named
-    /// after the path's last component.
+    /// after the path's last component; symlinks (`path` itself and those in
+    /// the tree) are followed with `follow_links`, else sent as links.
     CopyOut {
         path: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        follow_links: bool,
     },
     Stats,
     /// Set the guest's realtime clock.

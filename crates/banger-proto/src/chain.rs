@@ -4,7 +4,9 @@
 /// [`source`](std::error::Error::source), joined with `: `. Messages say
 /// what failed and leave the why to their source, so the line reads as one
 /// sentence; the CLI prints it after `error:`, the daemon sends it as an RPC
-/// error's message.
+/// error's message and keeps it as a VM's last error. Messages may quote a
+/// guest (its console, its agent), so the line goes through
+/// [`crate::sanitize::text`]: no control characters or escape sequences.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -13,7 +15,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text
+    crate::sanitize::text(&text)
 }
 
 #[cfg(test)]
@@ -37,5 +39,16 @@ mod tests {
             "Failed to open the drive of VM `dev`: No such file"
         );
         assert_eq!(error_chain(&error.source), "No such file");
+    }
+
+    #[test]
+    fn guest_escape_sequences_are_made_visible() {
+        let error = OpenDrive {
+            source: std::io::Error::other("Agent refused: \x1b]0;owned\x07no\nsuch"),
+        };
+        assert_eq!(
+            error_chain(&error),
+            "Failed to open the drive of VM `dev`: Agent refused: \\x1b]0;owned\\x07no\nsuch"
+        );
     }
 }

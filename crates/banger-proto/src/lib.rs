@@ -26,6 +26,7 @@ pub mod jsonrpc;
 pub mod method;
 pub mod name;
 pub mod operation;
+pub mod sanitize;
 pub mod status;
 pub mod vm;
 pub mod workspace;

@@ -117,7 +117,7 @@ impl TestDaemon {
         std::fs::create_dir_all(&ssh).expect("create agent ssh dir");
         std::fs::write(
             ssh.join("ssh_host_ed25519_key.pub"),
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBANGERTESTKEY root@guest\n",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl root@guest\n",
         )
         .expect("write host key");
         self.set_env(

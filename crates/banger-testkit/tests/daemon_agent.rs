@@ -514,3 +514,185 @@ fn an_agent_that_never_answers_fails_create_with_the_console_tail() {
     daemon.banger_ok(&["vm", "delete", "mute"]);
     daemon.assert_no_leaks();
 }
+
+/// `banger ARGS` run with `umask` set first.
+fn banger_with_umask(daemon: &TestDaemon, umask: &str, args: &[&str]) -> std::process::Output {
+    let banger = daemon.command();
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask {umask} && exec \"$@\""))
+        .arg("sh")
+        .arg(banger.get_program())
+        .args(banger.get_args())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "banger {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn cp_out_copies_a_link_as_a_link_and_follows_it_with_dash_l() {
+    let daemon = daemon_with_vm("links");
+    let work = daemon.dir.path().join("links");
+    let guest = work.join("guest");
+    std::fs::create_dir_all(guest.join("etc")).unwrap();
+    std::fs::create_dir_all(guest.join("usr/lib")).unwrap();
+    std::fs::write(guest.join("usr/lib/os-release"), "ID=banger\n").unwrap();
+    std::os::unix::fs::symlink("../usr/lib/os-release", guest.join("etc/os-release")).unwrap();
+    let out = work.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let source = format!("links:{}/etc/os-release", guest.display());
+
+    // Without -L: the link itself, never its target on the host.
+    daemon.banger_ok(&["vm", "cp", &source, out.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_link(out.join("os-release")).unwrap(),
+        Path::new("../usr/lib/os-release")
+    );
+    std::fs::remove_file(out.join("os-release")).unwrap();
+
+    // -L: the guest follows it; the host gets the file.
+    daemon.banger_ok(&["vm", "cp", "-L", &source, out.to_str().unwrap()]);
+    let copied = out.join("os-release");
+    assert!(std::fs::symlink_metadata(&copied).unwrap().is_file());
+    assert_eq!(std::fs::read_to_string(&copied).unwrap(), "ID=banger\n");
+
+    // -L on a tree follows the links inside it too.
+    daemon.banger_ok(&[
+        "vm",
+        "cp",
+        "-L",
+        &format!("links:{}/etc", guest.display()),
+        out.join("etc-copy").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("etc-copy/os-release")).unwrap(),
+        "ID=banger\n"
+    );
+}
+
+#[test]
+fn cp_out_drops_set_id_bits_and_applies_the_callers_umask() {
+    let daemon = daemon_with_vm("modes");
+    let work = daemon.dir.path().join("modes");
+    let tools = work.join("guest/tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::write(tools.join("suid"), "#!/bin/sh\n").unwrap();
+    std::fs::write(tools.join("open"), "x").unwrap();
+    std::fs::set_permissions(tools.join("suid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(tools.join("open"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(&tools, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let owned_by_other =
+        std::os::unix::fs::chown(tools.join("open"), Some(4321), Some(4321)).is_ok();
+    let source = format!("modes:{}", tools.display());
+
+    let plain = work.join("plain");
+    banger_with_umask(
+        &daemon,
+        "027",
+        &["vm", "cp", &source, plain.to_str().unwrap()],
+    );
+    assert_eq!(mode(&plain.join("suid")), 0o750);
+    assert_eq!(mode(&plain.join("open")), 0o640);
+    assert_eq!(mode(&plain), 0o750);
+    let me = std::fs::metadata(&work).unwrap().uid();
+    assert_eq!(std::fs::metadata(plain.join("open")).unwrap().uid(), me);
+
+    // -a: modes as they are, still without set-id or sticky bits; owners
+    // kept when the caller may (root).
+    let archive = work.join("archive");
+    banger_with_umask(
+        &daemon,
+        "027",
+        &["vm", "cp", "-a", &source, archive.to_str().unwrap()],
+    );
+    assert_eq!(mode(&archive.join("suid")), 0o755);
+    assert_eq!(mode(&archive.join("open")), 0o666);
+    assert_eq!(mode(&archive), 0o777);
+    if owned_by_other && me == 0 {
+        assert_eq!(std::fs::metadata(archive.join("open")).unwrap().uid(), 4321);
+    } else {
+        eprintln!("skipping the owner check of -a: needs root");
+    }
+}
+
+#[test]
+fn guest_text_reaches_the_terminal_without_escape_sequences() {
+    // An exec error quoting what the guest said.
+    let daemon = daemon_with_vm("texts");
+    let output = run(
+        &daemon,
+        &["vm", "run", "texts", "--", "no-such\x1b]0;owned\x07\x1b[2J"],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no-such\\x1b]0;owned\\x07\\x1b[2J"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b') && !stderr.contains('\x07'),
+        "{stderr:?}"
+    );
+    daemon.banger_ok(&["vm", "delete", "--force", "texts"]);
+
+    // A console tail quoted in a failed create and kept for `vm show`.
+    let mut daemon = TestDaemon::new(&[]);
+    daemon.with_agent();
+    daemon.remove_env("FAKE_FIRECRACKER_GUEST_AGENT_BIN");
+    // No agent, and the "VM" dies soon after boot, its console saying why.
+    daemon.set_env("FAKE_FIRECRACKER_EXIT_AFTER_BOOT_MS", "300");
+    daemon.set_env(
+        "FAKE_FIRECRACKER_CONSOLE_TEXT",
+        "\x1b]0;owned\x07\x1b[2Jkernel panic\u{9b}31m",
+    );
+    let config = std::fs::read_to_string(&daemon.config)
+        .unwrap()
+        .replace("ready_timeout_seconds = 10", "ready_timeout_seconds = 2");
+    std::fs::write(&daemon.config, config).unwrap();
+    daemon.start();
+    daemon.import_fixtures();
+    let output = daemon.banger(&[
+        "vm", "create", "mute", "--image", "image", "--kernel", "kernel",
+    ]);
+    assert!(!output.status.success());
+    let shown = daemon.banger_ok(&["vm", "show", "mute"]);
+    let listed = daemon.banger_ok(&["vm", "list"]);
+    let json = daemon.banger_ok(&["vm", "show", "mute", "--json"]);
+    for text in [
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+        shown.clone(),
+        listed,
+        json.clone(),
+    ] {
+        assert!(
+            !text.contains('\x1b') && !text.contains('\x07') && !text.contains('\u{9b}'),
+            "{text:?}"
+        );
+    }
+    assert!(
+        shown.contains("\\x1b]0;owned\\x07\\x1b[2Jkernel panic\\x9b31m"),
+        "{shown}"
+    );
+    let vm: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        vm["error"]
+            .as_str()
+            .unwrap()
+            .contains("\\x1b[2Jkernel panic"),
+        "{vm}"
+    );
+    daemon.banger_ok(&["vm", "delete", "mute"]);
+    daemon.assert_no_leaks();
+}

@@ -1505,3 +1505,83 @@ fn an_upload_from_another_user_is_refused() {
     daemon.banger_ok(&["vm", "delete", "mine"]);
     daemon.assert_no_leaks();
 }
+
+/// A guest whose work holds a symlink chain (`d/up -> ..`, `e -> d/up/..`,
+/// one that climbs out, and an absolute one): export carries the links as
+/// links, and neither export nor applying its patch writes outside the
+/// host's repository or the patch's directory.
+#[test]
+fn export_of_a_symlink_chain_writes_nothing_outside() {
+    let daemon = daemon_with_vm("chain");
+    let work = daemon.dir.path().join("chain");
+    let host = export_repo(&work);
+    let dest = work.join("guest/repo");
+    daemon.banger_ok(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "chain",
+        s(&host),
+        "--dest",
+        s(&dest),
+    ]);
+    guest_sh(
+        &daemon,
+        "chain",
+        &dest,
+        "set -e\nmkdir d\nln -s .. d/up\nln -s d/up/.. e\nln -s ../../.. climb\n\
+         ln -s /etc abs\necho inside > d/file\n",
+    );
+    let outside = work.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let outside_before = snapshot(&work, &["guest", "host", "outside", "out", "clone"]);
+
+    let out = work.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let patch = out.join("chain.patch");
+    daemon.banger_ok(&[
+        "vm",
+        "workspace",
+        "export",
+        "chain",
+        "--dest",
+        s(&dest),
+        "--patch",
+        s(&patch),
+    ]);
+    assert_eq!(leftovers(&out, ""), vec!["chain.patch".to_owned()]);
+    let text = std::fs::read_to_string(&patch).unwrap();
+    assert!(text.contains("new file mode 120000"), "{text}");
+
+    let before = host_state(&host);
+    daemon.banger_ok(&[
+        "vm",
+        "workspace",
+        "export",
+        "chain",
+        "--dest",
+        s(&dest),
+        "--branch",
+        "chain",
+        s(&host),
+    ]);
+    assert_eq!(host_state(&host), before, "the host checkout changed");
+
+    // Applying the patch makes links, and nothing through them.
+    let clone = work.join("clone");
+    git(&work, &["clone", "-q", s(&host), s(&clone)]);
+    git(&clone, &["apply", s(&patch)]);
+    assert_eq!(
+        std::fs::read_link(clone.join("e")).unwrap(),
+        Path::new("d/up/..")
+    );
+    assert_eq!(
+        std::fs::read_link(clone.join("abs")).unwrap(),
+        Path::new("/etc")
+    );
+    assert_eq!(leftovers(&outside, ""), Vec::<String>::new());
+    assert_eq!(
+        snapshot(&work, &["guest", "host", "outside", "out", "clone"]),
+        outside_before
+    );
+}

@@ -311,7 +311,9 @@ pub fn has_flag_value(args: &[OsString], flag: &str, value: &OsStr) -> bool {
 }
 
 /// The last `max_lines` lines of a log file (at most its last 8 KiB), for
-/// error messages. Best effort: an unreadable file gives an empty string.
+/// error messages, with the guest's control characters and escape sequences
+/// made visible (`banger_proto::sanitize`). Best effort: an unreadable file
+/// gives an empty string.
 #[must_use]
 pub fn read_log_tail(path: &Path, max_lines: usize) -> String {
     const MAX_BYTES: u64 = 8 * 1024;
@@ -331,7 +333,7 @@ pub fn read_log_tail(path: &Path, max_lines: usize) -> String {
     }
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(max_lines)..].join("\n")
+    banger_proto::sanitize::text(&lines[lines.len().saturating_sub(max_lines)..].join("\n"))
 }
 
 impl ProcessHandle {
@@ -813,6 +815,17 @@ mod tests {
         std::fs::write(&path, "one\ntwo\nthree\nfour\n").unwrap();
         assert_eq!(read_log_tail(&path, 2), "three\nfour");
         assert_eq!(read_log_tail(&dir.path().join("missing"), 2), "");
+    }
+
+    #[test]
+    fn log_tail_makes_guest_escape_sequences_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, "ok\n\x1b]0;owned\x07\x1b[2Jpanic\tnow\r\n").unwrap();
+        assert_eq!(
+            read_log_tail(&path, 2),
+            "ok\n\\x1b]0;owned\\x07\\x1b[2Jpanic\tnow"
+        );
     }
 
     #[test]

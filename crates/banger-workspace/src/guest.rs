@@ -260,7 +260,7 @@ pub fn one_line(stderr: &[u8]) -> String {
     if lines.is_empty() {
         "no message".to_owned()
     } else {
-        lines.join("; ")
+        banger_proto::sanitize::one_line(&lines.join("; "))
     }
 }
 

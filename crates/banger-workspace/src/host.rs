@@ -316,8 +316,10 @@ impl Plan {
                 path: path.clone(),
                 source,
             })?;
-            if banger_agent_proto::files::check_symlink_target(name, &target).is_err() {
-                // The agent refuses links out of DEST; they are made afterwards.
+            if !banger_agent_proto::files::symlink_resolves_inside(root, name, &target) {
+                // The agent refuses links out of DEST (resolved against the
+                // tree, as here against the same tree on disk); they are
+                // made afterwards.
                 match (target.to_str(), name.to_str()) {
                     (Some(target), Some(name)) => self.links.push(WorkspaceLink {
                         target: target.to_owned(),
@@ -582,18 +584,24 @@ pub async fn receive_patch<R: AsyncRead + Unpin>(
         path: file.to_owned(),
     })?;
     let partial = file.with_file_name(format!(
-        ".{}.banger-{}",
+        ".{}.banger-{}-{}",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u32>()
     ));
+    let mut created = false;
     let result = async {
-        let mut out =
-            tokio::fs::File::create(&partial)
-                .await
-                .map_err(|source| HostError::Write {
-                    path: partial.clone(),
-                    source,
-                })?;
+        // A new file: never through a link someone left at that name.
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .await
+            .map_err(|source| HostError::Write {
+                path: partial.clone(),
+                source,
+            })?;
+        created = true;
         let exported = receive(&mut reader, &mut out, &partial).await?;
         out.sync_all().await.map_err(|source| HostError::Write {
             path: partial.clone(),
@@ -606,7 +614,7 @@ pub async fn receive_patch<R: AsyncRead + Unpin>(
         Ok(exported)
     }
     .await;
-    if result.is_err() {
+    if result.is_err() && created {
         let _ = std::fs::remove_file(&partial);
     }
     result
@@ -808,6 +816,9 @@ mod tests {
         std::fs::write(repo.join("noise.log"), "ignored\n").unwrap();
         std::os::unix::fs::symlink("/etc/hostname", repo.join("absolute")).unwrap();
         std::os::unix::fs::symlink("tracked.txt", repo.join("relative")).unwrap();
+        // Lexically inside, but `sub/up` is the root: the chain climbs out.
+        std::os::unix::fs::symlink("..", repo.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink("sub/up/..", repo.join("chain")).unwrap();
         // A stale base record is never sent: the guest writes its own.
         std::fs::write(repo.join(BASE_FILE), "stale\n").unwrap();
 
@@ -822,13 +833,22 @@ mod tests {
         assert!(names.contains(&Path::new(".git/HEAD")));
         assert!(!names.contains(&Path::new("noise.log")));
         assert!(!names.contains(&Path::new(BASE_FILE)));
+        let mut links = plan.links.clone();
+        links.sort_by(|a, b| a.name.cmp(&b.name));
         assert_eq!(
-            plan.links,
-            [WorkspaceLink {
-                target: "/etc/hostname".into(),
-                name: "absolute".into()
-            }]
+            links,
+            [
+                WorkspaceLink {
+                    target: "/etc/hostname".into(),
+                    name: "absolute".into()
+                },
+                WorkspaceLink {
+                    target: "sub/up/..".into(),
+                    name: "chain".into()
+                }
+            ]
         );
+        assert!(names.contains(&Path::new("sub/up")));
         assert!(plan.tar_size() > plan.bytes);
 
         let with_ignored = Plan::list(Some(&repo), true, false).unwrap();

@@ -231,7 +231,11 @@ pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> anyhow::Result
         }
         (Location::Guest { vm, path }, Location::Host(destination)) => {
             let agent = connect(socket, &vm).await?;
-            copy_out(&agent, &vm, &path, &destination).await?;
+            let options = CopyOutOptions {
+                follow_links: args.dereference,
+                unpack: unpack_options(args.archive),
+            };
+            copy_out(&agent, &vm, &path, &destination, options).await?;
             printer.message(&format!("Copied {vm}:{path} to {}", destination.display()));
             Ok(())
         }
@@ -320,17 +324,53 @@ async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> an
     }
 }
 
+/// How `vm cp` brings a guest file or tree to the host.
+#[derive(Debug, Clone, Copy)]
+struct CopyOutOptions {
+    /// `-L`: the guest follows symlinks.
+    follow_links: bool,
+    unpack: banger_agent_proto::files::UnpackOptions,
+}
+
+/// The calling process's umask (from `/proc/self/status`; 022 if unknown).
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("Umask:")
+                    .and_then(|value| u32::from_str_radix(value.trim(), 8).ok())
+            })
+        })
+        .unwrap_or(0o022)
+}
+
+/// What the guest's files become on the host: links as they are, no
+/// set-id or sticky bits; the caller's umask applied and the caller owning
+/// them, unless `archive` (`-a`: modes as they are, and owners when root).
+fn unpack_options(archive: bool) -> banger_agent_proto::files::UnpackOptions {
+    let mut options = banger_agent_proto::files::UnpackOptions::copy_out(current_umask());
+    if archive {
+        options.mode_mask = 0o777;
+        options.preserve_owners = nix::unistd::geteuid().is_root();
+    }
+    options
+}
+
 /// Copies a guest file or tree to the host: into `destination` when it is a
-/// directory, else as `destination`. Hostile archives are refused.
+/// directory, else as `destination`. The guest's tar is unpacked by
+/// `files::unpack_with` into a staging directory beside the destination
+/// (nothing written through a link, see its module), then renamed into place.
 async fn copy_out(
     agent: &AgentClient,
     vm: &str,
     path: &str,
     destination: &Path,
+    options: CopyOutOptions,
 ) -> anyhow::Result<()> {
     let name = last_component(path).with_context(|| format!("Invalid guest path `{path}`"))?;
     let stream = agent
-        .copy_out(path)
+        .copy_out_with(path, options.follow_links)
         .await
         .map_err(|error| agent_error(vm, error))?;
     let into_dir = destination.is_dir();
@@ -346,7 +386,7 @@ async fn copy_out(
     let staging_path = staging.clone();
     let unpacked = tokio::task::spawn_blocking(move || {
         let reader = tokio_util::io::SyncIoBridge::new(stream);
-        banger_agent_proto::files::unpack(reader, &staging_path)
+        banger_agent_proto::files::unpack_with(reader, &staging_path, &options.unpack)
     })
     .await
     .context("Unpacking task failed");
@@ -553,8 +593,81 @@ async fn pin_host_keys(
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     };
-    let path = managed.known_hosts();
-    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    write_known_hosts(&managed.known_hosts(), alias, &keys).with_context(|| format!("VM `{vm}`"))
+}
+
+/// Algorithms a guest's host key may have.
+const HOST_KEY_ALGORITHMS: &[&str] = &[
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+    "rsa-sha2-256",
+    "rsa-sha2-512",
+];
+
+/// Checks a host key reported by a guest: a known algorithm and a key blob
+/// that is plain base64 decoding to a key of that algorithm. Anything else
+/// (a newline that would add a `@cert-authority` line, spaces, options)
+/// is refused, since the guest chooses these bytes.
+fn check_host_key(key: &banger_proto::agent::HostKey) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let algorithm = key.algorithm.as_str();
+    if !HOST_KEY_ALGORITHMS.contains(&algorithm) {
+        bail!(
+            "Refused SSH host key: unknown algorithm `{}`",
+            banger_proto::sanitize::one_line(&key.algorithm.chars().take(64).collect::<String>())
+        );
+    }
+    let blob = key.key.as_bytes();
+    if blob.is_empty()
+        || blob.len() > 16 * 1024
+        || !blob
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'/' | b'='))
+    {
+        bail!("Refused SSH host key ({algorithm}): the key is not plain base64 on one line");
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .map_err(|_| {
+            anyhow::anyhow!("Refused SSH host key ({algorithm}): the key is not valid base64")
+        })?;
+    // The blob starts with its own algorithm name (an SSH string).
+    let named = decoded
+        .get(..4)
+        .map(|length| u32::from_be_bytes([length[0], length[1], length[2], length[3]]) as usize)
+        .and_then(|length| decoded.get(4..4 + length));
+    let expected: &[u8] = if algorithm.starts_with("rsa-sha2-") {
+        b"ssh-rsa"
+    } else {
+        algorithm.as_bytes()
+    };
+    if named != Some(expected) {
+        bail!("Refused SSH host key ({algorithm}): the key is of another type");
+    }
+    Ok(())
+}
+
+/// Replaces the lines of `alias` in the known_hosts file at `path` with
+/// `keys`. Every key is checked first: one bad key leaves the file as it
+/// was. The file is replaced through a temporary file beside it.
+fn write_known_hosts(
+    path: &Path,
+    alias: &str,
+    keys: &[banger_proto::agent::HostKey],
+) -> anyhow::Result<()> {
+    for key in keys {
+        check_host_key(key)?;
+    }
+    let existing = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => {
+            return Err(error).with_context(|| format!("Cannot read {}", path.display()));
+        }
+    };
     let mut lines: Vec<String> = existing
         .lines()
         .filter(|line| line.split_whitespace().next() != Some(alias))
@@ -565,7 +678,13 @@ async fn pin_host_keys(
     }
     let mut text = lines.join("\n");
     text.push('\n');
-    std::fs::write(&path, text).with_context(|| format!("Cannot write {}", path.display()))
+    let partial = path.with_extension(format!("banger-{}", std::process::id()));
+    std::fs::write(&partial, text)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })
+        .with_context(|| format!("Cannot write {}", path.display()))
 }
 
 async fn vm_of(socket: &Path, reference: &str) -> anyhow::Result<Vm> {
@@ -732,5 +851,69 @@ mod tests {
     fn last_component_ignores_trailing_slashes() {
         assert_eq!(last_component("/root/repo/").as_deref(), Some("repo"));
         assert_eq!(last_component("/"), None);
+    }
+
+    fn host_key(algorithm: &str, key: &str) -> banger_proto::agent::HostKey {
+        banger_proto::agent::HostKey {
+            algorithm: algorithm.into(),
+            key: key.into(),
+            path: "/etc/ssh/ssh_host_ed25519_key.pub".into(),
+        }
+    }
+
+    /// A real ed25519 public key blob.
+    const ED25519: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+
+    #[test]
+    fn valid_host_keys_replace_the_alias_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("known_hosts");
+        std::fs::write(
+            &path,
+            "other.banger ssh-ed25519 AAAA\ndev.banger ssh-rsa OLD\n",
+        )
+        .unwrap();
+        write_known_hosts(&path, "dev.banger", &[host_key("ssh-ed25519", ED25519)]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("other.banger ssh-ed25519 AAAA\ndev.banger ssh-ed25519 {ED25519}\n")
+        );
+    }
+
+    #[test]
+    fn hostile_host_keys_are_refused_and_known_hosts_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("known_hosts");
+        let before = "other.banger ssh-ed25519 AAAA\n";
+        std::fs::write(&path, before).unwrap();
+        let hostile = [
+            // A newline that would add a CA trusted for every VM.
+            host_key(
+                "ssh-ed25519",
+                &format!("{ED25519}\n@cert-authority *.banger ssh-ed25519 {ED25519}"),
+            ),
+            host_key("ssh-ed25519\n@cert-authority", ED25519),
+            host_key("ssh-dss", ED25519),
+            host_key("ssh-ed25519", "not base64!"),
+            host_key(
+                "ssh-ed25519",
+                "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJ",
+            ),
+            host_key("ssh-ed25519", &format!("{ED25519} comment")),
+            // The blob names another algorithm.
+            host_key("ecdsa-sha2-nistp256", ED25519),
+            host_key("ssh-ed25519", ""),
+        ];
+        for key in hostile {
+            let keys = [host_key("ssh-ed25519", ED25519), key.clone()];
+            let error = write_known_hosts(&path, "dev.banger", &keys)
+                .expect_err(&format!("{key:?} was accepted"));
+            assert!(
+                error.to_string().starts_with("Refused SSH host key"),
+                "{error:#}"
+            );
+            assert!(!error.to_string().contains('\n'), "{error:#}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+        }
     }
 }

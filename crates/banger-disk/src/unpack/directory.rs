@@ -64,7 +64,7 @@ pub(crate) fn copy_tree(source: &Path, tree: &mut Tree<'_>) -> Result<(), Unpack
                 .custom_flags_nofollow()
                 .open(&absolute)
                 .map_err(read_error(&absolute))?;
-            tree.file(&relative, &attributes, &mut file)?;
+            tree.file(&relative, &attributes, metadata.len(), &mut file)?;
         } else if file_type.is_socket() {
             // Sockets mean nothing in an image.
         } else {

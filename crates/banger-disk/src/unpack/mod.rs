@@ -12,6 +12,12 @@
 //! 3. Feed every entry (every layer's, in order, for OCI and `docker save`)
 //!    through the tree writer, which validates paths and links itself
 //!    (see `tree.rs`): the tar crate only iterates entries, it never writes.
+//!    Each tar stream is bounded before the tar crate reads it (see
+//!    `archive.rs`): its length, the size of each long-name and PAX header
+//!    (watched on the raw blocks, so no huge header is ever buffered), and
+//!    the content files declare (sparse files at their real size) against
+//!    [`UnpackOptions::maximum_content_bytes`]. Runs of zeros are written
+//!    as holes.
 //!    Layers honour whiteouts (`.wh.NAME`) and opaque directories
 //!    (`.wh..wh..opq`) against lower layers; OCI blobs are checked against
 //!    their sha256 digests.
@@ -67,6 +73,18 @@ pub enum UnpackError {
     InvalidImage { path: PathBuf, reason: String },
     #[error("Unpacked content exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("Entry `{entry}` declares {declared} bytes of content, which takes the image over the limit of {limit} bytes")]
+    EntryTooLarge {
+        entry: String,
+        declared: u64,
+        limit: u64,
+    },
+    #[error("Archive header {what} of {size} bytes exceeds the limit of {limit} bytes")]
+    HeaderTooLarge {
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
     #[error("Blob {digest} does not match its digest (got {actual})")]
     DigestMismatch { digest: String, actual: String },
 }
@@ -95,9 +113,17 @@ pub struct UnpackOptions {
     /// they belong to the caller.
     pub preserve_owners: bool,
     /// Refuse a tar stream (one layer, after decompression) longer than
-    /// this, so a decompression bomb cannot fill the disk or, through a huge
-    /// PAX header, memory. `None`: no limit.
+    /// this, so a decompression bomb cannot fill the disk. `None`: no limit.
     pub maximum_stream_bytes: Option<u64>,
+    /// Refuse an import whose files declare more content than this, all
+    /// layers together: a file's declared size counts (for a sparse file its
+    /// real size, holes included), not the bytes it takes in the archive, so
+    /// a tiny archive with a huge hole is refused before it is written.
+    /// `None`: no limit.
+    pub maximum_content_bytes: Option<u64>,
+    /// Refuse a long-name, long-link or PAX extended header larger than
+    /// this, checked on the raw stream before the tar reader buffers it.
+    pub maximum_header_bytes: u64,
 }
 
 impl Default for UnpackOptions {
@@ -106,6 +132,8 @@ impl Default for UnpackOptions {
             allow_devices: false,
             preserve_owners: true,
             maximum_stream_bytes: Some(64 << 30),
+            maximum_content_bytes: Some(64 << 30),
+            maximum_header_bytes: 1 << 20,
         }
     }
 }

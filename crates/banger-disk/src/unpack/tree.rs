@@ -119,6 +119,8 @@ pub(crate) struct Tree<'a> {
     whiteouts: Vec<Whiteout>,
     pub(crate) entries: u64,
     pub(crate) bytes: u64,
+    /// Content declared so far (sparse files at their real size).
+    declared: u64,
 }
 
 impl<'a> Tree<'a> {
@@ -130,11 +132,37 @@ impl<'a> Tree<'a> {
             whiteouts: Vec::new(),
             entries: 0,
             bytes: 0,
+            declared: 0,
         }
     }
 
     pub(crate) fn maximum_stream_bytes(&self) -> Option<u64> {
         self.options.maximum_stream_bytes
+    }
+
+    pub(crate) fn maximum_header_bytes(&self) -> u64 {
+        self.options.maximum_header_bytes
+    }
+
+    /// Counts `declared` bytes of content for the entry at `path` against
+    /// [`UnpackOptions::maximum_content_bytes`], before any is written.
+    pub(crate) fn check_content(
+        &mut self,
+        path: &RelativePath,
+        declared: u64,
+    ) -> Result<(), UnpackError> {
+        let total = self.declared.saturating_add(declared);
+        if let Some(limit) = self.options.maximum_content_bytes {
+            if total > limit {
+                return Err(UnpackError::EntryTooLarge {
+                    entry: path.display(),
+                    declared,
+                    limit,
+                });
+            }
+        }
+        self.declared = total;
+        Ok(())
     }
 
     fn absolute(&self, path: &RelativePath) -> PathBuf {
@@ -278,10 +306,13 @@ impl<'a> Tree<'a> {
         Ok(())
     }
 
+    /// A regular file of `declared` bytes (what the archive or directory
+    /// says; `content` yields at most that many). Runs of zeros become holes.
     pub(crate) fn file(
         &mut self,
         path: &RelativePath,
         metadata: &Metadata,
+        declared: u64,
         content: &mut dyn Read,
     ) -> Result<(), UnpackError> {
         if path.0.is_empty() {
@@ -290,6 +321,7 @@ impl<'a> Tree<'a> {
                 "a file in place of the root",
             ));
         }
+        self.check_content(path, declared)?;
         self.prepare_parents(path, true)?;
         self.clear_slot(path, false)?;
         let mut file = OpenOptions::new()
@@ -300,9 +332,12 @@ impl<'a> Tree<'a> {
             .open(self.absolute(path))
             .map_err(self.io_error(path))?;
         let written =
-            std::io::copy(content, &mut file).map_err(|source| UnpackError::ReadEntry {
-                entry: path.display(),
-                source,
+            copy_sparse(&mut content.take(declared), &mut file).map_err(|error| match error {
+                CopyError::Read(source) => UnpackError::ReadEntry {
+                    entry: path.display(),
+                    source,
+                },
+                CopyError::Write(source) => self.io_error(path)(source),
             })?;
         if let Some(modified) = metadata.modified {
             file.set_modified(modified).map_err(self.io_error(path))?;
@@ -546,6 +581,43 @@ impl<'a> Tree<'a> {
         }
         Ok(())
     }
+}
+
+enum CopyError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// Copies `content` into `file`, seeking over blocks of zeros so that
+/// holes (a sparse entry's, or any run of zeros) take no disk space.
+fn copy_sparse(content: &mut dyn Read, file: &mut std::fs::File) -> Result<u64, CopyError> {
+    use std::io::{Seek, SeekFrom, Write};
+    const CHUNK: usize = 64 * 1024;
+    let mut buffer = vec![0_u8; CHUNK];
+    let mut total: u64 = 0;
+    let mut ends_in_hole = false;
+    loop {
+        let read = match content.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(CopyError::Read(error)),
+        };
+        let chunk = &buffer[..read];
+        if chunk.iter().all(|byte| *byte == 0) {
+            file.seek(SeekFrom::Current(read as i64))
+                .map_err(CopyError::Write)?;
+            ends_in_hole = true;
+        } else {
+            file.write_all(chunk).map_err(CopyError::Write)?;
+            ends_in_hole = false;
+        }
+        total += read as u64;
+    }
+    if ends_in_hole {
+        file.set_len(total).map_err(CopyError::Write)?;
+    }
+    Ok(total)
 }
 
 /// Queues `target`'s components before the pending ones; an absolute

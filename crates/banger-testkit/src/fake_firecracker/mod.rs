@@ -106,6 +106,10 @@
 //!   VM's guest and bridge vsock connections to it; when it exits (a host
 //!   asked it to shut down) the VMM exits 0, as after a guest power-off.
 //!
+//! - `FAKE_FIRECRACKER_CONSOLE_TEXT=TEXT`: written on the console after the
+//!   boot lines, as it is (a hostile guest's escape sequences, for tests of
+//!   what reaches the user).
+//!
 //! A malformed value in any of these is a start-up error (exit 1).
 
 pub mod cli;

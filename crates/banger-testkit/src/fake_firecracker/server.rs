@@ -239,7 +239,7 @@ impl Server {
     }
 
     fn boot(&self, boot: Boot) {
-        print_console(&boot);
+        print_console(&boot, self.config.settings.console_text.as_deref());
         if let Some(delay) = self.config.settings.exit_after_boot {
             self.exit_after(delay, Exit::Crash);
         }
@@ -329,7 +329,7 @@ fn die_with_parent(command: &mut tokio::process::Command) {
 
 /// Stand-in for the guest's serial console, which Firecracker wires to its
 /// stdout, so that log capture can be tested.
-fn print_console(boot: &Boot) {
+fn print_console(boot: &Boot, extra: Option<&str>) {
     let mut stdout = std::io::stdout().lock();
     // Nobody reading the console must not break the VMM.
     let _ = writeln!(
@@ -339,6 +339,9 @@ fn print_console(boot: &Boot) {
         boot.boot_args.as_deref().unwrap_or("")
     );
     let _ = writeln!(stdout, "fake-firecracker: guest running");
+    if let Some(extra) = extra {
+        let _ = writeln!(stdout, "{extra}");
+    }
     let _ = stdout.flush();
 }
 

@@ -19,6 +19,8 @@ pub const VSOCK_AGENT_VAR: &str = "FAKE_FIRECRACKER_VSOCK_AGENT";
 pub const GUEST_AGENT_BIN_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_BIN";
 /// The SSH config dir that guest agent reads host keys from.
 pub const GUEST_AGENT_SSH_DIR_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR";
+/// Extra text the "guest" writes on its console at boot.
+pub const CONSOLE_TEXT_VAR: &str = "FAKE_FIRECRACKER_CONSOLE_TEXT";
 
 /// Everything the environment can change about the fake's behaviour.
 #[derive(Debug, Clone, Default)]
@@ -36,6 +38,8 @@ pub struct Settings {
     /// Run this agent binary per VM as its guest (overrides `vsock_agent`).
     pub guest_agent_bin: Option<PathBuf>,
     pub guest_agent_ssh_dir: Option<PathBuf>,
+    /// Written on the console after the boot lines, as it is.
+    pub console_text: Option<String>,
 }
 
 /// A malformed steering variable.
@@ -113,6 +117,7 @@ impl Settings {
             guest_agent_ssh_dir: lookup(GUEST_AGENT_SSH_DIR_VAR)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
+            console_text: text(CONSOLE_TEXT_VAR)?,
         })
     }
 
