@@ -534,9 +534,7 @@ impl Validator<'_> {
         let size = self.required(&label, "size", raw.size)?;
         let sha256 = self.required(&label, "sha256", raw.sha256)?;
         let initrd = match (raw.initrd_url, raw.initrd_sha256) {
-            (None, None) if raw.initrd_size.is_none() && raw.initrd_signature_url.is_none() => {
-                None
-            }
+            (None, None) if raw.initrd_size.is_none() && raw.initrd_signature_url.is_none() => None,
             (Some(initrd_url), Some(initrd_sha256)) => Some(InitrdEntry {
                 url: self.url(&label, "initrd_url", &initrd_url)?,
                 size: raw
@@ -833,13 +831,14 @@ initrd_signature_url = "initrd.sig"
                 .as_str(),
             "http://127.0.0.1:8080/catalogs/stable/initrd.sig"
         );
-        let orphan = signed.replace("initrd_url = \"initrd\"\n", "").replace(
-            &format!("initrd_sha256 = \"{IMAGE_DIGEST}\"\n"),
-            "",
-        );
+        let orphan = signed
+            .replace("initrd_url = \"initrd\"\n", "")
+            .replace(&format!("initrd_sha256 = \"{IMAGE_DIGEST}\"\n"), "");
         let error = Catalog::parse(orphan.as_bytes(), &base()).unwrap_err();
         assert!(
-            error.to_string().contains("`initrd_signature_url` need `initrd_url`"),
+            error
+                .to_string()
+                .contains("`initrd_signature_url` need `initrd_url`"),
             "{error}"
         );
     }

@@ -555,11 +555,15 @@ mod tests {
         server.route("/stable/catalog", document("1"), Behaviour::Correct);
         let directory = tempfile::tempdir().unwrap();
         let source = CatalogSource::from_url(server.url("/stable/catalog")).unwrap();
-        let strict = CatalogCache::new(source.clone(), directory.path(), Downloader::new().unwrap());
+        let strict =
+            CatalogCache::new(source.clone(), directory.path(), Downloader::new().unwrap());
         let error = strict.load(Duration::ZERO).await.unwrap_err();
         assert_eq!(
             error.to_string(),
-            format!("Refused catalog {}: plain http is not allowed", server.url("/stable/catalog"))
+            format!(
+                "Refused catalog {}: plain http is not allowed",
+                server.url("/stable/catalog")
+            )
         );
         assert_eq!(catalog_requests(&server), 0);
 
@@ -570,7 +574,10 @@ mod tests {
         assert_eq!(loaded.freshness, Freshness::Fetched);
         // Now cached: still refused without the opt-in, not served stale.
         let error = strict.load(Duration::from_secs(3600)).await.unwrap_err();
-        assert!(matches!(error, CatalogLoadError::InsecureHttp { .. }), "{error}");
+        assert!(
+            matches!(error, CatalogLoadError::InsecureHttp { .. }),
+            "{error}"
+        );
 
         // Artifacts too: a download or fetch of an http URL is refused.
         let strict = Downloader::new().unwrap();
@@ -597,7 +604,10 @@ mod tests {
             .download(&request, &crate::CancellationToken::new(), |_| {})
             .await
             .unwrap_err();
-        assert!(matches!(error, DownloadError::InsecureHttp { .. }), "{error}");
+        assert!(
+            matches!(error, DownloadError::InsecureHttp { .. }),
+            "{error}"
+        );
         assert_eq!(catalog_requests(&server), 1);
     }
 }

@@ -34,10 +34,8 @@ impl Peer {
     /// # Errors
     /// The socket is not a connected Unix socket.
     pub fn of_socket(socket: BorrowedFd<'_>) -> std::io::Result<Self> {
-        let credentials = nix::sys::socket::getsockopt(
-            &socket,
-            nix::sys::socket::sockopt::PeerCredentials,
-        )?;
+        let credentials =
+            nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::PeerCredentials)?;
         Ok(Self {
             uid: credentials.uid(),
             gid: credentials.gid(),
@@ -164,7 +162,11 @@ pub fn as_peer<T: Send>(peer: &Peer, work: impl FnOnce() -> T + Send) -> std::io
                 Ok(work())
             })
             .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("thread reading as the caller panicked")))
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::other(
+                    "thread reading as the caller panicked",
+                ))
+            })
     })
 }
 

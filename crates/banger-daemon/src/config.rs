@@ -406,7 +406,9 @@ impl Config {
         if plain_http && !self.catalog.allow_insecure_http {
             return Err(bad(
                 "catalog.url",
-                format!("{url} is plain http; use https, or set `catalog.allow_insecure_http = true`"),
+                format!(
+                    "{url} is plain http; use https, or set `catalog.allow_insecure_http = true`"
+                ),
             ));
         }
         if self.access.group.is_empty() {
@@ -504,10 +506,9 @@ mod tests {
             "Invalid config /etc/banger/config.toml: `catalog.url` http://mirror.example/catalog.toml is plain http; use https, or set `catalog.allow_insecure_http = true`"
         );
         assert!(parse("[catalog]\nurl = \"HTTP://mirror.example/c\"\n").is_err());
-        let allowed = parse(
-            "[catalog]\nurl = \"http://mirror.example/c\"\nallow_insecure_http = true\n",
-        )
-        .unwrap();
+        let allowed =
+            parse("[catalog]\nurl = \"http://mirror.example/c\"\nallow_insecure_http = true\n")
+                .unwrap();
         assert!(allowed.catalog.allow_insecure_http);
         assert!(!parse("").unwrap().catalog.allow_insecure_http);
         assert!(parse("[catalog]\nurl = \"https://mirror.example/c\"\n").is_ok());

@@ -273,18 +273,26 @@ mod tests {
         std::fs::write(path.join("sub/file"), b"hello").unwrap();
         std::os::unix::fs::symlink("file", path.join("sub/inside")).unwrap();
         std::os::unix::fs::symlink(&secret, path.join("absolute")).unwrap();
-        let climbing = format!("../{}/secret", outside.path().file_name().unwrap().to_str().unwrap());
-        std::os::unix::fs::symlink(format!("../{climbing}"), path.join("sub/climbing"))
-            .unwrap();
-        nix::unistd::mkfifo(&path.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644))
-            .unwrap();
+        let climbing = format!(
+            "../{}/secret",
+            outside.path().file_name().unwrap().to_str().unwrap()
+        );
+        std::os::unix::fs::symlink(format!("../{climbing}"), path.join("sub/climbing")).unwrap();
+        nix::unistd::mkfifo(
+            &path.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
         std::os::unix::fs::symlink("/dev/zero", path.join("zero")).unwrap();
         let big = File::create(path.join("big")).unwrap();
         big.set_len(1 << 40).unwrap();
 
         let directory = ConfinedDir::open(path).unwrap();
         assert_eq!(directory.read(Path::new("sub/file"), 5).unwrap(), b"hello");
-        assert_eq!(directory.read(Path::new("sub/inside"), 5).unwrap(), b"hello");
+        assert_eq!(
+            directory.read(Path::new("sub/inside"), 5).unwrap(),
+            b"hello"
+        );
         assert!(directory.has_file(Path::new("sub/file")));
         assert!(!directory.has_file(Path::new("sub")));
         assert!(!directory.has_file(Path::new("absolute")));
@@ -300,7 +308,10 @@ mod tests {
         let error = directory.read(Path::new("fifo"), 100).unwrap_err();
         assert_eq!(
             error.to_string(),
-            format!("{} is a FIFO, not a regular file", path.join("fifo").display())
+            format!(
+                "{} is a FIFO, not a regular file",
+                path.join("fifo").display()
+            )
         );
         assert!(matches!(
             directory.read(Path::new("zero"), 100),
@@ -320,7 +331,10 @@ mod tests {
         ));
         assert!(matches!(
             directory.read(Path::new("sub"), 4),
-            Err(ConfinedError::NotAFile { kind: "a directory", .. })
+            Err(ConfinedError::NotAFile {
+                kind: "a directory",
+                ..
+            })
         ));
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert!(directory

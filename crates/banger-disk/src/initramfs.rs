@@ -153,12 +153,12 @@ impl KernelModules {
     pub fn read(directory: &ConfinedDir) -> Result<Self, InitramfsError> {
         let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
         let modules_dep = text(directory.read(Path::new("modules.dep"), MODULE_INDEX_LIMIT)?);
-        let modules_builtin =
-            match directory.read(Path::new("modules.builtin"), MODULE_INDEX_LIMIT) {
-                Ok(bytes) => text(bytes),
-                Err(error) if error.is_not_found() => String::new(),
-                Err(error) => return Err(error.into()),
-            };
+        let modules_builtin = match directory.read(Path::new("modules.builtin"), MODULE_INDEX_LIMIT)
+        {
+            Ok(bytes) => text(bytes),
+            Err(error) if error.is_not_found() => String::new(),
+            Err(error) => return Err(error.into()),
+        };
         Self::parse(directory.path(), &modules_dep, &modules_builtin)
     }
 

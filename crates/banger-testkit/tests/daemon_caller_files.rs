@@ -86,7 +86,11 @@ fn banger_as_member(daemon: &TestDaemon, args: &[&str], limit: Duration) -> Outp
     )
 }
 
-fn run_bounded(command: &mut std::process::Command, limit: Duration, daemon: &TestDaemon) -> Output {
+fn run_bounded(
+    command: &mut std::process::Command,
+    limit: Duration,
+    daemon: &TestDaemon,
+) -> Output {
     let mut child = command.spawn().unwrap();
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
@@ -124,10 +128,11 @@ fn found_in(directory: &Path, marker: &[u8]) -> Vec<PathBuf> {
         };
         let mut inflated = Vec::new();
         let _ = flate2::read::GzDecoder::new(bytes.as_slice()).read_to_end(&mut inflated);
-        if [bytes, inflated]
-            .iter()
-            .any(|contents| contents.windows(marker.len()).any(|window| window == marker))
-        {
+        if [bytes, inflated].iter().any(|contents| {
+            contents
+                .windows(marker.len())
+                .any(|window| window == marker)
+        }) {
             found.push(path);
         }
     }
@@ -201,7 +206,10 @@ fn a_group_member_cannot_pack_root_only_files_into_an_initrd() {
     assert!(stderr.contains("Permission denied"), "{stderr}");
 
     assert_eq!(kernel_names(&daemon), Vec::<String>::new());
-    assert_eq!(found_in(&daemon.state_dir, marker.as_bytes()), Vec::<PathBuf>::new());
+    assert_eq!(
+        found_in(&daemon.state_dir, marker.as_bytes()),
+        Vec::<PathBuf>::new()
+    );
     daemon.assert_no_leaks();
 
     // The member's own readable module is packed: the refusals above are
@@ -263,7 +271,10 @@ fn fifos_devices_and_huge_modules_are_refused_without_hanging() {
     .unwrap();
     refused(
         &daemon,
-        &format!("{} is a character device, not a regular file", module.display()),
+        &format!(
+            "{} is a character device, not a regular file",
+            module.display()
+        ),
     );
     std::fs::remove_file(&module).unwrap();
 
@@ -281,7 +292,12 @@ fn fifos_devices_and_huge_modules_are_refused_without_hanging() {
 
     // A directory where modules.dep should be.
     std::fs::remove_file(&module).unwrap();
-    let dep = module.parent().unwrap().parent().unwrap().join("modules.dep");
+    let dep = module
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("modules.dep");
     std::fs::remove_file(&dep).unwrap();
     std::fs::create_dir(&dep).unwrap();
     let output = import(&daemon);
@@ -306,7 +322,10 @@ fn kernel_and_initrd_files_must_be_regular_and_bounded() {
     let fifo = site.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
     let huge = site.path().join("huge");
-    std::fs::File::create(&huge).unwrap().set_len(1 << 40).unwrap();
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
     std::fs::set_permissions(&huge, std::fs::Permissions::from_mode(0o644)).unwrap();
     let secret = site.path().join("secret");
     write_fake_kernel(&secret);
@@ -314,7 +333,14 @@ fn kernel_and_initrd_files_must_be_regular_and_bounded() {
     let kernel_arg = kernel.display().to_string();
     for (args, expected) in [
         (
-            vec!["kernel", "import", "k", &kernel_arg, "--initrd", "/dev/zero"],
+            vec![
+                "kernel",
+                "import",
+                "k",
+                &kernel_arg,
+                "--initrd",
+                "/dev/zero",
+            ],
             "The initrd /dev/zero is not a regular file".to_owned(),
         ),
         (
