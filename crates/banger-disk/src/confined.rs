@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -171,14 +171,10 @@ impl ConfinedDir {
         let Ok(directory) = self.subdirectory(relative) else {
             return Vec::new();
         };
-        let Ok(duplicate) = directory.fd.as_fd().try_clone_to_owned() else {
+        // `Dir` owns the descriptor from here, and closes it even on failure.
+        let Ok(mut listing) = nix::dir::Dir::from_fd(directory.fd.into_raw_fd()) else {
             return Vec::new();
         };
-        let Ok(mut listing) = nix::dir::Dir::from_fd(duplicate.as_raw_fd()) else {
-            return Vec::new();
-        };
-        // `Dir` now owns the descriptor and closes it.
-        std::mem::forget(duplicate);
         listing
             .iter()
             .flatten()
