@@ -87,6 +87,8 @@ pub enum DownloadError {
     InvalidFileName { name: String },
     #[error("Unsupported URL {url}: use http, https or file")]
     UnsupportedUrl { url: Url },
+    #[error("Refused plain-http URL {url}: only https and file are allowed")]
+    InsecureHttp { url: Url },
     #[error("Could not create directory {path}")]
     CreateDir {
         path: PathBuf,
@@ -189,11 +191,13 @@ impl DownloadError {
     }
 }
 
-/// Downloads over HTTP(S) with rustls, and copies `file://` URLs. Cheap to
+/// Downloads over HTTPS with rustls (plain HTTP only when built with
+/// [`Downloader::allowing_http`]), and copies `file://` URLs. Cheap to
 /// clone; clones share one connection pool.
 #[derive(Debug, Clone)]
 pub struct Downloader {
     client: reqwest::Client,
+    allow_http: bool,
 }
 
 /// How long to wait for a TCP/TLS connection.
@@ -204,26 +208,65 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const READ_BUFFER: usize = 256 * 1024;
 
 impl Downloader {
-    /// A downloader with banger's user agent and timeouts.
+    /// A downloader with banger's user agent and timeouts that refuses
+    /// plain `http:` URLs, and redirects to them.
     pub fn new() -> Result<Self, DownloadError> {
+        Self::build(false)
+    }
+
+    /// [`Self::new`], but plain `http:` is allowed too: anyone on the path
+    /// can then change what is fetched (sizes and digests still hold only
+    /// as far as the catalog document itself was not changed).
+    pub fn allowing_http() -> Result<Self, DownloadError> {
+        Self::build(true)
+    }
+
+    fn build(allow_http: bool) -> Result<Self, DownloadError> {
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if !allow_http && attempt.url().scheme() == "http" {
+                let refused = format!("refused redirect to plain-http {}", attempt.url());
+                attempt.error(refused)
+            } else if attempt.previous().len() >= 10 {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        });
         let client = reqwest::Client::builder()
             .user_agent(concat!("banger/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
+            .redirect(redirects)
             .build()
             .map_err(|source| DownloadError::BuildClient { source })?;
-        Ok(Self { client })
+        Ok(Self { client, allow_http })
     }
 
-    /// A downloader using a client the caller configured (proxies, roots).
+    /// A downloader using a client the caller configured (proxies, roots,
+    /// redirects); `allow_http` as for [`Self::allowing_http`].
     #[must_use]
-    pub fn with_client(client: reqwest::Client) -> Self {
-        Self { client }
+    pub fn with_client(client: reqwest::Client, allow_http: bool) -> Self {
+        Self { client, allow_http }
+    }
+
+    /// Whether plain `http:` URLs are fetched.
+    #[must_use]
+    pub fn allows_http(&self) -> bool {
+        self.allow_http
+    }
+
+    /// Refuses `http:` unless allowed.
+    fn check_transport(&self, url: &Url) -> Result<(), DownloadError> {
+        if url.scheme() == "http" && !self.allow_http {
+            return Err(DownloadError::InsecureHttp { url: url.clone() });
+        }
+        Ok(())
     }
 
     /// Fetches a small document (a catalog, a signature) into memory,
     /// refusing more than `limit` bytes.
     pub async fn fetch_bytes(&self, url: &Url, limit: u64) -> Result<Vec<u8>, DownloadError> {
+        self.check_transport(url)?;
         let mut body = match url.scheme() {
             "file" => Body::File(open_source(url).await?),
             "http" | "https" => Body::Http(self.send(url, None).await?),
@@ -260,6 +303,7 @@ impl Downloader {
         mut progress: impl FnMut(Progress),
     ) -> Result<Downloaded, DownloadError> {
         validate_file_name(&request.file_name)?;
+        self.check_transport(&request.url)?;
         tokio::fs::create_dir_all(&request.dest_dir)
             .await
             .map_err(|source| DownloadError::CreateDir {
@@ -739,7 +783,7 @@ mod tests {
 
     async fn run(request: &DownloadRequest) -> (Result<Downloaded, DownloadError>, Vec<Progress>) {
         let mut seen = Vec::new();
-        let result = Downloader::new()
+        let result = Downloader::allowing_http()
             .unwrap()
             .download(request, &CancellationToken::new(), |progress| {
                 seen.push(progress)
@@ -751,7 +795,7 @@ mod tests {
     #[tokio::test]
     async fn futures_are_send_so_the_daemon_can_spawn_them() {
         fn assert_send<T: Send>(_: &T) {}
-        let downloader = Downloader::new().unwrap();
+        let downloader = Downloader::allowing_http().unwrap();
         let request = request(
             Url::parse("http://127.0.0.1:9/a").unwrap(),
             Path::new("/nonexistent"),
@@ -931,7 +975,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let trigger = cancel.clone();
         let started = std::time::Instant::now();
-        let result = Downloader::new()
+        let result = Downloader::allowing_http()
             .unwrap()
             .download(&request, &cancel, |progress| {
                 if progress.downloaded > 0 {
@@ -959,7 +1003,7 @@ mod tests {
         );
         let directory = tempfile::tempdir().unwrap();
         let request = request(server.url("/a"), directory.path());
-        let downloader = Downloader::new().unwrap();
+        let downloader = Downloader::allowing_http().unwrap();
         let cancel = CancellationToken::new();
         let download = downloader.download(&request, &cancel, |_| {});
         let timed_out = tokio::time::timeout(Duration::from_millis(500), download).await;

@@ -17,6 +17,7 @@
 //! sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 //! description = "Debian 12 developer image"   # optional
 //! default_user = "root"                         # optional
+//! signature_url = "images/debian-12.ext4.sig"   # optional detached PGP signature
 //!
 //! [[kernels]]
 //! name = "generic"
@@ -29,6 +30,7 @@
 //! initrd_size = 8123456                         # optional even with an initrd
 //! cmdline = "console=ttyS0 reboot=k panic=1"    # optional default command line
 //! signature_url = "kernels/vmlinux-6.1.119.sig" # optional detached PGP signature
+//! initrd_signature_url = "kernels/initrd-6.1.119.img.sig"  # optional, over the initrd
 //! ```
 //!
 //! The same catalog in JSON (digests shortened here):
@@ -46,7 +48,8 @@
 //! 1. The document is sniffed: a URL or path ending in `.json` or `.toml`
 //!    decides, otherwise a document whose first non-blank character is `{` is
 //!    JSON and anything else TOML.
-//! 2. Every URL (`url`, `initrd_url`, `signature_url`) is resolved against the
+//! 2. Every URL (`url`, `initrd_url`, `signature_url`,
+//!    `initrd_signature_url`) is resolved against the
 //!    catalog's own URL, so a catalog and its artifacts can move together.
 //!    Entries may use `http`, `https` and `file` URLs, except that a catalog
 //!    fetched over HTTP(S) may not point at local files.
@@ -84,6 +87,20 @@ pub struct ImageEntry {
     pub sha256: Sha256Digest,
     pub description: Option<String>,
     pub default_user: Option<String>,
+    /// A detached PGP signature over the image file.
+    pub signature_url: Option<Url>,
+}
+
+impl ImageEntry {
+    /// The files of this entry that have no signature (empty when all do).
+    #[must_use]
+    pub fn unsigned_files(&self) -> Vec<&'static str> {
+        if self.signature_url.is_none() {
+            vec!["image"]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// One kernel, optionally with an initramfs, a default command line and a
@@ -101,12 +118,33 @@ pub struct KernelEntry {
     pub description: Option<String>,
 }
 
+impl KernelEntry {
+    /// The files of this entry that have no signature (empty when all do).
+    #[must_use]
+    pub fn unsigned_files(&self) -> Vec<&'static str> {
+        let mut unsigned = Vec::new();
+        if self.signature_url.is_none() {
+            unsigned.push("kernel");
+        }
+        if self
+            .initrd
+            .as_ref()
+            .is_some_and(|initrd| initrd.signature_url.is_none())
+        {
+            unsigned.push("initrd");
+        }
+        unsigned
+    }
+}
+
 /// A kernel's initramfs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitrdEntry {
     pub url: Url,
     pub size: Option<u64>,
     pub sha256: Sha256Digest,
+    /// A detached PGP signature over the initrd file.
+    pub signature_url: Option<Url>,
 }
 
 /// Which syntax a catalog document uses.
@@ -335,6 +373,7 @@ struct RawImage {
     sha256: Option<String>,
     description: Option<String>,
     default_user: Option<String>,
+    signature_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -347,6 +386,7 @@ struct RawKernel {
     initrd_url: Option<String>,
     initrd_sha256: Option<String>,
     initrd_size: Option<u64>,
+    initrd_signature_url: Option<String>,
     cmdline: Option<String>,
     signature_url: Option<String>,
     description: Option<String>,
@@ -481,6 +521,10 @@ impl Validator<'_> {
             sha256: self.digest(&label, "sha256", &sha256)?,
             description: raw.description,
             default_user: raw.default_user,
+            signature_url: raw
+                .signature_url
+                .map(|signature_url| self.url(&label, "signature_url", &signature_url))
+                .transpose()?,
         })
     }
 
@@ -490,7 +534,7 @@ impl Validator<'_> {
         let size = self.required(&label, "size", raw.size)?;
         let sha256 = self.required(&label, "sha256", raw.sha256)?;
         let initrd = match (raw.initrd_url, raw.initrd_sha256) {
-            (None, None) if raw.initrd_size.is_none() => None,
+            (None, None) if raw.initrd_size.is_none() && raw.initrd_signature_url.is_none() => None,
             (Some(initrd_url), Some(initrd_sha256)) => Some(InitrdEntry {
                 url: self.url(&label, "initrd_url", &initrd_url)?,
                 size: raw
@@ -498,12 +542,19 @@ impl Validator<'_> {
                     .map(|size| self.size(&label, "initrd_size", size))
                     .transpose()?,
                 sha256: self.digest(&label, "initrd_sha256", &initrd_sha256)?,
+                signature_url: raw
+                    .initrd_signature_url
+                    .map(|url| self.url(&label, "initrd_signature_url", &url))
+                    .transpose()?,
             }),
             (Some(_), None) => {
                 return Err(self.invalid(&label, "`initrd_url` needs `initrd_sha256`"));
             }
             _ => {
-                return Err(self.invalid(&label, "`initrd_sha256`/`initrd_size` need `initrd_url`"))
+                return Err(self.invalid(
+                    &label,
+                    "`initrd_sha256`/`initrd_size`/`initrd_signature_url` need `initrd_url`",
+                ))
             }
         };
         Ok(KernelEntry {
@@ -733,5 +784,62 @@ sha256 = "{IMAGE_DIGEST}""#
         let json_base = Url::parse("http://127.0.0.1/catalog.json").unwrap();
         let error = Catalog::parse(b"{\"images\": 3}", &json_base).unwrap_err();
         assert!(matches!(error, CatalogError::ParseJson { .. }));
+    }
+
+    #[test]
+    fn signatures_are_listed_per_file() {
+        let catalog = Catalog::parse(toml_catalog().as_bytes(), &base()).unwrap();
+        assert_eq!(catalog.images[0].unsigned_files(), ["image"]);
+        assert_eq!(catalog.kernels[0].unsigned_files(), ["initrd"]);
+        let signed = format!(
+            r#"
+[[images]]
+name = "debian-12"
+version = "1"
+url = "images/debian-12.ext4"
+size = 10
+sha256 = "{IMAGE_DIGEST}"
+signature_url = "images/debian-12.ext4.sig"
+
+[[kernels]]
+name = "generic"
+version = "1"
+url = "vmlinux"
+size = 10
+sha256 = "{KERNEL_DIGEST}"
+signature_url = "vmlinux.sig"
+initrd_url = "initrd"
+initrd_sha256 = "{IMAGE_DIGEST}"
+initrd_signature_url = "initrd.sig"
+"#
+        );
+        let catalog = Catalog::parse(signed.as_bytes(), &base()).unwrap();
+        assert!(catalog.images[0].unsigned_files().is_empty());
+        assert_eq!(
+            catalog.images[0].signature_url.as_ref().unwrap().as_str(),
+            "http://127.0.0.1:8080/catalogs/stable/images/debian-12.ext4.sig"
+        );
+        assert!(catalog.kernels[0].unsigned_files().is_empty());
+        assert_eq!(
+            catalog.kernels[0]
+                .initrd
+                .as_ref()
+                .unwrap()
+                .signature_url
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "http://127.0.0.1:8080/catalogs/stable/initrd.sig"
+        );
+        let orphan = signed
+            .replace("initrd_url = \"initrd\"\n", "")
+            .replace(&format!("initrd_sha256 = \"{IMAGE_DIGEST}\"\n"), "");
+        let error = Catalog::parse(orphan.as_bytes(), &base()).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("`initrd_signature_url` need `initrd_url`"),
+            "{error}"
+        );
     }
 }

@@ -16,9 +16,14 @@
 //! 3. `Downloader::download` streams it into `DEST/NAME.part`, verifies size
 //!    and SHA-256 and renames it to `DEST/NAME`; only then does the daemon
 //!    register it.
-//! 4. For kernels with a `signature_url`, `verify_signature_from_url` fetches
-//!    the signature and checks the downloaded kernel with `gpgv` before the
-//!    daemon registers it (removing the kernel file if it fails).
+//! 4. For each file with a signature (`signature_url` of an image or kernel,
+//!    `initrd_signature_url`), `verify_signature_from_url` fetches it and
+//!    checks the downloaded file with `gpgv` before the daemon registers it
+//!    (removing the file if it fails). With keyrings configured the daemon
+//!    refuses entries with any file unsigned (`unsigned_files`).
+//!
+//! [`Downloader::new`] refuses plain `http:` URLs (and redirects to them);
+//! [`Downloader::allowing_http`] is the explicit opt-in.
 
 pub mod digest;
 pub mod download;

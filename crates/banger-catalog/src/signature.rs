@@ -319,7 +319,7 @@ mod tests {
 
         // The catalog flow: the signature comes from a URL.
         let signature_url = Url::from_file_path(&signature).unwrap();
-        let downloader = Downloader::new().unwrap();
+        let downloader = Downloader::allowing_http().unwrap();
         verify_signature_from_url(&downloader, &kernel, &signature_url, &[&trusted.keyring])
             .await
             .unwrap();

@@ -13,7 +13,9 @@
 //!    or the file is gone) and a cached copy exists, the cached copy is
 //!    returned marked [`Freshness::Fallback`] and a warning is logged. With no
 //!    cached copy the fetch error is returned.
-//! 5. A document that fetches but does not validate is an error, never
+//! 5. A plain-`http:` source is refused, cache and all, unless the
+//!    downloader allows http ([`Downloader::allowing_http`]).
+//! 6. A document that fetches but does not validate is an error, never
 //!    cached, and never hidden by the fallback: a broken catalog should be
 //!    loud.
 
@@ -178,6 +180,8 @@ fn describe_age(fetched_at: SystemTime) -> String {
 /// Why a catalog could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogLoadError {
+    #[error("Refused catalog {url}: plain http is not allowed")]
+    InsecureHttp { url: String },
     #[error("Could not fetch catalog {source_url}")]
     Fetch {
         source_url: String,
@@ -236,6 +240,12 @@ impl CatalogCache {
     /// fetched, else (source unreachable) the stale cached copy. See the
     /// module docs.
     pub async fn load(&self, max_age: Duration) -> Result<LoadedCatalog, CatalogLoadError> {
+        // Before the cache too: an http catalog cached earlier is not served.
+        if self.source.url().scheme() == "http" && !self.downloader.allows_http() {
+            return Err(CatalogLoadError::InsecureHttp {
+                url: self.source.to_string(),
+            });
+        }
         let cached = self.read_cache().await;
         if let Some(cached) = &cached {
             let fresh = SystemTime::now()
@@ -382,7 +392,7 @@ mod tests {
     }
 
     fn cache(source: CatalogSource, directory: &Path) -> CatalogCache {
-        CatalogCache::new(source, directory, Downloader::new().unwrap())
+        CatalogCache::new(source, directory, Downloader::allowing_http().unwrap())
     }
 
     fn catalog_requests(server: &TestServer) -> usize {
@@ -537,5 +547,67 @@ mod tests {
             Err(CatalogSourceError::UnsupportedScheme { .. })
         ));
         assert!("relative/catalog.toml".parse::<CatalogSource>().is_ok());
+    }
+
+    #[tokio::test]
+    async fn plain_http_needs_a_downloader_that_allows_it() {
+        let server = TestServer::start();
+        server.route("/stable/catalog", document("1"), Behaviour::Correct);
+        let directory = tempfile::tempdir().unwrap();
+        let source = CatalogSource::from_url(server.url("/stable/catalog")).unwrap();
+        let strict =
+            CatalogCache::new(source.clone(), directory.path(), Downloader::new().unwrap());
+        let error = strict.load(Duration::ZERO).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "Refused catalog {}: plain http is not allowed",
+                server.url("/stable/catalog")
+            )
+        );
+        assert_eq!(catalog_requests(&server), 0);
+
+        let loaded = cache(source, directory.path())
+            .load(Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(loaded.freshness, Freshness::Fetched);
+        // Now cached: still refused without the opt-in, not served stale.
+        let error = strict.load(Duration::from_secs(3600)).await.unwrap_err();
+        assert!(
+            matches!(error, CatalogLoadError::InsecureHttp { .. }),
+            "{error}"
+        );
+
+        // Artifacts too: a download or fetch of an http URL is refused.
+        let strict = Downloader::new().unwrap();
+        let error = strict
+            .fetch_bytes(&server.url("/stable/catalog"), 1024)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "Refused plain-http URL {}: only https and file are allowed",
+                server.url("/stable/catalog")
+            )
+        );
+        let request = crate::DownloadRequest {
+            url: server.url("/stable/catalog"),
+            expected_size: None,
+            expected_sha256: Sha256Digest::of(document("1").as_bytes()),
+            dest_dir: directory.path().join("downloads"),
+            file_name: "catalog".to_owned(),
+            keep_partial: false,
+        };
+        let error = strict
+            .download(&request, &crate::CancellationToken::new(), |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, DownloadError::InsecureHttp { .. }),
+            "{error}"
+        );
+        assert_eq!(catalog_requests(&server), 1);
     }
 }

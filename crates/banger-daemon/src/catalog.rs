@@ -1,7 +1,13 @@
 //! Catalog pulls: images and kernels named in the configured catalog are
-//! downloaded (verified size and sha256, and the kernel's detached
-//! signature with `gpgv` when the entry has one), then registered like
-//! imports.
+//! downloaded (verified size and sha256, and each file's detached signature
+//! with `gpgv` when the entry has one), then registered like imports.
+//!
+//! Trust:
+//! - With `[catalog] keyrings` set, every file of an entry (image; kernel
+//!   and its initrd) must have a signature that verifies against them: an
+//!   entry missing one is refused before anything is downloaded.
+//! - Plain `http:` (the catalog, its artifacts, redirects) is refused unless
+//!   `[catalog] allow_insecure_http` is set.
 //!
 //! Pull protocol:
 //! 1. Load the catalog (cached for `[catalog] max_age_seconds`; the cached
@@ -53,11 +59,23 @@ pub enum CatalogError {
         #[source]
         source: Box<DownloadError>,
     },
-    #[error("Kernel `{name}` is signed but no keyring is configured")]
-    NoKeyring { name: String },
-    #[error("Kernel `{name}` failed signature verification")]
-    Signature {
+    #[error("{} `{name}` is signed but no keyring is configured", .kind.title())]
+    NoKeyring { kind: PullKind, name: String },
+    #[error(
+        "{} `{name}` in the catalog has no signature for its {}, and `[catalog] keyrings` requires one",
+        .kind.title(),
+        .files.join(" and ")
+    )]
+    Unsigned {
+        kind: PullKind,
         name: String,
+        files: Vec<&'static str>,
+    },
+    #[error("{} `{name}` failed signature verification of its {file}", .kind.title())]
+    Signature {
+        kind: PullKind,
+        name: String,
+        file: &'static str,
         #[source]
         source: Box<RemoteSignatureError>,
     },
@@ -96,6 +114,18 @@ impl RpcFailure for CatalogError {
             Self::NoKeyring { .. } => {
                 Some("set `[catalog] keyrings` to the signing keys' keyring files".to_owned())
             }
+            Self::Unsigned { .. } => Some(
+                "ask the catalog's publisher to sign it (`signature_url`, `initrd_signature_url`), or remove `[catalog] keyrings` to accept unsigned entries"
+                    .to_owned(),
+            ),
+            Self::Download { source, .. }
+                if matches!(**source, DownloadError::InsecureHttp { .. }) =>
+            {
+                Some(
+                    "use https, or set `[catalog] allow_insecure_http = true` in the daemon's config"
+                        .to_owned(),
+                )
+            }
             Self::Image(error) => error.hint(),
             Self::Operation(error) => error.hint(),
             _ => None,
@@ -120,7 +150,11 @@ impl CatalogService {
         images: ImageService,
         operations: Arc<OperationRegistry>,
     ) -> anyhow::Result<Self> {
-        let downloader = Downloader::new()?;
+        let downloader = if config.allow_insecure_http {
+            Downloader::allowing_http()?
+        } else {
+            Downloader::new()?
+        };
         let cache = if config.url.is_empty() {
             None
         } else {
@@ -181,6 +215,64 @@ impl CatalogService {
             .and_then(|catalog| catalog.kernel(name, version).cloned()))
     }
 
+    /// With keyrings configured, refuses an entry with any file unsigned.
+    fn require_signatures(
+        &self,
+        kind: PullKind,
+        name: &str,
+        unsigned: Vec<&'static str>,
+    ) -> Result<(), CatalogError> {
+        if self.keyrings.is_empty() || unsigned.is_empty() {
+            return Ok(());
+        }
+        Err(CatalogError::Unsigned {
+            kind,
+            name: name.to_owned(),
+            files: unsigned,
+        })
+    }
+
+    /// Checks `file` against its detached signature at `signature_url`
+    /// (none: nothing to check; [`Self::require_signatures`] decided
+    /// whether that is allowed). Removes `file` when it fails.
+    async fn verify(
+        &self,
+        kind: PullKind,
+        name: &str,
+        what: &'static str,
+        file: &std::path::Path,
+        signature_url: Option<&Url>,
+    ) -> Result<(), CatalogError> {
+        let Some(signature_url) = signature_url else {
+            return Ok(());
+        };
+        let outcome = if self.keyrings.is_empty() {
+            Err(CatalogError::NoKeyring {
+                kind,
+                name: name.to_owned(),
+            })
+        } else {
+            banger_catalog::verify_signature_from_url(
+                &self.downloader,
+                file,
+                signature_url,
+                &self.keyrings,
+            )
+            .await
+            .map(drop)
+            .map_err(|source| CatalogError::Signature {
+                kind,
+                name: name.to_owned(),
+                file: what,
+                source: Box::new(source),
+            })
+        };
+        if outcome.is_err() {
+            let _ = std::fs::remove_file(file);
+        }
+        outcome
+    }
+
     /// Downloads and verifies one file into `tmp/`, reporting progress.
     async fn download(
         &self,
@@ -220,6 +312,7 @@ impl CatalogService {
         operation: &LiveOperation,
         stage: &Stage,
     ) -> Result<Image, CatalogError> {
+        self.require_signatures(PullKind::Image, &entry.name, entry.unsigned_files())?;
         let request = DownloadRequest {
             url: entry.url.clone(),
             expected_size: Some(entry.size),
@@ -229,6 +322,14 @@ impl CatalogService {
             keep_partial: false,
         };
         let downloaded = self.download(request, operation, stage).await?;
+        self.verify(
+            PullKind::Image,
+            &entry.name,
+            "image",
+            &downloaded.path,
+            entry.signature_url.as_ref(),
+        )
+        .await?;
         let images = self.images.clone();
         let name = entry.name.clone();
         let source = format!("{} (catalog {} {})", entry.url, entry.name, entry.version);
@@ -252,6 +353,7 @@ impl CatalogService {
         operation: &LiveOperation,
         stage: &Stage,
     ) -> Result<Kernel, CatalogError> {
+        self.require_signatures(PullKind::Kernel, &entry.name, entry.unsigned_files())?;
         let id = new_id();
         let kernel = self
             .download(
@@ -271,28 +373,14 @@ impl CatalogService {
         let remove_kernel = || {
             let _ = std::fs::remove_file(&kernel_path);
         };
-        if let Some(signature_url) = &entry.signature_url {
-            if self.keyrings.is_empty() {
-                remove_kernel();
-                return Err(CatalogError::NoKeyring {
-                    name: entry.name.clone(),
-                });
-            }
-            if let Err(source) = banger_catalog::verify_signature_from_url(
-                &self.downloader,
-                &kernel_path,
-                signature_url,
-                &self.keyrings,
-            )
-            .await
-            {
-                remove_kernel();
-                return Err(CatalogError::Signature {
-                    name: entry.name.clone(),
-                    source: Box::new(source),
-                });
-            }
-        }
+        self.verify(
+            PullKind::Kernel,
+            &entry.name,
+            "kernel",
+            &kernel_path,
+            entry.signature_url.as_ref(),
+        )
+        .await?;
         let initrd = match &entry.initrd {
             Some(initrd) => match self
                 .download(
@@ -309,7 +397,22 @@ impl CatalogService {
                 )
                 .await
             {
-                Ok(initrd) => Some(initrd.path),
+                Ok(downloaded) => {
+                    if let Err(error) = self
+                        .verify(
+                            PullKind::Kernel,
+                            &entry.name,
+                            "initrd",
+                            &downloaded.path,
+                            initrd.signature_url.as_ref(),
+                        )
+                        .await
+                    {
+                        remove_kernel();
+                        return Err(error);
+                    }
+                    Some(downloaded.path)
+                }
                 Err(error) => {
                     remove_kernel();
                     return Err(error);
@@ -375,6 +478,14 @@ impl CatalogService {
                     .ok_or_else(missing)?,
             )),
         };
+        match &entry {
+            PullEntry::Image(entry) => {
+                self.require_signatures(kind, &entry.name, entry.unsigned_files())?;
+            }
+            PullEntry::Kernel(entry) => {
+                self.require_signatures(kind, &entry.name, entry.unsigned_files())?;
+            }
+        }
         let label = kind.label();
         let operation = self.operations.begin_on(
             &format!("{label}.pull"),

@@ -132,8 +132,14 @@ pub struct CatalogConfig {
     pub url: String,
     /// How long a fetched catalog is used before it is fetched again.
     pub max_age_seconds: u64,
-    /// Keyrings (`gpg --export` output) that kernel signatures are checked against.
+    /// Keyrings (`gpg --export` output) that signatures are checked
+    /// against. When set, every pulled file (image, kernel, initrd) must be
+    /// signed by one of their keys.
     pub keyrings: Vec<PathBuf>,
+    /// Fetch the catalog and its files over plain `http:` too (anyone on
+    /// the network path can then change them). Off: only https and local
+    /// files.
+    pub allow_insecure_http: bool,
 }
 
 impl Default for CatalogConfig {
@@ -142,6 +148,7 @@ impl Default for CatalogConfig {
             url: String::new(),
             max_age_seconds: 3600,
             keyrings: Vec::new(),
+            allow_insecure_http: false,
         }
     }
 }
@@ -434,6 +441,18 @@ impl Config {
                 ),
             ));
         }
+        let url = self.catalog.url.trim();
+        let plain_http = url
+            .get(..7)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"));
+        if plain_http && !self.catalog.allow_insecure_http {
+            return Err(bad(
+                "catalog.url",
+                format!(
+                    "{url} is plain http; use https, or set `catalog.allow_insecure_http = true`"
+                ),
+            ));
+        }
         if self.access.group.is_empty() {
             return Err(bad("access.group", "must not be empty".to_owned()));
         }
@@ -517,6 +536,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`storage.clone` must be one of"));
+    }
+
+    #[test]
+    fn plain_http_catalogs_need_the_opt_in() {
+        let error = parse("[catalog]\nurl = \"http://mirror.example/catalog.toml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "Invalid config /etc/banger/config.toml: `catalog.url` http://mirror.example/catalog.toml is plain http; use https, or set `catalog.allow_insecure_http = true`"
+        );
+        assert!(parse("[catalog]\nurl = \"HTTP://mirror.example/c\"\n").is_err());
+        let allowed =
+            parse("[catalog]\nurl = \"http://mirror.example/c\"\nallow_insecure_http = true\n")
+                .unwrap();
+        assert!(allowed.catalog.allow_insecure_http);
+        assert!(!parse("").unwrap().catalog.allow_insecure_http);
+        assert!(parse("[catalog]\nurl = \"https://mirror.example/c\"\n").is_ok());
+        assert!(parse("[catalog]\nurl = \"/srv/catalog.toml\"\n").is_ok());
     }
 
     #[test]

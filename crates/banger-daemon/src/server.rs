@@ -1,8 +1,8 @@
 //! The JSON-RPC 2.0 server on the control socket.
 //!
 //! Per connection:
-//! 1. Read the peer's credentials (`SO_PEERCRED`) and decide once whether it
-//!    is served ([`crate::access`]).
+//! 1. Read the peer's credentials (`SO_PEERCRED`, `SO_PEERGROUPS`) once and
+//!    decide once whether it is served ([`crate::access`]).
 //! 2. Read one request per line (at most [`MAX_REQUEST_BYTES`]). Malformed
 //!    JSON, a non-request, an unknown method or bad params each get a JSON-RPC
 //!    error on that line and the connection goes on. Requests without an id
@@ -103,11 +103,9 @@ pub async fn serve(
 }
 
 async fn handle_connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<()> {
-    let credentials = stream.peer_cred()?;
-    let peer = Peer {
-        uid: credentials.uid(),
-        gid: credentials.gid(),
-        pid: credentials.pid(),
+    let peer = {
+        use std::os::fd::AsFd;
+        Peer::of_socket(stream.as_fd())?
     };
     let allowed = daemon.access.allows(&peer);
     let (read, mut write) = stream.into_split();
@@ -175,7 +173,7 @@ async fn handle_connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::
             )
             .await;
         }
-        let outcome = dispatch(&daemon, peer, &request.method, request.params).await;
+        let outcome = dispatch(&daemon, peer.clone(), &request.method, request.params).await;
         if let Some(id) = id {
             let response = match outcome {
                 Ok(result) => Response::success(id, result),

@@ -4,15 +4,16 @@
 //! An image is a gzip-compressed `newc` cpio archive. Building one for a
 //! Debian kernel:
 //!
-//! 1. [`KernelModules::open`] reads `modules.dep` and `modules.builtin` of a
+//! 1. [`KernelModules::read`] reads `modules.dep` and `modules.builtin` of a
 //!    modules directory (`/lib/modules/<release>`).
 //! 2. [`KernelModules::resolve`] turns the wanted module names (by default
 //!    [`REQUIRED_MODULES`] and [`OPTIONAL_MODULES`]) into files in load
 //!    order: every module after its dependencies, each once, modules built
 //!    into the kernel skipped. A required module that is neither a module
 //!    nor built in is an error.
-//! 3. [`build_agent_initramfs`] packs `/init` (the static agent), the module
-//!    files under `/lib/modules/<release>/`, and [`MODULE_LIST_PATH`] naming
+//! 3. [`read_modules`] reads those files, and [`agent_initramfs`] packs
+//!    `/init` (the static agent), the module files under
+//!    `/lib/modules/<release>/`, and [`MODULE_LIST_PATH`] naming
 //!    them one absolute path per line in load order. `.ko.gz` and `.ko.zst`
 //!    are decompressed while packing (the whole archive is gzipped anyway);
 //!    `.ko.xz` is kept and the agent loads it with `finit_module`'s
@@ -20,6 +21,14 @@
 //!    modules support.
 //! 4. [`Initramfs::write_gzip`] writes the archive; parents of every entry
 //!    are created implicitly, so adding a file is one call.
+//!
+//! Every file of a modules directory or kernel package is read through a
+//! [`ConfinedDir`]: beneath the directory (no `..`, absolute or escaping
+//! symlinks, or magic links), regular files only, at most
+//! [`MODULE_INDEX_LIMIT`] / [`MODULE_LIMIT`] bytes (decompressed too), with
+//! the calling thread's rights. A daemon building one for a caller runs
+//! steps 1-2 and [`read_modules`] on a thread with the caller's filesystem
+//! identity.
 //!
 //! The `newc` writer is small and written here: the archive needs only
 //! directories, regular files and device nodes, and the crates that offer
@@ -29,6 +38,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+use crate::confined::{read_limited, ConfinedDir, ConfinedError};
 
 /// Modules the agent needs to find its root disk, network, console port and
 /// vsock, and to mount ext4. Each is packed (with its dependencies) unless the
@@ -51,6 +62,15 @@ pub const REQUIRED_MODULES: &[&str] = &[
 /// Packed when the kernel has them as modules; skipped silently otherwise.
 /// ext4 asks for `crc32c` through the crypto API, which would need modprobe.
 pub const OPTIONAL_MODULES: &[&str] = &["crc32c_generic", "crc32c_intel"];
+
+/// The most bytes read of `modules.dep` or `modules.builtin` (Debian's are
+/// well under a megabyte).
+pub const MODULE_INDEX_LIMIT: u64 = 16 * 1024 * 1024;
+/// The most bytes of one module file, compressed or decompressed (the
+/// largest Debian modules are a few tens of megabytes).
+pub const MODULE_LIMIT: u64 = 128 * 1024 * 1024;
+/// The most bytes of the guest agent packed as `/init`.
+pub const AGENT_LIMIT: u64 = 256 * 1024 * 1024;
 
 /// The module list inside the archive (no leading slash).
 pub const MODULE_LIST_PATH: &str = "banger/modules";
@@ -76,6 +96,10 @@ pub enum InitramfsError {
     UnknownModule { name: String, directory: PathBuf },
     #[error("modules.dep in {directory} names {path}, which is not a kernel module file")]
     NotAModule { directory: PathBuf, path: String },
+    #[error(transparent)]
+    File(#[from] ConfinedError),
+    #[error("Kernel module {path} decompresses to more than {limit} bytes")]
+    DecompressedTooLarge { path: PathBuf, limit: u64 },
     #[error("Failed to decompress kernel module {path}")]
     Decompress {
         path: PathBuf,
@@ -112,29 +136,30 @@ pub struct KernelModules {
 
 impl KernelModules {
     /// Reads `modules.dep` and `modules.builtin` (absent = nothing built in)
-    /// of `directory`.
+    /// of `directory`, opened as the calling thread (see [`Self::read`]).
     ///
     /// # Errors
     /// A file cannot be read, or `modules.dep` is malformed.
     pub fn open(directory: &Path) -> Result<Self, InitramfsError> {
-        let dep_path = directory.join("modules.dep");
-        let modules_dep =
-            std::fs::read_to_string(&dep_path).map_err(|source| InitramfsError::Read {
-                path: dep_path.clone(),
-                source,
-            })?;
-        let builtin_path = directory.join("modules.builtin");
-        let modules_builtin = match std::fs::read_to_string(&builtin_path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(source) => {
-                return Err(InitramfsError::Read {
-                    path: builtin_path,
-                    source,
-                })
-            }
+        Self::read(&ConfinedDir::open(directory)?)
+    }
+
+    /// Reads `modules.dep` and `modules.builtin` (absent = nothing built in)
+    /// of `directory`: regular files beneath it of at most
+    /// [`MODULE_INDEX_LIMIT`] bytes.
+    ///
+    /// # Errors
+    /// A file cannot be read or is refused, or `modules.dep` is malformed.
+    pub fn read(directory: &ConfinedDir) -> Result<Self, InitramfsError> {
+        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+        let modules_dep = text(directory.read(Path::new("modules.dep"), MODULE_INDEX_LIMIT)?);
+        let modules_builtin = match directory.read(Path::new("modules.builtin"), MODULE_INDEX_LIMIT)
+        {
+            Ok(bytes) => text(bytes),
+            Err(error) if error.is_not_found() => String::new(),
+            Err(error) => return Err(error.into()),
         };
-        Self::parse(directory, &modules_dep, &modules_builtin)
+        Self::parse(directory.path(), &modules_dep, &modules_builtin)
     }
 
     /// Parses the two files' contents; `directory` is only for messages and
@@ -601,8 +626,19 @@ pub struct AgentInitramfs {
     pub modules: Vec<String>,
 }
 
+/// One module file read for packing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedModule {
+    /// Path relative to the modules directory, without the `.gz`/`.zst`
+    /// suffix when it was decompressed.
+    pub relative_path: String,
+    pub contents: Vec<u8>,
+}
+
 /// Builds the archive that boots a root disk with the agent as `/init`: the
-/// agent, the resolved modules of `modules` and the module list.
+/// agent, the resolved modules of `modules` and the module list. Reads every
+/// file as the calling thread; see [`read_modules`] and [`agent_initramfs`]
+/// to read the modules and the agent with different rights.
 ///
 /// # Errors
 /// A module cannot be resolved or read, or the agent cannot be read.
@@ -612,22 +648,39 @@ pub fn build_agent_initramfs(
     optional: &[&str],
     agent: &Path,
 ) -> Result<(Initramfs, AgentInitramfs), InitramfsError> {
-    let release = modules.release();
     let resolved = modules.resolve(required, optional)?;
+    let loaded = read_modules(&ConfinedDir::open(modules.directory())?, &resolved)?;
+    let agent_file = std::fs::File::open(agent).map_err(|source| InitramfsError::Read {
+        path: agent.to_owned(),
+        source,
+    })?;
+    crate::confined::check_regular(&agent_file, agent, AGENT_LIMIT)?;
+    let agent = read_limited(agent_file, agent, AGENT_LIMIT)?;
+    agent_initramfs(&modules.release(), &loaded, agent)
+}
+
+/// Packs `agent` as `/init`, `modules` (in load order) under
+/// `/lib/modules/<release>/`, and the module list.
+///
+/// # Errors
+/// A path is invalid, or a file too large for the archive.
+pub fn agent_initramfs(
+    release: &str,
+    modules: &[LoadedModule],
+    agent: Vec<u8>,
+) -> Result<(Initramfs, AgentInitramfs), InitramfsError> {
     let mut archive = Initramfs::new();
     for directory in ["dev", "proc", "sys", "run", "tmp", "newroot"] {
         archive.directory(directory, 0o755)?;
     }
     archive.char_device("dev/console", 0o600, 5, 1)?;
     archive.char_device("dev/null", 0o666, 1, 3)?;
-    archive.file_from("init", 0o755, agent)?;
+    archive.file("init", 0o755, agent)?;
     let mut list = String::new();
     let mut loaded = Vec::new();
-    for module in resolved {
-        let source = modules.directory().join(&module.relative_path);
-        let (relative_path, contents) = read_module(&source, &module.relative_path)?;
-        let path = format!("/lib/modules/{release}/{relative_path}");
-        archive.file(&path, 0o644, contents)?;
+    for module in modules {
+        let path = format!("/lib/modules/{release}/{}", module.relative_path);
+        archive.file(&path, 0o644, module.contents.clone())?;
         list.push_str(&path);
         list.push('\n');
         loaded.push(path);
@@ -636,54 +689,85 @@ pub fn build_agent_initramfs(
     Ok((
         archive,
         AgentInitramfs {
-            release,
+            release: release.to_owned(),
             modules: loaded,
         },
     ))
 }
 
+/// Reads the `modules` files beneath `directory` (a modules directory):
+/// regular files only, at most [`MODULE_LIMIT`] bytes each, compressed and
+/// decompressed.
+///
+/// # Errors
+/// A file cannot be opened beneath `directory`, is refused, or does not
+/// decompress.
+pub fn read_modules(
+    directory: &ConfinedDir,
+    modules: &[ModuleFile],
+) -> Result<Vec<LoadedModule>, InitramfsError> {
+    modules
+        .iter()
+        .map(|module| {
+            let file = directory.open_file(Path::new(&module.relative_path), MODULE_LIMIT)?;
+            let source = directory.path().join(&module.relative_path);
+            let (relative_path, contents) = read_module(file, &source, &module.relative_path)?;
+            Ok(LoadedModule {
+                relative_path,
+                contents,
+            })
+        })
+        .collect()
+}
+
 /// The module's bytes and its name in the archive: `.gz`/`.zst` decompressed
 /// (the name loses the suffix), anything else as it is.
-fn read_module(source: &Path, relative_path: &str) -> Result<(String, Vec<u8>), InitramfsError> {
-    let file = std::fs::File::open(source).map_err(|error| InitramfsError::Read {
-        path: source.to_owned(),
-        source: error,
-    })?;
-    let reader = std::io::BufReader::new(file);
+fn read_module(
+    file: std::fs::File,
+    source: &Path,
+    relative_path: &str,
+) -> Result<(String, Vec<u8>), InitramfsError> {
+    let reader = std::io::BufReader::new(file.take(MODULE_LIMIT + 1));
     let decompress_error = |error| InitramfsError::Decompress {
         path: source.to_owned(),
         source: error,
     };
-    let mut contents = Vec::new();
-    if let Some(stem) = relative_path.strip_suffix(".gz") {
-        flate2::bufread::GzDecoder::new(reader)
+    let decompressed = |mut decoder: Box<dyn Read + '_>| {
+        let mut contents = Vec::new();
+        (&mut decoder)
+            .take(MODULE_LIMIT + 1)
             .read_to_end(&mut contents)
             .map_err(decompress_error)?;
+        if contents.len() as u64 > MODULE_LIMIT {
+            return Err(InitramfsError::DecompressedTooLarge {
+                path: source.to_owned(),
+                limit: MODULE_LIMIT,
+            });
+        }
+        Ok(contents)
+    };
+    if let Some(stem) = relative_path.strip_suffix(".gz") {
+        let contents = decompressed(Box::new(flate2::bufread::GzDecoder::new(reader)))?;
         Ok((stem.to_owned(), contents))
     } else if let Some(stem) = relative_path.strip_suffix(".zst") {
-        let mut decoder = ruzstd::decoding::StreamingDecoder::new(reader).map_err(|error| {
+        let decoder = ruzstd::decoding::StreamingDecoder::new(reader).map_err(|error| {
             decompress_error(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 error.to_string(),
             ))
         })?;
-        decoder
-            .read_to_end(&mut contents)
-            .map_err(decompress_error)?;
+        let contents = decompressed(Box::new(decoder))?;
         Ok((stem.to_owned(), contents))
     } else {
-        let mut reader = reader;
-        reader
-            .read_to_end(&mut contents)
-            .map_err(|error| InitramfsError::Read {
-                path: source.to_owned(),
-                source: error,
-            })?;
-        Ok((relative_path.to_owned(), contents))
+        Ok((
+            relative_path.to_owned(),
+            read_limited(reader, source, MODULE_LIMIT)?,
+        ))
     }
 }
 
-/// A Debian kernel package's files: the kernel image and its modules.
+/// A Debian kernel package's files: the kernel image and its modules,
+/// relative to the root they were found in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DebianKernel {
     pub release: String,
@@ -704,47 +788,62 @@ pub enum LocateKernelError {
 }
 
 impl DebianKernel {
-    /// Finds a kernel and its modules. `source` is empty for the newest
-    /// kernel installed under `root` (`/` on a host), a release such as
-    /// `6.1.0-48-cloud-amd64` for that one, or an absolute path to an
-    /// unpacked package (`dpkg-deb -x`), in which the newest is taken.
+    /// Where to look for `source`: empty for the newest kernel installed on
+    /// the host, a release such as `6.1.0-48-cloud-amd64` for that one, or
+    /// an absolute path to an unpacked package (`dpkg-deb -x`), in which
+    /// the newest is taken. Returns the root to open (`/` or the package)
+    /// and the release to pass to [`Self::locate`] (empty for the newest).
     ///
     /// # Errors
-    /// Nothing matches, or the release has no kernel image or no modules.
-    pub fn locate(root: &Path, source: &str) -> Result<Self, LocateKernelError> {
+    /// A release that is not one path component.
+    pub fn root_of(source: &str) -> Result<(PathBuf, String), LocateKernelError> {
         if source.starts_with('/') {
-            return Self::newest(Path::new(source));
-        }
-        if source.is_empty() {
-            return Self::newest(root);
+            return Ok((PathBuf::from(source), String::new()));
         }
         if source.contains('/') || source.starts_with('.') {
             return Err(LocateKernelError::InvalidRelease {
                 release: source.to_owned(),
             });
         }
-        Self::release(root, source)
+        Ok((PathBuf::from("/"), source.to_owned()))
     }
 
-    fn release(root: &Path, release: &str) -> Result<Self, LocateKernelError> {
-        let kernel = root.join("boot").join(format!("vmlinuz-{release}"));
-        if !kernel.is_file() {
+    /// Finds kernel `release` (empty: the newest that has modules) and its
+    /// modules beneath `root`.
+    ///
+    /// # Errors
+    /// Nothing matches, or the release has no kernel image or no modules.
+    pub fn locate(root: &ConfinedDir, release: &str) -> Result<Self, LocateKernelError> {
+        if release.is_empty() {
+            return Self::newest(root);
+        }
+        if release.contains('/') || release.starts_with('.') {
+            return Err(LocateKernelError::InvalidRelease {
+                release: release.to_owned(),
+            });
+        }
+        Self::release(root, release)
+    }
+
+    fn release(root: &ConfinedDir, release: &str) -> Result<Self, LocateKernelError> {
+        let kernel = Path::new("boot").join(format!("vmlinuz-{release}"));
+        if !root.has_file(&kernel) {
             return Err(LocateKernelError::Missing {
                 release: release.to_owned(),
-                missing: kernel,
+                missing: root.path().join(kernel),
             });
         }
         let candidates = [
-            root.join("lib/modules").join(release),
-            root.join("usr/lib/modules").join(release),
+            Path::new("lib/modules").join(release),
+            Path::new("usr/lib/modules").join(release),
         ];
         let modules = candidates
             .iter()
-            .find(|directory| directory.join("modules.dep").is_file())
+            .find(|directory| root.has_file(&directory.join("modules.dep")))
             .cloned()
             .ok_or_else(|| LocateKernelError::Missing {
                 release: release.to_owned(),
-                missing: candidates[0].join("modules.dep"),
+                missing: root.path().join(&candidates[0]).join("modules.dep"),
             })?;
         Ok(Self {
             release: release.to_owned(),
@@ -753,18 +852,12 @@ impl DebianKernel {
         })
     }
 
-    fn newest(root: &Path) -> Result<Self, LocateKernelError> {
-        let mut releases: Vec<String> = std::fs::read_dir(root.join("boot"))
+    fn newest(root: &ConfinedDir) -> Result<Self, LocateKernelError> {
+        let mut releases: Vec<String> = root
+            .names(Path::new("boot"))
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| {
-                entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|name| name.strip_prefix("vmlinuz-"))
-                    .map(str::to_owned)
-            })
+            .filter_map(|name| name.strip_prefix("vmlinuz-").map(str::to_owned))
+            .filter(|release| !release.is_empty() && !release.starts_with('.'))
             .collect();
         releases.sort_by(|left, right| compare_versions(left, right));
         releases
@@ -772,7 +865,7 @@ impl DebianKernel {
             .rev()
             .find_map(|release| Self::release(root, release).ok())
             .ok_or_else(|| LocateKernelError::NoKernel {
-                root: root.to_owned(),
+                root: root.path().to_owned(),
             })
     }
 }
@@ -839,8 +932,9 @@ kernel/net/packet/af-packet.ko:
             std::fs::create_dir_all(&directory).unwrap();
             std::fs::write(directory.join("modules.dep"), "").unwrap();
         };
+        let opened = || ConfinedDir::open(root).unwrap();
         assert_eq!(
-            DebianKernel::locate(root, ""),
+            DebianKernel::locate(&opened(), ""),
             Err(LocateKernelError::NoKernel {
                 root: root.to_owned()
             })
@@ -849,18 +943,24 @@ kernel/net/packet/af-packet.ko:
         install("6.1.0-10-cloud-amd64", "usr/lib/modules");
         // A kernel image without modules is not a candidate.
         std::fs::write(root.join("boot/vmlinuz-6.1.0-99-cloud-amd64"), "bz").unwrap();
-        let newest = DebianKernel::locate(root, "").unwrap();
+        let newest = DebianKernel::locate(&opened(), "").unwrap();
         assert_eq!(newest.release, "6.1.0-10-cloud-amd64");
         assert_eq!(
             newest.modules,
-            root.join("usr/lib/modules/6.1.0-10-cloud-amd64")
+            Path::new("usr/lib/modules/6.1.0-10-cloud-amd64")
         );
-        let package = DebianKernel::locate(root, root.to_str().unwrap()).unwrap();
-        assert_eq!(package, newest);
-        let chosen = DebianKernel::locate(root, "6.1.0-9-cloud-amd64").unwrap();
-        assert_eq!(chosen.kernel, root.join("boot/vmlinuz-6.1.0-9-cloud-amd64"));
         assert_eq!(
-            DebianKernel::locate(root, "6.1.0-99-cloud-amd64")
+            DebianKernel::root_of(root.to_str().unwrap()).unwrap(),
+            (root.to_owned(), String::new())
+        );
+        assert_eq!(
+            DebianKernel::root_of("6.1.0-9-cloud-amd64").unwrap(),
+            (PathBuf::from("/"), "6.1.0-9-cloud-amd64".to_owned())
+        );
+        let chosen = DebianKernel::locate(&opened(), "6.1.0-9-cloud-amd64").unwrap();
+        assert_eq!(chosen.kernel, Path::new("boot/vmlinuz-6.1.0-9-cloud-amd64"));
+        assert_eq!(
+            DebianKernel::locate(&opened(), "6.1.0-99-cloud-amd64")
                 .unwrap_err()
                 .to_string(),
             format!(
@@ -868,10 +968,28 @@ kernel/net/packet/af-packet.ko:
                 root.display()
             )
         );
+        for invalid in ["../etc", "a/b", ".hidden"] {
+            assert!(matches!(
+                DebianKernel::root_of(invalid),
+                Err(LocateKernelError::InvalidRelease { .. })
+            ));
+            assert!(matches!(
+                DebianKernel::locate(&opened(), invalid),
+                Err(LocateKernelError::InvalidRelease { .. })
+            ));
+        }
+        // Symlinks leading out of the package do not count as its files.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(outside.path().join("7.0-x")).unwrap();
+        std::fs::write(outside.path().join("7.0-x/modules.dep"), "").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("7.0-x"), root.join("lib/modules/7.0-x"))
+            .unwrap();
+        std::fs::write(root.join("boot/vmlinuz-7.0-x"), "bz").unwrap();
         assert!(matches!(
-            DebianKernel::locate(root, "../etc"),
-            Err(LocateKernelError::InvalidRelease { .. })
+            DebianKernel::locate(&opened(), "7.0-x"),
+            Err(LocateKernelError::Missing { .. })
         ));
+        assert_eq!(DebianKernel::locate(&opened(), "").unwrap(), newest);
     }
 
     #[test]
@@ -1099,5 +1217,91 @@ kernel/drivers/virtio/virtio_ring.ko:
         std::fs::remove_file(root.join("kernel/fs/mbcache.ko.gz")).unwrap();
         let error = build_agent_initramfs(&modules, &["ext4"], &[], &agent).unwrap_err();
         assert!(error.to_string().contains("mbcache.ko.gz"), "{error}");
+    }
+
+    #[test]
+    fn hostile_module_files_are_refused_quickly() {
+        let directory = tempfile::tempdir().unwrap();
+        let root = directory.path().join("6.1.0-test");
+        std::fs::create_dir_all(root.join("kernel")).unwrap();
+        std::fs::write(
+            root.join("modules.dep"),
+            "kernel/link.ko:\nkernel/fifo.ko:\nkernel/zero.ko:\nkernel/huge.ko:\nkernel/bomb.ko.gz:\nkernel/dir.ko:\n",
+        )
+        .unwrap();
+        let secret = directory.path().join("secret");
+        std::fs::write(&secret, b"root-only").unwrap();
+        std::os::unix::fs::symlink(&secret, root.join("kernel/link.ko")).unwrap();
+        nix::unistd::mkfifo(
+            &root.join("kernel/fifo.ko"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/dev/zero", root.join("kernel/zero.ko")).unwrap();
+        std::fs::File::create(root.join("kernel/huge.ko"))
+            .unwrap()
+            .set_len(MODULE_LIMIT + 1)
+            .unwrap();
+        std::fs::create_dir(root.join("kernel/dir.ko")).unwrap();
+        // A small gzip that inflates past the limit.
+        let mut encoder = flate2::write::GzEncoder::new(
+            std::fs::File::create(root.join("kernel/bomb.ko.gz")).unwrap(),
+            flate2::Compression::best(),
+        );
+        let zeros = vec![0_u8; 1 << 20];
+        for _ in 0..=(MODULE_LIMIT >> 20) {
+            encoder.write_all(&zeros).unwrap();
+        }
+        encoder.finish().unwrap();
+
+        let opened = ConfinedDir::open(&root).unwrap();
+        let modules = KernelModules::read(&opened).unwrap();
+        let started = std::time::Instant::now();
+        let read = |name: &str| {
+            let resolved = modules.resolve(&[name], &[]).unwrap();
+            read_modules(&opened, &resolved).unwrap_err().to_string()
+        };
+        let path = |file: &str| root.join("kernel").join(file).display().to_string();
+        assert_eq!(
+            read("link"),
+            format!(
+                "{} leads outside {} (through `..` or a symlink); refused",
+                path("link.ko"),
+                root.display()
+            )
+        );
+        assert_eq!(
+            read("fifo"),
+            format!("{} is a FIFO, not a regular file", path("fifo.ko"))
+        );
+        assert!(read("zero").contains("leads outside"));
+        assert_eq!(
+            read("huge"),
+            format!(
+                "{} is larger than the {MODULE_LIMIT} bytes allowed",
+                path("huge.ko")
+            )
+        );
+        assert_eq!(
+            read("bomb"),
+            format!(
+                "Kernel module {} decompresses to more than {MODULE_LIMIT} bytes",
+                path("bomb.ko.gz")
+            )
+        );
+        assert!(read("dir").contains("is a directory, not a regular file"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+
+        // modules.dep itself must be a regular file beneath the directory.
+        std::fs::remove_file(root.join("modules.dep")).unwrap();
+        nix::unistd::mkfifo(
+            &root.join("modules.dep"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        assert!(matches!(
+            KernelModules::open(&root),
+            Err(InitramfsError::File(ConfinedError::NotAFile { .. }))
+        ));
     }
 }

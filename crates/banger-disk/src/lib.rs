@@ -8,6 +8,8 @@
 //! - [`unpack`]: extraction of tarballs (plain, gzip, zstd), directory trees,
 //!   OCI image layouts and `docker save` archives into a staging directory,
 //!   refusing anything that would escape it.
+//! - [`confined`]: reading files a caller pointed at: beneath one opened
+//!   directory (`openat2` `RESOLVE_BENEATH`), regular files only, bounded.
 //! - [`initramfs`]: gzip-compressed newc initramfs images with the guest
 //!   agent as `/init` and the kernel modules it needs, in load order.
 //! - [`ext4`]: `mkfs.ext4 -d` images from a directory, empty work disks,
@@ -17,6 +19,7 @@
 
 pub mod clone;
 pub mod command;
+pub mod confined;
 pub mod ext4;
 pub mod initramfs;
 pub mod unpack;

@@ -881,7 +881,7 @@ cmdline = "console=ttyS0 quiet"
         &format!("[vm]\nimage = \"{image}\"\nkernel = \"{kernel}\"\n"),
     );
     config.push_str(&format!(
-        "\n[catalog]\nurl = \"http://127.0.0.1:{port}/catalog.toml\"\n"
+        "\n[catalog]\nurl = \"http://127.0.0.1:{port}/catalog.toml\"\nallow_insecure_http = true\n"
     ));
     std::fs::write(&daemon.config, config).unwrap();
     daemon.start();
@@ -937,7 +937,7 @@ fn doctor_checks_the_catalog_and_counts_pullable_defaults_as_ok() {
     drop(closed);
     let mut config = std::fs::read_to_string(&daemon.config).unwrap();
     config.push_str(&format!(
-        "\n[catalog]\nurl = \"http://127.0.0.1:{port}/catalog.toml\"\n"
+        "\n[catalog]\nurl = \"http://127.0.0.1:{port}/catalog.toml\"\nallow_insecure_http = true\n"
     ));
     std::fs::write(&daemon.config, config).unwrap();
     daemon.start();

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use banger_disk::confined::ConfinedError;
 use banger_disk::ext4::Ext4Error;
 use banger_disk::initramfs::{InitramfsError, LocateKernelError};
 use banger_disk::unpack::UnpackError;
@@ -52,6 +53,17 @@ pub enum ImageError {
     },
     #[error("The {what} {path} is not a regular file")]
     NotAFile { what: &'static str, path: PathBuf },
+    #[error("The {what} {path} is larger than the {limit} bytes allowed")]
+    SourceTooLarge {
+        what: &'static str,
+        path: PathBuf,
+        limit: u64,
+    },
+    #[error("Could not take the caller's identity to read their files")]
+    AssumeIdentity(#[source] std::io::Error),
+    /// A file of a kernel package, read beneath the package as the caller.
+    #[error(transparent)]
+    PackageFile(#[from] ConfinedError),
 
     // Images.
     #[error("Importing the directory {path} needs root")]
@@ -124,6 +136,12 @@ pub enum ImageError {
         #[source]
         source: InitramfsError,
     },
+    #[error("Failed to read the guest agent {path}")]
+    ReadAgent {
+        path: PathBuf,
+        #[source]
+        source: ConfinedError,
+    },
     #[error("No static guest agent found (looked at {})", list_paths(.candidates))]
     AgentNotFound { candidates: Vec<PathBuf> },
     #[error("Failed to unpack the vmlinux from {path}")]
@@ -191,12 +209,29 @@ impl RpcFailure for ImageError {
                 ErrorKind::NotAllowed
             }
             Self::DirectoryNeedsRoot { .. } => ErrorKind::NotAllowed,
+            Self::PackageFile(ConfinedError::Open { source, .. })
+            | Self::BuildInitramfs {
+                source: InitramfsError::File(ConfinedError::Open { source, .. }),
+                ..
+            } if source.kind() == std::io::ErrorKind::PermissionDenied => ErrorKind::NotAllowed,
+            Self::BuildInitramfs {
+                source:
+                    InitramfsError::File(_)
+                    | InitramfsError::DecompressedTooLarge { .. }
+                    | InitramfsError::Decompress { .. }
+                    | InitramfsError::ParseModulesDep { .. }
+                    | InitramfsError::UnknownModule { .. }
+                    | InitramfsError::NotAModule { .. },
+                ..
+            } => ErrorKind::InvalidParams,
             Self::InvalidName(_)
             | Self::MultilineCommandLine
             | Self::DebianKernelWithFiles
             | Self::RelativePath { .. }
             | Self::OpenSource { .. }
             | Self::NotAFile { .. }
+            | Self::SourceTooLarge { .. }
+            | Self::PackageFile(_)
             | Self::UnknownFormat { .. }
             | Self::Unpack { .. }
             | Self::NotAKernel { .. }

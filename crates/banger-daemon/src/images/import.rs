@@ -23,7 +23,7 @@ impl ImageService {
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let source = open_source(&peer, &params.path, "image", true)?;
+            let source = open_source(&peer, &params.path, "image", None)?;
             this.import_image_blocking(&peer, &params.name, source)
         })
         .await

@@ -4,11 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
+use banger_disk::confined::{self, ConfinedDir, ConfinedError};
 use banger_disk::initramfs::{self, DebianKernel, InitramfsError, KernelModules};
 use banger_proto::{ImportKernelParams, Kernel};
 
 use super::{open_source, ImageError, ImageService, OpenSource, RemoveOnDrop};
-use crate::access::Peer;
+use crate::access::{as_peer, Peer};
 use crate::files;
 use crate::ids::{new_id, now, validate_artifact_name};
 
@@ -17,6 +18,10 @@ use crate::ids::{new_id, now, validate_artifact_name};
 pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 /// The same for Debian kernels, whose initramfs mounts `root=`.
 pub const DEBIAN_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
+/// The largest kernel image imported (a vmlinux is tens of megabytes).
+pub const MAX_KERNEL_BYTES: u64 = 512 * 1024 * 1024;
+/// The largest initrd imported.
+pub const MAX_INITRD_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 /// Where the static guest agent is looked for last (after `[agent] path`
 /// and the directory of `bangerd`): a source install
 /// (`scripts/quickstart.sh`), then the Debian package.
@@ -63,11 +68,11 @@ impl ImageService {
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let kernel = open_source(&peer, &params.path, "kernel", false)?;
+            let kernel = open_source(&peer, &params.path, "kernel", Some(MAX_KERNEL_BYTES))?;
             let initrd = params
                 .initrd
                 .as_deref()
-                .map(|path| open_source(&peer, path, "initrd", false))
+                .map(|path| open_source(&peer, path, "initrd", Some(MAX_INITRD_BYTES)))
                 .transpose()?;
             this.import_kernel_blocking(&params.name, kernel, initrd, cmdline)
         })
@@ -78,6 +83,9 @@ impl ImageService {
         })?
     }
 
+    /// Reads the package as the caller, beneath the directory they named
+    /// (or `/` for an installed release), then builds the initramfs and
+    /// registers both as root; see the module docs of `banger_disk::confined`.
     fn import_debian_kernel_blocking(
         &self,
         peer: &Peer,
@@ -85,13 +93,14 @@ impl ImageService {
         source: &str,
         cmdline: String,
     ) -> Result<Kernel, ImageError> {
-        if source.starts_with('/') {
-            // The package directory is read with the caller's rights.
-            open_source(peer, source, "kernel package", true)?;
-        }
-        let located = DebianKernel::locate(Path::new("/"), source)?;
-        let mut kernel = open_source(peer, &located.kernel.to_string_lossy(), "kernel", false)?;
+        let (root, release) = DebianKernel::root_of(source)?;
         let agent = find_agent(&agent_candidates(self.agent_path.as_deref()))?;
+        let agent = read_agent(&agent)?;
+        // Everything of the package is opened on a thread with the caller's
+        // filesystem identity, beneath the directory it opened as them.
+        let package = as_peer(peer, || read_debian_package(&root, &release))
+            .map_err(ImageError::AssumeIdentity)??;
+        let mut kernel = package.kernel;
         let initrd_path = self.paths.tmp().join(format!("initrd-{}", new_id()));
         let _initrd_guard = RemoveOnDrop(Some(initrd_path.clone()));
         // Stored as the ELF vmlinux: Firecracker boots nothing else, and
@@ -102,17 +111,11 @@ impl ImageService {
             kernel.file = file;
         }
         let build_error = |source: InitramfsError| ImageError::BuildInitramfs {
-            release: located.release.clone(),
+            release: package.release.clone(),
             source,
         };
-        let modules = KernelModules::open(&located.modules).map_err(build_error)?;
-        let (archive, _) = initramfs::build_agent_initramfs(
-            &modules,
-            initramfs::REQUIRED_MODULES,
-            initramfs::OPTIONAL_MODULES,
-            &agent,
-        )
-        .map_err(build_error)?;
+        let (archive, _) = initramfs::agent_initramfs(&package.release, &package.modules, agent)
+            .map_err(build_error)?;
         let output =
             std::fs::File::create(&initrd_path).map_err(|source| ImageError::CreateFile {
                 path: initrd_path.clone(),
@@ -173,6 +176,60 @@ impl ImageService {
     }
 }
 
+/// What the daemon read of a Debian kernel package, as the caller.
+struct DebianPackage {
+    release: String,
+    kernel: OpenSource,
+    modules: Vec<initramfs::LoadedModule>,
+}
+
+/// Finds kernel `release` (empty: the newest) beneath `root` and reads its
+/// kernel image and the modules the agent needs: every file beneath `root`
+/// (no `..`, escaping symlink or magic link), regular, size-capped, opened
+/// with the calling thread's rights.
+fn read_debian_package(root: &Path, release: &str) -> Result<DebianPackage, ImageError> {
+    let package = ConfinedDir::open(root)?;
+    let located = DebianKernel::locate(&package, release)?;
+    let kernel = OpenSource {
+        path: package.path().join(&located.kernel),
+        file: package.open_file(&located.kernel, MAX_KERNEL_BYTES)?,
+        is_directory: false,
+    };
+    let build_error = |source: InitramfsError| ImageError::BuildInitramfs {
+        release: located.release.clone(),
+        source,
+    };
+    let directory = package
+        .subdirectory(&located.modules)
+        .map_err(|error| build_error(error.into()))?;
+    let modules = KernelModules::read(&directory).map_err(build_error)?;
+    let resolved = modules
+        .resolve(initramfs::REQUIRED_MODULES, initramfs::OPTIONAL_MODULES)
+        .map_err(build_error)?;
+    let modules = initramfs::read_modules(&directory, &resolved).map_err(build_error)?;
+    Ok(DebianPackage {
+        release: located.release,
+        kernel,
+        modules,
+    })
+}
+
+/// The static agent's bytes: the daemon's own file, read as root.
+fn read_agent(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let read = || -> Result<Vec<u8>, ConfinedError> {
+        let file = std::fs::File::open(path).map_err(|source| ConfinedError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        confined::check_regular(&file, path, initramfs::AGENT_LIMIT)?;
+        confined::read_limited(file, path, initramfs::AGENT_LIMIT)
+    };
+    read().map_err(|source| ImageError::ReadAgent {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Writes the ELF vmlinux inside bzImage `kernel` to `output` and returns it
 /// opened; `None` when `kernel` already is an ELF, or is compressed in a
 /// format banger does not unpack (it is then kept as it is: QEMU boots a
@@ -183,8 +240,8 @@ fn unpack_vmlinux(
 ) -> Result<Option<std::fs::File>, ImageError> {
     use std::io::{Read, Seek, Write};
     let mut image = Vec::new();
-    kernel
-        .file
+    (&mut kernel.file)
+        .take(MAX_KERNEL_BYTES)
         .read_to_end(&mut image)
         .and_then(|_| kernel.file.rewind())
         .map_err(|source| ImageError::ReadFile {

@@ -197,12 +197,13 @@ struct OpenSource {
 
 /// Opens the source of an import: an absolute path to a regular file the
 /// caller may read (checked by the kernel as the caller, see
-/// [`open_as_peer`]).
+/// [`open_as_peer`]), of at most `limit` bytes when one is given. Image
+/// imports (`limit` `None`) also take a directory.
 fn open_source(
     peer: &Peer,
     path: &str,
     what: &'static str,
-    directory_allowed: bool,
+    limit: Option<u64>,
 ) -> Result<OpenSource, ImageError> {
     let path = PathBuf::from(path);
     if !path.is_absolute() {
@@ -216,9 +217,14 @@ fn open_source(
         Ok(metadata) => metadata,
         Err(source) => return Err(ImageError::StatSource { what, path, source }),
     };
-    let is_directory = metadata.is_dir() && directory_allowed;
+    let is_directory = metadata.is_dir() && limit.is_none();
     if !metadata.is_file() && !is_directory {
         return Err(ImageError::NotAFile { what, path });
+    }
+    if let Some(limit) = limit {
+        if metadata.len() > limit {
+            return Err(ImageError::SourceTooLarge { what, path, limit });
+        }
     }
     Ok(OpenSource {
         path,
