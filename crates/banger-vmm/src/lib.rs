@@ -24,6 +24,7 @@
 //! handling shared by all backends lives in [`process`].
 
 pub mod firecracker;
+pub mod jail;
 pub mod process;
 pub mod qemu;
 
@@ -320,6 +321,12 @@ pub enum VmmError {
         #[source]
         source: io::Error,
     },
+    #[error("Could not prepare the jail of VM {vm_name}")]
+    Jail {
+        vm_name: String,
+        #[source]
+        source: jail::JailError,
+    },
     #[error("Could not start {backend} for VM {vm_name}")]
     SpawnProcess {
         backend: Backend,
@@ -371,6 +378,18 @@ pub enum VmmError {
         #[source]
         source: ProcessError,
     },
+}
+
+/// An error and its causes, joined with `: `, for logs.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn format_console_tail(console_tail: &str) -> String {

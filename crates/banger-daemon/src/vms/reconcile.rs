@@ -79,7 +79,12 @@ impl VmService {
             }
         }
         let adopted_pids: Vec<u32> = self.processes().values().map(VmmHandle::pid).collect();
-        for pid in vmm_processes_under(&self.paths.vms()) {
+        let jailed = jailed_vmms_under(&self.paths.jail());
+        let jailed_pids = jailed.iter().filter_map(|(pid, _)| *pid);
+        for pid in vmm_processes_under(&self.paths.vms())
+            .into_iter()
+            .chain(jailed_pids)
+        {
             if !adopted_pids.contains(&pid) {
                 tracing::warn!(pid, "killing a VMM process no VM accounts for");
                 if let Ok(raw) = i32::try_from(pid) {
@@ -89,6 +94,19 @@ impl VmService {
                     );
                 }
                 report.killed_orphan_processes.push(pid);
+            }
+        }
+        // Jails of VMMs that are gone (or were just killed).
+        for (pid, jail_dir) in jailed {
+            if pid.is_some_and(|pid| adopted_pids.contains(&pid)) {
+                continue;
+            }
+            if let Err(error) = std::fs::remove_dir_all(&jail_dir) {
+                tracing::warn!(path = %jail_dir.display(), %error, "could not remove an orphaned jail");
+            } else {
+                report
+                    .removed_orphan_dirs
+                    .push(jail_dir.display().to_string());
             }
         }
         report.removed_orphan_files = self.images.remove_unreferenced_files()?;
@@ -184,6 +202,37 @@ impl VmService {
         self.store.update_vm(&vm)?;
         Ok(())
     }
+}
+
+/// Every jail under `jail_dir` (`<binary>/<ID>`) with the pid of its
+/// Firecracker if that still runs (its pid file names a live process whose
+/// command line carries `--id <ID>`).
+fn jailed_vmms_under(jail_dir: &Path) -> Vec<(Option<u32>, PathBuf)> {
+    let mut jails = Vec::new();
+    let Ok(binaries) = std::fs::read_dir(jail_dir) else {
+        return jails;
+    };
+    for binary in binaries.flatten() {
+        let Ok(vms) = std::fs::read_dir(binary.path()) else {
+            continue;
+        };
+        let pid_file = format!("{}.pid", binary.file_name().to_string_lossy());
+        for vm in vms.flatten() {
+            let pid = std::fs::read_to_string(vm.path().join("root").join(&pid_file))
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok())
+                .filter(|&pid| {
+                    banger_vmm::process::read_command_line(pid)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|args| {
+                            banger_vmm::process::has_flag_value(&args, "--id", &vm.file_name())
+                        })
+                });
+            jails.push((pid, vm.path()));
+        }
+    }
+    jails
 }
 
 /// Processes whose command line names a socket in a VM directory under

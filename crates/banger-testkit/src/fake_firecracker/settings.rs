@@ -19,6 +19,9 @@ pub const VSOCK_AGENT_VAR: &str = "FAKE_FIRECRACKER_VSOCK_AGENT";
 pub const GUEST_AGENT_BIN_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_BIN";
 /// The SSH config dir that guest agent reads host keys from.
 pub const GUEST_AGENT_SSH_DIR_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR";
+/// Set by `fake-jailer`: the descriptor of the root launcher that runs the
+/// guest agent for a jailed (unprivileged) fake.
+pub const GUEST_LAUNCHER_FD_VAR: &str = "FAKE_FIRECRACKER_GUEST_LAUNCHER_FD";
 
 /// Everything the environment can change about the fake's behaviour.
 #[derive(Debug, Clone, Default)]
