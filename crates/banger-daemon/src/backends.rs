@@ -115,6 +115,9 @@ impl Backends {
                 _ => Accel::Auto,
             },
             startup_timeout: Duration::from_millis(config.qemu.startup_timeout_ms),
+            run_as: qemu_user.clone(),
+            sandbox: config.qemu.jailed,
+            cgroups: qemu_user.as_ref().and_then(|_| Cgroups::detect()),
             ..QemuConfig::default()
         }));
         let (default, reason) = match config.vmm.backend {

@@ -469,12 +469,41 @@ impl TestDaemon {
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill9();
-        for pid in self.vmm_pids().into_iter().chain(self.guest_agent_pids()) {
+        let pids: Vec<u32> = self
+            .vmm_pids()
+            .into_iter()
+            .chain(self.guest_agent_pids())
+            .collect();
+        for &pid in &pids {
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+            }
+        }
+        // The jailed VMs' cgroups outlive the temp dir: remove them once
+        // their VMMs are gone.
+        let Some(cgroups) = banger_vmm::jail::Cgroups::detect() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while pids.iter().any(|&pid| banger_vmm::process::is_running(pid))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let Ok(binaries) = std::fs::read_dir(self.state_dir.join("jail")) else {
+            return;
+        };
+        for vm in binaries
+            .flatten()
+            .filter_map(|binary| std::fs::read_dir(binary.path()).ok())
+            .flatten()
+            .flatten()
+        {
+            for dir in cgroups.vm_cgroups(&vm.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir(dir);
             }
         }
     }

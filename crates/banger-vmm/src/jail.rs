@@ -108,30 +108,37 @@ impl Cgroups {
         })
     }
 
-    /// The jailer flags that put a VM of `vcpus` and `memory_mib` in its own
-    /// cgroup under [`PARENT_CGROUP`]: CPU time capped at `vcpus` CPUs, and
-    /// memory at the guest's plus [`VMM_MEMORY_OVERHEAD_MIB`] for the VMM.
+    /// The limits of a VM of `vcpus` whose VMM may use `memory_mib` in all:
+    /// CPU time capped at `vcpus` CPUs, memory at `memory_mib`; as
+    /// `(<controller>.<file>, value)`.
     #[must_use]
-    pub fn jailer_args(&self, vcpus: u8, memory_mib: u32) -> Vec<String> {
+    pub fn limits(&self, vcpus: u8, memory_mib: u64) -> Vec<(String, String)> {
         const PERIOD_US: u64 = 100_000;
         let quota_us = PERIOD_US * u64::from(vcpus.max(1));
-        let memory_bytes = (u64::from(memory_mib) + VMM_MEMORY_OVERHEAD_MIB) << 20;
-        let (version, limits) = match self {
-            Self::V2 { .. } => (
-                "2",
-                vec![
-                    format!("cpu.max={quota_us} {PERIOD_US}"),
-                    format!("memory.max={memory_bytes}"),
-                ],
-            ),
-            Self::V1 { .. } => (
-                "1",
-                vec![
-                    format!("cpu.cfs_period_us={PERIOD_US}"),
-                    format!("cpu.cfs_quota_us={quota_us}"),
-                    format!("memory.limit_in_bytes={memory_bytes}"),
-                ],
-            ),
+        let memory_bytes = memory_mib << 20;
+        let limit = |file: &str, value: String| (file.to_owned(), value);
+        match self {
+            Self::V2 { .. } => vec![
+                limit("cpu.max", format!("{quota_us} {PERIOD_US}")),
+                limit("memory.max", memory_bytes.to_string()),
+            ],
+            Self::V1 { .. } => vec![
+                limit("cpu.cfs_period_us", PERIOD_US.to_string()),
+                limit("cpu.cfs_quota_us", quota_us.to_string()),
+                limit("memory.limit_in_bytes", memory_bytes.to_string()),
+            ],
+        }
+    }
+
+    /// The jailer flags that put a Firecracker VM of `vcpus` and
+    /// `memory_mib` in its own cgroup under [`PARENT_CGROUP`], with
+    /// [`Self::limits`] (the guest's memory plus
+    /// [`VMM_MEMORY_OVERHEAD_MIB`]).
+    #[must_use]
+    pub fn jailer_args(&self, vcpus: u8, memory_mib: u32) -> Vec<String> {
+        let version = match self {
+            Self::V2 { .. } => "2",
+            Self::V1 { .. } => "1",
         };
         let mut args = vec![
             "--cgroup-version".to_owned(),
@@ -139,11 +146,66 @@ impl Cgroups {
             "--parent-cgroup".to_owned(),
             PARENT_CGROUP.to_owned(),
         ];
-        for limit in limits {
+        for (file, value) in self.limits(vcpus, u64::from(memory_mib) + VMM_MEMORY_OVERHEAD_MIB) {
             args.push("--cgroup".to_owned());
-            args.push(limit);
+            args.push(format!("{file}={value}"));
         }
         args
+    }
+
+    /// Makes VM `vm_id`'s cgroups with [`Self::limits`] and moves process
+    /// `pid` (all its threads) into them: what the jailer does, for a VMM
+    /// without one (QEMU). v2 enables `cpu` and `memory` for the children
+    /// of the root and of [`PARENT_CGROUP`].
+    ///
+    /// # Errors
+    /// When a cgroup cannot be made or written; the caller removes what was
+    /// made with [`remove_cgroups`].
+    pub fn enter(
+        &self,
+        vm_id: &str,
+        pid: u32,
+        vcpus: u8,
+        memory_mib: u64,
+    ) -> Result<(), JailError> {
+        let write = |path: PathBuf, value: &str| {
+            std::fs::write(&path, value).map_err(|source| JailError::Prepare { path, source })
+        };
+        let make = |path: &Path| {
+            std::fs::create_dir_all(path).map_err(|source| JailError::Prepare {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let limits = self.limits(vcpus, memory_mib);
+        match self {
+            Self::V2 { root } => {
+                let parent = root.join(PARENT_CGROUP);
+                make(&parent)?;
+                for dir in [root, &parent] {
+                    write(dir.join("cgroup.subtree_control"), "+cpu +memory")?;
+                }
+                let own = parent.join(vm_id);
+                make(&own)?;
+                for (file, value) in &limits {
+                    write(own.join(file), value)?;
+                }
+                write(own.join("cgroup.procs"), &pid.to_string())?;
+            }
+            Self::V1 { cpu, memory } => {
+                for hierarchy in [cpu, memory] {
+                    let own = hierarchy.join(PARENT_CGROUP).join(vm_id);
+                    make(&own)?;
+                    for (file, value) in &limits {
+                        if own.join(file).exists() {
+                            write(own.join(file), value)?;
+                        }
+                    }
+                    write(own.join("cgroup.procs"), &pid.to_string())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The cgroup directories of VM `vm_id` (one per hierarchy).
@@ -323,6 +385,65 @@ pub fn link_into(
     Ok(Path::new("/").join(name))
 }
 
+/// Gives the persistent tap `name` to `uid:gid` (`TUNSETOWNER`,
+/// `TUNSETGROUP`), so a jailed VMM, which opens its taps itself after the
+/// privilege drop, may attach to it. Root attaches to the tap for this; it
+/// must not be in use.
+///
+/// # Errors
+/// When the tap cannot be attached to or its owner set.
+#[allow(unsafe_code)]
+pub fn set_tap_owner(name: &str, uid: u32, gid: u32) -> Result<(), JailError> {
+    use std::os::fd::AsRawFd;
+    let error = |source| JailError::Prepare {
+        path: PathBuf::from(format!("tap {name}")),
+        source,
+    };
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(error(io::Error::from_raw_os_error(libc::EINVAL)));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(error)?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        // At most IFNAMSIZ - 1 bytes (checked above): the last stays NUL.
+        *slot = byte as libc::c_char;
+    }
+    // The flags banger creates its taps with and Firecracker opens them with.
+    #[allow(clippy::cast_possible_truncation)]
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    request.ifr_ifru.ifru_flags = flags;
+    // SAFETY: `tun` is an open /dev/net/tun descriptor and `request` a valid
+    // ifreq that lives across the call; TUNSETIFF reads and writes only
+    // within it.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &raw mut request) } < 0 {
+        return Err(error(io::Error::last_os_error()));
+    }
+    // SAFETY: TUNSETOWNER and TUNSETGROUP take the id as an integer.
+    if unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNSETOWNER as _,
+            libc::c_ulong::from(uid),
+        )
+    } < 0
+        || unsafe {
+            libc::ioctl(
+                tun.as_raw_fd(),
+                libc::TUNSETGROUP as _,
+                libc::c_ulong::from(gid),
+            )
+        } < 0
+    {
+        return Err(error(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// The jail of the VM whose runtime directory is `runtime_dir`, from its
 /// `jail` symlink, if it points into `chroot_base` (anything else is not
 /// ours to remove).
@@ -340,6 +461,36 @@ pub fn jail_of(chroot_base: &Path, runtime_dir: &Path) -> Option<JailPaths> {
         root,
         link,
     })
+}
+
+/// Removes VM `vm_id`'s cgroups, once its processes are gone. Missing ones
+/// are not an error.
+///
+/// # Errors
+/// The first cgroup that could not be removed; the others are still tried.
+pub fn remove_cgroups(cgroups: &Cgroups, vm_id: &str) -> Result<(), JailError> {
+    let mut first_error = None;
+    for dir in cgroups.vm_cgroups(vm_id) {
+        // A process that just exited may still be leaving its cgroup.
+        let mut result = std::fs::remove_dir(&dir);
+        for _ in 0..50 {
+            if !matches!(&result, Err(error) if error.raw_os_error() == Some(libc::EBUSY)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            result = std::fs::remove_dir(&dir);
+        }
+        match result {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                first_error.get_or_insert(JailError::Remove {
+                    path: dir,
+                    source: error,
+                });
+            }
+            _ => {}
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Removes a VM's jail (chroot directory and symlink) and its cgroups. Only
@@ -363,16 +514,8 @@ pub fn remove_jail(
         });
     }
     if let Some(cgroups) = cgroups {
-        for dir in cgroups.vm_cgroups(vm_id) {
-            match std::fs::remove_dir(&dir) {
-                Err(error) if error.kind() != io::ErrorKind::NotFound => {
-                    first_error.get_or_insert(JailError::Remove {
-                        path: dir,
-                        source: error,
-                    });
-                }
-                _ => {}
-            }
+        if let Err(error) = remove_cgroups(cgroups, vm_id) {
+            first_error.get_or_insert(error);
         }
     }
     first_error.map_or(Ok(()), Err)

@@ -380,18 +380,6 @@ pub enum VmmError {
     },
 }
 
-/// An error and its causes, joined with `: `, for logs.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn format_console_tail(console_tail: &str) -> String {
     if console_tail.trim().is_empty() {
         "; its console log is empty".to_owned()

@@ -375,7 +375,7 @@ impl Firecracker {
         };
         if let Some(paths) = jail::jail_of(&jail.chroot_base, runtime_dir) {
             if let Err(error) = jail::remove_jail(&paths, jail.cgroups.as_ref(), vm_id) {
-                tracing::warn!(vm_id, error = %crate::error_chain(&error), "could not remove the jail of a VMM that is gone");
+                tracing::warn!(vm_id, error = %banger_proto::error_chain(&error), "could not remove the jail of a VMM that is gone");
             }
         }
     }
@@ -551,6 +551,9 @@ impl Firecracker {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        for interface in &spec.network_interfaces {
+            jail::set_tap_owner(&interface.tap, jail.uid, jail.gid)?;
+        }
         let vsock = spec.vsock.as_ref().map(|vsock| {
             paths
                 .inside(&vsock.uds_path)
