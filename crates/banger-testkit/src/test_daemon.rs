@@ -346,8 +346,11 @@ impl TestDaemon {
     /// Pids of VMM processes (Firecracker or QEMU) whose command line points
     /// into this state dir, or whose executable is in its jail.
     pub fn vmm_pids(&self) -> Vec<u32> {
+        // A jailer's command line carries the VMM's flags too: a jailer still
+        // starting a VMM, or fake-jailer's guest launcher, is not a VMM.
         let mut pids = self.pids_matching(|cmdline| {
-            cmdline.contains("--api-sock") || cmdline.contains("qmp.sock")
+            (cmdline.contains("--api-sock") || cmdline.contains("qmp.sock"))
+                && !cmdline.contains("--chroot-base-dir")
         });
         for pid in self.jailed_vmm_pids() {
             if !pids.contains(&pid) {
