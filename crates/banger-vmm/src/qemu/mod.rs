@@ -888,6 +888,7 @@ read -r never <> "$dir/idle.fifo"
             accel: Accel::Tcg,
             startup_timeout,
             qmp_timeout: Duration::from_secs(2),
+            ..QemuConfig::default()
         });
         Fixture {
             _dir: dir,
