@@ -423,23 +423,11 @@ pub fn set_tap_owner(name: &str, uid: u32, gid: u32) -> Result<(), JailError> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &raw mut request) } < 0 {
         return Err(error(io::Error::last_os_error()));
     }
-    // SAFETY: TUNSETOWNER and TUNSETGROUP take the id as an integer.
-    if unsafe {
-        libc::ioctl(
-            tun.as_raw_fd(),
-            libc::TUNSETOWNER as _,
-            libc::c_ulong::from(uid),
-        )
-    } < 0
-        || unsafe {
-            libc::ioctl(
-                tun.as_raw_fd(),
-                libc::TUNSETGROUP as _,
-                libc::c_ulong::from(gid),
-            )
-        } < 0
-    {
-        return Err(error(io::Error::last_os_error()));
+    for (request, id) in [(libc::TUNSETOWNER, uid), (libc::TUNSETGROUP, gid)] {
+        // SAFETY: TUNSETOWNER and TUNSETGROUP take the id as an integer.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), request as _, libc::c_ulong::from(id)) } < 0 {
+            return Err(error(io::Error::last_os_error()));
+        }
     }
     Ok(())
 }

@@ -341,10 +341,8 @@ pub(crate) fn host_path(path: impl AsRef<std::path::Path>) -> PathBuf {
     for component in path.components() {
         match component {
             std::path::Component::Normal(part) => inside.push(part),
-            std::path::Component::ParentDir => {
-                if inside != std::path::Path::new(".") {
-                    inside.pop();
-                }
+            std::path::Component::ParentDir if inside != std::path::Path::new(".") => {
+                inside.pop();
             }
             _ => {}
         }
