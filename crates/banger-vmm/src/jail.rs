@@ -385,6 +385,13 @@ pub fn link_into(
     Ok(Path::new("/").join(name))
 }
 
+/// Whether tap `name` already belongs to `uid` (its sysfs `owner`).
+#[must_use]
+pub fn tap_owned_by(name: &str, uid: u32) -> bool {
+    std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("owner"))
+        .is_ok_and(|owner| owner.trim() == uid.to_string())
+}
+
 /// Gives the persistent tap `name` to `uid:gid` (`TUNSETOWNER`,
 /// `TUNSETGROUP`), so a jailed VMM, which opens its taps itself after the
 /// privilege drop, may attach to it. Root attaches to the tap for this; it

@@ -183,6 +183,8 @@ async fn the_real_jailer_runs_firecracker_as_banger_launches_it() {
         std::fs::metadata(root.join("drive-rootfs")).unwrap().ino(),
         std::fs::metadata(&rootfs).unwrap().ino()
     );
+    // The tap was given to the VMM's user, which opened it.
+    assert!(banger_vmm::jail::tap_owned_by(&tap.name, NOBODY));
     // Unprivileged, in its own PID namespace (init there).
     assert_eq!(uid_of(pid), vec![NOBODY; 4]);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -552,7 +552,19 @@ impl Firecracker {
             })
             .collect::<Result<Vec<_>, _>>()?;
         for interface in &spec.network_interfaces {
-            jail::set_tap_owner(&interface.tap, jail.uid, jail.gid)?;
+            // A tap made for the VMM user needs nothing; else it is given to
+            // it. If that fails, Firecracker's own refusal to open the tap
+            // will say so at `PUT /network-interfaces`.
+            if !jail::tap_owned_by(&interface.tap, jail.uid) {
+                if let Err(error) = jail::set_tap_owner(&interface.tap, jail.uid, jail.gid) {
+                    tracing::warn!(
+                        vm_id = spec.vm_id,
+                        tap = interface.tap,
+                        error = %banger_proto::error_chain(&error),
+                        "could not give the tap to the VMM user"
+                    );
+                }
+            }
         }
         let vsock = spec.vsock.as_ref().map(|vsock| {
             paths
