@@ -290,6 +290,9 @@ pub struct QemuConfig {
     pub accel: String,
     /// How long QEMU may take to answer on QMP after starting.
     pub startup_timeout_ms: u64,
+    /// Drop QEMU's privileges (`-runas` the VMM user), confine it with
+    /// `-sandbox`, and put it in its own cgroup.
+    pub jailed: bool,
 }
 
 impl Default for QemuConfig {
@@ -298,6 +301,7 @@ impl Default for QemuConfig {
             binary: PathBuf::from("qemu-system-x86_64"),
             accel: "auto".to_owned(),
             startup_timeout_ms: 10_000,
+            jailed: true,
         }
     }
 }
@@ -313,6 +317,11 @@ pub struct FirecrackerConfig {
     pub startup_timeout_ms: u64,
     /// Firecracker's own log level (`Error`, `Warning`, `Info`, `Debug`).
     pub log_level: String,
+    /// Firecracker's jailer: a path, or a name looked up in `PATH`.
+    pub jailer: PathBuf,
+    /// Run Firecracker under the jailer (chroot, unprivileged user, PID and
+    /// mount namespaces, cgroup limits).
+    pub jailed: bool,
 }
 
 impl Default for FirecrackerConfig {
@@ -322,6 +331,8 @@ impl Default for FirecrackerConfig {
             api_timeout_ms: 5_000,
             startup_timeout_ms: 5_000,
             log_level: "Warning".to_owned(),
+            jailer: PathBuf::from("jailer"),
+            jailed: true,
         }
     }
 }
@@ -405,6 +416,9 @@ impl Config {
         }
         if self.firecracker.binary.as_os_str().is_empty() {
             return Err(bad("firecracker.binary", "must not be empty".to_owned()));
+        }
+        if self.firecracker.jailer.as_os_str().is_empty() {
+            return Err(bad("firecracker.jailer", "must not be empty".to_owned()));
         }
         if self.firecracker.api_timeout_ms == 0 || self.firecracker.startup_timeout_ms == 0 {
             return Err(bad(

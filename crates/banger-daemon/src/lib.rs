@@ -72,7 +72,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     clear_dir(&paths.tmp())?;
     let store = Store::open(&paths.database())?;
 
-    let backends = crate::backends::Backends::from_config(&config).await?;
+    let backends = crate::backends::Backends::from_config(&config, &paths).await?;
     tracing::info!(backend = %backends.default, reason = %backends.reason, "default VMM backend");
     let (clone, clone_reason) =
         banger_disk::clone::select_strategy(&config.storage.clone, &paths.root)?;

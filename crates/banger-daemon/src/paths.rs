@@ -10,6 +10,8 @@ use std::path::PathBuf;
 ///   kernels/ID/     kernel (+ initrd)
 ///   vms/ID/         root disk, VMM sockets, console and VMM logs
 ///   disks/ID.ext4   work disks
+///   jail/           jailed Firecrackers' chroots: jail/<binary name>/ID/root,
+///                   each living as long as its VMM
 ///   tmp/            imports in progress; emptied at start
 /// ```
 #[derive(Debug, Clone)]
@@ -50,6 +52,10 @@ impl StatePaths {
         self.root.join("disks")
     }
 
+    pub fn jail(&self) -> PathBuf {
+        self.root.join("jail")
+    }
+
     pub fn tmp(&self) -> PathBuf {
         self.root.join("tmp")
     }
@@ -64,6 +70,7 @@ impl StatePaths {
             self.kernels(),
             self.vms(),
             self.disks(),
+            self.jail(),
             self.tmp(),
         ] {
             std::fs::DirBuilder::new()

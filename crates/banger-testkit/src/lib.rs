@@ -2,8 +2,11 @@
 //!
 //! - [`fake_firecracker`]: the `fake-firecracker` binary, a stand-in for the
 //!   Firecracker VMM that serves and enforces the same HTTP API.
+//! - [`fake_jailer`]: the `fake-jailer` binary, a stand-in for Firecracker's
+//!   jailer that takes the same flags and builds the same jail.
 //! - [`test_daemon`]: a real `bangerd` in a temp dir, driven through the
 //!   real `banger` CLI, with leak checks.
 
 pub mod fake_firecracker;
+pub mod fake_jailer;
 pub mod test_daemon;

@@ -1,5 +1,6 @@
 //! A real `bangerd` in a temporary directory, driven through the real
-//! `banger` CLI, with `fake-firecracker` as its Firecracker binary.
+//! `banger` CLI, with `fake-firecracker` as its Firecracker binary, jailed
+//! by `fake-jailer` when the tests run as root (as the daemon's default).
 //!
 //! The binaries are taken from the cargo target dir the test runs from
 //! (`cargo test --workspace` builds them all) or from `BANGER_BIN_DIR`.
@@ -82,11 +83,17 @@ impl TestDaemon {
         std::fs::write(
             &config,
             format!(
-                "[network]\nenabled = false\n\n[vmm]\nbackend = \"firecracker\"\n\n[firecracker]\nbinary = \"{}\"\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n\n[agent]\nwait = false\n",
-                binary("fake-firecracker").display()
+                "[network]\nenabled = false\n\n[vmm]\nbackend = \"firecracker\"\n\n[firecracker]\nbinary = \"{}\"\njailer = \"{}\"\njailed = {}\n\n[vm]\nstop_grace_seconds = 3\nmemory_mib = 256\nvcpus = 1\n\n[agent]\nwait = false\n",
+                binary("fake-firecracker").display(),
+                binary("fake-jailer").display(),
+                nix::unistd::geteuid().is_root(),
             ),
         )
         .expect("write config");
+        // A jailed fake-firecracker runs unprivileged and appends here.
+        std::fs::write(&request_log, "").expect("create request log");
+        std::fs::set_permissions(&request_log, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod request log");
         let mut all_env: Vec<(String, String)> = vec![(
             "FAKE_FIRECRACKER_REQUEST_LOG".to_owned(),
             request_log.display().to_string(),
@@ -337,9 +344,54 @@ impl TestDaemon {
     }
 
     /// Pids of VMM processes (Firecracker or QEMU) whose command line points
-    /// into this state dir.
+    /// into this state dir, or whose executable is in its jail.
     pub fn vmm_pids(&self) -> Vec<u32> {
-        self.pids_matching(|cmdline| cmdline.contains("--api-sock") || cmdline.contains("qmp.sock"))
+        // A jailer's command line carries the VMM's flags too: a jailer still
+        // starting a VMM, or fake-jailer's guest launcher, is not a VMM.
+        let mut pids = self.pids_matching(|cmdline| {
+            (cmdline.contains("--api-sock") || cmdline.contains("qmp.sock"))
+                && !cmdline.contains("--chroot-base-dir")
+        });
+        for pid in self.jailed_vmm_pids() {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Whether VMMs run jailed (by `fake-jailer`): when the tests run as root.
+    pub fn jailed(&self) -> bool {
+        std::fs::read_to_string(&self.config).is_ok_and(|config| config.contains("jailed = true"))
+    }
+
+    /// The chroot of VM `vm_id`'s jailed fake-firecracker.
+    pub fn jail_root(&self, vm_id: &str) -> PathBuf {
+        self.state_dir
+            .join("jail")
+            .join("fake-firecracker")
+            .join(vm_id)
+            .join("root")
+    }
+
+    /// Pids of processes running an executable from this state dir's jail
+    /// (a jailed fake-firecracker runs its copy in the chroot).
+    pub fn jailed_vmm_pids(&self) -> Vec<u32> {
+        let jail = self.state_dir.join("jail");
+        let mut pids = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return pids;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe.starts_with(&jail))
+            {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 
     /// Pids of the `banger-agent --listen-unix` guests fake-firecracker
@@ -373,10 +425,15 @@ impl TestDaemon {
         pids
     }
 
-    /// Entries left under `state/vms` and `state/tmp`.
+    /// Entries left under `state/vms`, `state/tmp` and the jails
+    /// (`state/jail/<binary>/`).
     pub fn leftover_files(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.state_dir.join("vms"), self.state_dir.join("tmp")];
+        if let Ok(binaries) = std::fs::read_dir(self.state_dir.join("jail")) {
+            dirs.extend(binaries.flatten().map(|entry| entry.path()));
+        }
         let mut leftovers = Vec::new();
-        for dir in [self.state_dir.join("vms"), self.state_dir.join("tmp")] {
+        for dir in dirs {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 leftovers.extend(entries.flatten().map(|entry| entry.path()));
             }
@@ -415,12 +472,41 @@ impl TestDaemon {
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill9();
-        for pid in self.vmm_pids().into_iter().chain(self.guest_agent_pids()) {
+        let pids: Vec<u32> = self
+            .vmm_pids()
+            .into_iter()
+            .chain(self.guest_agent_pids())
+            .collect();
+        for &pid in &pids {
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+            }
+        }
+        // The jailed VMs' cgroups outlive the temp dir: remove them once
+        // their VMMs are gone.
+        let Some(cgroups) = banger_vmm::jail::Cgroups::detect() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while pids.iter().any(|&pid| banger_vmm::process::is_running(pid))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let Ok(binaries) = std::fs::read_dir(self.state_dir.join("jail")) else {
+            return;
+        };
+        for vm in binaries
+            .flatten()
+            .filter_map(|binary| std::fs::read_dir(binary.path()).ok())
+            .flatten()
+            .flatten()
+        {
+            for dir in cgroups.vm_cgroups(&vm.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir(dir);
             }
         }
     }

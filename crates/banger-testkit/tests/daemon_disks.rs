@@ -113,10 +113,23 @@ fn work_disks_attach_detach_survive_and_grow() {
         .collect();
     assert_eq!(drives.len(), 2, "{drives:?}");
     assert_eq!(drives[1]["path"], "/drives/work");
-    assert_eq!(
-        drives[1]["body"]["path_on_host"],
-        path.display().to_string()
-    );
+    if daemon.jailed() {
+        // Hard-linked into the VM's chroot.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(drives[1]["body"]["path_on_host"], "/drive-work");
+        let linked = daemon
+            .jail_root(vm["id"].as_str().unwrap())
+            .join("drive-work");
+        assert_eq!(
+            std::fs::metadata(linked).unwrap().ino(),
+            std::fs::metadata(&path).unwrap().ino()
+        );
+    } else {
+        assert_eq!(
+            drives[1]["body"]["path_on_host"],
+            path.display().to_string()
+        );
+    }
     assert_eq!(drives[1]["body"]["is_root_device"], false);
 
     // Attached: not removable, not attachable elsewhere, not resizable while running.

@@ -81,17 +81,32 @@ fn create_list_show_stop_start_set_delete() {
     assert_eq!(requests[2]["body"]["vcpu_count"], 2);
     assert_eq!(requests[2]["body"]["mem_size_mib"], 512);
     let vm_dir = daemon.state_dir.join("vms").join(&id);
-    assert_eq!(
-        requests[4]["body"]["path_on_host"],
-        vm_dir.join("rootfs.ext4").display().to_string()
-    );
     assert_eq!(requests[4]["body"]["is_root_device"], true);
-    // The guest agent's channel: vsock with its host socket in the VM's dir.
     assert_eq!(requests[5]["body"]["guest_cid"], 3);
-    assert_eq!(
-        requests[5]["body"]["uds_path"],
-        vm_dir.join("vsock.sock").display().to_string()
-    );
+    if daemon.jailed() {
+        // Paths inside the chroot: the root disk hard-linked into it, the
+        // guest agent's vsock socket made there.
+        assert_eq!(requests[4]["body"]["path_on_host"], "/drive-rootfs");
+        assert_eq!(requests[5]["body"]["uds_path"], "/vsock.sock");
+        let chroot = daemon.jail_root(&id);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(chroot.join("drive-rootfs"))
+                .unwrap()
+                .ino(),
+            std::fs::metadata(vm_dir.join("rootfs.ext4")).unwrap().ino()
+        );
+    } else {
+        assert_eq!(
+            requests[4]["body"]["path_on_host"],
+            vm_dir.join("rootfs.ext4").display().to_string()
+        );
+        // The guest agent's channel: vsock with its host socket in the VM's dir.
+        assert_eq!(
+            requests[5]["body"]["uds_path"],
+            vm_dir.join("vsock.sock").display().to_string()
+        );
+    }
     assert!(requests[3]["body"]["boot_args"]
         .as_str()
         .unwrap()

@@ -158,8 +158,12 @@ fn a_real_guest_boots_stops_restarts_survives_the_daemon_and_crashes() {
         wait_for_markers(&daemon, &id, 1)
     );
 
-    // The daemon dies; the guest does not, and the next daemon adopts it.
+    // QEMU dropped root for the VMM user, runs under its seccomp filter, and
+    // sits in the VM's own cgroups.
     let pid = vm["pid"].as_u64().unwrap();
+    assert_qemu_confined(pid, &id);
+
+    // The daemon dies; the guest does not, and the next daemon adopts it.
     daemon.kill9();
     daemon.start();
     let vm = daemon.vm("real");
@@ -183,6 +187,37 @@ fn a_real_guest_boots_stops_restarts_survives_the_daemon_and_crashes() {
     )
     .unwrap();
     daemon.wait_for_state("real", "crashed", Duration::from_secs(5));
+    if let Some(cgroups) = banger_vmm::jail::Cgroups::detect() {
+        for dir in cgroups.vm_cgroups(&id) {
+            assert!(!dir.exists(), "cgroup left: {}", dir.display());
+        }
+    }
     daemon.banger_ok(&["vm", "delete", "real"]);
     daemon.assert_no_leaks();
+}
+
+/// QEMU `pid` runs as `banger-vmm` (every uid), with seccomp filtering, in
+/// VM `id`'s cgroups where the host has cpu and memory controllers.
+fn assert_qemu_confined(pid: u64, id: &str) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: QEMU keeps the daemon's user");
+        return;
+    }
+    let user = nix::unistd::User::from_name("banger-vmm").unwrap().unwrap();
+    assert_eq!(field("Uid:"), vec![user.uid.to_string(); 4], "{status}");
+    assert_eq!(field("Seccomp:"), ["2"], "{status}");
+    if banger_vmm::jail::Cgroups::detect().is_some() {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(cgroups.contains(&format!("/banger/{id}")), "{cgroups}");
+    }
 }

@@ -24,6 +24,7 @@
 //! handling shared by all backends lives in [`process`].
 
 pub mod firecracker;
+pub mod jail;
 pub mod process;
 pub mod qemu;
 
@@ -319,6 +320,12 @@ pub enum VmmError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("Could not prepare the jail of VM {vm_name}")]
+    Jail {
+        vm_name: String,
+        #[source]
+        source: jail::JailError,
     },
     #[error("Could not start {backend} for VM {vm_name}")]
     SpawnProcess {

@@ -270,6 +270,61 @@ pub fn adopt(
     watch_process(pid, pidfd, true).map(Some)
 }
 
+/// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): an
+/// orphaned descendant (a jailed VMM whose jailer exited) becomes its child
+/// rather than init's, so its exit status can be collected.
+///
+/// # Errors
+/// When the kernel refuses.
+#[allow(unsafe_code)]
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl(2) with PR_SET_CHILD_SUBREAPER takes an integer flag and
+    // reads no memory of ours.
+    let result = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Ends `pid` if it is a child of this process (a VMM that could not be
+/// watched): reaps it if it has exited, else kills and reaps it. While it is
+/// our unreaped child its pid cannot have been reused, so signalling by pid
+/// is safe. `None` when it is not our child.
+#[must_use]
+pub fn kill_and_reap_if_child(pid: u32) -> Option<ExitStatusInfo> {
+    let raw_pid = Pid::from_raw(i32::try_from(pid).ok()?);
+    let mut flags = Some(WaitPidFlag::WNOHANG);
+    loop {
+        match waitpid(raw_pid, flags) {
+            Ok(WaitStatus::Exited(_, code)) => return Some(ExitStatusInfo::Exited { code }),
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                return Some(ExitStatusInfo::Signaled {
+                    signal: signal as i32,
+                })
+            }
+            Err(Errno::EINTR) => {}
+            Ok(_) => {
+                let _ = nix::sys::signal::kill(raw_pid, Signal::SIGKILL);
+                flags = None;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Whether `pid` exists and has not exited (is not a zombie).
+#[must_use]
+pub fn is_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) state ...`; comm may contain spaces and parentheses.
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
 /// Reads `/proc/<pid>/cmdline` as argv. `Ok(None)` when the process does
 /// not exist or has no command line (zombies and kernel threads).
 ///

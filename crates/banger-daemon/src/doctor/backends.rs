@@ -54,6 +54,66 @@ impl Doctor<'_> {
         }
     }
 
+    /// Whether VMMs run jailed, and whether the jailer is there.
+    pub(super) fn vmm_jail(&self) -> Check {
+        let qemu = match &self.backends.qemu_user {
+            Some(user) => format!("QEMU runs as {user} with -sandbox"),
+            None => "QEMU runs as the daemon's user".to_owned(),
+        };
+        if !self.config.firecracker.jailed {
+            return check(
+                "vmm jail",
+                CheckStatus::Warn,
+                format!("Firecracker is not jailed and runs as the daemon's user; {qemu}"),
+                Some("set `[firecracker] jailed = true`"),
+            );
+        }
+        let Some(jail) = &self.backends.firecracker_jail else {
+            let reason = self
+                .backends
+                .unjailed_reason
+                .clone()
+                .unwrap_or_else(|| "jailing is off".to_owned());
+            return check(
+                "vmm jail",
+                CheckStatus::Warn,
+                format!("VMMs are not jailed: {reason}"),
+                Some("run bangerd as root"),
+            );
+        };
+        let Some(jailer) = find_executable(&jail.jailer) else {
+            return check(
+                "vmm jail",
+                CheckStatus::Fail,
+                format!(
+                    "jailer `{}` not found: Firecracker VMs cannot start jailed",
+                    jail.jailer.display()
+                ),
+                Some("install Firecracker's jailer (same release as firecracker) and set `[firecracker] jailer`, or set `[firecracker] jailed = false`"),
+            );
+        };
+        let cgroups = match &jail.cgroups {
+            Some(banger_vmm::jail::Cgroups::V2 { .. }) => "cgroup v2 CPU and memory limits",
+            Some(banger_vmm::jail::Cgroups::V1 { .. }) => "cgroup v1 CPU and memory limits",
+            None => "no cgroup limits (no cpu and memory controllers found)",
+        };
+        check(
+            "vmm jail",
+            if jail.cgroups.is_some() {
+                CheckStatus::Ok
+            } else {
+                CheckStatus::Warn
+            },
+            format!(
+                "Firecracker jailed by {} as {} (uid {}), {cgroups}; {qemu}",
+                jailer.display(),
+                crate::backends::VMM_USER,
+                jail.uid
+            ),
+            None,
+        )
+    }
+
     pub(super) async fn qemu(&self) -> Check {
         match find_executable(&self.config.qemu.binary) {
             None => check(

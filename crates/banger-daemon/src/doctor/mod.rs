@@ -62,6 +62,7 @@ impl Doctor<'_> {
                 None,
             ),
             self.firecracker().await,
+            self.vmm_jail(),
             kvm(),
             self.qemu().await,
             tool("mkfs.ext4", "apt install e2fsprogs"),

@@ -13,6 +13,7 @@
 //!
 //! Failures to remove a leftover are logged and do not stop the daemon.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -79,16 +80,64 @@ impl VmService {
             }
         }
         let adopted_pids: Vec<u32> = self.processes().values().map(VmmHandle::pid).collect();
-        for pid in vmm_processes_under(&self.paths.vms()) {
-            if !adopted_pids.contains(&pid) {
-                tracing::warn!(pid, "killing a VMM process no VM accounts for");
-                if let Ok(raw) = i32::try_from(pid) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(raw),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+        // VMMs (and jailers still starting one) no row accounts for; then
+        // jailed VMMs, found by their jail's pid file once no jailer can
+        // start another.
+        let kill = |pid: u32, report: &mut ReconcileReport| {
+            if adopted_pids.contains(&pid) {
+                return false;
+            }
+            tracing::warn!(pid, "killing a VMM process no VM accounts for");
+            if let Ok(raw) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(raw),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            report.killed_orphan_processes.push(pid);
+            true
+        };
+        let mut killed = Vec::new();
+        for pid in vmm_processes_under(&self.paths.vms(), &self.paths.jail()) {
+            if kill(pid, &mut report) {
+                killed.push(pid);
+            }
+        }
+        wait_until_gone(&killed).await;
+        let jailed = jailed_vmms_under(&self.paths.jail());
+        killed.clear();
+        for pid in jailed.iter().filter_map(|(pid, _)| *pid) {
+            if kill(pid, &mut report) {
+                killed.push(pid);
+            }
+        }
+        wait_until_gone(&killed).await;
+        // Jails (and their cgroups) of VMMs that are gone or were just killed.
+        let cgroups = self
+            .backends
+            .firecracker_jail
+            .as_ref()
+            .and_then(|jail| jail.cgroups.clone());
+        for (pid, jail_dir) in jailed {
+            if pid.is_some_and(|pid| adopted_pids.contains(&pid)) {
+                continue;
+            }
+            let vm_id = jail_dir
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let paths = banger_vmm::jail::JailPaths {
+                root: jail_dir.join("root"),
+                link: self.paths.vm_dir(&vm_id).join(banger_vmm::jail::JAIL_LINK),
+                vm_dir: jail_dir.clone(),
+            };
+            match banger_vmm::jail::remove_jail(&paths, cgroups.as_ref(), &vm_id) {
+                Ok(()) => report
+                    .removed_orphan_dirs
+                    .push(jail_dir.display().to_string()),
+                Err(error) => {
+                    tracing::warn!(path = %jail_dir.display(), %error, "could not remove an orphaned jail");
                 }
-                report.killed_orphan_processes.push(pid);
             }
         }
         report.removed_orphan_files = self.images.remove_unreferenced_files()?;
@@ -186,10 +235,53 @@ impl VmService {
     }
 }
 
+/// Waits (at most a second) until none of `pids` runs any more.
+async fn wait_until_gone(pids: &[u32]) {
+    for _ in 0..100 {
+        if !pids.iter().any(|&pid| banger_vmm::process::is_running(pid)) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Every jail under `jail_dir` (`<binary>/<ID>`) with the pid of its
+/// Firecracker if that still runs (its pid file names a live process whose
+/// command line carries `--id <ID>`).
+fn jailed_vmms_under(jail_dir: &Path) -> Vec<(Option<u32>, PathBuf)> {
+    let mut jails = Vec::new();
+    let Ok(binaries) = std::fs::read_dir(jail_dir) else {
+        return jails;
+    };
+    for binary in binaries.flatten() {
+        let Ok(vms) = std::fs::read_dir(binary.path()) else {
+            continue;
+        };
+        let pid_file = format!("{}.pid", binary.file_name().to_string_lossy());
+        for vm in vms.flatten() {
+            let pid = std::fs::read_to_string(vm.path().join("root").join(&pid_file))
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok())
+                .filter(|&pid| {
+                    banger_vmm::process::read_command_line(pid)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|args| {
+                            banger_vmm::process::has_flag_value(&args, "--id", &vm.file_name())
+                        })
+                });
+            jails.push((pid, vm.path()));
+        }
+    }
+    jails
+}
+
 /// Processes whose command line names a socket in a VM directory under
-/// `vms_dir` (`--api-sock DIR/ID/firecracker.sock`, `unix:DIR/ID/qmp.sock`):
-/// VMM processes of this state dir, whoever started them.
-fn vmm_processes_under(vms_dir: &Path) -> Vec<u32> {
+/// `vms_dir` (`--api-sock DIR/ID/firecracker.sock`, `unix:DIR/ID/qmp.sock`),
+/// or that are jailers building a jail in `jail_dir`
+/// (`--chroot-base-dir JAIL_DIR`): VMM processes of this state dir, whoever
+/// started them.
+fn vmm_processes_under(vms_dir: &Path, jail_dir: &Path) -> Vec<u32> {
     let prefix = format!("{}/", vms_dir.display());
     let own = std::process::id();
     let mut pids = Vec::new();
@@ -211,7 +303,16 @@ fn vmm_processes_under(vms_dir: &Path) -> Vec<u32> {
                 path.starts_with(&prefix) && path.ends_with(".sock")
             })
         });
-        if names_vm_socket && pid != own {
+        let arguments: Vec<std::ffi::OsString> = cmdline
+            .split(|&byte| byte == 0)
+            .map(|argument| std::ffi::OsStr::from_bytes(argument).to_owned())
+            .collect();
+        let is_our_jailer = banger_vmm::process::has_flag_value(
+            &arguments,
+            "--chroot-base-dir",
+            jail_dir.as_os_str(),
+        );
+        if (names_vm_socket || is_our_jailer) && pid != own {
             pids.push(pid);
         }
     }

@@ -110,6 +110,12 @@
 //!   boot lines, as it is (a hostile guest's escape sequences, for tests of
 //!   what reaches the user).
 //!
+//! - `FAKE_FIRECRACKER_JAILED` (set by `fake-jailer`): every absolute path
+//!   in the flags and the API (`--api-sock`, kernel, initrd, drives, log,
+//!   metrics, vsock) is resolved under the working directory, which the
+//!   fake jailer sets to the chroot root: the paths a jailed Firecracker is
+//!   given are chroot paths.
+//!
 //! A malformed value in any of these is a start-up error (exit 1).
 
 pub mod cli;
@@ -218,8 +224,9 @@ pub fn run(args: &Args) -> Result<Exit, StartError> {
         .transpose()?;
     let vmm = configure_from_flags(args)?;
 
+    let api_sock = host_path(&args.api_sock);
     // The real VMM refuses a leftover socket rather than unlinking it.
-    if args.api_sock.symlink_metadata().is_ok() {
+    if api_sock.symlink_metadata().is_ok() {
         return Err(StartError::ApiSocketExists {
             path: args.api_sock.clone(),
         });
@@ -228,7 +235,7 @@ pub fn run(args: &Args) -> Result<Exit, StartError> {
         path: args.api_sock.clone(),
         source,
     };
-    let listener = std::os::unix::net::UnixListener::bind(&args.api_sock).map_err(bind_error)?;
+    let listener = std::os::unix::net::UnixListener::bind(&api_sock).map_err(bind_error)?;
     let served = serve(
         listener,
         vmm,
@@ -244,7 +251,7 @@ pub fn run(args: &Args) -> Result<Exit, StartError> {
         .map_or(true, |exit| exit.removes_api_socket());
     if remove_socket {
         // Best effort: nothing useful to do if it is already gone.
-        let _ = std::fs::remove_file(&args.api_sock);
+        let _ = std::fs::remove_file(&api_sock);
     }
     served
 }
@@ -319,6 +326,33 @@ fn is_valid_instance_id(id: &str) -> bool {
 /// An error and its sources joined with `: `, as a `fault_message` or a
 /// start-up message.
 pub(crate) use banger_proto::error_chain;
+
+/// Set (to anything) by `fake-jailer` in the environment of the VMM it
+/// starts: the fake then resolves absolute paths against its working
+/// directory, the chroot root, as the real one does after `pivot_root`.
+pub const JAILED_VAR: &str = "FAKE_FIRECRACKER_JAILED";
+
+/// Where a path Firecracker was given is on the host: itself, or when
+/// jailed (see [`JAILED_VAR`]) the same path under the working directory.
+/// `..` cannot climb out of the jail: it is dropped, as `/..` is `/`.
+pub(crate) fn host_path(path: impl AsRef<std::path::Path>) -> PathBuf {
+    static JAILED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let path = path.as_ref();
+    if !*JAILED.get_or_init(|| std::env::var_os(JAILED_VAR).is_some()) {
+        return path.to_owned();
+    }
+    let mut inside = PathBuf::from(".");
+    for component in path.components() {
+        match component {
+            std::path::Component::Normal(part) => inside.push(part),
+            std::path::Component::ParentDir if inside != std::path::Path::new(".") => {
+                inside.pop();
+            }
+            _ => {}
+        }
+    }
+    inside
+}
 
 #[cfg(test)]
 mod tests {

@@ -268,6 +268,13 @@ impl Server {
         let address = vsock.local_addr().ok()?;
         let socket = address.as_pathname()?.with_extension("guest-agent.sock");
         let _ = std::fs::remove_file(&socket);
+        if let Some(fd) = std::env::var(super::settings::GUEST_LAUNCHER_FD_VAR)
+            .ok()
+            .and_then(|fd| fd.parse::<i32>().ok())
+        {
+            self.launch_guest_agent(fd, &socket);
+            return Some(socket);
+        }
         let mut command = tokio::process::Command::new(binary);
         command
             .arg("--listen-unix")
@@ -297,6 +304,33 @@ impl Server {
             let _ = sender.send(Exit::GuestReboot);
         });
         Some(socket)
+    }
+
+    /// Jailed: the agent is run by `fake-jailer`'s root launcher behind
+    /// descriptor `fd` (see `banger_testkit::fake_jailer`), which is told
+    /// the socket path and closes its end when the agent exits.
+    #[allow(unsafe_code)]
+    fn launch_guest_agent(&self, fd: i32, socket: &std::path::Path) {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // SAFETY: the descriptor was passed to this process by the fake
+        // jailer for this use only; nothing else in it owns it.
+        let mut launcher = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        let mut line = socket.as_os_str().to_string_lossy().into_owned();
+        line.push('\n');
+        if let Err(error) = launcher.write_all(line.as_bytes()) {
+            eprintln!("fake-firecracker: cannot reach the guest launcher: {error}");
+            return;
+        }
+        let sender = self.exit.clone();
+        let cleanup = socket.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut launcher, &mut rest);
+            let _ = std::fs::remove_file(&cleanup);
+            eprintln!("fake-firecracker: guest agent exited; powering off");
+            let _ = sender.send(Exit::GuestReboot);
+        });
     }
 
     fn exit_after(&self, delay: Duration, exit: Exit) {

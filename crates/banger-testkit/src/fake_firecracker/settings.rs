@@ -21,6 +21,9 @@ pub const GUEST_AGENT_BIN_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_BIN";
 pub const GUEST_AGENT_SSH_DIR_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR";
 /// Extra text the "guest" writes on its console at boot.
 pub const CONSOLE_TEXT_VAR: &str = "FAKE_FIRECRACKER_CONSOLE_TEXT";
+/// Set by `fake-jailer`: the descriptor of the root launcher that runs the
+/// guest agent for a jailed (unprivileged) fake.
+pub const GUEST_LAUNCHER_FD_VAR: &str = "FAKE_FIRECRACKER_GUEST_LAUNCHER_FD";
 
 /// Everything the environment can change about the fake's behaviour.
 #[derive(Debug, Clone, Default)]

@@ -392,12 +392,12 @@ impl Vmm {
 
     fn put_boot_source(&mut self, boot_source: BootSource) -> Result<Outcome, VmmError> {
         let kernel = Path::new(&boot_source.kernel_image_path);
-        File::open(kernel).map_err(|source| VmmError::OpenKernel {
+        File::open(super::host_path(kernel)).map_err(|source| VmmError::OpenKernel {
             path: kernel.to_owned(),
             source,
         })?;
         if let Some(initrd) = &boot_source.initrd_path {
-            File::open(initrd).map_err(|source| VmmError::OpenInitrd {
+            File::open(super::host_path(initrd)).map_err(|source| VmmError::OpenInitrd {
                 path: PathBuf::from(initrd),
                 source,
             })?;
@@ -424,14 +424,14 @@ impl Vmm {
             OpenOptions::new()
                 .read(true)
                 .write(!read_only)
-                .open(path_on_host)
+                .open(super::host_path(path_on_host))
                 .map_err(|source| VmmError::OpenDrive {
                     path: PathBuf::from(path_on_host),
                     source,
                 })?;
         }
         if let Some(socket) = &drive.socket {
-            if !Path::new(socket).exists() {
+            if !super::host_path(socket).exists() {
                 return Err(VmmError::MissingVhostUserSocket {
                     path: PathBuf::from(socket),
                 });
@@ -586,7 +586,7 @@ impl Vmm {
         if let Some(device) = self.vsock.take() {
             drop(device.listener);
             // Best effort: the path may already be gone; nothing to undo.
-            let _ = std::fs::remove_file(&device.config.uds_path);
+            let _ = std::fs::remove_file(super::host_path(&device.config.uds_path));
         }
     }
 
@@ -614,7 +614,10 @@ impl Vmm {
 }
 
 fn open_append(path: &str) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(super::host_path(path))
 }
 
 fn bind_vsock(path: &str) -> Result<UnixListener, VmmError> {
@@ -622,7 +625,7 @@ fn bind_vsock(path: &str) -> Result<UnixListener, VmmError> {
         path: PathBuf::from(path),
         source,
     };
-    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    let listener = UnixListener::bind(super::host_path(path)).map_err(bind_error)?;
     // Served by tokio after boot, which requires non-blocking mode.
     listener.set_nonblocking(true).map_err(bind_error)?;
     Ok(listener)

@@ -30,11 +30,25 @@
 //!    `--api-sock <runtime_dir>/firecracker.sock` (the same path strings the
 //!    spawn used).
 //!
-//! The jailer (chroot, uid/gid drop, cgroups) is not supported yet. It would
-//! plug in at step 2: spawn `jailer --id <vm_id> --exec-file <binary> --uid
-//! --gid ... -- <firecracker args>` instead, with every path in steps 1 and 4
-//! rewritten relative to the chroot (files hard-linked or bind-mounted into
-//! it), and [`Vmm::adopt`] matching the jailed Firecracker's command line.
+//! Jailed (the default in `bangerd`, [`FirecrackerConfig::jail`]), step 2
+//! is instead:
+//!
+//! 2. Build the jail ([`crate::jail`]): a fresh chroot under the chroot
+//!    base, the `jail` symlink in the runtime directory, the kernel, initrd,
+//!    drives, log and metrics files hard-linked into it. Spawn `jailer --id
+//!    <vm_id> --exec-file <binary> --uid U --gid G --chroot-base-dir B
+//!    --new-pid-ns [cgroup flags] -- --api-sock /firecracker.sock` with its
+//!    output appended to `console.log`. The jailer exits once Firecracker
+//!    runs (as init of a new PID namespace, in a new mount namespace, as
+//!    uid:gid, seccomp on); its pid is read from `<chroot>/firecracker.pid`.
+//!    The daemon is a child subreaper ([`crate::process::become_subreaper`]),
+//!    so the orphaned Firecracker becomes its child and its exit status is
+//!    known. Step 4 then names every file by its path inside the chroot, and
+//!    the daemon reaches both sockets through `<runtime_dir>/jail/`.
+//!    Whenever the process is gone (stop, kill, a failed start,
+//!    [`Vmm::release`]) the chroot and the VM's cgroups are removed.
+//!    [`Vmm::adopt`] of a jailed Firecracker matches `--id <vm_id>` and
+//!    `--api-sock /firecracker.sock`.
 
 pub mod client;
 pub mod models;
@@ -54,6 +68,7 @@ use models::{
     BootSource, Drive, LogLevel, Logger, MachineConfiguration, Metrics, NetworkInterface, Vsock,
 };
 
+use crate::jail::{self, JailConfig, JailPaths};
 use crate::process::{self, has_flag_value, read_log_tail};
 use crate::{
     Backend, ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, CONSOLE_LOG_FILE,
@@ -65,6 +80,8 @@ pub const BACKEND: Backend = Backend::Firecracker;
 pub const API_SOCKET_FILE: &str = "firecracker.sock";
 pub const LOG_FILE: &str = "firecracker.log";
 pub const METRICS_FILE: &str = "firecracker.metrics";
+/// The API socket as a jailed Firecracker sees it.
+pub const JAILED_API_SOCKET: &str = "/firecracker.sock";
 
 /// Lines of `console.log` quoted when Firecracker dies during startup.
 const CONSOLE_TAIL_LINES: usize = 20;
@@ -84,6 +101,9 @@ pub struct FirecrackerConfig {
     /// Firecracker's own log level (`Error`, `Warning`, `Info`, `Debug`,
     /// `Trace`, `Off`; any letter case).
     pub log_level: String,
+    /// Run Firecracker under its jailer; `None` runs it directly, as the
+    /// daemon's user.
+    pub jail: Option<JailConfig>,
 }
 
 impl Default for FirecrackerConfig {
@@ -93,6 +113,7 @@ impl Default for FirecrackerConfig {
             api_timeout: FirecrackerClient::DEFAULT_TIMEOUT,
             startup_timeout: Duration::from_secs(5),
             log_level: LogLevel::Warning.to_string(),
+            jail: None,
         }
     }
 }
@@ -116,6 +137,41 @@ impl RuntimeFiles {
             metrics: runtime_dir.join(METRICS_FILE),
         }
     }
+
+    /// The files of a jailed Firecracker: the API socket is in the chroot,
+    /// reached through the runtime directory's `jail` link.
+    #[must_use]
+    pub fn jailed(runtime_dir: &Path) -> Self {
+        Self {
+            api_socket: runtime_dir.join(jail::JAIL_LINK).join(API_SOCKET_FILE),
+            ..Self::new(runtime_dir)
+        }
+    }
+}
+
+/// The paths Firecracker is given in its configuration: the host's, or the
+/// chroot's when jailed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VmmPaths {
+    log: PathBuf,
+    metrics: PathBuf,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    drives: Vec<PathBuf>,
+    vsock: Option<PathBuf>,
+}
+
+impl VmmPaths {
+    fn unjailed(spec: &LaunchSpec, files: &RuntimeFiles) -> Self {
+        Self {
+            log: files.log.clone(),
+            metrics: files.metrics.clone(),
+            kernel: spec.kernel_path.clone(),
+            initrd: spec.initrd_path.clone(),
+            drives: spec.drives.iter().map(|drive| drive.path.clone()).collect(),
+            vsock: spec.vsock.as_ref().map(|vsock| vsock.uds_path.clone()),
+        }
+    }
 }
 
 /// The Firecracker [`Vmm`] backend.
@@ -130,7 +186,24 @@ impl Firecracker {
     /// When `config.log_level` is not a Firecracker log level.
     pub fn new(config: FirecrackerConfig) -> Result<Self, ParseLogLevelError> {
         let log_level = config.log_level.parse()?;
+        if config.jail.is_some() {
+            // A jailed Firecracker is the jailer's child; this makes it ours
+            // once the jailer exits, so its exit status is known.
+            if let Err(error) = process::become_subreaper() {
+                tracing::warn!(%error, "could not become a child subreaper; exit statuses of jailed VMMs will be unknown");
+            }
+        }
         Ok(Self { config, log_level })
+    }
+
+    /// The runtime files of a VM, jailed or not as configured.
+    #[must_use]
+    pub fn runtime_files(&self, runtime_dir: &Path) -> RuntimeFiles {
+        if self.config.jail.is_some() {
+            RuntimeFiles::jailed(runtime_dir)
+        } else {
+            RuntimeFiles::new(runtime_dir)
+        }
     }
 
     #[must_use]
@@ -195,12 +268,17 @@ impl Firecracker {
     }
 
     /// Step 4.
-    async fn configure(&self, spec: &LaunchSpec, files: &RuntimeFiles) -> Result<(), ClientError> {
+    async fn configure(
+        &self,
+        spec: &LaunchSpec,
+        files: &RuntimeFiles,
+        paths: &VmmPaths,
+    ) -> Result<(), ClientError> {
         let client = self.client_for(&files.api_socket);
         client
             .put_logger(&Logger {
                 level: Some(self.log_level),
-                log_path: Some(files.log.clone()),
+                log_path: Some(paths.log.clone()),
                 show_level: Some(true),
                 show_log_origin: Some(false),
                 module: None,
@@ -208,7 +286,7 @@ impl Firecracker {
             .await?;
         client
             .put_metrics(&Metrics {
-                metrics_path: files.metrics.clone(),
+                metrics_path: paths.metrics.clone(),
                 emit_id: None,
                 properties: None,
             })
@@ -225,9 +303,9 @@ impl Firecracker {
             .await?;
         client
             .put_boot_source(&BootSource {
-                kernel_image_path: spec.kernel_path.clone(),
+                kernel_image_path: paths.kernel.clone(),
                 boot_args: Some(spec.kernel_cmdline.clone()),
-                initrd_path: spec.initrd_path.clone(),
+                initrd_path: paths.initrd.clone(),
             })
             .await?;
         let root_index = spec.drives.iter().position(|drive| drive.is_root);
@@ -237,7 +315,7 @@ impl Firecracker {
                     drive_id: drive.id.clone(),
                     is_root_device: Some(index) == root_index,
                     is_read_only: Some(drive.read_only),
-                    path_on_host: Some(drive.path.clone()),
+                    path_on_host: paths.drives.get(index).cloned(),
                     ..Drive::default()
                 })
                 .await?;
@@ -252,11 +330,11 @@ impl Firecracker {
                 })
                 .await?;
         }
-        if let Some(vsock) = &spec.vsock {
+        if let (Some(vsock), Some(uds_path)) = (&spec.vsock, &paths.vsock) {
             client
                 .put_vsock(&Vsock {
                     guest_cid: vsock.guest_cid,
-                    uds_path: vsock.uds_path.clone(),
+                    uds_path: uds_path.clone(),
                     vsock_id: None,
                 })
                 .await?;
@@ -265,7 +343,7 @@ impl Firecracker {
     }
 
     /// Step 5: nothing may be left running when spawn fails.
-    async fn abandon(handle: &VmmHandle) {
+    async fn abandon(&self, handle: &VmmHandle) {
         if let Err(error) = handle.process().kill().await {
             tracing::error!(
                 vm_id = handle.vm_id(),
@@ -274,8 +352,240 @@ impl Firecracker {
                 "could not kill Firecracker after a failed start"
             );
         }
-        remove_api_socket(handle);
+        self.gone(handle.vm_id(), handle.runtime_dir());
     }
+
+    /// Cleans up after a Firecracker that is gone: its API socket, and its
+    /// jail and cgroups when it was jailed.
+    fn gone(&self, vm_id: &str, runtime_dir: &Path) {
+        for api_socket in [
+            RuntimeFiles::new(runtime_dir).api_socket,
+            RuntimeFiles::jailed(runtime_dir).api_socket,
+        ] {
+            if let Err(error) = remove_file_if_exists(&api_socket) {
+                if error.raw_os_error() != Some(libc::ENOENT)
+                    && error.raw_os_error() != Some(libc::ENOTDIR)
+                {
+                    tracing::warn!(vm_id, path = %api_socket.display(), %error, "could not remove the Firecracker API socket");
+                }
+            }
+        }
+        let Some(jail) = &self.config.jail else {
+            return;
+        };
+        if let Some(paths) = jail::jail_of(&jail.chroot_base, runtime_dir) {
+            if let Err(error) = jail::remove_jail(&paths, jail.cgroups.as_ref(), vm_id) {
+                tracing::warn!(vm_id, error = %banger_proto::error_chain(&error), "could not remove the jail of a VMM that is gone");
+            }
+        }
+    }
+
+    /// Step 2 jailed: builds the jail, runs the jailer, and finds the
+    /// Firecracker it started. On error nothing is left running and the jail
+    /// is removed.
+    async fn spawn_jailed(
+        &self,
+        spec: &LaunchSpec,
+        jail: &JailConfig,
+        files: &RuntimeFiles,
+    ) -> Result<(VmmHandle, VmmPaths), VmmError> {
+        let jail_error = |source| VmmError::Jail {
+            vm_name: spec.vm_name.clone(),
+            source,
+        };
+        let binary = jail::find_executable(&self.config.binary).ok_or_else(|| {
+            jail_error(jail::JailError::BinaryNotFound {
+                binary: self.config.binary.clone(),
+            })
+        })?;
+        let jailer = jail::find_executable(&jail.jailer).ok_or_else(|| {
+            jail_error(jail::JailError::JailerNotFound {
+                jailer: jail.jailer.clone(),
+            })
+        })?;
+        let exec_file_name = binary.file_name().unwrap_or_default().to_owned();
+        let paths = JailPaths::new(
+            &jail.chroot_base,
+            &exec_file_name,
+            &spec.vm_id,
+            &spec.runtime_dir,
+        );
+        let vmm_paths = match Self::fill_jail(spec, jail, files, &paths) {
+            Ok(vmm_paths) => vmm_paths,
+            Err(error) => {
+                self.gone(&spec.vm_id, &spec.runtime_dir);
+                return Err(jail_error(error));
+            }
+        };
+
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--id".into(),
+            spec.vm_id.clone().into(),
+            "--exec-file".into(),
+            binary.clone().into(),
+            "--uid".into(),
+            jail.uid.to_string().into(),
+            "--gid".into(),
+            jail.gid.to_string().into(),
+            "--chroot-base-dir".into(),
+            jail.chroot_base.clone().into(),
+            "--new-pid-ns".into(),
+        ];
+        if let Some(cgroups) = &jail.cgroups {
+            args.extend(
+                cgroups
+                    .jailer_args(spec.vcpus, spec.memory_mib)
+                    .into_iter()
+                    .map(Into::into),
+            );
+        }
+        args.extend(["--".into(), "--api-sock".into(), JAILED_API_SOCKET.into()]);
+        let jailer_process =
+            process::spawn(&jailer, &args, &files.console_log).map_err(|source| {
+                self.gone(&spec.vm_id, &spec.runtime_dir);
+                VmmError::SpawnProcess {
+                    backend: BACKEND,
+                    vm_name: spec.vm_name.clone(),
+                    source,
+                }
+            })?;
+        // The jailer exits as soon as Firecracker runs in its namespace.
+        let status =
+            match tokio::time::timeout(self.config.startup_timeout, jailer_process.wait_exit())
+                .await
+            {
+                Ok(status) => status,
+                Err(_) => {
+                    let status = jailer_process
+                        .kill()
+                        .await
+                        .unwrap_or(ExitStatusInfo::Unknown);
+                    self.gone(&spec.vm_id, &spec.runtime_dir);
+                    return Err(exited_during_startup(spec, files, status));
+                }
+            };
+        let pid_file = paths
+            .root
+            .join(format!("{}.pid", exec_file_name.to_string_lossy()));
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok());
+        let process = match (status.code(), pid) {
+            (Some(0), Some(pid)) => self.find_jailed(pid, &spec.vm_id).await.ok_or(pid),
+            _ => Err(0),
+        };
+        let process = match process {
+            Ok(process) => process,
+            Err(pid) => {
+                // Firecracker died at once: reap it if it became our child.
+                let status = if pid == 0 {
+                    status
+                } else {
+                    process::kill_and_reap_if_child(pid).unwrap_or(status)
+                };
+                self.gone(&spec.vm_id, &spec.runtime_dir);
+                return Err(exited_during_startup(spec, files, status));
+            }
+        };
+        let handle = VmmHandle::new(
+            BACKEND,
+            spec.vm_id.clone(),
+            spec.runtime_dir.clone(),
+            files.api_socket.clone(),
+            process,
+        );
+        Ok((handle, vmm_paths))
+    }
+
+    /// Attaches to the Firecracker the jailer started as `pid`. The jailer
+    /// writes the pid before its child has exec'd Firecracker, so the
+    /// command line is checked again until it is Firecracker's, the process
+    /// is gone, or the startup timeout passes. The process is our child (we
+    /// are its subreaper) or the jailer's, so its pid is not reused meanwhile.
+    async fn find_jailed(&self, pid: u32, vm_id: &str) -> Option<process::ProcessHandle> {
+        let deadline = tokio::time::Instant::now() + self.config.startup_timeout;
+        loop {
+            match process::adopt(pid, |args| is_jailed_firecracker(args, vm_id)) {
+                Ok(Some(process)) => return Some(process),
+                Ok(None) => {
+                    let alive = process::is_running(pid);
+                    if !alive || tokio::time::Instant::now() >= deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(pid, vm_id, %error, "could not attach to the jailed Firecracker");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Links everything Firecracker opens into the jail.
+    fn fill_jail(
+        spec: &LaunchSpec,
+        jail: &JailConfig,
+        files: &RuntimeFiles,
+        paths: &JailPaths,
+    ) -> Result<VmmPaths, jail::JailError> {
+        jail::create_jail(paths)?;
+        let log = jail::link_into(jail, paths, &files.log, LOG_FILE, true)?;
+        let metrics = jail::link_into(jail, paths, &files.metrics, METRICS_FILE, true)?;
+        let kernel = jail::link_into(jail, paths, &spec.kernel_path, "vmlinux", false)?;
+        let initrd = spec
+            .initrd_path
+            .as_ref()
+            .map(|initrd| jail::link_into(jail, paths, initrd, "initrd", false))
+            .transpose()?;
+        let drives = spec
+            .drives
+            .iter()
+            .map(|drive| {
+                jail::link_into(
+                    jail,
+                    paths,
+                    &drive.path,
+                    &format!("drive-{}", drive.id),
+                    !drive.read_only,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for interface in &spec.network_interfaces {
+            // A tap made for the VMM user needs nothing; else it is given to
+            // it. If that fails, Firecracker's own refusal to open the tap
+            // will say so at `PUT /network-interfaces`.
+            if !jail::tap_owned_by(&interface.tap, jail.uid) {
+                if let Err(error) = jail::set_tap_owner(&interface.tap, jail.uid, jail.gid) {
+                    tracing::warn!(
+                        vm_id = spec.vm_id,
+                        tap = interface.tap,
+                        error = %banger_proto::error_chain(&error),
+                        "could not give the tap to the VMM user"
+                    );
+                }
+            }
+        }
+        let vsock = spec.vsock.as_ref().map(|vsock| {
+            paths
+                .inside(&vsock.uds_path)
+                .unwrap_or_else(|| Path::new("/").join(crate::VSOCK_SOCKET_FILE))
+        });
+        Ok(VmmPaths {
+            log,
+            metrics,
+            kernel,
+            initrd,
+            drives,
+            vsock,
+        })
+    }
+}
+
+/// Whether `args` is the command line of the jailed Firecracker of `vm_id`.
+fn is_jailed_firecracker(args: &[std::ffi::OsString], vm_id: &str) -> bool {
+    has_flag_value(args, "--id", OsStr::new(vm_id))
+        && has_flag_value(args, "--api-sock", OsStr::new(JAILED_API_SOCKET))
 }
 
 #[async_trait]
@@ -288,7 +598,13 @@ impl Vmm for Firecracker {
         &self,
         runtime_dir: &Path,
     ) -> (crate::AgentEndpoint, Option<crate::VsockSpec>) {
-        let uds_path = runtime_dir.join(crate::VSOCK_SOCKET_FILE);
+        let uds_path = if self.config.jail.is_some() {
+            runtime_dir
+                .join(jail::JAIL_LINK)
+                .join(crate::VSOCK_SOCKET_FILE)
+        } else {
+            runtime_dir.join(crate::VSOCK_SOCKET_FILE)
+        };
         (
             crate::AgentEndpoint::FirecrackerVsock {
                 uds_path: uds_path.clone(),
@@ -302,45 +618,50 @@ impl Vmm for Firecracker {
     }
 
     async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
-        let files = RuntimeFiles::new(&spec.runtime_dir);
+        let files = self.runtime_files(&spec.runtime_dir);
         Self::prepare_runtime_files(spec, &files)?;
 
-        let args = [
-            OsStr::new("--api-sock"),
-            files.api_socket.as_os_str(),
-            OsStr::new("--id"),
-            OsStr::new(&spec.vm_id),
-        ];
-        let process =
-            process::spawn(&self.config.binary, args, &files.console_log).map_err(|source| {
-                VmmError::SpawnProcess {
+        let (handle, paths) = if let Some(jail) = &self.config.jail {
+            self.spawn_jailed(spec, jail, &files).await?
+        } else {
+            let args = [
+                OsStr::new("--api-sock"),
+                files.api_socket.as_os_str(),
+                OsStr::new("--id"),
+                OsStr::new(&spec.vm_id),
+            ];
+            let process = process::spawn(&self.config.binary, args, &files.console_log).map_err(
+                |source| VmmError::SpawnProcess {
                     backend: BACKEND,
                     vm_name: spec.vm_name.clone(),
                     source,
-                }
-            })?;
-        let handle = VmmHandle::new(
-            BACKEND,
-            spec.vm_id.clone(),
-            spec.runtime_dir.clone(),
-            files.api_socket.clone(),
-            process,
-        );
+                },
+            )?;
+            let handle = VmmHandle::new(
+                BACKEND,
+                spec.vm_id.clone(),
+                spec.runtime_dir.clone(),
+                files.api_socket.clone(),
+                process,
+            );
+            (handle, VmmPaths::unjailed(spec, &files))
+        };
         tracing::debug!(
             vm_id = spec.vm_id,
             pid = handle.pid(),
+            jailed = self.config.jail.is_some(),
             "spawned firecracker"
         );
 
         if let Err(error) = self.wait_until_ready(spec, &files, &handle).await {
-            Self::abandon(&handle).await;
+            self.abandon(&handle).await;
             return Err(error);
         }
-        if let Err(source) = self.configure(spec, &files).await {
+        if let Err(source) = self.configure(spec, &files, &paths).await {
             // A refusal leaves Firecracker running; any other failure may
             // mean it died, and then its console says why.
             let exited = tokio::time::timeout(EXIT_SETTLE_TIME, handle.wait_exit()).await;
-            Self::abandon(&handle).await;
+            self.abandon(&handle).await;
             return Err(match exited {
                 Ok(status) => exited_during_startup(spec, &files, status),
                 Err(_) => VmmError::ConfigureVm {
@@ -391,21 +712,36 @@ impl Vmm for Firecracker {
                 }
             }
         };
-        remove_api_socket(handle);
+        self.gone(handle.vm_id(), handle.runtime_dir());
         Ok(outcome)
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
         kill_process(handle).await?;
-        remove_api_socket(handle);
+        self.gone(handle.vm_id(), handle.runtime_dir());
         Ok(())
     }
 
     fn release(&self, runtime_dir: &Path) {
-        let api_socket = RuntimeFiles::new(runtime_dir).api_socket;
-        if let Err(error) = remove_file_if_exists(&api_socket) {
-            tracing::warn!(path = %api_socket.display(), %error, "could not remove the Firecracker API socket");
-        }
+        let vm_id = runtime_dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let vm_id = jail::jail_of(
+            self.config
+                .jail
+                .as_ref()
+                .map_or(Path::new(""), |jail| jail.chroot_base.as_path()),
+            runtime_dir,
+        )
+        .and_then(|paths| {
+            paths
+                .vm_dir
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or(vm_id);
+        self.gone(&vm_id, runtime_dir);
     }
 
     async fn adopt(
@@ -414,25 +750,27 @@ impl Vmm for Firecracker {
         runtime_dir: &Path,
         pid: u32,
     ) -> Result<Option<VmmHandle>, VmmError> {
+        // Either form, whatever the configuration says now: a VM started
+        // before `jailed` changed keeps running as it was started.
         let files = RuntimeFiles::new(runtime_dir);
+        let mut jailed = false;
         let is_this_vm = |args: &[std::ffi::OsString]| {
-            has_flag_value(args, "--id", OsStr::new(vm_id))
-                && has_flag_value(args, "--api-sock", files.api_socket.as_os_str())
+            jailed = is_jailed_firecracker(args, vm_id);
+            jailed
+                || (has_flag_value(args, "--id", OsStr::new(vm_id))
+                    && has_flag_value(args, "--api-sock", files.api_socket.as_os_str()))
         };
         let process = process::adopt(pid, is_this_vm).map_err(|source| VmmError::AdoptProcess {
             vm_id: vm_id.to_owned(),
             pid,
             source,
         })?;
-        Ok(process.map(|process| {
-            VmmHandle::new(
-                BACKEND,
-                vm_id,
-                runtime_dir,
-                files.api_socket.clone(),
-                process,
-            )
-        }))
+        let api_socket = if jailed {
+            RuntimeFiles::jailed(runtime_dir).api_socket
+        } else {
+            files.api_socket
+        };
+        Ok(process.map(|process| VmmHandle::new(BACKEND, vm_id, runtime_dir, api_socket, process)))
     }
 }
 
@@ -458,18 +796,6 @@ fn exited_during_startup(
         vm_name: spec.vm_name.clone(),
         status,
         console_tail: read_log_tail(&files.console_log, CONSOLE_TAIL_LINES),
-    }
-}
-
-/// Firecracker does not remove its API socket when it is killed.
-fn remove_api_socket(handle: &VmmHandle) {
-    if let Err(error) = remove_file_if_exists(handle.api_socket()) {
-        tracing::warn!(
-            vm_id = handle.vm_id(),
-            path = %handle.api_socket().display(),
-            error = %error,
-            "could not remove the Firecracker API socket"
-        );
     }
 }
 
@@ -522,6 +848,7 @@ read -r never <> "$dir/idle.fifo"
             api_timeout: Duration::from_secs(2),
             startup_timeout,
             log_level: "warning".into(),
+            jail: None,
         })
         .unwrap();
         Fixture {

@@ -88,6 +88,13 @@ pub struct QemuConfig {
     pub startup_timeout: Duration,
     /// Timeout of each QMP step (handshake, each command).
     pub qmp_timeout: Duration,
+    /// The user QEMU switches to once it has opened everything (`-runas`,
+    /// or `-run-with user=` where QEMU has it); `None` keeps the daemon's.
+    pub run_as: Option<String>,
+    /// Confine QEMU with its seccomp filter (`-sandbox on,...`).
+    pub sandbox: bool,
+    /// Put each VM's QEMU in its own cgroups with CPU and memory limits.
+    pub cgroups: Option<crate::jail::Cgroups>,
 }
 
 impl Default for QemuConfig {
@@ -97,9 +104,16 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             startup_timeout: Duration::from_secs(10),
             qmp_timeout: QmpClient::DEFAULT_TIMEOUT,
+            run_as: None,
+            sandbox: true,
+            cgroups: None,
         }
     }
 }
+
+/// Memory a QEMU process needs besides the guest's RAM (TCG's translation
+/// cache is the largest part).
+pub const QEMU_MEMORY_OVERHEAD_MIB: u64 = 512;
 
 /// The files QEMU uses in a VM's runtime directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +143,11 @@ pub struct HostSetup {
     pub tsc_khz: Option<u64>,
     /// Whether `/dev/vhost-vsock` exists.
     pub vhost_vsock: bool,
+    /// The user to drop to, and whether this QEMU has `-run-with` (9.1 and
+    /// later; older ones have `-runas`).
+    pub run_as: Option<(String, bool)>,
+    /// `-sandbox on` with everything denied that QEMU does not need.
+    pub sandbox: bool,
 }
 
 /// The `-name` value that identifies a VM's QEMU for [`Vmm::adopt`].
@@ -278,7 +297,44 @@ pub fn command_line(spec: &LaunchSpec, host: &HostSetup) -> Vec<OsString> {
             format!("vhost-vsock-device,guest-cid={}", vsock.guest_cid).as_ref(),
         ]);
     }
+    match &host.run_as {
+        Some((user, true)) => push(&[
+            "-run-with".as_ref(),
+            &option_list(&[OsStr::new("user="), &escape_option_value(OsStr::new(user))]),
+        ]),
+        Some((user, false)) => push(&["-runas".as_ref(), user.as_ref()]),
+        None => {}
+    }
+    if host.sandbox {
+        // The user switch is a setuid(2) made after the filter is in place,
+        // so it needs `elevateprivileges=allow`; having switched all of its
+        // uids, QEMU cannot regain root, and `spawn=deny` stops it from
+        // executing anything set-uid.
+        let elevate = if host.run_as.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
+        push(&[
+            "-sandbox".as_ref(),
+            format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")
+                .as_ref(),
+        ]);
+    }
     args
+}
+
+/// Whether `binary` has `-run-with` (QEMU 9.1 and later), from its `-help`.
+async fn has_run_with(binary: &Path) -> bool {
+    let help = tokio::process::Command::new(binary)
+        .arg("-help")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    match tokio::time::timeout(Duration::from_secs(5), help).await {
+        Ok(Ok(output)) => String::from_utf8_lossy(&output.stdout).contains("-run-with"),
+        _ => false,
+    }
 }
 
 /// QEMU option values separate options with commas; a literal comma is
@@ -355,10 +411,16 @@ impl Qemu {
                 } else {
                     None
                 };
+                let run_as = match &self.config.run_as {
+                    Some(user) => Some((user.clone(), has_run_with(&self.config.binary).await)),
+                    None => None,
+                };
                 HostSetup {
                     accel,
                     tsc_khz,
                     vhost_vsock: Path::new(VHOST_VSOCK_DEVICE).exists(),
+                    run_as,
+                    sandbox: self.config.sandbox,
                 }
             })
             .await
@@ -411,7 +473,7 @@ impl Qemu {
     }
 
     /// Nothing may be left running when spawn fails.
-    async fn abandon(handle: &VmmHandle) {
+    async fn abandon(&self, handle: &VmmHandle) {
         if let Err(error) = handle.process().kill().await {
             tracing::error!(
                 vm_id = handle.vm_id(),
@@ -420,7 +482,17 @@ impl Qemu {
                 "could not kill QEMU after a failed start"
             );
         }
-        remove_sockets(handle.runtime_dir());
+        self.gone(handle.vm_id(), handle.runtime_dir());
+    }
+
+    /// Cleans up after a QEMU that is gone: its sockets and its cgroups.
+    fn gone(&self, vm_id: &str, runtime_dir: &Path) {
+        remove_sockets(runtime_dir);
+        if let Some(cgroups) = &self.config.cgroups {
+            if let Err(error) = crate::jail::remove_cgroups(cgroups, vm_id) {
+                tracing::warn!(vm_id, error = %banger_proto::error_chain(&error), "could not remove the cgroups of a QEMU that is gone");
+            }
+        }
     }
 
     /// Asks the guest to power off; `Ok(false)` when it cannot react
@@ -483,6 +555,17 @@ impl Vmm for Qemu {
             accel = %host.accel,
             "spawned qemu"
         );
+        // Still paused (`-S`): the guest runs only inside its limits.
+        if let Some(cgroups) = &self.config.cgroups {
+            let memory_mib = u64::from(spec.memory_mib) + QEMU_MEMORY_OVERHEAD_MIB;
+            if let Err(source) = cgroups.enter(&spec.vm_id, handle.pid(), spec.vcpus, memory_mib) {
+                self.abandon(&handle).await;
+                return Err(VmmError::Jail {
+                    vm_name: spec.vm_name.clone(),
+                    source,
+                });
+            }
+        }
         if let Err(error) = self.wait_until_ready(spec, &files, &handle).await {
             // QMP failing may mean QEMU is dying; then its console says why.
             let error = match (
@@ -494,7 +577,7 @@ impl Vmm for Qemu {
                 }
                 _ => error,
             };
-            Self::abandon(&handle).await;
+            self.abandon(&handle).await;
             return Err(error);
         }
         Ok(handle)
@@ -542,18 +625,23 @@ impl Vmm for Qemu {
                 }
             }
         };
-        remove_sockets(handle.runtime_dir());
+        self.gone(handle.vm_id(), handle.runtime_dir());
         Ok(outcome)
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), VmmError> {
         kill_process(handle).await?;
-        remove_sockets(handle.runtime_dir());
+        self.gone(handle.vm_id(), handle.runtime_dir());
         Ok(())
     }
 
     fn release(&self, runtime_dir: &Path) {
-        remove_sockets(runtime_dir);
+        // The daemon's runtime directories are named after their VM.
+        let vm_id = runtime_dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.gone(&vm_id, runtime_dir);
     }
 
     async fn adopt(
@@ -683,6 +771,8 @@ mod tests {
             accel: Accel::Tcg,
             tsc_khz: Some(2_100_000),
             vhost_vsock: false,
+            run_as: None,
+            sandbox: false,
         };
         #[rustfmt::skip]
         let expected = [
@@ -721,6 +811,8 @@ mod tests {
             accel: Accel::Kvm,
             tsc_khz: Some(2_100_000),
             vhost_vsock: true,
+            run_as: Some(("banger-vmm".to_owned(), false)),
+            sandbox: true,
         };
         let args = strings(&command_line(&spec, &host));
         let value_of = |flag: &str| {
@@ -732,8 +824,35 @@ mod tests {
         // No root drive, no TSC hint under KVM.
         assert_eq!(value_of("-append"), "console=ttyS0 reboot=k panic=1");
         assert_eq!(
-            args[args.len() - 2..],
-            ["-device", "vhost-vsock-device,guest-cid=3"]
+            args[args.len() - 6..],
+            [
+                "-device",
+                "vhost-vsock-device,guest-cid=3",
+                "-runas",
+                "banger-vmm",
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+            ]
+        );
+        // QEMU 9.1 and later: `-run-with`. Without a user to switch to,
+        // set*id stays denied.
+        let newer = HostSetup {
+            run_as: Some(("banger-vmm".to_owned(), true)),
+            ..host.clone()
+        };
+        let args = strings(&command_line(&spec, &newer));
+        assert!(args
+            .windows(2)
+            .any(|pair| pair == ["-run-with", "user=banger-vmm"]));
+        let unprivileged = HostSetup {
+            run_as: None,
+            ..host
+        };
+        let args = strings(&command_line(&spec, &unprivileged));
+        assert!(!args.contains(&"-runas".to_owned()));
+        assert_eq!(
+            args.last().unwrap(),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         );
     }
 
@@ -769,6 +888,7 @@ read -r never <> "$dir/idle.fifo"
             accel: Accel::Tcg,
             startup_timeout,
             qmp_timeout: Duration::from_secs(2),
+            ..QemuConfig::default()
         });
         Fixture {
             _dir: dir,
