@@ -388,12 +388,33 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
     // Work disk: survives stop/start, and delete --keep-work-disk + reattach.
     let started = Instant::now();
     sh(&daemon, "alpha", "echo kept > /root/work.txt && sync");
+    let (_, root_bytes, _) = sh(&daemon, "alpha", "blockdev --getsize64 /dev/vda");
+    let root_mib = root_bytes.trim().parse::<u64>().expect("root disk size") >> 20;
+    let (_, root_fs_before, _) = sh(&daemon, "alpha", "df --output=size -k / | tail -n 1");
     daemon.banger_ok(&["vm", "stop", "alpha"]);
     phase("stop", started);
+    // Both disks grow while the VM is stopped: the host only lengthens the
+    // files; the guest's agent grows the file systems online at boot.
+    daemon.banger_ok(&["disk", "resize", "alpha-work", "512M"]);
+    let grown_root = format!("{}M", root_mib + 512);
+    daemon.banger_ok(&["vm", "set", "alpha", "--disk-size", &grown_root]);
     let started = Instant::now();
     daemon.banger_ok(&["vm", "start", "alpha"]);
     phase("start", started);
     assert_eq!(sh(&daemon, "alpha", "cat /root/work.txt").1, "kept\n");
+    let (_, work_fs, _) = sh(&daemon, "alpha", "df --output=size -k /root | tail -n 1");
+    let work_fs_kib: u64 = work_fs.trim().parse().expect("df size");
+    assert!(
+        work_fs_kib > 400 * 1024,
+        "the work disk's file system did not grow in the guest: {work_fs_kib} KiB"
+    );
+    let (_, root_fs_after, _) = sh(&daemon, "alpha", "df --output=size -k / | tail -n 1");
+    let before: u64 = root_fs_before.trim().parse().expect("df size");
+    let after: u64 = root_fs_after.trim().parse().expect("df size");
+    assert!(
+        after >= before + 400 * 1024,
+        "the root file system did not grow in the guest: {before} KiB -> {after} KiB"
+    );
     let started = Instant::now();
     daemon.banger_ok(&["vm", "restart", "alpha"]);
     phase("restart", started);
