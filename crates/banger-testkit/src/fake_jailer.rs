@@ -579,6 +579,10 @@ fn start_guest_launcher(
             command
                 .arg("--listen-unix")
                 .arg(line.trim_end())
+                .arg("--announce-unix")
+                .arg(crate::fake_firecracker::vsock::guest_device_path(
+                    std::path::Path::new(line.trim_end()),
+                ))
                 .stdin(std::process::Stdio::null());
             if let Some(dir) =
                 std::env::var_os(crate::fake_firecracker::settings::GUEST_AGENT_SSH_DIR_VAR)
