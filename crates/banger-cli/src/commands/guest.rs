@@ -912,7 +912,9 @@ pub async fn logs(
             }
             Err(error) => {
                 out(&printer.finish())?;
-                return Err(anyhow::Error::new(error).context("Reading the console log stream failed"));
+                return Err(
+                    anyhow::Error::new(error).context("Reading the console log stream failed")
+                );
             }
         }
     }

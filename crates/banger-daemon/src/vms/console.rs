@@ -22,9 +22,9 @@
 //! length it had and takes what it missed from the tail of `console.log.1`:
 //! a follower loses only what the rotation itself drops.
 
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -68,16 +68,7 @@ pub async fn rotate_until(
     tokio::pin!(until);
     let watch = watch(&path);
     loop {
-        let rotated = {
-            let mut rotation = rotation.lock().unwrap_or_else(PoisonError::into_inner);
-            let rotated = rotate_if_over(&path, max);
-            if let Ok(Some(length)) = rotated {
-                rotation.count += 1;
-                rotation.length = length;
-            }
-            rotated
-        };
-        if let Err(error) = rotated {
+        if let Err(error) = rotate_recorded(&path, max, &rotation) {
             tracing::warn!(path = %path.display(), %error, "could not rotate the console log");
         }
         let written = async {
@@ -97,6 +88,16 @@ pub async fn rotate_until(
             () = tokio::time::sleep(POLL) => {}
         }
     }
+}
+
+/// [`rotate_if_over`] under the rotation's lock, recording a rotation.
+fn rotate_recorded(path: &Path, max: u64, rotation: &Mutex<Rotation>) -> std::io::Result<()> {
+    let mut rotation = rotation.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(length) = rotate_if_over(path, max)? {
+        rotation.count += 1;
+        rotation.length = length;
+    }
+    Ok(())
 }
 
 /// An inotify instance, for [`AsyncFd`].
@@ -189,9 +190,7 @@ fn read_from(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
         .open(path)
     {
         Ok(file) => file,
-        Err(error)
-            if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) =>
-        {
+        Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
             return Ok(Vec::new())
         }
         Err(error) => return Err(error),
@@ -338,6 +337,41 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_misses_nothing_across_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(dir.path().join("console.log.1"), b"old\n").unwrap();
+        std::fs::write(&log, b"aaaa\n").unwrap();
+        let rotation = Arc::new(Mutex::new(Rotation::default()));
+        let (mut follower, existing) =
+            Follower::open(log.clone(), Arc::clone(&rotation), false).unwrap();
+        assert_eq!(existing, b"old\naaaa\n");
+        assert_eq!(last_lines(&existing, Some(1)), b"aaaa\n");
+        assert_eq!(last_lines(b"x\ny", Some(1)), b"y");
+        assert_eq!(last_lines(&existing, Some(5)), existing.as_slice());
+        let mut appender = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        // Appended, not read yet, then rotated away into console.log.1.
+        appender.write_all(b"bbbb\n").unwrap();
+        rotate_recorded(&log, 8, &rotation).unwrap();
+        assert_eq!(
+            *rotation.lock().unwrap(),
+            Rotation {
+                count: 1,
+                length: 10
+            }
+        );
+        // The new file grows past where the follower was.
+        appender.write_all(b"cccccccccccc\n").unwrap();
+        assert_eq!(follower.read_new().unwrap(), b"bbbb\ncccccccccccc\n");
+        assert_eq!(follower.read_new().unwrap(), b"");
+        appender.write_all(b"dd\n").unwrap();
+        assert_eq!(follower.read_new().unwrap(), b"dd\n");
+        // Truncated by someone else: read again from the start.
+        std::fs::write(&log, b"e\n").unwrap();
+        assert_eq!(follower.read_new().unwrap(), b"e\n");
+    }
+
+    #[test]
     fn a_symlinked_log_is_not_followed() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("precious");
@@ -354,9 +388,14 @@ mod tests {
         let log = dir.path().join("console.log");
         std::fs::write(&log, b"").unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let watcher = tokio::spawn(rotate_until(log.clone(), 64 * 1024, Arc::default(), async {
-            let _ = stopped.await;
-        }));
+        let watcher = tokio::spawn(rotate_until(
+            log.clone(),
+            64 * 1024,
+            Arc::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         let mut appender = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         let line = vec![b'y'; 1024];
         for _ in 0..1024 {
