@@ -437,6 +437,7 @@ mod tests {
             streaming,
             [
                 "vm.agent",
+                "vm.logs",
                 "vm.workspace.prepare",
                 "vm.workspace.upload",
                 "vm.workspace.export",

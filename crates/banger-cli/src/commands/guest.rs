@@ -1,6 +1,7 @@
 //! Commands that work inside a running guest through its agent, relayed by
 //! the daemon (`vm.agent`): `vm run`, `vm cp`, `vm authsync`, `vm ssh`,
-//! `vm stats`, and `ssh-config`.
+//! `vm stats`, and `ssh-config`; and `vm logs`, the guest's console log
+//! (`vm.logs`, no agent needed).
 //!
 //! Host files are read and written here, by the calling user's own process,
 //! never by the daemon.
