@@ -41,12 +41,16 @@ impl DaemonSetup {
     /// create waits for it, as for a real guest.
     #[must_use]
     pub fn fake(bins: &Binaries, directory: &Path, guest_agent: bool) -> Self {
+        // Jailed by fake-jailer as the daemon's default is, where it can be
+        // (root); unjailed otherwise.
+        let jailed = nix::unistd::geteuid().is_root();
         let mut config = format!(
             "[network]\nenabled = false\n\n[vmm]\nbackend = \"firecracker\"\n\n\
-             [firecracker]\nbinary = \"{}\"\n\n\
+             [firecracker]\nbinary = \"{}\"\njailer = \"{}\"\njailed = {jailed}\n\n\
              [vm]\nvcpus = 1\nmemory_mib = 256\nstop_grace_seconds = 3\n\n\
              [storage]\nclone = \"copy\"\n\n",
-            bins.fake_firecracker.display()
+            bins.fake_firecracker.display(),
+            bins.fake_jailer.display()
         );
         let mut env = Vec::new();
         if guest_agent {

@@ -39,6 +39,7 @@ pub struct Binaries {
     pub bangerd: PathBuf,
     pub banger: PathBuf,
     pub fake_firecracker: PathBuf,
+    pub fake_jailer: PathBuf,
     pub agent: PathBuf,
 }
 
@@ -59,6 +60,7 @@ impl Binaries {
             bangerd: binary("bangerd")?,
             banger: binary("banger")?,
             fake_firecracker: binary("fake-firecracker")?,
+            fake_jailer: binary("fake-jailer")?,
             agent: binary("banger-agent")?,
         })
     }

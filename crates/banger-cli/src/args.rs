@@ -154,6 +154,23 @@ pub enum VmCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Print a VM's console log; `-f` follows it until the VM stops.
+    Logs {
+        #[command(flatten)]
+        name: VmName,
+        /// Go on printing what the guest writes until its VMM exits.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of what is there.
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
+        /// Print the guest's bytes as they are (escape sequences included).
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
+        /// One JSON object per line: {"line": "..."}.
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Copy a git working tree into a VM, and bring the work back.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),

@@ -18,7 +18,9 @@
 //!    after the terminal one; `vm.agent` answers with the guest agent's
 //!    hello, then relays the agent protocol to the VM ([`crate::relay`]);
 //!    `vm.workspace.*` answer, then carry a workspace upload or export
-//!    stream ([`crate::workspace`]).
+//!    stream ([`crate::workspace`]); `vm.logs` answers, then sends the
+//!    console log as workspace-style `Data` frames (following it while the
+//!    VMM runs, when asked) and an `End` frame.
 //!
 //! [`serve`] takes its listener and shutdown signal from outside, so tests run
 //! it on a temporary socket.
@@ -482,6 +484,7 @@ async fn serve_stream(
 ) -> std::io::Result<()> {
     match method_name {
         method::OperationWatch::NAME => watch(daemon, raw, id, write).await,
+        method::VmLogs::NAME => logs(daemon, raw, id, reader, write).await,
         method::VmAgent::NAME => {
             let agent = match params::<method::VmAgent>(raw) {
                 Ok(reference) => daemon.vms.agent(&reference.vm).await,
@@ -571,4 +574,70 @@ async fn watch(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// `vm.logs`: what the console log holds (its last `tail` lines), then,
+/// with `follow` and a running VMM, what the guest appends until the VMM
+/// exits or the client hangs up.
+async fn logs(
+    daemon: &Daemon,
+    raw: Option<Value>,
+    id: Value,
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: OwnedWriteHalf,
+) -> std::io::Result<()> {
+    use banger_workspace::stream::{write_data, write_end, write_error};
+    let opened = params::<method::VmLogs>(raw).and_then(|params| {
+        daemon
+            .vms
+            .console_log(&params.vm, params.follow)
+            .map(|opened| (params, opened))
+            .map_err(DaemonError::from)
+    });
+    let (params, (vm, mut follower, existing, handle)) = match opened {
+        Ok(opened) => opened,
+        Err(error) => return send(&mut write, &Response::failure(id, error.to_rpc())).await,
+    };
+    let started = banger_proto::vm::LogsStarted {
+        vm: vm.name.clone(),
+        following: handle.is_some(),
+    };
+    match encode::<method::VmLogs>(&started) {
+        Ok(started) => send(&mut write, &Response::success(id, started)).await?,
+        Err(error) => return send(&mut write, &Response::failure(id, error.to_rpc())).await,
+    }
+    let first = crate::vms::console::last_lines(&existing, params.tail);
+    write_data(&mut write, first).await?;
+    let mut sent = first.len() as u64;
+    if let Some(handle) = handle {
+        let exited = handle.wait_exit();
+        tokio::pin!(exited);
+        // The client sends nothing more; a read returning means it left.
+        let mut ignored = [0_u8; 512];
+        loop {
+            let vmm_running = tokio::select! {
+                () = follower.changed() => true,
+                _ = &mut exited => false,
+                read = reader.read(&mut ignored) => match read {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => continue,
+                },
+            };
+            let read = follower.read_new();
+            match read {
+                Ok(bytes) => {
+                    write_data(&mut write, &bytes).await?;
+                    sent += bytes.len() as u64;
+                }
+                Err(error) => {
+                    let error = DaemonError::failed("Could not read the console log", error);
+                    return write_error(&mut write, &error.to_rpc()).await;
+                }
+            }
+            if !vmm_running {
+                break;
+            }
+        }
+    }
+    write_end(&mut write, &banger_proto::vm::LogsEnded { bytes: sent }).await
 }

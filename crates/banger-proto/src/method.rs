@@ -88,6 +88,7 @@ pub const ALL: &[MethodInfo] = &[
     MethodInfo::of::<VmSet>(),
     MethodInfo::of::<VmAgent>(),
     MethodInfo::of::<VmStats>(),
+    MethodInfo::of::<VmLogs>(),
     MethodInfo::of::<VmWorkspacePrepare>(),
     MethodInfo::of::<VmWorkspaceUpload>(),
     MethodInfo::of::<VmWorkspaceExport>(),
@@ -214,6 +215,18 @@ impl Method for VmStats {
     const NAME: &'static str = "vm.stats";
     type Params = VmRef;
     type Result = crate::VmStats;
+}
+
+/// A VM's console log, answered with the VM's name; then `Data` frames of
+/// the log's bytes and an `End` frame (the framing of
+/// [`crate::workspace`]). With `follow`, the stream goes on with what the
+/// guest appends until its VMM exits.
+pub struct VmLogs;
+impl Method for VmLogs {
+    const NAME: &'static str = "vm.logs";
+    type Params = crate::vm::LogsParams;
+    type Result = crate::vm::LogsStarted;
+    const STREAMS: bool = true;
 }
 
 /// Copies a workspace into a running VM, answered once the destination is
@@ -424,6 +437,7 @@ mod tests {
             streaming,
             [
                 "vm.agent",
+                "vm.logs",
                 "vm.workspace.prepare",
                 "vm.workspace.upload",
                 "vm.workspace.export",

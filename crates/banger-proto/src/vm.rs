@@ -319,3 +319,33 @@ mod tests {
         );
     }
 }
+
+/// Parameters of `vm.logs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LogsParams {
+    pub vm: String,
+    /// Only the last lines of what is there (across `console.log.1` and
+    /// `console.log`); all of it when absent.
+    #[serde(default)]
+    pub tail: Option<u64>,
+    /// Go on with what the guest appends until the VMM exits.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// Result of `vm.logs`: the log's frames follow.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogsStarted {
+    /// The VM's name.
+    pub vm: String,
+    /// Whether the stream follows a running VMM (`follow` and the VM runs).
+    pub following: bool,
+}
+
+/// The `End` frame of `vm.logs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogsEnded {
+    /// Bytes sent.
+    pub bytes: u64,
+}

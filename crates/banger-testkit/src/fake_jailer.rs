@@ -95,6 +95,12 @@ pub struct Args {
 /// The binary's entry point.
 pub fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if argv
+        .first()
+        .is_some_and(|first| first == GUEST_LAUNCHER_FLAG)
+    {
+        run_guest_launcher(&argv[1..]);
+    }
     let args = match parse(&argv) {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,
@@ -556,11 +562,9 @@ fn start_guest_launcher(
     uid: u32,
     gid: u32,
 ) -> Result<Option<std::os::unix::net::UnixStream>, String> {
-    use std::io::BufRead;
-    let Some(binary) = std::env::var_os(crate::fake_firecracker::settings::GUEST_AGENT_BIN_VAR)
-    else {
+    if std::env::var_os(crate::fake_firecracker::settings::GUEST_AGENT_BIN_VAR).is_none() {
         return Ok(None);
-    };
+    }
     let (vmm_end, launcher_end) = std::os::unix::net::UnixStream::pair()
         .map_err(|error| format!("Failed to make the guest launcher's socket pair: {error}"))?;
     // SAFETY: single-threaded; see `run`.
@@ -570,47 +574,97 @@ fn start_guest_launcher(
         ForkResult::Parent { .. } => Ok(Some(vmm_end)),
         ForkResult::Child => {
             drop(vmm_end);
-            let mut line = String::new();
-            let mut reader = io::BufReader::new(&launcher_end);
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                std::process::exit(0);
-            }
-            let mut command = Command::new(binary);
-            command
-                .arg("--listen-unix")
-                .arg(line.trim_end())
-                .arg("--announce-unix")
-                .arg(crate::fake_firecracker::vsock::guest_device_path(
-                    std::path::Path::new(line.trim_end()),
-                ))
-                .stdin(std::process::Stdio::null());
-            if let Some(dir) =
-                std::env::var_os(crate::fake_firecracker::settings::GUEST_AGENT_SSH_DIR_VAR)
-            {
-                command.arg("--ssh-config-dir").arg(dir);
-            }
-            match command.spawn() {
-                Ok(mut agent) => {
-                    // The agent's socket is root's; the VMM bridging to it
-                    // is not. (In a real VM this is the vsock device.)
-                    let socket = PathBuf::from(line.trim_end());
-                    for _ in 0..1000 {
-                        if std::os::unix::fs::chown(&socket, Some(uid), Some(gid)).is_ok() {
-                            break;
-                        }
-                        if agent.try_wait().ok().flatten().is_some() {
-                            break;
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                    let _ = agent.wait();
-                }
-                Err(error) => eprintln!("fake-jailer: cannot start the guest agent: {error}"),
-            }
-            drop(launcher_end);
-            std::process::exit(0);
+            // A new program, so that its command line is not a jailer's
+            // (a restarted daemon kills jailers of its state dir that no VM
+            // accounts for).
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&launcher_end);
+            let _ = nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            );
+            let error = match std::env::current_exe() {
+                Ok(exe) => Command::new(exe)
+                    .arg0("fake-jailer-guest-launcher")
+                    .arg(GUEST_LAUNCHER_FLAG)
+                    .arg(fd.to_string())
+                    .arg(uid.to_string())
+                    .arg(gid.to_string())
+                    .exec(),
+                Err(error) => error,
+            };
+            eprintln!("fake-jailer: cannot start the guest launcher: {error}");
+            std::process::exit(1);
         }
     }
+}
+
+/// The first argument that makes `fake-jailer` the guest launcher of
+/// [`start_guest_launcher`]: `--guest-launcher FD UID GID`.
+const GUEST_LAUNCHER_FLAG: &str = "--guest-launcher";
+
+/// The guest launcher: reads the agent's socket path from FD, runs the
+/// agent, exits when it does.
+fn run_guest_launcher(argv: &[OsString]) -> ! {
+    use std::io::BufRead;
+    use std::os::fd::FromRawFd;
+    let number = |index: usize| {
+        argv.get(index)
+            .and_then(|value| value.to_str())
+            .and_then(|value| value.parse::<u32>().ok())
+    };
+    let (Some(fd), Some(uid), Some(gid)) = (number(0), number(1), number(2)) else {
+        eprintln!("fake-jailer: usage: {GUEST_LAUNCHER_FLAG} FD UID GID");
+        std::process::exit(2);
+    };
+    let Ok(fd) = i32::try_from(fd) else {
+        std::process::exit(2);
+    };
+    // SAFETY: FD is the launcher's end of the socket pair, inherited from
+    // `start_guest_launcher` and owned by nothing else in this process.
+    #[allow(unsafe_code)]
+    let launcher_end = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    let Some(binary) = std::env::var_os(crate::fake_firecracker::settings::GUEST_AGENT_BIN_VAR)
+    else {
+        std::process::exit(0);
+    };
+    let mut line = String::new();
+    let mut reader = io::BufReader::new(&launcher_end);
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        std::process::exit(0);
+    }
+    let mut command = Command::new(binary);
+    command
+        .arg("--listen-unix")
+        .arg(line.trim_end())
+        .arg("--announce-unix")
+        .arg(crate::fake_firecracker::vsock::guest_device_path(
+            std::path::Path::new(line.trim_end()),
+        ))
+        .stdin(std::process::Stdio::null());
+    if let Some(dir) = std::env::var_os(crate::fake_firecracker::settings::GUEST_AGENT_SSH_DIR_VAR)
+    {
+        command.arg("--ssh-config-dir").arg(dir);
+    }
+    match command.spawn() {
+        Ok(mut agent) => {
+            // The agent's socket is root's; the VMM bridging to it
+            // is not. (In a real VM this is the vsock device.)
+            let socket = PathBuf::from(line.trim_end());
+            for _ in 0..1000 {
+                if std::os::unix::fs::chown(&socket, Some(uid), Some(gid)).is_ok() {
+                    break;
+                }
+                if agent.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let _ = agent.wait();
+        }
+        Err(error) => eprintln!("fake-jailer: cannot start the guest agent: {error}"),
+    }
+    drop(launcher_end);
+    std::process::exit(0);
 }
 
 /// Step 7; returns only on failure.

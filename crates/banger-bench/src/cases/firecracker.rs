@@ -62,6 +62,8 @@ pub fn firecracker(context: &Context) -> anyhow::Result<Outcome> {
     // 1. banger's calls, as the fake logs them.
     let request_log = directory.join("requests.jsonl");
     let mut setup = DaemonSetup::fake(&context.bins, &directory.join("probe"), false);
+    // Unjailed: the calls it logs are replayed outside any chroot.
+    setup.config = setup.config.replace("jailed = true", "jailed = false");
     setup.env.push((
         "FAKE_FIRECRACKER_REQUEST_LOG".to_owned(),
         request_log.display().to_string(),
@@ -93,10 +95,14 @@ pub fn firecracker(context: &Context) -> anyhow::Result<Outcome> {
 
     // 2. The real binary behind banger.
     let mut setup = DaemonSetup::fake(&context.bins, &directory.join("real"), false);
-    setup.config = setup.config.replace(
-        &format!("binary = \"{}\"", context.bins.fake_firecracker.display()),
-        &format!("binary = \"{}\"", binary.display()),
-    );
+    // Unjailed, like the raw sequence it is compared with.
+    setup.config = setup
+        .config
+        .replace(
+            &format!("binary = \"{}\"", context.bins.fake_firecracker.display()),
+            &format!("binary = \"{}\"", binary.display()),
+        )
+        .replace("jailed = true", "jailed = false");
     let daemon = Daemon::start(&context.bins, &directory.join("real"), setup)?;
     daemon.banger(&[
         "-q",

@@ -1,6 +1,7 @@
 //! Commands that work inside a running guest through its agent, relayed by
 //! the daemon (`vm.agent`): `vm run`, `vm cp`, `vm authsync`, `vm ssh`,
-//! `vm stats`, and `ssh-config`.
+//! `vm stats`, and `ssh-config`; and `vm logs`, the guest's console log
+//! (`vm.logs`, no agent needed).
 //!
 //! Host files are read and written here, by the calling user's own process,
 //! never by the daemon.
@@ -787,6 +788,138 @@ pub fn ssh_config(printer: Printer) -> anyhow::Result<()> {
         known_hosts = managed.known_hosts().display(),
     ));
     Ok(())
+}
+
+// ---- logs ----
+
+/// How `vm logs` prints the console's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    /// Escape sequences and other control characters made visible.
+    Text,
+    Raw,
+    /// `{"line": "..."}` per line.
+    Json,
+}
+
+/// Turns console bytes into output, holding back what may continue in
+/// the next chunk (a partial UTF-8 character or `\r`; a partial line for
+/// JSON).
+struct LogPrinter {
+    format: LogFormat,
+    pending: Vec<u8>,
+}
+
+impl LogPrinter {
+    fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
+        if self.format == LogFormat::Raw {
+            return bytes.to_vec();
+        }
+        self.pending.extend_from_slice(bytes);
+        let ready = match self.format {
+            LogFormat::Json => self
+                .pending
+                .iter()
+                .rposition(|byte| *byte == b'\n')
+                .map_or(0, |newline| newline + 1),
+            _ => {
+                let valid = match std::str::from_utf8(&self.pending) {
+                    Ok(_) => self.pending.len(),
+                    Err(error) if error.error_len().is_none() => error.valid_up_to(),
+                    Err(_) => self.pending.len(),
+                };
+                if self.pending[..valid].ends_with(b"\r") {
+                    valid - 1
+                } else {
+                    valid
+                }
+            }
+        };
+        let chunk: Vec<u8> = self.pending.drain(..ready).collect();
+        self.render(&chunk)
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        let rest = std::mem::take(&mut self.pending);
+        self.render(&rest)
+    }
+
+    fn render(&self, bytes: &[u8]) -> Vec<u8> {
+        let text = String::from_utf8_lossy(bytes);
+        match self.format {
+            LogFormat::Raw => bytes.to_vec(),
+            LogFormat::Text => banger_proto::sanitize::text(&text).into_bytes(),
+            LogFormat::Json => {
+                let mut out = Vec::new();
+                for line in text.split_inclusive('\n') {
+                    let line = line.strip_suffix('\n').unwrap_or(line);
+                    let line = line.strip_suffix('\r').unwrap_or(line);
+                    let object = serde_json::json!({ "line": line });
+                    out.extend_from_slice(object.to_string().as_bytes());
+                    out.push(b'\n');
+                }
+                out
+            }
+        }
+    }
+}
+
+pub async fn logs(
+    socket: &Path,
+    reference: &str,
+    follow: bool,
+    tail: Option<u64>,
+    raw: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use banger_workspace::stream::{read_frame, Frame};
+    use std::io::Write as _;
+    let (_, mut reader, _write) = Client::connect(socket)
+        .await?
+        .call_streaming::<method::VmLogs>(banger_proto::vm::LogsParams {
+            vm: reference.to_owned(),
+            tail,
+            follow,
+        })
+        .await?;
+    let format = if raw {
+        LogFormat::Raw
+    } else if json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    let mut printer = LogPrinter {
+        format,
+        pending: Vec::new(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut out = |bytes: &[u8]| -> anyhow::Result<()> {
+        stdout.write_all(bytes)?;
+        stdout.flush()?;
+        Ok(())
+    };
+    loop {
+        match read_frame(&mut reader).await {
+            Ok(Some(Frame::Data(bytes))) => out(&printer.push(&bytes))?,
+            Ok(Some(Frame::End(_))) => break,
+            Ok(Some(Frame::Error(error))) => {
+                out(&printer.finish())?;
+                return Err(crate::client::ClientError::Rpc(error).into());
+            }
+            Ok(None) => {
+                out(&printer.finish())?;
+                bail!("The daemon closed the console log stream early");
+            }
+            Err(error) => {
+                out(&printer.finish())?;
+                return Err(
+                    anyhow::Error::new(error).context("Reading the console log stream failed")
+                );
+            }
+        }
+    }
+    out(&printer.finish())
 }
 
 // ---- stats ----

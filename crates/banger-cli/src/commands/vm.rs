@@ -27,6 +27,13 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
         VmCommand::Stats { name, json } => {
             super::guest::stats(socket, printer, &name.vm, json.json).await
         }
+        VmCommand::Logs {
+            name,
+            follow,
+            tail,
+            raw,
+            json,
+        } => super::guest::logs(socket, &name.vm, follow, tail, raw, json.json).await,
         VmCommand::Create(args) => create(socket, printer, args).await,
         VmCommand::Workspace(command) => super::workspace::run(socket, printer, command).await,
         VmCommand::List(flag) => {

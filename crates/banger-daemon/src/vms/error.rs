@@ -117,6 +117,12 @@ pub enum VmError {
     KillVmm(#[source] Box<VmmError>),
     #[error("Failed to check the VMM process")]
     CheckVmm(#[source] Box<VmmError>),
+    #[error("Could not read the console log {}", path.display())]
+    ConsoleLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("The guest agent of VM `{name}` could not report stats")]
     GuestStats {
         name: String,
@@ -194,6 +200,7 @@ impl RpcFailure for VmError {
             | Self::KillVmm(_)
             | Self::CheckVmm(_)
             | Self::GuestStats { .. }
+            | Self::ConsoleLog { .. }
             | Self::Task { .. } => ErrorKind::Failed,
             Self::GuestStage(error) => error.kind,
             Self::Capability(error) => error.kind(),

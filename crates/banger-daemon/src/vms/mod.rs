@@ -69,6 +69,8 @@ pub struct VmService {
     locks: Mutex<HashMap<String, VmLock>>,
     /// The live VMM process of each VM that has one.
     processes: Mutex<HashMap<String, VmmHandle>>,
+    /// The rotations of the VMs' console logs.
+    consoles: console::Consoles,
 }
 
 /// What [`VmService`] is built from: its seams and the services it uses.
@@ -112,6 +114,7 @@ impl VmService {
             agents,
             locks: Mutex::new(HashMap::new()),
             processes: Mutex::new(HashMap::new()),
+            consoles: console::Consoles::default(),
         })
     }
 
@@ -257,6 +260,23 @@ impl VmService {
             )
             .await
             .map_err(DaemonError::from)
+    }
+
+    /// A VM's console log (`console.log` in its directory, also when the
+    /// VMM is jailed), where its rotation is recorded, and its VMM process
+    /// when it has one and `follow` is asked. Returns what the log holds.
+    pub fn console_log(
+        &self,
+        reference: &str,
+        follow: bool,
+    ) -> Result<(Vm, console::Follower, Vec<u8>, Option<VmmHandle>), VmError> {
+        let vm = self.find(reference)?;
+        let handle = self.process_of(&vm.id).filter(|_| follow);
+        let path = std::path::Path::new(&vm.dir).join(banger_vmm::CONSOLE_LOG_FILE);
+        let rotation = self.consoles.of(&path);
+        let (follower, bytes) = console::Follower::open(path.clone(), rotation, handle.is_some())
+            .map_err(|source| VmError::ConsoleLog { path, source })?;
+        Ok((vm, follower, bytes, handle))
     }
 
     /// The guest's and the VMM process's resource use.

@@ -276,13 +276,9 @@ fn jailed_vmms_under(jail_dir: &Path) -> Vec<(Option<u32>, PathBuf)> {
     jails
 }
 
-/// Processes whose command line names a socket in a VM directory under
-/// `vms_dir` (`--api-sock DIR/ID/firecracker.sock`, `unix:DIR/ID/qmp.sock`),
-/// or that are jailers building a jail in `jail_dir`
-/// (`--chroot-base-dir JAIL_DIR`): VMM processes of this state dir, whoever
-/// started them.
+/// Processes that are VMMs of this state dir, whoever started them: see
+/// [`is_vmm_of`].
 fn vmm_processes_under(vms_dir: &Path, jail_dir: &Path) -> Vec<u32> {
-    let prefix = format!("{}/", vms_dir.display());
     let own = std::process::id();
     let mut pids = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -295,26 +291,97 @@ fn vmm_processes_under(vms_dir: &Path, jail_dir: &Path) -> Vec<u32> {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        // `--api-sock PATH` (Firecracker), `-chardev socket,...,path=PATH,...` (QEMU).
-        let names_vm_socket = cmdline.split(|&byte| byte == 0).any(|argument| {
-            String::from_utf8_lossy(argument).split(',').any(|part| {
-                let path = part.strip_prefix("path=").unwrap_or(part);
-                let path = path.strip_prefix("unix:").unwrap_or(path);
-                path.starts_with(&prefix) && path.ends_with(".sock")
-            })
-        });
         let arguments: Vec<std::ffi::OsString> = cmdline
             .split(|&byte| byte == 0)
             .map(|argument| std::ffi::OsStr::from_bytes(argument).to_owned())
             .collect();
-        let is_our_jailer = banger_vmm::process::has_flag_value(
-            &arguments,
-            "--chroot-base-dir",
-            jail_dir.as_os_str(),
-        );
-        if (names_vm_socket || is_our_jailer) && pid != own {
+        if pid != own && is_vmm_of(&arguments, vms_dir, jail_dir) {
             pids.push(pid);
         }
     }
     pids
+}
+
+/// Whether a command line is a VMM (or a jailer starting one) of this state
+/// dir: Firecracker's `--api-sock VMS_DIR/ID/….sock`, QEMU's
+/// `-chardev socket,…,path=VMS_DIR/ID/….sock` or `-qmp unix:VMS_DIR/ID/….sock,…`,
+/// or a jailer's `--chroot-base-dir JAIL_DIR`. Only those VMM flags count:
+/// another program that merely names a socket there (a host-mode guest
+/// agent's `--listen-unix`, a user's `socat`) is not a VMM.
+fn is_vmm_of(arguments: &[std::ffi::OsString], vms_dir: &Path, jail_dir: &Path) -> bool {
+    let prefix = format!("{}/", vms_dir.display());
+    let vm_socket = |path: &str| path.starts_with(&prefix) && path.ends_with(".sock");
+    let firecracker = arguments
+        .windows(2)
+        .any(|pair| pair[0] == "--api-sock" && vm_socket(&pair[1].to_string_lossy()));
+    let qemu = arguments.windows(2).any(|pair| {
+        let flag = pair[0].to_string_lossy();
+        (flag == "-chardev" || flag == "-qmp")
+            && pair[1].to_string_lossy().split(',').any(|part| {
+                part.strip_prefix("path=")
+                    .or_else(|| part.strip_prefix("unix:"))
+                    .is_some_and(vm_socket)
+            })
+    });
+    let jailer =
+        banger_vmm::process::has_flag_value(arguments, "--chroot-base-dir", jail_dir.as_os_str());
+    firecracker || qemu || jailer
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+
+    fn args(line: &[&str]) -> Vec<OsString> {
+        line.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn only_vmm_flags_make_a_process_a_vmm_of_this_state_dir() {
+        let vms = Path::new("/var/lib/banger/vms");
+        let jail = Path::new("/var/lib/banger/jail");
+        let is_vmm = |line: &[&str]| is_vmm_of(&args(line), vms, jail);
+        assert!(is_vmm(&[
+            "firecracker",
+            "--api-sock",
+            "/var/lib/banger/vms/abc/firecracker.sock"
+        ]));
+        assert!(is_vmm(&[
+            "qemu-system-x86_64",
+            "-chardev",
+            "socket,id=qmp,path=/var/lib/banger/vms/abc/qmp.sock,server=on,wait=off"
+        ]));
+        assert!(is_vmm(&[
+            "qemu-system-x86_64",
+            "-qmp",
+            "unix:/var/lib/banger/vms/abc/qmp.sock,server"
+        ]));
+        assert!(is_vmm(&[
+            "jailer",
+            "--id",
+            "abc",
+            "--chroot-base-dir",
+            "/var/lib/banger/jail"
+        ]));
+        // Programs that merely name a socket there are not VMMs.
+        assert!(!is_vmm(&[
+            "banger-agent",
+            "--listen-unix",
+            "/var/lib/banger/vms/abc/agent.sock"
+        ]));
+        assert!(!is_vmm(&[
+            "socat",
+            "-",
+            "UNIX-CONNECT:/var/lib/banger/vms/abc/firecracker.sock"
+        ]));
+        // Another state dir's VMMs are not ours.
+        assert!(!is_vmm(&[
+            "firecracker",
+            "--api-sock",
+            "/srv/other/vms/abc/firecracker.sock"
+        ]));
+        assert!(!is_vmm(&["jailer", "--chroot-base-dir", "/srv/other/jail"]));
+    }
 }

@@ -140,9 +140,11 @@ impl VmService {
     pub(super) fn supervise(self: &Arc<Self>, vm_id: &str, handle: VmmHandle) {
         // The console log is capped for as long as the process runs.
         let watched = handle.clone();
+        let console = handle.runtime_dir().join(banger_vmm::CONSOLE_LOG_FILE);
         tokio::spawn(super::console::rotate_until(
-            handle.runtime_dir().join(banger_vmm::CONSOLE_LOG_FILE),
+            console.clone(),
             self.config.vm.console_log_max_bytes(),
+            self.consoles.of(&console),
             async move {
                 watched.wait_exit().await;
             },
