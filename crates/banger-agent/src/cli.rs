@@ -14,6 +14,10 @@ pub struct Args {
     /// Serve on this Unix socket (host test mode: no init duties).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["vsock_port", "serial"])]
     pub listen_unix: Option<PathBuf>,
+    /// Host test mode: announce readiness through this Unix socket, which
+    /// stands for the guest's vsock device (fake-firecracker's).
+    #[arg(long, value_name = "PATH", requires = "listen_unix")]
+    pub announce_unix: Option<PathBuf>,
     /// Listen on this AF_VSOCK port (Firecracker).
     #[arg(long, value_name = "PORT", conflicts_with = "serial")]
     pub vsock_port: Option<u32>,

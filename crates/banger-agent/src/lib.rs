@@ -131,7 +131,7 @@ pub fn main() -> ExitCode {
         if booted_as_init {
             apply_network().await;
         }
-        run(listen, paths, is_init).await
+        run(listen, args.announce_unix.clone(), paths, is_init).await
     });
     // Blocking tasks (a tar stream of a dead connection) must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -176,7 +176,22 @@ async fn apply_network() {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-async fn run(listen: Listen, paths: SystemPaths, is_init: bool) -> Result<(), BoxError> {
+/// Tells the host the agent serves (once, in the background; a host that
+/// does not listen for it, or an old one, finds the agent by connecting).
+fn announce(announce: impl FnOnce() -> std::io::Result<()> + Send + 'static) {
+    tokio::task::spawn_blocking(move || match announce() {
+        Ok(()) => tracing::info!("announced to the host"),
+        Err(error) => tracing::debug!("could not announce to the host: {error}"),
+    });
+}
+
+async fn run(
+    listen: Listen,
+    announce_unix: Option<std::path::PathBuf>,
+    paths: SystemPaths,
+    is_init: bool,
+) -> Result<(), BoxError> {
+    use banger_proto::agent::ANNOUNCE_VSOCK_PORT;
     let mode = if is_init {
         ReapMode::AllChildren
     } else {
@@ -208,11 +223,15 @@ async fn run(listen: Listen, paths: SystemPaths, is_init: bool) -> Result<(), Bo
             let _ = std::fs::remove_file(&path);
             let listener = UnixListener::bind(&path)?;
             tracing::info!(socket = %path.display(), "serving");
+            if let Some(device) = announce_unix {
+                announce(move || transport::announce_unix(&device, ANNOUNCE_VSOCK_PORT));
+            }
             serve_unix(listener, agent, stop).await?;
         }
         Listen::Vsock(port) => {
             let listener = transport::VsockListener::bind(port)?;
             tracing::info!(port, "serving on vsock");
+            announce(|| transport::announce_vsock(ANNOUNCE_VSOCK_PORT));
             tokio::pin!(stop);
             loop {
                 tokio::select! {

@@ -5,6 +5,8 @@
 //!   virtio-serial char device, a pty master) as `AsyncRead + AsyncWrite`.
 //! - [`VsockListener`]: the guest's AF_VSOCK listener (`VMADDR_CID_ANY`).
 //! - [`open_serial`]: the guest's virtio-serial port.
+//! - [`announce_vsock`], [`announce_unix`]: the agent tells the host it
+//!   serves (docs/agent-protocol.md, "Readiness").
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -185,6 +187,42 @@ pub fn open_serial(path: &Path) -> io::Result<FdStream> {
         .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)?;
     FdStream::new(OwnedFd::from(file))
+}
+
+/// The line the agent writes when it announces itself.
+#[must_use]
+pub fn announcement() -> String {
+    format!("READY {}\n", env!("CARGO_PKG_VERSION"))
+}
+
+/// Announces the agent to the host: connects to host CID 2, `port` (on
+/// Firecracker the VMM forwards this to the host's `<uds_path>_<port>`),
+/// writes [`announcement`] and closes. Blocking.
+pub fn announce_vsock(port: u32) -> io::Result<()> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    connect(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_HOST, port))
+        .map_err(io::Error::from)?;
+    let mut stream = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut stream, announcement().as_bytes())
+}
+
+/// [`announce_vsock`] in host test mode: `path` is the Unix socket that
+/// stands for the guest's vsock device (fake-firecracker's), which takes
+/// `CONNECT <port>\n` first and then forwards the stream as a guest
+/// connection to host port `port`.
+pub fn announce_unix(path: &Path, port: u32) -> io::Result<()> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    std::io::Write::write_all(
+        &mut stream,
+        format!("CONNECT {port}\n{}", announcement()).as_bytes(),
+    )
 }
 
 #[cfg(test)]

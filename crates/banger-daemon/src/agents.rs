@@ -1,8 +1,13 @@
 //! Agents: the daemon's connection to each running VM's guest agent.
 //!
 //! 1. After boot, [`Agents::wait_ready`] connects to the VM's
-//!    [`AgentEndpoint`] (retrying while the guest comes up) until the agent
-//!    answers `hello`, the deadline passes or the VMM exits. The connection is
+//!    [`AgentEndpoint`] until the agent answers `hello`, the deadline passes
+//!    or the VMM exits. On Firecracker it listens on `<uds_path>_1025`
+//!    first, where the agent's announcement (a guest-initiated vsock
+//!    connection) arrives the moment it serves, and connects then; agents
+//!    that do not announce (older ones, QEMU's) are found by connection
+//!    attempts with exponential backoff from 1 ms (docs/agent-protocol.md,
+//!    "Readiness"). The connection is
 //!    kept per VM; every session of every client of that VM is multiplexed on
 //!    it (QEMU's virtio-serial port carries one connection only).
 //! 2. [`Agents::client`] returns the kept connection, connecting again when
@@ -21,8 +26,10 @@ use banger_vmm::AgentEndpoint;
 
 use crate::error::{chain, RpcFailure};
 
-/// How often a refused connection is retried while a guest boots.
-const RETRY_INTERVAL: Duration = Duration::from_millis(100);
+/// The first pause after a refused connection while a guest boots; each
+/// next one doubles, up to [`RETRY_BACKOFF_CAP`]. An announcement ends any pause.
+const RETRY_BACKOFF_START: Duration = Duration::from_millis(1);
+const RETRY_BACKOFF_CAP: Duration = Duration::from_millis(100);
 /// How long [`Agents::client`] tries to reach the agent of a running VM.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Console lines quoted when the agent never answers.
@@ -120,8 +127,11 @@ impl Agents {
         gone: impl std::future::Future<Output = ()>,
     ) -> Result<AgentClient, AgentError> {
         let started = Instant::now();
+        // Bound before the first attempt: an agent that announced earlier
+        // already serves, so that attempt finds it.
+        let announcements = announcement_listener(endpoint);
         let outcome = tokio::select! {
-            outcome = self.connect_until(vm_id, endpoint, started + timeout) => outcome,
+            outcome = self.connect_until(vm_id, endpoint, started + timeout, announcements.as_ref().map(|a| &a.listener), RETRY_BACKOFF_CAP) => outcome,
             () = gone => Err(AgentError::VmmExited),
         };
         outcome.map_err(|reason| {
@@ -151,6 +161,8 @@ impl Agents {
         vm_id: &str,
         endpoint: &AgentEndpoint,
         deadline: Instant,
+        announcements: Option<&tokio::net::UnixListener>,
+        backoff_cap: Duration,
     ) -> Result<AgentClient, AgentError> {
         let lock = self.connect_lock(vm_id);
         let _guard = lock.lock().await;
@@ -158,6 +170,8 @@ impl Agents {
             return Ok(client);
         }
         let mut last_error: Option<ClientError> = None;
+        let mut backoff = RETRY_BACKOFF_START;
+        let mut announced = false;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -167,14 +181,27 @@ impl Agents {
             }
             match tokio::time::timeout(remaining, connect(endpoint)).await {
                 Ok(Ok(client)) => {
-                    tracing::info!(vm = vm_id, agent = %client.hello().agent_version, kernel = %client.hello().kernel_release, "guest agent ready");
+                    tracing::info!(vm = vm_id, announced, agent = %client.hello().agent_version, kernel = %client.hello().kernel_release, "guest agent ready");
                     self.connections().insert(vm_id.to_owned(), client.clone());
                     return Ok(client);
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(vm = vm_id, %error, "guest agent not reachable yet");
                     last_error = Some(error);
-                    tokio::time::sleep(RETRY_INTERVAL.min(remaining)).await;
+                    let pause = tokio::time::sleep(backoff.min(remaining));
+                    backoff = (backoff * 2).min(backoff_cap);
+                    match announcements {
+                        Some(listener) => tokio::select! {
+                            () = pause => {}
+                            accepted = listener.accept() => {
+                                if accepted.is_ok() {
+                                    tracing::debug!(vm = vm_id, "guest agent announced");
+                                    announced = true;
+                                }
+                            }
+                        },
+                        None => pause.await,
+                    }
                 }
                 Err(_elapsed) => {}
             }
@@ -191,12 +218,18 @@ impl Agents {
         if let Some(client) = self.cached(vm_id) {
             return Ok(client);
         }
-        self.connect_until(vm_id, endpoint, Instant::now() + RECONNECT_TIMEOUT)
-            .await
-            .map_err(|source| AgentError::NotAnswering {
-                vm: vm_name.to_owned(),
-                source: Box::new(source),
-            })
+        self.connect_until(
+            vm_id,
+            endpoint,
+            Instant::now() + RECONNECT_TIMEOUT,
+            None,
+            RETRY_BACKOFF_CAP,
+        )
+        .await
+        .map_err(|source| AgentError::NotAnswering {
+            vm: vm_name.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     /// Drops the kept connection (the VM stopped, crashed or was deleted).
@@ -206,6 +239,55 @@ impl Agents {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(vm_id);
+    }
+}
+
+/// The host end of the agent's announcement: a Unix socket at
+/// `<uds_path>_<ANNOUNCE_VSOCK_PORT>` (where Firecracker forwards the
+/// guest's connection to host port 1025), removed when dropped.
+struct AnnouncementListener {
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+}
+
+impl Drop for AnnouncementListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens for the agent's announcement where the endpoint has one
+/// (Firecracker's vsock). The socket is given to the owner of its
+/// directory: in a jail, the unprivileged VMM that connects to it. A
+/// failure only costs the announcement (the connection attempts go on).
+fn announcement_listener(endpoint: &AgentEndpoint) -> Option<AnnouncementListener> {
+    let AgentEndpoint::FirecrackerVsock { uds_path, .. } = endpoint else {
+        return None;
+    };
+    let mut path = uds_path.as_os_str().to_owned();
+    path.push(format!("_{}", banger_proto::agent::ANNOUNCE_VSOCK_PORT));
+    let path = std::path::PathBuf::from(path);
+    let bound = (|| {
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        let listener = AnnouncementListener {
+            listener,
+            path: path.clone(),
+        };
+        let owner = std::fs::metadata(path.parent().unwrap_or(Path::new("/")))?;
+        std::os::unix::fs::chown(
+            &path,
+            Some(std::os::unix::fs::MetadataExt::uid(&owner)),
+            Some(std::os::unix::fs::MetadataExt::gid(&owner)),
+        )?;
+        std::io::Result::Ok(listener)
+    })();
+    match bound {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            tracing::warn!(socket = %path.display(), %error, "cannot listen for the guest agent's announcement");
+            None
+        }
     }
 }
 
@@ -247,6 +329,55 @@ mod tests {
         );
         assert!(text.contains(" s); last console lines ("), "{text}");
         assert!(text.ends_with(":\nbooting\nKernel panic"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_announcement_ends_the_wait() {
+        let directory = tempfile::tempdir().unwrap();
+        let socket = directory.path().join("agent.sock");
+        let announcements =
+            tokio::net::UnixListener::bind(directory.path().join("vsock.sock_1025")).unwrap();
+        let endpoint = AgentEndpoint::Unix(socket.clone());
+        // The agent comes up after 1.1 s and announces. Without the
+        // announcement the backoff (1, 2, 4, ... ms, uncapped here) would
+        // next try at about 2 s.
+        let agent = {
+            let announce = directory.path().join("vsock.sock_1025");
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+                let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+                let agent = banger_agent_test_double(listener);
+                tokio::net::UnixStream::connect(announce).await.unwrap();
+                agent.await
+            })
+        };
+        let started = Instant::now();
+        let agents = Agents::default();
+        agents
+            .connect_until(
+                "vm",
+                &endpoint,
+                started + Duration::from_secs(30),
+                Some(&announcements),
+                Duration::from_secs(3600),
+            )
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(1100), "{waited:?}");
+        assert!(waited < Duration::from_millis(1700), "{waited:?}");
+        agent.abort();
+    }
+
+    /// A guest agent in this process (host test mode) serving `listener`.
+    async fn banger_agent_test_double(listener: tokio::net::UnixListener) {
+        use banger_agent::reaper::{ReapMode, Reaper};
+        let agent = banger_agent::server::Agent::new(
+            banger_agent::system::SystemPaths::default(),
+            false,
+            Reaper::start(ReapMode::OwnChildren).unwrap(),
+        );
+        let _ = banger_agent::serve_unix(listener, agent, std::future::pending()).await;
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ pub const INITIAL_WINDOW: u32 = 256 * 1024;
 pub const CONNECTION_SESSION: u64 = 0;
 /// Default vsock port the agent listens on.
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;
+/// Host vsock port (CID 2) the agent connects to once it serves, to announce it.
+pub const ANNOUNCE_VSOCK_PORT: u32 = 1025;
 /// Name of the virtio-serial port the agent uses under QEMU.
 pub const SERIAL_PORT_NAME: &str = "banger.agent";
 

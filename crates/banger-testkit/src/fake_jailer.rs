@@ -636,6 +636,10 @@ fn run_guest_launcher(argv: &[OsString]) -> ! {
     command
         .arg("--listen-unix")
         .arg(line.trim_end())
+        .arg("--announce-unix")
+        .arg(crate::fake_firecracker::vsock::guest_device_path(
+            std::path::Path::new(line.trim_end()),
+        ))
         .stdin(std::process::Stdio::null());
     if let Some(dir) = std::env::var_os(crate::fake_firecracker::settings::GUEST_AGENT_SSH_DIR_VAR)
     {

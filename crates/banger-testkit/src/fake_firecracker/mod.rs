@@ -103,7 +103,8 @@
 //! - `FAKE_FIRECRACKER_GUEST_AGENT_BIN=/path/banger-agent` (and optionally
 //!   `FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR`): at `InstanceStart`, run that
 //!   agent in test mode (`--listen-unix` next to the vsock socket) as the
-//!   VM's guest and bridge vsock connections to it; when it exits (a host
+//!   VM's guest and bridge vsock connections to it (its announcement goes,
+//!   as a guest-initiated connection, to `<uds_path>_1025`); when it exits (a host
 //!   asked it to shut down) the VMM exits 0, as after a guest power-off.
 //!
 //! - `FAKE_FIRECRACKER_CONSOLE_TEXT=TEXT`: written on the console after the

@@ -257,7 +257,8 @@ impl Server {
         }
     }
 
-    /// Runs the guest's agent (`banger-agent --listen-unix`) next to the
+    /// Runs the guest's agent (`banger-agent --listen-unix`, announcing
+    /// through [`vsock::guest_device_path`]) next to the
     /// vsock socket for as long as this VMM lives; when it exits (a host
     /// asked for shutdown) the "guest" powered off and so does the VMM.
     fn start_guest_agent(
@@ -268,6 +269,32 @@ impl Server {
         let address = vsock.local_addr().ok()?;
         let socket = address.as_pathname()?.with_extension("guest-agent.sock");
         let _ = std::fs::remove_file(&socket);
+        // Bound before the agent starts, so its announcement finds it.
+        let device = vsock::guest_device_path(&socket);
+        let _ = std::fs::remove_file(&device);
+        match std::os::unix::net::UnixListener::bind(&device) {
+            Ok(listener) => {
+                let served = listener
+                    .set_nonblocking(true)
+                    .and_then(|()| UnixListener::from_std(listener));
+                match served {
+                    Ok(listener) => {
+                        tokio::spawn(vsock::serve_guest(
+                            listener,
+                            address.as_pathname()?.to_owned(),
+                        ));
+                    }
+                    Err(error) => eprintln!(
+                        "fake-firecracker: cannot serve {}: {error}",
+                        device.display()
+                    ),
+                }
+            }
+            Err(error) => eprintln!(
+                "fake-firecracker: cannot bind {}: {error}",
+                device.display()
+            ),
+        }
         if let Some(fd) = std::env::var(super::settings::GUEST_LAUNCHER_FD_VAR)
             .ok()
             .and_then(|fd| fd.parse::<i32>().ok())
@@ -279,6 +306,8 @@ impl Server {
         command
             .arg("--listen-unix")
             .arg(&socket)
+            .arg("--announce-unix")
+            .arg(&device)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         die_with_parent(&mut command);

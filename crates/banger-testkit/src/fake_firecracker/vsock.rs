@@ -14,6 +14,12 @@
 //! 3. Answer `OK <host_port>\n`, `host_port` being a local port number
 //!    allocated from 2^30 upwards, like the real VMM's.
 //! 4. Copy bytes both ways until either side closes.
+//!
+//! Guest-initiated connections (the guest connects to host CID 2, port P)
+//! go, as in the real VMM, to the host's Unix socket `<uds_path>_P`; if
+//! nothing listens there the guest's connection is closed. The host-mode
+//! guest makes them through [`guest_device_path`]: each connection there
+//! sends `CONNECT <P>\n` and is then the guest's stream ([`serve_guest`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -43,8 +49,62 @@ pub enum BridgeError {
         #[source]
         source: io::Error,
     },
+    #[error("Nothing listens for the guest's connection on {path}")]
+    ConnectHost {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("Cannot proxy the connection")]
     Proxy(#[source] io::Error),
+}
+
+/// The Unix socket that stands for the guest's side of the vsock device,
+/// next to the host-mode guest agent's socket `agent_socket`.
+#[must_use]
+pub fn guest_device_path(agent_socket: &Path) -> PathBuf {
+    let mut path = agent_socket.as_os_str().to_owned();
+    path.push(".connect");
+    PathBuf::from(path)
+}
+
+/// Accepts guest-initiated connections on `device` forever and forwards
+/// each to `<uds_path>_<port>`.
+pub async fn serve_guest(device: UnixListener, uds_path: PathBuf) {
+    loop {
+        let stream = match device.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                eprintln!("fake-firecracker: vsock: guest accept failed: {error}");
+                continue;
+            }
+        };
+        let uds_path = uds_path.clone();
+        tokio::spawn(async move {
+            if let Err(error) = forward_to_host(stream, &uds_path).await {
+                eprintln!("fake-firecracker: vsock: {}", super::error_chain(&error));
+            }
+        });
+    }
+}
+
+async fn forward_to_host(mut guest: UnixStream, uds_path: &Path) -> Result<(), BridgeError> {
+    let line = read_connect_line(&mut guest).await?;
+    let port = parse_connect_line(&line).ok_or(BridgeError::InvalidConnectLine { line })?;
+    let mut target = uds_path.as_os_str().to_owned();
+    target.push(format!("_{port}"));
+    let target = PathBuf::from(target);
+    let mut host =
+        UnixStream::connect(&target)
+            .await
+            .map_err(|source| BridgeError::ConnectHost {
+                path: target.clone(),
+                source,
+            })?;
+    tokio::io::copy_bidirectional(&mut guest, &mut host)
+        .await
+        .map_err(BridgeError::Proxy)?;
+    Ok(())
 }
 
 /// Accepts host connections forever, one task each.
@@ -153,6 +213,23 @@ mod tests {
         let mut reply = vec![0; "OK 1073741824\nhello".len()];
         host.read_exact(&mut reply).await.unwrap();
         assert_eq!(reply, b"OK 1073741824\nhello");
+    }
+
+    #[tokio::test]
+    async fn guest_connections_reach_uds_path_underscore_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds_path = dir.path().join("vsock.sock");
+        let host = UnixListener::bind(dir.path().join("vsock.sock_1025")).unwrap();
+        let device_path = guest_device_path(&dir.path().join("agent.sock"));
+        let device = UnixListener::bind(&device_path).unwrap();
+        tokio::spawn(serve_guest(device, uds_path));
+        let mut guest = UnixStream::connect(&device_path).await.unwrap();
+        guest.write_all(b"CONNECT 1025\nREADY x\n").await.unwrap();
+        drop(guest);
+        let (mut accepted, _) = host.accept().await.unwrap();
+        let mut received = String::new();
+        accepted.read_to_string(&mut received).await.unwrap();
+        assert_eq!(received, "READY x\n");
     }
 
     #[tokio::test]
