@@ -802,6 +802,7 @@ mod tests {
             mac: MacAddress::for_vm("00000000000000e1").to_string(),
             tap: "bgtap0".to_owned(),
             dns_name: String::new(),
+            ..VmNetwork::default()
         };
         let guest = guest_port(&lease).unwrap();
         assert_eq!(guest.tap, "bgtap0");

@@ -10,6 +10,7 @@
 //! waiting on anything else (see the lock order in `docs/ARCHITECTURE.md`).
 
 mod migrations;
+mod netpolicy;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -368,6 +369,7 @@ impl Store {
             mac,
             tap,
             dns_name: String::new(),
+            ..VmNetwork::default()
         }))
     }
 
@@ -394,6 +396,7 @@ impl Store {
                     mac: row.get(3)?,
                     tap: row.get(4)?,
                     dns_name: String::new(),
+                    ..VmNetwork::default()
                 },
             ))
         })?;
@@ -698,6 +701,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
                 mac,
                 tap,
                 dns_name: String::new(),
+                ..VmNetwork::default()
             }),
             _ => None,
         },
