@@ -144,13 +144,24 @@ impl PortForward {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     pub forwards: BTreeSet<PortForward>,
-    /// Guests under an egress limit, with the networks they may reach
-    /// (empty: none beyond DNS and learned addresses).
-    pub egress: BTreeMap<Ipv4Addr, Vec<(Ipv4Addr, u8)>>,
+    /// Guests under an egress limit.
+    pub egress: BTreeMap<Ipv4Addr, EgressLimit>,
     /// (guest, destination) pairs the DNS server allowed, until when.
     pub learned: BTreeMap<(Ipv4Addr, Ipv4Addr), Instant>,
     /// Ordered (guest, guest) pairs of one network group.
     pub group_peers: BTreeSet<(Ipv4Addr, Ipv4Addr)>,
+}
+
+/// What a guest under an egress limit may reach.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressLimit {
+    /// Networks it may reach (empty: none beyond DNS and learned
+    /// addresses).
+    pub networks: Vec<(Ipv4Addr, u8)>,
+    /// The conntrack mark of connections opened under this limit
+    /// (nonzero, new for every change): connections opened under an
+    /// earlier one are checked again, packet by packet.
+    pub epoch: u32,
 }
 
 /// The set of guests under an egress limit.
@@ -159,6 +170,10 @@ pub const EGRESS_LIMITED_SET: &str = "egress_limited";
 pub const EGRESS_NETWORKS_SET: &str = "egress_networks";
 /// The set of (guest . address) the DNS server learned, with timeouts.
 pub const EGRESS_LEARNED_SET: &str = "egress_learned";
+/// The map of guest to the conntrack mark of its limit's connections.
+pub const EGRESS_EPOCH_MAP: &str = "egress_epoch";
+/// The set of (guest . mark) of current limits.
+pub const EGRESS_CURRENT_SET: &str = "egress_current";
 /// The set of (guest . guest) pairs of one network group.
 pub const GROUP_PEERS_SET: &str = "group_peers";
 
@@ -287,11 +302,22 @@ pub fn ruleset_with(config: &NatConfig, policy: &Policy, now: Instant) -> Result
         .map(|forward| format!("\t\t{}\n", forward.rule()))
         .collect();
     let limited: Vec<String> = policy.egress.keys().map(ToString::to_string).collect();
+    let epochs: Vec<String> = policy
+        .egress
+        .iter()
+        .map(|(guest, limit)| format!("{guest} : {:#x}", limit.epoch))
+        .collect();
+    let current: Vec<String> = policy
+        .egress
+        .iter()
+        .map(|(guest, limit)| format!("{guest} . {:#x}", limit.epoch))
+        .collect();
     let networks: Vec<String> = policy
         .egress
         .iter()
-        .flat_map(|(guest, networks)| {
-            networks
+        .flat_map(|(guest, limit)| {
+            limit
+                .networks
                 .iter()
                 .map(move |(address, prefix)| format!("{guest} . {address}/{prefix}"))
         })
@@ -310,6 +336,8 @@ pub fn ruleset_with(config: &NatConfig, policy: &Policy, now: Instant) -> Result
         .map(|(from, to)| format!("{from} . {to}"))
         .collect();
     let limited = elements_line(&limited);
+    let epochs = elements_line(&epochs);
+    let current = elements_line(&current);
     let networks = elements_line(&networks);
     let learned = elements_line(&learned);
     let peers = elements_line(&peers);
@@ -338,6 +366,14 @@ pub fn ruleset_with(config: &NatConfig, policy: &Policy, now: Instant) -> Result
          \t\ttype ipv4_addr\n\
          {limited}\
          \t}}\n\
+         \tmap {EGRESS_EPOCH_MAP} {{\n\
+         \t\ttype ipv4_addr : mark\n\
+         {epochs}\
+         \t}}\n\
+         \tset {EGRESS_CURRENT_SET} {{\n\
+         \t\ttype ipv4_addr . mark\n\
+         {current}\
+         \t}}\n\
          \tset {EGRESS_NETWORKS_SET} {{\n\
          \t\ttype ipv4_addr . ipv4_addr\n\
          \t\tflags interval\n\
@@ -364,8 +400,9 @@ pub fn ruleset_with(config: &NatConfig, policy: &Policy, now: Instant) -> Result
          \t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tiifname \"{bridge}\" oifname \"{bridge}\" ip saddr . ip daddr @{GROUP_PEERS_SET} accept\n\
          \t\tiifname \"{bridge}\" ct status dnat accept\n\
-         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} ip saddr . ip daddr @{EGRESS_NETWORKS_SET} accept\n\
-         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} ip saddr . ip daddr @{EGRESS_LEARNED_SET} accept\n\
+         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} ct state established,related ip saddr . ct mark @{EGRESS_CURRENT_SET} accept\n\
+         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} ip saddr . ip daddr @{EGRESS_NETWORKS_SET} ct mark set ip saddr map @{EGRESS_EPOCH_MAP} accept\n\
+         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} ip saddr . ip daddr @{EGRESS_LEARNED_SET} ct mark set ip saddr map @{EGRESS_EPOCH_MAP} accept\n\
          \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} drop\n\
          \t\tiifname \"{bridge}\" oifname \"{bridge}\" ip saddr {network} ip daddr {network} {routed_between_guests}\n\
          \t\tiifname \"{bridge}\" oifname \"{uplink}\" ip saddr {network} accept\n\
@@ -814,7 +851,13 @@ mod tests {
                     guest_port: 53,
                 },
             ]),
-            egress: BTreeMap::from([(guest, vec![(Ipv4Addr::new(10, 0, 0, 0), 8)])]),
+            egress: BTreeMap::from([(
+                guest,
+                EgressLimit {
+                    networks: vec![(Ipv4Addr::new(10, 0, 0, 0), 8)],
+                    epoch: 0x2a,
+                },
+            )]),
             learned: BTreeMap::from([
                 (
                     (guest, Ipv4Addr::new(192, 0, 2, 9)),
@@ -837,6 +880,8 @@ mod tests {
             "\t\tfib daddr type local udp dport 5353 dnat ip to 172.30.0.2:53\n",
             "elements = { 172.30.0.2 }",
             "elements = { 172.30.0.2 . 10.0.0.0/8 }",
+            "elements = { 172.30.0.2 : 0x2a }",
+            "elements = { 172.30.0.2 . 0x2a }",
             "oifname \"banger0\" ip saddr 127.0.0.0/8 ct status dnat masquerade",
             "iifname \"banger0\" ip saddr @egress_limited drop",
             "iifname != \"banger0\" oifname \"banger0\" ip daddr 172.30.0.0/24 ct status dnat accept",

@@ -12,6 +12,8 @@
 mod migrations;
 mod netpolicy;
 
+pub use netpolicy::ports_overlap;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -87,6 +87,13 @@ impl Store {
         )? > 0)
     }
 
+    /// Stops publishing every port of `vm_id`.
+    pub fn remove_ports_of(&self, vm_id: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute("DELETE FROM published_ports WHERE vm_id = ?1", [vm_id])?;
+        Ok(())
+    }
+
     /// Every published port as (VM id, port), ordered.
     pub fn list_ports(&self) -> Result<Vec<(String, PublishedPort)>, StoreError> {
         let connection = self.lock();
