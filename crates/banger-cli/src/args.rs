@@ -138,8 +138,6 @@ pub enum VmCommand {
         name: VmName,
         #[command(subcommand)]
         action: PortCommand,
-        #[command(flatten)]
-        json: JsonFlag,
     },
     /// Run a command in a running VM (through its agent; exit code passes through).
     Run(RunArgs),
@@ -397,16 +395,20 @@ pub enum PortCommand {
     Add {
         #[arg(value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/PROTO]", value_parser = banger_proto::PublishedPort::parse)]
         port: banger_proto::PublishedPort,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Stop forwarding a host port.
     #[command(alias = "remove")]
     Rm {
         #[arg(value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/PROTO]", value_parser = banger_proto::PublishedPort::parse)]
         port: banger_proto::PublishedPort,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// List the published ports.
     #[command(alias = "ls")]
-    List,
+    List(JsonFlag),
 }
 
 #[derive(Debug, Subcommand)]

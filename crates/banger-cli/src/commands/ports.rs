@@ -16,30 +16,32 @@ pub async fn port(
     printer: Printer,
     vm: &str,
     action: PortCommand,
-    json: bool,
 ) -> anyhow::Result<()> {
     let mut client = Client::connect(socket).await?;
     let vm = vm.to_owned();
-    let (ports, message) = match action {
-        PortCommand::Add { port } => (
-            client
-                .call::<method::VmPortAdd>(VmPortParams {
-                    vm: vm.clone(),
-                    port,
-                })
-                .await?,
-            Some(format!("{vm}: published {}", describe(&port))),
-        ),
-        PortCommand::Rm { port } => (
-            client
-                .call::<method::VmPortRemove>(VmPortParams {
-                    vm: vm.clone(),
-                    port,
-                })
-                .await?,
-            Some(format!("{vm}: no longer published {port}")),
-        ),
-        PortCommand::List => (client.call::<method::VmPortList>(VmRef { vm }).await?, None),
+    let (ports, message, json) = match action {
+        PortCommand::Add { port, json } => {
+            let params = VmPortParams {
+                vm: vm.clone(),
+                port,
+            };
+            let ports = client.call::<method::VmPortAdd>(params).await?;
+            let message = format!("{vm}: published {}", describe(&port));
+            (ports, Some(message), json.json)
+        }
+        PortCommand::Rm { port, json } => {
+            let params = VmPortParams {
+                vm: vm.clone(),
+                port,
+            };
+            let ports = client.call::<method::VmPortRemove>(params).await?;
+            let message = format!("{vm}: no longer published {}", describe(&port));
+            (ports, Some(message), json.json)
+        }
+        PortCommand::List(json) => {
+            let ports = client.call::<method::VmPortList>(VmRef { vm }).await?;
+            (ports, None, json.json)
+        }
     };
     if json {
         printer.json(&ports);

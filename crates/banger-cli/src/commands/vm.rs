@@ -89,8 +89,8 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
             .await?;
             report(printer, json.json, &vm, "deleted")
         }
-        VmCommand::Port { name, action, json } => {
-            super::ports::port(socket, printer, &name.vm, action, json.json).await
+        VmCommand::Port { name, action } => {
+            super::ports::port(socket, printer, &name.vm, action).await
         }
         VmCommand::Set(SetArgs {
             name,
