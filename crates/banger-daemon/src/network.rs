@@ -656,6 +656,9 @@ impl Network {
             .list_leases()?
             .into_iter()
             .find(|(id, _, _)| id == vm_id);
+        let address = lease
+            .as_ref()
+            .and_then(|(_, _, network)| network.ip.parse().ok());
         // The tap goes before the lease: once the lease is gone its tap
         // name can be leased again.
         if let Some((_, _, network)) = lease {
@@ -681,16 +684,8 @@ impl Network {
         }
         self.store.delete_lease(vm_id)?;
         self.store.remove_ports_of(vm_id)?;
-        self.policy_released(vm_id).await;
+        self.policy_released(vm_id, address).await;
         Ok(())
-    }
-
-    /// The VM's lease is gone: its forwards, limits and group pairs go.
-    async fn policy_released(&self, vm_id: &str) {
-        self.deactivate(vm_id).await;
-        if let Err(error) = self.apply_policy().await {
-            tracing::warn!(vm = vm_id, %error, "failed to re-apply the network policy");
-        }
     }
 
     /// Bridge, subnet and how many addresses are leased and free.

@@ -201,6 +201,10 @@ impl Network {
             self.reserve_port(vm_id, port)?;
         }
         self.store.set_network_policy(vm_id, egress, group)?;
+        // Ports are forwarded from launch on; limits and groups at once.
+        if *egress == EgressPolicy::AllowAll && group.is_none() {
+            return Ok(());
+        }
         self.apply_policy().await
     }
 
@@ -279,8 +283,13 @@ impl Network {
         if self.policy.lock().active.contains(vm_id) {
             return Ok(());
         }
+        let ports = self.store.ports_of(vm_id)?;
+        if ports.is_empty() {
+            self.policy.lock().active.insert(vm_id.to_owned());
+            return Ok(());
+        }
         // What took a port while the VM was stopped keeps it.
-        for port in self.store.ports_of(vm_id)? {
+        for port in ports {
             if let Some(error) = host_port_taken(&port) {
                 return Err(NetworkError::PortTaken {
                     port,
@@ -295,9 +304,38 @@ impl Network {
     /// The VM's VMM is gone (or the VM deleted): its ports are no longer
     /// forwarded.
     pub async fn deactivate(&self, vm_id: &str) {
-        if self.policy.lock().active.remove(vm_id) {
+        let removed = self.policy.lock().active.remove(vm_id);
+        let has_ports = self
+            .store
+            .ports_of(vm_id)
+            .is_ok_and(|ports| !ports.is_empty());
+        if removed && has_ports {
             if let Err(error) = self.apply_policy().await {
                 tracing::warn!(vm = vm_id, %error, "failed to remove the VM's published ports");
+            }
+        }
+    }
+
+    /// The lease of `vm_id` (at `address`) is gone: its forwards, limits
+    /// and group pairs go.
+    pub(super) async fn policy_released(&self, vm_id: &str, address: Option<Ipv4Addr>) {
+        self.policy.lock().active.remove(vm_id);
+        let Some(address) = address else {
+            return;
+        };
+        let rendered = self.policy.rendered();
+        let referenced = rendered.egress.contains_key(&address)
+            || rendered
+                .forwards
+                .iter()
+                .any(|forward| forward.guest == address)
+            || rendered
+                .group_peers
+                .iter()
+                .any(|(from, to)| *from == address || *to == address);
+        if referenced {
+            if let Err(error) = self.apply_policy().await {
+                tracing::warn!(vm = vm_id, %error, "failed to re-apply the network policy");
             }
         }
     }
