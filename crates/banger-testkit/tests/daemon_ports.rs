@@ -146,11 +146,18 @@ impl Lab {
     /// veth of the same name on the bridge, whose peer in `guest` has the
     /// VM's MAC and address.
     fn plug_guest(&self, vm: &Value) {
+        plug_guest_into(&self.host, &self.guest, vm);
+    }
+}
+
+/// [`Lab::plug_guest`] with the fake guest in `guest`.
+fn plug_guest_into(host_ns: &Netns, guest_ns: &Netns, vm: &Value) {
+    {
         let network = &vm["network"];
         let tap = network["tap"].as_str().unwrap();
         let mac = network["mac"].as_str().unwrap();
         let address = network["ip"].as_str().unwrap();
-        let host = &self.host.0;
+        let host = &host_ns.0;
         ip(&["-n", host, "link", "del", tap]);
         ip(&[
             "-n",
@@ -164,11 +171,11 @@ impl Lab {
             "name",
             "eth0",
             "netns",
-            &self.guest.0,
+            &guest_ns.0,
         ]);
         ip(&["-n", host, "link", "set", tap, "master", "banger0"]);
         ip(&["-n", host, "link", "set", tap, "up"]);
-        let guest = &self.guest.0;
+        let guest = &guest_ns.0;
         ip(&["-n", guest, "link", "set", "eth0", "address", mac]);
         ip(&[
             "-n",
@@ -567,6 +574,62 @@ fn egress_allows_listed_names_only_and_tightening_cuts_connections() {
     assert_eq!(lab.guest.within(|| tcp_greeting("192.0.2.11:80")), world);
 
     daemon.banger_ok(&["vm", "delete", "agent", "--force"]);
+    daemon.assert_no_leaks();
+    drop(daemon);
+}
+
+#[test]
+fn vms_of_one_network_group_talk_and_others_stay_isolated() {
+    if !require_root("vms_of_one_network_group_talk_and_others_stay_isolated") {
+        return;
+    }
+    let lab = Lab::new("bggroup");
+    let second = Netns::new("bggroup-second");
+    let outsider = Netns::new("bggroup-outsider");
+    let daemon = lab.daemon();
+    for (name, extra) in [
+        ("one", &["--network-group", "team"][..]),
+        ("two", &["--network-group", "team"][..]),
+        ("three", &[][..]),
+    ] {
+        let output = create(&daemon, name, extra);
+        assert!(output.status.success(), "{output:?}");
+    }
+    let error =
+        String::from_utf8(create(&daemon, "bad", &["--network-group", "Team!"]).stderr).unwrap();
+    assert!(error.contains("is not a network group name"), "{error}");
+    let [one, two, three] = ["one", "two", "three"].map(|name| daemon.vm(name));
+    assert_eq!(one["network"]["network_group"], "team");
+    assert!(three["network"]["network_group"].is_null());
+    plug_guest_into(&lab.host, &lab.guest, &one);
+    plug_guest_into(&lab.host, &second, &two);
+    plug_guest_into(&lab.host, &outsider, &three);
+    for namespace in [&lab.guest, &second, &outsider] {
+        namespace.spawn(serve_tcp("0.0.0.0:7000", "hello from a guest\n"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let address = |vm: &Value| format!("{}:7000", vm["network"]["ip"].as_str().unwrap());
+    let greeting = Some("hello from a guest\n".to_owned());
+    let (to_two, to_three) = {
+        let (two, three) = (address(&two), address(&three));
+        lab.guest
+            .within(move || (tcp_greeting(&two), tcp_greeting(&three)))
+    };
+    assert_eq!(to_two, greeting, "VMs of one group cannot talk");
+    assert_eq!(to_three, None, "a VM outside the group is reachable");
+    let to_one = {
+        let one = address(&one);
+        outsider.within(move || tcp_greeting(&one))
+    };
+    assert_eq!(to_one, None, "a VM outside the group reaches in");
+
+    for name in ["one", "two", "three"] {
+        daemon.banger_ok(&["vm", "delete", name, "--force"]);
+    }
+    let peers = lab
+        .host
+        .run("nft", &["list", "set", "inet", "banger", "group_peers"]);
+    assert!(!peers.contains("elements"), "{peers}");
     daemon.assert_no_leaks();
     drop(daemon);
 }
