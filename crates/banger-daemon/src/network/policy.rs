@@ -353,6 +353,31 @@ impl Network {
         self.apply_policy().await
     }
 
+    /// What egress applies, for `doctor`: the VMs under a limit and theirs.
+    pub fn egress_summary(&self) -> Result<String, NetworkError> {
+        let names: HashMap<String, String> = self
+            .store
+            .list_leases()?
+            .into_iter()
+            .map(|(vm_id, name, _)| (vm_id, name))
+            .collect();
+        let limited: Vec<String> = self
+            .store
+            .list_network_policies()?
+            .into_iter()
+            .filter(|(_, egress, _)| *egress != EgressPolicy::AllowAll)
+            .filter_map(|(vm_id, egress, _)| Some(format!("{} {egress}", names.get(&vm_id)?)))
+            .collect();
+        Ok(if limited.is_empty() {
+            "every VM may reach anything (allow-all); --egress limits one".to_owned()
+        } else {
+            format!(
+                "limited: {}; the others allow-all; DNS to the host always passes",
+                limited.join(", ")
+            )
+        })
+    }
+
     /// Whether the VM is in a network group (its tap is then attached
     /// without the `isolated` flag).
     pub fn in_group(&self, vm_id: &str) -> bool {
