@@ -97,6 +97,12 @@ pub enum NetworkError {
         port: banger_proto::PublishedPort,
         by: String,
     },
+    #[error("Host port {port} cannot be published on this host")]
+    PortUnusable {
+        port: banger_proto::PublishedPort,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Networking is disabled: published ports, egress policies and network groups need it")]
     Disabled,
     #[error("`{group}` is not a network group name (1-32 of a-z, 0-9, -)")]
@@ -123,6 +129,7 @@ impl RpcFailure for NetworkError {
             Self::NoAddressLeft { .. } => ErrorKind::InvalidState,
             Self::PortTaken { .. } => ErrorKind::AlreadyExists,
             Self::Disabled | Self::NoLease { .. } => ErrorKind::InvalidState,
+            Self::PortUnusable { .. } => ErrorKind::InvalidParams,
             Self::InvalidGroup { .. } => ErrorKind::InvalidParams,
             Self::PortNotPublished { .. } => ErrorKind::NotFound,
             Self::Store(error) => error.kind(),

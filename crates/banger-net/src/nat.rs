@@ -62,12 +62,15 @@
 //!   through the bridge (with `route_localnet` on the bridge), and the
 //!   `forward` chain accepts DNATed connections into the bridge.
 //! - egress: the set `egress_limited` holds every guest under `none` or
-//!   `allow=`; in `forward`, such a guest's packets (established ones too,
-//!   so tightening a policy cuts live connections at once) pass only to an
+//!   `allow=`; in `forward`, such a guest's packets pass only to an
 //!   (address . network) element of `egress_networks` or an (address .
 //!   address) element of `egress_learned`, which the DNS server fills with
 //!   the answers for allowed names, each with its answer's TTL as timeout.
-//!   Replies of published ports' connections (`ct status dnat`) pass.
+//!   Established connections pass without that check only while their
+//!   conntrack mark is the guest's current limit's (`egress_epoch`,
+//!   `egress_current`), so a changed policy checks live connections again
+//!   and cuts what it no longer allows. Replies of published ports'
+//!   connections (`ct status dnat`) pass.
 //! - network groups: ordered (address . address) pairs of guests in one
 //!   group, in the set `group_peers` of both tables, are accepted in the
 //!   inet and bridge `forward` chains and in the bridge ARP target check,
@@ -159,8 +162,8 @@ pub struct EgressLimit {
     /// addresses).
     pub networks: Vec<(Ipv4Addr, u8)>,
     /// The conntrack mark of connections opened under this limit
-    /// (nonzero, new for every change): connections opened under an
-    /// earlier one are checked again, packet by packet.
+    /// (nonzero, different for a different limit): connections opened
+    /// under another one are checked again, packet by packet.
     pub epoch: u32,
 }
 

@@ -528,13 +528,9 @@ fn egress_allows_listed_names_only_and_tightening_cuts_connections() {
         .host
         .run("nft", &["list", "set", "inet", "banger", "egress_learned"]);
     assert!(learned.contains("192.0.2.10 timeout"), "{learned}");
-    // A restart keeps the policy.
-    daemon.kill9();
-    daemon.start();
-    assert_eq!(lab.guest.within(|| resolve("other.test")), Err(3));
-
-    // A live connection, then `--egress none`: it stops passing, and so
-    // do new ones; names stop resolving.
+    // A live connection survives a daemon restart (the policy and its
+    // connections' mark are the same); `--egress none` then cuts it and
+    // new ones, and names stop resolving.
     let (sender, receiver) = std::sync::mpsc::channel::<()>();
     let (result_sender, results) = std::sync::mpsc::channel::<bool>();
     lab.guest.spawn(move || {
@@ -545,12 +541,22 @@ fn egress_allows_listed_names_only_and_tightening_cuts_connections() {
         let mut greeting = [0_u8; 64];
         let _ = stream.read(&mut greeting);
         result_sender.send(still_echoes(&mut stream)).unwrap();
-        receiver.recv().unwrap();
-        result_sender.send(still_echoes(&mut stream)).unwrap();
+        for _ in 0..2 {
+            receiver.recv().unwrap();
+            result_sender.send(still_echoes(&mut stream)).unwrap();
+        }
     });
     assert!(
         results.recv().unwrap(),
         "the connection did not work before"
+    );
+    daemon.kill9();
+    daemon.start();
+    assert_eq!(lab.guest.within(|| resolve("other.test")), Err(3));
+    sender.send(()).unwrap();
+    assert!(
+        results.recv().unwrap(),
+        "a daemon restart cut an allowed connection"
     );
     daemon.banger_ok(&["vm", "set", "agent", "--egress", "none"]);
     assert_eq!(daemon.vm("agent")["network"]["egress"], "none");

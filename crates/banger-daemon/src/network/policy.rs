@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -49,7 +48,6 @@ struct Inner {
 pub struct PolicyState {
     inner: Mutex<Inner>,
     nft: Arc<dyn Nft>,
-    next_epoch: AtomicU32,
     /// Serialises render-and-apply, so a later state is never overwritten
     /// by an earlier one.
     apply: tokio::sync::Mutex<()>,
@@ -57,15 +55,9 @@ pub struct PolicyState {
 
 impl PolicyState {
     pub fn new(nft: Arc<dyn Nft>) -> Arc<Self> {
-        // Marks of connections from an earlier daemon must not match a new
-        // limit's: start from the clock.
-        let seconds = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |elapsed| elapsed.as_secs());
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             nft,
-            next_epoch: AtomicU32::new(u32::try_from(seconds & 0x7fff_ffff).unwrap_or(1) | 1),
             apply: tokio::sync::Mutex::new(()),
         })
     }
@@ -76,13 +68,14 @@ impl PolicyState {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn epoch(&self) -> u32 {
-        loop {
-            let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
-            if epoch != 0 {
-                return epoch;
-            }
-        }
+    /// The conntrack mark of connections `guest` opens under `policy`:
+    /// the same for the same policy (a daemon restart keeps connections),
+    /// another for another (a change checks old connections again).
+    fn epoch(guest: Ipv4Addr, policy: &EgressPolicy) -> u32 {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(format!("{guest} {policy}").as_bytes());
+        let epoch = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        epoch.max(1)
     }
 
     pub fn rendered(&self) -> nat::Policy {
@@ -153,14 +146,26 @@ fn transport(protocol: Protocol) -> Transport {
     }
 }
 
-/// Whether something on this host holds `port` (binding it fails).
-fn host_port_taken(port: &PublishedPort) -> Option<std::io::Error> {
+/// Why `port` cannot be published on this host (binding it fails):
+/// something listens there, or the address is not the host's.
+fn host_port_problem(port: &PublishedPort) -> Option<NetworkError> {
     let address = SocketAddr::new(IpAddr::V4(port.host_ip), port.host_port);
     let bound = match port.protocol {
         Protocol::Tcp => TcpListener::bind(address).map(drop),
         Protocol::Udp => UdpSocket::bind(address).map(drop),
     };
-    bound.err()
+    let error = bound.err()?;
+    Some(if error.kind() == std::io::ErrorKind::AddrInUse {
+        NetworkError::PortTaken {
+            port: *port,
+            by: "a host socket".to_owned(),
+        }
+    } else {
+        NetworkError::PortUnusable {
+            port: *port,
+            source: error,
+        }
+    })
 }
 
 impl Network {
@@ -178,11 +183,8 @@ impl Network {
                     by: format!("-p {other} of the same VM"),
                 });
             }
-            if let Some(error) = host_port_taken(port) {
-                return Err(NetworkError::PortTaken {
-                    port: *port,
-                    by: format!("a host socket ({error})"),
-                });
+            if let Some(error) = host_port_problem(port) {
+                return Err(error);
             }
         }
         Ok(())
@@ -229,12 +231,9 @@ impl Network {
         }
         // Another VM's port first: its DNAT rule does not hold a socket.
         self.reserve_port(vm_id, &port)?;
-        if let Some(error) = host_port_taken(&port) {
+        if let Some(error) = host_port_problem(&port) {
             self.store.remove_port(vm_id, &port)?;
-            return Err(NetworkError::PortTaken {
-                port,
-                by: format!("a host socket ({error})"),
-            });
+            return Err(error);
         }
         self.apply_policy().await?;
         Ok(self.store.ports_of(vm_id)?)
@@ -290,11 +289,8 @@ impl Network {
         }
         // What took a port while the VM was stopped keeps it.
         for port in ports {
-            if let Some(error) = host_port_taken(&port) {
-                return Err(NetworkError::PortTaken {
-                    port,
-                    by: format!("a host socket ({error})"),
-                });
+            if let Some(error) = host_port_problem(&port) {
+                return Err(error);
             }
         }
         self.policy.lock().active.insert(vm_id.to_owned());
@@ -432,16 +428,11 @@ impl Network {
                 groups.entry(group).or_default().push(address);
             }
             if policy != EgressPolicy::AllowAll {
-                let unchanged = inner.egress.get(&address) == Some(&policy);
-                let epoch = match inner.rendered.egress.get(&address) {
-                    Some(limit) if unchanged => limit.epoch,
-                    _ => self.policy.epoch(),
-                };
                 limits.insert(
                     address,
                     EgressLimit {
                         networks: policy.networks(),
-                        epoch,
+                        epoch: PolicyState::epoch(address, &policy),
                     },
                 );
             }
