@@ -169,11 +169,29 @@ fn host_port_problem(port: &PublishedPort) -> Option<NetworkError> {
 }
 
 impl Network {
-    /// Checks `ports` can be published for a new VM: no overlaps among
-    /// them, and no host socket holds them. (Other VMs' ports are checked
-    /// when they are recorded.)
+    /// Checks `ports` can be published for a new VM, before anything is
+    /// made: no overlaps among them or with other VMs' ports, and no host
+    /// socket holds them. (Recording them checks other VMs' again, in one
+    /// transaction.)
     pub fn check_ports(&self, ports: &[PublishedPort]) -> Result<(), NetworkError> {
+        let names: HashMap<String, String> = self
+            .store
+            .list_vms()?
+            .into_iter()
+            .map(|vm| (vm.id, vm.name))
+            .collect();
+        let published = self.store.list_ports()?;
         for (index, port) in ports.iter().enumerate() {
+            if let Some((vm_id, other)) = published
+                .iter()
+                .find(|(_, other)| banger_store::ports_overlap(other, port))
+            {
+                let vm = names.get(vm_id).map_or(vm_id.as_str(), String::as_str);
+                return Err(NetworkError::PortTaken {
+                    port: *port,
+                    by: format!("VM `{vm}` ({other})"),
+                });
+            }
             if let Some(other) = ports[..index]
                 .iter()
                 .find(|other| banger_store::ports_overlap(other, port))
