@@ -946,6 +946,63 @@ mod tests {
         server.shutdown().await.unwrap();
     }
 
+    /// Refuses names starting with `blocked`, learns the rest.
+    #[derive(Default)]
+    struct LearningPolicy {
+        learned: std::sync::Mutex<Vec<(IpAddr, Vec<(Ipv4Addr, u32)>)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl NamePolicy for LearningPolicy {
+        fn verdict(&self, _source: IpAddr, name: &str) -> NameVerdict {
+            if name.starts_with("blocked") {
+                NameVerdict::Refuse
+            } else {
+                NameVerdict::Learn
+            }
+        }
+
+        async fn learned(&self, source: IpAddr, addresses: Vec<(Ipv4Addr, u32)>) {
+            self.learned.lock().unwrap().push((source, addresses));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_policy_refuses_without_asking_upstream_and_learns_answers() {
+        let (upstream, upstream_queries) = fake_upstream().await;
+        let policy = Arc::new(LearningPolicy::default());
+        let mut config = DnsConfig::new(vec![upstream]);
+        config.policy = PolicyHandle(Some(Arc::clone(&policy) as Arc<dyn NamePolicy>));
+        let records = DnsRecords::new();
+        records.insert("dev", Ipv4Addr::new(172, 30, 0, 5));
+        let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), config, records)
+            .await
+            .unwrap();
+        let address = server.local_address();
+
+        let answer = ask(address, "blocked.example.", RecordType::A).await;
+        assert_eq!(answer.response_code(), ResponseCode::NXDomain);
+        assert_eq!(
+            upstream_queries.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        let answer = ask(address, "allowed.example.", RecordType::A).await;
+        assert_eq!(addresses(&answer), [Ipv4Addr::new(192, 0, 2, 77)]);
+        // Learned before the answer went out.
+        assert_eq!(
+            *policy.learned.lock().unwrap(),
+            [(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                vec![(Ipv4Addr::new(192, 0, 2, 77), 60)]
+            )]
+        );
+        // VM names are the server's own: never put to the policy.
+        let answer = ask(address, "dev.banger.", RecordType::A).await;
+        assert_eq!(addresses(&answer), [Ipv4Addr::new(172, 30, 0, 5)]);
+        assert_eq!(policy.learned.lock().unwrap().len(), 1);
+        server.shutdown().await.unwrap();
+    }
+
     #[tokio::test]
     async fn answers_over_tcp_too() {
         let records = DnsRecords::new();
