@@ -946,10 +946,13 @@ mod tests {
         server.shutdown().await.unwrap();
     }
 
+    /// What a policy was told: the source and its answer's (address, TTL)s.
+    type Learned = (IpAddr, Vec<(Ipv4Addr, u32)>);
+
     /// Refuses names starting with `blocked`, learns the rest.
     #[derive(Default)]
     struct LearningPolicy {
-        learned: std::sync::Mutex<Vec<(IpAddr, Vec<(Ipv4Addr, u32)>)>>,
+        learned: std::sync::Mutex<Vec<Learned>>,
     }
 
     #[async_trait::async_trait]
