@@ -273,6 +273,12 @@ impl Network {
                 }
             })
             .collect();
+        // What the DNS server had let guests reach, before the tables are
+        // replaced.
+        let learned = match nft.list_ruleset_json().await {
+            Ok(listing) => nat::learned_elements(&listing).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
         let nat = setup::bring_up(host.as_ref(), nft.as_ref(), &settings, guests).await?;
         let claimed: BTreeSet<String> = leases
             .iter()
@@ -349,6 +355,7 @@ impl Network {
         });
         // Ports of the VMs the store says run, egress limits and groups;
         // reconciliation corrects which VMs run.
+        network.seed_learned(learned)?;
         network.set_active_from_store().await?;
         network.ensure_dns().await;
         let state = if config.resolved {

@@ -572,6 +572,60 @@ pub fn summarize(ruleset_json: &str) -> Result<TableSummary, NatError> {
     Ok(summary)
 }
 
+/// The elements of the `egress_learned` set in `nft -j list ruleset`
+/// output: (guest, address, time left), for carrying them across a
+/// re-render at daemon start. Elements without an expiry are left out.
+///
+/// # Errors
+/// The text is not JSON.
+pub fn learned_elements(
+    ruleset_json: &str,
+) -> Result<Vec<(Ipv4Addr, Ipv4Addr, Duration)>, NatError> {
+    let value: serde_json::Value =
+        serde_json::from_str(ruleset_json).map_err(|source| NatError::ParseJson { source })?;
+    let mut learned = Vec::new();
+    let items = value
+        .get("nftables")
+        .and_then(serde_json::Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for item in items {
+        let Some(set) = item.get("set") else {
+            continue;
+        };
+        if set.get("family").and_then(serde_json::Value::as_str) != Some(TABLE_FAMILY)
+            || set.get("table").and_then(serde_json::Value::as_str) != Some(TABLE_NAME)
+            || set.get("name").and_then(serde_json::Value::as_str) != Some(EGRESS_LEARNED_SET)
+        {
+            continue;
+        }
+        for element in set
+            .get("elem")
+            .and_then(serde_json::Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let Some(inner) = element.get("elem") else {
+                continue;
+            };
+            let parts = inner
+                .get("val")
+                .and_then(|val| val.get("concat"))
+                .and_then(serde_json::Value::as_array);
+            let expires = inner.get("expires").and_then(serde_json::Value::as_u64);
+            let (Some([guest, address]), Some(expires)) = (parts.map(Vec::as_slice), expires)
+            else {
+                continue;
+            };
+            let parse = |value: &serde_json::Value| value.as_str()?.parse::<Ipv4Addr>().ok();
+            if let (Some(guest), Some(address)) = (parse(guest), parse(address)) {
+                learned.push((guest, address, Duration::from_secs(expires)));
+            }
+        }
+    }
+    Ok(learned)
+}
+
 /// Running nft.
 #[async_trait]
 pub trait Nft: Send + Sync {
@@ -902,6 +956,28 @@ mod tests {
         let plain = ruleset(&config(true)).unwrap();
         assert!(!plain.contains("dnat ip to"));
         assert_eq!(plain.matches("elements").count(), 1);
+    }
+
+    #[test]
+    fn learned_elements_are_read_back() {
+        let json = r#"{"nftables": [
+            {"set": {"family": "inet", "name": "egress_learned", "table": "banger",
+              "type": ["ipv4_addr", "ipv4_addr"], "flags": ["timeout"],
+              "elem": [{"elem": {"val": {"concat": ["172.30.0.2", "192.0.2.10"]},
+                                 "timeout": 60, "expires": 42}}]}},
+            {"set": {"family": "inet", "name": "egress_learned", "table": "other",
+              "elem": [{"elem": {"val": {"concat": ["10.0.0.1", "10.0.0.2"]},
+                                 "timeout": 60, "expires": 42}}]}}
+        ]}"#;
+        assert_eq!(
+            learned_elements(json).unwrap(),
+            [(
+                Ipv4Addr::new(172, 30, 0, 2),
+                Ipv4Addr::new(192, 0, 2, 10),
+                Duration::from_secs(42)
+            )]
+        );
+        assert!(learned_elements("nope").is_err());
     }
 
     #[test]

@@ -551,6 +551,13 @@ fn egress_allows_listed_names_only_and_tightening_cuts_connections() {
     daemon.kill9();
     daemon.start();
     assert_eq!(lab.guest.within(|| resolve("other.test")), Err(3));
+    // A new connection to the address learned before the restart, without
+    // resolving again (a guest's resolver cache), still opens.
+    assert_eq!(
+        lab.guest.within(|| tcp_greeting("192.0.2.10:80")),
+        Some("hello from the world\n".to_owned()),
+        "the learned address was lost in the restart"
+    );
     sender.send(()).unwrap();
     assert!(
         results.recv().unwrap(),

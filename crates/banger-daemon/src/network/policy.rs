@@ -400,6 +400,36 @@ impl Network {
             .is_ok_and(|(_, group)| group.is_some())
     }
 
+    /// At start: the addresses the previous daemon's DNS server let
+    /// guests reach, read from the tables before they were replaced, are
+    /// kept for the time they had left (a guest's resolver may still hold
+    /// the answer).
+    pub(super) fn seed_learned(
+        &self,
+        learned: Vec<(Ipv4Addr, Ipv4Addr, Duration)>,
+    ) -> Result<(), NetworkError> {
+        let leases: BTreeMap<String, Ipv4Addr> = self
+            .store
+            .list_leases()?
+            .into_iter()
+            .filter_map(|(vm_id, _, lease)| Some((vm_id, lease.ip.parse().ok()?)))
+            .collect();
+        let policies = self.store.list_network_policies()?;
+        let now = Instant::now();
+        let mut inner = self.policy.lock();
+        for (vm_id, policy, _) in policies {
+            if let Some(address) = leases.get(&vm_id) {
+                inner.egress.insert(*address, policy);
+            }
+        }
+        for (guest, address, left) in learned {
+            if matches!(inner.egress.get(&guest), Some(EgressPolicy::Allow(_))) {
+                inner.rendered.learned.insert((guest, address), now + left);
+            }
+        }
+        Ok(())
+    }
+
     /// Renders the policy from the store and applies the whole tables.
     pub async fn apply_policy(&self) -> Result<(), NetworkError> {
         let _serial = self.policy.apply.lock().await;
