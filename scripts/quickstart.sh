@@ -12,7 +12,9 @@
 # Steps: apt packages; release build (needs Rust >= 1.85, e.g. from rustup);
 # binaries into /usr/local; /etc/banger/config.toml; the daemon (a systemd
 # unit where systemd runs, else a background process logging to
-# /var/log/bangerd.log); the default kernel (the host's Debian cloud kernel
+# /var/log/bangerd.log); NAME.banger resolving on the host where
+# systemd-resolved does not (a NetworkManager or dnsmasq drop-in, or the
+# line to add); the default kernel (the host's Debian cloud kernel
 # with banger's initramfs and agent); the golden image; then
 # `banger vm create NAME` and `banger vm run NAME -- uname -a`.
 set -euo pipefail
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --minimal) minimal=1; shift ;;
         --vm) vm="${2:?--vm needs a name}"; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "quickstart: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -100,6 +102,9 @@ for _ in $(seq 100); do
 done
 banger daemon status >/dev/null || { echo "quickstart: error: bangerd does not answer; see its log" >&2; exit 1; }
 echo "bangerd is up"
+
+step "Host resolution of NAME.banger (scripts/host-dns.sh)"
+./scripts/host-dns.sh
 
 step "Default kernel (the host's Debian cloud kernel + banger's initramfs)"
 BANGER=banger scripts/make-debian-kernel.sh

@@ -130,8 +130,15 @@ pub enum VmCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
-    /// Change a stopped VM's size.
+    /// Change a stopped VM's size, or a VM's egress policy.
     Set(SetArgs),
+    /// Publish host ports to a VM: add, rm, list.
+    Port {
+        #[command(flatten)]
+        name: VmName,
+        #[command(subcommand)]
+        action: PortCommand,
+    },
     /// Run a command in a running VM (through its agent; exit code passes through).
     Run(RunArgs),
     /// Copy files or directories between the host and a VM (`NAME:/path` on one side).
@@ -343,13 +350,25 @@ pub struct CreateArgs {
     /// Guest directory for `--workspace`.
     #[arg(long, value_name = "DIR", requires = "workspace", default_value = DEFAULT_WORKSPACE_DEST)]
     pub workspace_dest: String,
+    /// Forward a host port to the VM: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]
+    /// (repeatable; HOSTIP defaults to 127.0.0.1, 0.0.0.0 is every address).
+    #[arg(short = 'p', long = "publish", value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/PROTO]", value_parser = banger_proto::PublishedPort::parse)]
+    pub publish: Vec<banger_proto::PublishedPort>,
+    /// Where the VM may send traffic: allow-all (default), none (only the
+    /// host's DNS), or allow=LIST of CIDRs and names (`*.example.org`).
+    #[arg(long, value_name = "POLICY", value_parser = banger_proto::EgressPolicy::parse)]
+    pub egress: Option<banger_proto::EgressPolicy>,
+    /// Let the VM talk to the other VMs of this group (VMs are isolated
+    /// from each other otherwise).
+    #[arg(long, value_name = "GROUP")]
+    pub network_group: Option<String>,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["vcpus", "memory_mib", "disk_size"])))]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["vcpus", "memory_mib", "disk_size", "egress"])))]
 pub struct SetArgs {
     #[command(flatten)]
     pub name: VmName,
@@ -362,8 +381,34 @@ pub struct SetArgs {
     /// Grow the root disk to this size (`20G`; never shrinks).
     #[arg(long)]
     pub disk_size: Option<String>,
+    /// Change the egress policy (also while the VM runs): allow-all, none
+    /// or allow=LIST.
+    #[arg(long, value_name = "POLICY", value_parser = banger_proto::EgressPolicy::parse)]
+    pub egress: Option<banger_proto::EgressPolicy>,
     #[command(flatten)]
     pub json: JsonFlag,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortCommand {
+    /// Forward a host port: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp].
+    Add {
+        #[arg(value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/PROTO]", value_parser = banger_proto::PublishedPort::parse)]
+        port: banger_proto::PublishedPort,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Stop forwarding a host port.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/PROTO]", value_parser = banger_proto::PublishedPort::parse)]
+        port: banger_proto::PublishedPort,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List the published ports.
+    #[command(alias = "ls")]
+    List(JsonFlag),
 }
 
 #[derive(Debug, Subcommand)]

@@ -46,7 +46,11 @@ use banger_store::{Store, StoreError};
 use banger_vmm::NetworkInterfaceSpec;
 
 use crate::config::NetworkConfig;
+
+mod policy;
+
 use crate::error::{RpcFailure, StoreFailure};
+pub use policy::PolicyState;
 
 /// What can go wrong giving VMs their network while the daemon runs
 /// (bringing it up at start is `anyhow`: it ends the daemon).
@@ -88,6 +92,27 @@ pub enum NetworkError {
         #[source]
         source: NatError,
     },
+    #[error("Host port {port} is taken by {by}")]
+    PortTaken {
+        port: banger_proto::PublishedPort,
+        by: String,
+    },
+    #[error("Host port {port} cannot be published on this host")]
+    PortUnusable {
+        port: banger_proto::PublishedPort,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Networking is disabled: published ports, egress policies and network groups need it")]
+    Disabled,
+    #[error("`{group}` is not a network group name (1-32 of a-z, 0-9, -)")]
+    InvalidGroup { group: String },
+    #[error("VM `{vm}` has no network address")]
+    NoLease { vm: String },
+    #[error("Port {port} is not published")]
+    PortNotPublished { port: banger_proto::PublishedPort },
+    #[error("Failed to apply the published ports and egress policies")]
+    ApplyPolicy(#[source] NatError),
     #[error(transparent)]
     Store(#[from] StoreFailure),
 }
@@ -102,6 +127,11 @@ impl RpcFailure for NetworkError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NoAddressLeft { .. } => ErrorKind::InvalidState,
+            Self::PortTaken { .. } => ErrorKind::AlreadyExists,
+            Self::Disabled | Self::NoLease { .. } => ErrorKind::InvalidState,
+            Self::PortUnusable { .. } => ErrorKind::InvalidParams,
+            Self::InvalidGroup { .. } => ErrorKind::InvalidParams,
+            Self::PortNotPublished { .. } => ErrorKind::NotFound,
             Self::Store(error) => error.kind(),
             _ => ErrorKind::Failed,
         }
@@ -112,6 +142,12 @@ impl RpcFailure for NetworkError {
             Self::NoAddressLeft { .. } => Some(
                 "delete VMs you no longer need, or configure a larger [network] subnet".to_owned(),
             ),
+            Self::Disabled => {
+                Some("set [network] enabled = true in the daemon's config".to_owned())
+            }
+            Self::PortTaken { .. } => {
+                Some("pick another host port, or stop what holds it".to_owned())
+            }
             Self::Store(error) => error.hint(),
             _ => None,
         }
@@ -155,6 +191,8 @@ pub struct Network {
     /// The tables as applied at start, with the guests' ports as they are
     /// now, to restore them.
     nat: std::sync::Mutex<NatConfig>,
+    /// Published ports, egress policies and groups.
+    policy: Arc<PolicyState>,
 }
 
 /// What the VMM and the guest need from a lease.
@@ -235,6 +273,12 @@ impl Network {
                 }
             })
             .collect();
+        // What the DNS server had let guests reach, before the tables are
+        // replaced.
+        let learned = match nft.list_ruleset_json().await {
+            Ok(listing) => nat::learned_elements(&listing).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
         let nat = setup::bring_up(host.as_ref(), nft.as_ref(), &settings, guests).await?;
         let claimed: BTreeSet<String> = leases
             .iter()
@@ -285,8 +329,12 @@ impl Network {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
+        let policy = PolicyState::new(Arc::clone(&nft));
         let mut dns_config = DnsConfig::new(upstreams);
         dns_config.domain = config.domain.clone();
+        dns_config.policy = banger_net::dns::PolicyHandle(Some(
+            Arc::clone(&policy) as Arc<dyn banger_net::dns::NamePolicy>
+        ));
         let dns_address = SocketAddr::new(IpAddr::V4(gateway), config.dns_port);
         let network = Arc::new(Self {
             settings,
@@ -303,7 +351,12 @@ impl Network {
             dns: tokio::sync::Mutex::new(DnsState::Stopped),
             teardown_on_exit: config.teardown_on_exit,
             nat: std::sync::Mutex::new(nat),
+            policy,
         });
+        // Ports of the VMs the store says run, egress limits and groups;
+        // reconciliation corrects which VMs run.
+        network.seed_learned(learned)?;
+        network.set_active_from_store().await?;
         network.ensure_dns().await;
         let state = if config.resolved {
             network.configure_resolved(&resolved_presence).await
@@ -329,7 +382,7 @@ impl Network {
         if let Err(error) = nat::add_guest(self.nft.as_ref(), &guest).await {
             tracing::warn!(%error, tap = %guest.tap, "adding the guest failed; re-applying the tables");
             let config = self.nat_guard().clone();
-            nat::apply(self.nft.as_ref(), &config)
+            nat::apply_with(self.nft.as_ref(), &config, &self.policy.rendered())
                 .await
                 .map_err(|source| NetworkError::AllowGuest {
                     tap: guest.tap.clone(),
@@ -560,7 +613,7 @@ impl Network {
             }
         }
         let config = self.nat_guard().clone();
-        banger_net::nat::apply(self.nft.as_ref(), &config)
+        banger_net::nat::apply_with(self.nft.as_ref(), &config, &self.policy.rendered())
             .await
             .map_err(NetworkError::RestoreNat)?;
         tracing::warn!("banger's nftables table was gone; restored it");
@@ -594,6 +647,18 @@ impl Network {
         }
         let attachment = self.attachment(vm_id, lease)?;
         self.allow_guest(lease).await?;
+        if self.in_group(vm_id) {
+            // Its group's peers reach it through the bridge; the tables
+            // still drop everyone else.
+            self.host
+                .attach_to_bridge(&lease.tap, &self.settings.bridge.name, false)
+                .await
+                .map_err(|source| NetworkError::SetUpTap {
+                    tap: lease.tap.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        self.activate(vm_id).await?;
         Ok(Some(attachment))
     }
 
@@ -605,10 +670,24 @@ impl Network {
             .list_leases()?
             .into_iter()
             .find(|(id, _, _)| id == vm_id);
+        let address = lease
+            .as_ref()
+            .and_then(|(_, _, network)| network.ip.parse().ok());
         // The tap goes before the lease: once the lease is gone its tap
         // name can be leased again.
         if let Some((_, _, network)) = lease {
             self.disallow_guest(&network).await;
+            if self.in_group(vm_id) {
+                // Back to the pool's isolation before the pool takes it.
+                let _ = self
+                    .host
+                    .attach_to_bridge(
+                        &network.tap,
+                        &self.settings.bridge.name,
+                        self.settings.isolate_vms,
+                    )
+                    .await;
+            }
             let fate = self.pool.give_back(&network.tap).await.map_err(|source| {
                 NetworkError::ReleaseTap {
                     tap: network.tap.clone(),
@@ -618,6 +697,8 @@ impl Network {
             tracing::debug!(vm = %vm_name, tap = %network.tap, ?fate, "tap released");
         }
         self.store.delete_lease(vm_id)?;
+        self.store.remove_ports_of(vm_id)?;
+        self.policy_released(vm_id, address).await;
         Ok(())
     }
 
@@ -802,6 +883,7 @@ mod tests {
             mac: MacAddress::for_vm("00000000000000e1").to_string(),
             tap: "bgtap0".to_owned(),
             dns_name: String::new(),
+            ..VmNetwork::default()
         };
         let guest = guest_port(&lease).unwrap();
         assert_eq!(guest.tap, "bgtap0");

@@ -256,6 +256,23 @@ where
     encode::<M>(&result)
 }
 
+/// The network and the VM `reference` names, for the methods on published
+/// ports and egress.
+fn network_and_vm<'a>(
+    daemon: &'a Daemon,
+    reference: &str,
+) -> DaemonResult<(&'a crate::network::Network, banger_proto::Vm)> {
+    let network = daemon
+        .network
+        .as_deref()
+        .ok_or(crate::network::NetworkError::Disabled)?;
+    let vm = daemon.vms.find(reference)?;
+    if vm.network.is_none() {
+        return Err(crate::network::NetworkError::NoLease { vm: vm.name }.into());
+    }
+    Ok((network, vm))
+}
+
 async fn dispatch(
     daemon: &Daemon,
     peer: Peer,
@@ -330,6 +347,38 @@ async fn dispatch(
             .await
         }
         VmSet::NAME => handle::<VmSet, _, _>(raw, |set| vms.set(set)).await,
+        method::VmPortAdd::NAME => {
+            handle::<method::VmPortAdd, _, _>(raw, |add| async move {
+                let (network, vm) = network_and_vm(daemon, &add.vm)?;
+                let _guard = vms.lock_vm(&vm.id).await;
+                Ok::<_, DaemonError>(network.add_port(&vm.id, add.port).await?)
+            })
+            .await
+        }
+        method::VmPortRemove::NAME => {
+            handle::<method::VmPortRemove, _, _>(raw, |remove| async move {
+                let (network, vm) = network_and_vm(daemon, &remove.vm)?;
+                let _guard = vms.lock_vm(&vm.id).await;
+                Ok::<_, DaemonError>(network.remove_port(&vm.id, remove.port).await?)
+            })
+            .await
+        }
+        method::VmPortList::NAME => {
+            handle::<method::VmPortList, _, _>(raw, |list| async move {
+                let (network, vm) = network_and_vm(daemon, &list.vm)?;
+                Ok::<_, DaemonError>(network.ports_of(&vm.id)?)
+            })
+            .await
+        }
+        method::VmEgressSet::NAME => {
+            handle::<method::VmEgressSet, _, _>(raw, |set| async move {
+                let (network, vm) = network_and_vm(daemon, &set.vm)?;
+                let _guard = vms.lock_vm(&vm.id).await;
+                network.set_egress(&vm.id, &set.egress).await?;
+                Ok::<_, DaemonError>(vms.find(&vm.id)?)
+            })
+            .await
+        }
         VmStats::NAME => {
             handle::<VmStats, _, _>(raw, |stats| async move { vms.stats(&stats.vm).await }).await
         }

@@ -15,6 +15,13 @@
 //!    [`DnsConfig::upstream_timeout`] for each; the first answer is relayed
 //!    with the client's id. No answer from any upstream gives SERVFAIL.
 //!
+//! 4. With a [`NamePolicy`] ([`DnsConfig::policy`], the VMs' egress
+//!    policies), a forwarded name is first put to it for the query's
+//!    source: a refused name gets NXDOMAIN without asking upstream; for a
+//!    name whose addresses the source may only reach once resolved, the
+//!    policy is told the answer's A records and TTLs before the answer
+//!    goes out, so the guest's connection that follows finds them allowed.
+//!
 //! Limits ([`DnsLimits`]): a guest can flood the server, so what each source
 //! address holds is bounded, and so is the total: open TCP connections
 //! (over the limit a connection is closed as soon as it is accepted), and
@@ -120,9 +127,58 @@ impl DnsRecords {
     }
 }
 
+/// What a [`NamePolicy`] says about a name a source asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameVerdict {
+    /// Forward as usual.
+    Forward,
+    /// Forward, and report the answer's addresses ([`NamePolicy::learned`]).
+    Learn,
+    /// Answer NXDOMAIN.
+    Refuse,
+}
+
+/// Decides per source which forwarded names resolve (egress policies).
+#[async_trait::async_trait]
+pub trait NamePolicy: Send + Sync {
+    fn verdict(&self, source: IpAddr, name: &str) -> NameVerdict;
+
+    /// The A records (address, TTL) of an answer to a [`NameVerdict::Learn`]
+    /// name; awaited before the answer is sent.
+    async fn learned(&self, source: IpAddr, addresses: Vec<(Ipv4Addr, u32)>);
+}
+
+/// An optional [`NamePolicy`] (compared by identity).
+#[derive(Clone, Default)]
+pub struct PolicyHandle(pub Option<Arc<dyn NamePolicy>>);
+
+impl std::fmt::Debug for PolicyHandle {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(if self.0.is_some() {
+            "Some(policy)"
+        } else {
+            "None"
+        })
+    }
+}
+
+impl PartialEq for PolicyHandle {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(left), Some(right)) => Arc::ptr_eq(left, right),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for PolicyHandle {}
+
 /// How the server answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsConfig {
+    /// Which forwarded names each source may resolve; all when unset.
+    pub policy: PolicyHandle,
     /// Names under this domain are answered locally.
     pub domain: String,
     /// Where other names go (port 53 unless given).
@@ -137,6 +193,7 @@ impl DnsConfig {
     #[must_use]
     pub fn new(upstreams: Vec<SocketAddr>) -> Self {
         Self {
+            policy: PolicyHandle::default(),
             domain: DEFAULT_DOMAIN.to_owned(),
             upstreams,
             upstream_timeout: Duration::from_secs(2),
@@ -311,6 +368,7 @@ impl Drop for Permit {
 
 /// Answers one query at a time; shared by the UDP and TCP paths.
 struct Responder {
+    policy: PolicyHandle,
     domain: String,
     records: DnsRecords,
     upstreams: Vec<SocketAddr>,
@@ -334,7 +392,7 @@ fn response_to(request: &Message, code: ResponseCode) -> Message {
 impl Responder {
     /// The answer to the query in `bytes`; `None` for bytes too short to
     /// carry even an id to answer to.
-    async fn respond(&self, bytes: &[u8]) -> Option<Message> {
+    async fn respond(&self, bytes: &[u8], source: IpAddr) -> Option<Message> {
         let request = match Message::from_vec(bytes) {
             Ok(request) => request,
             Err(_) => {
@@ -381,20 +439,54 @@ impl Responder {
                 response.set_authoritative(true);
                 response
             }
-            LocalAnswer::Forward => match self.forward(&request).await {
-                Some(mut upstream) => {
-                    let mut response = response_to(&request, upstream.response_code());
-                    response
-                        .set_authoritative(upstream.authoritative())
-                        .set_authentic_data(upstream.authentic_data());
-                    response.add_answers(upstream.take_answers());
-                    response.add_name_servers(upstream.take_name_servers());
-                    response.add_additionals(upstream.take_additionals());
-                    response
+            LocalAnswer::Forward => {
+                let verdict = self
+                    .policy
+                    .0
+                    .as_ref()
+                    .map_or(NameVerdict::Forward, |policy| {
+                        policy.verdict(source, &query.name().to_ascii())
+                    });
+                if verdict == NameVerdict::Refuse {
+                    return Some(response_to(&request, ResponseCode::NXDomain));
                 }
-                None => response_to(&request, ResponseCode::ServFail),
-            },
+                let upstream = self.forward(&request).await;
+                if let (NameVerdict::Learn, Some(policy), Some(upstream)) =
+                    (verdict, &self.policy.0, &upstream)
+                {
+                    let addresses: Vec<(Ipv4Addr, u32)> = upstream
+                        .answers()
+                        .iter()
+                        .filter_map(|record| match record.data() {
+                            RData::A(A(address)) => Some((*address, record.ttl())),
+                            _ => None,
+                        })
+                        .collect();
+                    if !addresses.is_empty() {
+                        policy.learned(source, addresses).await;
+                    }
+                }
+                self.relay(&request, upstream)
+            }
         })
+    }
+
+    /// The response to `request` from the upstream's answer (SERVFAIL
+    /// without one).
+    fn relay(&self, request: &Message, upstream: Option<Message>) -> Message {
+        match upstream {
+            Some(mut upstream) => {
+                let mut response = response_to(request, upstream.response_code());
+                response
+                    .set_authoritative(upstream.authoritative())
+                    .set_authentic_data(upstream.authentic_data());
+                response.add_answers(upstream.take_answers());
+                response.add_name_servers(upstream.take_name_servers());
+                response.add_additionals(upstream.take_additionals());
+                response
+            }
+            None => response_to(request, ResponseCode::ServFail),
+        }
     }
 
     /// The first upstream answer, or `None`.
@@ -475,7 +567,7 @@ async fn serve_udp(socket: Arc<UdpSocket>, responder: Arc<Responder>, queries: A
         let responder = Arc::clone(&responder);
         tasks.spawn(async move {
             let _permit = permit;
-            let Some(response) = responder.respond(&query).await else {
+            let Some(response) = responder.respond(&query, peer.ip()).await else {
                 return;
             };
             if let Some(bytes) = encode_for_udp(response, udp_payload_limit(&query)) {
@@ -543,7 +635,7 @@ async fn serve_tcp_client(
             .await
             .map_err(|_| timed_out())??;
         let response = match queries.try_acquire(source) {
-            Some(_permit) => responder.respond(&query).await,
+            Some(_permit) => responder.respond(&query, source).await,
             None => Message::from_vec(&query)
                 .ok()
                 .map(|request| response_to(&request, ResponseCode::Refused)),
@@ -606,6 +698,7 @@ pub async fn run(
     }
     let limits = config.limits;
     let responder = Arc::new(Responder {
+        policy: config.policy,
         domain: config.domain,
         records,
         upstreams: config.upstreams,
@@ -850,6 +943,66 @@ mod tests {
             1
         );
 
+        server.shutdown().await.unwrap();
+    }
+
+    /// What a policy was told: the source and its answer's (address, TTL)s.
+    type Learned = (IpAddr, Vec<(Ipv4Addr, u32)>);
+
+    /// Refuses names starting with `blocked`, learns the rest.
+    #[derive(Default)]
+    struct LearningPolicy {
+        learned: std::sync::Mutex<Vec<Learned>>,
+    }
+
+    #[async_trait::async_trait]
+    impl NamePolicy for LearningPolicy {
+        fn verdict(&self, _source: IpAddr, name: &str) -> NameVerdict {
+            if name.starts_with("blocked") {
+                NameVerdict::Refuse
+            } else {
+                NameVerdict::Learn
+            }
+        }
+
+        async fn learned(&self, source: IpAddr, addresses: Vec<(Ipv4Addr, u32)>) {
+            self.learned.lock().unwrap().push((source, addresses));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_policy_refuses_without_asking_upstream_and_learns_answers() {
+        let (upstream, upstream_queries) = fake_upstream().await;
+        let policy = Arc::new(LearningPolicy::default());
+        let mut config = DnsConfig::new(vec![upstream]);
+        config.policy = PolicyHandle(Some(Arc::clone(&policy) as Arc<dyn NamePolicy>));
+        let records = DnsRecords::new();
+        records.insert("dev", Ipv4Addr::new(172, 30, 0, 5));
+        let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), config, records)
+            .await
+            .unwrap();
+        let address = server.local_address();
+
+        let answer = ask(address, "blocked.example.", RecordType::A).await;
+        assert_eq!(answer.response_code(), ResponseCode::NXDomain);
+        assert_eq!(
+            upstream_queries.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        let answer = ask(address, "allowed.example.", RecordType::A).await;
+        assert_eq!(addresses(&answer), [Ipv4Addr::new(192, 0, 2, 77)]);
+        // Learned before the answer went out.
+        assert_eq!(
+            *policy.learned.lock().unwrap(),
+            [(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                vec![(Ipv4Addr::new(192, 0, 2, 77), 60)]
+            )]
+        );
+        // VM names are the server's own: never put to the policy.
+        let answer = ask(address, "dev.banger.", RecordType::A).await;
+        assert_eq!(addresses(&answer), [Ipv4Addr::new(172, 30, 0, 5)]);
+        assert_eq!(policy.learned.lock().unwrap().len(), 1);
         server.shutdown().await.unwrap();
     }
 

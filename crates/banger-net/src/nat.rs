@@ -53,15 +53,36 @@
 //! the bridge `forward` drop (for a port attached without the flag), and
 //! the `inet` forward drop for the routed path.
 //!
-//! Network groups (guests allowed to talk in sets) would attach their taps
-//! without the `isolated` flag and accept their (port, port) pairs in the
-//! bridge `forward` chain before the drop.
+//! Published ports, egress policies and network groups ([`Policy`],
+//! rendered by [`ruleset_with`]):
+//! - `inet banger` `prerouting` (nat, dstnat) and `output` (nat, for the
+//!   host's own connections): one `dnat` rule per published port, matching
+//!   the host address (`fib daddr type local` for 0.0.0.0) and port;
+//!   `postrouting` masquerades connections from 127.0.0.0/8 leaving
+//!   through the bridge (with `route_localnet` on the bridge), and the
+//!   `forward` chain accepts DNATed connections into the bridge.
+//! - egress: the set `egress_limited` holds every guest under `none` or
+//!   `allow=`; in `forward`, such a guest's packets pass only to an
+//!   (address . network) element of `egress_networks` or an (address .
+//!   address) element of `egress_learned`, which the DNS server fills with
+//!   the answers for allowed names, each with its answer's TTL as timeout.
+//!   Established connections pass without that check only while their
+//!   conntrack mark is the guest's current limit's (`egress_epoch`,
+//!   `egress_current`), so a changed policy checks live connections again
+//!   and cuts what it no longer allows. Replies of published ports'
+//!   connections (`ct status dnat`) pass.
+//! - network groups: ordered (address . address) pairs of guests in one
+//!   group, in the set `group_peers` of both tables, are accepted in the
+//!   inet and bridge `forward` chains and in the bridge ARP target check,
+//!   before the isolation drops; such guests' taps are attached without the
+//!   `isolated` port flag.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
@@ -76,6 +97,96 @@ pub const TABLE_NAME: &str = "banger";
 pub const BRIDGE_TABLE_FAMILY: &str = "bridge";
 /// The set in the bridge table naming each guest's port, MAC and address.
 pub const GUEST_SET: &str = "guests";
+
+/// The transport of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    fn keyword(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// A host address and port DNATed to a guest's port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortForward {
+    pub transport: Transport,
+    /// `0.0.0.0`: every local address.
+    pub host_ip: Ipv4Addr,
+    pub host_port: u16,
+    pub guest: Ipv4Addr,
+    pub guest_port: u16,
+}
+
+impl PortForward {
+    /// The `dnat` rule (for `prerouting` and `output`).
+    fn rule(&self) -> String {
+        let destination = if self.host_ip.is_unspecified() {
+            "fib daddr type local".to_owned()
+        } else {
+            format!("ip daddr {}", self.host_ip)
+        };
+        format!(
+            "{destination} {} dport {} dnat ip to {}:{}",
+            self.transport.keyword(),
+            self.host_port,
+            self.guest,
+            self.guest_port
+        )
+    }
+}
+
+/// Published ports, egress limits and network groups.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub forwards: BTreeSet<PortForward>,
+    /// Guests under an egress limit.
+    pub egress: BTreeMap<Ipv4Addr, EgressLimit>,
+    /// (guest, destination) pairs the DNS server allowed, until when.
+    pub learned: BTreeMap<(Ipv4Addr, Ipv4Addr), Instant>,
+    /// Ordered (guest, guest) pairs of one network group.
+    pub group_peers: BTreeSet<(Ipv4Addr, Ipv4Addr)>,
+}
+
+/// What a guest under an egress limit may reach.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressLimit {
+    /// Networks it may reach (empty: none beyond DNS and learned
+    /// addresses).
+    pub networks: Vec<(Ipv4Addr, u8)>,
+    /// The conntrack mark of connections opened under this limit
+    /// (nonzero, different for a different limit): connections opened
+    /// under another one are checked again, packet by packet.
+    pub epoch: u32,
+}
+
+/// The set of guests under an egress limit.
+pub const EGRESS_LIMITED_SET: &str = "egress_limited";
+/// The set of (guest . network) an egress-limited guest may reach.
+pub const EGRESS_NETWORKS_SET: &str = "egress_networks";
+/// The set of (guest . address) the DNS server learned, with timeouts.
+pub const EGRESS_LEARNED_SET: &str = "egress_learned";
+/// The map of guest to the conntrack mark of its limit's connections.
+pub const EGRESS_EPOCH_MAP: &str = "egress_epoch";
+/// The set of (guest . mark) of current limits.
+pub const EGRESS_CURRENT_SET: &str = "egress_current";
+/// The set of (guest . guest) pairs of one network group.
+pub const GROUP_PEERS_SET: &str = "group_peers";
+
+fn elements_line(elements: &[String]) -> String {
+    if elements.is_empty() {
+        String::new()
+    } else {
+        format!("\t\telements = {{ {} }}\n", elements.join(", "))
+    }
+}
 
 /// What a guest's tap may send from.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -148,6 +259,15 @@ fn check_interface(name: &str) -> Result<(), NatError> {
 /// An interface name that is not a valid interface name (it would be
 /// interpolated into the script).
 pub fn ruleset(config: &NatConfig) -> Result<String, NatError> {
+    ruleset_with(config, &Policy::default(), Instant::now())
+}
+
+/// [`ruleset`] with published ports, egress limits and network groups;
+/// learned addresses get the time they have left after `now`.
+///
+/// # Errors
+/// An interface name that is not a valid interface name.
+pub fn ruleset_with(config: &NatConfig, policy: &Policy, now: Instant) -> Result<String, NatError> {
     check_interface(&config.bridge)?;
     check_interface(&config.uplink)?;
     for guest in &config.guests {
@@ -179,6 +299,62 @@ pub fn ruleset(config: &NatConfig) -> Result<String, NatError> {
         let list: Vec<String> = guests.iter().map(GuestPort::element).collect();
         format!("\t\telements = {{ {} }}\n", list.join(", "))
     };
+    let forwards: String = policy
+        .forwards
+        .iter()
+        .map(|forward| format!("\t\t{}\n", forward.rule()))
+        .collect();
+    let limited: Vec<String> = policy.egress.keys().map(ToString::to_string).collect();
+    let epochs: Vec<String> = policy
+        .egress
+        .iter()
+        .map(|(guest, limit)| format!("{guest} : {:#x}", limit.epoch))
+        .collect();
+    let current: Vec<String> = policy
+        .egress
+        .iter()
+        .map(|(guest, limit)| format!("{guest} . {:#x}", limit.epoch))
+        .collect();
+    let networks: Vec<String> = policy
+        .egress
+        .iter()
+        .flat_map(|(guest, limit)| {
+            limit
+                .networks
+                .iter()
+                .map(move |(address, prefix)| format!("{guest} . {address}/{prefix}"))
+        })
+        .collect();
+    let learned: Vec<String> = policy
+        .learned
+        .iter()
+        .filter(|(_, until)| **until > now)
+        .map(|((guest, address), until)| {
+            learned_element(*guest, *address, until.saturating_duration_since(now))
+        })
+        .collect();
+    let peers: Vec<String> = policy
+        .group_peers
+        .iter()
+        .map(|(from, to)| format!("{from} . {to}"))
+        .collect();
+    let limited = elements_line(&limited);
+    let epochs = elements_line(&epochs);
+    let current = elements_line(&current);
+    let networks = elements_line(&networks);
+    let learned = elements_line(&learned);
+    let peers = elements_line(&peers);
+    let (arp_group, switched_group) = if *isolate_vms {
+        (
+            format!("\t\tiifname {ports} ether type arp arp saddr ip . arp daddr ip @{GROUP_PEERS_SET} accept\n"),
+            format!(
+                "\t\tether type ip ip saddr . ip daddr @{GROUP_PEERS_SET} accept\n\
+                 \t\tether type arp arp saddr ip . arp daddr ip @{GROUP_PEERS_SET} accept\n"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let mut script = String::new();
     for family in [TABLE_FAMILY, BRIDGE_TABLE_FAMILY] {
         let _ = write!(
@@ -189,6 +365,32 @@ pub fn ruleset(config: &NatConfig) -> Result<String, NatError> {
     let _ = write!(
         script,
         "table {TABLE_FAMILY} {TABLE_NAME} {{\n\
+         \tset {EGRESS_LIMITED_SET} {{\n\
+         \t\ttype ipv4_addr\n\
+         {limited}\
+         \t}}\n\
+         \tmap {EGRESS_EPOCH_MAP} {{\n\
+         \t\ttype ipv4_addr : mark\n\
+         {epochs}\
+         \t}}\n\
+         \tset {EGRESS_CURRENT_SET} {{\n\
+         \t\ttype ipv4_addr . mark\n\
+         {current}\
+         \t}}\n\
+         \tset {EGRESS_NETWORKS_SET} {{\n\
+         \t\ttype ipv4_addr . ipv4_addr\n\
+         \t\tflags interval\n\
+         {networks}\
+         \t}}\n\
+         \tset {EGRESS_LEARNED_SET} {{\n\
+         \t\ttype ipv4_addr . ipv4_addr\n\
+         \t\tflags timeout\n\
+         {learned}\
+         \t}}\n\
+         \tset {GROUP_PEERS_SET} {{\n\
+         \t\ttype ipv4_addr . ipv4_addr\n\
+         {peers}\
+         \t}}\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority filter; policy accept;\n\
          \t\tiifname \"{bridge}\" ct state established,related accept\n\
@@ -199,15 +401,31 @@ pub fn ruleset(config: &NatConfig) -> Result<String, NatError> {
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{bridge}\" oifname \"{bridge}\" ip saddr . ip daddr @{GROUP_PEERS_SET} accept\n\
+         \t\tiifname \"{bridge}\" ct status dnat accept\n\
+         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} ct state established,related ip saddr . ct mark @{EGRESS_CURRENT_SET} accept\n\
+         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} ip saddr . ip daddr @{EGRESS_NETWORKS_SET} ct mark set ip saddr map @{EGRESS_EPOCH_MAP} accept\n\
+         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} ip saddr . ip daddr @{EGRESS_LEARNED_SET} ct mark set ip saddr map @{EGRESS_EPOCH_MAP} accept\n\
+         \t\tiifname \"{bridge}\" ip saddr @{EGRESS_LIMITED_SET} drop\n\
          \t\tiifname \"{bridge}\" oifname \"{bridge}\" ip saddr {network} ip daddr {network} {routed_between_guests}\n\
          \t\tiifname \"{bridge}\" oifname \"{uplink}\" ip saddr {network} accept\n\
          \t\tiifname \"{uplink}\" oifname \"{bridge}\" ip daddr {network} ct state established,related accept\n\
+         \t\tiifname != \"{bridge}\" oifname \"{bridge}\" ip daddr {network} ct status dnat accept\n\
          \t\tiifname \"{bridge}\" drop\n\
          \t\toifname \"{bridge}\" drop\n\
+         \t}}\n\
+         \tchain prerouting {{\n\
+         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         {forwards}\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype nat hook output priority -100; policy accept;\n\
+         {forwards}\
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\toifname \"{uplink}\" ip saddr {network} masquerade\n\
+         \t\toifname \"{bridge}\" ip saddr 127.0.0.0/8 ct status dnat masquerade\n\
          \t}}\n\
          }}\n\
          table {BRIDGE_TABLE_FAMILY} {TABLE_NAME} {{\n\
@@ -215,21 +433,45 @@ pub fn ruleset(config: &NatConfig) -> Result<String, NatError> {
          \t\ttype ifname . ether_addr . ipv4_addr\n\
          {elements}\
          \t}}\n\
+         \tset {GROUP_PEERS_SET} {{\n\
+         \t\ttype ipv4_addr . ipv4_addr\n\
+         {peers}\
+         \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority filter; policy accept;\n\
          \t\tiifname {ports} ether type != {{ ip, arp }} drop\n\
          \t\tiifname {ports} ether type ip iifname . ether saddr . ip saddr != @{GUEST_SET} drop\n\
          \t\tiifname {ports} ether type arp iifname . ether saddr . arp saddr ip != @{GUEST_SET} drop\n\
          \t\tiifname {ports} ether type arp iifname . arp saddr ether . arp saddr ip != @{GUEST_SET} drop\n\
+         {arp_group}\
          {arp_targets}\
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
+         {switched_group}\
          {switched_between_guests}\
          \t}}\n\
          }}\n"
     );
     Ok(script)
+}
+
+/// The set element of a learned (guest, address) pair.
+fn learned_element(guest: Ipv4Addr, address: Ipv4Addr, left: Duration) -> String {
+    format!("{guest} . {address} timeout {}s", left.as_secs().max(1))
+}
+
+/// The nft script that lets `guest` reach `address` for `ttl` (refreshing
+/// the timeout of an element that is already there).
+#[must_use]
+pub fn learn_script(guest: Ipv4Addr, address: Ipv4Addr, ttl: Duration) -> String {
+    let element = learned_element(guest, address, ttl);
+    let key = format!("{guest} . {address}");
+    format!(
+        "add element {TABLE_FAMILY} {TABLE_NAME} {EGRESS_LEARNED_SET} {{ {key} }}\n\
+         delete element {TABLE_FAMILY} {TABLE_NAME} {EGRESS_LEARNED_SET} {{ {key} }}\n\
+         add element {TABLE_FAMILY} {TABLE_NAME} {EGRESS_LEARNED_SET} {{ {element} }}\n"
+    )
 }
 
 /// The nft script that deletes banger's tables; succeeds if they are
@@ -330,6 +572,60 @@ pub fn summarize(ruleset_json: &str) -> Result<TableSummary, NatError> {
     Ok(summary)
 }
 
+/// The elements of the `egress_learned` set in `nft -j list ruleset`
+/// output: (guest, address, time left), for carrying them across a
+/// re-render at daemon start. Elements without an expiry are left out.
+///
+/// # Errors
+/// The text is not JSON.
+pub fn learned_elements(
+    ruleset_json: &str,
+) -> Result<Vec<(Ipv4Addr, Ipv4Addr, Duration)>, NatError> {
+    let value: serde_json::Value =
+        serde_json::from_str(ruleset_json).map_err(|source| NatError::ParseJson { source })?;
+    let mut learned = Vec::new();
+    let items = value
+        .get("nftables")
+        .and_then(serde_json::Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for item in items {
+        let Some(set) = item.get("set") else {
+            continue;
+        };
+        if set.get("family").and_then(serde_json::Value::as_str) != Some(TABLE_FAMILY)
+            || set.get("table").and_then(serde_json::Value::as_str) != Some(TABLE_NAME)
+            || set.get("name").and_then(serde_json::Value::as_str) != Some(EGRESS_LEARNED_SET)
+        {
+            continue;
+        }
+        for element in set
+            .get("elem")
+            .and_then(serde_json::Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let Some(inner) = element.get("elem") else {
+                continue;
+            };
+            let parts = inner
+                .get("val")
+                .and_then(|val| val.get("concat"))
+                .and_then(serde_json::Value::as_array);
+            let expires = inner.get("expires").and_then(serde_json::Value::as_u64);
+            let (Some([guest, address]), Some(expires)) = (parts.map(Vec::as_slice), expires)
+            else {
+                continue;
+            };
+            let parse = |value: &serde_json::Value| value.as_str()?.parse::<Ipv4Addr>().ok();
+            if let (Some(guest), Some(address)) = (parse(guest), parse(address)) {
+                learned.push((guest, address, Duration::from_secs(expires)));
+            }
+        }
+    }
+    Ok(learned)
+}
+
 /// Running nft.
 #[async_trait]
 pub trait Nft: Send + Sync {
@@ -346,6 +642,19 @@ pub trait Nft: Send + Sync {
 /// The ruleset cannot be rendered or nft refuses it.
 pub async fn apply(nft: &dyn Nft, config: &NatConfig) -> Result<(), NatError> {
     nft.run_script(&ruleset(config)?).await
+}
+
+/// Replaces banger's tables with those `config` and `policy` describe.
+///
+/// # Errors
+/// The ruleset cannot be rendered or nft refuses it.
+pub async fn apply_with(
+    nft: &dyn Nft,
+    config: &NatConfig,
+    policy: &Policy,
+) -> Result<(), NatError> {
+    nft.run_script(&ruleset_with(config, policy, Instant::now())?)
+        .await
 }
 
 /// Deletes banger's table (on daemon shutdown / teardown).
@@ -554,8 +863,10 @@ mod tests {
             "elements = { \"bgtap0\" . 06:00:00:00:00:a1 . 172.30.0.2 }",
             "iifname { \"bgtap*\", \"bgpool*\" } ether type ip iifname . ether saddr . ip saddr != @guests drop",
             "iifname { \"bgtap*\", \"bgpool*\" } arp daddr ip != 172.30.0.1 drop",
-            "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\t\
-             iifname { \"bgtap*\", \"bgpool*\" } oifname { \"bgtap*\", \"bgpool*\" } drop\n",
+            "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tether type ip ip saddr . ip daddr @group_peers accept\n\
+             \t\tether type arp arp saddr ip . arp daddr ip @group_peers accept\n\
+             \t\tiifname { \"bgtap*\", \"bgpool*\" } oifname { \"bgtap*\", \"bgpool*\" } drop\n",
         ] {
             assert!(isolated.contains(line), "missing {line:?} in\n{isolated}");
         }
@@ -575,6 +886,112 @@ mod tests {
         assert!(!open.contains("oifname { \"bgtap*\""));
         assert!(!open.contains("arp daddr"));
         assert!(!open.contains("elements"));
+    }
+
+    fn policy() -> Policy {
+        let guest = Ipv4Addr::new(172, 30, 0, 2);
+        let peer = Ipv4Addr::new(172, 30, 0, 3);
+        Policy {
+            forwards: BTreeSet::from([
+                PortForward {
+                    transport: Transport::Tcp,
+                    host_ip: Ipv4Addr::LOCALHOST,
+                    host_port: 8080,
+                    guest,
+                    guest_port: 80,
+                },
+                PortForward {
+                    transport: Transport::Udp,
+                    host_ip: Ipv4Addr::UNSPECIFIED,
+                    host_port: 5353,
+                    guest,
+                    guest_port: 53,
+                },
+            ]),
+            egress: BTreeMap::from([(
+                guest,
+                EgressLimit {
+                    networks: vec![(Ipv4Addr::new(10, 0, 0, 0), 8)],
+                    epoch: 0x2a,
+                },
+            )]),
+            learned: BTreeMap::from([
+                (
+                    (guest, Ipv4Addr::new(192, 0, 2, 9)),
+                    Instant::now() + Duration::from_secs(300),
+                ),
+                ((guest, Ipv4Addr::new(192, 0, 2, 10)), Instant::now()),
+            ]),
+            group_peers: BTreeSet::from([(guest, peer), (peer, guest)]),
+        }
+    }
+
+    #[test]
+    fn policy_ruleset_text() {
+        let script = ruleset_with(&config(true), &policy(), Instant::now()).unwrap();
+        if let Ok(path) = std::env::var("BANGER_WRITE_RULESET") {
+            std::fs::write(path, &script).unwrap();
+        }
+        for line in [
+            "\t\tip daddr 127.0.0.1 tcp dport 8080 dnat ip to 172.30.0.2:80\n",
+            "\t\tfib daddr type local udp dport 5353 dnat ip to 172.30.0.2:53\n",
+            "elements = { 172.30.0.2 }",
+            "elements = { 172.30.0.2 . 10.0.0.0/8 }",
+            "elements = { 172.30.0.2 : 0x2a }",
+            "elements = { 172.30.0.2 . 0x2a }",
+            "oifname \"banger0\" ip saddr 127.0.0.0/8 ct status dnat masquerade",
+            "iifname \"banger0\" ip saddr @egress_limited drop",
+            "iifname != \"banger0\" oifname \"banger0\" ip daddr 172.30.0.0/24 ct status dnat accept",
+            "elements = { 172.30.0.2 . 172.30.0.3, 172.30.0.3 . 172.30.0.2 }",
+            "ether type ip ip saddr . ip daddr @group_peers accept",
+        ] {
+            assert!(script.contains(line), "missing {line:?} in\n{script}");
+        }
+        // Each forward is in prerouting and output; expired learned
+        // addresses are left out.
+        assert_eq!(script.matches("dnat ip to 172.30.0.2:80").count(), 2);
+        assert!(script.contains("172.30.0.2 . 192.0.2.9 timeout 29"));
+        assert!(!script.contains("192.0.2.10"));
+        // Without a policy the sets are empty and nothing is forwarded.
+        let plain = ruleset(&config(true)).unwrap();
+        assert!(!plain.contains("dnat ip to"));
+        assert_eq!(plain.matches("elements").count(), 1);
+    }
+
+    #[test]
+    fn learned_elements_are_read_back() {
+        let json = r#"{"nftables": [
+            {"set": {"family": "inet", "name": "egress_learned", "table": "banger",
+              "type": ["ipv4_addr", "ipv4_addr"], "flags": ["timeout"],
+              "elem": [{"elem": {"val": {"concat": ["172.30.0.2", "192.0.2.10"]},
+                                 "timeout": 60, "expires": 42}}]}},
+            {"set": {"family": "inet", "name": "egress_learned", "table": "other",
+              "elem": [{"elem": {"val": {"concat": ["10.0.0.1", "10.0.0.2"]},
+                                 "timeout": 60, "expires": 42}}]}}
+        ]}"#;
+        assert_eq!(
+            learned_elements(json).unwrap(),
+            [(
+                Ipv4Addr::new(172, 30, 0, 2),
+                Ipv4Addr::new(192, 0, 2, 10),
+                Duration::from_secs(42)
+            )]
+        );
+        assert!(learned_elements("nope").is_err());
+    }
+
+    #[test]
+    fn learn_script_refreshes_the_timeout() {
+        assert_eq!(
+            learn_script(
+                Ipv4Addr::new(172, 30, 0, 2),
+                Ipv4Addr::new(192, 0, 2, 9),
+                Duration::from_secs(60)
+            ),
+            "add element inet banger egress_learned { 172.30.0.2 . 192.0.2.9 }\n\
+             delete element inet banger egress_learned { 172.30.0.2 . 192.0.2.9 }\n\
+             add element inet banger egress_learned { 172.30.0.2 . 192.0.2.9 timeout 60s }\n"
+        );
     }
 
     #[test]

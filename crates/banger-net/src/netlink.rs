@@ -177,6 +177,12 @@ pub enum NetlinkError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Failed to enable route_localnet on {link}")]
+    EnableRouteLocalnet {
+        link: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// Only [`RecordingHostNetwork`] returns this (the kernel's EEXIST
     /// comes as [`NetlinkError::RenameLink`]).
     #[error("Network link `{name}` already exists")]
@@ -220,6 +226,13 @@ pub trait HostNetwork: Send + Sync {
 
     /// Writes 1 to `/proc/sys/net/ipv4/ip_forward`.
     async fn enable_ip_forwarding(&self) -> Result<(), NetlinkError>;
+
+    /// Writes 1 to `/proc/sys/net/ipv4/conf/LINK/route_localnet`, so
+    /// connections to 127.0.0.1 that published ports DNAT to a guest may
+    /// be routed out of `link`.
+    async fn enable_route_localnet(&self, _link: &str) -> Result<(), NetlinkError> {
+        Ok(())
+    }
 
     /// The state of link `name`, `None` when it does not exist.
     async fn link_status(&self, name: &str) -> Result<Option<LinkStatus>, NetlinkError>;
@@ -528,6 +541,23 @@ impl HostNetwork for LinuxHostNetwork {
     async fn enable_ip_forwarding(&self) -> Result<(), NetlinkError> {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1\n")
             .map_err(|source| NetlinkError::EnableForwarding { source })
+    }
+
+    async fn enable_route_localnet(&self, link: &str) -> Result<(), NetlinkError> {
+        let error = |source| NetlinkError::EnableRouteLocalnet {
+            link: link.to_owned(),
+            source,
+        };
+        if !is_valid_interface_name(link) || link.contains('/') {
+            return Err(error(std::io::Error::from(
+                std::io::ErrorKind::InvalidInput,
+            )));
+        }
+        std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{link}/route_localnet"),
+            b"1\n",
+        )
+        .map_err(error)
     }
 
     async fn link_status(&self, name: &str) -> Result<Option<LinkStatus>, NetlinkError> {

@@ -123,6 +123,9 @@ pub async fn bring_up(
         .await
         .map_err(bridge_error)?;
     host.enable_ip_forwarding().await.map_err(bridge_error)?;
+    host.enable_route_localnet(&settings.bridge.name)
+        .await
+        .map_err(bridge_error)?;
     let uplink = match &settings.uplink {
         Some(uplink) => uplink.clone(),
         None => host

@@ -25,6 +25,7 @@ pub mod image;
 pub mod jsonrpc;
 pub mod method;
 pub mod name;
+pub mod netpolicy;
 pub mod operation;
 pub mod sanitize;
 pub mod status;
@@ -37,6 +38,7 @@ pub use image::{Image, ImportImageParams, ImportKernelParams, Kernel, RemovePara
 pub use jsonrpc::{ErrorData, ErrorKind, Request, Response, RpcError};
 pub use method::{Method, NoParams};
 pub use name::{validate_vm_name, NameError};
+pub use netpolicy::{EgressPolicy, EgressRule, Protocol, PublishedPort};
 pub use operation::{
     Operation, OperationParams, OperationRef, OperationState, StageEvent, StageStatus, StreamFrame,
     StreamStarted,

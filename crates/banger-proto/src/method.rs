@@ -86,6 +86,10 @@ pub const ALL: &[MethodInfo] = &[
     MethodInfo::of::<VmRestart>(),
     MethodInfo::of::<VmDelete>(),
     MethodInfo::of::<VmSet>(),
+    MethodInfo::of::<VmPortAdd>(),
+    MethodInfo::of::<VmPortRemove>(),
+    MethodInfo::of::<VmPortList>(),
+    MethodInfo::of::<VmEgressSet>(),
     MethodInfo::of::<VmAgent>(),
     MethodInfo::of::<VmStats>(),
     MethodInfo::of::<VmLogs>(),
@@ -195,6 +199,38 @@ pub struct VmSet;
 impl Method for VmSet {
     const NAME: &'static str = "vm.set";
     type Params = SetVmParams;
+    type Result = Vm;
+}
+
+/// Publishes a host port to a VM (running or not); returns its ports.
+pub struct VmPortAdd;
+impl Method for VmPortAdd {
+    const NAME: &'static str = "vm.port.add";
+    type Params = crate::netpolicy::VmPortParams;
+    type Result = Vec<crate::PublishedPort>;
+}
+
+/// Stops publishing a host port; returns the VM's ports.
+pub struct VmPortRemove;
+impl Method for VmPortRemove {
+    const NAME: &'static str = "vm.port.remove";
+    type Params = crate::netpolicy::VmPortParams;
+    type Result = Vec<crate::PublishedPort>;
+}
+
+/// A VM's published ports.
+pub struct VmPortList;
+impl Method for VmPortList {
+    const NAME: &'static str = "vm.port.list";
+    type Params = VmRef;
+    type Result = Vec<crate::PublishedPort>;
+}
+
+/// Changes a VM's egress policy, running or not.
+pub struct VmEgressSet;
+impl Method for VmEgressSet {
+    const NAME: &'static str = "vm.egress.set";
+    type Params = crate::netpolicy::SetEgressParams;
     type Result = Vm;
 }
 

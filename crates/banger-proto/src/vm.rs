@@ -154,7 +154,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// A VM's address, tap, MAC and DNS name.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmNetwork {
     pub ip: String,
     pub mac: String,
@@ -162,6 +162,15 @@ pub struct VmNetwork {
     /// `NAME.DOMAIN`, answered by the daemon's DNS server.
     #[serde(default)]
     pub dns_name: String,
+    /// Host ports forwarded to the VM.
+    #[serde(default)]
+    pub ports: Vec<crate::netpolicy::PublishedPort>,
+    /// Where the VM may send traffic.
+    #[serde(default)]
+    pub egress: crate::netpolicy::EgressPolicy,
+    /// The network group whose VMs it may talk to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_group: Option<String>,
 }
 
 /// Parameters of `vm.create`.
@@ -192,6 +201,15 @@ pub struct CreateVmParams {
     /// the caller sends with `vm.workspace.upload` (not with `no_start`).
     #[serde(default)]
     pub workspace: Option<crate::workspace::WorkspaceSpec>,
+    /// Host ports to forward to the VM (`-p`).
+    #[serde(default)]
+    pub ports: Vec<crate::netpolicy::PublishedPort>,
+    /// Where the VM may send traffic; allow-all when absent.
+    #[serde(default)]
+    pub egress: Option<crate::netpolicy::EgressPolicy>,
+    /// Lets the VM talk to the other VMs of this group.
+    #[serde(default)]
+    pub network_group: Option<String>,
 }
 
 /// Result of `vm.create`: the operation to watch.

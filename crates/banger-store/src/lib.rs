@@ -10,6 +10,9 @@
 //! waiting on anything else (see the lock order in `docs/ARCHITECTURE.md`).
 
 mod migrations;
+mod netpolicy;
+
+pub use netpolicy::ports_overlap;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -368,6 +371,7 @@ impl Store {
             mac,
             tap,
             dns_name: String::new(),
+            ..VmNetwork::default()
         }))
     }
 
@@ -394,6 +398,7 @@ impl Store {
                     mac: row.get(3)?,
                     tap: row.get(4)?,
                     dns_name: String::new(),
+                    ..VmNetwork::default()
                 },
             ))
         })?;
@@ -698,6 +703,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
                 mac,
                 tap,
                 dns_name: String::new(),
+                ..VmNetwork::default()
             }),
             _ => None,
         },

@@ -70,4 +70,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 5: whether the attached VM's create made the disk (so reconciling an
     // interrupted create deletes it, and keeps a disk it only attached).
     "ALTER TABLE work_disks ADD COLUMN made_by_create INTEGER NOT NULL DEFAULT 0;",
+    // 6: published ports (host address and port to guest port) and each
+    // VM's egress policy and network group.
+    "CREATE TABLE published_ports (
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        host_ip TEXT NOT NULL,
+        host_port INTEGER NOT NULL,
+        guest_port INTEGER NOT NULL,
+        protocol TEXT NOT NULL,
+        UNIQUE (protocol, host_ip, host_port)
+    );
+    CREATE TABLE network_policies (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        egress TEXT NOT NULL,
+        network_group TEXT
+    );",
 ];

@@ -356,6 +356,38 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
     assert!(out.contains("hello from the outside world"), "{out}");
     phase("dns and nat", started);
 
+    // A published port: an HTTP server started by `vm run` in beta (the
+    // minimal image has systemd's socket activation, not python), reached
+    // on the host's 127.0.0.1 through the DNAT rule.
+    let started = Instant::now();
+    daemon.banger_ok(&["vm", "port", "beta", "add", "8090:8000"]);
+    let (code, _, err) = sh(
+        &daemon,
+        "beta",
+        "systemd-run --unit=banger-web -- systemd-socket-activate -l 8000 --inetd -a \
+         /bin/sh -c 'printf \"HTTP/1.0 200 OK\\r\\n\\r\\nhello from the guest\\n\"'",
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut served = String::new();
+    for _ in 0..60 {
+        let output = Namespaces::run(
+            NETNS,
+            "bash",
+            &[
+                "-c",
+                "exec 3<>/dev/tcp/127.0.0.1/8090 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3 || true",
+            ],
+        );
+        if output.contains("hello from the guest") {
+            served = output;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(served.contains("hello from the guest"), "{served:?}");
+    assert_eq!(daemon.vm("beta")["network"]["ports"][0]["host_port"], 8090);
+    phase("published port", started);
+
     // OpenSSH with banger's key and pinned host keys (sshd may still be starting under TCG).
     let started = Instant::now();
     wait_in_guest(

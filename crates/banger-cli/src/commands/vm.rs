@@ -89,13 +89,23 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
             .await?;
             report(printer, json.json, &vm, "deleted")
         }
+        VmCommand::Port { name, action } => {
+            super::ports::port(socket, printer, &name.vm, action).await
+        }
         VmCommand::Set(SetArgs {
             name,
             vcpus,
             memory_mib,
             disk_size,
+            egress,
             json,
         }) => {
+            if let Some(egress) = egress {
+                let vm = super::ports::set_egress(socket, &name.vm, egress).await?;
+                if vcpus.is_none() && memory_mib.is_none() && disk_size.is_none() {
+                    return report(printer, json.json, &vm, "updated");
+                }
+            }
             let vm = call_vm::<method::VmSet>(
                 socket,
                 SetVmParams {
@@ -184,6 +194,7 @@ fn vm_details(vm: &Vm) -> String {
         lines.push(format!("dns name:  {}", network.dns_name));
         lines.push(format!("mac:       {}", network.mac));
         lines.push(format!("tap:       {}", network.tap));
+        lines.extend(super::ports::details(network));
     }
     if let Some(started) = &vm.started_at {
         lines.push(format!("started:   {started}"));
@@ -227,6 +238,9 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> anyhow::Re
             backend: args.backend,
             work_disk: args.work_disk,
             workspace: workspace.as_ref().map(|(_, spec)| spec.clone()),
+            ports: args.publish,
+            egress: args.egress,
+            network_group: args.network_group,
         })
         .await?;
     let watch = Client::connect(socket)

@@ -88,6 +88,19 @@ pub struct CreateOptions {
     pub no_start: bool,
     /// `--work-disk`: a size or a detached disk's name.
     pub work_disk: Option<String>,
+    /// `-p`: host ports to forward to the VM.
+    pub ports: Vec<banger_proto::PublishedPort>,
+    /// `--egress`; allow-all when absent.
+    pub egress: Option<banger_proto::EgressPolicy>,
+    /// `--network-group`.
+    pub network_group: Option<String>,
+}
+
+impl CreateOptions {
+    /// Whether the caller asked for anything only the network gives.
+    pub fn wants_network(&self) -> bool {
+        !self.ports.is_empty() || self.egress.is_some() || self.network_group.is_some()
+    }
 }
 
 /// What `vm delete` asked for.

@@ -1,6 +1,8 @@
 //! The network capabilities, over the host network ([`Network`]):
-//! - [`NetworkCapability`]: an address, a tap and a MAC (stage `network`);
-//!   the NIC and the `banger.net=` kernel argument at every launch;
+//! - [`NetworkCapability`]: an address, a tap and a MAC, the published
+//!   ports, egress policy and network group (stage `network`); the NIC and
+//!   the `banger.net=` kernel argument at every launch, when the VM's ports
+//!   start being forwarded (until its VMM exits);
 //! - [`DnsCapability`]: the VM's `NAME.DOMAIN` record;
 //! - [`NatCapability`]: egress; before each create's VMM starts, banger's
 //!   NAT table is put back if something flushed it.
@@ -12,7 +14,7 @@ use banger_proto::Vm;
 use banger_vmm::LaunchSpec;
 
 use super::{Capability, CapabilityError, CreateOptions, DeleteOptions, Prepared, Undo};
-use crate::network::Network;
+use crate::network::{Network, NetworkError};
 
 pub struct NetworkCapability {
     network: Arc<Network>,
@@ -30,6 +32,17 @@ impl Capability for NetworkCapability {
         "network"
     }
 
+    fn check(&self, _vm_name: &str, options: &CreateOptions) -> Result<(), CapabilityError> {
+        if let Some(group) = &options.network_group {
+            banger_proto::netpolicy::validate_group(group).map_err(|_| {
+                NetworkError::InvalidGroup {
+                    group: group.clone(),
+                }
+            })?;
+        }
+        Ok(self.network.check_ports(&options.ports)?)
+    }
+
     fn prepare_stage(&self, _options: &CreateOptions) -> Option<&'static str> {
         Some("network")
     }
@@ -37,13 +50,29 @@ impl Capability for NetworkCapability {
     async fn prepare(
         &self,
         vm: &mut Vm,
-        _options: &CreateOptions,
+        options: &CreateOptions,
     ) -> Result<Prepared, CapabilityError> {
         let lease = self.network.prepare(&vm.id, &vm.name).await?;
         let detail = format!("{} on {}", lease.ip, lease.tap);
         vm.network = Some(lease);
         let network = Arc::clone(&self.network);
         let (vm_id, vm_name) = (vm.id.clone(), vm.name.clone());
+        if let Err(error) = self
+            .network
+            .record_policy(
+                &vm.id,
+                &options.ports,
+                &options.egress.clone().unwrap_or_default(),
+                options.network_group.as_deref(),
+            )
+            .await
+        {
+            if let Err(error) = network.release(&vm_id, &vm_name).await {
+                tracing::error!(vm = %vm_name, %error, "rollback failed to release the network");
+            }
+            vm.network = None;
+            return Err(error.into());
+        }
         Ok(Prepared {
             detail: Some(detail),
             undo: Some(Undo::new(async move {
@@ -63,12 +92,30 @@ impl Capability for NetworkCapability {
         Ok(())
     }
 
+    fn after_exit(&self, vm_id: &str) {
+        let network = Arc::clone(&self.network);
+        let vm_id = vm_id.to_owned();
+        tokio::spawn(async move { network.deactivate(&vm_id).await });
+    }
+
     async fn on_delete(&self, vm: &Vm, _options: DeleteOptions) -> Result<(), CapabilityError> {
         Ok(self.network.release(&vm.id, &vm.name).await?)
     }
 
     async fn on_interrupted_create(&self, vm: &Vm) -> Result<(), CapabilityError> {
         Ok(self.network.release(&vm.id, &vm.name).await?)
+    }
+
+    async fn reconcile(&self) -> Result<Vec<String>, CapabilityError> {
+        // Reconciliation settled which VMs run: only theirs are forwarded.
+        self.network.set_active_from_store().await?;
+        Ok(Vec::new())
+    }
+
+    fn describe(&self, vm: &mut Vm) {
+        if let Some(lease) = vm.network.as_mut() {
+            self.network.describe_policy(&vm.id, lease);
+        }
     }
 }
 

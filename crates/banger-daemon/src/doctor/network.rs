@@ -43,6 +43,10 @@ impl Doctor<'_> {
         checks.push(bridge(network).await);
         checks.push(tap_pool(network));
         checks.push(host_resolution(network).await);
+        checks.push(match network.egress_summary() {
+            Ok(summary) => check("egress", CheckStatus::Ok, summary, None),
+            Err(error) => check("egress", CheckStatus::Warn, error.to_string(), None),
+        });
         checks
     }
 }
@@ -328,11 +332,11 @@ fn manual_resolution(
     }
     let hint = if server.port() == 53 {
         format!(
-            "with dnsmasq, add `{dnsmasq_line}` (e.g. /etc/dnsmasq.d/banger.conf); without, put `nameserver {}` first in /etc/resolv.conf (bangerd forwards other names to the servers after it)",
+            "run scripts/host-dns.sh (a NetworkManager or dnsmasq drop-in), or with dnsmasq add `{dnsmasq_line}` (e.g. /etc/dnsmasq.d/banger.conf); without, put `nameserver {}` first in /etc/resolv.conf (bangerd forwards other names to the servers after it)",
             server.ip()
         )
     } else {
-        format!("with dnsmasq, add `{dnsmasq_line}` (e.g. /etc/dnsmasq.d/banger.conf); resolv.conf cannot name a port other than 53")
+        format!("run scripts/host-dns.sh, or with dnsmasq add `{dnsmasq_line}` (e.g. /etc/dnsmasq.d/banger.conf); resolv.conf cannot name a port other than 53")
     };
     check(
         NAME,

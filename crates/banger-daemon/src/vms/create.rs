@@ -129,7 +129,16 @@ impl VmService {
         let options = CreateOptions {
             no_start: params.no_start,
             work_disk: params.work_disk,
+            ports: params.ports,
+            egress: params.egress,
+            network_group: params.network_group,
         };
+        if options.wants_network() && !self.capabilities.iter().any(|c| c.name() == "network") {
+            return Err(crate::capabilities::CapabilityError::from(
+                crate::network::NetworkError::Disabled,
+            )
+            .into());
+        }
         for capability in &self.capabilities {
             capability.check(&params.name, &options)?;
         }

@@ -253,6 +253,9 @@ impl Fixture {
                     backend: None,
                     work_disk: None,
                     workspace: None,
+                    ports: Vec::new(),
+                    egress: None,
+                    network_group: None,
                 },
                 guest_stage,
             )
