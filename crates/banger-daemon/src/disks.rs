@@ -331,7 +331,9 @@ impl WorkDisks {
             });
         }
         check_disk_size(&self.dir, disk.size_bytes, bytes, self.max_bytes)?;
+        crate::fault::pause_at(|| "disk resize:grow".to_owned());
         grow(Path::new(&disk.path), bytes).await?;
+        crate::fault::pause_at(|| "disk resize:record".to_owned());
         self.store.set_work_disk_size(&disk.id, bytes)?;
         disk.size_bytes = bytes;
         Ok(disk)
@@ -420,13 +422,21 @@ impl WorkDisks {
 
     /// Deletes disk files in the directory that no row accounts for (a
     /// create interrupted between mkfs and the insert); returns them.
+    /// Also records the size of a disk file grown by a resize the daemon
+    /// did not live to record (the file only ever grows, so it is right).
     pub fn remove_orphans(&self) -> Result<Vec<PathBuf>, WorkDiskError> {
-        let known: std::collections::HashSet<String> = self
-            .store
-            .list_work_disks()?
-            .into_iter()
-            .map(|disk| disk.path)
-            .collect();
+        let disks = self.store.list_work_disks()?;
+        for disk in &disks {
+            let Ok(metadata) = std::fs::metadata(&disk.path) else {
+                continue;
+            };
+            if metadata.len() > disk.size_bytes {
+                tracing::warn!(disk = %disk.name, recorded = disk.size_bytes, actual = metadata.len(), "recording the size of an interrupted resize");
+                self.store.set_work_disk_size(&disk.id, metadata.len())?;
+            }
+        }
+        let known: std::collections::HashSet<String> =
+            disks.into_iter().map(|disk| disk.path).collect();
         let mut removed = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Ok(removed);

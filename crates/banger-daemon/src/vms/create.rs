@@ -370,6 +370,16 @@ impl VmService {
         }
     }
 
+    /// The step's name at fault points ([`crate::fault`]).
+    fn step_name(&self, step: Step) -> String {
+        match step {
+            Step::Prepare(index) => format!("prepare {}", self.capabilities[index].name()),
+            Step::AfterBoot(index) => format!("after boot {}", self.capabilities[index].name()),
+            Step::Guest => "guest".to_owned(),
+            step => self.stage_of(step, &CreateOptions::default()).unwrap_or_default().to_owned(),
+        }
+    }
+
     /// Runs the plan; each step's undo is kept (with its stage) before the
     /// next step runs.
     async fn run_steps(
@@ -380,6 +390,8 @@ impl VmService {
         for step in self.plan(run.options, run.guest_stage.is_some()) {
             let operation = run.operation;
             let stage_name = self.stage_of(step, run.options);
+            let point = || format!("create:{}", self.step_name(step));
+            crate::fault::pause_at(point);
             let done = match stage_name {
                 Some(name) => {
                     let stage = begin_stage(operation, name)?;
@@ -397,6 +409,7 @@ impl VmService {
             if let Some(step_undo) = done.undo {
                 undo.push((stage_name, step_undo));
             }
+            crate::fault::pause_at(|| format!("{}:done", point()));
         }
         Ok(())
     }
