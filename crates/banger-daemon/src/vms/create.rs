@@ -158,6 +158,9 @@ impl VmService {
                     })?,
             ),
         };
+        if let Artifact::Local(image) = &image {
+            self.check_clone_space(image)?;
+        }
         let id = new_id();
         let vm = Vm {
             dir: self.paths.vm_dir(&id).display().to_string(),
@@ -225,6 +228,15 @@ impl VmService {
             this.run_create(operation, vm, inputs, guard).await;
         });
         Ok(result)
+    }
+
+    /// A copied root disk needs the image's size free where VMs live;
+    /// refused before anything is made (a copy-on-write clone needs none).
+    fn check_clone_space(&self, image: &Image) -> Result<(), VmError> {
+        if self.clone.kind() == banger_disk::clone::StrategyKind::Copy {
+            crate::files::check_free_space(&self.paths.vms(), image.size_bytes, "the root disk")?;
+        }
+        Ok(())
     }
 
     fn insert_new_vm(&self, vm: &Vm) -> Result<(), VmError> {
