@@ -149,6 +149,48 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(64), ..ProptestConfig::default() })]
+
+    /// `docker save` archives whose `manifest.json` is mutated (layer
+    /// names included: missing, escaping, absolute).
+    #[test]
+    fn docker_save_unpacker_never_panics(
+        manifest in mutated(DOCKER_MANIFEST.as_bytes().to_vec()),
+        layer_name in prop_oneof![Just("layer.tar"), Just("../layer.tar"), Just("/layer.tar"), Just("missing.tar"), Just("")],
+    ) {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut append = |name: &str, data: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_mode(0o644);
+            header.set_size(data.len() as u64);
+            let _ = builder.append_data(&mut header, name, data);
+        };
+        append("manifest.json", &manifest);
+        append("config.json", b"{}");
+        if !layer_name.is_empty() && !layer_name.starts_with('/') && !layer_name.starts_with("..") {
+            append(layer_name, &tar_archive());
+        }
+        let archive = builder.into_inner().expect("tar");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let source = dir.path().join("image.tar");
+        std::fs::write(&source, &archive).expect("write source");
+        let options = banger_disk::unpack::UnpackOptions {
+            preserve_owners: false,
+            maximum_stream_bytes: Some(16 << 20),
+            maximum_content_bytes: Some(16 << 20),
+            ..banger_disk::unpack::UnpackOptions::default()
+        };
+        let staging = dir.path().join("staging");
+        if banger_disk::unpack::unpack(&source, &staging, &options).is_err() {
+            prop_assert!(!staging.exists(), "a failed unpack left its staging dir");
+        }
+    }
+}
+
+const DOCKER_MANIFEST: &str =
+    r#"[{"Config":"config.json","RepoTags":["guest:latest"],"Layers":["layer.tar"]}]"#;
+
 /// `cases` unless `PROPTEST_CASES` says otherwise.
 fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES")
