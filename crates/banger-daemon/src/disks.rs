@@ -60,7 +60,9 @@ pub enum WorkDiskError {
     SizeOutOfRange { size: String },
     #[error("Disk size {size} is more than the configured maximum {max} (`[vm] max_disk_size`)")]
     OverMaximum { size: String, max: String },
-    #[error("No space for a disk of {size}: it needs {needed} more in {dir}, which has {free} free")]
+    #[error(
+        "No space for a disk of {size}: it needs {needed} more in {dir}, which has {free} free"
+    )]
     OverFreeSpace {
         size: String,
         needed: String,

@@ -65,9 +65,9 @@ impl HostState {
     #[must_use]
     pub fn without(mut self, names: &[&str]) -> Self {
         self.categories.retain(|category, _| {
-            !names.iter().any(|name| {
-                category == name || (name.ends_with(':') && category.starts_with(name))
-            })
+            !names
+                .iter()
+                .any(|name| category == name || (name.ends_with(':') && category.starts_with(name)))
         });
         self
     }
@@ -99,7 +99,10 @@ impl HostState {
                     .difference(&now)
                     .map(|line| format!("- {name}: {line}")),
             );
-            diff.extend(now.difference(&before).map(|line| format!("+ {name}: {line}")));
+            diff.extend(
+                now.difference(&before)
+                    .map(|line| format!("+ {name}: {line}")),
+            );
         }
         diff
     }
@@ -419,7 +422,11 @@ mod tests {
         assert!(before
             .clone()
             .without_lines_containing(&["vms/a"])
-            .diff(&after.without(&["loop"]).without_lines_containing(&["vms/b"]))
+            .diff(
+                &after
+                    .without(&["loop"])
+                    .without_lines_containing(&["vms/b"])
+            )
             .is_empty());
     }
 }

@@ -417,8 +417,7 @@ impl TestDaemon {
     /// inside the jail, so it is found by that namespace instead.
     pub fn guest_agent_pids(&self) -> Vec<u32> {
         let mut pids = self.pids_matching(|cmdline| cmdline.contains("--listen-unix"));
-        let pid_namespace =
-            |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+        let pid_namespace = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
         let jailed: Vec<PathBuf> = self
             .jailed_vmm_pids()
             .into_iter()
@@ -450,8 +449,11 @@ impl TestDaemon {
     /// as when the tests do not run as root. Call before `start`.
     pub fn without_jail(&mut self) {
         let config = std::fs::read_to_string(&self.config).expect("read config");
-        std::fs::write(&self.config, config.replace("jailed = true", "jailed = false"))
-            .expect("write config");
+        std::fs::write(
+            &self.config,
+            config.replace("jailed = true", "jailed = false"),
+        )
+        .expect("write config");
     }
 
     /// Pids of processes whose command line names this state dir and

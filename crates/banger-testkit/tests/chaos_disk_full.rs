@@ -72,7 +72,10 @@ impl Drop for SmallStateDir {
     fn drop(&mut self) {
         // The daemon and its VMMs go first, then the mount.
         drop(self.daemon.take());
-        let _ = Command::new("umount").arg("-l").arg(&self.mount_point).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount_point)
+            .status();
     }
 }
 
@@ -87,7 +90,10 @@ fn assert_no_space(stderr: &str, dir: &Path, needed: &str) {
         "not a no-space error naming {}: {stderr}",
         dir.display()
     );
-    assert!(line.contains(needed), "the size needed ({needed}) is not named: {stderr}");
+    assert!(
+        line.contains(needed),
+        "the size needed ({needed}) is not named: {stderr}"
+    );
 }
 
 #[test]
@@ -103,14 +109,19 @@ fn full_state_dir_refuses_import_create_and_work_disk_cleanly_then_recovers() {
     let kernel = small.daemon().dir.path().join("vmlinux");
     write_fake_kernel(&kernel);
     let image_arg = image.to_str().expect("utf-8");
-    small
-        .daemon()
-        .banger_ok(&["kernel", "import", "kernel", kernel.to_str().expect("utf-8")]);
+    small.daemon().banger_ok(&[
+        "kernel",
+        "import",
+        "kernel",
+        kernel.to_str().expect("utf-8"),
+    ]);
 
     // Image import.
     let ballast = small.fill_leaving(10 << 20);
     let before = HostState::capture(small.daemon()).without(&["store:operations"]);
-    let error = small.daemon().banger_err(&["image", "import", "image", image_arg]);
+    let error = small
+        .daemon()
+        .banger_err(&["image", "import", "image", image_arg]);
     assert_no_space(&error, &state_dir.join("tmp"), &image_size.to_string());
     small.daemon().banger_ok(&["vm", "list"]);
     before.assert_same(
@@ -118,35 +129,51 @@ fn full_state_dir_refuses_import_create_and_work_disk_cleanly_then_recovers() {
         "failed image import",
     );
     std::fs::remove_file(&ballast).expect("remove ballast");
-    small.daemon().banger_ok(&["image", "import", "image", image_arg]);
+    small
+        .daemon()
+        .banger_ok(&["image", "import", "image", image_arg]);
 
     // Create: the root disk is a copy of the image (no reflink on ext4).
     let ballast = small.fill_leaving(10 << 20);
     let before = HostState::capture(small.daemon()).without(&["store:operations"]);
-    let create = ["vm", "create", "full", "--image", "image", "--kernel", "kernel"];
+    let create = [
+        "vm", "create", "full", "--image", "image", "--kernel", "kernel",
+    ];
     let error = small.daemon().banger_err(&create);
     assert_no_space(&error, &state_dir.join("vms"), &image_size.to_string());
-    assert_eq!(small.daemon().banger_json(&["vm", "list"]), serde_json::json!([]));
+    assert_eq!(
+        small.daemon().banger_json(&["vm", "list"]),
+        serde_json::json!([])
+    );
     before.assert_same(
         &HostState::capture(small.daemon()).without(&["store:operations"]),
         "failed create",
     );
     std::fs::remove_file(&ballast).expect("remove ballast");
     small.daemon().banger_ok(&create);
-    small.daemon().banger_ok(&["vm", "delete", "full", "--force"]);
+    small
+        .daemon()
+        .banger_ok(&["vm", "delete", "full", "--force"]);
 
     // Work disk (64M at least).
     let ballast = small.fill_leaving(10 << 20);
     let before = HostState::capture(small.daemon()).without(&["store:operations"]);
-    let error = small.daemon().banger_err(&["disk", "create", "scratch", "64M"]);
+    let error = small
+        .daemon()
+        .banger_err(&["disk", "create", "scratch", "64M"]);
     assert_no_space(&error, &state_dir.join("disks"), "64M");
-    assert_eq!(small.daemon().banger_json(&["disk", "list"]), serde_json::json!([]));
+    assert_eq!(
+        small.daemon().banger_json(&["disk", "list"]),
+        serde_json::json!([])
+    );
     before.assert_same(
         &HostState::capture(small.daemon()).without(&["store:operations"]),
         "failed work disk create",
     );
     std::fs::remove_file(&ballast).expect("remove ballast");
-    small.daemon().banger_ok(&["disk", "create", "scratch", "64M"]);
+    small
+        .daemon()
+        .banger_ok(&["disk", "create", "scratch", "64M"]);
     small.daemon().banger_ok(&["disk", "rm", "scratch"]);
     small.daemon().banger_ok(&["image", "rm", "image"]);
 }

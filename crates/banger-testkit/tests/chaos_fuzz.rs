@@ -314,10 +314,7 @@ fn agent_keeps_serving_after_garbage_frames() {
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let mut rest = Vec::new();
             let _ = stream.read_to_end(&mut rest);
-            prop_assert!(
-                banger_vmm::process::is_running(agent_pid),
-                "the agent died"
-            );
+            prop_assert!(banger_vmm::process::is_running(agent_pid), "the agent died");
             Ok(())
         })
         .expect("property");
@@ -357,7 +354,10 @@ fn rpc_server_survives_garbage_huge_lines_and_slow_loris_clients() {
             let read = stream.read_to_end(&mut answer);
             prop_assert!(read.is_ok(), "no answer within 10 s: {read:?}");
             // Every answer line is JSON-RPC.
-            for line in answer.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()) {
+            for line in answer
+                .split(|&byte| byte == b'\n')
+                .filter(|line| !line.is_empty())
+            {
                 let value: serde_json::Value = serde_json::from_slice(line)
                     .map_err(|error| TestCaseError::fail(format!("not JSON: {error}")))?;
                 prop_assert_eq!(&value["jsonrpc"], "2.0");

@@ -76,7 +76,11 @@ impl Harness {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = self.daemon.log_text();
-            if log.get(offset..).unwrap_or_default().contains(&announcement) {
+            if log
+                .get(offset..)
+                .unwrap_or_default()
+                .contains(&announcement)
+            {
                 break;
             }
             if let Ok(Some(status)) = client.try_wait() {
@@ -112,7 +116,8 @@ impl Harness {
     }
 
     fn vm_names(&self) -> Vec<String> {
-        self.daemon.banger_json(&["vm", "list"])
+        self.daemon
+            .banger_json(&["vm", "list"])
             .as_array()
             .expect("array")
             .iter()
@@ -125,10 +130,7 @@ impl Harness {
     }
 
     fn vm_id(&self, name: &str) -> String {
-        self.daemon.vm(name)["id"]
-            .as_str()
-            .expect("id")
-            .to_owned()
+        self.daemon.vm(name)["id"].as_str().expect("id").to_owned()
     }
 
     /// No VMM process runs for `id`, jailed or not.
@@ -198,7 +200,9 @@ fn kill_at_every_create_step_leaves_nothing_but_finished_vms() {
     }
     // And a create runs normally afterwards.
     harness.daemon.banger_ok(&strs(&args));
-    harness.daemon.banger_ok(&["vm", "delete", "victim", "--force"]);
+    harness
+        .daemon
+        .banger_ok(&["vm", "delete", "victim", "--force"]);
     eprintln!("create: {} kills survived", harness.kills);
 }
 
@@ -206,9 +210,16 @@ fn kill_at_every_create_step_leaves_nothing_but_finished_vms() {
 fn kill_during_start_stop_and_delete_keeps_the_vm_consistent() {
     let mut harness = Harness::new();
     let mut kills = 0;
-    harness
-        .daemon
-        .banger_ok(&["vm", "create", "target", "--image", "image", "--kernel", "kernel", "--no-start"]);
+    harness.daemon.banger_ok(&[
+        "vm",
+        "create",
+        "target",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "--no-start",
+    ]);
     for point in ["start:spawn vmm", "start:boot", "start:after boot"] {
         for round in 0..iterations() {
             let context = format!("{point} #{round}");
@@ -230,24 +241,39 @@ fn kill_during_start_stop_and_delete_keeps_the_vm_consistent() {
             assert_eq!(harness.daemon.vm("target")["state"], "stopped", "{context}");
             harness.assert_no_vmm_for(&id, &context);
             // What the VM owns (its row, its logs) may differ.
-            before
-                .clone()
-                .without_lines_containing(&[&id])
-                .assert_same(&harness.snapshot().without_lines_containing(&[&id]), &context);
+            before.clone().without_lines_containing(&[&id]).assert_same(
+                &harness.snapshot().without_lines_containing(&[&id]),
+                &context,
+            );
         }
     }
     // `vm set --disk-size` between growing the file and recording it.
     for round in 0..iterations() {
         let context = format!("vm resize:record #{round}");
         let id = harness.vm_id("target");
-        let size = harness.daemon.vm("target")["disk_bytes"].as_u64().expect("disk_bytes");
+        let size = harness.daemon.vm("target")["disk_bytes"]
+            .as_u64()
+            .expect("disk_bytes");
         let text = format!("{}M", (size >> 20) + 1);
-        harness.kill_at("vm resize:record", &["vm", "set", "target", "--disk-size", &text]);
+        harness.kill_at(
+            "vm resize:record",
+            &["vm", "set", "target", "--disk-size", &text],
+        );
         kills += 1;
-        let recorded = harness.daemon.vm("target")["disk_bytes"].as_u64().expect("disk_bytes");
-        let root = harness.daemon.state_dir.join("vms").join(&id).join("rootfs.ext4");
+        let recorded = harness.daemon.vm("target")["disk_bytes"]
+            .as_u64()
+            .expect("disk_bytes");
+        let root = harness
+            .daemon
+            .state_dir
+            .join("vms")
+            .join(&id)
+            .join("rootfs.ext4");
         let actual = std::fs::metadata(&root).expect("root disk").len();
-        assert_eq!(actual, recorded, "{context}: the root disk and its row disagree");
+        assert_eq!(
+            actual, recorded,
+            "{context}: the root disk and its row disagree"
+        );
     }
     for point in ["stop:stop vmm", "stop:record"] {
         for round in 0..iterations() {
@@ -271,10 +297,10 @@ fn kill_during_start_stop_and_delete_keeps_the_vm_consistent() {
             }
             harness.daemon.banger_ok(&["vm", "stop", "target"]);
             harness.assert_no_vmm_for(&id, &context);
-            before
-                .clone()
-                .without_lines_containing(&[&id])
-                .assert_same(&harness.snapshot().without_lines_containing(&[&id]), &context);
+            before.clone().without_lines_containing(&[&id]).assert_same(
+                &harness.snapshot().without_lines_containing(&[&id]),
+                &context,
+            );
         }
     }
     for point in [
@@ -286,9 +312,7 @@ fn kill_during_start_stop_and_delete_keeps_the_vm_consistent() {
         for round in 0..iterations() {
             let context = format!("{point} #{round}");
             let before = harness.snapshot();
-            harness
-                .daemon
-                .banger_ok(&strs(&create_args("doomed")));
+            harness.daemon.banger_ok(&strs(&create_args("doomed")));
             let id = harness.vm_id("doomed");
             harness.kill_at(point, &["vm", "delete", "doomed", "--force"]);
             kills += 1;
@@ -310,7 +334,9 @@ fn kill_during_start_stop_and_delete_keeps_the_vm_consistent() {
 fn kill_during_disk_resize_and_imports_leaves_nothing_half_done() {
     let mut harness = Harness::new();
     let mut kills = 0;
-    harness.daemon.banger_ok(&["disk", "create", "scratch", "64M"]);
+    harness
+        .daemon
+        .banger_ok(&["disk", "create", "scratch", "64M"]);
     let mut size: u64 = 64 << 20;
     for point in ["disk resize:grow", "disk resize:record"] {
         for round in 0..iterations() {
@@ -355,7 +381,12 @@ fn kill_during_disk_resize_and_imports_leaves_nothing_half_done() {
         (
             "image",
             image.to_str().expect("utf-8"),
-            ["image import:copy", "image import:move", "image import:register"].as_slice(),
+            [
+                "image import:copy",
+                "image import:move",
+                "image import:register",
+            ]
+            .as_slice(),
         ),
         (
             "kernel",

@@ -41,7 +41,11 @@ fn guest_survives(unjailed: bool) {
         daemon.start();
         let vm = daemon.vm("lasting");
         assert_eq!(vm["state"], "running", "round {round}: {vm}");
-        assert_eq!(vm["pid"].as_u64(), Some(pid), "round {round}: VMM pid changed");
+        assert_eq!(
+            vm["pid"].as_u64(),
+            Some(pid),
+            "round {round}: VMM pid changed"
+        );
         let after = daemon.banger_ok(&["vm", "run", "lasting", "--", "echo", "after"]);
         assert_eq!(after, "after\n", "round {round}");
     }
@@ -52,6 +56,10 @@ fn guest_survives(unjailed: bool) {
     while !daemon.guest_agent_pids().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(daemon.guest_agent_pids(), Vec::<u32>::new(), "guest outlived its VMM");
+    assert_eq!(
+        daemon.guest_agent_pids(),
+        Vec::<u32>::new(),
+        "guest outlived its VMM"
+    );
     daemon.assert_no_leaks();
 }

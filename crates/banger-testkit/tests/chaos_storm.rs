@@ -23,13 +23,24 @@ use serde_json::Value;
 /// Panics with what is duplicated among the listed VMs.
 fn assert_unique(vms: &[Value], context: &str) {
     for (field, value) in [
-        ("name", (|vm: &Value| vm["name"].as_str().map(str::to_owned)) as fn(&Value) -> _),
-        ("address", |vm: &Value| vm["network"]["ip"].as_str().map(str::to_owned)),
-        ("tap", |vm: &Value| vm["network"]["tap"].as_str().map(str::to_owned)),
-        ("MAC", |vm: &Value| vm["network"]["mac"].as_str().map(str::to_owned)),
+        (
+            "name",
+            (|vm: &Value| vm["name"].as_str().map(str::to_owned)) as fn(&Value) -> _,
+        ),
+        ("address", |vm: &Value| {
+            vm["network"]["ip"].as_str().map(str::to_owned)
+        }),
+        ("tap", |vm: &Value| {
+            vm["network"]["tap"].as_str().map(str::to_owned)
+        }),
+        ("MAC", |vm: &Value| {
+            vm["network"]["mac"].as_str().map(str::to_owned)
+        }),
         // Each VM's vsock is its own Unix socket in its own directory (the
         // guest CID is the same for every Firecracker VM by design).
-        ("vsock socket", |vm: &Value| vm["dir"].as_str().map(|dir| format!("{dir}/vsock.sock"))),
+        ("vsock socket", |vm: &Value| {
+            vm["dir"].as_str().map(|dir| format!("{dir}/vsock.sock"))
+        }),
     ] {
         let values: Vec<String> = vms.iter().filter_map(value).collect();
         let unique: BTreeSet<&String> = values.iter().collect();
@@ -60,14 +71,18 @@ fn eventually(what: &str, check: impl Fn() -> bool) {
 
 #[test]
 fn fifty_concurrent_creates_deletes_stops_starts_and_lists_keep_everything_unique() {
-    if !require_root("fifty_concurrent_creates_deletes_stops_starts_and_lists_keep_everything_unique") {
+    if !require_root(
+        "fifty_concurrent_creates_deletes_stops_starts_and_lists_keep_everything_unique",
+    ) {
         return;
     }
     let netns = TestNetns::new("banger-chaos-storm");
     let daemon = Arc::new(networked_daemon(&netns));
     // What the first VM makes once (the jail's base directory) is there
     // before the storm.
-    daemon.banger_ok(&["vm", "create", "warmup", "--image", "image", "--kernel", "kernel"]);
+    daemon.banger_ok(&[
+        "vm", "create", "warmup", "--image", "image", "--kernel", "kernel",
+    ]);
     daemon.banger_ok(&["vm", "delete", "warmup", "--force"]);
     // The default pool size.
     let pool = 4;
@@ -118,11 +133,20 @@ fn fifty_concurrent_creates_deletes_stops_starts_and_lists_keep_everything_uniqu
     assert_eq!(vms.len(), 25);
     assert!(vms.iter().all(|vm| vm["state"] == "running"), "{vms:?}");
     assert_unique(vms, "after the storm");
-    assert_eq!(netns.links_named("bgtap").len(), 25, "one tap per running VM");
+    assert_eq!(
+        netns.links_named("bgtap").len(),
+        25,
+        "one tap per running VM"
+    );
     assert_eq!(daemon.vmm_pids().len(), 25, "one VMM per running VM");
 
     for vm in vms {
-        daemon.banger_ok(&["vm", "delete", vm["name"].as_str().expect("name"), "--force"]);
+        daemon.banger_ok(&[
+            "vm",
+            "delete",
+            vm["name"].as_str().expect("name"),
+            "--force",
+        ]);
     }
     eventually("the tap pool refilling", || {
         netns.links_named("bgpool").len() == pool
@@ -171,7 +195,11 @@ fn restarts_with_vms_running_keep_one_nft_table_and_one_dns_listener() {
         daemon.start();
         assert_eq!(pids(&daemon), expected_pids, "restart {round}: VMM pids");
         assert_eq!(netns.banger_tables(), tables, "restart {round}: nft tables");
-        assert_eq!(netns.banger_rule_count(), rules, "restart {round}: nft rules");
+        assert_eq!(
+            netns.banger_rule_count(),
+            rules,
+            "restart {round}: nft rules"
+        );
         eventually("one DNS listener per protocol", || {
             netns.dns_listeners() == listeners
         });

@@ -388,7 +388,10 @@ impl VmService {
             Step::Prepare(index) => format!("prepare {}", self.capabilities[index].name()),
             Step::AfterBoot(index) => format!("after boot {}", self.capabilities[index].name()),
             Step::Guest => "guest".to_owned(),
-            step => self.stage_of(step, &CreateOptions::default()).unwrap_or_default().to_owned(),
+            step => self
+                .stage_of(step, &CreateOptions::default())
+                .unwrap_or_default()
+                .to_owned(),
         }
     }
 
