@@ -70,12 +70,17 @@ impl SmallStateDir {
 
 impl Drop for SmallStateDir {
     fn drop(&mut self) {
-        // The daemon and its VMMs go first, then the mount.
-        drop(self.daemon.take());
+        // The daemon stops, the file system goes (lazily, after the VMMs
+        // the daemon's drop kills), then the temp dir with the mount point.
+        let mut daemon = self.daemon.take();
+        if let Some(daemon) = daemon.as_mut() {
+            daemon.kill9();
+        }
         let _ = Command::new("umount")
             .arg("-l")
             .arg(&self.mount_point)
             .status();
+        drop(daemon);
     }
 }
 

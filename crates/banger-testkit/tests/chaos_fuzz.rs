@@ -240,11 +240,11 @@ fn newc_archive() -> Vec<u8> {
         bytes.extend(header.as_bytes());
         bytes.extend(name.as_bytes());
         bytes.push(0);
-        while bytes.len() % 4 != 0 {
+        while !bytes.len().is_multiple_of(4) {
             bytes.push(0);
         }
         bytes.extend(data);
-        while bytes.len() % 4 != 0 {
+        while !bytes.len().is_multiple_of(4) {
             bytes.push(0);
         }
     }

@@ -172,30 +172,32 @@ fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-#[test]
-fn kill_at_every_create_step_leaves_nothing_but_finished_vms() {
+/// The create steps with the fake (no network, no agent wait): every
+/// capability's prepare, the VMM, boot, ready.
+const CREATE_STEPS: [&str; 7] = [
+    "resolve image",
+    "clone root disk",
+    "prepare work disk",
+    "prepare agent",
+    "start vmm",
+    "boot",
+    "ready",
+];
+
+/// Kills the daemon at `create:STEP{suffix}` for every step; the victim
+/// create is gone each time and the host as it was.
+fn kill_at_every_create_step(suffix: &str) {
     let mut harness = Harness::new();
-    let steps = [
-        "resolve image",
-        "clone root disk",
-        "prepare work disk",
-        "prepare agent",
-        "start vmm",
-        "boot",
-        "ready",
-    ];
     let args = create_args("victim");
-    for step in steps {
-        for suffix in ["", ":done"] {
-            let point = format!("create:{step}{suffix}");
-            for round in 0..iterations() {
-                let context = format!("{point} #{round}");
-                let before = harness.snapshot();
-                harness.kill_at(&point, &strs(&args));
-                // An interrupted create is removed with all it made.
-                assert!(!harness.has_vm("victim"), "{context}: victim survived");
-                before.assert_same(&harness.snapshot(), &context);
-            }
+    for step in CREATE_STEPS {
+        let point = format!("create:{step}{suffix}");
+        for round in 0..iterations() {
+            let context = format!("{point} #{round}");
+            let before = harness.snapshot();
+            harness.kill_at(&point, &strs(&args));
+            // An interrupted create is removed with all it made.
+            assert!(!harness.has_vm("victim"), "{context}: victim survived");
+            before.assert_same(&harness.snapshot(), &context);
         }
     }
     // And a create runs normally afterwards.
@@ -203,7 +205,17 @@ fn kill_at_every_create_step_leaves_nothing_but_finished_vms() {
     harness
         .daemon
         .banger_ok(&["vm", "delete", "victim", "--force"]);
-    eprintln!("create: {} kills survived", harness.kills);
+    eprintln!("create{suffix}: {} kills survived", harness.kills);
+}
+
+#[test]
+fn kill_as_each_create_step_begins_leaves_nothing_but_finished_vms() {
+    kill_at_every_create_step("");
+}
+
+#[test]
+fn kill_as_each_create_step_ends_leaves_nothing_but_finished_vms() {
+    kill_at_every_create_step(":done");
 }
 
 #[test]
