@@ -43,6 +43,13 @@ pub struct NoSpace {
     pub free: u64,
 }
 
+/// What a sparse copy of a file with `metadata` writes at most: its
+/// allocated blocks, never more than its length.
+pub fn allocated_bytes(metadata: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    metadata.len().min(metadata.blocks().saturating_mul(512))
+}
+
 /// Refuses (with [`NoSpace`]) to write `needed` bytes of `what` under `dir`
 /// (or its nearest existing ancestor) when its file system has less free
 /// for unprivileged use. A failing `statvfs` does not refuse: the write

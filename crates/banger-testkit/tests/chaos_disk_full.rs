@@ -84,6 +84,13 @@ impl Drop for SmallStateDir {
     }
 }
 
+/// What a sparse copy of `path` needs: its allocated bytes.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).expect("stat");
+    metadata.len().min(metadata.blocks() * 512)
+}
+
 fn assert_no_space(stderr: &str, dir: &Path, needed: &str) {
     // One error line names it all (progress lines may come before it).
     let line = stderr
@@ -108,9 +115,27 @@ fn full_state_dir_refuses_import_create_and_work_disk_cleanly_then_recovers() {
     }
     let mut small = SmallStateDir::new(200);
     let state_dir = small.daemon().state_dir.clone();
+    // An image with 30 MiB of data (copies keep holes, so data is what
+    // they need).
+    let content = small.daemon().dir.path().join("content");
+    std::fs::create_dir(&content).expect("content dir");
+    let mut data = vec![0_u8; 30 << 20];
+    for (index, byte) in data.iter_mut().enumerate() {
+        *byte = u8::try_from(index * 7 % 251).expect("byte") | 1;
+    }
+    std::fs::write(content.join("data"), &data).expect("write data");
     let image = small.daemon().dir.path().join("image.ext4");
-    make_ext4(&image, 40);
-    let image_size = std::fs::metadata(&image).expect("image").len();
+    std::fs::File::create(&image)
+        .and_then(|file| file.set_len(48 << 20))
+        .expect("size image");
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&content)
+        .arg(&image)
+        .status()
+        .expect("mkfs.ext4");
+    assert!(status.success(), "mkfs.ext4 -d failed");
+    let image_size = allocated(&image);
     let kernel = small.daemon().dir.path().join("vmlinux");
     write_fake_kernel(&kernel);
     let image_arg = image.to_str().expect("utf-8");
@@ -144,8 +169,16 @@ fn full_state_dir_refuses_import_create_and_work_disk_cleanly_then_recovers() {
     let create = [
         "vm", "create", "full", "--image", "image", "--kernel", "kernel",
     ];
+    let imported = small.daemon().banger_json(&["image", "show", "image"])["path"]
+        .as_str()
+        .expect("path")
+        .to_owned();
     let error = small.daemon().banger_err(&create);
-    assert_no_space(&error, &state_dir.join("vms"), &image_size.to_string());
+    assert_no_space(
+        &error,
+        &state_dir.join("vms"),
+        &allocated(Path::new(&imported)).to_string(),
+    );
     assert_eq!(
         small.daemon().banger_json(&["vm", "list"]),
         serde_json::json!([])

@@ -10,6 +10,10 @@
 //!
 //! Each point runs `BANGER_CHAOS_ITERATIONS` times (5 unless set; 100 in
 //! the long run).
+//!
+//! Snapshots: once `vm snapshot`/`restore` exist, their steps get fault
+//! points like the others and a test here in the shape of
+//! `kill_during_start_stop_and_delete_keeps_the_vm_consistent`.
 
 use std::io::Read;
 use std::process::{Child, Stdio};

@@ -51,16 +51,18 @@ impl ImageService {
         let is_ext4 =
             !is_directory && files::is_ext4(&file, &source).map_err(ImageError::ReadImage)?;
         let (digest, description) = if is_ext4 {
-            let size = file
-                .metadata()
-                .map_err(|error| {
-                    ImageError::ReadImage(files::FileError::Read {
-                        path: source.clone(),
-                        source: error,
-                    })
-                })?
-                .len();
-            files::check_free_space(&self.paths.tmp(), size, "the image")?;
+            let metadata = file.metadata().map_err(|error| {
+                ImageError::ReadImage(files::FileError::Read {
+                    path: source.clone(),
+                    source: error,
+                })
+            })?;
+            // The copy keeps holes: the source's data is what it needs.
+            files::check_free_space(
+                &self.paths.tmp(),
+                files::allocated_bytes(&metadata),
+                "the image",
+            )?;
             let digest =
                 files::copy_with_digest(&mut file, &source, &temporary).map_err(|error| {
                     ImageError::CopyImage {

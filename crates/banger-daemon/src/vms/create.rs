@@ -230,11 +230,15 @@ impl VmService {
         Ok(result)
     }
 
-    /// A copied root disk needs the image's size free where VMs live;
-    /// refused before anything is made (a copy-on-write clone needs none).
+    /// A copied root disk needs the image's data free where VMs live (the
+    /// copy keeps holes); refused before anything is made (a
+    /// copy-on-write clone needs none).
     fn check_clone_space(&self, image: &Image) -> Result<(), VmError> {
         if self.clone.kind() == banger_disk::clone::StrategyKind::Copy {
-            crate::files::check_free_space(&self.paths.vms(), image.size_bytes, "the root disk")?;
+            let needed = std::fs::metadata(&image.path).map_or(image.size_bytes, |metadata| {
+                crate::files::allocated_bytes(&metadata)
+            });
+            crate::files::check_free_space(&self.paths.vms(), needed, "the root disk")?;
         }
         Ok(())
     }
