@@ -574,10 +574,10 @@ mod tests {
         let missing = dir.path().join("not").join("yet");
         let error = check_disk_size(&missing, 0, free + (1 << 30), None).unwrap_err();
         let text = error.to_string();
-        assert!(text.starts_with("Disk size "), "{text}");
+        assert!(text.starts_with("No space for a disk of "), "{text}");
         assert!(text.ends_with(" free"), "{text}");
         assert!(
-            text.contains(&format!("the file system of {} has", dir.path().display())),
+            text.contains(&format!("more in {}, which has", dir.path().display())),
             "{text}"
         );
         // Growing by what is free is fine; the same size needs nothing.
