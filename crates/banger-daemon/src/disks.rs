@@ -60,7 +60,9 @@ pub enum WorkDiskError {
     SizeOutOfRange { size: String },
     #[error("Disk size {size} is more than the configured maximum {max} (`[vm] max_disk_size`)")]
     OverMaximum { size: String, max: String },
-    #[error("Disk size {size} needs {needed} more, and the file system of {dir} has {free} free")]
+    #[error(
+        "No space for a disk of {size}: it needs {needed} more in {dir}, which has {free} free"
+    )]
     OverFreeSpace {
         size: String,
         needed: String,
@@ -331,7 +333,9 @@ impl WorkDisks {
             });
         }
         check_disk_size(&self.dir, disk.size_bytes, bytes, self.max_bytes)?;
+        crate::fault::pause_at(|| "disk resize:grow".to_owned());
         grow(Path::new(&disk.path), bytes).await?;
+        crate::fault::pause_at(|| "disk resize:record".to_owned());
         self.store.set_work_disk_size(&disk.id, bytes)?;
         disk.size_bytes = bytes;
         Ok(disk)
@@ -420,13 +424,21 @@ impl WorkDisks {
 
     /// Deletes disk files in the directory that no row accounts for (a
     /// create interrupted between mkfs and the insert); returns them.
+    /// Also records the size of a disk file grown by a resize the daemon
+    /// did not live to record (the file only ever grows, so it is right).
     pub fn remove_orphans(&self) -> Result<Vec<PathBuf>, WorkDiskError> {
-        let known: std::collections::HashSet<String> = self
-            .store
-            .list_work_disks()?
-            .into_iter()
-            .map(|disk| disk.path)
-            .collect();
+        let disks = self.store.list_work_disks()?;
+        for disk in &disks {
+            let Ok(metadata) = std::fs::metadata(&disk.path) else {
+                continue;
+            };
+            if metadata.len() > disk.size_bytes {
+                tracing::warn!(disk = %disk.name, recorded = disk.size_bytes, actual = metadata.len(), "recording the size of an interrupted resize");
+                self.store.set_work_disk_size(&disk.id, metadata.len())?;
+            }
+        }
+        let known: std::collections::HashSet<String> =
+            disks.into_iter().map(|disk| disk.path).collect();
         let mut removed = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Ok(removed);
@@ -562,10 +574,10 @@ mod tests {
         let missing = dir.path().join("not").join("yet");
         let error = check_disk_size(&missing, 0, free + (1 << 30), None).unwrap_err();
         let text = error.to_string();
-        assert!(text.starts_with("Disk size "), "{text}");
+        assert!(text.starts_with("No space for a disk of "), "{text}");
         assert!(text.ends_with(" free"), "{text}");
         assert!(
-            text.contains(&format!("the file system of {} has", dir.path().display())),
+            text.contains(&format!("more in {}, which has", dir.path().display())),
             "{text}"
         );
         // Growing by what is free is fine; the same size needs nothing.

@@ -33,6 +33,47 @@ pub enum FileError {
 
 const CHUNK: usize = 1 << 20;
 
+/// Not enough free space for something about to be written.
+#[derive(Debug, thiserror::Error)]
+#[error("No space for {what}: {needed} bytes needed in {dir}, {free} bytes free")]
+pub struct NoSpace {
+    pub what: &'static str,
+    pub dir: PathBuf,
+    pub needed: u64,
+    pub free: u64,
+}
+
+/// What a sparse copy of a file with `metadata` writes at most: its
+/// allocated blocks, never more than its length.
+pub fn allocated_bytes(metadata: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    metadata.len().min(metadata.blocks().saturating_mul(512))
+}
+
+/// Refuses (with [`NoSpace`]) to write `needed` bytes of `what` under `dir`
+/// (or its nearest existing ancestor) when its file system has less free
+/// for unprivileged use. A failing `statvfs` does not refuse: the write
+/// then reports what is wrong.
+pub fn check_free_space(dir: &Path, needed: u64, what: &'static str) -> Result<(), NoSpace> {
+    let existing = dir
+        .ancestors()
+        .find(|ancestor| ancestor.exists())
+        .unwrap_or(Path::new("/"));
+    let Ok(stat) = nix::sys::statvfs::statvfs(existing) else {
+        return Ok(());
+    };
+    let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+    if needed > free {
+        return Err(NoSpace {
+            what,
+            dir: dir.to_owned(),
+            needed,
+            free,
+        });
+    }
+    Ok(())
+}
+
 /// Copies the open file `input` (read from its current offset; `source`
 /// names it in errors) to `destination` (created new) and returns the
 /// sha256 of the content as `sha256:<hex>`.

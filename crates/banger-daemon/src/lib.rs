@@ -15,6 +15,7 @@ pub mod config;
 pub mod disks;
 pub mod doctor;
 pub mod error;
+pub mod fault;
 pub mod files;
 pub mod ids;
 pub mod images;

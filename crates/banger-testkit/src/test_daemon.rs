@@ -195,6 +195,9 @@ impl TestDaemon {
         for (key, value) in &self.env {
             command.env(key, value);
         }
+        // Its own process group, so that `kill9` can kill all of it, as a
+        // service manager or a terminal's Ctrl-C would.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let mut child = command.spawn().expect("spawn bangerd");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -217,12 +220,25 @@ impl TestDaemon {
         self.child = Some(child);
     }
 
-    /// SIGKILLs the daemon (VMs keep running).
+    /// SIGKILLs the daemon's whole process group (the daemon and whatever
+    /// it runs in its group at that moment); VMs and their guests, in
+    /// sessions of their own, keep running.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The daemon's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGTERMs the daemon and waits for it to exit.
@@ -397,8 +413,47 @@ impl TestDaemon {
     /// Pids of the `banger-agent --listen-unix` guests fake-firecracker
     /// started for VMs in this state dir. A VMM killed with SIGKILL leaves
     /// its guest agent running (a real guest dies with its VMM).
+    /// Jailed, the agent runs in its VMM's pid namespace with a path
+    /// inside the jail, so it is found by that namespace instead.
     pub fn guest_agent_pids(&self) -> Vec<u32> {
-        self.pids_matching(|cmdline| cmdline.contains("--listen-unix"))
+        let mut pids = self.pids_matching(|cmdline| cmdline.contains("--listen-unix"));
+        let pid_namespace = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+        let jailed: Vec<PathBuf> = self
+            .jailed_vmm_pids()
+            .into_iter()
+            .filter_map(pid_namespace)
+            .collect();
+        if jailed.is_empty() {
+            return pids;
+        }
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return pids;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let is_agent = std::fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("--listen-unix"));
+            if is_agent
+                && !pids.contains(&pid)
+                && pid_namespace(pid).is_some_and(|namespace| jailed.contains(&namespace))
+            {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Runs VMMs unjailed (fake-firecracker spawned by bangerd directly),
+    /// as when the tests do not run as root. Call before `start`.
+    pub fn without_jail(&mut self) {
+        let config = std::fs::read_to_string(&self.config).expect("read config");
+        std::fs::write(
+            &self.config,
+            config.replace("jailed = true", "jailed = false"),
+        )
+        .expect("write config");
     }
 
     /// Pids of processes whose command line names this state dir and

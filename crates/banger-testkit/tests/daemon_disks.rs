@@ -204,9 +204,9 @@ fn work_disks_attach_detach_survive_and_grow() {
     assert_eq!(fs_tool_calls(&calls), "", "disk resize ran host fs tools");
     // More than the state dir's file system has free is refused up front.
     let error = daemon.banger_err(&["disk", "resize", "alpha-work", "15T"]);
-    assert!(error.contains("Disk size 15T needs"), "{error}");
+    assert!(error.contains("No space for a disk of 15T"), "{error}");
     let error = daemon.banger_err(&["disk", "create", "huge", "15T"]);
-    assert!(error.contains("Disk size 15T needs"), "{error}");
+    assert!(error.contains("No space for a disk of 15T"), "{error}");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 256 << 20);
     let error = daemon.banger_err(&["disk", "resize", "alpha-work", "64M"]);
     assert!(error.contains("never shrink"), "{error}");

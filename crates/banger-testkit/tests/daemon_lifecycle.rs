@@ -143,7 +143,7 @@ fn create_list_show_stop_start_set_delete() {
         "{error}"
     );
     let error = daemon.banger_err(&["vm", "set", "dev", "--disk-size", "1000T"]);
-    assert!(error.contains("Disk size 1000T needs"), "{error}");
+    assert!(error.contains("No space for a disk of 1000T"), "{error}");
     assert_eq!(daemon.vm("dev")["vcpus"], 2);
 
     daemon.banger_ok(&["vm", "set", "dev", "--vcpus", "1", "--memory", "1024"]);

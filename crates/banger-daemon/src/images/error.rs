@@ -84,6 +84,8 @@ pub enum ImageError {
     BuildExt4(#[source] Box<Ext4Error>),
     #[error("Failed to read the image")]
     ReadImage(#[source] FileError),
+    #[error(transparent)]
+    NoSpace(#[from] crate::files::NoSpace),
     #[error("Failed to copy {path}")]
     CopyImage {
         path: PathBuf,

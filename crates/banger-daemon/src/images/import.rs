@@ -47,9 +47,22 @@ impl ImageService {
         let id = new_id();
         let temporary = self.paths.tmp().join(format!("image-{id}.ext4"));
         let mut temporary_guard = RemoveOnDrop(Some(temporary.clone()));
+        crate::fault::pause_at(|| "image import:copy".to_owned());
         let is_ext4 =
             !is_directory && files::is_ext4(&file, &source).map_err(ImageError::ReadImage)?;
         let (digest, description) = if is_ext4 {
+            let metadata = file.metadata().map_err(|error| {
+                ImageError::ReadImage(files::FileError::Read {
+                    path: source.clone(),
+                    source: error,
+                })
+            })?;
+            // The copy keeps holes: the source's data is what it needs.
+            files::check_free_space(
+                &self.paths.tmp(),
+                files::allocated_bytes(&metadata),
+                "the image",
+            )?;
             let digest =
                 files::copy_with_digest(&mut file, &source, &temporary).map_err(|error| {
                     ImageError::CopyImage {
@@ -68,10 +81,12 @@ impl ImageService {
         let size_bytes = std::fs::metadata(&temporary)
             .map_err(ImageError::StatNewImage)?
             .len();
+        crate::fault::pause_at(|| "image import:move".to_owned());
         let destination = self.paths.images().join(format!("{id}.ext4"));
         std::fs::rename(&temporary, &destination).map_err(ImageError::MoveImage)?;
         temporary_guard.disarm();
         let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
+        crate::fault::pause_at(|| "image import:register".to_owned());
         let image = Image {
             id,
             name: name.to_owned(),

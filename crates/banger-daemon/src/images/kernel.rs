@@ -150,6 +150,7 @@ impl ImageService {
         let staging = self.paths.tmp().join(format!("kernel-{id}"));
         let mut staging_guard = RemoveOnDrop(Some(staging.clone()));
         std::fs::create_dir(&staging).map_err(ImageError::CreateKernelStaging)?;
+        crate::fault::pause_at(|| "kernel import:copy".to_owned());
         files::copy_with_digest(&mut kernel.file, &kernel.path, &staging.join("vmlinux"))
             .map_err(ImageError::CopyKernel)?;
         let has_initrd = initrd.is_some();
@@ -161,6 +162,7 @@ impl ImageService {
         std::fs::rename(&staging, &destination).map_err(ImageError::MoveKernel)?;
         staging_guard.disarm();
         let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
+        crate::fault::pause_at(|| "kernel import:register".to_owned());
         let record = Kernel {
             id,
             name: name.to_owned(),

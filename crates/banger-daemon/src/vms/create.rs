@@ -167,6 +167,9 @@ impl VmService {
                     })?,
             ),
         };
+        if let Artifact::Local(image) = &image {
+            self.check_clone_space(image)?;
+        }
         let id = new_id();
         let vm = Vm {
             dir: self.paths.vm_dir(&id).display().to_string(),
@@ -234,6 +237,19 @@ impl VmService {
             this.run_create(operation, vm, inputs, guard).await;
         });
         Ok(result)
+    }
+
+    /// A copied root disk needs the image's data free where VMs live (the
+    /// copy keeps holes); refused before anything is made (a
+    /// copy-on-write clone needs none).
+    fn check_clone_space(&self, image: &Image) -> Result<(), VmError> {
+        if self.clone.kind() == banger_disk::clone::StrategyKind::Copy {
+            let needed = std::fs::metadata(&image.path).map_or(image.size_bytes, |metadata| {
+                crate::files::allocated_bytes(&metadata)
+            });
+            crate::files::check_free_space(&self.paths.vms(), needed, "the root disk")?;
+        }
+        Ok(())
     }
 
     fn insert_new_vm(&self, vm: &Vm) -> Result<(), VmError> {
@@ -379,6 +395,19 @@ impl VmService {
         }
     }
 
+    /// The step's name at fault points ([`crate::fault`]).
+    fn step_name(&self, step: Step) -> String {
+        match step {
+            Step::Prepare(index) => format!("prepare {}", self.capabilities[index].name()),
+            Step::AfterBoot(index) => format!("after boot {}", self.capabilities[index].name()),
+            Step::Guest => "guest".to_owned(),
+            step => self
+                .stage_of(step, &CreateOptions::default())
+                .unwrap_or_default()
+                .to_owned(),
+        }
+    }
+
     /// Runs the plan; each step's undo is kept (with its stage) before the
     /// next step runs.
     async fn run_steps(
@@ -389,6 +418,8 @@ impl VmService {
         for step in self.plan(run.options, run.guest_stage.is_some()) {
             let operation = run.operation;
             let stage_name = self.stage_of(step, run.options);
+            let point = || format!("create:{}", self.step_name(step));
+            crate::fault::pause_at(point);
             let done = match stage_name {
                 Some(name) => {
                     let stage = begin_stage(operation, name)?;
@@ -406,6 +437,7 @@ impl VmService {
             if let Some(step_undo) = done.undo {
                 undo.push((stage_name, step_undo));
             }
+            crate::fault::pause_at(|| format!("{}:done", point()));
         }
         Ok(())
     }

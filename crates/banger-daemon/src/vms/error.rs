@@ -87,6 +87,8 @@ pub enum VmError {
     },
     #[error("Failed to clone root disk")]
     CloneRootDisk(#[source] Box<CloneError>),
+    #[error(transparent)]
+    NoSpace(#[from] crate::files::NoSpace),
     #[error("VM `{name}` has no usable root disk (did it fail during create?)")]
     NoUsableRootDisk {
         name: String,
@@ -192,6 +194,7 @@ impl RpcFailure for VmError {
             Self::MissingArtifact { .. }
             | Self::CreateDirectory { .. }
             | Self::CloneRootDisk(_)
+            | Self::NoSpace(_)
             | Self::RemoveRootDisk(_)
             | Self::RemoveDirectory { .. }
             | Self::StartVmm(_)

@@ -28,10 +28,15 @@ impl VmService {
         vm.state = VmState::Starting;
         vm.error = None;
         self.store.update_vm(&vm)?;
+        crate::fault::pause_at(|| "start:spawn vmm".to_owned());
         let outcome = match self.spawn_vmm(&mut vm, &kernel, &root_disk).await {
             Ok(handle) => {
+                crate::fault::pause_at(|| "start:boot".to_owned());
                 let booted = match self.boot_vmm(&mut vm, &handle).await {
-                    Ok(()) => self.after_boot(&vm, &handle).await,
+                    Ok(()) => {
+                        crate::fault::pause_at(|| "start:after boot".to_owned());
+                        self.after_boot(&vm, &handle).await
+                    }
                     outcome => outcome,
                 };
                 if booted.is_err() {
@@ -75,6 +80,7 @@ impl VmService {
         if let Some(handle) = self.process_of(&vm.id) {
             vm.state = VmState::Stopping;
             self.store.update_vm(&vm)?;
+            crate::fault::pause_at(|| "stop:stop vmm".to_owned());
             if !force {
                 for capability in &self.capabilities {
                     capability.before_stop(&vm).await;
@@ -98,6 +104,7 @@ impl VmService {
             }
             self.forget_process(&vm.id, &handle);
             self.exited(&vm.id);
+            crate::fault::pause_at(|| "stop:record".to_owned());
         }
         vm.state = VmState::Stopped;
         vm.pid = None;
@@ -141,15 +148,19 @@ impl VmService {
             Decision::Proceed | Decision::CancelCreate => {}
             decision => return Err(self.refused(&vm, decision, request)),
         }
+        crate::fault::pause_at(|| "delete:discard process".to_owned());
         if let Some(handle) = self.process_of(&vm.id) {
             self.discard_process(&vm.id, &handle).await;
         }
+        crate::fault::pause_at(|| "delete:release".to_owned());
         let options = DeleteOptions { keep_work_disk };
         // Newest first, as a rollback would.
         for capability in self.capabilities.iter().rev() {
             capability.on_delete(&vm, options).await?;
         }
+        crate::fault::pause_at(|| "delete:remove disk".to_owned());
         self.remove_disk(&vm.id, Path::new(&vm.dir)).await?;
+        crate::fault::pause_at(|| "delete:forget row".to_owned());
         self.store.delete_vm(&vm.id)?;
         self.forget_lock(&vm.id);
         Ok(vm)
@@ -206,6 +217,8 @@ impl VmService {
             bytes,
             self.config.vm.max_disk_bytes(),
         )?;
-        Ok(crate::disks::grow(&path, bytes).await?)
+        crate::disks::grow(&path, bytes).await?;
+        crate::fault::pause_at(|| "vm resize:record".to_owned());
+        Ok(())
     }
 }

@@ -167,6 +167,25 @@ impl VmService {
         Ok(report)
     }
 
+    /// A root disk file grown by `vm set --disk-size` whose new size the
+    /// daemon did not live to record: the file only ever grows, so it is
+    /// right.
+    fn record_grown_root_disk(&self, vm: &mut Vm) -> Result<(), VmError> {
+        if self.clone.kind() == banger_disk::clone::StrategyKind::DmSnapshot {
+            return Ok(());
+        }
+        let path = Path::new(&vm.dir).join(banger_disk::clone::ROOT_DISK_FILE);
+        match std::fs::metadata(&path) {
+            Ok(metadata) if metadata.len() > vm.disk_bytes => {
+                tracing::warn!(vm = %vm.name, recorded = vm.disk_bytes, actual = metadata.len(), "recording the root disk size of an interrupted resize");
+                vm.disk_bytes = metadata.len();
+                self.store.update_vm(vm)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     async fn reconcile_vm(
         self: &Arc<Self>,
         mut vm: Vm,
@@ -202,6 +221,7 @@ impl VmService {
             report.removed_interrupted.push(vm.name);
             return Ok(());
         }
+        self.record_grown_root_disk(&mut vm)?;
         let Some(next) = state::after_restart(vm.state, adopted.is_some()) else {
             match adopted {
                 Some(handle) if vm.state == VmState::Running => {

@@ -372,7 +372,7 @@ impl Server {
     }
 }
 
-/// The guest goes when its VMM goes, however the VMM ends: a VMM killed
+/// The guest goes when its VMM goes (and only then), however the VMM ends: a VMM killed
 /// with SIGKILL (`vm delete --force`) runs no drop handler, so
 /// `kill_on_drop` alone would leave the agent behind.
 #[allow(unsafe_code)]
@@ -382,8 +382,11 @@ fn die_with_parent(command: &mut tokio::process::Command) {
     // the parent. The runtime is single-threaded, so the parent thread the
     // signal is tied to is the process's main thread, which lives as long as
     // the VMM.
+    // Its own session too, like a guest, which no signal to the host
+    // daemon's process group or session reaches.
     unsafe {
         command.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(std::io::Error::from)
         });
