@@ -583,6 +583,28 @@ impl Vmm for Qemu {
         Ok(handle)
     }
 
+    async fn pause(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.client(handle)
+            .stop()
+            .await
+            .map_err(|source| VmmError::Control {
+                vm_id: handle.vm_id().to_owned(),
+                operation: "pause",
+                source: source.into(),
+            })
+    }
+
+    async fn resume(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.client(handle)
+            .cont()
+            .await
+            .map_err(|source| VmmError::Control {
+                vm_id: handle.vm_id().to_owned(),
+                operation: "resume",
+                source: source.into(),
+            })
+    }
+
     async fn boot(&self, handle: &VmmHandle) -> Result<(), VmmError> {
         self.client(handle)
             .cont()

@@ -186,6 +186,14 @@ impl QmpClient {
         self.connect().await?.execute("cont", None).await.map(drop)
     }
 
+    /// `stop`: pauses the vCPUs.
+    ///
+    /// # Errors
+    /// See [`QmpError`].
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.connect().await?.execute("stop", None).await.map(drop)
+    }
+
     /// `system_powerdown`: presses the guest's ACPI power button. Returns
     /// as soon as QEMU has injected the event; the guest decides what to
     /// do with it.
