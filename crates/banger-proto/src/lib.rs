@@ -27,6 +27,7 @@ pub mod method;
 pub mod name;
 pub mod operation;
 pub mod sanitize;
+pub mod snapshot;
 pub mod status;
 pub mod vm;
 pub mod workspace;
@@ -41,6 +42,7 @@ pub use operation::{
     Operation, OperationParams, OperationRef, OperationState, StageEvent, StageStatus, StreamFrame,
     StreamStarted,
 };
+pub use snapshot::{Snapshot, SnapshotRef, SnapshotVmParams};
 pub use status::DaemonStatus;
 pub use vm::{
     parse_size, CreateDiskParams, CreateVmParams, CreateVmResult, DeleteVmParams, ResizeDiskParams,
