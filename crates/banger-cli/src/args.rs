@@ -38,6 +38,9 @@ pub enum Command {
     /// Manage persistent work disks.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Manage VM snapshots (made by `vm snapshot`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Inspect and cancel long-running operations.
     #[command(subcommand)]
     Operation(OperationCommand),
@@ -174,6 +177,51 @@ pub enum VmCommand {
     /// Copy a git working tree into a VM, and bring the work back.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
+    /// Stop a running VM's vCPUs (its VMM and agent connection stay).
+    Pause {
+        #[command(flatten)]
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Run a paused VM's vCPUs again.
+    Resume {
+        #[command(flatten)]
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Snapshot a VM: memory, device state and its disks; it is paused meanwhile.
+    Snapshot {
+        #[command(flatten)]
+        name: VmName,
+        /// The snapshot's name (default: VM-N).
+        snapshot: Option<String>,
+        /// Stop the VM after the snapshot instead of resuming it.
+        #[arg(long)]
+        stop: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List snapshots, with the bytes each holds on disk.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Show one snapshot.
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Delete a snapshot (VMs restored from it keep running).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -17,10 +17,12 @@ pub enum VmState {
     Stopped,
     Failed,
     Crashed,
+    /// The VMM runs with the guest's vCPUs stopped (`vm pause`).
+    Paused,
 }
 
 impl VmState {
-    pub const ALL: [VmState; 7] = [
+    pub const ALL: [VmState; 8] = [
         Self::Creating,
         Self::Starting,
         Self::Running,
@@ -28,6 +30,7 @@ impl VmState {
         Self::Stopped,
         Self::Failed,
         Self::Crashed,
+        Self::Paused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl VmState {
             Self::Stopped => "stopped",
             Self::Failed => "failed",
             Self::Crashed => "crashed",
+            Self::Paused => "paused",
         }
     }
 
@@ -48,7 +52,10 @@ impl VmState {
 
     /// States in which a VMM process may exist for the VM.
     pub fn has_process(self) -> bool {
-        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+        matches!(
+            self,
+            Self::Starting | Self::Running | Self::Stopping | Self::Paused
+        )
     }
 }
 

@@ -5,5 +5,6 @@ pub mod disk;
 pub mod guest;
 pub mod image;
 pub mod operation;
+pub mod snapshot;
 pub mod vm;
 pub mod workspace;

@@ -108,6 +108,20 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
             .await?;
             report(printer, json.json, &vm, "updated")
         }
+        VmCommand::Pause { name, json } => {
+            let vm = call_vm::<method::VmPause>(socket, VmRef { vm: name.vm }).await?;
+            report(printer, json.json, &vm, "paused")
+        }
+        VmCommand::Resume { name, json } => {
+            let vm = call_vm::<method::VmResume>(socket, VmRef { vm: name.vm }).await?;
+            report(printer, json.json, &vm, "resumed")
+        }
+        VmCommand::Snapshot {
+            name,
+            snapshot,
+            stop,
+            json,
+        } => super::snapshot::take(socket, printer, name.vm, snapshot, stop, json.json).await,
     }
 }
 

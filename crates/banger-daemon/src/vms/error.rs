@@ -48,6 +48,10 @@ pub enum VmError {
     StopFirst { name: String, state: VmState },
     #[error("VM `{name}` is {state}")]
     InTransition { name: String, state: VmState },
+    #[error("VM `{name}` is paused")]
+    Paused { name: String },
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshot::SnapshotError),
 
     // What a create or `vm set` asked for.
     #[error(transparent)]
@@ -185,6 +189,7 @@ impl RpcFailure for VmError {
             | Self::ChangeNeedsStop { .. }
             | Self::StopFirst { .. }
             | Self::InTransition { .. }
+            | Self::Paused { .. }
             | Self::GrowDmSnapshot { .. }
             | Self::NoUsableRootDisk { .. } => ErrorKind::InvalidState,
             Self::DuplicateName { .. } => ErrorKind::AlreadyExists,
@@ -210,6 +215,7 @@ impl RpcFailure for VmError {
             Self::Agent(error) => error.kind(),
             Self::WorkDisk(error) => error.kind(),
             Self::Store(error) => error.kind(),
+            Self::Snapshot(error) => error.kind(),
         }
     }
 
@@ -220,6 +226,7 @@ impl RpcFailure for VmError {
                 "wait for it, cancel it with `banger operation cancel {operation}`, or pass --force to delete"
             ),
             Self::NotRunning { name, .. } => format!("start it with `banger vm start {name}`"),
+            Self::Paused { name } => format!("resume it with `banger vm resume {name}`"),
             Self::ChangeNeedsStop { name, .. } => {
                 format!("stop it first with `banger vm stop {name}`")
             }
@@ -248,6 +255,7 @@ impl RpcFailure for VmError {
             Self::Agent(error) => return error.hint(),
             Self::WorkDisk(error) => return error.hint(),
             Self::Store(error) => return error.hint(),
+            Self::Snapshot(error) => return error.hint(),
             _ => return None,
         })
     }

@@ -1,0 +1,158 @@
+//! Pause, resume and snapshots through the real daemon and CLI, against
+//! fake-firecracker (jailed by fake-jailer when run as root).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use banger_testkit::test_daemon::{require_root, TestDaemon};
+use serde_json::Value;
+
+fn requests(daemon: &TestDaemon, vm_id: &str) -> Vec<String> {
+    daemon
+        .requests_of(vm_id)
+        .iter()
+        .map(|request| {
+            format!(
+                "{} {}",
+                request["method"].as_str().unwrap_or_default(),
+                request["path"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+fn snapshot_dirs(daemon: &TestDaemon) -> Vec<PathBuf> {
+    std::fs::read_dir(daemon.state_dir.join("snapshots"))
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn pause_resume_snapshot_list_show_rm() {
+    if !require_root("pause_resume_snapshot_list_show_rm") {
+        return;
+    }
+    let daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "src", "--image", "image", "--kernel", "kernel",
+    ]);
+    let id = daemon.vm("src")["id"].as_str().unwrap().to_owned();
+
+    let paused = daemon.banger_json(&["vm", "pause", "src"]);
+    assert_eq!(paused["state"], "paused");
+    // Pausing twice is done already; the agent is refused while paused.
+    assert_eq!(
+        daemon.banger_json(&["vm", "pause", "src"])["state"],
+        "paused"
+    );
+    let error = daemon.banger_err(&["vm", "run", "src", "--", "true"]);
+    assert!(error.contains("VM `src` is paused"), "{error}");
+    assert!(error.contains("banger vm resume src"), "{error}");
+    assert_eq!(
+        daemon.banger_json(&["vm", "resume", "src"])["state"],
+        "running"
+    );
+
+    let snapshot = daemon.banger_json(&["vm", "snapshot", "src", "first"]);
+    assert_eq!(snapshot["name"], "first");
+    assert_eq!(snapshot["source_vm"], "src");
+    assert_eq!(snapshot["image"], "image");
+    assert_eq!(snapshot["kernel"], "kernel");
+    assert_eq!(snapshot["backend"], "firecracker");
+    assert_eq!(snapshot["backend_version"], "1.17.0");
+    assert_eq!(snapshot["has_work_disk"], false);
+    assert!(snapshot["size_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(daemon.vm("src")["state"], "running");
+    let tail: Vec<_> = requests(&daemon, &id)
+        .into_iter()
+        .rev()
+        .take(6)
+        .rev()
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "PATCH /vm",
+            "PATCH /vm",
+            "PATCH /vm",
+            "GET /",
+            "PUT /snapshot/create",
+            "PATCH /vm",
+        ]
+    );
+    let dir = PathBuf::from(snapshot["dir"].as_str().unwrap());
+    for file in ["vmstate", "memory", "rootfs.ext4"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} is private: {mode:o}");
+    }
+    // A default name, then a taken one.
+    let second = daemon.banger_json(&["vm", "snapshot", "src"]);
+    assert_eq!(second["name"], "src-1");
+    let error = daemon.banger_err(&["vm", "snapshot", "src", "first"]);
+    assert!(error.contains("Snapshot `first` already exists"), "{error}");
+
+    let list = daemon.banger_json(&["snapshot", "list"]);
+    let names: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, [Value::from("first"), Value::from("src-1")]);
+    let text = daemon.banger_ok(&["snapshot", "list"]);
+    assert!(text.contains("SIZE") && text.contains("first"), "{text}");
+
+    // The snapshot survives its source.
+    daemon.banger_ok(&["vm", "delete", "src", "--force"]);
+    assert_eq!(
+        daemon.banger_json(&["snapshot", "show", "first"])["source_vm_id"],
+        id
+    );
+    assert!(dir.join("memory").exists());
+
+    daemon.banger_ok(&["snapshot", "rm", "first"]);
+    daemon.banger_ok(&["snapshot", "rm", "src-1"]);
+    let error = daemon.banger_err(&["snapshot", "show", "first"]);
+    assert!(error.contains("No snapshot named `first`"), "{error}");
+    assert_eq!(snapshot_dirs(&daemon), Vec::<PathBuf>::new());
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn a_failed_snapshot_resumes_the_vm_and_registers_nothing() {
+    if !require_root("a_failed_snapshot_resumes_the_vm_and_registers_nothing") {
+        return;
+    }
+    let daemon = TestDaemon::start_with(&[("FAKE_FIRECRACKER_FAIL", "PUT /snapshot/create")]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "src", "--image", "image", "--kernel", "kernel",
+    ]);
+    let error = daemon.banger_err(&["vm", "snapshot", "src", "broken"]);
+    assert!(
+        error.contains("Could not write the snapshot of VM `src`"),
+        "{error}"
+    );
+    assert!(error.contains("injected failure"), "{error}");
+    assert_eq!(daemon.vm("src")["state"], "running");
+    let id = daemon.vm("src")["id"].as_str().unwrap().to_owned();
+    assert_eq!(requests(&daemon, &id).last().unwrap(), "PATCH /vm");
+    assert_eq!(
+        daemon.banger_json(&["snapshot", "list"]),
+        Value::Array(vec![])
+    );
+    assert_eq!(snapshot_dirs(&daemon), Vec::<PathBuf>::new());
+
+    // A stopped VM has nothing to snapshot.
+    daemon.banger_ok(&["vm", "stop", "src"]);
+    let error = daemon.banger_err(&["vm", "snapshot", "src"]);
+    assert!(error.contains("VM `src` is stopped"), "{error}");
+    daemon.banger_ok(&["vm", "delete", "src"]);
+    let _ = Duration::ZERO;
+    daemon.assert_no_leaks();
+}
