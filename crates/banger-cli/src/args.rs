@@ -191,6 +191,20 @@ pub enum VmCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Copy a running VM: snapshot it (a short pause), start NEW from the
+    /// snapshot (NEW-1..NEW-N with --count), then remove the snapshot.
+    Fork {
+        #[command(flatten)]
+        name: VmName,
+        /// Name of the copy.
+        new: String,
+        /// How many copies.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        count: u32,
+        /// Print stage events and the VMs as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Snapshot a VM: memory, device state and its disks; it is paused meanwhile.
     Snapshot {
         #[command(flatten)]
@@ -391,6 +405,10 @@ pub struct CreateArgs {
     /// Guest directory for `--workspace`.
     #[arg(long, value_name = "DIR", requires = "workspace", default_value = DEFAULT_WORKSPACE_DEST)]
     pub workspace_dest: String,
+    /// Start from this snapshot's memory and disks (`vm snapshot`) instead
+    /// of booting; image, kernel, size and backend are the snapshot's.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "kernel", "vcpus", "memory_mib", "no_start", "backend", "work_disk", "workspace"])]
+    pub from_snapshot: Option<String>,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
     pub json: bool,

@@ -199,6 +199,10 @@ pub struct CreateVmParams {
     /// the caller sends with `vm.workspace.upload` (not with `no_start`).
     #[serde(default)]
     pub workspace: Option<crate::workspace::WorkspaceSpec>,
+    /// Start from this snapshot's memory and disks instead of booting the
+    /// image (image, kernel, size and backend are the snapshot's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 /// Result of `vm.create`: the operation to watch.

@@ -88,6 +88,67 @@ pub async fn take(
     Ok(())
 }
 
+/// `banger vm fork VM NEW [--count N]`: a snapshot, N creates from it one
+/// after the other, then the snapshot is removed (each copy's disks are its
+/// own clones). The snapshot is removed whatever happens.
+pub async fn fork(
+    socket: &Path,
+    printer: Printer,
+    vm: String,
+    new: String,
+    count: u32,
+    json: bool,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = if count == 1 {
+        vec![new]
+    } else {
+        (1..=count).map(|index| format!("{new}-{index}")).collect()
+    };
+    for name in &names {
+        if let Err(error) = banger_proto::validate_vm_name(name) {
+            return Err(crate::error::UsageError(error.to_string()).into());
+        }
+    }
+    let snapshot = Client::connect(socket)
+        .await?
+        .call::<method::VmSnapshot>(SnapshotVmParams {
+            vm,
+            name: None,
+            stop: false,
+        })
+        .await?;
+    let mut outcome = Ok(());
+    for name in names {
+        let args = crate::args::CreateArgs {
+            name: Some(name),
+            image: None,
+            kernel: None,
+            vcpus: None,
+            memory_mib: None,
+            no_start: false,
+            backend: None,
+            work_disk: None,
+            workspace: None,
+            workspace_dest: crate::args::DEFAULT_WORKSPACE_DEST.to_owned(),
+            from_snapshot: Some(snapshot.name.clone()),
+            json,
+        };
+        outcome = super::vm::create(socket, printer, args).await;
+        if outcome.is_err() {
+            break;
+        }
+    }
+    let removed = Client::connect(socket)
+        .await?
+        .call::<method::SnapshotRemove>(SnapshotRef {
+            name: snapshot.name,
+        })
+        .await;
+    outcome?;
+    removed?;
+    Ok(())
+}
+
 fn mebibytes(bytes: u64) -> String {
     format!("{} MiB", bytes.div_ceil(1 << 20))
 }

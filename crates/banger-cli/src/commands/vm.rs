@@ -122,6 +122,12 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
             stop,
             json,
         } => super::snapshot::take(socket, printer, name.vm, snapshot, stop, json.json).await,
+        VmCommand::Fork {
+            name,
+            new,
+            count,
+            json,
+        } => super::snapshot::fork(socket, printer, name.vm, new, count, json).await,
     }
 }
 
@@ -208,7 +214,11 @@ fn vm_details(vm: &Vm) -> String {
     lines.join("\n")
 }
 
-async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> anyhow::Result<()> {
+pub(crate) async fn create(
+    socket: &Path,
+    printer: Printer,
+    args: CreateArgs,
+) -> anyhow::Result<()> {
     let name = args.name.unwrap_or_else(crate::names::random_name);
     if let Err(error) = banger_proto::validate_vm_name(&name) {
         return Err(UsageError(error.to_string()))
@@ -241,6 +251,7 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> anyhow::Re
             backend: args.backend,
             work_disk: args.work_disk,
             workspace: workspace.as_ref().map(|(_, spec)| spec.clone()),
+            from_snapshot: args.from_snapshot,
         })
         .await?;
     let watch = Client::connect(socket)

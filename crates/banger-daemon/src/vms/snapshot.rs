@@ -20,12 +20,14 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use banger_disk::clone::RootDisk;
 use banger_disk::clone::{
     dm_name, reflink_file, sparse_copy, CloneError, StrategyKind, ROOT_DISK_FILE,
 };
-use banger_proto::{ErrorKind, Snapshot, SnapshotVmParams, Vm, VmState};
+use banger_proto::{CreateVmParams, ErrorKind, Kernel, Snapshot, SnapshotVmParams, Vm, VmState};
 use banger_vmm::{SnapshotInfo, VmmError, VmmHandle};
 
+use super::create::Step;
 use super::state::{self, Decision, Request};
 use super::{VmError, VmService};
 use crate::error::RpcFailure;
@@ -82,13 +84,29 @@ pub enum SnapshotError {
     },
     #[error("A background task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("A VM restored from snapshot `{name}` cannot take {what}: it has the snapshot's")]
+    RestoreConflict { name: String, what: &'static str },
+    #[error(
+        "Snapshot `{name}` holds a work disk; restoring one with a work disk is not supported yet"
+    )]
+    RestoreWorkDisk { name: String },
+    #[error("Restoring snapshots needs the reflink or copy clone strategy, not dm-snapshot")]
+    RestoreDmSnapshot,
+    #[error("Could not restore VM `{name}` from snapshot `{snapshot}`")]
+    Restore {
+        name: String,
+        snapshot: String,
+        #[source]
+        source: Box<VmmError>,
+    },
 }
 
 impl RpcFailure for SnapshotError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NotFound { .. } => ErrorKind::NotFound,
-            Self::InvalidName(_) => ErrorKind::InvalidParams,
+            Self::InvalidName(_) | Self::RestoreConflict { .. } => ErrorKind::InvalidParams,
+            Self::RestoreWorkDisk { .. } | Self::RestoreDmSnapshot => ErrorKind::InvalidState,
             Self::Exists { .. } => ErrorKind::AlreadyExists,
             Self::NoProcess { .. } | Self::Task(_) => ErrorKind::Internal,
             _ => ErrorKind::Failed,
@@ -327,6 +345,121 @@ impl VmService {
             .map(|number| format!("{vm_name}-{number}"))
             .find(|name| !taken.contains(name))
             .unwrap_or_default())
+    }
+}
+
+/// A create from a snapshot: `StartVmm` and `Boot` become `Restore`.
+pub(super) fn restore_plan(steps: &mut Vec<Step>) {
+    steps.retain(|step| *step != Step::Boot);
+    for step in steps.iter_mut() {
+        if *step == Step::StartVmm {
+            *step = Step::Restore;
+        }
+    }
+}
+
+impl VmService {
+    /// The snapshot a `vm create --from-snapshot` names, if this create can
+    /// restore it.
+    pub(super) fn restorable_snapshot(
+        &self,
+        name: &str,
+        params: &CreateVmParams,
+        has_guest_stage: bool,
+    ) -> Result<Snapshot, VmError> {
+        let snapshot = self.find_snapshot(name)?;
+        let conflict = |what| SnapshotError::RestoreConflict {
+            name: snapshot.name.clone(),
+            what,
+        };
+        let differs = [
+            (
+                params
+                    .image
+                    .as_ref()
+                    .is_some_and(|image| *image != snapshot.image),
+                "another image",
+            ),
+            (
+                params
+                    .kernel
+                    .as_ref()
+                    .is_some_and(|kernel| *kernel != snapshot.kernel),
+                "another kernel",
+            ),
+            (
+                params.vcpus.is_some_and(|vcpus| vcpus != snapshot.vcpus),
+                "another vCPU count",
+            ),
+            (
+                params
+                    .memory_mib
+                    .is_some_and(|memory| memory != snapshot.memory_mib),
+                "another memory size",
+            ),
+            (
+                params
+                    .backend
+                    .is_some_and(|backend| backend != snapshot.backend),
+                "another backend",
+            ),
+            (params.work_disk.is_some(), "a work disk"),
+            (params.no_start, "--no-start"),
+            (has_guest_stage, "a workspace"),
+        ];
+        if let Some((_, what)) = differs.into_iter().find(|(differs, _)| *differs) {
+            return Err(conflict(what).into());
+        }
+        if snapshot.has_work_disk {
+            return Err(SnapshotError::RestoreWorkDisk {
+                name: snapshot.name.clone(),
+            }
+            .into());
+        }
+        if self.clone.kind() == StrategyKind::DmSnapshot {
+            return Err(SnapshotError::RestoreDmSnapshot.into());
+        }
+        Ok(snapshot)
+    }
+
+    /// The `restore` step: the VM's launch spec (its own disks, tap and
+    /// vsock) loaded with the snapshot's memory and device state; the VMM
+    /// is recorded and supervised as a spawned one is, and the VM runs.
+    pub(super) async fn restore_vmm(
+        self: &Arc<Self>,
+        vm: &mut Vm,
+        kernel: &Kernel,
+        root_disk: &RootDisk,
+        snapshot: &Snapshot,
+    ) -> Result<VmmHandle, VmError> {
+        let spec = self.launch_spec(vm, kernel, root_disk).await?;
+        let info = SnapshotInfo::in_dir(
+            snapshot.backend,
+            snapshot.backend_version.clone(),
+            Path::new(&snapshot.dir),
+        );
+        let handle = self
+            .backends
+            .get(vm.backend)
+            .restore(&spec, &info)
+            .await
+            .map_err(|source| SnapshotError::Restore {
+                name: vm.name.clone(),
+                snapshot: snapshot.name.clone(),
+                source: Box::new(source),
+            })?;
+        self.processes().insert(vm.id.clone(), handle.clone());
+        vm.pid = Some(handle.pid());
+        vm.state = VmState::Running;
+        vm.started_at = Some(now());
+        vm.error = None;
+        if let Err(error) = self.store.update_vm(vm) {
+            self.discard_process(&vm.id, &handle).await;
+            vm.pid = None;
+            return Err(error.into());
+        }
+        self.supervise(&vm.id, handle.clone());
+        Ok(handle)
     }
 }
 
