@@ -253,6 +253,7 @@ impl Fixture {
                     backend: None,
                     work_disk: None,
                     workspace: None,
+                    from_snapshot: None,
                 },
                 guest_stage,
             )
