@@ -241,8 +241,11 @@ pub fn command_line(spec: &LaunchSpec, host: &HostSetup) -> Vec<OsString> {
         let mut options = vec![OsStr::new("id="), &id, OsStr::new(",file=")];
         let file = escape_option_value(drive.path.as_os_str());
         options.push(&file);
+        // `-drive` defaults to auto-read-only, which makes QEMU reopen the
+        // file by path when a snapshot's migration hands the disk over; the
+        // unprivileged VMM cannot reach the path, so keep the fd it has.
         options.push(OsStr::new(
-            ",format=raw,if=none,cache=writeback,discard=unmap",
+            ",format=raw,if=none,cache=writeback,discard=unmap,auto-read-only=off",
         ));
         if drive.read_only {
             options.push(OsStr::new(",readonly=on"));
@@ -1004,9 +1007,9 @@ mod tests {
             "-kernel", "/var/lib/banger/kernels/vmlinux",
             "-initrd", "/var/lib/banger/kernels/initrd",
             "-append", "console=ttyS0 reboot=k panic=1 root=/dev/vda rw tsc_early_khz=2100000",
-            "-drive", "id=drive-rootfs,file=/var/lib/banger/vms/devbox/rootfs.ext4,format=raw,if=none,cache=writeback,discard=unmap",
+            "-drive", "id=drive-rootfs,file=/var/lib/banger/vms/devbox/rootfs.ext4,format=raw,if=none,cache=writeback,discard=unmap,auto-read-only=off",
             "-device", "virtio-blk-device,drive=drive-rootfs,serial=rootfs",
-            "-drive", "id=drive-seed,file=/var/lib/banger/vms/devbox/seed,,1.img,format=raw,if=none,cache=writeback,discard=unmap,readonly=on",
+            "-drive", "id=drive-seed,file=/var/lib/banger/vms/devbox/seed,,1.img,format=raw,if=none,cache=writeback,discard=unmap,auto-read-only=off,readonly=on",
             "-device", "virtio-blk-device,drive=drive-seed,serial=seed",
             "-netdev", "tap,id=net-eth0,ifname=bgr-0123abcd,script=no,downscript=no",
             "-device", "virtio-net-device,netdev=net-eth0,mac=06:00:0a:c8:00:02",
