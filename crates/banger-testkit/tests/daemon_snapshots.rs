@@ -106,6 +106,23 @@ fn pause_resume_snapshot_list_show_rm() {
     assert_eq!(names, [Value::from("first"), Value::from("src-1")]);
     let text = daemon.banger_ok(&["snapshot", "list"]);
     assert!(text.contains("SIZE") && text.contains("first"), "{text}");
+    // `doctor` reports the space snapshots take.
+    let output = daemon.banger(&["doctor", "--json"]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|check| check["name"] == "snapshots")
+        .cloned()
+        .unwrap();
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 in the state dir, "),
+        "{check}"
+    );
 
     // The snapshot survives its source.
     daemon.banger_ok(&["vm", "delete", "src", "--force"]);
