@@ -33,7 +33,7 @@ fn setup(test: &str) -> Option<Setup> {
     static LOG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let log = LOG
         .get_or_init(|| {
-            let log = std::env::temp_dir().join(format!(
+            let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
                 "banger-firecracker-snapshot-{}.jsonl",
                 std::process::id()
             ));
