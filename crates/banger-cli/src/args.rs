@@ -38,6 +38,9 @@ pub enum Command {
     /// Manage persistent work disks.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Manage VM snapshots (made by `vm snapshot`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Inspect and cancel long-running operations.
     #[command(subcommand)]
     Operation(OperationCommand),
@@ -181,6 +184,65 @@ pub enum VmCommand {
     /// Copy a git working tree into a VM, and bring the work back.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
+    /// Stop a running VM's vCPUs (its VMM and agent connection stay).
+    Pause {
+        #[command(flatten)]
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Run a paused VM's vCPUs again.
+    Resume {
+        #[command(flatten)]
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Copy a running VM: snapshot it (a short pause), start NEW from the
+    /// snapshot (NEW-1..NEW-N with --count), then remove the snapshot.
+    Fork {
+        #[command(flatten)]
+        name: VmName,
+        /// Name of the copy.
+        new: String,
+        /// How many copies.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        count: u32,
+        /// Print stage events and the VMs as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshot a VM: memory, device state and its disks; it is paused meanwhile.
+    Snapshot {
+        #[command(flatten)]
+        name: VmName,
+        /// The snapshot's name (default: VM-N).
+        snapshot: Option<String>,
+        /// Stop the VM after the snapshot instead of resuming it.
+        #[arg(long)]
+        stop: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List snapshots, with the bytes each holds on disk.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Show one snapshot.
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Delete a snapshot (VMs restored from it keep running).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -362,6 +424,10 @@ pub struct CreateArgs {
     /// from each other otherwise).
     #[arg(long, value_name = "GROUP")]
     pub network_group: Option<String>,
+    /// Start from this snapshot's memory and disks (`vm snapshot`) instead
+    /// of booting; image, kernel, size and backend are the snapshot's.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "kernel", "vcpus", "memory_mib", "no_start", "backend", "work_disk", "workspace"])]
+    pub from_snapshot: Option<String>,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
     pub json: bool,

@@ -47,6 +47,7 @@ async fn run(cli: Cli, printer: Printer) -> anyhow::Result<()> {
         Command::Image(command) => commands::image::run_image(&socket, printer, command).await,
         Command::Kernel(command) => commands::image::run_kernel(&socket, printer, command).await,
         Command::Disk(command) => commands::disk::run(&socket, printer, command).await,
+        Command::Snapshot(command) => commands::snapshot::run(&socket, printer, command).await,
         Command::Operation(command) => commands::operation::run(&socket, printer, command).await,
         Command::Daemon(command) => commands::daemon::run(&socket, printer, command).await,
         Command::Doctor(flag) => commands::daemon::doctor(&socket, printer, flag.json).await,

@@ -483,6 +483,46 @@ async fn dispatch(
             })
             .await
         }
+        other => snapshot_dispatch(daemon, other, raw).await,
+    }
+}
+
+/// Pause, resume and snapshots.
+async fn snapshot_dispatch(
+    daemon: &Daemon,
+    method_name: &str,
+    raw: Option<Value>,
+) -> DaemonResult<Value> {
+    use banger_proto::method::{
+        SnapshotList, SnapshotRemove, SnapshotShow, VmPause, VmResume, VmSnapshot,
+    };
+    let vms = &daemon.vms;
+    match method_name {
+        VmPause::NAME => {
+            handle::<VmPause, _, _>(raw, |vm| async move { vms.pause(&vm.vm).await }).await
+        }
+        VmResume::NAME => {
+            handle::<VmResume, _, _>(raw, |vm| async move { vms.resume(&vm.vm).await }).await
+        }
+        VmSnapshot::NAME => {
+            handle::<VmSnapshot, _, _>(raw, |params| async move { vms.snapshot(&params).await })
+                .await
+        }
+        SnapshotList::NAME => {
+            handle::<SnapshotList, _, _>(raw, |NoParams| async { vms.snapshots() }).await
+        }
+        SnapshotShow::NAME => {
+            handle::<SnapshotShow, _, _>(raw, |reference| async move {
+                vms.find_snapshot(&reference.name)
+            })
+            .await
+        }
+        SnapshotRemove::NAME => {
+            handle::<SnapshotRemove, _, _>(raw, |reference| async move {
+                vms.remove_snapshot(&reference.name).await
+            })
+            .await
+        }
         other => Err(DaemonError::new(
             ErrorKind::MethodNotFound,
             format!("Unknown method `{other}`"),

@@ -28,6 +28,7 @@ pub mod name;
 pub mod netpolicy;
 pub mod operation;
 pub mod sanitize;
+pub mod snapshot;
 pub mod status;
 pub mod vm;
 pub mod workspace;
@@ -43,6 +44,7 @@ pub use operation::{
     Operation, OperationParams, OperationRef, OperationState, StageEvent, StageStatus, StreamFrame,
     StreamStarted,
 };
+pub use snapshot::{Snapshot, SnapshotRef, SnapshotVmParams};
 pub use status::DaemonStatus;
 pub use vm::{
     parse_size, CreateDiskParams, CreateVmParams, CreateVmResult, DeleteVmParams, ResizeDiskParams,

@@ -20,7 +20,8 @@ use crate::status::DoctorReport;
 use crate::{
     CreateDiskParams, CreateVmParams, CreateVmResult, DeleteVmParams, Image, ImportImageParams,
     ImportKernelParams, Kernel, Operation, OperationParams, OperationRef, RemoveParams,
-    ResizeDiskParams, SetVmParams, StopVmParams, Vm, VmRef, WorkDisk,
+    ResizeDiskParams, SetVmParams, Snapshot, SnapshotRef, SnapshotVmParams, StopVmParams, Vm,
+    VmRef, WorkDisk,
 };
 
 /// A method of the control protocol.
@@ -114,6 +115,12 @@ pub const ALL: &[MethodInfo] = &[
     MethodInfo::of::<OperationStatus>(),
     MethodInfo::of::<OperationCancel>(),
     MethodInfo::of::<OperationWatch>(),
+    MethodInfo::of::<VmPause>(),
+    MethodInfo::of::<VmResume>(),
+    MethodInfo::of::<VmSnapshot>(),
+    MethodInfo::of::<SnapshotList>(),
+    MethodInfo::of::<SnapshotShow>(),
+    MethodInfo::of::<SnapshotRemove>(),
 ];
 
 /// Whether a successful call of the method named `name` turns the
@@ -436,6 +443,50 @@ impl Method for OperationWatch {
     type Params = OperationRef;
     type Result = StreamStarted;
     const STREAMS: bool = true;
+}
+
+pub struct VmPause;
+impl Method for VmPause {
+    const NAME: &'static str = "vm.pause";
+    type Params = VmRef;
+    type Result = Vm;
+}
+
+pub struct VmResume;
+impl Method for VmResume {
+    const NAME: &'static str = "vm.resume";
+    type Params = VmRef;
+    type Result = Vm;
+}
+
+/// Pauses the VM, writes a snapshot, resumes it (or stops it).
+pub struct VmSnapshot;
+impl Method for VmSnapshot {
+    const NAME: &'static str = "vm.snapshot";
+    type Params = SnapshotVmParams;
+    type Result = Snapshot;
+}
+
+pub struct SnapshotList;
+impl Method for SnapshotList {
+    const NAME: &'static str = "snapshot.list";
+    type Params = NoParams;
+    type Result = Vec<Snapshot>;
+}
+
+pub struct SnapshotShow;
+impl Method for SnapshotShow {
+    const NAME: &'static str = "snapshot.show";
+    type Params = SnapshotRef;
+    type Result = Snapshot;
+}
+
+/// Returns the snapshot as it was before it was removed.
+pub struct SnapshotRemove;
+impl Method for SnapshotRemove {
+    const NAME: &'static str = "snapshot.rm";
+    type Params = SnapshotRef;
+    type Result = Snapshot;
 }
 
 #[cfg(test)]

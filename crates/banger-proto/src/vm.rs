@@ -17,10 +17,12 @@ pub enum VmState {
     Stopped,
     Failed,
     Crashed,
+    /// The VMM runs with the guest's vCPUs stopped (`vm pause`).
+    Paused,
 }
 
 impl VmState {
-    pub const ALL: [VmState; 7] = [
+    pub const ALL: [VmState; 8] = [
         Self::Creating,
         Self::Starting,
         Self::Running,
@@ -28,6 +30,7 @@ impl VmState {
         Self::Stopped,
         Self::Failed,
         Self::Crashed,
+        Self::Paused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl VmState {
             Self::Stopped => "stopped",
             Self::Failed => "failed",
             Self::Crashed => "crashed",
+            Self::Paused => "paused",
         }
     }
 
@@ -48,7 +52,10 @@ impl VmState {
 
     /// States in which a VMM process may exist for the VM.
     pub fn has_process(self) -> bool {
-        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+        matches!(
+            self,
+            Self::Starting | Self::Running | Self::Stopping | Self::Paused
+        )
     }
 }
 
@@ -210,6 +217,10 @@ pub struct CreateVmParams {
     /// Lets the VM talk to the other VMs of this group.
     #[serde(default)]
     pub network_group: Option<String>,
+    /// Start from this snapshot's memory and disks instead of booting the
+    /// image (image, kernel, size and backend are the snapshot's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 /// Result of `vm.create`: the operation to watch.

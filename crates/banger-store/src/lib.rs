@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use banger_proto::vm::VmNetwork;
 use banger_proto::{
-    Backend, Image, Kernel, Operation, OperationState, StageEvent, Vm, VmState, WorkDisk,
+    Backend, Image, Kernel, Operation, OperationState, Snapshot, StageEvent, Vm, VmState, WorkDisk,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -551,7 +551,61 @@ impl Store {
             .collect::<Result<_, _>>()?;
         rows.into_iter().map(operation_from_columns).collect()
     }
+
+    // ---- snapshots ----
+
+    /// Registers a snapshot; a taken name is `AlreadyExists`.
+    pub fn insert_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let result = self.lock().execute(
+            "INSERT INTO snapshots (id, name, source_vm_id, source_vm, image, kernel, backend,
+                backend_version, vcpus, memory_mib, disk_bytes, has_work_disk, size_bytes, dir,
+                created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                snapshot.id,
+                snapshot.name,
+                snapshot.source_vm_id,
+                snapshot.source_vm,
+                snapshot.image,
+                snapshot.kernel,
+                snapshot.backend.as_str(),
+                snapshot.backend_version,
+                snapshot.vcpus,
+                snapshot.memory_mib,
+                to_i64(snapshot.disk_bytes),
+                snapshot.has_work_disk,
+                to_i64(snapshot.size_bytes),
+                snapshot.dir,
+                snapshot.created_at,
+            ],
+        );
+        map_unique(result, "Snapshot", &snapshot.name)
+    }
+
+    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(&format!("{SNAPSHOT_SELECT} ORDER BY name"))?;
+        let rows = statement.query_map([], snapshot_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn find_snapshot(&self, name: &str) -> Result<Option<Snapshot>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(&format!("{SNAPSHOT_SELECT} WHERE name = ?1"))?;
+        Ok(statement.query_row([name], snapshot_from_row).optional()?)
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .execute("DELETE FROM snapshots WHERE id = ?1", [id])?
+            > 0)
+    }
 }
+
+const SNAPSHOT_SELECT: &str =
+    "SELECT id, name, source_vm_id, source_vm, image, kernel, backend, backend_version, vcpus,
+        memory_mib, disk_bytes, has_work_disk, size_bytes, dir, created_at FROM snapshots";
 
 const VM_SELECT: &str =
     "SELECT vms.id, vms.name, vms.state, images.name, kernels.name, vms.backend,
@@ -708,6 +762,30 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
             _ => None,
         },
         work_disk: row.get(17)?,
+    })
+}
+
+fn snapshot_from_row(row: &Row<'_>) -> rusqlite::Result<Snapshot> {
+    let backend: String = row.get(6)?;
+    let backend: Backend = backend.parse().map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, Box::new(error))
+    })?;
+    Ok(Snapshot {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        source_vm_id: row.get(2)?,
+        source_vm: row.get(3)?,
+        image: row.get(4)?,
+        kernel: row.get(5)?,
+        backend,
+        backend_version: row.get(7)?,
+        vcpus: row.get(8)?,
+        memory_mib: row.get(9)?,
+        disk_bytes: get_u64(row, 10)?,
+        has_work_disk: row.get(11)?,
+        size_bytes: get_u64(row, 12)?,
+        dir: row.get(13)?,
+        created_at: row.get(14)?,
     })
 }
 

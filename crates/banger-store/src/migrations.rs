@@ -85,4 +85,23 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         egress TEXT NOT NULL,
         network_group TEXT
     );",
+    // 7: VM snapshots. Not tied to the source VM's row (a snapshot
+    // survives its deletion); image and kernel are kept by name.
+    "CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        source_vm_id TEXT NOT NULL,
+        source_vm TEXT NOT NULL,
+        image TEXT NOT NULL,
+        kernel TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        backend_version TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_bytes INTEGER NOT NULL,
+        has_work_disk INTEGER NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        dir TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );",
 ];

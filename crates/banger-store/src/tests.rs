@@ -328,3 +328,50 @@ fn work_disks_attach_to_one_vm_and_survive_it_detached() {
     assert!(store.delete_work_disk("d1").unwrap());
     assert!(store.get_vm("v2").unwrap().unwrap().work_disk.is_none());
 }
+
+fn snapshot(id: &str, name: &str, source_vm_id: &str) -> Snapshot {
+    Snapshot {
+        id: id.into(),
+        name: name.into(),
+        source_vm_id: source_vm_id.into(),
+        source_vm: "web".into(),
+        image: "debian".into(),
+        kernel: "k".into(),
+        backend: Backend::Firecracker,
+        backend_version: "1.17.0".into(),
+        vcpus: 2,
+        memory_mib: 512,
+        disk_bytes: 1 << 30,
+        has_work_disk: true,
+        size_bytes: 600 << 20,
+        dir: format!("/var/lib/banger/snapshots/{id}"),
+        created_at: "2026-01-01T00:00:00Z".into(),
+    }
+}
+
+#[test]
+fn snapshots_round_trip_survive_their_vm_and_have_unique_names() {
+    let store = seeded();
+    store.insert_vm(&vm("v1", "web")).unwrap();
+    let first = snapshot("s1", "web-1", "v1");
+    store.insert_snapshot(&first).unwrap();
+    let error = store
+        .insert_snapshot(&snapshot("s2", "web-1", "v1"))
+        .unwrap_err();
+    assert_eq!(error.to_string(), "Snapshot `web-1` already exists");
+    store
+        .insert_snapshot(&snapshot("s3", "a-first", "v1"))
+        .unwrap();
+    assert!(store.delete_vm("v1").unwrap());
+    assert_eq!(store.find_snapshot("web-1").unwrap(), Some(first));
+    let names: Vec<_> = store
+        .list_snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|snapshot| snapshot.name)
+        .collect();
+    assert_eq!(names, ["a-first", "web-1"]);
+    assert!(store.delete_snapshot("s1").unwrap());
+    assert!(!store.delete_snapshot("s1").unwrap());
+    assert_eq!(store.find_snapshot("web-1").unwrap(), None);
+}

@@ -654,3 +654,90 @@ async fn version_flag_prints_the_firecracker_version() {
         "Firecracker v1.17.0\n"
     );
 }
+
+#[tokio::test]
+async fn snapshot_is_only_taken_while_paused_and_loads_in_a_fresh_vmm() {
+    let source = Fake::start().await;
+    let create = json!({
+        "snapshot_path": source.path("vmstate"),
+        "mem_file_path": source.path("memory"),
+        "snapshot_type": "Full",
+    });
+    // Before boot, and while running: refused, nothing written.
+    let answer = source.put("/snapshot/create", create.clone()).await;
+    assert_eq!(answer.status, 400, "{answer:?}");
+    source.boot().await;
+    let answer = source.put("/snapshot/create", create.clone()).await;
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(
+        answer.fault().contains("pause the microVM first"),
+        "{answer:?}"
+    );
+    assert!(!source.dir.path().join("vmstate").exists());
+    let answer = source
+        .request("PATCH", "/vm", Some(json!({"state": "Paused"})))
+        .await;
+    assert_eq!(answer.status, 204);
+    source.put_ok("/snapshot/create", create).await;
+    let memory = std::fs::read(source.dir.path().join("memory")).unwrap();
+    assert!(memory.starts_with(b"fake guest memory of test-vm\n"));
+    assert_eq!(memory.len(), 128 << 20, "the configured memory size");
+
+    // Load is refused once a boot resource is configured.
+    let load = json!({
+        "snapshot_path": source.path("vmstate"),
+        "mem_backend": {"backend_type": "File", "backend_path": source.path("memory")},
+        "network_overrides": [],
+        "resume_vm": true,
+    });
+    let configured = Fake::start().await;
+    configured
+        .put_ok("/boot-source", configured.boot_source())
+        .await;
+    let answer = configured.put("/snapshot/load", load.clone()).await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(
+        answer.fault(),
+        "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+    );
+
+    // A missing memory file, an unknown interface override: refused.
+    let fresh = Fake::start().await;
+    let mut missing = load.clone();
+    missing["mem_backend"]["backend_path"] = json!(fresh.path("no-memory"));
+    let answer = fresh.put("/snapshot/load", missing).await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.fault().contains("Cannot open the memory file"),
+        "{answer:?}"
+    );
+    let mut unknown = load.clone();
+    unknown["network_overrides"] = json!([{"iface_id": "eth9", "host_dev_name": "tap9"}]);
+    let answer = fresh.put("/snapshot/load", unknown).await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.fault().contains("unknown interface eth9"),
+        "{answer:?}"
+    );
+
+    // A fresh VMM (logger and metrics allowed) loads it and runs the guest
+    // with the snapshot's devices; boot configuration is refused after.
+    fresh
+        .put_ok("/logger", json!({"log_path": fresh.path("fc.log")}))
+        .await;
+    fresh.put_ok("/snapshot/load", load).await;
+    let info = fresh.get("/").await.body.unwrap();
+    assert_eq!(info["state"], "Running");
+    let config = fresh.get("/vm/config").await.body.unwrap();
+    assert_eq!(
+        config["drives"][0]["path_on_host"],
+        source.path("rootfs.ext4")
+    );
+    let answer = fresh.put("/boot-source", fresh.boot_source()).await;
+    assert_eq!(answer.status, 400);
+    // The memory file was only read.
+    assert_eq!(
+        std::fs::read(source.dir.path().join("memory")).unwrap(),
+        memory
+    );
+}

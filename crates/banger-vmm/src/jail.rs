@@ -385,6 +385,41 @@ pub fn link_into(
     Ok(Path::new("/").join(name))
 }
 
+/// Makes the regular file `host_path` (a snapshot's state or memory)
+/// reachable as `/<name>` inside the jail, readable by the VMM and nobody
+/// else: a hard link, the file made `root:gid` mode 0640. The VMM cannot
+/// write it, so one restore cannot change what the next one loads.
+///
+/// # Errors
+/// [`JailError::OtherFilesystem`] when the file is on another filesystem
+/// than the jail; any failure to link or chown.
+pub fn link_read_only_for_vmm(
+    config: &JailConfig,
+    paths: &JailPaths,
+    host_path: &Path,
+    name: &str,
+) -> Result<PathBuf, JailError> {
+    let target = paths.root.join(name);
+    let prepare = |source| JailError::Prepare {
+        path: host_path.to_owned(),
+        source,
+    };
+    remove_file_if_present(&target).map_err(prepare)?;
+    match std::fs::hard_link(host_path, &target) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
+            return Err(JailError::OtherFilesystem {
+                path: host_path.to_owned(),
+                chroot_base: config.chroot_base.clone(),
+            });
+        }
+        Err(error) => return Err(prepare(error)),
+    }
+    std::os::unix::fs::chown(&target, Some(0), Some(config.gid)).map_err(prepare)?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).map_err(prepare)?;
+    Ok(Path::new("/").join(name))
+}
+
 /// Whether tap `name` already belongs to `uid` (its sysfs `owner`).
 #[must_use]
 pub fn tap_owned_by(name: &str, uid: u32) -> bool {

@@ -20,6 +20,11 @@
 //!    checks the process's command line so a reused pid is never mistaken for
 //!    the VM.
 //!
+//! 6. [`Vmm::pause`] and [`Vmm::resume`] stop and run the vCPUs;
+//!    [`Vmm::snapshot`] writes a paused guest's memory and device state to
+//!    a directory, and [`Vmm::restore`] starts a new monitor from such a
+//!    directory instead of spawning and booting one.
+//!
 //! Backends: [`firecracker::Firecracker`] and [`qemu::Qemu`]. Host process
 //! handling shared by all backends lives in [`process`].
 
@@ -299,6 +304,82 @@ pub trait Vmm: Send + Sync + 'static {
         runtime_dir: &Path,
         pid: u32,
     ) -> Result<Option<VmmHandle>, VmmError>;
+
+    /// Stops the guest's vCPUs; its devices and connections stay.
+    async fn pause(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported {
+            backend: handle.backend(),
+            operation: "pause",
+        })
+    }
+
+    /// Runs the vCPUs of a paused guest again.
+    async fn resume(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported {
+            backend: handle.backend(),
+            operation: "resume",
+        })
+    }
+
+    /// Writes the memory and device state of a *paused* guest to
+    /// `<dir>/vmstate` and `<dir>/memory` (`dir` exists and is empty), mode
+    /// 0600, owned by root. The guest stays paused.
+    async fn snapshot(&self, handle: &VmmHandle, dir: &Path) -> Result<SnapshotInfo, VmmError> {
+        let _ = dir;
+        Err(VmmError::Unsupported {
+            backend: handle.backend(),
+            operation: "snapshot",
+        })
+    }
+
+    /// Starts a monitor for the VM of `spec` from `snapshot` instead of
+    /// [`Vmm::spawn`] and [`Vmm::boot`]: its devices are `spec`'s (drives by
+    /// id, network interfaces by id, vsock), its memory and vCPU state the
+    /// snapshot's; the guest runs when this returns. The snapshot's files are
+    /// only read. On error nothing is left running.
+    async fn restore(
+        &self,
+        spec: &LaunchSpec,
+        snapshot: &SnapshotInfo,
+    ) -> Result<VmmHandle, VmmError> {
+        let _ = (spec, snapshot);
+        Err(VmmError::Unsupported {
+            backend: self.backend(),
+            operation: "restore",
+        })
+    }
+}
+
+/// The files of a VM snapshot written by [`Vmm::snapshot`], in the
+/// directory it was given.
+pub const SNAPSHOT_STATE_FILE: &str = "vmstate";
+pub const SNAPSHOT_MEMORY_FILE: &str = "memory";
+
+/// What [`Vmm::snapshot`] wrote, and what [`Vmm::restore`] needs to check it
+/// can load it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub backend: Backend,
+    /// The monitor's version, as it reports it; a snapshot is only restored
+    /// by the same backend and version.
+    pub backend_version: String,
+    /// Device and vCPU state (`<dir>/vmstate`).
+    pub state_path: PathBuf,
+    /// Guest memory (`<dir>/memory`).
+    pub memory_path: PathBuf,
+}
+
+impl SnapshotInfo {
+    /// The files a snapshot in `dir` has.
+    #[must_use]
+    pub fn in_dir(backend: Backend, backend_version: impl Into<String>, dir: &Path) -> Self {
+        Self {
+            backend,
+            backend_version: backend_version.into(),
+            state_path: dir.join(SNAPSHOT_STATE_FILE),
+            memory_path: dir.join(SNAPSHOT_MEMORY_FILE),
+        }
+    }
 }
 
 /// A failure talking to a monitor's control channel (Firecracker's HTTP API,
@@ -364,6 +445,36 @@ pub enum VmmError {
         #[source]
         source: ControlError,
     },
+    #[error("The {backend} backend cannot {operation} a VM")]
+    Unsupported {
+        backend: Backend,
+        operation: &'static str,
+    },
+    #[error("Could not {operation} VM {vm_id}")]
+    Control {
+        vm_id: String,
+        operation: &'static str,
+        #[source]
+        source: ControlError,
+    },
+    #[error("Could not move the snapshot file {} of VM {vm_id}", path.display())]
+    SnapshotFile {
+        vm_id: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "Snapshot was taken with {snapshot_backend} {snapshot_version}; this host runs {backend} {version}"
+    )]
+    SnapshotVersion {
+        snapshot_backend: Backend,
+        snapshot_version: String,
+        backend: Backend,
+        version: String,
+    },
+    #[error("Restoring a snapshot needs a jailed Firecracker: an unjailed one would reopen the source VM's disks")]
+    RestoreNeedsJail,
     #[error("Could not kill the VMM process {pid} of VM {vm_id}")]
     KillProcess {
         vm_id: String,

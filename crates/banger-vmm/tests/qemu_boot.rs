@@ -370,3 +370,77 @@ async fn an_unopenable_drive_is_reported_in_qemus_words() {
     assert!(!guest.runtime_dir.join("qmp.sock").exists());
     assert!(!guest.runtime_dir.join(AGENT_SOCKET_FILE).exists());
 }
+
+#[tokio::test]
+async fn a_paused_guest_is_snapshotted_and_restored_into_a_new_qemu() {
+    let Some(host) = require_qemu("a_paused_guest_is_snapshotted_and_restored_into_a_new_qemu")
+    else {
+        return;
+    };
+    let source = guest(&host, "vm-qemu-snap-src", "stay");
+    let vmm = backend();
+    let handle = vmm.spawn(&source.spec).await.unwrap();
+    let _guard = KillOnDrop(handle.clone());
+    vmm.boot(&handle).await.unwrap();
+    wait_for_console(&source.runtime_dir, "BANGER-WAITING").await;
+
+    vmm.pause(&handle).await.unwrap();
+    let snapshot_dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let info = vmm.snapshot(&handle, snapshot_dir.path()).await.unwrap();
+    eprintln!(
+        "snapshot in {:?}: {} bytes",
+        started.elapsed(),
+        std::fs::metadata(&info.memory_path).unwrap().len()
+    );
+    assert_eq!(info.backend, banger_vmm::Backend::Qemu);
+    assert!(
+        info.backend_version.starts_with(char::is_numeric),
+        "{info:?}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&info.memory_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The source runs on after its snapshot.
+    vmm.resume(&handle).await.unwrap();
+    vmm.kill(&handle).await.unwrap();
+
+    // Another version is refused, and leaves nothing running.
+    let copy = guest(&host, "vm-qemu-snap-copy", "stay");
+    let other = banger_vmm::SnapshotInfo {
+        backend_version: "1.0.0".into(),
+        ..info.clone()
+    };
+    let error = vmm.restore(&copy.spec, &other).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("Snapshot was taken with qemu 1.0.0; this host runs qemu "),
+        "{error}"
+    );
+    assert!(!copy.runtime_dir.join("qmp.sock").exists());
+
+    // The copy runs the source's memory in its own QEMU, on its own disks.
+    let started = Instant::now();
+    let restored = vmm.restore(&copy.spec, &info).await.unwrap();
+    let _guard = KillOnDrop(restored.clone());
+    eprintln!("restore in {:?}", started.elapsed());
+    let status = vmm.client(&restored).query_status().await.unwrap();
+    assert!(status.running, "{status:?}");
+    let console = std::fs::read_to_string(copy.runtime_dir.join(CONSOLE_LOG_FILE)).unwrap();
+    assert!(
+        !console.contains("BANGER-MARKER"),
+        "no boot in the copy:\n{console}"
+    );
+    let outcome = vmm.stop(&restored, Duration::from_secs(30)).await.unwrap();
+    if host.has_power_button {
+        // The acpid of the source, restored, hears the copy's button.
+        let console = std::fs::read_to_string(copy.runtime_dir.join(CONSOLE_LOG_FILE)).unwrap();
+        assert!(outcome.was_graceful(), "{outcome:?}\n{console}");
+        assert!(console.contains("BANGER-POWER-BUTTON"), "{console}");
+    }
+    assert!(restored.has_exited());
+}

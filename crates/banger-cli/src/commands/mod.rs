@@ -6,5 +6,6 @@ pub mod guest;
 pub mod image;
 pub mod operation;
 pub mod ports;
+pub mod snapshot;
 pub mod vm;
 pub mod workspace;

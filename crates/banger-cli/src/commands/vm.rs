@@ -118,6 +118,26 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
             .await?;
             report(printer, json.json, &vm, "updated")
         }
+        VmCommand::Pause { name, json } => {
+            let vm = call_vm::<method::VmPause>(socket, VmRef { vm: name.vm }).await?;
+            report(printer, json.json, &vm, "paused")
+        }
+        VmCommand::Resume { name, json } => {
+            let vm = call_vm::<method::VmResume>(socket, VmRef { vm: name.vm }).await?;
+            report(printer, json.json, &vm, "resumed")
+        }
+        VmCommand::Snapshot {
+            name,
+            snapshot,
+            stop,
+            json,
+        } => super::snapshot::take(socket, printer, name.vm, snapshot, stop, json.json).await,
+        VmCommand::Fork {
+            name,
+            new,
+            count,
+            json,
+        } => super::snapshot::fork(socket, printer, name.vm, new, count, json).await,
     }
 }
 
@@ -205,7 +225,11 @@ fn vm_details(vm: &Vm) -> String {
     lines.join("\n")
 }
 
-async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> anyhow::Result<()> {
+pub(crate) async fn create(
+    socket: &Path,
+    printer: Printer,
+    args: CreateArgs,
+) -> anyhow::Result<()> {
     let name = args.name.unwrap_or_else(crate::names::random_name);
     if let Err(error) = banger_proto::validate_vm_name(&name) {
         return Err(UsageError(error.to_string()))
@@ -241,6 +265,7 @@ async fn create(socket: &Path, printer: Printer, args: CreateArgs) -> anyhow::Re
             ports: args.publish,
             egress: args.egress,
             network_group: args.network_group,
+            from_snapshot: args.from_snapshot,
         })
         .await?;
     let watch = Client::connect(socket)

@@ -71,6 +71,7 @@ impl Doctor<'_> {
                 "apt install gpgv (checks kernel signatures from the catalog)",
             ),
             self.clone_strategy(),
+            self.snapshot_space(),
         ];
         let catalog = self.catalog.catalog().await;
         checks.push(self.catalog_check(&catalog));

@@ -50,6 +50,30 @@ impl Doctor<'_> {
         }
     }
 
+    /// What snapshots hold on disk (`STATE_DIR/snapshots/*`).
+    pub(super) fn snapshot_space(&self) -> Check {
+        let dirs: Vec<_> = std::fs::read_dir(self.paths.root.join("snapshots"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .collect();
+        let bytes: u64 = dirs
+            .iter()
+            .map(|dir| crate::vms::snapshot::bytes_on_disk(dir))
+            .sum();
+        check(
+            "snapshots",
+            CheckStatus::Ok,
+            format!(
+                "{} in the state dir, {} MiB on disk",
+                dirs.len(),
+                bytes.div_ceil(1 << 20)
+            ),
+            None,
+        )
+    }
+
     pub(super) fn clone_strategy(&self) -> Check {
         if self.clone_reason.starts_with("copy") {
             check(

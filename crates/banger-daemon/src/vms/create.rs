@@ -49,6 +49,8 @@ struct CreateInputs {
     options: CreateOptions,
     /// Another service's work in the guest (the workspace copy).
     guest_stage: Option<Box<dyn GuestStage>>,
+    /// `--from-snapshot`: the snapshot, locked against removal meanwhile.
+    snapshot: Option<(banger_proto::Snapshot, OwnedMutexGuard<()>)>,
 }
 
 /// Work another service does in the guest as a stage of create, after the
@@ -85,6 +87,8 @@ pub(super) enum Step {
     Prepare(usize),
     /// Spawn and configure the VMM (capabilities add to the launch spec).
     StartVmm,
+    /// Start the VMM from a snapshot instead of `StartVmm` and `Boot`.
+    Restore,
     /// Start the guest.
     Boot,
     /// Capability `n`'s after-boot work (`agent ready`).
@@ -105,6 +109,7 @@ struct CreateRun<'a> {
     root_disk: Option<RootDisk>,
     vmm: Option<VmmHandle>,
     guest_stage: Option<Box<dyn GuestStage>>,
+    snapshot: Option<banger_proto::Snapshot>,
 }
 
 /// What a finished step reports and leaves for rollback.
@@ -123,6 +128,18 @@ impl VmService {
         mut guest_stage: Option<Box<dyn GuestStage>>,
     ) -> Result<CreateVmResult, VmError> {
         validate_vm_name(&params.name)?;
+        let snapshot = match &params.from_snapshot {
+            Some(name) => Some(self.restorable_snapshot(name, &params, guest_stage.is_some())?),
+            None => None,
+        };
+        let mut params = params;
+        if let Some(snapshot) = &snapshot {
+            params.image = Some(snapshot.image.clone());
+            params.kernel = Some(snapshot.kernel.clone());
+            params.vcpus = Some(snapshot.vcpus);
+            params.memory_mib = Some(snapshot.memory_mib);
+            params.backend = Some(snapshot.backend);
+        }
         let vcpus = params.vcpus.unwrap_or(self.config.vm.vcpus);
         let memory_mib = params.memory_mib.unwrap_or(self.config.vm.memory_mib);
         validate_size(vcpus, memory_mib)?;
@@ -181,9 +198,10 @@ impl VmService {
             backend,
             vcpus,
             memory_mib,
-            disk_bytes: match &image {
-                Artifact::Local(image) => image.size_bytes,
-                Artifact::Catalog(entry) => entry.size,
+            disk_bytes: match (&snapshot, &image) {
+                (Some(snapshot), _) => snapshot.disk_bytes,
+                (None, Artifact::Local(image)) => image.size_bytes,
+                (None, Artifact::Catalog(entry)) => entry.size,
             },
             pid: None,
             created_at: now(),
@@ -225,12 +243,20 @@ impl VmService {
         if let Some(stage) = guest_stage.as_mut() {
             stage.bind(&operation.id);
         }
+        let snapshot = match snapshot {
+            Some(snapshot) => {
+                let lock = self.lock_of(&snapshot.id).lock_owned().await;
+                Some((snapshot, lock))
+            }
+            None => None,
+        };
         let inputs = CreateInputs {
             image,
             kernel,
             inserted,
             options,
             guest_stage,
+            snapshot,
         };
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -307,15 +333,23 @@ impl VmService {
                 self.insert_new_vm(&vm)?;
                 inserted = true;
             }
+            let (snapshot, _snapshot_lock) = inputs.snapshot.unzip();
             let mut run = CreateRun {
                 operation: &operation,
                 vm: &mut vm,
-                image_path: PathBuf::from(&image.path),
+                // A restore's root disk is cloned from the snapshot's copy.
+                image_path: match &snapshot {
+                    Some(snapshot) => {
+                        Path::new(&snapshot.dir).join(banger_disk::clone::ROOT_DISK_FILE)
+                    }
+                    None => PathBuf::from(&image.path),
+                },
                 kernel,
                 options: &inputs.options,
                 root_disk: None,
                 vmm: None,
                 guest_stage: inputs.guest_stage,
+                snapshot,
             };
             self.run_steps(&mut run, &mut undo).await
         }
@@ -388,6 +422,7 @@ impl VmService {
             Step::CloneRootDisk => Some("clone root disk"),
             Step::Prepare(index) => self.capabilities[index].prepare_stage(options),
             Step::StartVmm => Some("start vmm"),
+            Step::Restore => Some("restore"),
             Step::Boot => Some("boot"),
             Step::AfterBoot(index) => self.capabilities[index].after_boot_stage(),
             Step::Guest => None,
@@ -415,7 +450,11 @@ impl VmService {
         run: &mut CreateRun<'_>,
         undo: &mut Vec<(Option<&'static str>, Undo)>,
     ) -> Result<(), VmError> {
-        for step in self.plan(run.options, run.guest_stage.is_some()) {
+        let mut steps = self.plan(run.options, run.guest_stage.is_some());
+        if run.snapshot.is_some() {
+            super::snapshot::restore_plan(&mut steps);
+        }
+        for step in steps {
             let operation = run.operation;
             let stage_name = self.stage_of(step, run.options);
             let point = || format!("create:{}", self.step_name(step));
@@ -493,6 +532,26 @@ impl VmService {
                 let vm_id = run.vm.id.clone();
                 Ok(StepDone {
                     detail: None,
+                    undo: Some(Undo::new(async move {
+                        this.discard_process(&vm_id, &handle).await;
+                    })),
+                })
+            }
+            Step::Restore => {
+                let snapshot = run.snapshot.clone().ok_or(VmError::NoVmmProcess)?;
+                let root_disk = run.root_disk.clone().ok_or(VmError::NoRootDisk)?;
+                run.vm.state = VmState::Starting;
+                self.store.update_vm(run.vm)?;
+                // Not raced against a cancel: a restore takes milliseconds,
+                // and dropped halfway it could leave a VMM behind.
+                let handle = self
+                    .restore_vmm(run.vm, &run.kernel, &root_disk, &snapshot)
+                    .await?;
+                run.vmm = Some(handle.clone());
+                let this = Arc::clone(self);
+                let vm_id = run.vm.id.clone();
+                Ok(StepDone {
+                    detail: Some(format!("from {}", snapshot.name)),
                     undo: Some(Undo::new(async move {
                         this.discard_process(&vm_id, &handle).await;
                     })),

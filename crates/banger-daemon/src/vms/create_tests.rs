@@ -256,6 +256,7 @@ impl Fixture {
                     ports: Vec::new(),
                     egress: None,
                     network_group: None,
+                    from_snapshot: None,
                 },
                 guest_stage,
             )

@@ -48,6 +48,10 @@ pub enum VmError {
     StopFirst { name: String, state: VmState },
     #[error("VM `{name}` is {state}")]
     InTransition { name: String, state: VmState },
+    #[error("VM `{name}` is paused")]
+    Paused { name: String },
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshot::SnapshotError),
 
     // What a create or `vm set` asked for.
     #[error(transparent)]
@@ -187,6 +191,7 @@ impl RpcFailure for VmError {
             | Self::ChangeNeedsStop { .. }
             | Self::StopFirst { .. }
             | Self::InTransition { .. }
+            | Self::Paused { .. }
             | Self::GrowDmSnapshot { .. }
             | Self::NoUsableRootDisk { .. } => ErrorKind::InvalidState,
             Self::DuplicateName { .. } => ErrorKind::AlreadyExists,
@@ -213,6 +218,7 @@ impl RpcFailure for VmError {
             Self::Agent(error) => error.kind(),
             Self::WorkDisk(error) => error.kind(),
             Self::Store(error) => error.kind(),
+            Self::Snapshot(error) => error.kind(),
         }
     }
 
@@ -223,6 +229,7 @@ impl RpcFailure for VmError {
                 "wait for it, cancel it with `banger operation cancel {operation}`, or pass --force to delete"
             ),
             Self::NotRunning { name, .. } => format!("start it with `banger vm start {name}`"),
+            Self::Paused { name } => format!("resume it with `banger vm resume {name}`"),
             Self::ChangeNeedsStop { name, .. } => {
                 format!("stop it first with `banger vm stop {name}`")
             }
@@ -251,6 +258,7 @@ impl RpcFailure for VmError {
             Self::Agent(error) => return error.hint(),
             Self::WorkDisk(error) => return error.hint(),
             Self::Store(error) => return error.hint(),
+            Self::Snapshot(error) => return error.hint(),
             _ => return None,
         })
     }

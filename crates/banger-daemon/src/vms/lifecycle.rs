@@ -78,6 +78,12 @@ impl VmService {
             decision => return Err(self.refused(&vm, decision, Request::Stop)),
         }
         if let Some(handle) = self.process_of(&vm.id) {
+            if vm.state == VmState::Paused && !force {
+                // A paused guest cannot hear the shutdown request.
+                if let Err(error) = self.backends.of(&handle).resume(&handle).await {
+                    tracing::warn!(vm = %vm.name, %error, "could not resume the paused VM to stop it");
+                }
+            }
             vm.state = VmState::Stopping;
             self.store.update_vm(&vm)?;
             crate::fault::pause_at(|| "stop:stop vmm".to_owned());

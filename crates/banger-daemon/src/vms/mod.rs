@@ -22,6 +22,7 @@ mod create;
 mod error;
 mod lifecycle;
 mod reconcile;
+pub mod snapshot;
 pub mod state;
 mod supervise;
 
@@ -219,6 +220,7 @@ impl VmService {
                 VmError::ChangeNeedsStop { name, state }
             }
             Decision::Refuse(Refusal::StopFirst) => VmError::StopFirst { name, state },
+            Decision::Refuse(Refusal::ResumeFirst) => VmError::Paused { name },
             _ => VmError::InTransition { name, state },
         }
     }

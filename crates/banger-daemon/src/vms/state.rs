@@ -9,6 +9,8 @@
 //!     ▼                     │ VMM exits              │ ▼ start
 //!  (gone)                 crashed ─── stop ──────────┘ starting
 //! failed: any step of create/start failed; start and delete allowed.
+//! running ⇄ paused (pause, resume); a paused VM is snapshotted, stopped,
+//! or deleted with --force like a running one.
 //! ```
 
 use banger_proto::VmState;
@@ -25,6 +27,12 @@ pub enum Request {
     Change,
     /// Reach the guest agent (`vm run`, `cp`, `stats`, workspaces).
     UseAgent,
+    /// Stop the vCPUs.
+    Pause,
+    /// Run a paused VM's vCPUs again.
+    Resume,
+    /// Write a snapshot (pausing a running VM for it).
+    Snapshot,
 }
 
 /// The answer for one state and request.
@@ -54,15 +62,17 @@ pub enum Refusal {
     StartFirst,
     /// A lifecycle step is under way; try again when it ends.
     InTransition,
+    /// It is paused; resume it first.
+    ResumeFirst,
 }
 
 /// The legal transitions of a VM's state machine.
 #[must_use]
 pub fn decide(state: VmState, request: Request) -> Decision {
     use Decision::{AlreadyDone, BusyCreating, CancelCreate, Proceed, Record, Refuse};
-    use VmState::{Crashed, Creating, Failed, Running, Starting, Stopped, Stopping};
+    use VmState::{Crashed, Creating, Failed, Paused, Running, Starting, Stopped, Stopping};
     match (request, state) {
-        (Request::Start, Running) => AlreadyDone,
+        (Request::Start, Running | Paused) => AlreadyDone,
         (Request::Start, Stopped | Crashed | Failed) => Proceed,
         (Request::Start, Creating) => BusyCreating,
         (Request::Start, Starting | Stopping) => Refuse(Refusal::InTransition),
@@ -70,11 +80,11 @@ pub fn decide(state: VmState, request: Request) -> Decision {
         (Request::Stop, Creating) => BusyCreating,
         (Request::Stop, Stopped | Failed) => AlreadyDone,
         (Request::Stop, Crashed) => Record(Stopped),
-        (Request::Stop, Starting | Running | Stopping) => Proceed,
+        (Request::Stop, Starting | Running | Stopping | Paused) => Proceed,
 
         (Request::Delete { force: false }, Creating) => BusyCreating,
         (Request::Delete { force: true }, Creating) => CancelCreate,
-        (Request::Delete { force: false }, Starting | Running | Stopping) => {
+        (Request::Delete { force: false }, Starting | Running | Stopping | Paused) => {
             Refuse(Refusal::StopFirst)
         }
         (Request::Delete { .. }, _) => Proceed,
@@ -85,7 +95,21 @@ pub fn decide(state: VmState, request: Request) -> Decision {
 
         (Request::UseAgent, Running) => Proceed,
         (Request::UseAgent, Creating) => BusyCreating,
+        (Request::UseAgent, Paused) => Refuse(Refusal::ResumeFirst),
         (Request::UseAgent, _) => Refuse(Refusal::StartFirst),
+
+        (Request::Pause | Request::Snapshot, Running) => Proceed,
+        (Request::Pause, Paused) => AlreadyDone,
+        (Request::Snapshot, Paused) => Proceed,
+        (Request::Resume, Paused) => Proceed,
+        (Request::Resume, Running) => AlreadyDone,
+        (Request::Pause | Request::Resume | Request::Snapshot, Creating) => BusyCreating,
+        (Request::Pause | Request::Resume | Request::Snapshot, Starting | Stopping) => {
+            Refuse(Refusal::InTransition)
+        }
+        (Request::Pause | Request::Resume | Request::Snapshot, Stopped | Failed | Crashed) => {
+            Refuse(Refusal::StartFirst)
+        }
     }
 }
 
@@ -108,11 +132,11 @@ pub fn after_exit(state: VmState, clean_exit: bool) -> Option<VmState> {
 #[must_use]
 pub fn after_restart(state: VmState, adopted: bool) -> Option<VmState> {
     match (state, adopted) {
-        (VmState::Running, true) => None,
+        (VmState::Running | VmState::Paused, true) => None,
         // The user asked for a stop; it is finished.
         (VmState::Stopping, _) => Some(VmState::Stopped),
         // Dead, or a start interrupted before boot finished.
-        (VmState::Starting | VmState::Running, _) => Some(VmState::Crashed),
+        (VmState::Starting | VmState::Running | VmState::Paused, _) => Some(VmState::Crashed),
         _ => None,
     }
 }
@@ -121,8 +145,8 @@ pub fn after_restart(state: VmState, adopted: bool) -> Option<VmState> {
 mod tests {
     use super::*;
     use Decision::{AlreadyDone, BusyCreating, CancelCreate, Proceed, Record, Refuse};
-    use Refusal::{InTransition, StartFirst, StopFirst};
-    use VmState::{Crashed, Creating, Failed, Running, Starting, Stopped, Stopping};
+    use Refusal::{InTransition, ResumeFirst, StartFirst, StopFirst};
+    use VmState::{Crashed, Creating, Failed, Paused, Running, Starting, Stopped, Stopping};
 
     #[test]
     fn every_state_and_request_has_its_decision() {
@@ -133,9 +157,12 @@ mod tests {
             Request::Delete { force: true },
             Request::Change,
             Request::UseAgent,
+            Request::Pause,
+            Request::Resume,
+            Request::Snapshot,
         ];
         // One row per state, one column per request, in the order above.
-        let table: [(VmState, [Decision; 6]); 7] = [
+        let table: [(VmState, [Decision; 9]); 8] = [
             (
                 Creating,
                 [
@@ -143,6 +170,9 @@ mod tests {
                     BusyCreating,
                     BusyCreating,
                     CancelCreate,
+                    BusyCreating,
+                    BusyCreating,
+                    BusyCreating,
                     BusyCreating,
                     BusyCreating,
                 ],
@@ -156,6 +186,9 @@ mod tests {
                     Proceed,
                     Refuse(StopFirst),
                     Refuse(StartFirst),
+                    Refuse(InTransition),
+                    Refuse(InTransition),
+                    Refuse(InTransition),
                 ],
             ),
             (
@@ -166,6 +199,9 @@ mod tests {
                     Refuse(StopFirst),
                     Proceed,
                     Refuse(StopFirst),
+                    Proceed,
+                    Proceed,
+                    AlreadyDone,
                     Proceed,
                 ],
             ),
@@ -178,6 +214,9 @@ mod tests {
                     Proceed,
                     Refuse(StopFirst),
                     Refuse(StartFirst),
+                    Refuse(InTransition),
+                    Refuse(InTransition),
+                    Refuse(InTransition),
                 ],
             ),
             (
@@ -188,6 +227,9 @@ mod tests {
                     Proceed,
                     Proceed,
                     Proceed,
+                    Refuse(StartFirst),
+                    Refuse(StartFirst),
+                    Refuse(StartFirst),
                     Refuse(StartFirst),
                 ],
             ),
@@ -200,6 +242,9 @@ mod tests {
                     Proceed,
                     Refuse(StopFirst),
                     Refuse(StartFirst),
+                    Refuse(StartFirst),
+                    Refuse(StartFirst),
+                    Refuse(StartFirst),
                 ],
             ),
             (
@@ -211,6 +256,23 @@ mod tests {
                     Proceed,
                     Proceed,
                     Refuse(StartFirst),
+                    Refuse(StartFirst),
+                    Refuse(StartFirst),
+                    Refuse(StartFirst),
+                ],
+            ),
+            (
+                Paused,
+                [
+                    AlreadyDone,
+                    Proceed,
+                    Refuse(StopFirst),
+                    Proceed,
+                    Refuse(StopFirst),
+                    Refuse(ResumeFirst),
+                    AlreadyDone,
+                    Proceed,
+                    Proceed,
                 ],
             ),
         ];
@@ -236,6 +298,9 @@ mod tests {
         assert_eq!(after_restart(Starting, true), Some(Crashed));
         assert_eq!(after_restart(Stopping, true), Some(Stopped));
         assert_eq!(after_restart(Stopping, false), Some(Stopped));
+        assert_eq!(after_exit(Paused, true), Some(Crashed));
+        assert_eq!(after_restart(Paused, true), None);
+        assert_eq!(after_restart(Paused, false), Some(Crashed));
         for state in [Stopped, Failed, Crashed] {
             assert_eq!(after_restart(state, false), None, "{state}");
         }

@@ -23,7 +23,7 @@ use crate::ids::now;
 
 impl VmService {
     /// The launch spec: the VM's own parts, then every capability's.
-    async fn launch_spec(
+    pub(super) async fn launch_spec(
         &self,
         vm: &Vm,
         kernel: &Kernel,

@@ -33,6 +33,8 @@
 //! | `PUT /network-interfaces/{iface_id}` | `host_dev_name` 1..=15 bytes, unique; `guest_mac` `xx:xx:xx:xx:xx:xx`, unique; `mtu` 68..=65535 |
 //! | `PUT /vsock` | `guest_cid` ≥ 3 (and a `u32`); `uds_path` is bound *at this request*, so an existing file there is refused |
 //! | `PATCH /vm` | `Paused` / `Resumed`, post-boot only |
+//! | `PUT /snapshot/create` | Paused only ("…the vCPUs are running; pause the microVM first."); `Diff` needs `track_dirty_pages`; writes the state file (the configuration as JSON) and a sparse memory file of `mem_size_mib` starting `fake guest memory of <id>` |
+//! | `PUT /snapshot/load` | only before any boot resource ("Loading a microVM snapshot not allowed after configuring boot-specific resources."); one of `mem_file_path`/`mem_backend` (`File`; `Uffd` not implemented); the state and memory files must open, the recorded drives reopen, each `network_overrides` id must exist; `vsock_override` moves the socket; `resume_vm` runs the guest (as `InstanceStart`), else Paused until `PATCH /vm` `Resumed` |
 //! | `GET /vm/config` | `FullVmConfiguration` of what was configured (implemented resources only; unset ones `null`) |
 //!
 //! Every body is parsed with unknown fields refused, required fields
@@ -51,7 +53,7 @@
 //! message, e.g. "unknown field `foo`, expected one of `…`" or "missing
 //! field `kernel_image_path`". Unknown paths answer "Invalid request method
 //! and/or path: PUT /foo."; operations the yaml defines but the fake does
-//! not implement (balloon, mmds, snapshots, pmem, entropy, serial,
+//! not implement (balloon, mmds, pmem, entropy, serial,
 //! cpu-config, memory hotplug, PATCH of drives and network interfaces)
 //! answer "fake-firecracker does not implement PUT /balloon.".
 //!

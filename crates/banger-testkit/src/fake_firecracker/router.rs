@@ -88,6 +88,8 @@ pub fn parse_request(method: &Method, path: &str, body: &[u8]) -> Result<VmmActi
         }
         (&Method::PUT, ["vsock"]) => Ok(VmmAction::PutVsock(request.body()?)),
         (&Method::PATCH, ["vm"]) => Ok(VmmAction::PatchVm(request.body()?)),
+        (&Method::PUT, ["snapshot", "create"]) => Ok(VmmAction::CreateSnapshot(request.body()?)),
+        (&Method::PUT, ["snapshot", "load"]) => Ok(VmmAction::LoadSnapshot(request.body()?)),
         (&Method::GET, ["vm", "config"]) => Ok(VmmAction::GetFullVmConfiguration),
         _ if is_unimplemented_operation(method, &segments) => Err(RequestError::NotImplemented {
             method: method.to_string(),
@@ -131,7 +133,7 @@ fn is_unimplemented_operation(method: &Method, segments: &[&str]) -> bool {
         ["drives" | "network-interfaces", _] => patch,
         ["pmem", _] => put || patch,
         ["mmds"] | ["hotplug", "memory"] => get || put || patch,
-        ["mmds", "config"] | ["snapshot", "create" | "load"] => put,
+        ["mmds", "config"] => put,
         _ => false,
     }
 }

@@ -9,6 +9,14 @@
 //!    configuration actions answer "not supported after starting".
 //! 3. Running ⇄ Paused through `PATCH /vm`; `SendCtrlAltDel` and
 //!    `FlushMetrics` are post-boot only.
+//! 4. `PUT /snapshot/create` only while Paused: writes the state file (the
+//!    configuration as JSON, see [`SnapshotState`]) and the memory file
+//!    (sparse, `mem_size_mib` long, the source's id at its start).
+//! 5. `PUT /snapshot/load` only on a fresh VMM (nothing configured but the
+//!    logger and metrics): reads both files, reopens the drives recorded in
+//!    the state, applies the network and vsock overrides, binds the vsock
+//!    socket; with `resume_vm` the guest runs (as after `InstanceStart`),
+//!    else it is Paused until `PATCH /vm` `Resumed`.
 //!
 //! Host side effects that the real VMM performs at configuration time are
 //! performed here too, so their failures surface at the same request: the
@@ -23,8 +31,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::models::{
     ActionType, BootSource, Drive, FirecrackerVersion, FullVmConfiguration, HugePages,
-    InstanceInfo, InstanceState, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics,
-    NetworkInterface, Vm, VmState, Vsock,
+    InstanceInfo, InstanceState, Logger, MachineConfiguration, MachineConfigurationUpdate,
+    MemoryBackendType, Metrics, NetworkInterface, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType, Vm, VmState, Vsock,
 };
 
 /// The version the fake claims to be, as in `GET /version`.
@@ -57,6 +66,8 @@ pub enum VmmAction {
     PutNetworkInterface(NetworkInterface),
     PutVsock(Vsock),
     PatchVm(Vm),
+    CreateSnapshot(SnapshotCreateParams),
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// When an action is legal.
@@ -82,9 +93,11 @@ impl VmmAction {
             | Self::PutLogger(_)
             | Self::PutMetrics(_)
             | Self::PutNetworkInterface(_)
-            | Self::PutVsock(_) => Phase::PreBoot,
+            | Self::PutVsock(_)
+            | Self::LoadSnapshot(_) => Phase::PreBoot,
             Self::Action(ActionType::SendCtrlAltDel | ActionType::FlushMetrics)
-            | Self::PatchVm(_) => Phase::PostBoot,
+            | Self::PatchVm(_)
+            | Self::CreateSnapshot(_) => Phase::PostBoot,
         }
     }
 }
@@ -198,6 +211,50 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Create snapshot error: Cannot save the microVM state: the vCPUs are running; pause the microVM first.")]
+    SnapshotWhileRunning,
+    #[error("Diff snapshots are not allowed on uVMs with dirty page tracking disabled.")]
+    DiffSnapshotNotTracked,
+    #[error("Create snapshot error: Cannot write {path}")]
+    WriteSnapshot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Loading a microVM snapshot not allowed after configuring boot-specific resources.")]
+    LoadSnapshotNotAllowed,
+    #[error(
+        "Load snapshot error: exactly one of `mem_file_path` and `mem_backend` must be given."
+    )]
+    LoadSnapshotMemory,
+    #[error("fake-firecracker does not implement the Uffd memory backend.")]
+    UffdNotImplemented,
+    #[error("Load snapshot error: Cannot open the snapshot file {path}")]
+    OpenSnapshot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Load snapshot error: Cannot deserialize the microVM state in {path}")]
+    ParseSnapshot {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Load snapshot error: Cannot open the memory file {path}")]
+    OpenMemory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Load snapshot error: Failed to restore devices: network override for unknown interface {iface_id}")]
+    UnknownNetworkOverride { iface_id: String },
+    #[error("Load snapshot error: Failed to restore devices: block device {drive_id}")]
+    RestoreDrive {
+        drive_id: String,
+        #[source]
+        source: Box<VmmError>,
+    },
     #[error("Reinitialization of logger not allowed.")]
     LoggerAlreadyInitialized,
     #[error("Cannot open the log file {path}")]
@@ -255,6 +312,25 @@ pub struct Vmm {
     metrics: Option<MetricsSink>,
     network_interfaces: Vec<NetworkInterface>,
     vsock: Option<VsockDevice>,
+    /// A boot-specific resource was configured: a snapshot may no longer be
+    /// loaded.
+    configured: bool,
+    /// A snapshot loaded without `resume_vm`: the guest starts at the first
+    /// `PATCH /vm` `Resumed`.
+    pending_boot: Option<Boot>,
+}
+
+/// What the fake's snapshot state file holds: the configuration of the
+/// devices, as the real one holds their state.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotState {
+    pub firecracker_version: String,
+    pub instance_id: String,
+    pub boot_source: Option<BootSource>,
+    pub drives: Vec<Drive>,
+    pub machine: MachineConfiguration,
+    pub network_interfaces: Vec<NetworkInterface>,
+    pub vsock: Option<Vsock>,
 }
 
 impl Vmm {
@@ -278,6 +354,8 @@ impl Vmm {
             metrics: None,
             network_interfaces: Vec::new(),
             vsock: None,
+            configured: false,
+            pending_boot: None,
         }
     }
 
@@ -297,6 +375,19 @@ impl Vmm {
             (Phase::PreBoot, true) => return Err(VmmError::NotSupportedAfterBoot),
             (Phase::PostBoot, false) => return Err(VmmError::NotSupportedBeforeBoot),
             _ => {}
+        }
+        if matches!(
+            action,
+            VmmAction::PutBootSource(_)
+                | VmmAction::PutDrive(_)
+                | VmmAction::PutMachineConfiguration(_)
+                | VmmAction::PatchMachineConfiguration(_)
+                | VmmAction::PutNetworkInterface(_)
+                | VmmAction::PutVsock(_)
+        ) {
+            // Set even when the request is refused below: the real VMM
+            // decides on the request kind.
+            self.configured = true;
         }
         match action {
             VmmAction::GetInstanceInfo => Ok(Outcome::json(&InstanceInfo {
@@ -332,8 +423,148 @@ impl Vmm {
                     VmState::Resumed => InstanceState::Running,
                 };
                 self.log(&format!("microVM state set to {}", self.state));
-                Ok(Outcome::empty())
+                let effect = if self.state == InstanceState::Running {
+                    self.pending_boot.take().map(Effect::Booted)
+                } else {
+                    None
+                };
+                Ok(Outcome { body: None, effect })
             }
+            VmmAction::CreateSnapshot(params) => self.create_snapshot(&params),
+            VmmAction::LoadSnapshot(params) => self.load_snapshot(params),
+        }
+    }
+
+    fn create_snapshot(&mut self, params: &SnapshotCreateParams) -> Result<Outcome, VmmError> {
+        if params.snapshot_type == Some(SnapshotType::Diff)
+            && self.machine.track_dirty_pages != Some(true)
+        {
+            return Err(VmmError::DiffSnapshotNotTracked);
+        }
+        if self.state != InstanceState::Paused {
+            return Err(VmmError::SnapshotWhileRunning);
+        }
+        let state = SnapshotState {
+            firecracker_version: FIRECRACKER_VERSION.to_owned(),
+            instance_id: self.instance_id.clone(),
+            boot_source: self.boot_source.clone(),
+            drives: self.drives.clone(),
+            machine: self.machine.clone(),
+            network_interfaces: self.network_interfaces.clone(),
+            vsock: self.vsock.as_ref().map(|device| device.config.clone()),
+        };
+        let write_error = |path: &str| {
+            let path = PathBuf::from(path);
+            move |source| VmmError::WriteSnapshot { path, source }
+        };
+        let json = serde_json::to_vec_pretty(&state).expect("the snapshot state serializes");
+        std::fs::write(super::host_path(&params.snapshot_path), json)
+            .map_err(write_error(&params.snapshot_path))?;
+        let memory = (|| {
+            let mut file = File::create(super::host_path(&params.mem_file_path))?;
+            file.write_all(format!("fake guest memory of {}\n", self.instance_id).as_bytes())?;
+            file.set_len(self.machine.mem_size_mib * 1024 * 1024)
+        })();
+        if let Err(source) = memory {
+            let _ = std::fs::remove_file(super::host_path(&params.snapshot_path));
+            return Err(write_error(&params.mem_file_path)(source));
+        }
+        self.log("Snapshot created");
+        Ok(Outcome::empty())
+    }
+
+    fn load_snapshot(&mut self, params: SnapshotLoadParams) -> Result<Outcome, VmmError> {
+        if self.configured {
+            return Err(VmmError::LoadSnapshotNotAllowed);
+        }
+        let memory_path = match (&params.mem_file_path, &params.mem_backend) {
+            (Some(path), None) => path.clone(),
+            (None, Some(backend)) if backend.backend_type == MemoryBackendType::File => {
+                backend.backend_path.clone()
+            }
+            (None, Some(_)) => return Err(VmmError::UffdNotImplemented),
+            _ => return Err(VmmError::LoadSnapshotMemory),
+        };
+        let snapshot_path = PathBuf::from(&params.snapshot_path);
+        let text = std::fs::read(super::host_path(&snapshot_path)).map_err(|source| {
+            VmmError::OpenSnapshot {
+                path: snapshot_path.clone(),
+                source,
+            }
+        })?;
+        let mut state: SnapshotState =
+            serde_json::from_slice(&text).map_err(|source| VmmError::ParseSnapshot {
+                path: snapshot_path.clone(),
+                source,
+            })?;
+        // Mapped privately by the real VMM: opened read-only, never written.
+        File::open(super::host_path(&memory_path)).map_err(|source| VmmError::OpenMemory {
+            path: PathBuf::from(&memory_path),
+            source,
+        })?;
+        for drive in &state.drives {
+            if let Some(path) = &drive.path_on_host {
+                let writable = drive.is_read_only != Some(true);
+                OpenOptions::new()
+                    .read(true)
+                    .write(writable)
+                    .open(super::host_path(path))
+                    .map_err(|source| VmmError::RestoreDrive {
+                        drive_id: drive.drive_id.clone(),
+                        source: Box::new(VmmError::OpenDrive {
+                            path: PathBuf::from(path),
+                            source,
+                        }),
+                    })?;
+            }
+        }
+        for network_override in params.network_overrides.unwrap_or_default() {
+            let interface = state
+                .network_interfaces
+                .iter_mut()
+                .find(|interface| interface.iface_id == network_override.iface_id)
+                .ok_or(VmmError::UnknownNetworkOverride {
+                    iface_id: network_override.iface_id.clone(),
+                })?;
+            interface.host_dev_name = network_override.host_dev_name;
+        }
+        if let (Some(vsock), Some(vsock_override)) = (&mut state.vsock, params.vsock_override) {
+            vsock.uds_path = vsock_override.uds_path;
+        }
+        let listener = state
+            .vsock
+            .as_ref()
+            .map(|vsock| bind_vsock(&vsock.uds_path))
+            .transpose()?;
+        self.boot_source = state.boot_source;
+        self.drives = state.drives;
+        self.machine = state.machine;
+        self.network_interfaces = state.network_interfaces;
+        self.vsock = state.vsock.map(|config| VsockDevice {
+            config,
+            listener: None,
+        });
+        self.configured = true;
+        let boot_source = self.boot_source.clone();
+        let boot = Boot {
+            kernel_image_path: boot_source
+                .as_ref()
+                .map(|source| source.kernel_image_path.clone())
+                .unwrap_or_default(),
+            boot_args: boot_source.and_then(|source| source.boot_args),
+            vsock_listener: listener,
+        };
+        self.log(&format!("Loaded the snapshot {}", snapshot_path.display()));
+        if params.resume_vm == Some(true) {
+            self.state = InstanceState::Running;
+            Ok(Outcome {
+                body: None,
+                effect: Some(Effect::Booted(boot)),
+            })
+        } else {
+            self.state = InstanceState::Paused;
+            self.pending_boot = Some(boot);
+            Ok(Outcome::empty())
         }
     }
 

@@ -28,7 +28,8 @@ use tokio::net::UnixStream;
 
 use super::models::{
     ActionType, BootSource, Drive, ErrorResponse, InstanceActionInfo, InstanceInfo, Logger,
-    MachineConfiguration, Metrics, NetworkInterface, Vsock,
+    MachineConfiguration, Metrics, NetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm,
+    VmState, Vsock,
 };
 
 /// Firecracker's answers are small; anything bigger is not Firecracker.
@@ -248,6 +249,31 @@ impl FirecrackerClient {
         self.create_sync_action(ActionType::FlushMetrics).await
     }
 
+    /// `PATCH /vm`: pauses or resumes the vCPUs (post-boot only).
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn patch_vm(&self, state: VmState) -> Result<(), ClientError> {
+        self.send(Method::PATCH, "/vm".to_owned(), &Vm { state })
+            .await
+    }
+
+    /// `PUT /snapshot/create` (only while paused).
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn create_snapshot(&self, params: &SnapshotCreateParams) -> Result<(), ClientError> {
+        self.put("/snapshot/create".to_owned(), params).await
+    }
+
+    /// `PUT /snapshot/load` (only on a fresh process).
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn load_snapshot(&self, params: &SnapshotLoadParams) -> Result<(), ClientError> {
+        self.put("/snapshot/load".to_owned(), params).await
+    }
+
     /// `GET /`.
     ///
     /// # Errors
@@ -257,17 +283,26 @@ impl FirecrackerClient {
     }
 
     async fn put<T: Serialize>(&self, path: String, body: &T) -> Result<(), ClientError> {
+        self.send(Method::PUT, path, body).await
+    }
+
+    async fn send<T: Serialize>(
+        &self,
+        method: Method,
+        path: String,
+        body: &T,
+    ) -> Result<(), ClientError> {
         let body = match serde_json::to_vec(body) {
             Ok(body) => body,
             Err(source) => {
                 return Err(ClientError::EncodeBody {
-                    method: Method::PUT,
+                    method,
                     path,
                     source,
                 })
             }
         };
-        self.call(Method::PUT, path, Some(body)).await.map(drop)
+        self.call(method, path, Some(body)).await.map(drop)
     }
 
     async fn get<T: DeserializeOwned>(&self, path: String) -> Result<T, ClientError> {

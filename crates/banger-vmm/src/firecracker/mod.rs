@@ -65,13 +65,16 @@ use async_trait::async_trait;
 pub use client::{wait_for_socket, ClientError, FirecrackerClient};
 pub use models::ParseLogLevelError;
 use models::{
-    BootSource, Drive, LogLevel, Logger, MachineConfiguration, Metrics, NetworkInterface, Vsock,
+    BootSource, Drive, LogLevel, Logger, MachineConfiguration, MemoryBackend, MemoryBackendType,
+    Metrics, NetworkInterface, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType, VmState, Vsock, VsockOverride,
 };
 
 use crate::jail::{self, JailConfig, JailPaths};
 use crate::process::{self, has_flag_value, read_log_tail};
 use crate::{
-    Backend, ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, CONSOLE_LOG_FILE,
+    Backend, ControlError, ExitStatusInfo, LaunchSpec, SnapshotInfo, StopOutcome, Vmm, VmmError,
+    VmmHandle, CONSOLE_LOG_FILE, SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE,
 };
 
 /// This backend, as [`Vmm::backend`] reports it.
@@ -275,22 +278,7 @@ impl Firecracker {
         paths: &VmmPaths,
     ) -> Result<(), ClientError> {
         let client = self.client_for(&files.api_socket);
-        client
-            .put_logger(&Logger {
-                level: Some(self.log_level),
-                log_path: Some(paths.log.clone()),
-                show_level: Some(true),
-                show_log_origin: Some(false),
-                module: None,
-            })
-            .await?;
-        client
-            .put_metrics(&Metrics {
-                metrics_path: paths.metrics.clone(),
-                emit_id: None,
-                properties: None,
-            })
-            .await?;
+        self.configure_sinks(&client, paths).await?;
         client
             .put_machine_config(&MachineConfiguration {
                 vcpu_count: spec.vcpus,
@@ -340,6 +328,108 @@ impl Firecracker {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The logger and metrics: the only configuration a snapshot load
+    /// accepts before it.
+    async fn configure_sinks(
+        &self,
+        client: &FirecrackerClient,
+        paths: &VmmPaths,
+    ) -> Result<(), ClientError> {
+        client
+            .put_logger(&Logger {
+                level: Some(self.log_level),
+                log_path: Some(paths.log.clone()),
+                show_level: Some(true),
+                show_log_origin: Some(false),
+                module: None,
+            })
+            .await?;
+        client
+            .put_metrics(&Metrics {
+                metrics_path: paths.metrics.clone(),
+                emit_id: None,
+                properties: None,
+            })
+            .await
+    }
+
+    /// Restore after the spawn: the logger and metrics, the version check,
+    /// the snapshot files linked into the jail, `PUT /snapshot/load`.
+    async fn load(
+        &self,
+        spec: &LaunchSpec,
+        jail: &JailConfig,
+        files: &RuntimeFiles,
+        paths: &VmmPaths,
+        snapshot: &SnapshotInfo,
+    ) -> Result<(), VmmError> {
+        let control = |source: ClientError| VmmError::Control {
+            vm_id: spec.vm_id.clone(),
+            operation: "restore",
+            source: source.into(),
+        };
+        let client = self.client_for(&files.api_socket);
+        self.configure_sinks(&client, paths)
+            .await
+            .map_err(control)?;
+        let version = client
+            .describe_instance()
+            .await
+            .map_err(control)?
+            .vmm_version;
+        if version != snapshot.backend_version {
+            return Err(VmmError::SnapshotVersion {
+                snapshot_backend: snapshot.backend,
+                snapshot_version: snapshot.backend_version.clone(),
+                backend: BACKEND,
+                version,
+            });
+        }
+        let jail_paths =
+            jail::jail_of(&jail.chroot_base, &spec.runtime_dir).ok_or_else(|| VmmError::Jail {
+                vm_name: spec.vm_name.clone(),
+                source: jail::JailError::Prepare {
+                    path: spec.runtime_dir.join(jail::JAIL_LINK),
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                },
+            })?;
+        let link = |host: &Path, name: &str| {
+            jail::link_read_only_for_vmm(jail, &jail_paths, host, name).map_err(|source| {
+                VmmError::Jail {
+                    vm_name: spec.vm_name.clone(),
+                    source,
+                }
+            })
+        };
+        let state = link(&snapshot.state_path, SNAPSHOT_STATE_FILE)?;
+        let memory = link(&snapshot.memory_path, SNAPSHOT_MEMORY_FILE)?;
+        let network_overrides = spec
+            .network_interfaces
+            .iter()
+            .map(|interface| NetworkOverride {
+                iface_id: interface.id.clone(),
+                host_dev_name: interface.tap.clone(),
+            })
+            .collect::<Vec<_>>();
+        client
+            .load_snapshot(&SnapshotLoadParams {
+                snapshot_path: state,
+                mem_backend: Some(MemoryBackend {
+                    backend_type: MemoryBackendType::File,
+                    backend_path: memory,
+                }),
+                track_dirty_pages: None,
+                resume_vm: Some(true),
+                network_overrides: (!network_overrides.is_empty()).then_some(network_overrides),
+                vsock_override: paths
+                    .vsock
+                    .clone()
+                    .map(|uds_path| VsockOverride { uds_path }),
+            })
+            .await
+            .map_err(control)
     }
 
     /// Step 5: nothing may be left running when spawn fails.
@@ -744,6 +834,110 @@ impl Vmm for Firecracker {
         self.gone(&vm_id, runtime_dir);
     }
 
+    async fn pause(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.client(handle)
+            .patch_vm(VmState::Paused)
+            .await
+            .map_err(|source| control_error(handle, "pause", source))
+    }
+
+    async fn resume(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.client(handle)
+            .patch_vm(VmState::Resumed)
+            .await
+            .map_err(|source| control_error(handle, "resume", source))
+    }
+
+    async fn snapshot(&self, handle: &VmmHandle, dir: &Path) -> Result<SnapshotInfo, VmmError> {
+        let client = self.client(handle);
+        let version = client
+            .describe_instance()
+            .await
+            .map_err(|source| control_error(handle, "snapshot", source))?
+            .vmm_version;
+        let info = SnapshotInfo::in_dir(BACKEND, version, dir);
+        // A jailed Firecracker writes inside its chroot; the files are
+        // moved out once written.
+        let jailed = handle.api_socket() == RuntimeFiles::jailed(handle.runtime_dir()).api_socket;
+        let (written, given) = if jailed {
+            let root = handle.runtime_dir().join(jail::JAIL_LINK);
+            (
+                [
+                    root.join(SNAPSHOT_STATE_FILE),
+                    root.join(SNAPSHOT_MEMORY_FILE),
+                ],
+                [
+                    Path::new("/").join(SNAPSHOT_STATE_FILE),
+                    Path::new("/").join(SNAPSHOT_MEMORY_FILE),
+                ],
+            )
+        } else {
+            let files = [info.state_path.clone(), info.memory_path.clone()];
+            (files.clone(), files)
+        };
+        let [state_given, memory_given] = given;
+        let created = client
+            .create_snapshot(&SnapshotCreateParams {
+                mem_file_path: memory_given,
+                snapshot_path: state_given,
+                snapshot_type: Some(SnapshotType::Full),
+            })
+            .await;
+        let moved = created
+            .map_err(|source| control_error(handle, "snapshot", source))
+            .and_then(|()| {
+                for (from, to) in written.iter().zip([&info.state_path, &info.memory_path]) {
+                    settle_snapshot_file(from, to).map_err(|source| VmmError::SnapshotFile {
+                        vm_id: handle.vm_id().to_owned(),
+                        path: to.clone(),
+                        source,
+                    })?;
+                }
+                Ok(())
+            });
+        if let Err(error) = moved {
+            for path in written.iter().chain([&info.state_path, &info.memory_path]) {
+                let _ = remove_file_if_exists(path);
+            }
+            return Err(error);
+        }
+        Ok(info)
+    }
+
+    async fn restore(
+        &self,
+        spec: &LaunchSpec,
+        snapshot: &SnapshotInfo,
+    ) -> Result<VmmHandle, VmmError> {
+        if snapshot.backend != BACKEND {
+            return Err(VmmError::SnapshotVersion {
+                snapshot_backend: snapshot.backend,
+                snapshot_version: snapshot.backend_version.clone(),
+                backend: BACKEND,
+                version: String::new(),
+            });
+        }
+        let Some(jail) = &self.config.jail else {
+            return Err(VmmError::RestoreNeedsJail);
+        };
+        let files = self.runtime_files(&spec.runtime_dir);
+        Self::prepare_runtime_files(spec, &files)?;
+        let (handle, paths) = self.spawn_jailed(spec, jail, &files).await?;
+        if let Err(error) = self.wait_until_ready(spec, &files, &handle).await {
+            self.abandon(&handle).await;
+            return Err(error);
+        }
+        if let Err(error) = self.load(spec, jail, &files, &paths, snapshot).await {
+            let exited = tokio::time::timeout(EXIT_SETTLE_TIME, handle.wait_exit()).await;
+            self.abandon(&handle).await;
+            return Err(match exited {
+                Ok(status) => exited_during_startup(spec, &files, status),
+                Err(_) => error,
+            });
+        }
+        Ok(handle)
+    }
+
     async fn adopt(
         &self,
         vm_id: &str,
@@ -784,6 +978,33 @@ async fn kill_process(handle: &VmmHandle) -> Result<ExitStatusInfo, VmmError> {
             pid: handle.pid(),
             source,
         })
+}
+
+fn control_error(handle: &VmmHandle, operation: &'static str, source: ClientError) -> VmmError {
+    VmmError::Control {
+        vm_id: handle.vm_id().to_owned(),
+        operation,
+        source: ControlError::from(source),
+    }
+}
+
+/// Moves a file Firecracker wrote to where the snapshot keeps it (a rename,
+/// or a copy across filesystems) and makes it root's, mode 0600: it holds
+/// guest memory.
+fn settle_snapshot_file(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if from != to {
+        match std::fs::rename(from, to) {
+            Ok(()) => {}
+            Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
+                std::fs::copy(from, to)?;
+                std::fs::remove_file(from)?;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    std::os::unix::fs::chown(to, Some(0), Some(0))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600))
 }
 
 fn exited_during_startup(

@@ -55,6 +55,7 @@ pub use accel::{detect_accel, Accel, AccelChoice, KvmProbeError};
 pub use qmp::{QmpClient, QmpConnection, QmpError, QmpEvent, StatusInfo};
 
 use crate::process::{self, has_flag_value, read_log_tail};
+use crate::SnapshotInfo;
 use crate::{
     Backend, ExitStatusInfo, LaunchSpec, StopOutcome, Vmm, VmmError, VmmHandle, CONSOLE_LOG_FILE,
 };
@@ -240,8 +241,11 @@ pub fn command_line(spec: &LaunchSpec, host: &HostSetup) -> Vec<OsString> {
         let mut options = vec![OsStr::new("id="), &id, OsStr::new(",file=")];
         let file = escape_option_value(drive.path.as_os_str());
         options.push(&file);
+        // `-drive` defaults to auto-read-only, which makes QEMU reopen the
+        // file by path when a snapshot's migration hands the disk over; the
+        // unprivileged VMM cannot reach the path, so keep the fd it has.
         options.push(OsStr::new(
-            ",format=raw,if=none,cache=writeback,discard=unmap",
+            ",format=raw,if=none,cache=writeback,discard=unmap,auto-read-only=off",
         ));
         if drive.read_only {
             options.push(OsStr::new(",readonly=on"));
@@ -524,59 +528,55 @@ impl Vmm for Qemu {
     }
 
     async fn spawn(&self, spec: &LaunchSpec) -> Result<VmmHandle, VmmError> {
-        let host = self.host_setup().await;
-        let files = RuntimeFiles::new(&spec.runtime_dir);
-        for path in [&files.qmp_socket, &files.agent_socket] {
-            remove_file_if_exists(path).map_err(|source| VmmError::PrepareRuntimeFile {
-                vm_name: spec.vm_name.clone(),
-                path: path.clone(),
-                source,
-            })?;
+        self.spawn_with(spec, &[]).await
+    }
+
+    async fn pause(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.client(handle)
+            .stop()
+            .await
+            .map_err(|source| control_error(handle, "pause", source))
+    }
+
+    async fn resume(&self, handle: &VmmHandle) -> Result<(), VmmError> {
+        self.client(handle)
+            .cont()
+            .await
+            .map_err(|source| control_error(handle, "resume", source))
+    }
+
+    async fn snapshot(&self, handle: &VmmHandle, dir: &Path) -> Result<SnapshotInfo, VmmError> {
+        let version = self
+            .version(handle)
+            .await
+            .map_err(|source| control_error(handle, "snapshot", source))?;
+        let info = SnapshotInfo::in_dir(BACKEND, version, dir);
+        let written = self.migrate_out(handle, &info).await;
+        if written.is_err() {
+            let _ = std::fs::remove_file(&info.memory_path);
+            let _ = std::fs::remove_file(&info.state_path);
         }
-        let args = command_line(spec, &host);
-        let process =
-            process::spawn(&self.config.binary, &args, &files.console_log).map_err(|source| {
-                VmmError::SpawnProcess {
-                    backend: BACKEND,
-                    vm_name: spec.vm_name.clone(),
-                    source,
-                }
-            })?;
-        let handle = VmmHandle::new(
-            BACKEND,
-            spec.vm_id.clone(),
-            spec.runtime_dir.clone(),
-            files.qmp_socket.clone(),
-            process,
-        );
-        tracing::debug!(
-            vm_id = spec.vm_id,
-            pid = handle.pid(),
-            accel = %host.accel,
-            "spawned qemu"
-        );
-        // Still paused (`-S`): the guest runs only inside its limits.
-        if let Some(cgroups) = &self.config.cgroups {
-            let memory_mib = u64::from(spec.memory_mib) + QEMU_MEMORY_OVERHEAD_MIB;
-            if let Err(source) = cgroups.enter(&spec.vm_id, handle.pid(), spec.vcpus, memory_mib) {
-                self.abandon(&handle).await;
-                return Err(VmmError::Jail {
-                    vm_name: spec.vm_name.clone(),
-                    source,
-                });
-            }
+        written?;
+        Ok(info)
+    }
+
+    async fn restore(
+        &self,
+        spec: &LaunchSpec,
+        snapshot: &SnapshotInfo,
+    ) -> Result<VmmHandle, VmmError> {
+        if snapshot.backend != BACKEND {
+            return Err(VmmError::SnapshotVersion {
+                snapshot_backend: snapshot.backend,
+                snapshot_version: snapshot.backend_version.clone(),
+                backend: BACKEND,
+                version: String::new(),
+            });
         }
-        if let Err(error) = self.wait_until_ready(spec, &files, &handle).await {
-            // QMP failing may mean QEMU is dying; then its console says why.
-            let error = match (
-                &error,
-                tokio::time::timeout(EXIT_SETTLE_TIME, handle.wait_exit()).await,
-            ) {
-                (VmmError::WaitForApi { .. }, Ok(status)) => {
-                    exited_during_startup(spec, &files, status)
-                }
-                _ => error,
-            };
+        let handle = self
+            .spawn_with(spec, &["-incoming".as_ref(), "defer".as_ref()])
+            .await?;
+        if let Err(error) = self.migrate_in(&handle, snapshot).await {
             self.abandon(&handle).await;
             return Err(error);
         }
@@ -669,6 +669,223 @@ impl Vmm for Qemu {
                 process,
             )
         }))
+    }
+}
+
+impl Qemu {
+    /// Spawn with `extra` arguments after the usual command line.
+    async fn spawn_with(&self, spec: &LaunchSpec, extra: &[&OsStr]) -> Result<VmmHandle, VmmError> {
+        let host = self.host_setup().await;
+        let files = RuntimeFiles::new(&spec.runtime_dir);
+        for path in [&files.qmp_socket, &files.agent_socket] {
+            remove_file_if_exists(path).map_err(|source| VmmError::PrepareRuntimeFile {
+                vm_name: spec.vm_name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let mut args = command_line(spec, &host);
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        let process =
+            process::spawn(&self.config.binary, &args, &files.console_log).map_err(|source| {
+                VmmError::SpawnProcess {
+                    backend: BACKEND,
+                    vm_name: spec.vm_name.clone(),
+                    source,
+                }
+            })?;
+        let handle = VmmHandle::new(
+            BACKEND,
+            spec.vm_id.clone(),
+            spec.runtime_dir.clone(),
+            files.qmp_socket.clone(),
+            process,
+        );
+        tracing::debug!(
+            vm_id = spec.vm_id,
+            pid = handle.pid(),
+            accel = %host.accel,
+            "spawned qemu"
+        );
+        // Still paused (`-S`): the guest runs only inside its limits.
+        if let Some(cgroups) = &self.config.cgroups {
+            let memory_mib = u64::from(spec.memory_mib) + QEMU_MEMORY_OVERHEAD_MIB;
+            if let Err(source) = cgroups.enter(&spec.vm_id, handle.pid(), spec.vcpus, memory_mib) {
+                self.abandon(&handle).await;
+                return Err(VmmError::Jail {
+                    vm_name: spec.vm_name.clone(),
+                    source,
+                });
+            }
+        }
+        if let Err(error) = self.wait_until_ready(spec, &files, &handle).await {
+            // QMP failing may mean QEMU is dying; then its console says why.
+            let error = match (
+                &error,
+                tokio::time::timeout(EXIT_SETTLE_TIME, handle.wait_exit()).await,
+            ) {
+                (VmmError::WaitForApi { .. }, Ok(status)) => {
+                    exited_during_startup(spec, &files, status)
+                }
+                _ => error,
+            };
+            self.abandon(&handle).await;
+            return Err(error);
+        }
+        Ok(handle)
+    }
+
+    /// QEMU's version, `major.minor.micro` (`query-version`).
+    async fn version(&self, handle: &VmmHandle) -> Result<String, QmpError> {
+        let value = self
+            .client(handle)
+            .connect()
+            .await?
+            .execute("query-version", None)
+            .await?;
+        let part = |key: &str| value["qemu"][key].as_u64().unwrap_or_default();
+        Ok(format!(
+            "{}.{}.{}",
+            part("major"),
+            part("minor"),
+            part("micro")
+        ))
+    }
+
+    /// The paused guest's whole state (RAM and devices) as a migration
+    /// stream into `memory`, through an fd QEMU is handed (`getfd`; its
+    /// sandbox forbids `exec:`), then `vmstate` records the format. The
+    /// guest stays paused; `cont` runs it again.
+    async fn migrate_out(&self, handle: &VmmHandle, info: &SnapshotInfo) -> Result<(), VmmError> {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let file_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| VmmError::SnapshotFile {
+                vm_id: handle.vm_id().to_owned(),
+                path,
+                source,
+            }
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&info.memory_path)
+            .map_err(file_error(&info.memory_path))?;
+        let control = |source| control_error(handle, "snapshot", source);
+        let mut connection = self.client(handle).connect().await.map_err(control)?;
+        connection
+            .pass_fd(MIGRATION_FD, file.as_fd())
+            .await
+            .map_err(control)?;
+        drop(file);
+        connection
+            .execute(
+                "migrate",
+                Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
+            .await
+            .map_err(control)?;
+        wait_for_migration(&mut connection).await.map_err(control)?;
+        std::fs::write(
+            &info.state_path,
+            format!(
+                "qemu {} migration stream in {}\n",
+                info.backend_version,
+                crate::SNAPSHOT_MEMORY_FILE
+            ),
+        )
+        .map_err(file_error(&info.state_path))?;
+        std::fs::set_permissions(&info.state_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(file_error(&info.state_path))
+    }
+
+    /// Loads a snapshot into a QEMU started with `-incoming defer`: checks
+    /// the version, hands it the stream read-only (`migrate-incoming
+    /// fd:NAME`), waits for the load, runs the guest.
+    async fn migrate_in(
+        &self,
+        handle: &VmmHandle,
+        snapshot: &SnapshotInfo,
+    ) -> Result<(), VmmError> {
+        use std::os::fd::AsFd;
+        let control = |source| control_error(handle, "restore", source);
+        let version = self.version(handle).await.map_err(control)?;
+        if version != snapshot.backend_version {
+            return Err(VmmError::SnapshotVersion {
+                snapshot_backend: snapshot.backend,
+                snapshot_version: snapshot.backend_version.clone(),
+                backend: BACKEND,
+                version,
+            });
+        }
+        let file = std::fs::File::open(&snapshot.memory_path).map_err(|source| {
+            VmmError::SnapshotFile {
+                vm_id: handle.vm_id().to_owned(),
+                path: snapshot.memory_path.clone(),
+                source,
+            }
+        })?;
+        let mut connection = self.client(handle).connect().await.map_err(control)?;
+        connection
+            .pass_fd(MIGRATION_FD, file.as_fd())
+            .await
+            .map_err(control)?;
+        drop(file);
+        connection
+            .execute(
+                "migrate-incoming",
+                Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
+            .await
+            .map_err(control)?;
+        wait_for_migration(&mut connection).await.map_err(control)?;
+        connection.execute("cont", None).await.map_err(control)?;
+        Ok(())
+    }
+}
+
+/// The name the migration stream's fd is given in QEMU.
+const MIGRATION_FD: &str = "banger-snapshot";
+/// How long a snapshot may take to write or load.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Polls `query-migrate` until it is `completed` (or failed, or the
+/// timeout passes).
+async fn wait_for_migration(connection: &mut qmp::QmpConnection) -> Result<(), QmpError> {
+    let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let status = connection.execute("query-migrate", None).await?;
+        match status["status"].as_str().unwrap_or_default() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(QmpError::Refused {
+                    command: "migrate".to_owned(),
+                    class: "MigrationFailed".to_owned(),
+                    description: status["error-desc"]
+                        .as_str()
+                        .unwrap_or("the migration failed")
+                        .to_owned(),
+                })
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(QmpError::TimedOut {
+                step: "migrate".to_owned(),
+                timeout: MIGRATION_TIMEOUT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn control_error(handle: &VmmHandle, operation: &'static str, source: QmpError) -> VmmError {
+    VmmError::Control {
+        vm_id: handle.vm_id().to_owned(),
+        operation,
+        source: source.into(),
     }
 }
 
@@ -790,9 +1007,9 @@ mod tests {
             "-kernel", "/var/lib/banger/kernels/vmlinux",
             "-initrd", "/var/lib/banger/kernels/initrd",
             "-append", "console=ttyS0 reboot=k panic=1 root=/dev/vda rw tsc_early_khz=2100000",
-            "-drive", "id=drive-rootfs,file=/var/lib/banger/vms/devbox/rootfs.ext4,format=raw,if=none,cache=writeback,discard=unmap",
+            "-drive", "id=drive-rootfs,file=/var/lib/banger/vms/devbox/rootfs.ext4,format=raw,if=none,cache=writeback,discard=unmap,auto-read-only=off",
             "-device", "virtio-blk-device,drive=drive-rootfs,serial=rootfs",
-            "-drive", "id=drive-seed,file=/var/lib/banger/vms/devbox/seed,,1.img,format=raw,if=none,cache=writeback,discard=unmap,readonly=on",
+            "-drive", "id=drive-seed,file=/var/lib/banger/vms/devbox/seed,,1.img,format=raw,if=none,cache=writeback,discard=unmap,auto-read-only=off,readonly=on",
             "-device", "virtio-blk-device,drive=drive-seed,serial=seed",
             "-netdev", "tap,id=net-eth0,ifname=bgr-0123abcd,script=no,downscript=no",
             "-device", "virtio-net-device,netdev=net-eth0,mac=06:00:0a:c8:00:02",

@@ -186,6 +186,14 @@ impl QmpClient {
         self.connect().await?.execute("cont", None).await.map(drop)
     }
 
+    /// `stop`: pauses the vCPUs.
+    ///
+    /// # Errors
+    /// See [`QmpError`].
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.connect().await?.execute("stop", None).await.map(drop)
+    }
+
     /// `system_powerdown`: presses the guest's ACPI power button. Returns
     /// as soon as QEMU has injected the event; the guest decides what to
     /// do with it.
@@ -206,6 +214,42 @@ impl QmpClient {
     /// See [`QmpError`].
     pub async fn quit(&self) -> Result<(), QmpError> {
         self.connect().await?.execute("quit", None).await.map(drop)
+    }
+}
+
+/// Writes `bytes` (one short command line) with `fd` attached as
+/// `SCM_RIGHTS`, in one `sendmsg`.
+async fn send_with_fd(
+    writer: &OwnedWriteHalf,
+    bytes: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let stream: &tokio::net::UnixStream = writer.as_ref();
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let fds = [fd.as_raw_fd()];
+            nix::sys::socket::sendmsg::<()>(
+                stream.as_raw_fd(),
+                &[std::io::IoSlice::new(bytes)],
+                &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(sent) if sent == bytes.len() => return Ok(()),
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "the command was sent in part",
+                ))
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
     }
 }
 
@@ -258,10 +302,41 @@ impl QmpConnection {
         })
     }
 
+    /// `getfd`: hands QEMU the open file `fd` under `name` (the fd travels
+    /// with the command as `SCM_RIGHTS`), for `migrate` and
+    /// `migrate-incoming` to use as `fd:NAME`.
+    ///
+    /// # Errors
+    /// See [`QmpError`].
+    pub async fn pass_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
+        let timeout = self.timeout;
+        let arguments = Some(json!({ "fdname": name }));
+        tokio::time::timeout(timeout, self.execute_inner("getfd", arguments, Some(fd)))
+            .await
+            .map_err(|_| QmpError::TimedOut {
+                step: "getfd".to_owned(),
+                timeout,
+            })?
+            .map(drop)
+    }
+
     async fn execute_untimed(
         &mut self,
         command: &str,
         arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, None).await
+    }
+
+    async fn execute_inner(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
@@ -275,11 +350,18 @@ impl QmpConnection {
             command: command.to_owned(),
             source,
         };
-        self.writer
-            .write_all(line.as_bytes())
-            .await
-            .map_err(send_error)?;
-        self.writer.flush().await.map_err(send_error)?;
+        match fd {
+            Some(fd) => send_with_fd(&self.writer, line.as_bytes(), fd)
+                .await
+                .map_err(send_error)?,
+            None => {
+                self.writer
+                    .write_all(line.as_bytes())
+                    .await
+                    .map_err(send_error)?;
+                self.writer.flush().await.map_err(send_error)?;
+            }
+        }
 
         loop {
             let message = self.read_message().await?;

@@ -1,0 +1,306 @@
+//! Pause, resume and snapshots through the real daemon and CLI, against
+//! fake-firecracker (jailed by fake-jailer when run as root).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use banger_testkit::test_daemon::{require_root, TestDaemon};
+use serde_json::Value;
+
+fn requests(daemon: &TestDaemon, vm_id: &str) -> Vec<String> {
+    daemon
+        .requests_of(vm_id)
+        .iter()
+        .map(|request| {
+            format!(
+                "{} {}",
+                request["method"].as_str().unwrap_or_default(),
+                request["path"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+fn snapshot_dirs(daemon: &TestDaemon) -> Vec<PathBuf> {
+    std::fs::read_dir(daemon.state_dir.join("snapshots"))
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn pause_resume_snapshot_list_show_rm() {
+    if !require_root("pause_resume_snapshot_list_show_rm") {
+        return;
+    }
+    let daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "src", "--image", "image", "--kernel", "kernel",
+    ]);
+    let id = daemon.vm("src")["id"].as_str().unwrap().to_owned();
+
+    let paused = daemon.banger_json(&["vm", "pause", "src"]);
+    assert_eq!(paused["state"], "paused");
+    // Pausing twice is done already; the agent is refused while paused.
+    assert_eq!(
+        daemon.banger_json(&["vm", "pause", "src"])["state"],
+        "paused"
+    );
+    let error = daemon.banger_err(&["vm", "run", "src", "--", "true"]);
+    assert!(error.contains("VM `src` is paused"), "{error}");
+    assert!(error.contains("banger vm resume src"), "{error}");
+    assert_eq!(
+        daemon.banger_json(&["vm", "resume", "src"])["state"],
+        "running"
+    );
+
+    let snapshot = daemon.banger_json(&["vm", "snapshot", "src", "first"]);
+    assert_eq!(snapshot["name"], "first");
+    assert_eq!(snapshot["source_vm"], "src");
+    assert_eq!(snapshot["image"], "image");
+    assert_eq!(snapshot["kernel"], "kernel");
+    assert_eq!(snapshot["backend"], "firecracker");
+    assert_eq!(snapshot["backend_version"], "1.17.0");
+    assert_eq!(snapshot["has_work_disk"], false);
+    assert!(snapshot["size_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(daemon.vm("src")["state"], "running");
+    let tail: Vec<_> = requests(&daemon, &id)
+        .into_iter()
+        .rev()
+        .take(6)
+        .rev()
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "PATCH /vm",
+            "PATCH /vm",
+            "PATCH /vm",
+            "GET /",
+            "PUT /snapshot/create",
+            "PATCH /vm",
+        ]
+    );
+    let dir = PathBuf::from(snapshot["dir"].as_str().unwrap());
+    for file in ["vmstate", "memory", "rootfs.ext4"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} is private: {mode:o}");
+    }
+    // A default name, then a taken one.
+    let second = daemon.banger_json(&["vm", "snapshot", "src"]);
+    assert_eq!(second["name"], "src-1");
+    let error = daemon.banger_err(&["vm", "snapshot", "src", "first"]);
+    assert!(error.contains("Snapshot `first` already exists"), "{error}");
+
+    let list = daemon.banger_json(&["snapshot", "list"]);
+    let names: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, [Value::from("first"), Value::from("src-1")]);
+    let text = daemon.banger_ok(&["snapshot", "list"]);
+    assert!(text.contains("SIZE") && text.contains("first"), "{text}");
+    // `doctor` reports the space snapshots take.
+    let output = daemon.banger(&["doctor", "--json"]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|check| check["name"] == "snapshots")
+        .cloned()
+        .unwrap();
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 in the state dir, "),
+        "{check}"
+    );
+
+    // The snapshot survives its source.
+    daemon.banger_ok(&["vm", "delete", "src", "--force"]);
+    assert_eq!(
+        daemon.banger_json(&["snapshot", "show", "first"])["source_vm_id"],
+        id
+    );
+    assert!(dir.join("memory").exists());
+
+    daemon.banger_ok(&["snapshot", "rm", "first"]);
+    daemon.banger_ok(&["snapshot", "rm", "src-1"]);
+    let error = daemon.banger_err(&["snapshot", "show", "first"]);
+    assert!(error.contains("No snapshot named `first`"), "{error}");
+    assert_eq!(snapshot_dirs(&daemon), Vec::<PathBuf>::new());
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn a_failed_snapshot_resumes_the_vm_and_registers_nothing() {
+    if !require_root("a_failed_snapshot_resumes_the_vm_and_registers_nothing") {
+        return;
+    }
+    let daemon = TestDaemon::start_with(&[("FAKE_FIRECRACKER_FAIL", "PUT /snapshot/create")]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "src", "--image", "image", "--kernel", "kernel",
+    ]);
+    let error = daemon.banger_err(&["vm", "snapshot", "src", "broken"]);
+    assert!(
+        error.contains("Could not write the snapshot of VM `src`"),
+        "{error}"
+    );
+    assert!(error.contains("injected failure"), "{error}");
+    assert_eq!(daemon.vm("src")["state"], "running");
+    let id = daemon.vm("src")["id"].as_str().unwrap().to_owned();
+    assert_eq!(requests(&daemon, &id).last().unwrap(), "PATCH /vm");
+    assert_eq!(
+        daemon.banger_json(&["snapshot", "list"]),
+        Value::Array(vec![])
+    );
+    assert_eq!(snapshot_dirs(&daemon), Vec::<PathBuf>::new());
+
+    // A stopped VM has nothing to snapshot.
+    daemon.banger_ok(&["vm", "stop", "src"]);
+    let error = daemon.banger_err(&["vm", "snapshot", "src"]);
+    assert!(error.contains("VM `src` is stopped"), "{error}");
+    daemon.banger_ok(&["vm", "delete", "src"]);
+    let _ = Duration::ZERO;
+    daemon.assert_no_leaks();
+}
+
+fn body_of(daemon: &TestDaemon, vm_id: &str, path: &str) -> Value {
+    daemon
+        .requests_of(vm_id)
+        .into_iter()
+        .find(|request| request["path"] == path)
+        .map(|request| request["body"].clone())
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn create_from_snapshot_restores_with_its_own_disk_and_survives_snapshot_rm() {
+    if !require_root("create_from_snapshot_restores_with_its_own_disk_and_survives_snapshot_rm") {
+        return;
+    }
+    let daemon = TestDaemon::start_with(&[]);
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "src", "--image", "image", "--kernel", "kernel",
+    ]);
+    let snapshot = daemon.banger_json(&["vm", "snapshot", "src", "base"]);
+
+    // Everything but the name is the snapshot's.
+    let error = daemon.banger_err(&[
+        "vm",
+        "create",
+        "bad",
+        "--from-snapshot",
+        "base",
+        "--memory",
+        "512",
+    ]);
+    assert!(error.contains("cannot be used with"), "{error}");
+    let error = daemon.banger_err(&["vm", "create", "bad", "--from-snapshot", "nothing"]);
+    assert!(error.contains("No snapshot named `nothing`"), "{error}");
+
+    let output = daemon.banger_ok(&["vm", "create", "copy", "--from-snapshot", "base", "--json"]);
+    let stages: Vec<String> = output
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|frame| frame["status"] == "finished")
+        .filter_map(|frame| frame["stage"].as_str().map(str::to_owned))
+        .collect();
+    assert!(stages.contains(&"restore".to_owned()), "{output}");
+    assert!(!stages.contains(&"boot".to_owned()), "{output}");
+    let copy = daemon.vm("copy");
+    assert_eq!(copy["state"], "running");
+    assert_eq!(copy["image"], "image");
+    assert_eq!(copy["memory_mib"], snapshot["memory_mib"]);
+    let copy_id = copy["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        requests(&daemon, &copy_id),
+        ["PUT /logger", "PUT /metrics", "GET /", "PUT /snapshot/load"]
+    );
+    let load = body_of(&daemon, &copy_id, "/snapshot/load");
+    assert_eq!(load["resume_vm"], true);
+    assert_eq!(load["mem_backend"]["backend_type"], "File");
+    assert_eq!(load["vsock_override"]["uds_path"], "/vsock.sock");
+    // Its root disk is its own clone of the snapshot's copy.
+    let copy_disk = PathBuf::from(copy["dir"].as_str().unwrap()).join("rootfs.ext4");
+    let snapshot_disk = PathBuf::from(snapshot["dir"].as_str().unwrap()).join("rootfs.ext4");
+    assert_eq!(
+        std::fs::read(&copy_disk).unwrap(),
+        std::fs::read(&snapshot_disk).unwrap()
+    );
+
+    // Removing the snapshot is safe while the copy runs: the copy keeps
+    // its own disk and its own link to the memory.
+    daemon.banger_ok(&["snapshot", "rm", "base"]);
+    assert!(copy_disk.exists());
+    assert_eq!(daemon.vm("copy")["state"], "running");
+    let pid = daemon.vm("copy")["pid"].as_u64().unwrap() as u32;
+    assert!(daemon.vmm_pids().contains(&pid));
+    daemon.banger_ok(&["vm", "stop", "copy"]);
+    daemon.banger_ok(&["vm", "start", "copy"]);
+    assert_eq!(daemon.vm("copy")["state"], "running");
+
+    for vm in ["copy", "src"] {
+        daemon.banger_ok(&["vm", "delete", vm, "--force"]);
+    }
+    daemon.assert_no_leaks();
+}
+
+#[test]
+fn fork_makes_copies_and_a_failed_load_rolls_back() {
+    if !require_root("fork_makes_copies_and_a_failed_load_rolls_back") {
+        return;
+    }
+    let mut daemon = TestDaemon::new(&[]);
+    daemon.start();
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm", "create", "src", "--image", "image", "--kernel", "kernel",
+    ]);
+    daemon.banger_ok(&["vm", "fork", "src", "twin", "--count", "2"]);
+    for name in ["twin-1", "twin-2"] {
+        assert_eq!(daemon.vm(name)["state"], "running", "{name}");
+    }
+    assert_eq!(daemon.vm("src")["state"], "running");
+    // The fork's snapshot is gone again.
+    assert_eq!(
+        daemon.banger_json(&["snapshot", "list"]),
+        Value::Array(vec![])
+    );
+    assert_eq!(snapshot_dirs(&daemon), Vec::<PathBuf>::new());
+
+    // A load Firecracker refuses: the create fails and is rolled back.
+    daemon.banger_ok(&["vm", "snapshot", "src", "base"]);
+    daemon.terminate();
+    daemon.set_env("FAKE_FIRECRACKER_FAIL", "PUT /snapshot/load");
+    daemon.start();
+    let error = daemon.banger_err(&["vm", "create", "broken", "--from-snapshot", "base"]);
+    assert!(
+        error.contains("Could not restore VM `broken` from snapshot `base`"),
+        "{error}"
+    );
+    assert!(error.contains("injected failure"), "{error}");
+    let broken = daemon.vm("broken");
+    assert_eq!(broken["state"], "failed");
+    assert!(
+        !PathBuf::from(broken["dir"].as_str().unwrap()).exists(),
+        "its files are gone"
+    );
+    daemon.banger_ok(&["vm", "delete", "broken"]);
+    daemon.banger_ok(&["snapshot", "rm", "base"]);
+    for vm in ["twin-1", "twin-2", "src"] {
+        daemon.banger_ok(&["vm", "delete", vm, "--force"]);
+    }
+    let _ = Duration::ZERO;
+    daemon.assert_no_leaks();
+}
