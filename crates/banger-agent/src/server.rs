@@ -383,6 +383,14 @@ async fn run_operation(
             })
             .await
         }
+        Operation::Listening { port } => {
+            blocking(move || {
+                system::listening(std::path::Path::new(system::PROC_NET), port)
+                    .map(|listening| OperationResult::Listening { listening })
+                    .map_err(|error| failure(AgentErrorKind::Io, &error))
+            })
+            .await
+        }
         Operation::Shutdown => {
             let _ = agent.shutdown.send(true);
             Ok(OperationResult::ShuttingDown)

@@ -296,6 +296,9 @@ pub struct SshArgs {
     /// Guest user to log in as.
     #[arg(short = 'u', long, default_value = "root")]
     pub user: String,
+    /// The guest's sshd port (waited for until it listens).
+    #[arg(short = 'p', long, default_value_t = 22)]
+    pub port: u16,
     /// A command to run instead of a login shell.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -340,9 +343,17 @@ pub struct CreateArgs {
     /// workspace prepare`, a `workspace` stage).
     #[arg(long, value_name = "PATH", conflicts_with = "no_start")]
     pub workspace: Option<PathBuf>,
-    /// Guest directory for `--workspace`.
-    #[arg(long, value_name = "DIR", requires = "workspace", default_value = DEFAULT_WORKSPACE_DEST)]
-    pub workspace_dest: String,
+    /// Guest directory for the workspace (default: /root/repo).
+    #[arg(long, value_name = "DIR")]
+    pub workspace_dest: Option<String>,
+    /// Take defaults from this project file (default: `banger.toml` in the
+    /// `--workspace` directory); flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub project: Option<PathBuf>,
+    /// Once the VM runs, wait until its sshd listens on PORT (22), an `ssh
+    /// ready` stage asked of the guest agent.
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "22", require_equals = true, conflicts_with = "no_start")]
+    pub wait_ssh: Option<u16>,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
     pub json: bool,
@@ -605,7 +616,8 @@ mod tests {
         let Command::Vm(VmCommand::Create(create)) = cli.command else {
             panic!("not create");
         };
-        assert_eq!(create.workspace_dest, DEFAULT_WORKSPACE_DEST);
+        assert_eq!(create.workspace.as_deref(), Some(std::path::Path::new(".")));
+        assert!(create.workspace_dest.is_none() && create.project.is_none());
     }
 
     #[test]

@@ -561,8 +561,63 @@ pub async fn authsync(socket: &Path, printer: Printer, args: AuthsyncArgs) -> an
     Ok(())
 }
 
-/// How long `vm ssh` waits for a booting guest's host keys.
-const HOST_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+/// How long `vm ssh` waits for a booting guest's host keys, and then for
+/// its sshd to listen.
+pub(crate) const SSH_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Waits (up to `timeout`, saying so once when it has to) until a TCP
+/// socket in the guest listens on `port`, asking the guest agent, which
+/// reads the guest's socket table: host keys exist before sshd listens.
+/// Returns whether it had to wait. An agent that cannot answer (one from
+/// before the question existed) is not waited for.
+pub(crate) async fn wait_listening(
+    agent: &AgentClient,
+    vm: &str,
+    port: u16,
+    timeout: std::time::Duration,
+    quiet: bool,
+) -> anyhow::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut waited = false;
+    loop {
+        match agent.listening(port).await {
+            Ok(true) => return Ok(waited),
+            Ok(false) => {}
+            // An agent that does not know the question refuses it or
+            // hangs up.
+            Err(
+                error @ (banger_agent_proto::client::ClientError::Agent(_)
+                | banger_agent_proto::client::ClientError::ConnectionClosed),
+            ) => {
+                if !quiet {
+                    eprintln!(
+                        "cannot ask {vm}'s agent whether port {port} listens ({}); not waiting",
+                        banger_proto::sanitize::one_line(&error.to_string())
+                    );
+                }
+                return Ok(false);
+            }
+            Err(error) => return Err(agent_error(vm, error)),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(hinted(
+                anyhow::anyhow!(
+                    "Nothing listens on port {port} in VM `{vm}` after {} s",
+                    timeout.as_secs()
+                ),
+                "is sshd enabled in its image? `banger vm logs NAME` shows its boot",
+            ));
+        }
+        if !waited && !quiet {
+            eprintln!(
+                "waiting up to {} s for {vm} to listen on port {port}…",
+                timeout.as_secs()
+            );
+        }
+        waited = true;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
 
 /// Pins the guest's host keys (learned through the agent) under `alias`.
 async fn pin_host_keys(
@@ -572,7 +627,7 @@ async fn pin_host_keys(
     managed: &ManagedSsh,
 ) -> anyhow::Result<()> {
     // A guest that just booted may still be generating its host keys.
-    let deadline = std::time::Instant::now() + HOST_KEY_WAIT;
+    let deadline = std::time::Instant::now() + SSH_WAIT;
     let mut told = false;
     let keys = loop {
         let keys = agent
@@ -585,7 +640,7 @@ async fn pin_host_keys(
         if std::time::Instant::now() >= deadline {
             bail!(
                 "VM `{vm}` has no SSH host keys after {} s (is openssh-server installed in its image?)",
-                HOST_KEY_WAIT.as_secs()
+                SSH_WAIT.as_secs()
             );
         }
         if !told {
@@ -703,6 +758,7 @@ async fn prepare_ssh(
     socket: &Path,
     reference: &str,
     user: &str,
+    port: u16,
 ) -> anyhow::Result<(Vm, String, ManagedSsh)> {
     let vm = vm_of(socket, reference).await?;
     let agent = connect(socket, &vm.name).await?;
@@ -713,11 +769,12 @@ async fn prepare_ssh(
         |network| network.dns_name.clone(),
     );
     pin_host_keys(&agent, &vm.name, &alias, &managed).await?;
+    wait_listening(&agent, &vm.name, port, SSH_WAIT, false).await?;
     Ok((vm, alias, managed))
 }
 
 pub async fn ssh(socket: &Path, args: SshArgs) -> anyhow::Result<()> {
-    let (vm, alias, managed) = prepare_ssh(socket, &args.name.vm, &args.user).await?;
+    let (vm, alias, managed) = prepare_ssh(socket, &args.name.vm, &args.user, args.port).await?;
     let Some(network) = &vm.network else {
         return Err(hinted(
             anyhow::anyhow!("VM `{}` has no network interface", vm.name),
@@ -742,6 +799,7 @@ pub async fn ssh(socket: &Path, args: SshArgs) -> anyhow::Result<()> {
         .arg("-o")
         .arg(format!("HostKeyAlias={alias}"))
         .args(["-l", &args.user])
+        .args(["-p", &args.port.to_string()])
         .arg(&network.ip);
     if !args.command.is_empty() {
         command.arg("--").args(&args.command);
@@ -759,7 +817,7 @@ pub async fn ssh(socket: &Path, args: SshArgs) -> anyhow::Result<()> {
 pub async fn ssh_proxy(socket: &Path, host: &str, port: u16) -> anyhow::Result<()> {
     let name = host.split('.').next().unwrap_or(host);
     let user = std::env::var("BANGER_SSH_USER").unwrap_or_else(|_| "root".to_owned());
-    let (vm, _, _) = prepare_ssh(socket, name, &user).await?;
+    let (vm, _, _) = prepare_ssh(socket, name, &user, port).await?;
     let Some(network) = &vm.network else {
         bail!("VM `{}` has no network interface", vm.name);
     };
