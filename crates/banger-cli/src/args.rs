@@ -210,6 +210,9 @@ pub struct WorkspacePrepareArgs {
     /// PATH is not a git repository: copy every file under it as is.
     #[arg(long, conflicts_with = "include_ignored")]
     pub no_git: bool,
+    /// Print the stage events and the result as JSON lines.
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -238,6 +241,8 @@ pub struct WorkspaceExportArgs {
     /// Guest user who runs git there.
     #[arg(short = 'u', long, default_value = "root")]
     pub user: String,
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +292,8 @@ pub struct CpArgs {
     /// and sticky bits are always dropped.
     #[arg(short = 'a', long = "archive")]
     pub archive: bool,
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -311,6 +318,8 @@ pub struct AuthsyncArgs {
     /// Guest user whose authorized_keys and git identity are replaced.
     #[arg(short = 'u', long, default_value = "root")]
     pub user: String,
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -440,6 +449,8 @@ pub enum ImageCommand {
     Rm {
         #[arg(add = crate::completion::image_names())]
         name: String,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 
@@ -495,6 +506,8 @@ pub enum KernelCommand {
     Rm {
         #[arg(add = crate::completion::kernel_names())]
         name: String,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 
@@ -510,7 +523,11 @@ pub enum OperationCommand {
         json: JsonFlag,
     },
     /// Cancel a running operation; it rolls back what it made.
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -227,7 +227,16 @@ pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> anyhow::Result
         (Location::Host(source), Location::Guest { vm, path }) => {
             let agent = connect(socket, &vm).await?;
             let entries = copy_in(&agent, &vm, &source, &path).await?;
-            printer.message(&format!("Copied {entries} entries to {vm}:{path}"));
+            if args.json.json {
+                printer.json(&serde_json::json!({
+                    "vm": vm,
+                    "source": source,
+                    "destination": path,
+                    "entries": entries,
+                }));
+            } else {
+                printer.message(&format!("Copied {entries} entries to {vm}:{path}"));
+            }
             Ok(())
         }
         (Location::Guest { vm, path }, Location::Host(destination)) => {
@@ -237,7 +246,15 @@ pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> anyhow::Result
                 unpack: unpack_options(args.archive),
             };
             copy_out(&agent, &vm, &path, &destination, options).await?;
-            printer.message(&format!("Copied {vm}:{path} to {}", destination.display()));
+            if args.json.json {
+                printer.json(&serde_json::json!({
+                    "vm": vm,
+                    "source": path,
+                    "destination": destination,
+                }));
+            } else {
+                printer.message(&format!("Copied {vm}:{path} to {}", destination.display()));
+            }
             Ok(())
         }
         (Location::Host(_), Location::Host(_)) => {
@@ -554,6 +571,14 @@ async fn push_auth(agent: &AgentClient, vm: &str, user: &str) -> anyhow::Result<
 pub async fn authsync(socket: &Path, printer: Printer, args: AuthsyncArgs) -> anyhow::Result<()> {
     let agent = connect(socket, &args.name.vm).await?;
     let count = push_auth(&agent, &args.name.vm, &args.user).await?;
+    if args.json.json {
+        printer.json(&serde_json::json!({
+            "vm": args.name.vm,
+            "user": args.user,
+            "keys": count,
+        }));
+        return Ok(());
+    }
     printer.message(&format!(
         "Installed {count} public key(s) and your git identity for {} in {}",
         args.user, args.name.vm

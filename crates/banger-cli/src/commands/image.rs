@@ -125,11 +125,15 @@ pub async fn run_image(
                 ));
             }
         }
-        ImageCommand::Rm { name } => {
+        ImageCommand::Rm { name, json } => {
             let image = client
                 .call::<method::ImageRemove>(RemoveParams { name })
                 .await?;
-            printer.message(&format!("removed image {}", image.name));
+            if json.json {
+                printer.json(&image);
+            } else {
+                printer.message(&format!("removed image {}", image.name));
+            }
         }
     }
     Ok(())
@@ -234,11 +238,15 @@ pub async fn run_kernel(
                 ));
             }
         }
-        KernelCommand::Rm { name } => {
+        KernelCommand::Rm { name, json } => {
             let kernel = client
                 .call::<method::KernelRemove>(RemoveParams { name })
                 .await?;
-            printer.message(&format!("removed kernel {}", kernel.name));
+            if json.json {
+                printer.json(&kernel);
+            } else {
+                printer.message(&format!("removed kernel {}", kernel.name));
+            }
         }
     }
     Ok(())
