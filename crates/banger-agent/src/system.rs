@@ -56,6 +56,8 @@ pub struct SystemPaths {
     pub os_release: PathBuf,
     pub proc: PathBuf,
     pub ssh_config_dir: PathBuf,
+    /// The `PATH` commands run with.
+    pub command_path: String,
 }
 
 impl Default for SystemPaths {
@@ -64,6 +66,7 @@ impl Default for SystemPaths {
             os_release: PathBuf::from("/etc/os-release"),
             proc: PathBuf::from("/proc"),
             ssh_config_dir: PathBuf::from("/etc/ssh"),
+            command_path: crate::exec::DEFAULT_PATH.to_owned(),
         }
     }
 }
@@ -245,9 +248,6 @@ pub fn host_keys(ssh_config_dir: &Path) -> Result<Vec<HostKey>, SystemError> {
     }
     Ok(keys)
 }
-
-/// Where the kernel lists the sockets of the agent's network namespace.
-pub const PROC_NET: &str = "/proc/net";
 
 /// Whether a TCP socket listens on `port`: a `LISTEN` (state `0A`) line of
 /// `tcp` or `tcp6` under `proc_net` whose local port is `port`. A missing
@@ -514,9 +514,9 @@ mod tests {
         // The real table: a listener of this process is seen.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        assert!(listening(Path::new(PROC_NET), port).unwrap());
+        assert!(listening(Path::new("/proc/net"), port).unwrap());
         drop(listener);
-        assert!(!listening(Path::new(PROC_NET), port).unwrap());
+        assert!(!listening(Path::new("/proc/net"), port).unwrap());
     }
 
     #[test]

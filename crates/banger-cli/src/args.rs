@@ -158,6 +158,10 @@ pub enum VmCommand {
     Logs {
         #[command(flatten)]
         name: VmName,
+        /// The guest's journal (`journalctl -b` through the agent) instead
+        /// of the console; `-f` follows it until Ctrl-C.
+        #[arg(long)]
+        guest: bool,
         /// Go on printing what the guest writes until its VMM exits.
         #[arg(short, long)]
         follow: bool,

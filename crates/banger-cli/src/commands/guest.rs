@@ -1005,6 +1005,121 @@ pub async fn logs(
     out(&printer.finish())
 }
 
+/// An agent error of `vm logs --guest`, with a hint when the guest has no
+/// `journalctl` to run.
+fn journal_error(vm: &str, error: banger_agent_proto::client::ClientError) -> anyhow::Error {
+    let missing = matches!(
+        &error,
+        banger_agent_proto::client::ClientError::Agent(refusal)
+            if refusal.message.contains("journalctl") && refusal.message.contains("No such file")
+    );
+    let error = agent_error(vm, error);
+    if missing {
+        hinted(
+            error.context("The guest has no journalctl"),
+            "its init is not systemd; the agent logs to the console: `banger vm logs NAME`",
+        )
+    } else {
+        error
+    }
+}
+
+/// `vm logs --guest`: the guest's journal for this boot, read by running
+/// `journalctl` in the guest through the agent (`--lines=N` for `--tail`,
+/// `--follow` until Ctrl-C, which is passed on to it).
+pub async fn guest_logs(
+    socket: &Path,
+    reference: &str,
+    follow: bool,
+    tail: Option<u64>,
+    raw: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let agent = connect(socket, reference).await?;
+    let mut argv: Vec<String> = ["journalctl", "--no-pager", "--boot", "--output=short-iso"]
+        .map(str::to_owned)
+        .to_vec();
+    if let Some(lines) = tail {
+        argv.push(format!("--lines={lines}"));
+    }
+    if follow {
+        argv.push("--follow".to_owned());
+    }
+    let session = agent
+        .exec(ExecRequest {
+            argv,
+            ..ExecRequest::default()
+        })
+        .await
+        .map_err(|error| journal_error(reference, error))?;
+    let ExecSession {
+        mut stdin,
+        mut stdout,
+        mut stderr,
+        control,
+        exit,
+    } = session;
+    stdin.close();
+    let format = if raw {
+        LogFormat::Raw
+    } else if json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    let mut printer = LogPrinter {
+        format,
+        pending: Vec::new(),
+    };
+    let signals = tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                Some(()) = interrupt.recv() => { let _ = control.signal(libc::SIGINT); }
+                Some(()) = terminate.recv() => { let _ = control.signal(libc::SIGTERM); }
+                else => break,
+            }
+        }
+    });
+    let errors = tokio::spawn(async move {
+        let mut err = tokio::io::stderr();
+        while let Some(chunk) = stderr.recv().await {
+            let text = banger_proto::sanitize::text(&String::from_utf8_lossy(&chunk));
+            if err.write_all(text.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = stdout.recv().await {
+        if out
+            .write_all(&printer.push(&chunk))
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = out.write_all(&printer.finish()).and_then(|()| out.flush());
+    let status = exit.wait().await;
+    signals.abort();
+    let _ = errors.await;
+    let status = status.map_err(|error| journal_error(reference, error))?;
+    match status.shell_code() {
+        0 => Ok(()),
+        // Ctrl-C while following is how one leaves.
+        130 if follow => Ok(()),
+        code => Err(Exit(u8::try_from(code).unwrap_or(255)).into()),
+    }
+}
+
 // ---- stats ----
 
 pub async fn stats(

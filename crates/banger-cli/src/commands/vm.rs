@@ -29,6 +29,15 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
         }
         VmCommand::Logs {
             name,
+            guest: true,
+            follow,
+            tail,
+            raw,
+            json,
+        } => super::guest::guest_logs(socket, &name.vm, follow, tail, raw, json.json).await,
+        VmCommand::Logs {
+            name,
+            guest: false,
             follow,
             tail,
             raw,
