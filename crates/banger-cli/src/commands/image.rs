@@ -9,12 +9,14 @@ use banger_proto::{ImportImageParams, ImportKernelParams, RemoveParams};
 
 use crate::args::{ImageCommand, KernelCommand};
 use crate::client::Client;
+use crate::error::Hint as _;
 use crate::printer::{table, Printer};
 
 /// The daemon runs elsewhere (another cwd): send absolute, existing paths.
 pub fn absolute(path: &Path) -> anyhow::Result<String> {
-    let absolute: PathBuf =
-        std::fs::canonicalize(path).with_context(|| format!("Cannot use {}", path.display()))?;
+    let absolute: PathBuf = std::fs::canonicalize(path)
+        .with_context(|| format!("Cannot use {}", path.display()))
+        .hint("check the path; it is read by you, from this directory")?;
     absolute
         .to_str()
         .map(str::to_owned)
