@@ -593,8 +593,9 @@ pub(crate) const SSH_WAIT: std::time::Duration = std::time::Duration::from_secs(
 /// Waits (up to `timeout`, saying so once when it has to) until a TCP
 /// socket in the guest listens on `port`, asking the guest agent, which
 /// reads the guest's socket table: host keys exist before sshd listens.
-/// Returns whether it had to wait. An agent that cannot answer (one from
-/// before the question existed) is not waited for.
+/// Returns whether the port was seen listening: `false` when the agent
+/// cannot answer (one from before the question existed), which is not
+/// waited for.
 pub(crate) async fn wait_listening(
     agent: &AgentClient,
     vm: &str,
@@ -603,10 +604,10 @@ pub(crate) async fn wait_listening(
     quiet: bool,
 ) -> anyhow::Result<bool> {
     let deadline = std::time::Instant::now() + timeout;
-    let mut waited = false;
+    let mut told = false;
     loop {
         match agent.listening(port).await {
-            Ok(true) => return Ok(waited),
+            Ok(true) => return Ok(true),
             Ok(false) => {}
             // An agent that does not know the question refuses it or
             // hangs up.
@@ -633,13 +634,13 @@ pub(crate) async fn wait_listening(
                 "is sshd enabled in its image? `banger vm logs NAME` shows its boot",
             ));
         }
-        if !waited && !quiet {
+        if !told && !quiet {
             eprintln!(
                 "waiting up to {} s for {vm} to listen on port {port}…",
                 timeout.as_secs()
             );
         }
-        waited = true;
+        told = true;
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }

@@ -347,11 +347,13 @@ async fn wait_ssh_stage(
     }
     .await;
     match outcome {
-        Ok(_) => {
-            view.stage(&event(
-                StageStatus::Finished,
-                Some(format!("port {port} listens")),
-            ));
+        Ok(seen) => {
+            let message = if seen {
+                format!("port {port} listens")
+            } else {
+                "not waited: the guest agent cannot tell (an older agent)".to_owned()
+            };
+            view.stage(&event(StageStatus::Finished, Some(message)));
             Ok(())
         }
         Err(error) => {
