@@ -418,6 +418,16 @@ impl AgentClient {
         }
     }
 
+    /// Whether a TCP socket in the guest listens on `port`.
+    pub async fn listening(&self, port: u16) -> Result<bool, ClientError> {
+        match self.unary(Operation::Listening { port }).await? {
+            OperationResult::Listening { listening } => Ok(listening),
+            _ => Err(ClientError::UnexpectedResult {
+                operation: "listening",
+            }),
+        }
+    }
+
     /// Asks the guest to power off; returns once the agent acknowledged.
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         match self.unary(Operation::Shutdown).await? {

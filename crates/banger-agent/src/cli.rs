@@ -27,6 +27,10 @@ pub struct Args {
     /// Where the SSH host keys are.
     #[arg(long, value_name = "DIR", default_value = "/etc/ssh")]
     pub ssh_config_dir: PathBuf,
+    /// The `PATH` commands run with (host test mode: a directory of stand-in
+    /// guest programs first).
+    #[arg(long, value_name = "PATH", hide = true, requires = "listen_unix")]
+    pub command_path: Option<String>,
     /// Set by the agent itself when it re-executes after leaving the initramfs.
     #[arg(long, hide = true)]
     pub from_initramfs: bool,

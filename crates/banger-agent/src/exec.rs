@@ -32,7 +32,7 @@ use crate::transport::FdStream;
 
 /// How long output is still read from a quiet fd after the child exited.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 type Source = Box<dyn AsyncRead + Send + Unpin>;
@@ -115,6 +115,7 @@ pub async fn run(
     reaper: &Reaper,
     request: ExecRequest,
     mut io: ExecIo,
+    path: &str,
 ) -> Result<ExitStatus, ExecError> {
     let program = request.argv.first().ok_or(ExecError::EmptyCommand)?.clone();
     let identity = resolve_user(request.user.as_deref())?;
@@ -122,7 +123,7 @@ pub async fn run(
     let mut command = std::process::Command::new(&program);
     command.args(&request.argv[1..]).env_clear();
     command
-        .env("PATH", DEFAULT_PATH)
+        .env("PATH", path)
         .env("HOME", &identity.home)
         .env("USER", &identity.name)
         .env("LOGNAME", &identity.name)

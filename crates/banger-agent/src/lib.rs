@@ -125,6 +125,10 @@ pub fn main() -> ExitCode {
     };
     let paths = SystemPaths {
         ssh_config_dir: args.ssh_config_dir.clone(),
+        command_path: args
+            .command_path
+            .clone()
+            .unwrap_or_else(|| exec::DEFAULT_PATH.to_owned()),
         ..SystemPaths::default()
     };
     let result = runtime.block_on(async {

@@ -315,28 +315,30 @@ async fn run_operation(
     io: ExecIo,
 ) -> Result<OperationResult, AgentError> {
     match operation {
-        Operation::Exec(request) => exec::run(&agent.reaper, request, io)
-            .await
-            .map(OperationResult::Exited)
-            .map_err(|error| {
-                let kind = match &error {
-                    exec::ExecError::EmptyCommand | exec::ExecError::UnknownUser { .. } => {
-                        AgentErrorKind::InvalidRequest
-                    }
-                    exec::ExecError::Spawn { source, .. }
-                        if source.kind() == std::io::ErrorKind::NotFound =>
-                    {
-                        AgentErrorKind::InvalidRequest
-                    }
-                    exec::ExecError::Spawn { source, .. }
-                        if source.kind() == std::io::ErrorKind::PermissionDenied =>
-                    {
-                        AgentErrorKind::PermissionDenied
-                    }
-                    _ => AgentErrorKind::Io,
-                };
-                failure(kind, &error)
-            }),
+        Operation::Exec(request) => {
+            exec::run(&agent.reaper, request, io, &agent.paths.command_path)
+                .await
+                .map(OperationResult::Exited)
+                .map_err(|error| {
+                    let kind = match &error {
+                        exec::ExecError::EmptyCommand | exec::ExecError::UnknownUser { .. } => {
+                            AgentErrorKind::InvalidRequest
+                        }
+                        exec::ExecError::Spawn { source, .. }
+                            if source.kind() == std::io::ErrorKind::NotFound =>
+                        {
+                            AgentErrorKind::InvalidRequest
+                        }
+                        exec::ExecError::Spawn { source, .. }
+                            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                        {
+                            AgentErrorKind::PermissionDenied
+                        }
+                        _ => AgentErrorKind::Io,
+                    };
+                    failure(kind, &error)
+                })
+        }
         Operation::CopyIn { dest } => copy_in(io, PathBuf::from(dest)).await,
         Operation::CopyOut { path, follow_links } => {
             copy_out(io, PathBuf::from(path), follow_links).await
@@ -379,6 +381,15 @@ async fn run_operation(
             blocking(move || {
                 system::host_keys(&dir)
                     .map(|keys| OperationResult::HostKeys { keys })
+                    .map_err(|error| failure(AgentErrorKind::Io, &error))
+            })
+            .await
+        }
+        Operation::Listening { port } => {
+            let proc_net = agent.paths.proc.join("net");
+            blocking(move || {
+                system::listening(&proc_net, port)
+                    .map(|listening| OperationResult::Listening { listening })
                     .map_err(|error| failure(AgentErrorKind::Io, &error))
             })
             .await

@@ -56,6 +56,8 @@ pub struct SystemPaths {
     pub os_release: PathBuf,
     pub proc: PathBuf,
     pub ssh_config_dir: PathBuf,
+    /// The `PATH` commands run with.
+    pub command_path: String,
 }
 
 impl Default for SystemPaths {
@@ -64,6 +66,7 @@ impl Default for SystemPaths {
             os_release: PathBuf::from("/etc/os-release"),
             proc: PathBuf::from("/proc"),
             ssh_config_dir: PathBuf::from("/etc/ssh"),
+            command_path: crate::exec::DEFAULT_PATH.to_owned(),
         }
     }
 }
@@ -244,6 +247,36 @@ pub fn host_keys(ssh_config_dir: &Path) -> Result<Vec<HostKey>, SystemError> {
         }
     }
     Ok(keys)
+}
+
+/// Whether a TCP socket listens on `port`: a `LISTEN` (state `0A`) line of
+/// `tcp` or `tcp6` under `proc_net` whose local port is `port`. A missing
+/// `tcp6` (no IPv6) counts as no sockets.
+pub fn listening(proc_net: &Path, port: u16) -> Result<bool, SystemError> {
+    for file in ["tcp", "tcp6"] {
+        let path = proc_net.join(file);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && file == "tcp6" => {
+                continue
+            }
+            Err(source) => return Err(SystemError::Read { path, source }),
+        };
+        // `sl local_address rem_address st ...`; addresses are `HEX:PORT`.
+        let found = text.lines().skip(1).any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let local_port = fields
+                .next()
+                .and_then(|local| local.rsplit_once(':'))
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+            let state = fields.nth(1);
+            local_port == Some(port) && state == Some("0A")
+        });
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Installs the request's keys and git identity for its user (looked up in passwd).
@@ -457,6 +490,33 @@ mod tests {
         let gitconfig = fs::read_to_string(home.path().join(".gitconfig")).unwrap();
         assert!(gitconfig.contains("name = \"Ada\""));
         assert!(gitconfig.contains("email = \"ada@example.org\""));
+    }
+
+    #[test]
+    fn a_port_listens_when_tcp_or_tcp6_has_a_listen_line_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        // Port 22 connected (01), port 8080 (1F90) listening.
+        std::fs::write(
+            dir.path().join("tcp"),
+            format!("{header}   0: 0100007F:0016 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 1\n   1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2\n"),
+        )
+        .unwrap();
+        assert!(!listening(dir.path(), 22).unwrap());
+        assert!(listening(dir.path(), 8080).unwrap());
+        std::fs::write(
+            dir.path().join("tcp6"),
+            format!("{header}   0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3\n"),
+        )
+        .unwrap();
+        assert!(listening(dir.path(), 22).unwrap());
+
+        // The real table: a listener of this process is seen.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listening(Path::new("/proc/net"), port).unwrap());
+        drop(listener);
+        assert!(!listening(Path::new("/proc/net"), port).unwrap());
     }
 
     #[test]

@@ -168,6 +168,10 @@ pub enum VmCommand {
     Logs {
         #[command(flatten)]
         name: VmName,
+        /// The guest's journal (`journalctl -b` through the agent) instead
+        /// of the console; `-f` follows it until Ctrl-C.
+        #[arg(long)]
+        guest: bool,
         /// Go on printing what the guest writes until its VMM exits.
         #[arg(short, long)]
         follow: bool,
@@ -279,6 +283,9 @@ pub struct WorkspacePrepareArgs {
     /// PATH is not a git repository: copy every file under it as is.
     #[arg(long, conflicts_with = "include_ignored")]
     pub no_git: bool,
+    /// Print the stage events and the result as JSON lines.
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -307,6 +314,8 @@ pub struct WorkspaceExportArgs {
     /// Guest user who runs git there.
     #[arg(short = 'u', long, default_value = "root")]
     pub user: String,
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -356,6 +365,8 @@ pub struct CpArgs {
     /// and sticky bits are always dropped.
     #[arg(short = 'a', long = "archive")]
     pub archive: bool,
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -365,6 +376,9 @@ pub struct SshArgs {
     /// Guest user to log in as.
     #[arg(short = 'u', long, default_value = "root")]
     pub user: String,
+    /// The guest's sshd port (waited for until it listens).
+    #[arg(short = 'p', long, default_value_t = 22)]
+    pub port: u16,
     /// A command to run instead of a login shell.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -377,6 +391,8 @@ pub struct AuthsyncArgs {
     /// Guest user whose authorized_keys and git identity are replaced.
     #[arg(short = 'u', long, default_value = "root")]
     pub user: String,
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -409,9 +425,17 @@ pub struct CreateArgs {
     /// workspace prepare`, a `workspace` stage).
     #[arg(long, value_name = "PATH", conflicts_with = "no_start")]
     pub workspace: Option<PathBuf>,
-    /// Guest directory for `--workspace`.
-    #[arg(long, value_name = "DIR", requires = "workspace", default_value = DEFAULT_WORKSPACE_DEST)]
-    pub workspace_dest: String,
+    /// Guest directory for the workspace (default: /root/repo).
+    #[arg(long, value_name = "DIR")]
+    pub workspace_dest: Option<String>,
+    /// Take defaults from this project file (default: `banger.toml` in the
+    /// `--workspace` directory); flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub project: Option<PathBuf>,
+    /// Once the VM runs, wait until its sshd listens on PORT (22), an `ssh
+    /// ready` stage asked of the guest agent.
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "22", require_equals = true, conflicts_with = "no_start")]
+    pub wait_ssh: Option<u16>,
     /// Forward a host port to the VM: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]
     /// (repeatable; HOSTIP defaults to 127.0.0.1, 0.0.0.0 is every address).
     #[arg(short = 'p', long = "publish", value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/PROTO]", value_parser = banger_proto::PublishedPort::parse)]
@@ -426,7 +450,7 @@ pub struct CreateArgs {
     pub network_group: Option<String>,
     /// Start from this snapshot's memory and disks (`vm snapshot`) instead
     /// of booting; image, kernel, size and backend are the snapshot's.
-    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "kernel", "vcpus", "memory_mib", "no_start", "backend", "work_disk", "workspace"])]
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "kernel", "vcpus", "memory_mib", "no_start", "backend", "work_disk", "workspace", "project"])]
     pub from_snapshot: Option<String>,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
@@ -540,6 +564,8 @@ pub enum ImageCommand {
     Rm {
         #[arg(add = crate::completion::image_names())]
         name: String,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 
@@ -595,6 +621,8 @@ pub enum KernelCommand {
     Rm {
         #[arg(add = crate::completion::kernel_names())]
         name: String,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 
@@ -610,7 +638,11 @@ pub enum OperationCommand {
         json: JsonFlag,
     },
     /// Cancel a running operation; it rolls back what it made.
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -716,7 +748,8 @@ mod tests {
         let Command::Vm(VmCommand::Create(create)) = cli.command else {
             panic!("not create");
         };
-        assert_eq!(create.workspace_dest, DEFAULT_WORKSPACE_DEST);
+        assert_eq!(create.workspace.as_deref(), Some(std::path::Path::new(".")));
+        assert!(create.workspace_dest.is_none() && create.project.is_none());
     }
 
     #[test]

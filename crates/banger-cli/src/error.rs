@@ -80,7 +80,7 @@ pub struct Exit(pub u8);
 
 /// Every error of the chain, outermost first, including the error each
 /// [`Hinted`] link stands in for.
-fn links(error: &anyhow::Error) -> Vec<&(dyn Error + 'static)> {
+pub(crate) fn links(error: &anyhow::Error) -> Vec<&(dyn Error + 'static)> {
     let mut links = Vec::new();
     for link in error.chain() {
         links.push(link);

@@ -160,6 +160,9 @@ impl RpcFailure for WorkDiskError {
                 "delete the VM with `banger vm delete {vm} --keep-work-disk` to detach it first"
             ),
             Self::InUse { vm, .. } => format!("stop it first with `banger vm stop {vm}`"),
+            Self::InvalidSize { .. } | Self::SizeOutOfRange { .. } => {
+                "a size is a number with K, M, G or T: `10G`, `512M` (64M to 16T)".to_owned()
+            }
             Self::Store(error) => return error.hint(),
             _ => return None,
         })

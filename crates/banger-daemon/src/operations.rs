@@ -58,8 +58,14 @@ impl RpcFailure for OperationError {
 
     fn hint(&self) -> Option<String> {
         match self {
+            Self::NotFound { .. } => {
+                Some("`banger operation list` shows the operations and their ids".to_owned())
+            }
+            Self::AlreadyEnded { .. } => {
+                Some("only a running operation can be cancelled".to_owned())
+            }
             Self::Store(error) => error.hint(),
-            _ => None,
+            Self::Cancelled => None,
         }
     }
 }

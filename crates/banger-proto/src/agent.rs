@@ -149,6 +149,10 @@ pub enum Operation {
     },
     AuthSync(AuthSyncRequest),
     HostKeys,
+    /// Whether a TCP socket in the guest listens on `port` (any address).
+    Listening {
+        port: u16,
+    },
     /// Power the guest off (or, in test mode, stop serving).
     Shutdown,
 }
@@ -227,6 +231,9 @@ pub enum OperationResult {
     AuthSynced,
     HostKeys {
         keys: Vec<HostKey>,
+    },
+    Listening {
+        listening: bool,
     },
     ShuttingDown,
 }

@@ -645,6 +645,11 @@ fn run_guest_launcher(argv: &[OsString]) -> ! {
     {
         command.arg("--ssh-config-dir").arg(dir);
     }
+    if let Some(path) =
+        std::env::var_os(crate::fake_firecracker::settings::GUEST_AGENT_COMMAND_PATH_VAR)
+    {
+        command.arg("--command-path").arg(path);
+    }
     match command.spawn() {
         Ok(mut agent) => {
             // The agent's socket is root's; the VMM bridging to it

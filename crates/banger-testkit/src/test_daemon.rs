@@ -588,6 +588,38 @@ pub fn write_fake_kernel(path: &Path) {
     std::fs::write(path, bytes).expect("write kernel");
 }
 
+/// A stand-in static guest agent: an ELF64 executable header for this
+/// machine's architecture with one `PT_LOAD` and no `PT_INTERP`, enough for
+/// the daemon's static-executable check; nothing runs it.
+pub fn write_static_agent_stub(path: &Path) {
+    let machine: u16 = if cfg!(target_arch = "aarch64") {
+        183
+    } else {
+        62
+    };
+    let mut bytes = b"\x7fELF\x02\x01\x01\x00".to_vec();
+    bytes.resize(16, 0);
+    bytes.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    bytes.extend_from_slice(&machine.to_le_bytes());
+    bytes.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    bytes.extend_from_slice(&0x40_1000u64.to_le_bytes()); // e_entry
+    bytes.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    bytes.extend_from_slice(&[0; 12]); // e_shoff, e_flags
+    bytes.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    bytes.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    bytes.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    bytes.extend_from_slice(&[0; 6]);
+    bytes.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    bytes.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    bytes.extend_from_slice(&0u64.to_le_bytes()); // p_offset
+    bytes.extend_from_slice(&0x40_0000u64.to_le_bytes()); // p_vaddr
+    bytes.extend_from_slice(&0x40_0000u64.to_le_bytes()); // p_paddr
+    bytes.extend_from_slice(&120u64.to_le_bytes()); // p_filesz
+    bytes.extend_from_slice(&120u64.to_le_bytes()); // p_memsz
+    bytes.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    std::fs::write(path, bytes).expect("write agent stub");
+}
+
 /// A minimal HTTP/1.1 server on a loopback port serving the files of a
 /// directory (`GET /NAME`), one connection at a time, `Connection: close`.
 /// Stands in for a catalog host; dropped with the test process.

@@ -173,3 +173,64 @@ fn manual_pages_cover_every_visible_command() {
     // Hidden commands get no page.
     assert!(!dir.path().join("banger-manual-pages.1").exists());
 }
+
+/// Every leaf command of the clap tree, as its words (`vm workspace export`).
+fn leaf_commands(
+    command: &clap::Command,
+    path: &mut Vec<String>,
+    out: &mut Vec<(String, clap::Command)>,
+) {
+    let children: Vec<&clap::Command> = command
+        .get_subcommands()
+        .filter(|child| child.get_name() != "help")
+        .collect();
+    if children.is_empty() {
+        out.push((path.join(" "), command.clone()));
+    }
+    for child in children {
+        path.push(child.get_name().to_owned());
+        leaf_commands(child, path, out);
+        path.pop();
+    }
+}
+
+/// Commands whose output is not a record or an event stream: the guest's
+/// own bytes, an interactive session, or a file for a shell or `man`.
+const NO_JSON: &[&str] = &[
+    "vm run",
+    "vm ssh",
+    "vm ssh-proxy",
+    "ssh-config",
+    "completions",
+    "manual-pages",
+];
+
+#[test]
+fn every_read_and_long_command_has_json() {
+    use clap::CommandFactory;
+    let mut leaves = Vec::new();
+    leaf_commands(
+        &banger_cli::args::Cli::command(),
+        &mut Vec::new(),
+        &mut leaves,
+    );
+    assert!(leaves.len() > 30, "{}", leaves.len());
+    let mut missing = Vec::new();
+    for (path, command) in &leaves {
+        let has_json = command
+            .get_arguments()
+            .any(|argument| argument.get_long() == Some("json"));
+        if NO_JSON.contains(&path.as_str()) {
+            assert!(!has_json, "`{path}` is listed without --json but has it");
+        } else if !has_json {
+            missing.push(path.clone());
+        }
+    }
+    assert!(missing.is_empty(), "without --json: {missing:?}");
+    for exempt in NO_JSON {
+        assert!(
+            leaves.iter().any(|(path, _)| path == exempt),
+            "no command `{exempt}`"
+        );
+    }
+}

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use banger_testkit::test_daemon::{require_root, write_fake_kernel, TestDaemon};
+use banger_testkit::test_daemon::{
+    require_root, write_fake_kernel, write_static_agent_stub, TestDaemon,
+};
 
 const RELEASE: &str = "6.1.0-test";
 
@@ -34,7 +36,14 @@ kernel/af_packet.ko
 /// member and no more.
 fn group_daemon() -> TestDaemon {
     let mut daemon = TestDaemon::new(&[]);
-    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    // The agent packed into initrds must be a static executable; the
+    // `banger-agent` next to bangerd in a test build is not.
+    let agent = daemon.dir.path().join("static-banger-agent");
+    write_static_agent_stub(&agent);
+    let config = std::fs::read_to_string(&daemon.config).unwrap().replace(
+        "[agent]\n",
+        &format!("[agent]\npath = \"{}\"\n", agent.display()),
+    );
     std::fs::write(
         &daemon.config,
         format!("{config}\n[access]\ngroup = \"nogroup\"\n"),

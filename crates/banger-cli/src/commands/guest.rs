@@ -227,7 +227,16 @@ pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> anyhow::Result
         (Location::Host(source), Location::Guest { vm, path }) => {
             let agent = connect(socket, &vm).await?;
             let entries = copy_in(&agent, &vm, &source, &path).await?;
-            printer.message(&format!("Copied {entries} entries to {vm}:{path}"));
+            if args.json.json {
+                printer.json(&serde_json::json!({
+                    "vm": vm,
+                    "source": source,
+                    "destination": path,
+                    "entries": entries,
+                }));
+            } else {
+                printer.message(&format!("Copied {entries} entries to {vm}:{path}"));
+            }
             Ok(())
         }
         (Location::Guest { vm, path }, Location::Host(destination)) => {
@@ -237,7 +246,15 @@ pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> anyhow::Result
                 unpack: unpack_options(args.archive),
             };
             copy_out(&agent, &vm, &path, &destination, options).await?;
-            printer.message(&format!("Copied {vm}:{path} to {}", destination.display()));
+            if args.json.json {
+                printer.json(&serde_json::json!({
+                    "vm": vm,
+                    "source": path,
+                    "destination": destination,
+                }));
+            } else {
+                printer.message(&format!("Copied {vm}:{path} to {}", destination.display()));
+            }
             Ok(())
         }
         (Location::Host(_), Location::Host(_)) => {
@@ -554,6 +571,14 @@ async fn push_auth(agent: &AgentClient, vm: &str, user: &str) -> anyhow::Result<
 pub async fn authsync(socket: &Path, printer: Printer, args: AuthsyncArgs) -> anyhow::Result<()> {
     let agent = connect(socket, &args.name.vm).await?;
     let count = push_auth(&agent, &args.name.vm, &args.user).await?;
+    if args.json.json {
+        printer.json(&serde_json::json!({
+            "vm": args.name.vm,
+            "user": args.user,
+            "keys": count,
+        }));
+        return Ok(());
+    }
     printer.message(&format!(
         "Installed {count} public key(s) and your git identity for {} in {}",
         args.user, args.name.vm
@@ -561,8 +586,64 @@ pub async fn authsync(socket: &Path, printer: Printer, args: AuthsyncArgs) -> an
     Ok(())
 }
 
-/// How long `vm ssh` waits for a booting guest's host keys.
-const HOST_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+/// How long `vm ssh` waits for a booting guest's host keys, and then for
+/// its sshd to listen.
+pub(crate) const SSH_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Waits (up to `timeout`, saying so once when it has to) until a TCP
+/// socket in the guest listens on `port`, asking the guest agent, which
+/// reads the guest's socket table: host keys exist before sshd listens.
+/// Returns whether the port was seen listening: `false` when the agent
+/// cannot answer (one from before the question existed), which is not
+/// waited for.
+pub(crate) async fn wait_listening(
+    agent: &AgentClient,
+    vm: &str,
+    port: u16,
+    timeout: std::time::Duration,
+    quiet: bool,
+) -> anyhow::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut told = false;
+    loop {
+        match agent.listening(port).await {
+            Ok(true) => return Ok(true),
+            Ok(false) => {}
+            // An agent that does not know the question refuses it or
+            // hangs up.
+            Err(
+                error @ (banger_agent_proto::client::ClientError::Agent(_)
+                | banger_agent_proto::client::ClientError::ConnectionClosed),
+            ) => {
+                if !quiet {
+                    eprintln!(
+                        "cannot ask {vm}'s agent whether port {port} listens ({}); not waiting",
+                        banger_proto::sanitize::one_line(&error.to_string())
+                    );
+                }
+                return Ok(false);
+            }
+            Err(error) => return Err(agent_error(vm, error)),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(hinted(
+                anyhow::anyhow!(
+                    "Nothing listens on port {port} in VM `{vm}` after {} s",
+                    timeout.as_secs()
+                ),
+                "is sshd enabled in its image? `banger vm logs NAME` shows its boot",
+            ));
+        }
+        if !told && !quiet {
+            eprintln!(
+                "waiting up to {} s for {vm} to listen on port {port}…",
+                timeout.as_secs()
+            );
+        }
+        told = true;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
 
 /// Pins the guest's host keys (learned through the agent) under `alias`.
 async fn pin_host_keys(
@@ -572,7 +653,7 @@ async fn pin_host_keys(
     managed: &ManagedSsh,
 ) -> anyhow::Result<()> {
     // A guest that just booted may still be generating its host keys.
-    let deadline = std::time::Instant::now() + HOST_KEY_WAIT;
+    let deadline = std::time::Instant::now() + SSH_WAIT;
     let mut told = false;
     let keys = loop {
         let keys = agent
@@ -585,7 +666,7 @@ async fn pin_host_keys(
         if std::time::Instant::now() >= deadline {
             bail!(
                 "VM `{vm}` has no SSH host keys after {} s (is openssh-server installed in its image?)",
-                HOST_KEY_WAIT.as_secs()
+                SSH_WAIT.as_secs()
             );
         }
         if !told {
@@ -703,6 +784,7 @@ async fn prepare_ssh(
     socket: &Path,
     reference: &str,
     user: &str,
+    port: u16,
 ) -> anyhow::Result<(Vm, String, ManagedSsh)> {
     let vm = vm_of(socket, reference).await?;
     let agent = connect(socket, &vm.name).await?;
@@ -713,11 +795,12 @@ async fn prepare_ssh(
         |network| network.dns_name.clone(),
     );
     pin_host_keys(&agent, &vm.name, &alias, &managed).await?;
+    wait_listening(&agent, &vm.name, port, SSH_WAIT, false).await?;
     Ok((vm, alias, managed))
 }
 
 pub async fn ssh(socket: &Path, args: SshArgs) -> anyhow::Result<()> {
-    let (vm, alias, managed) = prepare_ssh(socket, &args.name.vm, &args.user).await?;
+    let (vm, alias, managed) = prepare_ssh(socket, &args.name.vm, &args.user, args.port).await?;
     let Some(network) = &vm.network else {
         return Err(hinted(
             anyhow::anyhow!("VM `{}` has no network interface", vm.name),
@@ -742,6 +825,7 @@ pub async fn ssh(socket: &Path, args: SshArgs) -> anyhow::Result<()> {
         .arg("-o")
         .arg(format!("HostKeyAlias={alias}"))
         .args(["-l", &args.user])
+        .args(["-p", &args.port.to_string()])
         .arg(&network.ip);
     if !args.command.is_empty() {
         command.arg("--").args(&args.command);
@@ -759,7 +843,7 @@ pub async fn ssh(socket: &Path, args: SshArgs) -> anyhow::Result<()> {
 pub async fn ssh_proxy(socket: &Path, host: &str, port: u16) -> anyhow::Result<()> {
     let name = host.split('.').next().unwrap_or(host);
     let user = std::env::var("BANGER_SSH_USER").unwrap_or_else(|_| "root".to_owned());
-    let (vm, _, _) = prepare_ssh(socket, name, &user).await?;
+    let (vm, _, _) = prepare_ssh(socket, name, &user, port).await?;
     let Some(network) = &vm.network else {
         bail!("VM `{}` has no network interface", vm.name);
     };
@@ -920,6 +1004,121 @@ pub async fn logs(
         }
     }
     out(&printer.finish())
+}
+
+/// An agent error of `vm logs --guest`, with a hint when the guest has no
+/// `journalctl` to run.
+fn journal_error(vm: &str, error: banger_agent_proto::client::ClientError) -> anyhow::Error {
+    let missing = matches!(
+        &error,
+        banger_agent_proto::client::ClientError::Agent(refusal)
+            if refusal.message.contains("journalctl") && refusal.message.contains("No such file")
+    );
+    let error = agent_error(vm, error);
+    if missing {
+        hinted(
+            error.context("The guest has no journalctl"),
+            "its init is not systemd; the agent logs to the console: `banger vm logs NAME`",
+        )
+    } else {
+        error
+    }
+}
+
+/// `vm logs --guest`: the guest's journal for this boot, read by running
+/// `journalctl` in the guest through the agent (`--lines=N` for `--tail`,
+/// `--follow` until Ctrl-C, which is passed on to it).
+pub async fn guest_logs(
+    socket: &Path,
+    reference: &str,
+    follow: bool,
+    tail: Option<u64>,
+    raw: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let agent = connect(socket, reference).await?;
+    let mut argv: Vec<String> = ["journalctl", "--no-pager", "--boot", "--output=short-iso"]
+        .map(str::to_owned)
+        .to_vec();
+    if let Some(lines) = tail {
+        argv.push(format!("--lines={lines}"));
+    }
+    if follow {
+        argv.push("--follow".to_owned());
+    }
+    let session = agent
+        .exec(ExecRequest {
+            argv,
+            ..ExecRequest::default()
+        })
+        .await
+        .map_err(|error| journal_error(reference, error))?;
+    let ExecSession {
+        mut stdin,
+        mut stdout,
+        mut stderr,
+        control,
+        exit,
+    } = session;
+    stdin.close();
+    let format = if raw {
+        LogFormat::Raw
+    } else if json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    let mut printer = LogPrinter {
+        format,
+        pending: Vec::new(),
+    };
+    let signals = tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                Some(()) = interrupt.recv() => { let _ = control.signal(libc::SIGINT); }
+                Some(()) = terminate.recv() => { let _ = control.signal(libc::SIGTERM); }
+                else => break,
+            }
+        }
+    });
+    let errors = tokio::spawn(async move {
+        let mut err = tokio::io::stderr();
+        while let Some(chunk) = stderr.recv().await {
+            let text = banger_proto::sanitize::text(&String::from_utf8_lossy(&chunk));
+            if err.write_all(text.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = stdout.recv().await {
+        if out
+            .write_all(&printer.push(&chunk))
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = out.write_all(&printer.finish()).and_then(|()| out.flush());
+    let status = exit.wait().await;
+    signals.abort();
+    let _ = errors.await;
+    let status = status.map_err(|error| journal_error(reference, error))?;
+    match status.shell_code() {
+        0 => Ok(()),
+        // Ctrl-C while following is how one leaves.
+        130 if follow => Ok(()),
+        code => Err(Exit(u8::try_from(code).unwrap_or(255)).into()),
+    }
 }
 
 // ---- stats ----

@@ -9,12 +9,14 @@ use banger_proto::{ImportImageParams, ImportKernelParams, RemoveParams};
 
 use crate::args::{ImageCommand, KernelCommand};
 use crate::client::Client;
+use crate::error::Hint as _;
 use crate::printer::{table, Printer};
 
 /// The daemon runs elsewhere (another cwd): send absolute, existing paths.
 pub fn absolute(path: &Path) -> anyhow::Result<String> {
-    let absolute: PathBuf =
-        std::fs::canonicalize(path).with_context(|| format!("Cannot use {}", path.display()))?;
+    let absolute: PathBuf = std::fs::canonicalize(path)
+        .with_context(|| format!("Cannot use {}", path.display()))
+        .hint("check the path; it is read by you, from this directory")?;
     absolute
         .to_str()
         .map(str::to_owned)
@@ -125,11 +127,15 @@ pub async fn run_image(
                 ));
             }
         }
-        ImageCommand::Rm { name } => {
+        ImageCommand::Rm { name, json } => {
             let image = client
                 .call::<method::ImageRemove>(RemoveParams { name })
                 .await?;
-            printer.message(&format!("removed image {}", image.name));
+            if json.json {
+                printer.json(&image);
+            } else {
+                printer.message(&format!("removed image {}", image.name));
+            }
         }
     }
     Ok(())
@@ -234,11 +240,15 @@ pub async fn run_kernel(
                 ));
             }
         }
-        KernelCommand::Rm { name } => {
+        KernelCommand::Rm { name, json } => {
             let kernel = client
                 .call::<method::KernelRemove>(RemoveParams { name })
                 .await?;
-            printer.message(&format!("removed kernel {}", kernel.name));
+            if json.json {
+                printer.json(&kernel);
+            } else {
+                printer.message(&format!("removed kernel {}", kernel.name));
+            }
         }
     }
     Ok(())

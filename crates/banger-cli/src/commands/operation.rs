@@ -68,11 +68,15 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
                 printer.data(&lines.join("\n"));
             }
         }
-        OperationCommand::Cancel { id } => {
+        OperationCommand::Cancel { id, json } => {
             let operation = client
                 .call::<method::OperationCancel>(OperationRef { id })
                 .await?;
-            printer.message(&format!("cancelling operation {}", operation.id));
+            if json.json {
+                printer.json(&operation);
+            } else {
+                printer.message(&format!("cancelling operation {}", operation.id));
+            }
         }
     }
     Ok(())

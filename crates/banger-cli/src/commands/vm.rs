@@ -29,6 +29,15 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
         }
         VmCommand::Logs {
             name,
+            guest: true,
+            follow,
+            tail,
+            raw,
+            json,
+        } => super::guest::guest_logs(socket, &name.vm, follow, tail, raw, json.json).await,
+        VmCommand::Logs {
+            name,
+            guest: false,
             follow,
             tail,
             raw,
@@ -225,21 +234,59 @@ fn vm_details(vm: &Vm) -> String {
     lines.join("\n")
 }
 
-pub(crate) async fn create(
-    socket: &Path,
-    printer: Printer,
-    args: CreateArgs,
-) -> anyhow::Result<()> {
-    let name = args.name.unwrap_or_else(crate::names::random_name);
+/// Fills what the command line left unset from the project file: `--project
+/// FILE`, else `banger.toml` in the `--workspace` directory. The file's
+/// `workspace` (default on) decides only when `--workspace` is not given:
+/// on, the file's directory is the workspace.
+fn apply_project(args: &mut CreateArgs) -> anyhow::Result<()> {
+    let loaded = match (&args.project, &args.workspace) {
+        (Some(file), _) => Some(crate::project::load(file)?),
+        (None, Some(directory)) => crate::project::find(directory)?,
+        (None, None) => None,
+    };
+    let Some(loaded) = loaded else {
+        return Ok(());
+    };
+    let project = loaded.project.clone();
+    args.image = args.image.take().or(project.image);
+    args.kernel = args.kernel.take().or(project.kernel);
+    args.vcpus = args.vcpus.or(project.vcpus);
+    args.memory_mib = args.memory_mib.or(project.memory);
+    args.work_disk = args.work_disk.take().or(project.work_disk);
+    args.workspace_dest = args.workspace_dest.take().or(project.workspace_dest);
+    if args.workspace.is_none() && project.workspace != Some(false) {
+        if args.no_start {
+            return Err(UsageError(format!(
+                "{} prepares a workspace, which needs a started VM",
+                loaded.path.display()
+            )))
+            .hint("drop --no-start, or set `workspace = false` in the project file");
+        }
+        args.workspace = Some(loaded.directory());
+    }
+    Ok(())
+}
+
+pub(crate) async fn create(socket: &Path, printer: Printer, mut args: CreateArgs) -> anyhow::Result<()> {
+    apply_project(&mut args)?;
+    let name = args.name.clone().unwrap_or_else(crate::names::random_name);
     if let Err(error) = banger_proto::validate_vm_name(&name) {
         return Err(UsageError(error.to_string()))
             .hint("VM names are DNS labels: lowercase letters, digits and `-`");
     }
+    if args.workspace.is_none() && args.workspace_dest.is_some() {
+        return Err(UsageError("--workspace-dest needs a workspace".to_owned()))
+            .hint("add --workspace DIR (or a project file with `workspace = true`)");
+    }
     // A workspace that cannot be sent is refused before there is a VM.
     let workspace = match &args.workspace {
         Some(path) => {
+            let dest = args
+                .workspace_dest
+                .as_deref()
+                .unwrap_or(crate::args::DEFAULT_WORKSPACE_DEST);
             let plan = super::workspace::create_plan(path).await?;
-            let spec = super::workspace::create_spec(&plan, &args.workspace_dest)?;
+            let spec = super::workspace::create_spec(&plan, dest)?;
             Some((plan, spec))
         }
         None => None,
@@ -281,15 +328,23 @@ pub(crate) async fn create(
             plan,
         ))
     });
-    let followed = follow(
-        socket,
-        printer,
-        args.json,
-        watch,
-        interrupts,
-        &created.operation_id,
-        started,
-    )
+    let followed = async {
+        let (mut view, done) = watch_until_done(
+            socket,
+            printer,
+            args.json,
+            watch,
+            interrupts,
+            &created.operation_id,
+        )
+        .await?;
+        if let Some(port) = args.wait_ssh {
+            wait_ssh_stage(socket, &mut view, &name, port, &created.operation_id).await?;
+        }
+        view.clear();
+        report_done(printer, args.json, &done, started);
+        Ok(())
+    }
     .await;
     if let Some(upload) = upload {
         // Done or failed by now as far as the operation is concerned; stop
@@ -298,6 +353,52 @@ pub(crate) async fn create(
         let _ = upload.await;
     }
     followed
+}
+
+/// `vm create --wait-ssh`: an `ssh ready` stage, run by the CLI once the
+/// create is done, that waits until the guest's sshd listens on `port`.
+async fn wait_ssh_stage(
+    socket: &Path,
+    view: &mut StageView,
+    vm: &str,
+    port: u16,
+    operation_id: &str,
+) -> anyhow::Result<()> {
+    const STAGE: &str = "ssh ready";
+    let started = Instant::now();
+    let event = |status, message: Option<String>| StageEvent {
+        operation_id: operation_id.to_owned(),
+        stage: STAGE.to_owned(),
+        status,
+        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        message,
+        bytes: None,
+        total: None,
+    };
+    view.stage(&event(StageStatus::Started, None));
+    let outcome = async {
+        let agent = Client::connect(socket).await?.agent(vm).await?;
+        super::guest::wait_listening(&agent, vm, port, super::guest::SSH_WAIT, true).await
+    }
+    .await;
+    match outcome {
+        Ok(seen) => {
+            let message = if seen {
+                format!("port {port} listens")
+            } else {
+                "not waited: the guest agent cannot tell (an older agent)".to_owned()
+            };
+            view.stage(&event(StageStatus::Finished, Some(message)));
+            Ok(())
+        }
+        Err(error) => {
+            view.stage(&event(
+                StageStatus::Failed,
+                Some(banger_proto::error_chain(error.as_ref())),
+            ));
+            Err(error)
+        }
+    }
 }
 
 /// Renders an operation's frames until it ends; Ctrl-C cancels it (a second

@@ -156,7 +156,7 @@ async fn prepare_command(
     args: WorkspacePrepareArgs,
 ) -> anyhow::Result<()> {
     let dest = check_dest(&args.dest)?;
-    let mut view = StageView::new(printer, false);
+    let mut view = StageView::new(printer, args.json.json);
     let mut stage = LocalStage {
         view: &mut view,
         started: Instant::now(),
@@ -219,6 +219,16 @@ async fn prepare_command(
             "skipped {} (not a file, directory or symlink)",
             path.display()
         ));
+    }
+    if args.json.json {
+        printer.json_line(&serde_json::json!({
+            "vm": args.name.vm,
+            "source": source,
+            "dest": dest,
+            "base": base,
+            "skipped": skipped,
+        }));
+        return Ok(());
     }
     let base = match base.as_deref() {
         None => "no git".to_owned(),
@@ -309,7 +319,14 @@ async fn export_command(
             let exported = host::receive_patch(reader, file)
                 .await
                 .map_err(|error| host_error(error, BRANCH_NEEDS_GIT))?;
-            if exported.bytes == 0 {
+            if args.json.json {
+                printer.json(&serde_json::json!({
+                    "vm": vm,
+                    "dest": answer.dest,
+                    "patch": file,
+                    "bytes": exported.bytes,
+                }));
+            } else if exported.bytes == 0 {
                 printer.message(&format!(
                     "No changes in {vm}:{} since its base; {} is empty",
                     answer.dest,
@@ -346,6 +363,16 @@ async fn export_command(
             };
             let count = host::count_commits(&repo, &base, &commit)
                 .map_err(|error| host_error(error, BRANCH_NEEDS_GIT))?;
+            if args.json.json {
+                printer.json(&serde_json::json!({
+                    "vm": vm,
+                    "branch": branch,
+                    "commit": commit,
+                    "base": base,
+                    "commits": count,
+                }));
+                return Ok(());
+            }
             printer.message(&format!(
                 "Created branch {branch} at {} ({count} commits on top of {})",
                 short(&commit),

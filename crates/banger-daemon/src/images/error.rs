@@ -144,8 +144,12 @@ pub enum ImageError {
         #[source]
         source: ConfinedError,
     },
-    #[error("No static guest agent found (looked at {})", list_paths(.candidates))]
-    AgentNotFound { candidates: Vec<PathBuf> },
+    #[error("No static guest agent found (looked at {}{})", list_paths(.candidates), skipped_agents(.skipped))]
+    AgentNotFound {
+        candidates: Vec<PathBuf>,
+        /// `path: why`, for each file that was not a static executable.
+        skipped: Vec<String>,
+    },
     #[error("Failed to unpack the vmlinux from {path}")]
     UnpackVmlinux {
         path: PathBuf,
@@ -261,12 +265,21 @@ impl RpcFailure for ImageError {
             ),
             Self::UnknownFormat { .. } => "images are ext4 files, tarballs (plain, gzip, zstd), OCI layouts, `docker save` archives or directories".to_owned(),
             Self::AgentNotFound { .. } => {
-                "build it with scripts/build-agent.sh and set `[agent] path` or install it there"
+                "build a static one with scripts/build-agent.sh and set `[agent] path` or install it there"
                     .to_owned()
             }
             Self::Store(error) => return error.hint(),
             _ => return None,
         })
+    }
+}
+
+/// `; skipped a: why, b: why`, or nothing.
+fn skipped_agents(skipped: &[String]) -> String {
+    if skipped.is_empty() {
+        String::new()
+    } else {
+        format!("; skipped {}", skipped.join(", "))
     }
 }
 

@@ -94,8 +94,7 @@ impl ImageService {
         cmdline: String,
     ) -> Result<Kernel, ImageError> {
         let (root, release) = DebianKernel::root_of(source)?;
-        let agent = find_agent(&agent_candidates(self.agent_path.as_deref()))?;
-        let agent = read_agent(&agent)?;
+        let (_, agent) = find_agent(&agent_candidates(self.agent_path.as_deref()))?;
         // Everything of the package is opened on a thread with the caller's
         // filesystem identity, beneath the directory it opened as them.
         let package = as_peer(peer, || read_debian_package(&root, &release))
@@ -299,15 +298,56 @@ pub fn agent_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
     candidates
 }
 
-/// The first candidate that is a file.
-pub fn find_agent(candidates: &[PathBuf]) -> Result<PathBuf, ImageError> {
-    candidates
-        .iter()
-        .find(|path| path.is_file())
-        .cloned()
-        .ok_or_else(|| ImageError::AgentNotFound {
-            candidates: candidates.to_vec(),
-        })
+/// The first candidate that is a static ELF executable for this machine's
+/// architecture (the guest's), with its bytes. A candidate that is a file
+/// but not such an executable (a dynamically linked `cargo build` output
+/// next to `bangerd`, say) is skipped with a warning naming it.
+pub fn find_agent(candidates: &[PathBuf]) -> Result<(PathBuf, Vec<u8>), ImageError> {
+    let mut skipped = Vec::new();
+    for path in candidates.iter().filter(|path| path.is_file()) {
+        let bytes = read_agent(path)?;
+        match static_executable_problem(&bytes, std::env::consts::ARCH) {
+            None => return Ok((path.clone(), bytes)),
+            Some(problem) => {
+                tracing::warn!(agent = %path.display(), %problem, "skipped a guest agent that is not a static executable");
+                skipped.push(format!("{}: {problem}", path.display()));
+            }
+        }
+    }
+    Err(ImageError::AgentNotFound {
+        candidates: candidates.to_vec(),
+        skipped,
+    })
+}
+
+/// Why `bytes` cannot be the guest's `/init`, or `None` when it is a static
+/// ELF executable for `arch` (a `std::env::consts::ARCH` name): no program
+/// interpreter (`PT_INTERP`), so nothing to load from a root that is not
+/// mounted yet.
+pub fn static_executable_problem(bytes: &[u8], arch: &str) -> Option<String> {
+    use goblin::elf::header;
+    let elf = match goblin::elf::Elf::parse(bytes) {
+        Ok(elf) => elf,
+        Err(error) => return Some(format!("not an ELF executable ({error})")),
+    };
+    if !matches!(elf.header.e_type, header::ET_EXEC | header::ET_DYN) {
+        return Some("not an ELF executable".to_owned());
+    }
+    let expected = match arch {
+        "x86_64" => header::EM_X86_64,
+        "aarch64" => header::EM_AARCH64,
+        other => return Some(format!("unsupported guest architecture {other}")),
+    };
+    if elf.header.e_machine != expected {
+        return Some(format!(
+            "built for {}, not {arch}",
+            header::machine_to_str(elf.header.e_machine)
+        ));
+    }
+    if let Some(interpreter) = elf.interpreter {
+        return Some(format!("dynamically linked (interpreter {interpreter})"));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -341,6 +381,118 @@ mod tests {
         assert_eq!(error.kind(), ErrorKind::Failed);
         assert!(error.hint().unwrap().contains("build-agent.sh"));
         std::fs::write(&missing[1], "agent").unwrap();
-        assert_eq!(find_agent(&missing).unwrap(), missing[1]);
+        let error = find_agent(&missing).unwrap_err();
+        assert!(
+            crate::error::chain(&error).contains(&format!(
+                "; skipped {}: not an ELF executable",
+                missing[1].display()
+            )),
+            "{}",
+            crate::error::chain(&error)
+        );
+    }
+
+    /// A minimal ELF64 executable for `machine`: the header and one
+    /// `PT_LOAD`, plus a `PT_INTERP` when `interpreter` is given.
+    fn elf(machine: u16, interpreter: Option<&str>) -> Vec<u8> {
+        use goblin::elf::{header, program_header};
+        let count: u16 = if interpreter.is_some() { 2 } else { 1 };
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+        bytes.extend_from_slice(&[0; 8]);
+        bytes.extend_from_slice(&header::ET_EXEC.to_le_bytes());
+        bytes.extend_from_slice(&machine.to_le_bytes());
+        bytes.extend_from_slice(&1u32.to_le_bytes()); // e_version
+        bytes.extend_from_slice(&0x40_1000u64.to_le_bytes()); // e_entry
+        bytes.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+        bytes.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        bytes.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        bytes.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        bytes.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        bytes.extend_from_slice(&count.to_le_bytes()); // e_phnum
+        bytes.extend_from_slice(&[0; 6]); // e_shentsize, e_shnum, e_shstrndx
+        let data_offset = 64 + 56 * u64::from(count);
+        let mut segment = |kind: u32, offset: u64, size: u64| {
+            bytes.extend_from_slice(&kind.to_le_bytes());
+            bytes.extend_from_slice(&5u32.to_le_bytes()); // p_flags
+            bytes.extend_from_slice(&offset.to_le_bytes());
+            bytes.extend_from_slice(&(0x40_0000 + offset).to_le_bytes()); // p_vaddr
+            bytes.extend_from_slice(&(0x40_0000 + offset).to_le_bytes()); // p_paddr
+            bytes.extend_from_slice(&size.to_le_bytes()); // p_filesz
+            bytes.extend_from_slice(&size.to_le_bytes()); // p_memsz
+            bytes.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+        };
+        let interpreter_len = interpreter.map_or(0, |path| path.len() as u64 + 1);
+        segment(program_header::PT_LOAD, 0, data_offset + interpreter_len);
+        if interpreter.is_some() {
+            segment(program_header::PT_INTERP, data_offset, interpreter_len);
+        }
+        if let Some(path) = interpreter {
+            bytes.extend_from_slice(path.as_bytes());
+            bytes.push(0);
+        }
+        bytes
+    }
+
+    #[test]
+    fn only_a_static_executable_for_the_guest_architecture_is_packed() {
+        use goblin::elf::header;
+        assert_eq!(
+            static_executable_problem(&elf(header::EM_X86_64, None), "x86_64"),
+            None
+        );
+        assert_eq!(
+            static_executable_problem(
+                &elf(header::EM_X86_64, Some("/lib64/ld-linux-x86-64.so.2")),
+                "x86_64"
+            )
+            .as_deref(),
+            Some("dynamically linked (interpreter /lib64/ld-linux-x86-64.so.2)")
+        );
+        assert_eq!(
+            static_executable_problem(&elf(header::EM_AARCH64, None), "x86_64").as_deref(),
+            Some("built for AARCH64, not x86_64")
+        );
+        assert!(static_executable_problem(b"#!/bin/sh\n", "x86_64")
+            .unwrap()
+            .starts_with("not an ELF executable"));
+    }
+
+    #[test]
+    fn a_dynamic_agent_first_in_the_list_is_skipped_for_the_static_one() {
+        use goblin::elf::header;
+        let machine = match std::env::consts::ARCH {
+            "aarch64" => header::EM_AARCH64,
+            _ => header::EM_X86_64,
+        };
+        let directory = tempfile::tempdir().unwrap();
+        let dynamic = directory.path().join("target-release-banger-agent");
+        let static_agent = directory.path().join("installed-banger-agent");
+        // What `cargo build --release` leaves next to bangerd.
+        std::fs::write(&dynamic, elf(machine, Some("/lib64/ld-linux-x86-64.so.2"))).unwrap();
+        std::fs::write(&static_agent, elf(machine, None)).unwrap();
+        let candidates = [dynamic.clone(), static_agent.clone()];
+        let (found, bytes) = find_agent(&candidates).unwrap();
+        assert_eq!(found, static_agent);
+        assert_eq!(bytes, std::fs::read(&static_agent).unwrap());
+
+        // Only the dynamic one: refused, naming it and why, with the hint.
+        let error = find_agent(&candidates[..1]).unwrap_err();
+        assert_eq!(
+            crate::error::chain(&error),
+            format!(
+                "No static guest agent found (looked at {0}; skipped {0}: dynamically linked (interpreter /lib64/ld-linux-x86-64.so.2))",
+                dynamic.display()
+            )
+        );
+        assert!(error.hint().unwrap().contains("scripts/build-agent.sh"));
+
+        // The test binary itself is a real dynamically linked executable.
+        let real = std::env::current_exe().unwrap();
+        assert!(
+            static_executable_problem(&std::fs::read(real).unwrap(), std::env::consts::ARCH)
+                .unwrap()
+                .starts_with("dynamically linked")
+        );
     }
 }

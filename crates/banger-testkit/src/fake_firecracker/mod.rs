@@ -103,7 +103,9 @@
 //!   after the `CONNECT` line, as when no guest listens.
 //!
 //! - `FAKE_FIRECRACKER_GUEST_AGENT_BIN=/path/banger-agent` (and optionally
-//!   `FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR`): at `InstanceStart`, run that
+//!   `FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR` and
+//!   `FAKE_FIRECRACKER_GUEST_AGENT_COMMAND_PATH`, the `PATH` it runs
+//!   commands with): at `InstanceStart`, run that
 //!   agent in test mode (`--listen-unix` next to the vsock socket) as the
 //!   VM's guest and bridge vsock connections to it (its announcement goes,
 //!   as a guest-initiated connection, to `<uds_path>_1025`); when it exits (a host

@@ -314,6 +314,9 @@ impl Server {
         if let Some(dir) = &self.config.settings.guest_agent_ssh_dir {
             command.arg("--ssh-config-dir").arg(dir);
         }
+        if let Some(path) = std::env::var_os(super::settings::GUEST_AGENT_COMMAND_PATH_VAR) {
+            command.arg("--command-path").arg(path);
+        }
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {

@@ -19,6 +19,8 @@ pub const VSOCK_AGENT_VAR: &str = "FAKE_FIRECRACKER_VSOCK_AGENT";
 pub const GUEST_AGENT_BIN_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_BIN";
 /// The SSH config dir that guest agent reads host keys from.
 pub const GUEST_AGENT_SSH_DIR_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_SSH_DIR";
+/// The `PATH` that guest agent runs commands with (stand-in guest programs).
+pub const GUEST_AGENT_COMMAND_PATH_VAR: &str = "FAKE_FIRECRACKER_GUEST_AGENT_COMMAND_PATH";
 /// Extra text the "guest" writes on its console at boot.
 pub const CONSOLE_TEXT_VAR: &str = "FAKE_FIRECRACKER_CONSOLE_TEXT";
 /// Set by `fake-jailer`: the descriptor of the root launcher that runs the

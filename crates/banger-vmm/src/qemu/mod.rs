@@ -151,6 +151,10 @@ pub struct HostSetup {
     pub sandbox: bool,
 }
 
+/// Kernel arguments for a TCG guest that keep it from waking when idle
+/// (each added unless the command line already sets it).
+pub const TCG_IDLE_ARGUMENTS: [&str; 2] = ["tsc=reliable", "nowatchdog"];
+
 /// The `-name` value that identifies a VM's QEMU for [`Vmm::adopt`].
 #[must_use]
 pub fn process_name(vm_id: &str) -> OsString {
@@ -222,6 +226,20 @@ pub fn command_line(spec: &LaunchSpec, host: &HostSetup) -> Vec<OsString> {
     if let (true, Some(khz)) = (tcg, host.tsc_khz) {
         if !cmdline.contains("tsc_early_khz=") {
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        // Without a second clock to check it against (microvm has no HPET
+        // or PM timer) the kernel rejects TCG's TSC and keeps time with
+        // jiffies, which needs the periodic tick even when idle. The
+        // lockup watchdog's timers wake an idle guest too.
+        for argument in TCG_IDLE_ARGUMENTS {
+            let key = argument.split('=').next().unwrap_or(argument);
+            if !cmdline
+                .split_whitespace()
+                .any(|word| word.split('=').next() == Some(key))
+            {
+                cmdline.push(' ');
+                cmdline.push_str(argument);
+            }
         }
     }
     push(&["-append".as_ref(), cmdline.trim_start().as_ref()]);
@@ -1006,7 +1024,7 @@ mod tests {
             "-serial", "chardev:console",
             "-kernel", "/var/lib/banger/kernels/vmlinux",
             "-initrd", "/var/lib/banger/kernels/initrd",
-            "-append", "console=ttyS0 reboot=k panic=1 root=/dev/vda rw tsc_early_khz=2100000",
+            "-append", "console=ttyS0 reboot=k panic=1 root=/dev/vda rw tsc_early_khz=2100000 tsc=reliable nowatchdog",
             "-drive", "id=drive-rootfs,file=/var/lib/banger/vms/devbox/rootfs.ext4,format=raw,if=none,cache=writeback,discard=unmap,auto-read-only=off",
             "-device", "virtio-blk-device,drive=drive-rootfs,serial=rootfs",
             "-drive", "id=drive-seed,file=/var/lib/banger/vms/devbox/seed,,1.img,format=raw,if=none,cache=writeback,discard=unmap,auto-read-only=off,readonly=on",
@@ -1018,6 +1036,26 @@ mod tests {
             "-device", "virtserialport,chardev=agent,name=banger.agent",
         ];
         assert_eq!(strings(&command_line(&spec, &host)), expected);
+    }
+
+    #[test]
+    fn a_tcg_guest_gets_the_idle_arguments_unless_its_command_line_sets_them() {
+        let mut spec = launch_spec(Path::new("/run/vms/devbox"));
+        spec.drives.retain(|drive| !drive.is_root);
+        spec.kernel_cmdline = "console=ttyS0 tsc=unstable".into();
+        let host = HostSetup {
+            accel: Accel::Tcg,
+            tsc_khz: Some(2_100_000),
+            vhost_vsock: false,
+            run_as: None,
+            sandbox: false,
+        };
+        let args = strings(&command_line(&spec, &host));
+        let index = args.iter().position(|arg| arg == "-append").unwrap();
+        assert_eq!(
+            args[index + 1],
+            "console=ttyS0 tsc=unstable tsc_early_khz=2100000 nowatchdog"
+        );
     }
 
     #[test]
