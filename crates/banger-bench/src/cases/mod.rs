@@ -113,9 +113,12 @@ impl StageTimes {
             if event["event"] != "stage" || event["status"] != "finished" {
                 continue;
             }
-            let (Some(stage), Some(elapsed)) =
-                (event["stage"].as_str(), event["elapsed_ms"].as_f64())
-            else {
+            // Microseconds where the daemon sends them, else whole ms.
+            let elapsed = event["elapsed_us"]
+                .as_f64()
+                .map(|micros| micros / 1000.0)
+                .or_else(|| event["elapsed_ms"].as_f64());
+            let (Some(stage), Some(elapsed)) = (event["stage"].as_str(), elapsed) else {
                 continue;
             };
             if !self.times.contains_key(stage) {
@@ -141,11 +144,11 @@ impl StageTimes {
             .iter()
             .filter_map(|stage| {
                 let p50 = self.p50(stage)?;
-                (p50 > 0.0).then(|| format!("{stage} {p50:.0} ms"))
+                (p50 >= 0.05).then(|| format!("{stage} {p50:.1} ms"))
             })
             .collect();
         if parts.is_empty() {
-            "stage p50s: all under 1 ms".to_owned()
+            "stage p50s: all under 0.05 ms".to_owned()
         } else {
             format!("stage p50s: {}", parts.join(", "))
         }
