@@ -83,13 +83,22 @@ fn fake_daemon(
     guest_agent: bool,
     image_mib: u64,
 ) -> anyhow::Result<Daemon> {
+    fake_daemon_with(context, case, guest_agent, image_mib, "")
+}
+
+/// [`fake_daemon`] with `vm_settings` (lines) added to its `[vm]` section.
+fn fake_daemon_with(
+    context: &Context,
+    case: &str,
+    guest_agent: bool,
+    image_mib: u64,
+    vm_settings: &str,
+) -> anyhow::Result<Daemon> {
     let directory = folder(context, case)?;
     let (image, kernel) = fixtures::fake_defaults(&directory, image_mib)?;
-    let daemon = Daemon::start(
-        &context.bins,
-        &directory.join("daemon"),
-        DaemonSetup::fake(&context.bins, &directory.join("daemon"), guest_agent),
-    )?;
+    let mut setup = DaemonSetup::fake(&context.bins, &directory.join("daemon"), guest_agent);
+    setup.config = setup.config.replacen("[vm]\n", &format!("[vm]\n{vm_settings}"), 1);
+    let daemon = Daemon::start(&context.bins, &directory.join("daemon"), setup)?;
     daemon.import_defaults(&image, &kernel)?;
     Ok(daemon)
 }
