@@ -97,7 +97,9 @@ fn fake_daemon_with(
     let directory = folder(context, case)?;
     let (image, kernel) = fixtures::fake_defaults(&directory, image_mib)?;
     let mut setup = DaemonSetup::fake(&context.bins, &directory.join("daemon"), guest_agent);
-    setup.config = setup.config.replacen("[vm]\n", &format!("[vm]\n{vm_settings}"), 1);
+    setup.config = setup
+        .config
+        .replacen("[vm]\n", &format!("[vm]\n{vm_settings}"), 1);
     let daemon = Daemon::start(&context.bins, &directory.join("daemon"), setup)?;
     daemon.import_defaults(&image, &kernel)?;
     Ok(daemon)
