@@ -131,7 +131,7 @@ impl AgentClient {
                 path: path.to_owned(),
                 source,
             })?;
-        Self::connect(stream).await
+        Self::connect(crate::transport::SkipAnnouncement::new(stream)).await
     }
 
     /// Connects through Firecracker's vsock Unix socket (`uds_path` of the VM's

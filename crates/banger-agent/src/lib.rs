@@ -252,16 +252,34 @@ async fn run(
             tokio::pin!(stop);
             loop {
                 let connection = async {
-                    match transport::open_serial(&path) {
+                    // The announcement goes first: writing it waits until
+                    // the host end is connected, so the host reads it the
+                    // moment both are there, and the agent never serves a
+                    // port nobody holds (its reads would end at once). No
+                    // pause between connections: the next open waits for
+                    // the host by itself.
+                    let port = path.clone();
+                    let opened = tokio::task::spawn_blocking(move || {
+                        transport::open_serial_announced(&port)
+                    })
+                    .await
+                    .unwrap_or_else(|error| Err(std::io::Error::other(error)));
+                    let served = match opened {
                         Ok(stream) => {
                             if let Err(error) = serve_connection(Arc::clone(&agent), stream).await {
                                 tracing::warn!("{}", banger_proto::error_chain(&error));
                             }
+                            true
                         }
-                        Err(error) => tracing::warn!("open {} failed: {error}", path.display()),
+                        Err(error) => {
+                            tracing::warn!("open {} and announce failed: {error}", path.display());
+                            false
+                        }
+                    };
+                    if !served {
+                        // Only after an error: do not spin on a broken port.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
-                    // The port has no connection state: wait for the host to come back.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                 };
                 tokio::select! {
                     stopped = &mut stop => { stopped?; break; }

@@ -5,7 +5,7 @@
 //!   virtio-serial char device, a pty master) as `AsyncRead + AsyncWrite`.
 //! - [`VsockListener`]: the guest's AF_VSOCK listener (`VMADDR_CID_ANY`).
 //! - [`open_serial`]: the guest's virtio-serial port.
-//! - [`announce_vsock`], [`announce_unix`]: the agent tells the host it
+//! - [`open_serial_announced`], [`announce_vsock`], [`announce_unix`]: the agent tells the host it
 //!   serves (docs/agent-protocol.md, "Readiness").
 
 use std::io;
@@ -193,6 +193,24 @@ pub fn open_serial(path: &Path) -> io::Result<FdStream> {
 #[must_use]
 pub fn announcement() -> String {
     format!("READY {}\n", env!("CARGO_PKG_VERSION"))
+}
+
+/// Opens a virtio-serial port and announces the agent on it: writes
+/// [`announcement`] first thing, then returns the port as a stream for the
+/// protocol's frames. Blocking: the write waits until the host end of the
+/// port is connected (the kernel holds a writer until then), so this
+/// returns once the host holds the port and has the line. Until then the
+/// port reports hang-up, which a non-blocking reader would take for the
+/// end of the stream.
+pub fn open_serial_announced(path: &Path) -> io::Result<FdStream> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    std::io::Write::write_all(&mut file, announcement().as_bytes())?;
+    FdStream::new(OwnedFd::from(file))
 }
 
 /// Announces the agent to the host: connects to host CID 2, `port` (on

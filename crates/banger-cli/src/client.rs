@@ -330,6 +330,7 @@ mod tests {
             stage: "boot".into(),
             status: StageStatus::Started,
             elapsed_ms: 0,
+            elapsed_us: None,
             message: None,
             bytes: None,
             total: None,

@@ -4,9 +4,13 @@
 //!    [`AgentEndpoint`] until the agent answers `hello`, the deadline passes
 //!    or the VMM exits. On Firecracker it listens on `<uds_path>_1025`
 //!    first, where the agent's announcement (a guest-initiated vsock
-//!    connection) arrives the moment it serves, and connects then; agents
-//!    that do not announce (older ones, QEMU's) are found by connection
-//!    attempts with exponential backoff from 1 ms (docs/agent-protocol.md,
+//!    connection) arrives the moment it serves, and connects then. On QEMU
+//!    the first attempt connects (the port's host socket exists once QMP
+//!    answers) and the `hello` waits on that connection: the agent writes
+//!    its announcement line on the port the moment it opens it, then the
+//!    reply, which the daemon reads as soon as they arrive. Agents that do
+//!    not announce (older ones) are found by connection attempts with
+//!    exponential backoff from 1 ms (docs/agent-protocol.md,
 //!    "Readiness"). The connection is
 //!    kept per VM; every session of every client of that VM is multiplexed on
 //!    it (QEMU's virtio-serial port carries one connection only).
@@ -367,6 +371,52 @@ mod tests {
         assert!(waited >= Duration::from_millis(1100), "{waited:?}");
         assert!(waited < Duration::from_millis(1700), "{waited:?}");
         agent.abort();
+    }
+
+    #[tokio::test]
+    async fn a_qemu_agent_announcing_on_its_port_is_read_at_once() {
+        // QEMU's side of the virtio-serial port: a listening socket that
+        // exists before the wait starts. The guest agent writes its
+        // announcement line first, then speaks the protocol.
+        let directory = tempfile::tempdir().unwrap();
+        let socket = directory.path().join("agent.sock");
+        let port = tokio::net::UnixListener::bind(&socket).unwrap();
+        let guest = tokio::spawn(async move {
+            let (mut stream, _) = port.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut stream, b"READY 0.1.0\n")
+                .await
+                .unwrap();
+            let announced = Instant::now();
+            let agent = banger_agent::server::Agent::new(
+                banger_agent::system::SystemPaths::default(),
+                false,
+                banger_agent::reaper::Reaper::start(banger_agent::reaper::ReapMode::OwnChildren)
+                    .unwrap(),
+            );
+            let serving = tokio::spawn(banger_agent::server::serve_connection(agent, stream));
+            (announced, serving)
+        });
+        let agents = Agents::default();
+        let client = agents
+            .wait_ready(
+                "vm",
+                &AgentEndpoint::Unix(socket),
+                &directory.path().join("console.log"),
+                Duration::from_secs(30),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        let ready = Instant::now();
+        let (announced, serving) = guest.await.unwrap();
+        assert_eq!(client.hello().agent_version, banger_proto::VERSION);
+        let late = ready.saturating_duration_since(announced);
+        assert!(
+            late < Duration::from_millis(200),
+            "ready {late:?} after the announcement"
+        );
+        serving.abort();
     }
 
     /// A guest agent in this process (host test mode) serving `listener`.

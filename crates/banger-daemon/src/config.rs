@@ -206,6 +206,9 @@ pub struct VmDefaults {
     /// Size at which a VM's `console.log` is rotated to `console.log.1`
     /// (e.g. `"8M"`; at least 64K).
     pub console_log_max: String,
+    /// Root disks of the default image to keep cloned ahead of time, so a
+    /// create of that image does no copy on its path (0: none).
+    pub warm_pool: usize,
 }
 
 /// Default of `[vm] console_log_max`.
@@ -237,6 +240,7 @@ impl Default for VmDefaults {
             stop_grace_seconds: 10,
             max_disk_size: None,
             console_log_max: "8M".to_owned(),
+            warm_pool: 0,
         }
     }
 }

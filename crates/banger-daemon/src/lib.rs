@@ -110,6 +110,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         agents,
     });
     let report = vms.reconcile().await?;
+    let removed_warm = vms.warm_pool().reconcile();
     tracing::info!(
         adopted = ?report.adopted,
         crashed = ?report.crashed,
@@ -120,6 +121,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         killed_orphan_processes = ?report.killed_orphan_processes,
         removed_orphan_files = ?report.removed_orphan_files,
         released_devices = %report.released_devices,
+        removed_warm_pool_leftovers = ?removed_warm,
         "reconciled state"
     );
 

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use banger_proto::{
     ErrorKind, Operation, OperationState, StageEvent, StageStatus, StreamFrame, Vm,
@@ -301,14 +301,15 @@ impl LiveOperation {
         &self,
         stage: &str,
         status: StageStatus,
-        elapsed_ms: u64,
+        elapsed: Duration,
         message: Option<String>,
     ) {
         let event = StageEvent {
             operation_id: self.id.clone(),
             stage: stage.to_owned(),
             status,
-            elapsed_ms,
+            elapsed_ms: whole_ms(elapsed),
+            elapsed_us: Some(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)),
             message,
             bytes: None,
             total: None,
@@ -324,7 +325,7 @@ impl LiveOperation {
     }
 
     pub fn start_stage(&self, name: &'static str) -> Stage {
-        self.record_event(name, StageStatus::Started, 0, None);
+        self.record_event(name, StageStatus::Started, Duration::ZERO, None);
         Stage {
             name,
             started: Instant::now(),
@@ -335,7 +336,7 @@ impl LiveOperation {
         self.record_event(
             stage.name,
             StageStatus::Finished,
-            elapsed_ms(stage.started),
+            stage.started.elapsed(),
             message,
         );
     }
@@ -345,7 +346,7 @@ impl LiveOperation {
         self.record_event(
             stage.name,
             StageStatus::Failed,
-            elapsed_ms(stage.started),
+            stage.started.elapsed(),
             Some(crate::error::chain(error)),
         );
     }
@@ -357,7 +358,8 @@ impl LiveOperation {
             operation_id: self.id.clone(),
             stage: stage.name.to_owned(),
             status: StageStatus::Progress,
-            elapsed_ms: elapsed_ms(stage.started),
+            elapsed_ms: whole_ms(stage.started.elapsed()),
+            elapsed_us: None,
             message: None,
             bytes: Some(bytes),
             total,
@@ -365,7 +367,7 @@ impl LiveOperation {
     }
 
     pub fn rolled_back(&self, stage: &str) {
-        self.record_event(stage, StageStatus::RolledBack, 0, None);
+        self.record_event(stage, StageStatus::RolledBack, Duration::ZERO, None);
     }
 
     /// Ends the operation: persists the outcome and sends `Done`.
@@ -384,8 +386,8 @@ impl LiveOperation {
     }
 }
 
-fn elapsed_ms(started: Instant) -> u64 {
-    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+fn whole_ms(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -441,6 +443,31 @@ mod tests {
             late.history.last(),
             Some(StreamFrame::Done { .. })
         ));
+    }
+
+    #[test]
+    fn stage_times_are_kept_to_the_microsecond() {
+        let registry = OperationRegistry::new(Store::open_in_memory().unwrap());
+        let operation = registry.begin("vm.create", &vm()).unwrap();
+        let stage = operation.start_stage("resolve image");
+        std::thread::sleep(Duration::from_micros(1500));
+        operation.finish_stage(&stage, None);
+        operation.finish(OperationState::Succeeded, None, Some(vm()));
+        registry.retire(&operation.id);
+        let stored = registry.subscribe(&operation.id, |_| None).unwrap();
+        let finished = stored
+            .history
+            .iter()
+            .find_map(|frame| match frame {
+                StreamFrame::Stage(event) if event.status == StageStatus::Finished => {
+                    Some(event.clone())
+                }
+                _ => None,
+            })
+            .unwrap();
+        let micros = finished.elapsed_us.unwrap();
+        assert!(micros >= 1500, "{micros} µs");
+        assert_eq!(finished.elapsed_ms, micros / 1000);
     }
 
     #[test]

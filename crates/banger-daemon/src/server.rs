@@ -440,7 +440,11 @@ async fn dispatch(
         }
         ImageRemove::NAME => {
             handle::<ImageRemove, _, _>(raw, |remove| async move {
-                daemon.images.remove_image(&remove.name)
+                let image = daemon.images.remove_image(&remove.name)?;
+                let pool = daemon.vms.warm_pool();
+                pool.forget_image(std::path::Path::new(&image.path));
+                pool.refill();
+                Ok::<_, crate::images::ImageError>(image)
             })
             .await
         }

@@ -60,6 +60,10 @@ pub struct StageEvent {
     pub status: StageStatus,
     /// Milliseconds since the stage started (0 for `started`).
     pub elapsed_ms: u64,
+    /// The same, in microseconds: stages of a fast create take less than
+    /// a millisecond. Absent from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_us: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// For `progress` events: bytes done and, when known, in total.
@@ -134,6 +138,7 @@ mod tests {
             stage: "clone root disk".into(),
             status: StageStatus::Finished,
             elapsed_ms: 12,
+            elapsed_us: None,
             message: None,
             bytes: None,
             total: None,

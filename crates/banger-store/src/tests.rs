@@ -187,6 +187,7 @@ fn operations_round_trip() {
         stage: "clone root disk".into(),
         status: StageStatus::Finished,
         elapsed_ms: 5,
+        elapsed_us: Some(5_250),
         message: None,
         bytes: None,
         total: None,

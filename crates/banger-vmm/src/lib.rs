@@ -32,6 +32,7 @@ pub mod firecracker;
 pub mod jail;
 pub mod process;
 pub mod qemu;
+pub mod socket_wait;
 
 use std::fmt;
 use std::io;

@@ -58,10 +58,10 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
                 lines.push("stages:".to_owned());
                 for stage in &operation.stages {
                     lines.push(format!(
-                        "  {:<16} {:<12} {:>6} ms  {}",
+                        "  {:<16} {:<12} {:>10} ms  {}",
                         stage.stage,
                         format!("{:?}", stage.status).to_lowercase(),
-                        stage.elapsed_ms,
+                        stage_ms(stage),
                         stage.message.as_deref().unwrap_or("")
                     ));
                 }
@@ -80,4 +80,14 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
         }
     }
     Ok(())
+}
+
+/// A stage's time in milliseconds: to the microsecond where the daemon
+/// sent it, else whole milliseconds.
+fn stage_ms(stage: &banger_proto::StageEvent) -> String {
+    match stage.elapsed_us {
+        #[allow(clippy::cast_precision_loss)]
+        Some(micros) => format!("{:.3}", micros as f64 / 1000.0),
+        None => stage.elapsed_ms.to_string(),
+    }
 }

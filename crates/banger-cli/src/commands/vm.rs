@@ -545,7 +545,11 @@ impl StageView {
             self.printer.json_line(&StreamFrame::Stage(event.clone()));
             return;
         }
-        let seconds = Duration::from_millis(event.elapsed_ms).as_secs_f64();
+        let seconds = event.elapsed_us.map_or_else(
+            || Duration::from_millis(event.elapsed_ms),
+            Duration::from_micros,
+        );
+        let seconds = seconds.as_secs_f64();
         match event.status {
             StageStatus::Started => {
                 if let Some(bars) = &self.bars {
@@ -577,12 +581,12 @@ impl StageView {
                     .as_deref()
                     .map(|message| format!(", {message}"))
                     .unwrap_or_default();
-                self.line(format!("  ✓ {} ({seconds:.2}s{detail})", event.stage));
+                self.line(format!("  ✓ {} ({seconds:.3}s{detail})", event.stage));
             }
             StageStatus::Failed => {
                 self.remove(&event.stage);
                 self.line(format!(
-                    "  ✗ {} ({seconds:.2}s): {}",
+                    "  ✗ {} ({seconds:.3}s): {}",
                     event.stage,
                     event.message.as_deref().unwrap_or("failed")
                 ));

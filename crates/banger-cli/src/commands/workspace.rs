@@ -107,6 +107,7 @@ impl LocalStage<'_> {
             stage: STAGE.to_owned(),
             status,
             elapsed_ms,
+            elapsed_us: None,
             message,
             bytes,
             total,

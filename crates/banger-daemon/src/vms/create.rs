@@ -493,7 +493,7 @@ impl VmService {
                 Ok(StepDone::default())
             }
             Step::CloneRootDisk => {
-                let root_disk = self
+                let (root_disk, from_pool) = self
                     .clone_root_disk(
                         run.operation,
                         &run.vm.id,
@@ -505,7 +505,11 @@ impl VmService {
                 let this = Arc::clone(self);
                 let (vm_id, directory) = (run.vm.id.clone(), PathBuf::from(&run.vm.dir));
                 Ok(StepDone {
-                    detail: Some(self.clone.kind().to_string()),
+                    detail: Some(super::warm_pool::clone_detail(
+                        self.clone.kind(),
+                        from_pool,
+                        &self.paths.root,
+                    )),
                     undo: Some(Undo::new(async move {
                         if let Err(error) = this.remove_disk(&vm_id, &directory).await {
                             tracing::error!(path = %directory.display(), %error, "rollback failed to remove the root disk");
@@ -603,19 +607,23 @@ impl VmService {
         }
     }
 
-    /// Makes the VM's directory and clones the image into it; removes the
-    /// directory again when the clone fails.
+    /// Makes the VM's directory and clones the image into it (or takes a
+    /// clone from the warm pool: then `true`); removes the directory again
+    /// when the clone fails.
     async fn clone_root_disk(
         &self,
         operation: &Arc<LiveOperation>,
         vm_id: &str,
         image_path: &Path,
         directory: &Path,
-    ) -> Result<RootDisk, VmError> {
+    ) -> Result<(RootDisk, bool), VmError> {
         std::fs::create_dir(directory).map_err(|source| VmError::CreateDirectory {
             path: directory.to_owned(),
             source,
         })?;
+        if let Some(root_disk) = self.warm_pool.take(image_path, directory) {
+            return Ok((root_disk, true));
+        }
         let strategy = Arc::clone(&self.clone);
         let (owned_vm_id, image, owned_directory) = (
             vm_id.to_owned(),
@@ -637,7 +645,7 @@ impl VmService {
             source,
         });
         let outcome = match cloned {
-            Ok(Ok(root_disk)) => return Ok(root_disk),
+            Ok(Ok(root_disk)) => return Ok((root_disk, false)),
             Ok(Err(CloneError::Cancelled { .. })) => Err(operation.cancelled_error().into()),
             Ok(Err(error)) => Err(VmError::CloneRootDisk(Box::new(error))),
             Err(error) => Err(error),

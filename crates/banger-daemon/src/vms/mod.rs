@@ -25,6 +25,7 @@ mod reconcile;
 pub mod snapshot;
 pub mod state;
 mod supervise;
+pub mod warm_pool;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -72,6 +73,8 @@ pub struct VmService {
     processes: Mutex<HashMap<String, VmmHandle>>,
     /// The rotations of the VMs' console logs.
     consoles: console::Consoles,
+    /// Root disks of the default image cloned ahead of time.
+    warm_pool: Arc<warm_pool::WarmPool>,
 }
 
 /// What [`VmService`] is built from: its seams and the services it uses.
@@ -102,6 +105,13 @@ impl VmService {
             capabilities,
             agents,
         } = parts;
+        let warm_pool = Arc::new(warm_pool::WarmPool::new(
+            &paths.root,
+            config.vm.warm_pool,
+            &config.vm.image,
+            Arc::clone(&clone),
+            store.clone(),
+        ));
         Arc::new(Self {
             store,
             paths,
@@ -116,7 +126,13 @@ impl VmService {
             locks: Mutex::new(HashMap::new()),
             processes: Mutex::new(HashMap::new()),
             consoles: console::Consoles::default(),
+            warm_pool,
         })
+    }
+
+    /// The warm pool of default-image root disks.
+    pub fn warm_pool(&self) -> &Arc<warm_pool::WarmPool> {
+        &self.warm_pool
     }
 
     pub fn backends(&self) -> &Backends {

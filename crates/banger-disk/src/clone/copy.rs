@@ -1,6 +1,10 @@
 //! `copy`: a sparse copy of the image, the fallback that works everywhere.
-//! Only data segments (`SEEK_DATA`/`SEEK_HOLE`) are read, and all-zero
-//! chunks stay holes, so the cost is the image's data, not its size.
+//! Only data segments (`SEEK_DATA`/`SEEK_HOLE`) are copied, so holes stay
+//! holes and the cost is the image's data, not its size. Each segment goes
+//! by `copy_file_range` (in the kernel, no round trip through the daemon's
+//! memory; a file system that can share extents may do so); where that is
+//! refused (across file systems on old kernels, some file systems) by
+//! reads and writes, with all-zero chunks left as holes.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -12,7 +16,10 @@ use super::{
     ROOT_DISK_FILE,
 };
 
+/// Bytes per read and write where the kernel does not copy.
 const CHUNK: usize = 1 << 20;
+/// Bytes per `copy_file_range` call (cancellation is checked between calls).
+const KERNEL_CHUNK: usize = 64 << 20;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Copy;
@@ -99,7 +106,8 @@ pub fn sparse_copy(
             source: error,
         })?;
     output.set_len(length).map_err(write_error)?;
-    let mut buffer = vec![0_u8; CHUNK];
+    let mut buffer = Vec::new();
+    let mut in_kernel = true;
     let mut offset = 0_u64;
     while offset < length {
         let Some((data_start, data_end)) =
@@ -114,7 +122,28 @@ pub fn sparse_copy(
                     path: destination.to_owned(),
                 });
             }
-            let want = usize::try_from((data_end - position).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let want = usize::try_from((data_end - position).min(KERNEL_CHUNK as u64))
+                .unwrap_or(KERNEL_CHUNK);
+            if in_kernel {
+                match copy_in_kernel(&input, &output, position, want) {
+                    Ok(0) => break,
+                    Ok(copied) => {
+                        position += copied as u64;
+                        continue;
+                    }
+                    Err(
+                        nix::errno::Errno::EXDEV
+                        | nix::errno::Errno::ENOSYS
+                        | nix::errno::Errno::EINVAL
+                        | nix::errno::Errno::EOPNOTSUPP,
+                    ) => in_kernel = false,
+                    Err(errno) => return Err(write_error(errno.into())),
+                }
+            }
+            if buffer.is_empty() {
+                buffer = vec![0_u8; CHUNK];
+            }
+            let want = want.min(CHUNK);
             let read = input
                 .read_at(&mut buffer[..want], position)
                 .map_err(read_error)?;
@@ -132,6 +161,20 @@ pub fn sparse_copy(
     }
     output.sync_all().map_err(write_error)?;
     Ok(length)
+}
+
+/// Copies up to `length` bytes at `position` from `input` to the same
+/// offset of `output` in the kernel; returns the bytes copied (0 at the end
+/// of `input`).
+fn copy_in_kernel(
+    input: &File,
+    output: &File,
+    position: u64,
+    length: usize,
+) -> Result<usize, nix::errno::Errno> {
+    let start = i64::try_from(position).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let (mut from, mut to) = (start, start);
+    nix::fcntl::copy_file_range(input, Some(&mut from), output, Some(&mut to), length)
 }
 
 /// The next `[start, end)` data range at or after `offset`, or `None` when

@@ -34,8 +34,6 @@ use super::models::{
 
 /// Firecracker's answers are small; anything bigger is not Firecracker.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
-/// How often [`wait_for_socket`] retries connecting.
-const SOCKET_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -416,7 +414,9 @@ impl FirecrackerClient {
     }
 }
 
-/// Polls until `socket` accepts connections, for at most `timeout`.
+/// Waits until `socket` accepts connections, for at most `timeout`: each
+/// attempt after the first is woken by the socket's creation
+/// ([`crate::socket_wait`]), not by a poll interval.
 ///
 /// This only knows about the socket; [`super::Firecracker`] races it against
 /// the process exiting so a Firecracker that dies at startup is reported at
@@ -425,24 +425,16 @@ impl FirecrackerClient {
 /// # Errors
 /// [`ClientError::SocketNotReady`] when the timeout passes first.
 pub async fn wait_for_socket(socket: &Path, timeout: Duration) -> Result<(), ClientError> {
-    let deadline = tokio::time::Instant::now() + timeout;
     let mut last_error = None;
-    loop {
-        match UnixStream::connect(socket).await {
-            Ok(_) => return Ok(()),
-            // The socket file not existing yet is the normal case.
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(error) => last_error = Some(error),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ClientError::SocketNotReady {
-                socket: socket.to_owned(),
-                timeout,
-                last_error,
-            });
-        }
-        tokio::time::sleep(SOCKET_POLL_INTERVAL).await;
+    let listening = crate::socket_wait::until_listening(socket, &mut last_error);
+    if tokio::time::timeout(timeout, listening).await.is_ok() {
+        return Ok(());
     }
+    Err(ClientError::SocketNotReady {
+        socket: socket.to_owned(),
+        timeout,
+        last_error,
+    })
 }
 
 /// Ids go into the URL path; Firecracker itself only accepts alphanumerics

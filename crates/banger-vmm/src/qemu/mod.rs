@@ -75,7 +75,8 @@ const CONSOLE_TAIL_LINES: usize = 20;
 /// After a failed QMP call, how long to give the exit watcher to report a
 /// process that died, before concluding it is alive.
 const EXIT_SETTLE_TIME: Duration = Duration::from_millis(100);
-/// How often step 4 retries QMP.
+/// The pause after a failed QMP attempt on a socket that listens (the
+/// wait for the socket itself is woken by its creation).
 const QMP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// How banger runs QEMU.
@@ -469,6 +470,16 @@ impl Qemu {
             let mut last_error = None;
             let deadline = tokio::time::Instant::now() + startup_timeout;
             loop {
+                // Woken by the socket's creation, not a poll interval.
+                let mut socket_error = None;
+                let listening =
+                    crate::socket_wait::until_listening(&files.qmp_socket, &mut socket_error);
+                if tokio::time::timeout_at(deadline, listening).await.is_err() {
+                    return Err(last_error.unwrap_or(QmpError::TimedOut {
+                        step: "the QMP handshake".to_owned(),
+                        timeout: startup_timeout,
+                    }));
+                }
                 let attempt = tokio::time::timeout_at(deadline, client.query_status()).await;
                 match attempt {
                     Ok(Ok(_status)) => return Ok(()),
