@@ -371,6 +371,7 @@ async fn wait_ssh_stage(
         stage: STAGE.to_owned(),
         status,
         elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        elapsed_us: Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)),
         message,
         bytes: None,
         total: None,
