@@ -267,7 +267,11 @@ fn apply_project(args: &mut CreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn create(socket: &Path, printer: Printer, mut args: CreateArgs) -> anyhow::Result<()> {
+pub(crate) async fn create(
+    socket: &Path,
+    printer: Printer,
+    mut args: CreateArgs,
+) -> anyhow::Result<()> {
     apply_project(&mut args)?;
     let name = args.name.clone().unwrap_or_else(crate::names::random_name);
     if let Err(error) = banger_proto::validate_vm_name(&name) {
