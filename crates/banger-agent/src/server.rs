@@ -9,6 +9,9 @@
 //!    frames it sent on its streams (one ordered writer queue).
 //! 4. When the connection ends, every route is dropped: output windows close
 //!    and exec's control channel closes, which kills the process group.
+//! 5. A `Hello` in the middle of a connection is a new host on the same
+//!    byte stream (a restored guest's virtio-serial port can change hands
+//!    without the agent seeing a hang-up): as in 4, then back to 1.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -109,46 +112,54 @@ async fn serve_frames<R: AsyncRead + Unpin>(
     reader: &mut R,
     frames: &FrameSender,
 ) -> Result<(), ServeError> {
-    match read_frame(reader).await? {
-        Some((
-            Frame::Hello {
+    let mut next = read_frame(reader).await?.map(|(frame, _)| frame);
+    loop {
+        match next {
+            Some(Frame::Hello {
                 protocol_version, ..
-            },
-            _,
-        )) if protocol_version == PROTOCOL_VERSION => {
-            send_frame(
-                frames,
-                Frame::HelloReply(system::hello_info(&agent.paths, agent.is_init)),
-            );
-        }
-        Some((
-            Frame::Hello {
+            }) if protocol_version == PROTOCOL_VERSION => {
+                send_frame(
+                    frames,
+                    Frame::HelloReply(system::hello_info(&agent.paths, agent.is_init)),
+                );
+            }
+            Some(Frame::Hello {
                 protocol_version, ..
-            },
-            _,
-        )) => {
-            return Err(ServeError::VersionMismatch {
-                host: protocol_version,
-            })
+            }) => {
+                return Err(ServeError::VersionMismatch {
+                    host: protocol_version,
+                })
+            }
+            Some(_) => return Err(ServeError::NoHello),
+            None => return Ok(()),
         }
-        Some(_) => return Err(ServeError::NoHello),
-        None => return Ok(()),
+        let routes: Routes = Arc::default();
+        let result = route_frames(agent, reader, frames, &routes).await;
+        // Dropping the routes closes stdin inlets and control channels: running
+        // execs are killed, blocked senders give up.
+        let dropped: Vec<Route> = routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, route)| route)
+            .collect();
+        for route in dropped {
+            route.stdout.close();
+            route.stderr.close();
+        }
+        match result {
+            // Another host took over the byte stream without the agent
+            // seeing the first one go (a restored guest's virtio-serial
+            // port, handed to a new host while the old connection was
+            // open): its sessions end and the new host is served.
+            Ok(Some(hello)) => {
+                tracing::info!("a new host said hello on this connection; serving it");
+                next = Some(hello);
+            }
+            Ok(None) => return Ok(()),
+            Err(error) => return Err(error),
+        }
     }
-    let routes: Routes = Arc::default();
-    let result = route_frames(agent, reader, frames, &routes).await;
-    // Dropping the routes closes stdin inlets and control channels: running
-    // execs are killed, blocked senders give up.
-    let dropped: Vec<Route> = routes
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .drain()
-        .map(|(_, route)| route)
-        .collect();
-    for route in dropped {
-        route.stdout.close();
-        route.stderr.close();
-    }
-    result
 }
 
 async fn route_frames<R: AsyncRead + Unpin>(
@@ -156,10 +167,11 @@ async fn route_frames<R: AsyncRead + Unpin>(
     reader: &mut R,
     frames: &FrameSender,
     routes: &Routes,
-) -> Result<(), ServeError> {
+) -> Result<Option<Frame>, ServeError> {
     while let Some((frame, payload)) = read_frame(reader).await? {
         let lock = || routes.lock().unwrap_or_else(PoisonError::into_inner);
         match frame {
+            hello @ Frame::Hello { .. } => return Ok(Some(hello)),
             Frame::Open { session, operation } => {
                 open_session(agent, frames, routes, session, operation)
             }
@@ -220,7 +232,7 @@ async fn route_frames<R: AsyncRead + Unpin>(
             _ => {}
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn return_credit(frames: &FrameSender, session: u64, payload: &Bytes) {
