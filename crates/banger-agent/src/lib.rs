@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod exec;
 pub mod grow;
+pub mod identity;
 pub mod init;
 pub mod network;
 pub mod reaper;
@@ -201,7 +202,12 @@ async fn run(
     } else {
         ReapMode::OwnChildren
     };
-    let agent = Agent::new(paths, is_init, Reaper::start(mode)?);
+    let reaper = Reaper::start(mode)?;
+    let agent = if matches!(listen, Listen::Unix(_)) {
+        Agent::new(paths, is_init, reaper)
+    } else {
+        Agent::in_guest(paths, is_init, reaper)
+    };
     let stop = {
         let agent = Arc::clone(&agent);
         async move {

@@ -40,18 +40,65 @@ use crate::system::{self, SystemPaths};
 pub struct Agent {
     pub paths: SystemPaths,
     pub is_init: bool,
+    /// Whether the agent serves a guest (else host test mode: an identity
+    /// is recorded, not applied).
+    in_guest: bool,
+    /// The last identity applied: its generation and VM id.
+    identity: Mutex<(u64, Option<String>)>,
     reaper: Arc<Reaper>,
     shutdown: watch::Sender<bool>,
 }
 
 impl Agent {
+    /// An agent in host test mode.
     pub fn new(paths: SystemPaths, is_init: bool, reaper: Arc<Reaper>) -> Arc<Self> {
+        Self::with_mode(paths, is_init, false, reaper)
+    }
+
+    /// An agent serving a guest.
+    pub fn in_guest(paths: SystemPaths, is_init: bool, reaper: Arc<Reaper>) -> Arc<Self> {
+        Self::with_mode(paths, is_init, true, reaper)
+    }
+
+    fn with_mode(
+        paths: SystemPaths,
+        is_init: bool,
+        in_guest: bool,
+        reaper: Arc<Reaper>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             paths,
             is_init,
+            in_guest,
+            identity: Mutex::new((0, None)),
             reaper,
             shutdown: watch::channel(false).0,
         })
+    }
+
+    fn hello_info(&self) -> banger_proto::agent::HelloInfo {
+        let mut hello = system::hello_info(&self.paths, self.is_init);
+        let identity = self.identity.lock().unwrap_or_else(PoisonError::into_inner);
+        hello.generation = identity.0;
+        hello.vm_id.clone_from(&identity.1);
+        hello
+    }
+
+    async fn apply_identity(
+        &self,
+        request: banger_proto::agent::IdentityRequest,
+    ) -> Result<OperationResult, AgentError> {
+        let applied = if self.in_guest {
+            crate::identity::apply(&request)
+                .await
+                .map_err(|error| failure(AgentErrorKind::Io, &error))?
+        } else {
+            Vec::new()
+        };
+        tracing::info!(generation = request.generation, vm = %request.vm_id, ?applied, "identity applied");
+        *self.identity.lock().unwrap_or_else(PoisonError::into_inner) =
+            (request.generation, Some(request.vm_id));
+        Ok(OperationResult::IdentityApplied { applied })
     }
 
     /// Resolves once a host asked for shutdown.
@@ -118,10 +165,7 @@ async fn serve_frames<R: AsyncRead + Unpin>(
             Some(Frame::Hello {
                 protocol_version, ..
             }) if protocol_version == PROTOCOL_VERSION => {
-                send_frame(
-                    frames,
-                    Frame::HelloReply(system::hello_info(&agent.paths, agent.is_init)),
-                );
+                send_frame(frames, Frame::HelloReply(agent.hello_info()));
             }
             Some(Frame::Hello {
                 protocol_version, ..
@@ -406,6 +450,7 @@ async fn run_operation(
             })
             .await
         }
+        Operation::Identity(request) => agent.apply_identity(request).await,
         Operation::Shutdown => {
             let _ = agent.shutdown.send(true);
             Ok(OperationResult::ShuttingDown)

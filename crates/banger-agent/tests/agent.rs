@@ -837,3 +837,28 @@ async fn a_new_hello_on_an_open_connection_is_answered() {
         .unwrap();
     assert_eq!(output.stdout, b"second\n");
 }
+
+/// In host test mode an identity is recorded, not applied, and reported in
+/// the next hello.
+#[tokio::test]
+async fn an_identity_is_reported_in_the_next_hello() {
+    let agent = TestAgent::start();
+    let client = agent.client().await;
+    assert_eq!(client.hello().generation, 0);
+    assert_eq!(client.hello().vm_id, None);
+    let applied = client
+        .identity(banger_proto::agent::IdentityRequest {
+            generation: 7,
+            vm_id: "copy-id".into(),
+            cmdline: "console=ttyS0 banger.name=copy".into(),
+            unix_nanos: 1,
+            entropy: vec![1; 64],
+        })
+        .await
+        .unwrap();
+    assert!(applied.is_empty(), "{applied:?}");
+    drop(client);
+    let client = agent.client().await;
+    assert_eq!(client.hello().generation, 7);
+    assert_eq!(client.hello().vm_id.as_deref(), Some("copy-id"));
+}
