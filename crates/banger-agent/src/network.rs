@@ -165,11 +165,10 @@ pub async fn move_to(
         mac: None,
         ..network.clone()
     };
-    let interface =
-        choose_interface(sys_class_net, &by_name).ok_or_else(|| NetworkError::NoInterface {
-            mac: None,
-            waited: Duration::ZERO,
-        })?;
+    let interface = choose_interface(sys_class_net, &by_name).ok_or(NetworkError::NoInterface {
+        mac: None,
+        waited: Duration::ZERO,
+    })?;
     let (connection, handle, _messages) =
         rtnetlink::new_connection().map_err(NetworkError::Connect)?;
     let connection = tokio::spawn(connection);

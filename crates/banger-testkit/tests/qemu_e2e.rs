@@ -361,6 +361,13 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
     // on the host's 127.0.0.1 through the DNAT rule.
     let started = Instant::now();
     daemon.banger_ok(&["vm", "port", "beta", "add", "8090:8000"]);
+    // systemd may still be starting under TCG: systemd-run needs its bus.
+    wait_in_guest(
+        &daemon,
+        "beta",
+        "systemctl show-environment >/dev/null",
+        Duration::from_secs(120),
+    );
     let (code, _, err) = sh(
         &daemon,
         "beta",
