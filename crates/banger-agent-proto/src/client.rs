@@ -30,8 +30,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use banger_proto::agent::{
     AgentError, AgentErrorKind, AuthSyncRequest, ExecRequest, ExitStatus, Frame, GuestStats,
-    HelloInfo, HostKey, Operation, OperationResult, StreamId, WindowSize, CONNECTION_SESSION,
-    PROTOCOL_VERSION,
+    HelloInfo, HostKey, IdentityRequest, Operation, OperationResult, StreamId, WindowSize,
+    CONNECTION_SESSION, PROTOCOL_VERSION,
 };
 use banger_proto::agent::{INITIAL_WINDOW, MAX_PAYLOAD_LEN};
 use bytes::{Bytes, BytesMut};
@@ -424,6 +424,16 @@ impl AgentClient {
             OperationResult::Listening { listening } => Ok(listening),
             _ => Err(ClientError::UnexpectedResult {
                 operation: "listening",
+            }),
+        }
+    }
+
+    /// Hands a restored guest its new identity; returns what the agent changed.
+    pub async fn identity(&self, request: IdentityRequest) -> Result<Vec<String>, ClientError> {
+        match self.unary(Operation::Identity(request)).await? {
+            OperationResult::IdentityApplied { applied } => Ok(applied),
+            _ => Err(ClientError::UnexpectedResult {
+                operation: "identity",
             }),
         }
     }
@@ -1112,6 +1122,8 @@ mod tests {
                 hostname: String::new(),
                 boot_time_unix: 0,
                 is_init: false,
+                generation: 0,
+                vm_id: None,
             };
             write_frame(&mut guest, &Frame::HelloReply(hello), &[])
                 .await

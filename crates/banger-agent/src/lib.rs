@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod exec;
 pub mod grow;
+pub mod identity;
 pub mod init;
 pub mod network;
 pub mod reaper;
@@ -201,7 +202,12 @@ async fn run(
     } else {
         ReapMode::OwnChildren
     };
-    let agent = Agent::new(paths, is_init, Reaper::start(mode)?);
+    let reaper = Reaper::start(mode)?;
+    let agent = if matches!(listen, Listen::Unix(_)) {
+        Agent::new(paths, is_init, reaper)
+    } else {
+        Agent::in_guest(paths, is_init, reaper)
+    };
     let stop = {
         let agent = Arc::clone(&agent);
         async move {
@@ -241,7 +247,7 @@ async fn run(
                 tokio::select! {
                     stopped = &mut stop => { stopped?; break; }
                     accepted = listener.accept() => match accepted {
-                        Ok(stream) => spawn_connection(&agent, stream),
+                        Ok(stream) => spawn_vsock_connection(&agent, stream),
                         Err(error) => tracing::warn!("accept failed: {error}"),
                     },
                 }
@@ -250,40 +256,51 @@ async fn run(
         Listen::Serial(path) => {
             tracing::info!(device = %path.display(), "serving on virtio-serial");
             tokio::pin!(stop);
+            // Open across connections (see `transport::announce_serial`).
+            let mut held: Option<std::os::fd::OwnedFd> = None;
             loop {
+                let port_in_use = held.take();
                 let connection = async {
                     // The announcement goes first: writing it waits until
                     // the host end is connected, so the host reads it the
                     // moment both are there, and the agent never serves a
                     // port nobody holds (its reads would end at once). No
-                    // pause between connections: the next open waits for
-                    // the host by itself.
+                    // pause between connections: the announcement waits
+                    // for the next host by itself.
                     let port = path.clone();
                     let opened = tokio::task::spawn_blocking(move || {
-                        transport::open_serial_announced(&port)
+                        let fd = match port_in_use {
+                            Some(fd) => fd,
+                            None => transport::open_serial_port(&port)?,
+                        };
+                        transport::announce_serial(&fd)?;
+                        Ok::<_, std::io::Error>(fd)
                     })
                     .await
                     .unwrap_or_else(|error| Err(std::io::Error::other(error)));
-                    let served = match opened {
-                        Ok(stream) => {
+                    let served = opened.and_then(|fd| {
+                        let stream = transport::FdStream::new(fd.try_clone()?)?;
+                        Ok((fd, stream))
+                    });
+                    match served {
+                        Ok((fd, stream)) => {
                             if let Err(error) = serve_connection(Arc::clone(&agent), stream).await {
                                 tracing::warn!("{}", banger_proto::error_chain(&error));
                             }
-                            true
+                            tracing::info!("the host end of the port closed");
+                            Some(fd)
                         }
                         Err(error) => {
                             tracing::warn!("open {} and announce failed: {error}", path.display());
-                            false
+                            // Only after an error: do not spin on a broken port.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            None
                         }
-                    };
-                    if !served {
-                        // Only after an error: do not spin on a broken port.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 };
                 tokio::select! {
                     stopped = &mut stop => { stopped?; break; }
-                    () = connection => {}
+                    kept = connection => held = kept,
                 }
             }
         }
@@ -302,6 +319,22 @@ where
         if let Err(error) = serve_connection(agent, stream).await {
             tracing::warn!("{}", banger_proto::error_chain(&error));
         }
+    });
+}
+
+/// A vsock connection; when it ends the agent announces itself again. After
+/// a snapshot is loaded Firecracker resets the guest's vsock transport
+/// (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`), which closes every connection
+/// while the listener stays: the announcement tells the new host at once
+/// that the agent serves.
+fn spawn_vsock_connection(agent: &Arc<Agent>, stream: transport::FdStream) {
+    use banger_proto::agent::ANNOUNCE_VSOCK_PORT;
+    let agent = Arc::clone(agent);
+    tokio::spawn(async move {
+        if let Err(error) = serve_connection(agent, stream).await {
+            tracing::warn!("{}", banger_proto::error_chain(&error));
+        }
+        announce(|| transport::announce_vsock(ANNOUNCE_VSOCK_PORT));
     });
 }
 

@@ -152,6 +152,84 @@ pub async fn apply(
     Ok(Some(Applied { interface, network }))
 }
 
+/// Moves a running guest's network to `network` (a restored copy's new
+/// identity): the first interface by name (its MAC is its source's) gets
+/// `network`'s MAC, loses its other IPv4 addresses and is configured as by
+/// [`apply`].
+pub async fn move_to(
+    network: &GuestNetwork,
+    sys_class_net: &Path,
+    resolv_conf_path: &Path,
+) -> Result<String, NetworkError> {
+    let by_name = GuestNetwork {
+        mac: None,
+        ..network.clone()
+    };
+    let interface = choose_interface(sys_class_net, &by_name).ok_or(NetworkError::NoInterface {
+        mac: None,
+        waited: Duration::ZERO,
+    })?;
+    let (connection, handle, _messages) =
+        rtnetlink::new_connection().map_err(NetworkError::Connect)?;
+    let connection = tokio::spawn(connection);
+    let result = async {
+        let configure = |action: &str| {
+            let action = action.to_owned();
+            let name = interface.clone();
+            move |source| NetworkError::Configure {
+                action,
+                name,
+                source,
+            }
+        };
+        let index = link_index(&handle, &interface).await?;
+        if let Some(mac) = network.mac {
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .address(mac.octets().to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(configure(&format!("set the MAC address {mac}")))?;
+        }
+        let mut addresses = handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut old = Vec::new();
+        while let Some(message) = addresses
+            .try_next()
+            .await
+            .map_err(configure("list addresses"))?
+        {
+            if message.header.family == rtnetlink::packet_route::AddressFamily::Inet {
+                old.push(message);
+            }
+        }
+        for message in old {
+            handle
+                .address()
+                .del(message)
+                .execute()
+                .await
+                .map_err(configure("remove an old address"))?;
+        }
+        Ok(())
+    }
+    .await;
+    connection.abort();
+    result?;
+    configure_link(&interface, network).await?;
+    if let Some(text) = resolv_conf(network) {
+        write_replacing(resolv_conf_path, &text)?;
+    }
+    Ok(interface)
+}
+
 async fn configure_link(interface: &str, network: &GuestNetwork) -> Result<(), NetworkError> {
     let (connection, handle, _messages) =
         rtnetlink::new_connection().map_err(NetworkError::Connect)?;

@@ -9,6 +9,9 @@
 //!    frames it sent on its streams (one ordered writer queue).
 //! 4. When the connection ends, every route is dropped: output windows close
 //!    and exec's control channel closes, which kills the process group.
+//! 5. A `Hello` in the middle of a connection is a new host on the same
+//!    byte stream (a restored guest's virtio-serial port can change hands
+//!    without the agent seeing a hang-up): as in 4, then back to 1.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,18 +40,65 @@ use crate::system::{self, SystemPaths};
 pub struct Agent {
     pub paths: SystemPaths,
     pub is_init: bool,
+    /// Whether the agent serves a guest (else host test mode: an identity
+    /// is recorded, not applied).
+    in_guest: bool,
+    /// The last identity applied: its generation and VM id.
+    identity: Mutex<(u64, Option<String>)>,
     reaper: Arc<Reaper>,
     shutdown: watch::Sender<bool>,
 }
 
 impl Agent {
+    /// An agent in host test mode.
     pub fn new(paths: SystemPaths, is_init: bool, reaper: Arc<Reaper>) -> Arc<Self> {
+        Self::with_mode(paths, is_init, false, reaper)
+    }
+
+    /// An agent serving a guest.
+    pub fn in_guest(paths: SystemPaths, is_init: bool, reaper: Arc<Reaper>) -> Arc<Self> {
+        Self::with_mode(paths, is_init, true, reaper)
+    }
+
+    fn with_mode(
+        paths: SystemPaths,
+        is_init: bool,
+        in_guest: bool,
+        reaper: Arc<Reaper>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             paths,
             is_init,
+            in_guest,
+            identity: Mutex::new((0, None)),
             reaper,
             shutdown: watch::channel(false).0,
         })
+    }
+
+    fn hello_info(&self) -> banger_proto::agent::HelloInfo {
+        let mut hello = system::hello_info(&self.paths, self.is_init);
+        let identity = self.identity.lock().unwrap_or_else(PoisonError::into_inner);
+        hello.generation = identity.0;
+        hello.vm_id.clone_from(&identity.1);
+        hello
+    }
+
+    async fn apply_identity(
+        &self,
+        request: banger_proto::agent::IdentityRequest,
+    ) -> Result<OperationResult, AgentError> {
+        let applied = if self.in_guest {
+            crate::identity::apply(&request)
+                .await
+                .map_err(|error| failure(AgentErrorKind::Io, &error))?
+        } else {
+            Vec::new()
+        };
+        tracing::info!(generation = request.generation, vm = %request.vm_id, ?applied, "identity applied");
+        *self.identity.lock().unwrap_or_else(PoisonError::into_inner) =
+            (request.generation, Some(request.vm_id));
+        Ok(OperationResult::IdentityApplied { applied })
     }
 
     /// Resolves once a host asked for shutdown.
@@ -109,46 +159,51 @@ async fn serve_frames<R: AsyncRead + Unpin>(
     reader: &mut R,
     frames: &FrameSender,
 ) -> Result<(), ServeError> {
-    match read_frame(reader).await? {
-        Some((
-            Frame::Hello {
+    let mut next = read_frame(reader).await?.map(|(frame, _)| frame);
+    loop {
+        match next {
+            Some(Frame::Hello {
                 protocol_version, ..
-            },
-            _,
-        )) if protocol_version == PROTOCOL_VERSION => {
-            send_frame(
-                frames,
-                Frame::HelloReply(system::hello_info(&agent.paths, agent.is_init)),
-            );
-        }
-        Some((
-            Frame::Hello {
+            }) if protocol_version == PROTOCOL_VERSION => {
+                send_frame(frames, Frame::HelloReply(agent.hello_info()));
+            }
+            Some(Frame::Hello {
                 protocol_version, ..
-            },
-            _,
-        )) => {
-            return Err(ServeError::VersionMismatch {
-                host: protocol_version,
-            })
+            }) => {
+                return Err(ServeError::VersionMismatch {
+                    host: protocol_version,
+                })
+            }
+            Some(_) => return Err(ServeError::NoHello),
+            None => return Ok(()),
         }
-        Some(_) => return Err(ServeError::NoHello),
-        None => return Ok(()),
+        let routes: Routes = Arc::default();
+        let result = route_frames(agent, reader, frames, &routes).await;
+        // Dropping the routes closes stdin inlets and control channels: running
+        // execs are killed, blocked senders give up.
+        let dropped: Vec<Route> = routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, route)| route)
+            .collect();
+        for route in dropped {
+            route.stdout.close();
+            route.stderr.close();
+        }
+        match result {
+            // Another host took over the byte stream without the agent
+            // seeing the first one go (a restored guest's virtio-serial
+            // port, handed to a new host while the old connection was
+            // open): its sessions end and the new host is served.
+            Ok(Some(hello)) => {
+                tracing::info!("a new host said hello on this connection; serving it");
+                next = Some(hello);
+            }
+            Ok(None) => return Ok(()),
+            Err(error) => return Err(error),
+        }
     }
-    let routes: Routes = Arc::default();
-    let result = route_frames(agent, reader, frames, &routes).await;
-    // Dropping the routes closes stdin inlets and control channels: running
-    // execs are killed, blocked senders give up.
-    let dropped: Vec<Route> = routes
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .drain()
-        .map(|(_, route)| route)
-        .collect();
-    for route in dropped {
-        route.stdout.close();
-        route.stderr.close();
-    }
-    result
 }
 
 async fn route_frames<R: AsyncRead + Unpin>(
@@ -156,10 +211,11 @@ async fn route_frames<R: AsyncRead + Unpin>(
     reader: &mut R,
     frames: &FrameSender,
     routes: &Routes,
-) -> Result<(), ServeError> {
+) -> Result<Option<Frame>, ServeError> {
     while let Some((frame, payload)) = read_frame(reader).await? {
         let lock = || routes.lock().unwrap_or_else(PoisonError::into_inner);
         match frame {
+            hello @ Frame::Hello { .. } => return Ok(Some(hello)),
             Frame::Open { session, operation } => {
                 open_session(agent, frames, routes, session, operation)
             }
@@ -220,7 +276,7 @@ async fn route_frames<R: AsyncRead + Unpin>(
             _ => {}
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn return_credit(frames: &FrameSender, session: u64, payload: &Bytes) {
@@ -394,6 +450,7 @@ async fn run_operation(
             })
             .await
         }
+        Operation::Identity(request) => agent.apply_identity(request).await,
         Operation::Shutdown => {
             let _ = agent.shutdown.send(true);
             Ok(OperationResult::ShuttingDown)

@@ -91,6 +91,8 @@ pub fn hello_info(paths: &SystemPaths, is_init: bool) -> HelloInfo {
             .and_then(|text| boot_time(&text))
             .unwrap_or(0),
         is_init,
+        generation: 0,
+        vm_id: None,
     }
 }
 

@@ -5,7 +5,7 @@
 //!   virtio-serial char device, a pty master) as `AsyncRead + AsyncWrite`.
 //! - [`VsockListener`]: the guest's AF_VSOCK listener (`VMADDR_CID_ANY`).
 //! - [`open_serial`]: the guest's virtio-serial port.
-//! - [`open_serial_announced`], [`announce_vsock`], [`announce_unix`]: the agent tells the host it
+//! - [`open_serial_port`] and [`announce_serial`], [`announce_vsock`], [`announce_unix`]: the agent tells the host it
 //!   serves (docs/agent-protocol.md, "Readiness").
 
 use std::io;
@@ -195,22 +195,38 @@ pub fn announcement() -> String {
     format!("READY {}\n", env!("CARGO_PKG_VERSION"))
 }
 
-/// Opens a virtio-serial port and announces the agent on it: writes
-/// [`announcement`] first thing, then returns the port as a stream for the
-/// protocol's frames. Blocking: the write waits until the host end of the
-/// port is connected (the kernel holds a writer until then), so this
-/// returns once the host holds the port and has the line. Until then the
-/// port reports hang-up, which a non-blocking reader would take for the
-/// end of the stream.
-pub fn open_serial_announced(path: &Path) -> io::Result<FdStream> {
+/// Opens a virtio-serial port for [`announce_serial`] (blocking mode).
+pub fn open_serial_port(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)?;
-    std::io::Write::write_all(&mut file, announcement().as_bytes())?;
-    FdStream::new(OwnedFd::from(file))
+    Ok(OwnedFd::from(file))
+}
+
+/// Announces the agent on an open virtio-serial port: switches it to
+/// blocking mode and writes [`announcement`], which waits until a host end
+/// is connected (the kernel holds a writer while the host end is closed).
+/// The port stays open between hosts: a host that goes away shows as the
+/// end of a connection's stream (read EOF, `POLLHUP`), and the next one is
+/// announced to on the same fd, so bytes a new host sends before the agent
+/// noticed are not thrown away by a close.
+pub fn announce_serial(port: &OwnedFd) -> io::Result<()> {
+    let flags = fcntl(port.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
+    fcntl(port.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    let mut written = 0;
+    let line = announcement();
+    while written < line.len() {
+        match nix::unistd::write(port, &line.as_bytes()[written..]) {
+            Ok(count) => written += count,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Announces the agent to the host: connects to host CID 2, `port` (on

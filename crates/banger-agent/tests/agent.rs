@@ -777,3 +777,88 @@ async fn raw_sessions_relay_frames_and_cancel_kills() {
 fn libc_sigkill() -> i32 {
     nix::sys::signal::Signal::SIGKILL as i32
 }
+
+/// A second host that says hello on a byte stream the agent still serves
+/// (a restored guest's virtio-serial port handed to a new host without a
+/// hang-up the agent saw) is served: the agent answers its hello.
+#[tokio::test]
+async fn a_new_hello_on_an_open_connection_is_answered() {
+    use banger_agent::reaper::{ReapMode, Reaper};
+    use banger_agent::server::{serve_connection, Agent};
+    use banger_agent::system::SystemPaths;
+    use banger_agent::transport::FdStream;
+    let (guest_end, host_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let agent = Agent::new(
+        SystemPaths::default(),
+        false,
+        Reaper::start(ReapMode::OwnChildren).unwrap(),
+    );
+    let stream = FdStream::new(std::os::fd::OwnedFd::from(guest_end)).unwrap();
+    let _server = tokio::spawn(serve_connection(agent, stream));
+    host_end.set_nonblocking(true).unwrap();
+    let host = |end: &std::os::unix::net::UnixStream| {
+        tokio::net::UnixStream::from_std(end.try_clone().unwrap()).unwrap()
+    };
+    // The first host says hello and goes away without closing the stream,
+    // as the source's host does for a restored guest.
+    let mut first = host(&host_end);
+    banger_agent_proto::protocol::write_frame(
+        &mut first,
+        &banger_proto::agent::Frame::Hello {
+            protocol_version: banger_proto::agent::PROTOCOL_VERSION,
+            host_version: "first".into(),
+        },
+        &[],
+    )
+    .await
+    .unwrap();
+    let (reply, _) = banger_agent_proto::protocol::read_frame(&mut first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(reply, banger_proto::agent::Frame::HelloReply(_)),
+        "{reply:?}"
+    );
+    let _first_host_stays = first;
+    let second = tokio::time::timeout(
+        Duration::from_secs(5),
+        AgentClient::connect(host(&host_end)),
+    )
+    .await
+    .expect("the agent did not answer the second hello")
+    .unwrap();
+    let output = second
+        .exec(argv(&["echo", "second"]))
+        .await
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.stdout, b"second\n");
+}
+
+/// In host test mode an identity is recorded, not applied, and reported in
+/// the next hello.
+#[tokio::test]
+async fn an_identity_is_reported_in_the_next_hello() {
+    let agent = TestAgent::start();
+    let client = agent.client().await;
+    assert_eq!(client.hello().generation, 0);
+    assert_eq!(client.hello().vm_id, None);
+    let applied = client
+        .identity(banger_proto::agent::IdentityRequest {
+            generation: 7,
+            vm_id: "copy-id".into(),
+            cmdline: "console=ttyS0 banger.name=copy".into(),
+            unix_nanos: 1,
+            entropy: vec![1; 64],
+        })
+        .await
+        .unwrap();
+    assert!(applied.is_empty(), "{applied:?}");
+    drop(client);
+    let client = agent.client().await;
+    assert_eq!(client.hello().generation, 7);
+    assert_eq!(client.hello().vm_id.as_deref(), Some("copy-id"));
+}

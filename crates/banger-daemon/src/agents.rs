@@ -18,6 +18,11 @@
 //!    it is gone (after a daemon restart the adopted VM's agent is reached
 //!    this way).
 //! 3. [`Agents::forget`] drops it when the VM stops, crashes or is deleted.
+//! 4. A VM restored from a snapshot runs a copy of another VM's guest: its
+//!    restore registers the new VM's identity ([`Agents::expect_identity`]),
+//!    and the first connection that reaches its agent hands it over
+//!    (`identity`) before anyone else uses the connection. A connection
+//!    whose agent does not take it counts as failed.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,6 +30,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use banger_agent_proto::client::{AgentClient, ClientError};
+use banger_proto::agent::IdentityRequest;
 use banger_proto::ErrorKind;
 use banger_vmm::AgentEndpoint;
 
@@ -34,6 +40,8 @@ use crate::error::{chain, RpcFailure};
 /// next one doubles, up to [`RETRY_BACKOFF_CAP`]. An announcement ends any pause.
 const RETRY_BACKOFF_START: Duration = Duration::from_millis(1);
 const RETRY_BACKOFF_CAP: Duration = Duration::from_millis(100);
+/// Host random bytes a restored guest's pool is given.
+const IDENTITY_ENTROPY_BYTES: usize = 64;
 /// How long [`Agents::client`] tries to reach the agent of a running VM.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Console lines quoted when the agent never answers.
@@ -60,6 +68,8 @@ pub enum AgentError {
         /// The console's last lines, or why there are none.
         console: String,
     },
+    #[error("The guest agent did not take the VM's new identity")]
+    Identity(#[source] ClientError),
     #[error("The guest agent of VM `{vm}` does not answer")]
     NotAnswering {
         vm: String,
@@ -83,12 +93,22 @@ impl RpcFailure for AgentError {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[derive(Default)]
 pub struct Agents {
     connections: Mutex<HashMap<String, AgentClient>>,
     /// Serialises connection attempts per VM, so two callers never open two
     /// connections (a virtio-serial port serves one).
     connecting: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// Identities to hand to restored VMs' agents, by VM id.
+    identities: Mutex<HashMap<String, IdentityRequest>>,
+    /// The generation each VM's agent took last, by VM id.
+    generations: Mutex<HashMap<String, u64>>,
 }
 
 impl Agents {
@@ -104,6 +124,58 @@ impl Agents {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::sync::Arc::clone(locks.entry(vm_id.to_owned()).or_default())
+    }
+
+    /// Registers the identity the agent of restored VM `vm_id` is to take:
+    /// `cmdline` is the kernel command line the VM would boot with.
+    pub fn expect_identity(&self, vm_id: &str, cmdline: &str) {
+        use rand::RngCore;
+        let unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let mut entropy = vec![0_u8; IDENTITY_ENTROPY_BYTES];
+        rand::thread_rng().fill_bytes(&mut entropy);
+        let request = IdentityRequest {
+            // The host clock at the restore: later restores hand out larger ones.
+            generation: unix_nanos,
+            vm_id: vm_id.to_owned(),
+            cmdline: cmdline.to_owned(),
+            unix_nanos,
+            entropy,
+        };
+        lock(&self.identities).insert(vm_id.to_owned(), request);
+    }
+
+    /// The generation of the identity VM `vm_id`'s agent took, if any.
+    pub fn identity_generation(&self, vm_id: &str) -> Option<u64> {
+        lock(&self.generations).get(vm_id).copied()
+    }
+
+    /// Hands a pending identity to the agent behind `client`.
+    async fn hand_identity(&self, vm_id: &str, client: &AgentClient) -> Result<(), AgentError> {
+        let Some(mut request) = lock(&self.identities).get(vm_id).cloned() else {
+            return Ok(());
+        };
+        // The clock as it is now, not at the restore.
+        request.unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let generation = request.generation;
+        let applied = client
+            .identity(request)
+            .await
+            .map_err(AgentError::Identity)?;
+        tracing::info!(
+            vm = vm_id,
+            generation,
+            ?applied,
+            "guest took the VM's identity"
+        );
+        lock(&self.identities).remove(vm_id);
+        lock(&self.generations).insert(vm_id.to_owned(), generation);
+        Ok(())
     }
 
     /// The kept connection, if it is still open.
@@ -185,6 +257,7 @@ impl Agents {
             }
             match tokio::time::timeout(remaining, connect(endpoint)).await {
                 Ok(Ok(client)) => {
+                    self.hand_identity(vm_id, &client).await?;
                     tracing::info!(vm = vm_id, announced, agent = %client.hello().agent_version, kernel = %client.hello().kernel_release, "guest agent ready");
                     self.connections().insert(vm_id.to_owned(), client.clone());
                     return Ok(client);
@@ -239,6 +312,8 @@ impl Agents {
     /// Drops the kept connection (the VM stopped, crashed or was deleted).
     pub fn forget(&self, vm_id: &str) {
         self.connections().remove(vm_id);
+        lock(&self.identities).remove(vm_id);
+        lock(&self.generations).remove(vm_id);
         self.connecting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

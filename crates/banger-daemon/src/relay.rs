@@ -125,7 +125,10 @@ fn open(
     session: u64,
     operation: Operation,
 ) {
-    if matches!(operation, Operation::Shutdown | Operation::ClockSync { .. }) {
+    if matches!(
+        operation,
+        Operation::Shutdown | Operation::ClockSync { .. } | Operation::Identity(_)
+    ) {
         send_frame(
             to_cli,
             failed(

@@ -123,6 +123,13 @@ pub struct HelloInfo {
     pub boot_time_unix: u64,
     /// Whether the agent runs as the guest's PID 1.
     pub is_init: bool,
+    /// The generation of the last [`Operation::Identity`] the agent applied
+    /// (0: none since it started, i.e. the guest still is the VM it booted as).
+    #[serde(default)]
+    pub generation: u64,
+    /// The VM whose identity that was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
 }
 
 /// An operation a session runs.
@@ -155,6 +162,27 @@ pub enum Operation {
     },
     /// Power the guest off (or, in test mode, stop serving).
     Shutdown,
+    /// Become another VM: a guest restored from a snapshot is a copy of the
+    /// VM the snapshot was taken of.
+    Identity(IdentityRequest),
+}
+
+/// The identity of the VM a restored guest now is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdentityRequest {
+    /// Grows with every identity a host hands out; the agent reports the
+    /// last one it applied in [`HelloInfo::generation`].
+    pub generation: u64,
+    pub vm_id: String,
+    /// The kernel command line the VM would boot with: the hostname from
+    /// `banger.name=`, the network (address, gateway, MAC, resolver) from
+    /// `banger.net=`.
+    pub cmdline: String,
+    /// The host's clock, set in the guest.
+    pub unix_nanos: u64,
+    /// Host random bytes mixed into the guest's pool and credited
+    /// (`RNDADDENTROPY`): a copy starts with its source's pool.
+    pub entropy: Vec<u8>,
 }
 
 /// A command to run in the guest.
@@ -236,6 +264,11 @@ pub enum OperationResult {
         listening: bool,
     },
     ShuttingDown,
+    /// What [`Operation::Identity`] changed (`hostname`, `network`, `clock`,
+    /// `entropy`); empty in host test mode, where the agent only records it.
+    IdentityApplied {
+        applied: Vec<String>,
+    },
 }
 
 /// A point-in-time view of the guest's resources, from `/proc` and `statvfs`.

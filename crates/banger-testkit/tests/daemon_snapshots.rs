@@ -304,3 +304,51 @@ fn fork_makes_copies_and_a_failed_load_rolls_back() {
     let _ = Duration::ZERO;
     daemon.assert_no_leaks();
 }
+
+/// The finished `agent ready` stage frame of a create or start's `--json` output.
+fn agent_ready(output: &str) -> String {
+    output
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|frame| frame["status"] == "finished" && frame["stage"] == "agent ready")
+        .map(|frame| frame.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_restored_vms_agent_takes_its_identity_before_it_is_ready() {
+    if !require_root("a_restored_vms_agent_takes_its_identity_before_it_is_ready") {
+        return;
+    }
+    let mut daemon = TestDaemon::new(&[]);
+    daemon.with_agent();
+    daemon.start();
+    daemon.import_fixtures();
+    let output = daemon.banger_ok(&[
+        "vm", "create", "src", "--image", "image", "--kernel", "kernel", "--json",
+    ]);
+    // A booted VM is itself: nothing to hand over.
+    let ready = agent_ready(&output);
+    assert!(!ready.is_empty(), "{output}");
+    assert!(!ready.contains("identity"), "{ready}");
+    daemon.banger_ok(&["vm", "snapshot", "src", "base"]);
+
+    let output = daemon.banger_ok(&["vm", "create", "copy", "--from-snapshot", "base", "--json"]);
+    let ready = agent_ready(&output);
+    assert!(ready.contains("identity applied (generation "), "{output}");
+    // The copy's agent serves as usual once it took the identity.
+    let run = daemon.banger_ok(&["vm", "run", "copy", "--", "echo", "copy"]);
+    assert_eq!(run.trim(), "copy");
+
+    // Started again, it boots as itself.
+    daemon.banger_ok(&["vm", "stop", "copy"]);
+    daemon.banger_ok(&["vm", "start", "copy"]);
+    let run = daemon.banger_ok(&["vm", "run", "copy", "--", "echo", "again"]);
+    assert_eq!(run.trim(), "again");
+
+    for vm in ["copy", "src"] {
+        daemon.banger_ok(&["vm", "delete", vm, "--force"]);
+    }
+    daemon.banger_ok(&["snapshot", "rm", "base"]);
+    daemon.assert_no_leaks();
+}

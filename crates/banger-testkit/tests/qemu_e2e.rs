@@ -361,6 +361,13 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
     // on the host's 127.0.0.1 through the DNAT rule.
     let started = Instant::now();
     daemon.banger_ok(&["vm", "port", "beta", "add", "8090:8000"]);
+    // systemd may still be starting under TCG: systemd-run needs its bus.
+    wait_in_guest(
+        &daemon,
+        "beta",
+        "systemctl show-environment >/dev/null",
+        Duration::from_secs(120),
+    );
     let (code, _, err) = sh(
         &daemon,
         "beta",
@@ -387,6 +394,71 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
     assert!(served.contains("hello from the guest"), "{served:?}");
     assert_eq!(daemon.vm("beta")["network"]["ports"][0]["host_port"], 8090);
     phase("published port", started);
+
+    // One snapshot of beta, two VMs restored from it: each has the disk and
+    // memory of the moment of the snapshot, and its own name, address and
+    // DNS name (its agent took the new VM's identity).
+    let started = Instant::now();
+    let (code, _, err) = sh(&daemon, "beta", "echo before > /root/before.txt && sync");
+    assert_eq!(code, 0, "{err}");
+    daemon.banger_ok(&["vm", "snapshot", "beta", "beta-snap"]);
+    phase("snapshot", started);
+    let (code, _, err) = sh(&daemon, "beta", "echo after > /root/after.txt && sync");
+    assert_eq!(code, 0, "{err}");
+    let forks = [
+        create(&daemon, &["fork-1", "--from-snapshot", "beta-snap"]),
+        create(&daemon, &["fork-2", "--from-snapshot", "beta-snap"]),
+    ];
+    let started = Instant::now();
+    let beta_ip = beta["network"]["ip"].as_str().unwrap();
+    let mut fork_ips = Vec::new();
+    for fork in &forks {
+        let name = fork["name"].as_str().unwrap();
+        let ip = fork["network"]["ip"].as_str().unwrap();
+        assert_ne!(ip, beta_ip);
+        let (code, out, err) = sh(
+            &daemon,
+            name,
+            "hostname; cat /root/before.txt; test -e /root/after.txt && echo after-is-here; \
+             ip -4 -o addr show scope global",
+        );
+        assert_eq!(code, 0, "{err}");
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some(name), "{out}");
+        assert_eq!(lines.next(), Some("before"), "{out}");
+        let addresses = lines.collect::<Vec<_>>().join("\n");
+        assert!(addresses.contains(&format!(" {ip}/")), "{out}");
+        assert!(!addresses.contains(&format!(" {beta_ip}/")), "{out}");
+        assert!(!out.contains("after-is-here"), "{out}");
+        fork_ips.push(ip.to_owned());
+    }
+    assert_ne!(fork_ips[0], fork_ips[1]);
+    // Each name resolves to its own VM's address.
+    let (code, out, err) = sh(&daemon, "alpha", "getent hosts fork-1.banger fork-2.banger");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("{} ", fork_ips[0])), "{out}");
+    assert!(out.contains(&format!("{} ", fork_ips[1])), "{out}");
+    // The server beta ran before the snapshot answers in each copy, on the
+    // copy's own address.
+    for ip in &fork_ips {
+        let output = Namespaces::run(
+            NETNS,
+            "bash",
+            &[
+                "-c",
+                &format!("exec 3<>/dev/tcp/{ip}/8000 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3 || true"),
+            ],
+        );
+        assert!(output.contains("hello from the guest"), "{ip}: {output:?}");
+    }
+    // Removing the snapshot under running copies is safe: each runs on its
+    // own clone of the disk and on the memory its QEMU loaded.
+    daemon.banger_ok(&["snapshot", "rm", "beta-snap"]);
+    assert_eq!(sh(&daemon, "fork-1", "echo still-here").1, "still-here\n");
+    for fork in ["fork-1", "fork-2"] {
+        daemon.banger_ok(&["vm", "delete", "--force", fork]);
+    }
+    phase("forks", started);
 
     // OpenSSH with banger's key and pinned host keys (sshd may still be starting under TCG).
     let started = Instant::now();

@@ -76,8 +76,13 @@ impl Capability for AgentCapability {
             tracing::warn!(vm = %vm.name, %error, "could not set the guest clock");
         }
         let hello = client.hello();
+        let identity = self
+            .agents
+            .identity_generation(&vm.id)
+            .map(|generation| format!("; identity applied (generation {generation})"))
+            .unwrap_or_default();
         Ok(Some(format!(
-            "{} on {}",
+            "{} on {}{identity}",
             hello.distro, hello.kernel_release
         )))
     }

@@ -458,6 +458,8 @@ impl VmService {
             vm.pid = None;
             return Err(error.into());
         }
+        // The guest is its source's copy until its agent takes this VM's identity.
+        self.agents.expect_identity(&vm.id, &spec.kernel_cmdline);
         self.supervise(&vm.id, handle.clone());
         Ok(handle)
     }
