@@ -10,6 +10,9 @@
 //! work_disk = "10G"       # a size makes NAME-work; a name attaches that disk
 //! workspace = true        # prepare the project's directory in the guest
 //! workspace_dest = "/root/repo"
+//! ports = ["8080:80", "5353:53/udp"]   # as `-p`
+//! egress = "allow=*.debian.org,10.0.0.0/8"   # as `--egress`
+//! network_group = "backend"
 //! ```
 //!
 //! Every key is optional; any other key is refused, naming it and the file.
@@ -33,7 +36,9 @@ pub const KEYS: &[&str] = &[
     "work_disk",
     "workspace",
     "workspace_dest",
-    // Published ports and egress policy keys belong here.
+    "ports",
+    "egress",
+    "network_group",
 ];
 
 /// A parsed `banger.toml`.
@@ -50,6 +55,36 @@ pub struct Project {
     /// workspace (default: yes).
     pub workspace: Option<bool>,
     pub workspace_dest: Option<String>,
+    /// Published ports, each as `-p` takes it.
+    #[serde(default, deserialize_with = "ports")]
+    pub ports: Option<Vec<banger_proto::PublishedPort>>,
+    /// The egress policy, as `--egress` takes it.
+    #[serde(default, deserialize_with = "egress")]
+    pub egress: Option<banger_proto::EgressPolicy>,
+    pub network_group: Option<String>,
+}
+
+fn ports<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<banger_proto::PublishedPort>>, D::Error> {
+    let texts = Vec::<String>::deserialize(deserializer)?;
+    texts
+        .iter()
+        .map(|text| {
+            banger_proto::PublishedPort::parse(text)
+                .map_err(|error| serde::de::Error::custom(format!("ports: {error}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn egress<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<banger_proto::EgressPolicy>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    banger_proto::EgressPolicy::parse(&text)
+        .map(Some)
+        .map_err(|error| serde::de::Error::custom(format!("egress: {error}")))
 }
 
 /// A project file and where it came from.
@@ -132,7 +167,7 @@ mod tests {
     fn every_key_parses() {
         let project = parse(
             Path::new("banger.toml"),
-            "image = \"debian-12\"\nkernel = \"k\"\nvcpus = 2\nmemory = 2048\nwork_disk = \"10G\"\nworkspace = false\nworkspace_dest = \"/srv/app\"\n",
+            "image = \"debian-12\"\nkernel = \"k\"\nvcpus = 2\nmemory = 2048\nwork_disk = \"10G\"\nworkspace = false\nworkspace_dest = \"/srv/app\"\nports = [\"8080:80\", \"0.0.0.0:5353:53/udp\"]\negress = \"allow=*.debian.org,10.0.0.0/8\"\nnetwork_group = \"backend\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -145,6 +180,14 @@ mod tests {
                 work_disk: Some("10G".into()),
                 workspace: Some(false),
                 workspace_dest: Some("/srv/app".into()),
+                ports: Some(vec![
+                    banger_proto::PublishedPort::parse("8080:80").unwrap(),
+                    banger_proto::PublishedPort::parse("0.0.0.0:5353:53/udp").unwrap(),
+                ]),
+                egress: Some(
+                    banger_proto::EgressPolicy::parse("allow=*.debian.org,10.0.0.0/8").unwrap()
+                ),
+                network_group: Some("backend".into()),
             }
         );
         assert_eq!(parse(Path::new("b"), "").unwrap(), Project::default());
@@ -181,5 +224,12 @@ mod tests {
             "{syntax}"
         );
         assert!(!syntax.contains('\n'));
+        let port = message("ports = [\"80\"]\n");
+        assert!(port.starts_with("/repo/banger.toml: ports: "), "{port}");
+        let egress = message("egress = \"sometimes\"\n");
+        assert!(
+            egress.starts_with("/repo/banger.toml: egress: "),
+            "{egress}"
+        );
     }
 }

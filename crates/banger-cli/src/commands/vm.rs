@@ -254,6 +254,11 @@ fn apply_project(args: &mut CreateArgs) -> anyhow::Result<()> {
     args.memory_mib = args.memory_mib.or(project.memory);
     args.work_disk = args.work_disk.take().or(project.work_disk);
     args.workspace_dest = args.workspace_dest.take().or(project.workspace_dest);
+    if args.publish.is_empty() {
+        args.publish = project.ports.unwrap_or_default();
+    }
+    args.egress = args.egress.take().or(project.egress);
+    args.network_group = args.network_group.take().or(project.network_group);
     if args.workspace.is_none() && project.workspace != Some(false) {
         if args.no_start {
             return Err(UsageError(format!(
