@@ -371,6 +371,25 @@ pub struct SnapshotInfo {
 }
 
 impl SnapshotInfo {
+    /// Refuses a snapshot that another backend, or another version of this
+    /// one, wrote. `version` is `None` before the monitor is running to say it.
+    pub fn check_restorable_by(
+        &self,
+        backend: Backend,
+        version: Option<&str>,
+    ) -> Result<(), VmmError> {
+        let same_version = version.is_none_or(|version| version == self.backend_version);
+        if self.backend == backend && same_version {
+            return Ok(());
+        }
+        Err(VmmError::SnapshotVersion {
+            snapshot_backend: self.backend,
+            snapshot_version: self.backend_version.clone(),
+            backend,
+            version: version.unwrap_or_default().to_owned(),
+        })
+    }
+
     /// The files a snapshot in `dir` has.
     #[must_use]
     pub fn in_dir(backend: Backend, backend_version: impl Into<String>, dir: &Path) -> Self {

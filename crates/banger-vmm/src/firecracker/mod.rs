@@ -379,14 +379,7 @@ impl Firecracker {
             .await
             .map_err(control)?
             .vmm_version;
-        if version != snapshot.backend_version {
-            return Err(VmmError::SnapshotVersion {
-                snapshot_backend: snapshot.backend,
-                snapshot_version: snapshot.backend_version.clone(),
-                backend: BACKEND,
-                version,
-            });
-        }
+        snapshot.check_restorable_by(BACKEND, Some(&version))?;
         let jail_paths =
             jail::jail_of(&jail.chroot_base, &spec.runtime_dir).ok_or_else(|| VmmError::Jail {
                 vm_name: spec.vm_name.clone(),
@@ -909,14 +902,7 @@ impl Vmm for Firecracker {
         spec: &LaunchSpec,
         snapshot: &SnapshotInfo,
     ) -> Result<VmmHandle, VmmError> {
-        if snapshot.backend != BACKEND {
-            return Err(VmmError::SnapshotVersion {
-                snapshot_backend: snapshot.backend,
-                snapshot_version: snapshot.backend_version.clone(),
-                backend: BACKEND,
-                version: String::new(),
-            });
-        }
+        snapshot.check_restorable_by(BACKEND, None)?;
         let Some(jail) = &self.config.jail else {
             return Err(VmmError::RestoreNeedsJail);
         };

@@ -594,14 +594,7 @@ impl Vmm for Qemu {
         spec: &LaunchSpec,
         snapshot: &SnapshotInfo,
     ) -> Result<VmmHandle, VmmError> {
-        if snapshot.backend != BACKEND {
-            return Err(VmmError::SnapshotVersion {
-                snapshot_backend: snapshot.backend,
-                snapshot_version: snapshot.backend_version.clone(),
-                backend: BACKEND,
-                version: String::new(),
-            });
-        }
+        snapshot.check_restorable_by(BACKEND, None)?;
         let handle = self
             .spawn_with(spec, &["-incoming".as_ref(), "defer".as_ref()])
             .await?;
@@ -841,14 +834,7 @@ impl Qemu {
         use std::os::fd::AsFd;
         let control = |source| control_error(handle, "restore", source);
         let version = self.version(handle).await.map_err(control)?;
-        if version != snapshot.backend_version {
-            return Err(VmmError::SnapshotVersion {
-                snapshot_backend: snapshot.backend,
-                snapshot_version: snapshot.backend_version.clone(),
-                backend: BACKEND,
-                version,
-            });
-        }
+        snapshot.check_restorable_by(BACKEND, Some(&version))?;
         let file = std::fs::File::open(&snapshot.memory_path).map_err(|source| {
             VmmError::SnapshotFile {
                 vm_id: handle.vm_id().to_owned(),
