@@ -17,7 +17,8 @@ pub struct Cli {
     /// Print only data and errors.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// No spinners or progress bars.
+    /// No spinners or progress bars: one plain line per finished stage (as
+    /// when stderr is not a terminal). NO_COLOR keeps them, uncoloured.
     #[arg(long, global = true)]
     pub no_progress: bool,
     #[command(subcommand)]
@@ -533,12 +534,14 @@ pub enum DiskCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Register an ext4 root filesystem image.
+    /// Register a root filesystem image: an ext4 file, a tarball, an OCI
+    /// layout, a `docker save` archive, or (root only) a directory.
     Import {
         name: String,
         file: PathBuf,
-        #[command(flatten)]
-        json: JsonFlag,
+        /// Print stage events (byte progress too) as JSON lines, then the image.
+        #[arg(long)]
+        json: bool,
     },
     /// Download an image from the configured catalog and register it.
     Pull {
@@ -546,7 +549,7 @@ pub enum ImageCommand {
         /// Catalog version (default: the highest).
         #[arg(long = "catalog-version", id = "catalog_version")]
         version: Option<String>,
-        /// Print stage events as JSON lines.
+        /// Print stage events (byte progress too) as JSON lines.
         #[arg(long)]
         json: bool,
     },
@@ -593,8 +596,9 @@ pub enum KernelCommand {
         /// Kernel command line (banger appends its own arguments).
         #[arg(long)]
         cmdline: Option<String>,
-        #[command(flatten)]
-        json: JsonFlag,
+        /// Print stage events (byte progress too) as JSON lines, then the kernel.
+        #[arg(long)]
+        json: bool,
     },
     /// Download a kernel from the configured catalog (signature checked when
     /// the entry has one) and register it.
@@ -603,7 +607,7 @@ pub enum KernelCommand {
         /// Catalog version (default: the highest).
         #[arg(long = "catalog-version", id = "catalog_version")]
         version: Option<String>,
-        /// Print stage events as JSON lines.
+        /// Print stage events (byte progress too) as JSON lines.
         #[arg(long)]
         json: bool,
     },

@@ -26,12 +26,14 @@
 //! - [`kernel`]: kernel import, `--from-debian`, and where the guest agent
 //!   is found;
 //! - [`downloads`]: registering images and kernels the catalog downloaded;
+//! - [`operation`]: imports as operations with stages and byte progress;
 //! - [`error`]: [`ImageError`], what all of these fail with.
 
 mod downloads;
 mod error;
 mod import;
 mod kernel;
+mod operation;
 
 use std::path::{Path, PathBuf};
 
