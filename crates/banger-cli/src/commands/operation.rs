@@ -62,7 +62,7 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
                         stage.stage,
                         format!("{:?}", stage.status).to_lowercase(),
                         stage_ms(stage),
-                        stage.message.as_deref().unwrap_or("")
+                        stage_detail(stage)
                     ));
                 }
                 printer.data(&lines.join("\n"));
@@ -89,5 +89,15 @@ fn stage_ms(stage: &banger_proto::StageEvent) -> String {
         #[allow(clippy::cast_precision_loss)]
         Some(micros) => format!("{:.3}", micros as f64 / 1000.0),
         None => stage.elapsed_ms.to_string(),
+    }
+}
+
+/// A stage event's message, or the bytes of a `progress` event.
+fn stage_detail(stage: &banger_proto::StageEvent) -> String {
+    use indicatif::HumanBytes;
+    match (stage.bytes, stage.total) {
+        (Some(bytes), Some(total)) => format!("{} of {}", HumanBytes(bytes), HumanBytes(total)),
+        (Some(bytes), None) => HumanBytes(bytes).to_string(),
+        _ => stage.message.clone().unwrap_or_default(),
     }
 }

@@ -65,7 +65,14 @@ pub(super) fn stage<T>(
         return Err(operation.cancelled_error().into());
     }
     let stage = operation.start_stage(name);
-    let outcome = step(&stage);
+    // A copy that stopped for a cancel says so, not how the copy ended.
+    let outcome = step(&stage).map_err(|error| {
+        if operation.is_cancelled() {
+            operation.cancelled_error().into()
+        } else {
+            error
+        }
+    });
     match &outcome {
         Ok(_) => operation.finish_stage(&stage, None),
         Err(error) => operation.fail_stage(&stage, error),
