@@ -17,8 +17,7 @@ pub struct Cli {
     /// Print only data and errors.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// No spinners or progress bars: one plain line per finished stage (as
-    /// when stderr is not a terminal). NO_COLOR keeps them, uncoloured.
+    /// No spinners or progress bars.
     #[arg(long, global = true)]
     pub no_progress: bool,
     #[command(subcommand)]
@@ -534,8 +533,7 @@ pub enum DiskCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Register a root filesystem image: an ext4 file, a tarball, an OCI
-    /// layout, a `docker save` archive, or (root only) a directory.
+    /// Register an ext4 root filesystem image.
     Import {
         name: String,
         file: PathBuf,
