@@ -1,7 +1,10 @@
 //! ImageService: registers root filesystem images and guest kernels.
 //!
 //! Import protocol, the same for both kinds:
-//! 1. Check the name and that the caller may read the source.
+//! 1. Check the name and that the caller may read the source (and what
+//!    else can be checked before copying); then answer with an operation
+//!    whose stages do steps 2-3, reporting the bytes copied
+//!    ([`operation`]).
 //! 2. Copy the source into `STATE_DIR/tmp/` (sparse) if it is an ext4
 //!    image; otherwise unpack it there (tarball, OCI layout, `docker save`
 //!    archive, directory; hostile entries refused) and build an ext4 image
