@@ -110,6 +110,31 @@ fn imports_stream_byte_progress_reaching_the_total() {
     assert_eq!(image_record["size_bytes"].as_u64(), Some(image_bytes));
     assert_kept(&daemon, &lines, "copy image", image_bytes);
 
+    // A tarball: its bytes as they are read, then the build.
+    let tree = daemon.dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "from-tar\n").unwrap();
+    let data = tree.join("data");
+    std::fs::File::create(&data).unwrap().set_len(4 << 20).unwrap();
+    fill(&data, 0, 4);
+    let tarball = daemon.dir.path().join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let tar_bytes = std::fs::metadata(&tarball).unwrap().len();
+    let lines = daemon.banger_json_lines(&["image", "import", "tar", tarball.to_str().unwrap()]);
+    assert_reaches_total(&progress_of(&lines, "unpack image"), tar_bytes, "tarball import");
+    assert!(lines
+        .iter()
+        .any(|line| line["stage"] == "build image" && line["status"] == "finished"));
+    assert_kept(&daemon, &lines, "unpack image", tar_bytes);
+
     // A kernel and its initrd: one stage counting the bytes of both.
     let kernel = daemon.dir.path().join("vmlinux");
     write_fake_kernel(&kernel);

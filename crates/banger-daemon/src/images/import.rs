@@ -1,7 +1,8 @@
 //! Image import: copies an ext4 source (stage `copy image`, with bytes), or
-//! unpacks any other and builds an ext4 image of it (`build image`), then
-//! moves it into `images/` and registers it (`register image`): steps 2-3
-//! of the import protocol in the module doc, as an operation.
+//! unpacks any other (`unpack image`, with the bytes of a tarball) and
+//! builds an ext4 image of it (`build image`), then moves it into `images/`
+//! and registers it (`register image`): steps 2-3 of the import protocol in
+//! the module doc, as an operation.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -119,14 +120,32 @@ impl ImageService {
                 })?;
                 Ok((digest, "ext4 image".to_owned()))
             })?,
-            None => stage(operation, "build image", |_| {
-                let kind = self.build_image(&source, &id, &temporary)?;
-                let mut built =
-                    std::fs::File::open(&temporary).map_err(ImageError::OpenBuiltImage)?;
-                let digest =
-                    files::digest(&mut built, &temporary).map_err(ImageError::HashBuiltImage)?;
-                Ok((digest, kind))
-            })?,
+            None => {
+                let staging = self.paths.tmp().join(format!("unpack-{id}"));
+                let _staging_guard = RemoveOnDrop(Some(staging.clone()));
+                let kind = stage(operation, "unpack image", |stage| {
+                    let mut meter = operation.meter(stage);
+                    let unpacked = self.unpack_image(&source, &staging, &mut |read, total| {
+                        meter.update(read, Some(total));
+                        !operation.is_cancelled()
+                    });
+                    meter.finish();
+                    unpacked
+                })?;
+                stage(operation, "build image", |_| {
+                    banger_disk::ext4::build_from_directory(
+                        &staging,
+                        &temporary,
+                        &banger_disk::ext4::BuildOptions::default(),
+                    )
+                    .map_err(|error| ImageError::BuildExt4(Box::new(error)))?;
+                    let mut built =
+                        std::fs::File::open(&temporary).map_err(ImageError::OpenBuiltImage)?;
+                    let digest = files::digest(&mut built, &temporary)
+                        .map_err(ImageError::HashBuiltImage)?;
+                    Ok((digest, kind))
+                })?
+            }
         };
         stage(operation, "register image", |_| {
             let size_bytes = std::fs::metadata(&temporary)
@@ -154,14 +173,14 @@ impl ImageService {
     }
 
     /// Unpacks a non-ext4 source (tarball, OCI layout, `docker save`
-    /// archive, directory; [`Self::check_image_source`] checked it) into a
-    /// staging dir, refusing hostile entries, and builds an ext4 image of it
-    /// at `output`. Returns what the source was.
-    fn build_image(
+    /// archive, directory; [`Self::check_image_source`] checked it) into
+    /// the new directory `staging`, refusing hostile entries; `progress`
+    /// hears the bytes of a tarball read. Returns what the source was.
+    fn unpack_image(
         &self,
         source: &OpenSource,
-        id: &str,
-        output: &Path,
+        staging: &Path,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
     ) -> Result<String, ImageError> {
         use banger_disk::unpack;
         let readable = readable(source);
@@ -169,22 +188,16 @@ impl ImageService {
             path: source.path.clone(),
             source: error,
         })?;
-        let staging = self.paths.tmp().join(format!("unpack-{id}"));
-        let _staging_guard = RemoveOnDrop(Some(staging.clone()));
         let options = unpack::UnpackOptions {
             allow_devices: self.allow_device_nodes,
             ..unpack::UnpackOptions::default()
         };
-        unpack::unpack(&readable, &staging, &options).map_err(|error| ImageError::Unpack {
-            path: source.path.clone(),
-            source: error,
+        unpack::unpack_reporting(&readable, staging, &options, progress).map_err(|error| {
+            ImageError::Unpack {
+                path: source.path.clone(),
+                source: error,
+            }
         })?;
-        banger_disk::ext4::build_from_directory(
-            &staging,
-            output,
-            &banger_disk::ext4::BuildOptions::default(),
-        )
-        .map_err(|error| ImageError::BuildExt4(Box::new(error)))?;
         Ok(kind.describe().to_owned())
     }
 }
