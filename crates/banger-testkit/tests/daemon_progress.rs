@@ -306,3 +306,39 @@ fn terminals_get_bars_unless_no_progress_and_no_color_only_drops_colour() {
     assert!(quiet.contains("  ✓ copy image ("), "{quiet:?}");
     assert!(!quiet.contains("ETA") && !quiet.contains('\x1b'), "{quiet:?}");
 }
+
+#[test]
+fn pulls_stream_download_bytes_reaching_the_total() {
+    use banger_testkit::test_daemon::{serve_directory, sha256_hex};
+    let mut daemon = TestDaemon::new(&[]);
+    let site = daemon.dir.path().join("site");
+    std::fs::create_dir(&site).unwrap();
+    let image = site.join("base.ext4");
+    make_ext4(&image, 24);
+    fill(&image, 4, 8);
+    let size = std::fs::metadata(&image).unwrap().len();
+    std::fs::write(
+        site.join("catalog.toml"),
+        format!(
+            "[[images]]\nname = \"base\"\nversion = \"1\"\nurl = \"base.ext4\"\nsize = {size}\nsha256 = \"{}\"\n",
+            sha256_hex(&image)
+        ),
+    )
+    .unwrap();
+    let port = serve_directory(&site);
+    let mut config = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&daemon.config)
+        .unwrap();
+    writeln!(
+        config,
+        "\n[catalog]\nurl = \"http://127.0.0.1:{port}/catalog.toml\"\nallow_insecure_http = true"
+    )
+    .unwrap();
+    drop(config);
+    daemon.start();
+    let lines = daemon.banger_json_lines(&["image", "pull", "base"]);
+    assert_reaches_total(&progress_of(&lines, "pull image"), size, "image pull");
+    assert_kept(&daemon, &lines, "pull image", size);
+    daemon.assert_no_leaks();
+}
