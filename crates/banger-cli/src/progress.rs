@@ -109,8 +109,7 @@ impl StageView {
         let Some(bytes) = event.bytes else {
             return;
         };
-        self.moved
-            .insert(event.stage.clone(), (bytes, event.total));
+        self.moved.insert(event.stage.clone(), (bytes, event.total));
         let Some(bar) = self.active.get(&event.stage) else {
             return;
         };

@@ -291,15 +291,15 @@ impl CatalogService {
             .await;
         meter.finish();
         downloaded.map_err(|source| {
-                if operation.is_cancelled() {
-                    operation.cancelled_error().into()
-                } else {
-                    CatalogError::Download {
-                        url: request.url.clone(),
-                        source: Box::new(source),
-                    }
+            if operation.is_cancelled() {
+                operation.cancelled_error().into()
+            } else {
+                CatalogError::Download {
+                    url: request.url.clone(),
+                    source: Box::new(source),
                 }
-            })
+            }
+        })
     }
 
     /// Downloads, verifies and registers image `entry` under its name.

@@ -434,9 +434,7 @@ impl ProgressMeter {
     pub fn update(&mut self, bytes: u64, total: Option<u64>) {
         self.last = Some((bytes, total));
         let interval = Duration::from_secs(1) / PROGRESS_EVENTS_PER_SECOND;
-        let due = self
-            .last_sent
-            .is_none_or(|sent| sent.elapsed() >= interval);
+        let due = self.last_sent.is_none_or(|sent| sent.elapsed() >= interval);
         if due || Some(bytes) == total {
             self.last_sent = Some(Instant::now());
             let _ = self

@@ -546,8 +546,9 @@ impl Store {
     /// (an update keeps its row).
     pub fn list_operations(&self) -> Result<Vec<Operation>, StoreError> {
         let connection = self.lock();
-        let mut statement =
-            connection.prepare(&format!("{OPERATION_SELECT} ORDER BY created_at DESC, rowid DESC"))?;
+        let mut statement = connection.prepare(&format!(
+            "{OPERATION_SELECT} ORDER BY created_at DESC, rowid DESC"
+        ))?;
         let rows: Vec<OperationColumns> = statement
             .query_map([], operation_columns)?
             .collect::<Result<_, _>>()?;

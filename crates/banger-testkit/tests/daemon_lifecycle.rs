@@ -793,12 +793,8 @@ fn images_import_from_tarballs_and_directories_and_refuse_escapes() {
         .status()
         .unwrap();
     assert!(status.success());
-    let image = last(daemon.banger_json_lines(&[
-        "image",
-        "import",
-        "from-tar",
-        tarball.to_str().unwrap(),
-    ]));
+    let image =
+        last(daemon.banger_json_lines(&["image", "import", "from-tar", tarball.to_str().unwrap()]));
     assert!(
         image["source"].as_str().unwrap().ends_with("(tar archive)"),
         "{image}"

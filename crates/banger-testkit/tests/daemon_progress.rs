@@ -15,7 +15,9 @@ use serde_json::Value;
 /// Writes `mib` MiB of bytes that are not zero at `offset_mib` into `path`.
 fn fill(path: &std::path::Path, offset_mib: u64, mib: usize) {
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let data: Vec<u8> = (0..mib << 20).map(|index| (index % 251) as u8 + 1).collect();
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|index| (index % 251) as u8 + 1)
+        .collect();
     file.write_all_at(&data, offset_mib << 20).unwrap();
 }
 
@@ -84,7 +86,11 @@ fn imports_stream_byte_progress_reaching_the_total() {
     // At most ten live events a second (plus the one reaching the total and
     // the kept one), however many chunks were copied.
     let limit = 3 + usize::try_from(elapsed.as_millis() / 100).unwrap();
-    assert!(progress.len() <= limit, "{} events in {elapsed:?}", progress.len());
+    assert!(
+        progress.len() <= limit,
+        "{} events in {elapsed:?}",
+        progress.len()
+    );
     // Stages in order, then the done frame, then the image as the last line.
     let stages: Vec<(&str, &str)> = lines
         .iter()
@@ -115,7 +121,10 @@ fn imports_stream_byte_progress_reaching_the_total() {
     std::fs::create_dir_all(tree.join("etc")).unwrap();
     std::fs::write(tree.join("etc/hostname"), "from-tar\n").unwrap();
     let data = tree.join("data");
-    std::fs::File::create(&data).unwrap().set_len(4 << 20).unwrap();
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
     fill(&data, 0, 4);
     let tarball = daemon.dir.path().join("rootfs.tar");
     let status = Command::new("tar")
@@ -129,7 +138,11 @@ fn imports_stream_byte_progress_reaching_the_total() {
     assert!(status.success());
     let tar_bytes = std::fs::metadata(&tarball).unwrap().len();
     let lines = daemon.banger_json_lines(&["image", "import", "tar", tarball.to_str().unwrap()]);
-    assert_reaches_total(&progress_of(&lines, "unpack image"), tar_bytes, "tarball import");
+    assert_reaches_total(
+        &progress_of(&lines, "unpack image"),
+        tar_bytes,
+        "tarball import",
+    );
     assert!(lines
         .iter()
         .any(|line| line["stage"] == "build image" && line["status"] == "finished"));
@@ -164,7 +177,10 @@ fn imports_stream_byte_progress_reaching_the_total() {
         .iter()
         .map(|operation| operation["kind"].as_str().unwrap())
         .collect();
-    assert!(kinds.contains(&"image.import") && kinds.contains(&"kernel.import"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"image.import") && kinds.contains(&"kernel.import"),
+        "{kinds:?}"
+    );
     daemon.assert_no_leaks();
 }
 
@@ -212,12 +228,9 @@ fn a_cancelled_import_leaves_nothing() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let id = loop {
         let running = daemon.banger_json(&["operation", "list"]);
-        if let Some(operation) = running
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|operation| operation["kind"] == "image.import" && operation["state"] == "running")
-        {
+        if let Some(operation) = running.as_array().unwrap().iter().find(|operation| {
+            operation["kind"] == "image.import" && operation["state"] == "running"
+        }) {
             break operation["id"].as_str().unwrap().to_owned();
         }
         assert!(Instant::now() < deadline, "the import did not start");
@@ -256,7 +269,10 @@ fn output_that_is_not_a_terminal_has_no_bar_control_characters() {
     assert!(stderr.contains("  ✓ copy image ("), "{stderr}");
     assert!(stderr.contains(", 16.00 MiB)"), "{stderr}");
     assert!(stderr.contains("imported image plain"), "{stderr}");
-    assert!(!stderr.contains('\r') && !stderr.contains('\x1b'), "{stderr:?}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "{stderr:?}"
+    );
 }
 
 /// `banger ARGS` on a pseudo-terminal (`script`), with `env`; what the
@@ -294,17 +310,37 @@ fn terminals_get_bars_unless_no_progress_and_no_color_only_drops_colour() {
     };
     assert!(bars.contains("MiB/48.00 MiB"), "no byte bar: {bars:?}");
     assert!(bars.contains("ETA"), "{bars:?}");
-    assert!(bars.contains("\x1b[36m"), "the bar is not coloured: {bars:?}");
+    assert!(
+        bars.contains("\x1b[36m"),
+        "the bar is not coloured: {bars:?}"
+    );
 
-    let plain = on_a_terminal(&daemon, &format!("image import b {path}"), &[("NO_COLOR", "1")])
-        .unwrap();
-    assert!(plain.contains("MiB/48.00 MiB"), "NO_COLOR dropped the bar: {plain:?}");
-    assert!(!plain.contains("\x1b[3"), "colour despite NO_COLOR: {plain:?}");
+    let plain = on_a_terminal(
+        &daemon,
+        &format!("image import b {path}"),
+        &[("NO_COLOR", "1")],
+    )
+    .unwrap();
+    assert!(
+        plain.contains("MiB/48.00 MiB"),
+        "NO_COLOR dropped the bar: {plain:?}"
+    );
+    assert!(
+        !plain.contains("\x1b[3"),
+        "colour despite NO_COLOR: {plain:?}"
+    );
 
-    let quiet = on_a_terminal(&daemon, &format!("--no-progress image import c {path}"), &[])
-        .unwrap();
+    let quiet = on_a_terminal(
+        &daemon,
+        &format!("--no-progress image import c {path}"),
+        &[],
+    )
+    .unwrap();
     assert!(quiet.contains("  ✓ copy image ("), "{quiet:?}");
-    assert!(!quiet.contains("ETA") && !quiet.contains('\x1b'), "{quiet:?}");
+    assert!(
+        !quiet.contains("ETA") && !quiet.contains('\x1b'),
+        "{quiet:?}"
+    );
 }
 
 #[test]

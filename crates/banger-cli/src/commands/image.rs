@@ -228,8 +228,7 @@ pub async fn run_kernel(
                 from_debian,
             };
             let done =
-                start_and_follow::<method::KernelImport>(socket, printer, params, json)
-                    .await?;
+                start_and_follow::<method::KernelImport>(socket, printer, params, json).await?;
             let kernel = client
                 .call::<method::KernelShow>(RemoveParams { name })
                 .await?;
