@@ -48,7 +48,12 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
                 let mut lines = vec![
                     format!("id:       {}", operation.id),
                     format!("kind:     {}", operation.kind),
-                    format!("vm:       {}", operation.vm_name),
+                    // Imports and pulls act on no VM: say what they act on.
+                    if operation.vm_name.is_empty() {
+                        format!("subject:  {}", operation.subject)
+                    } else {
+                        format!("vm:       {}", operation.vm_name)
+                    },
                     format!("state:    {}", operation.state.as_str()),
                     format!("created:  {}", operation.created_at),
                 ];
