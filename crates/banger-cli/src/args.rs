@@ -537,8 +537,9 @@ pub enum ImageCommand {
     Import {
         name: String,
         file: PathBuf,
-        #[command(flatten)]
-        json: JsonFlag,
+        /// Print stage events (byte progress too) as JSON lines, then the image.
+        #[arg(long)]
+        json: bool,
     },
     /// Download an image from the configured catalog and register it.
     Pull {
@@ -546,7 +547,7 @@ pub enum ImageCommand {
         /// Catalog version (default: the highest).
         #[arg(long = "catalog-version", id = "catalog_version")]
         version: Option<String>,
-        /// Print stage events as JSON lines.
+        /// Print stage events (byte progress too) as JSON lines.
         #[arg(long)]
         json: bool,
     },
@@ -593,8 +594,9 @@ pub enum KernelCommand {
         /// Kernel command line (banger appends its own arguments).
         #[arg(long)]
         cmdline: Option<String>,
-        #[command(flatten)]
-        json: JsonFlag,
+        /// Print stage events (byte progress too) as JSON lines, then the kernel.
+        #[arg(long)]
+        json: bool,
     },
     /// Download a kernel from the configured catalog (signature checked when
     /// the entry has one) and register it.
@@ -603,7 +605,7 @@ pub enum KernelCommand {
         /// Catalog version (default: the highest).
         #[arg(long = "catalog-version", id = "catalog_version")]
         version: Option<String>,
-        /// Print stage events as JSON lines.
+        /// Print stage events (byte progress too) as JSON lines.
         #[arg(long)]
         json: bool,
     },

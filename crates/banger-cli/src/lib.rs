@@ -10,6 +10,7 @@ pub mod completion;
 pub mod error;
 pub mod names;
 pub mod printer;
+mod progress;
 pub mod project;
 
 use std::process::ExitCode;

@@ -20,20 +20,25 @@ use serde::Serialize;
 pub struct Printer {
     /// Suppress messages and progress; data and errors still print.
     pub quiet: bool,
-    /// Spinners and live lines (stderr is a terminal, not disabled).
+    /// Spinners, byte bars and live lines (stderr is a terminal, not
+    /// `TERM=dumb`, no `--no-progress` or `--quiet`); see `crate::progress`.
     pub progress: bool,
     /// ANSI colours on stderr (a terminal, and `NO_COLOR` unset or empty).
     pub color: bool,
 }
 
 impl Printer {
-    /// A printer for this process's terminal.
+    /// A printer for this process's terminal. `NO_COLOR` (no-color.org)
+    /// turns colour off, not progress: bars and spinners stay, uncoloured.
+    /// A terminal that cannot move its cursor (`TERM=dumb`) gets plain
+    /// lines.
     pub fn new(quiet: bool, no_progress: bool) -> Self {
         let terminal = std::io::stderr().is_terminal();
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+        let dumb = std::env::var_os("TERM").is_some_and(|term| term == "dumb");
         Self {
             quiet,
-            progress: terminal && !no_progress && !quiet,
+            progress: terminal && !dumb && !no_progress && !quiet,
             color: terminal && !no_color,
         }
     }

@@ -19,7 +19,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use banger_catalog::{
     CatalogCache, CatalogLoadError, CatalogSource, DownloadError, DownloadRequest, Downloader,
@@ -277,39 +277,36 @@ impl CatalogService {
     async fn download(
         &self,
         request: DownloadRequest,
-        operation: &LiveOperation,
+        operation: &Arc<LiveOperation>,
         stage: &Stage,
     ) -> Result<banger_catalog::Downloaded, CatalogError> {
-        let mut last = Instant::now() - Duration::from_secs(1);
-        self.downloader
+        let mut meter = operation.meter(stage);
+        let downloaded = self
+            .downloader
             .download(
                 &request,
                 &operation.cancellation(),
-                |Progress { downloaded, total }| {
-                    if last.elapsed() >= Duration::from_millis(100) || Some(downloaded) == total {
-                        last = Instant::now();
-                        operation.progress(stage, downloaded, total);
-                    }
-                },
+                |Progress { downloaded, total }| meter.update(downloaded, total),
             )
-            .await
-            .map_err(|source| {
-                if operation.is_cancelled() {
-                    operation.cancelled_error().into()
-                } else {
-                    CatalogError::Download {
-                        url: request.url.clone(),
-                        source: Box::new(source),
-                    }
+            .await;
+        meter.finish();
+        downloaded.map_err(|source| {
+            if operation.is_cancelled() {
+                operation.cancelled_error().into()
+            } else {
+                CatalogError::Download {
+                    url: request.url.clone(),
+                    source: Box::new(source),
                 }
-            })
+            }
+        })
     }
 
     /// Downloads, verifies and registers image `entry` under its name.
     pub async fn pull_image(
         &self,
         entry: &ImageEntry,
-        operation: &LiveOperation,
+        operation: &Arc<LiveOperation>,
         stage: &Stage,
     ) -> Result<Image, CatalogError> {
         self.require_signatures(PullKind::Image, &entry.name, entry.unsigned_files())?;
@@ -350,7 +347,7 @@ impl CatalogService {
     pub async fn pull_kernel(
         &self,
         entry: &KernelEntry,
-        operation: &LiveOperation,
+        operation: &Arc<LiveOperation>,
         stage: &Stage,
     ) -> Result<Kernel, CatalogError> {
         self.require_signatures(PullKind::Kernel, &entry.name, entry.unsigned_files())?;

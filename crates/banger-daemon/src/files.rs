@@ -82,6 +82,18 @@ pub fn copy_with_digest(
     source: &Path,
     destination: &Path,
 ) -> Result<String, FileError> {
+    copy_with_digest_reporting(input, source, destination, &mut |_| true)
+}
+
+/// [`copy_with_digest`], calling `progress(bytes read so far)` after each
+/// chunk; when it answers `false` the copy stops with
+/// [`FileError::Cancelled`] (the caller removes `destination`).
+pub fn copy_with_digest_reporting(
+    input: &mut File,
+    source: &Path,
+    destination: &Path,
+    progress: &mut dyn FnMut(u64) -> bool,
+) -> Result<String, FileError> {
     input
         .seek(SeekFrom::Start(0))
         .map_err(|error| FileError::Read {
@@ -98,6 +110,7 @@ pub fn copy_with_digest(
         })?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0_u8; CHUNK];
+    let mut done = 0_u64;
     loop {
         let read = input.read(&mut buffer).map_err(|error| FileError::Read {
             path: source.to_owned(),
@@ -105,6 +118,12 @@ pub fn copy_with_digest(
         })?;
         if read == 0 {
             break;
+        }
+        done += read as u64;
+        if !progress(done) {
+            return Err(FileError::Cancelled {
+                path: destination.to_owned(),
+            });
         }
         hasher.update(&buffer[..read]);
         if buffer[..read].iter().all(|&byte| byte == 0) {

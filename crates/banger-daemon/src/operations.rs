@@ -304,7 +304,7 @@ impl LiveOperation {
         elapsed: Duration,
         message: Option<String>,
     ) {
-        let event = StageEvent {
+        self.record(StageEvent {
             operation_id: self.id.clone(),
             stage: stage.to_owned(),
             status,
@@ -313,7 +313,11 @@ impl LiveOperation {
             message,
             bytes: None,
             total: None,
-        };
+        });
+    }
+
+    /// Keeps `event` in the history and the store, and sends it live.
+    fn record(&self, event: StageEvent) {
         let mut record = self.lock_record();
         record.stages.push(event.clone());
         if let Err(error) = self.store.save_operation(&record) {
@@ -352,7 +356,8 @@ impl LiveOperation {
     }
 
     /// Reports bytes moved by a running stage to live watchers only (not
-    /// kept in the history or the store).
+    /// kept in the history or the store); [`Self::meter`] rate-limits and
+    /// keeps the last count.
     pub fn progress(&self, stage: &Stage, bytes: u64, total: Option<u64>) {
         let _ = self.events.send(StreamFrame::Stage(StageEvent {
             operation_id: self.id.clone(),
@@ -364,6 +369,28 @@ impl LiveOperation {
             bytes: Some(bytes),
             total,
         }));
+    }
+
+    /// A rate-limited reporter of the bytes a running stage moves.
+    pub fn meter(self: &Arc<Self>, stage: &Stage) -> ProgressMeter {
+        ProgressMeter {
+            operation: Arc::clone(self),
+            stage: stage.name,
+            started: stage.started,
+            last_sent: None,
+            last: None,
+        }
+    }
+
+    /// [`Self::meter`] for a stage started elsewhere (its name only).
+    pub fn meter_named(self: &Arc<Self>, stage: &'static str) -> ProgressMeter {
+        ProgressMeter {
+            operation: Arc::clone(self),
+            stage,
+            started: Instant::now(),
+            last_sent: None,
+            last: None,
+        }
     }
 
     pub fn rolled_back(&self, stage: &str) {
@@ -383,6 +410,65 @@ impl LiveOperation {
             operation: record.clone(),
             vm: vm.map(Box::new),
         });
+    }
+}
+
+/// At most this many live `progress` events per second and stage.
+pub const PROGRESS_EVENTS_PER_SECOND: u32 = 10;
+
+/// Reports the bytes a stage moved: live `progress` events at most
+/// [`PROGRESS_EVENTS_PER_SECOND`] (and whenever the total is reached), and,
+/// at [`ProgressMeter::finish`], the last count kept in the history, so a
+/// watcher that came late and `operation status` see what was moved.
+/// Cheap to call per chunk: it only compares a clock.
+pub struct ProgressMeter {
+    operation: Arc<LiveOperation>,
+    stage: &'static str,
+    started: Instant,
+    last_sent: Option<Instant>,
+    /// The newest count: bytes and total.
+    last: Option<(u64, Option<u64>)>,
+}
+
+impl ProgressMeter {
+    pub fn update(&mut self, bytes: u64, total: Option<u64>) {
+        self.last = Some((bytes, total));
+        let interval = Duration::from_secs(1) / PROGRESS_EVENTS_PER_SECOND;
+        let due = self.last_sent.is_none_or(|sent| sent.elapsed() >= interval);
+        if due || Some(bytes) == total {
+            self.last_sent = Some(Instant::now());
+            let _ = self
+                .operation
+                .events
+                .send(StreamFrame::Stage(self.event(bytes, total, None)));
+        }
+    }
+
+    /// Keeps the last count in the operation's history (nothing when no
+    /// bytes were reported: a reflink clone, say).
+    pub fn finish(self) {
+        if let Some((bytes, total)) = self.last {
+            let elapsed = self.started.elapsed();
+            let event = self.event(
+                bytes,
+                total,
+                Some(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)),
+            );
+            self.operation.record(event);
+        }
+    }
+
+    fn event(&self, bytes: u64, total: Option<u64>, elapsed_us: Option<u64>) -> StageEvent {
+        StageEvent {
+            operation_id: self.operation.id.clone(),
+            stage: self.stage.to_owned(),
+            status: StageStatus::Progress,
+            elapsed_ms: whole_ms(self.started.elapsed()),
+            elapsed_us,
+            message: None,
+            bytes: Some(bytes),
+            total,
+        }
     }
 }
 
@@ -505,6 +591,41 @@ mod tests {
             registry.status(&operation.id).unwrap().state,
             OperationState::Cancelled
         );
+    }
+
+    #[tokio::test]
+    async fn meters_limit_live_events_and_keep_the_last_count() {
+        let registry = OperationRegistry::new(Store::open_in_memory().unwrap());
+        let operation = registry.begin("image.import", &vm()).unwrap();
+        let mut subscription = registry.subscribe(&operation.id, |_| None).unwrap();
+        let stage = operation.start_stage("copy image");
+        let mut meter = operation.meter(&stage);
+        let total = 1_000_000;
+        for bytes in (1..=1000).map(|chunk| chunk * 1000) {
+            meter.update(bytes, Some(total));
+        }
+        meter.finish();
+        operation.finish_stage(&stage, None);
+        let live = subscription.live.as_mut().unwrap();
+        let mut progress = Vec::new();
+        while let Ok(StreamFrame::Stage(event)) = live.try_recv() {
+            if event.status == StageStatus::Progress {
+                progress.push(event.bytes.unwrap());
+            }
+        }
+        // The first, the last (reaching the total), and the kept one: a
+        // thousand updates in well under 100 ms send no more.
+        assert!(progress.len() <= 4, "{progress:?}");
+        assert_eq!(progress.first(), Some(&1000));
+        assert_eq!(progress.last(), Some(&total));
+        let kept: Vec<_> = operation
+            .snapshot()
+            .stages
+            .into_iter()
+            .filter(|event| event.status == StageStatus::Progress)
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!((kept[0].bytes, kept[0].total), (Some(total), Some(total)));
     }
 
     #[test]

@@ -412,8 +412,12 @@ async fn dispatch(
             .await
         }
         ImageImport::NAME => {
-            handle::<ImageImport, _, _>(raw, |import| daemon.images.import_image(peer, import))
-                .await
+            handle::<ImageImport, _, _>(raw, |import| {
+                daemon
+                    .images
+                    .start_image_import(peer, import, &daemon.operations)
+            })
+            .await
         }
         ImagePull::NAME => {
             handle::<ImagePull, _, _>(raw, |pull| {
@@ -449,8 +453,12 @@ async fn dispatch(
             .await
         }
         KernelImport::NAME => {
-            handle::<KernelImport, _, _>(raw, |import| daemon.images.import_kernel(peer, import))
-                .await
+            handle::<KernelImport, _, _>(raw, |import| {
+                daemon
+                    .images
+                    .start_kernel_import(peer, import, &daemon.operations)
+            })
+            .await
         }
         KernelList::NAME => {
             handle::<KernelList, _, _>(raw, |NoParams| async { daemon.images.list_kernels() }).await

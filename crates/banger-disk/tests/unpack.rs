@@ -814,3 +814,44 @@ fn oversize_long_names_and_pax_headers_are_refused_before_they_are_read() {
     assert_eq!(read(&staging.join("after")), "still read\n");
     workspace.finish();
 }
+
+#[test]
+fn tarballs_report_the_archive_bytes_read_and_can_be_stopped() {
+    let workspace = Workspace::new();
+    let big: Vec<u8> = (0..3 << 20).map(|index| (index % 253) as u8).collect();
+    let tarball = TarBuilder::new()
+        .directory("./")
+        .file("./big", &big)
+        .file("./small", b"small")
+        .finish();
+    let source = workspace.path("rootfs.tar.gz");
+    std::fs::write(&source, gzip(&tarball)).unwrap();
+    let length = std::fs::metadata(&source).unwrap().len();
+    let mut reports = Vec::new();
+    banger_disk::unpack::unpack_reporting(
+        &source,
+        &workspace.path("staging"),
+        &UnpackOptions::default(),
+        &mut |read, total| {
+            reports.push((read, total));
+            true
+        },
+    )
+    .unwrap();
+    assert_eq!(reports.last(), Some(&(length, length)), "{reports:?}");
+    assert!(reports.windows(2).all(|pair| pair[0].0 <= pair[1].0));
+    assert_eq!(std::fs::read(workspace.path("staging/big")).unwrap(), big);
+
+    // Answering false stops it, and the staging directory is gone.
+    let error = banger_disk::unpack::unpack_reporting(
+        &source,
+        &workspace.path("stopped"),
+        &UnpackOptions::default(),
+        &mut |_, _| false,
+    )
+    .unwrap_err();
+    assert!(!workspace.path("stopped").exists(), "{error}");
+    std::fs::remove_dir_all(workspace.path("staging")).unwrap();
+    std::fs::remove_file(&source).unwrap();
+    workspace.finish();
+}

@@ -337,11 +337,12 @@ impl Method for DiskResize {
 
 // ---- images ----
 
+/// Starts an operation that imports an image file, archive or directory.
 pub struct ImageImport;
 impl Method for ImageImport {
     const NAME: &'static str = "image.import";
     type Params = ImportImageParams;
-    type Result = Image;
+    type Result = OperationStarted;
 }
 
 pub struct ImageList;
@@ -375,11 +376,12 @@ impl Method for ImageRemove {
 
 // ---- kernels ----
 
+/// Starts an operation that imports a kernel (and initrd).
 pub struct KernelImport;
 impl Method for KernelImport {
     const NAME: &'static str = "kernel.import";
     type Params = ImportKernelParams;
-    type Result = Kernel;
+    type Result = OperationStarted;
 }
 
 pub struct KernelList;

@@ -1,4 +1,5 @@
-//! Long-running operations (`vm.create`) and the frames their watchers receive.
+//! Long-running operations (`vm.create`, imports, pulls) and the frames
+//! their watchers receive.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,8 +48,9 @@ pub enum StageStatus {
     Failed,
     /// The stage's effects were undone during rollback.
     RolledBack,
-    /// Bytes moved so far by a running stage (downloads); not kept in the
-    /// operation's history.
+    /// Bytes moved so far by a running stage (downloads, copies): sent
+    /// live at most ten times a second; only each stage's last count is
+    /// kept in the operation's history.
     Progress,
 }
 

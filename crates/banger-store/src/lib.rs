@@ -542,10 +542,13 @@ impl Store {
     }
 
     /// All operations, newest first.
+    /// Newest first; operations of the same second in the order they began
+    /// (an update keeps its row).
     pub fn list_operations(&self) -> Result<Vec<Operation>, StoreError> {
         let connection = self.lock();
-        let mut statement =
-            connection.prepare(&format!("{OPERATION_SELECT} ORDER BY created_at DESC, id"))?;
+        let mut statement = connection.prepare(&format!(
+            "{OPERATION_SELECT} ORDER BY created_at DESC, rowid DESC"
+        ))?;
         let rows: Vec<OperationColumns> = statement
             .query_map([], operation_columns)?
             .collect::<Result<_, _>>()?;

@@ -202,6 +202,39 @@ fn operations_round_trip() {
 }
 
 #[test]
+fn operations_of_one_second_list_newest_first() {
+    let store = Store::open_in_memory().unwrap();
+    // Ids in the opposite order to their start.
+    for id in ["op9", "op5", "op1"] {
+        store
+            .save_operation(&Operation {
+                id: id.into(),
+                kind: "image.import".into(),
+                vm_id: String::new(),
+                vm_name: String::new(),
+                subject: format!("image {id}"),
+                state: OperationState::Running,
+                stages: vec![],
+                error: None,
+                created_at: "2026-01-01T00:00:00Z".into(),
+                finished_at: None,
+            })
+            .unwrap();
+    }
+    // An update keeps an operation's place.
+    let mut first = store.get_operation("op9").unwrap().unwrap();
+    first.state = OperationState::Succeeded;
+    store.save_operation(&first).unwrap();
+    let ids: Vec<String> = store
+        .list_operations()
+        .unwrap()
+        .into_iter()
+        .map(|operation| operation.id)
+        .collect();
+    assert_eq!(ids, ["op1", "op5", "op9"]);
+}
+
+#[test]
 fn backends_round_trip_and_an_unknown_one_is_an_error() {
     let store = seeded();
     let mut record = vm("q1", "on-qemu");

@@ -292,6 +292,22 @@ impl TestDaemon {
             .unwrap_or_else(|error| panic!("banger {all:?} printed no JSON ({error}): {stdout}"))
     }
 
+    /// Runs `banger ARGS --json` (a long command: an event stream) and
+    /// parses each line of stdout as one JSON value.
+    pub fn banger_json_lines(&self, args: &[&str]) -> Vec<Value> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--json");
+        let stdout = self.banger_ok(&all);
+        stdout
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|error| {
+                    panic!("banger {all:?} printed a line that is not JSON ({error}): {line}")
+                })
+            })
+            .collect()
+    }
+
     /// Runs `banger ARGS`, asserts failure, returns stderr.
     pub fn banger_err(&self, args: &[&str]) -> String {
         let output = self.banger(args);

@@ -205,6 +205,17 @@ const NO_JSON: &[&str] = &[
     "manual-pages",
 ];
 
+/// Long commands: daemon operations followed with stages and byte bars,
+/// whose `--json` is the event stream as JSON lines, not one record.
+const LONG: &[&str] = &[
+    "vm create",
+    "vm fork",
+    "image import",
+    "image pull",
+    "kernel import",
+    "kernel pull",
+];
+
 #[test]
 fn every_read_and_long_command_has_json() {
     use clap::CommandFactory;
@@ -227,6 +238,21 @@ fn every_read_and_long_command_has_json() {
         }
     }
     assert!(missing.is_empty(), "without --json: {missing:?}");
+    for long in LONG {
+        let (_, command) = leaves
+            .iter()
+            .find(|(path, _)| path == long)
+            .unwrap_or_else(|| panic!("no command `{long}`"));
+        let help = command
+            .get_arguments()
+            .find(|argument| argument.get_long() == Some("json"))
+            .and_then(|argument| argument.get_help().map(ToString::to_string))
+            .unwrap_or_default();
+        assert!(
+            help.contains("JSON lines"),
+            "`{long} --json` is not described as an event stream: {help:?}"
+        );
+    }
     for exempt in NO_JSON {
         assert!(
             leaves.iter().any(|(path, _)| path == exempt),

@@ -793,7 +793,8 @@ fn images_import_from_tarballs_and_directories_and_refuse_escapes() {
         .status()
         .unwrap();
     assert!(status.success());
-    let image = daemon.banger_json(&["image", "import", "from-tar", tarball.to_str().unwrap()]);
+    let image =
+        last(daemon.banger_json_lines(&["image", "import", "from-tar", tarball.to_str().unwrap()]));
     assert!(
         image["source"].as_str().unwrap().ends_with("(tar archive)"),
         "{image}"
@@ -808,7 +809,12 @@ fn images_import_from_tarballs_and_directories_and_refuse_escapes() {
     assert_eq!(String::from_utf8_lossy(&listing.stdout), "from-tar\n");
 
     if nix::unistd::geteuid().is_root() {
-        let image = daemon.banger_json(&["image", "import", "from-dir", tree.to_str().unwrap()]);
+        let image = last(daemon.banger_json_lines(&[
+            "image",
+            "import",
+            "from-dir",
+            tree.to_str().unwrap(),
+        ]));
         assert!(
             image["source"].as_str().unwrap().ends_with("(directory)"),
             "{image}"
@@ -1072,4 +1078,9 @@ fn create_pulls_a_catalog_image_as_a_stage() {
         .contains("No VM named"));
     daemon.banger_ok(&["vm", "delete", "fresh", "--force"]);
     daemon.assert_no_leaks();
+}
+
+/// The last line of an event stream: what a long command made.
+fn last(lines: Vec<serde_json::Value>) -> serde_json::Value {
+    lines.into_iter().last().expect("an event stream")
 }

@@ -1,11 +1,13 @@
-//! `banger image ...` and `banger kernel ...`.
+//! `banger image ...` and `banger kernel ...`. Imports and pulls are
+//! daemon operations, followed like `vm create` (stages, byte bars,
+//! `--json` event streams; see `crate::progress`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use banger_proto::image::{OperationStarted, PullParams};
 use banger_proto::method::{self, Method, NoParams};
-use banger_proto::{ImportImageParams, ImportKernelParams, RemoveParams};
+use banger_proto::{ImportImageParams, ImportKernelParams, RemoveParams, StreamFrame};
 
 use crate::args::{ImageCommand, KernelCommand};
 use crate::client::Client;
@@ -23,7 +25,34 @@ pub fn absolute(path: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("{} is not valid UTF-8", absolute.display()))
 }
 
-/// Starts a pull and follows it like `vm create` (Ctrl-C cancels).
+/// Starts an operation (an import or a pull) and follows it like `vm
+/// create` (Ctrl-C cancels): stage lines and byte bars, or with `json` the
+/// event stream as JSON lines. Returns the `Done` frame, not yet printed.
+async fn start_and_follow<M: Method<Result = OperationStarted>>(
+    socket: &Path,
+    printer: Printer,
+    params: M::Params,
+    json: bool,
+) -> anyhow::Result<StreamFrame> {
+    let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("Failed to handle Ctrl-C")?;
+    let started = Client::connect(socket).await?.call::<M>(params).await?;
+    let watch = Client::connect(socket)
+        .await?
+        .watch(&started.operation_id)
+        .await?;
+    crate::commands::vm::follow_to_done(
+        socket,
+        printer,
+        json,
+        watch,
+        interrupts,
+        &started.operation_id,
+    )
+    .await
+}
+
+/// Starts a pull and follows it.
 async fn pull<M: Method<Params = PullParams, Result = OperationStarted>>(
     socket: &Path,
     printer: Printer,
@@ -32,26 +61,30 @@ async fn pull<M: Method<Params = PullParams, Result = OperationStarted>>(
     json: bool,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("Failed to handle Ctrl-C")?;
-    let pull = Client::connect(socket)
-        .await?
-        .call::<M>(PullParams { name, version })
-        .await?;
-    let watch = Client::connect(socket)
-        .await?
-        .watch(&pull.operation_id)
-        .await?;
-    crate::commands::vm::follow(
-        socket,
-        printer,
-        json,
-        watch,
-        interrupts,
-        &pull.operation_id,
-        started,
-    )
-    .await
+    let done = start_and_follow::<M>(socket, printer, PullParams { name, version }, json).await?;
+    crate::commands::vm::report_done(printer, json, &done, started);
+    Ok(())
+}
+
+/// The closing lines of an import: with `json`, the `Done` frame and then
+/// the record as JSON lines (the stream's last line is what was imported).
+fn report_import<T: serde::Serialize>(
+    printer: Printer,
+    json: bool,
+    done: &StreamFrame,
+    record: &T,
+    summary: String,
+    started: std::time::Instant,
+) {
+    if json {
+        printer.json_line(done);
+        printer.json_line(record);
+    } else {
+        printer.message(&format!(
+            "{summary} ({:.1}s)",
+            started.elapsed().as_secs_f64()
+        ));
+    }
 }
 
 pub async fn run_image(
@@ -75,21 +108,25 @@ pub async fn run_image(
     match command {
         ImageCommand::Pull { .. } => unreachable!("handled above"),
         ImageCommand::Import { name, file, json } => {
+            let started = std::time::Instant::now();
             let path = absolute(&file)?;
             printer.message(&format!("importing {path} as image {name}…"));
+            let params = ImportImageParams {
+                name: name.clone(),
+                path,
+            };
+            let done =
+                start_and_follow::<method::ImageImport>(socket, printer, params, json).await?;
             let image = client
-                .call::<method::ImageImport>(ImportImageParams { name, path })
+                .call::<method::ImageShow>(RemoveParams { name })
                 .await?;
-            if json.json {
-                printer.json(&image);
-            } else {
-                printer.message(&format!(
-                    "imported image {} ({} MiB, {})",
-                    image.name,
-                    image.size_bytes >> 20,
-                    image.digest
-                ));
-            }
+            let summary = format!(
+                "imported image {} ({} MiB, {})",
+                image.name,
+                image.size_bytes >> 20,
+                image.digest
+            );
+            report_import(printer, json, &done, &image, summary, started);
         }
         ImageCommand::List(flag) => {
             let images = client.call::<method::ImageList>(NoParams).await?;
@@ -169,6 +206,7 @@ pub async fn run_kernel(
             from_debian,
             json,
         } => {
+            let started = std::time::Instant::now();
             let path = file
                 .as_deref()
                 .map(absolute)
@@ -182,20 +220,20 @@ pub async fn run_kernel(
                 }
                 other => other,
             };
+            let params = ImportKernelParams {
+                name: name.clone(),
+                path,
+                initrd,
+                cmdline,
+                from_debian,
+            };
+            let done =
+                start_and_follow::<method::KernelImport>(socket, printer, params, json).await?;
             let kernel = client
-                .call::<method::KernelImport>(ImportKernelParams {
-                    name,
-                    path,
-                    initrd,
-                    cmdline,
-                    from_debian,
-                })
+                .call::<method::KernelShow>(RemoveParams { name })
                 .await?;
-            if json.json {
-                printer.json(&kernel);
-            } else {
-                printer.message(&format!("imported kernel {}", kernel.name));
-            }
+            let summary = format!("imported kernel {}", kernel.name);
+            report_import(printer, json, &done, &kernel, summary, started);
         }
         KernelCommand::List(flag) => {
             let kernels = client.call::<method::KernelList>(NoParams).await?;

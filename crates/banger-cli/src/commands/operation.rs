@@ -48,7 +48,12 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
                 let mut lines = vec![
                     format!("id:       {}", operation.id),
                     format!("kind:     {}", operation.kind),
-                    format!("vm:       {}", operation.vm_name),
+                    // Imports and pulls act on no VM: say what they act on.
+                    if operation.vm_name.is_empty() {
+                        format!("subject:  {}", operation.subject)
+                    } else {
+                        format!("vm:       {}", operation.vm_name)
+                    },
                     format!("state:    {}", operation.state.as_str()),
                     format!("created:  {}", operation.created_at),
                 ];
@@ -62,7 +67,7 @@ pub async fn run(socket: &Path, printer: Printer, command: OperationCommand) -> 
                         stage.stage,
                         format!("{:?}", stage.status).to_lowercase(),
                         stage_ms(stage),
-                        stage.message.as_deref().unwrap_or("")
+                        stage_detail(stage)
                     ));
                 }
                 printer.data(&lines.join("\n"));
@@ -89,5 +94,15 @@ fn stage_ms(stage: &banger_proto::StageEvent) -> String {
         #[allow(clippy::cast_precision_loss)]
         Some(micros) => format!("{:.3}", micros as f64 / 1000.0),
         None => stage.elapsed_ms.to_string(),
+    }
+}
+
+/// A stage event's message, or the bytes of a `progress` event.
+fn stage_detail(stage: &banger_proto::StageEvent) -> String {
+    use indicatif::HumanBytes;
+    match (stage.bytes, stage.total) {
+        (Some(bytes), Some(total)) => format!("{} of {}", HumanBytes(bytes), HumanBytes(total)),
+        (Some(bytes), None) => HumanBytes(bytes).to_string(),
+        _ => stage.message.clone().unwrap_or_default(),
     }
 }

@@ -1,8 +1,7 @@
 //! `banger vm ...`.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use banger_proto::method::{self, Method, NoParams};
@@ -10,12 +9,12 @@ use banger_proto::{
     CreateVmParams, CreateVmResult, DeleteVmParams, OperationRef, OperationState, SetVmParams,
     StageEvent, StageStatus, StopVmParams, StreamFrame, Vm, VmRef,
 };
-use indicatif::{MultiProgress, ProgressBar, ProgressState, ProgressStyle};
 
 use crate::args::{CreateArgs, SetArgs, VmCommand};
 use crate::client::{Client, Watch};
 use crate::error::{Exit, Hint as _, UsageError};
 use crate::printer::{table, Printer};
+pub(crate) use crate::progress::StageView;
 
 pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow::Result<()> {
     match command {
@@ -412,26 +411,26 @@ async fn wait_ssh_stage(
 }
 
 /// Renders an operation's frames until it ends; Ctrl-C cancels it (a second
-/// Ctrl-C leaves at once).
-pub(crate) async fn follow(
+/// Ctrl-C leaves at once). For operations another command started (pulls,
+/// imports), without the closing lines ([`report_done`]): the `Done` frame of
+/// the operation, which succeeded.
+pub(crate) async fn follow_to_done(
     socket: &Path,
     printer: Printer,
     json: bool,
     watch: Watch,
     interrupts: tokio::signal::unix::Signal,
     operation_id: &str,
-    started: Instant,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<StreamFrame> {
     let (mut view, done) =
         watch_until_done(socket, printer, json, watch, interrupts, operation_id).await?;
     view.clear();
-    report_done(printer, json, &done, started);
-    Ok(())
+    Ok(done)
 }
 
 /// The closing lines of a successful operation: the `Done` frame (and the
 /// VM) as JSON lines, or a summary for people.
-fn report_done(printer: Printer, json: bool, done: &StreamFrame, started: Instant) {
+pub(crate) fn report_done(printer: Printer, json: bool, done: &StreamFrame, started: Instant) {
     let StreamFrame::Done { operation, vm } = done else {
         return;
     };
@@ -517,131 +516,6 @@ async fn watch_until_done(
                     printer.message(&format!("cancel failed: {error}"));
                 }
             }
-        }
-    }
-}
-
-/// Stage lines: spinners on a terminal, plain lines otherwise, JSON lines
-/// with `--json`.
-pub(crate) struct StageView {
-    printer: Printer,
-    json: bool,
-    bars: Option<MultiProgress>,
-    active: HashMap<String, ProgressBar>,
-}
-
-impl StageView {
-    pub(crate) fn new(printer: Printer, json: bool) -> Self {
-        let bars = (printer.progress && !json).then(MultiProgress::new);
-        Self {
-            printer,
-            json,
-            bars,
-            active: HashMap::new(),
-        }
-    }
-
-    fn line(&self, text: String) {
-        match &self.bars {
-            Some(bars) => {
-                let _ = bars.println(text);
-            }
-            None => self.printer.message(&text),
-        }
-    }
-
-    pub(crate) fn stage(&mut self, event: &StageEvent) {
-        if self.json {
-            self.printer.json_line(&StreamFrame::Stage(event.clone()));
-            return;
-        }
-        let seconds = event.elapsed_us.map_or_else(
-            || Duration::from_millis(event.elapsed_ms),
-            Duration::from_micros,
-        );
-        let seconds = seconds.as_secs_f64();
-        match event.status {
-            StageStatus::Started => {
-                if let Some(bars) = &self.bars {
-                    let bar = bars.add(ProgressBar::new_spinner());
-                    let template = if self.printer.color {
-                        "  {spinner} {msg} {seconds:.dim}"
-                    } else {
-                        "  {spinner} {msg} {seconds}"
-                    };
-                    bar.set_style(
-                        ProgressStyle::with_template(template)
-                            .unwrap_or_else(|_| ProgressStyle::default_spinner())
-                            .with_key(
-                                "seconds",
-                                |state: &ProgressState, out: &mut dyn std::fmt::Write| {
-                                    let _ = write!(out, "{:.1}s", state.elapsed().as_secs_f64());
-                                },
-                            ),
-                    );
-                    bar.set_message(event.stage.clone());
-                    bar.enable_steady_tick(Duration::from_millis(100));
-                    self.active.insert(event.stage.clone(), bar);
-                }
-            }
-            StageStatus::Finished => {
-                self.remove(&event.stage);
-                let detail = event
-                    .message
-                    .as_deref()
-                    .map(|message| format!(", {message}"))
-                    .unwrap_or_default();
-                self.line(format!("  ✓ {} ({seconds:.3}s{detail})", event.stage));
-            }
-            StageStatus::Failed => {
-                self.remove(&event.stage);
-                self.line(format!(
-                    "  ✗ {} ({seconds:.3}s): {}",
-                    event.stage,
-                    event.message.as_deref().unwrap_or("failed")
-                ));
-            }
-            StageStatus::RolledBack => {
-                self.line(format!("  ↺ {} rolled back", event.stage));
-            }
-            StageStatus::Progress => {
-                // Bytes of a download: turn the stage's spinner into a bar.
-                if let (Some(bar), Some(bytes)) = (self.active.get(&event.stage), event.bytes) {
-                    if let Some(total) = event.total {
-                        if bar.length() != Some(total) {
-                            bar.set_length(total);
-                            bar.set_style(
-                                ProgressStyle::with_template(
-                                    "  {spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                                )
-                                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                                .progress_chars("=> "),
-                            );
-                        }
-                    }
-                    bar.set_position(bytes);
-                    // Stages run by the CLI say more (files) in the message.
-                    if let Some(message) = &event.message {
-                        bar.set_message(format!("{} ({message})", event.stage));
-                    }
-                }
-            }
-        }
-    }
-
-    fn remove(&mut self, stage: &str) {
-        if let Some(bar) = self.active.remove(stage) {
-            bar.finish_and_clear();
-            if let Some(bars) = &self.bars {
-                bars.remove(&bar);
-            }
-        }
-    }
-
-    pub(crate) fn clear(&mut self) {
-        let stages: Vec<String> = self.active.keys().cloned().collect();
-        for stage in stages {
-            self.remove(&stage);
         }
     }
 }

@@ -196,6 +196,9 @@ pub enum ImageError {
     },
     #[error(transparent)]
     Store(#[from] StoreFailure),
+    /// The import's operation: registering it, or cancelled.
+    #[error(transparent)]
+    Operation(#[from] crate::operations::OperationError),
 }
 
 impl From<StoreError> for ImageError {
@@ -243,6 +246,7 @@ impl RpcFailure for ImageError {
             | Self::NotAKernel { .. }
             | Self::LocateDebianKernel(_) => ErrorKind::InvalidParams,
             Self::Store(error) => error.kind(),
+            Self::Operation(error) => error.kind(),
             _ => ErrorKind::Failed,
         }
     }
@@ -269,6 +273,7 @@ impl RpcFailure for ImageError {
                     .to_owned()
             }
             Self::Store(error) => return error.hint(),
+            Self::Operation(error) => return error.hint(),
             _ => return None,
         })
     }

@@ -3,15 +3,19 @@
 //! guest agent; and where that static agent is looked for.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use banger_disk::confined::{self, ConfinedDir, ConfinedError};
 use banger_disk::initramfs::{self, DebianKernel, InitramfsError, KernelModules};
+use banger_proto::image::OperationStarted;
 use banger_proto::{ImportKernelParams, Kernel};
 
+use super::operation::{copy_file, spawn_import, stage};
 use super::{open_source, ImageError, ImageService, OpenSource, RemoveOnDrop};
 use crate::access::{as_peer, Peer};
 use crate::files;
 use crate::ids::{new_id, now, validate_artifact_name};
+use crate::operations::{LiveOperation, OperationRegistry};
 
 /// Kernel arguments used when an imported kernel gives none: serial console,
 /// reboot on triple fault/panic so the VMM exits instead of hanging.
@@ -31,11 +35,16 @@ pub const AGENT_INSTALL_PATHS: [&str; 2] = [
 ];
 
 impl ImageService {
-    pub async fn import_kernel(
+    /// `kernel.import`: checks the name, the command line and the sources
+    /// (opened, and a `--from-debian` package read, as the caller; the
+    /// agent found), then imports them as an operation (see
+    /// [`super::operation`]).
+    pub async fn start_kernel_import(
         &self,
         peer: Peer,
         params: ImportKernelParams,
-    ) -> Result<Kernel, ImageError> {
+        operations: &Arc<OperationRegistry>,
+    ) -> Result<OperationStarted, ImageError> {
         validate_artifact_name("kernel", &params.name)?;
         if self.store.find_kernel(&params.name)?.is_some() {
             return Err(ImageError::KernelExists { name: params.name });
@@ -52,53 +61,64 @@ impl ImageService {
         if cmdline.contains('\n') {
             return Err(ImageError::MultilineCommandLine);
         }
+        let name = params.name.clone();
+        let this = self.clone();
         if let Some(source) = params.from_debian.clone() {
             if !params.path.is_empty() || params.initrd.is_some() {
                 return Err(ImageError::DebianKernelWithFiles);
             }
-            let this = self.clone();
-            return tokio::task::spawn_blocking(move || {
-                this.import_debian_kernel_blocking(&peer, &params.name, &source, cmdline)
+            let (package, agent) = tokio::task::spawn_blocking(move || {
+                let (root, release) = DebianKernel::root_of(&source)?;
+                let (_, agent) = find_agent(&agent_candidates(this.agent_path.as_deref()))?;
+                // Everything of the package is opened on a thread with the
+                // caller's filesystem identity, beneath the directory it
+                // opened as them.
+                let package = as_peer(&peer, || read_debian_package(&root, &release))
+                    .map_err(ImageError::AssumeIdentity)??;
+                Ok::<_, ImageError>((package, agent))
             })
             .await
             .map_err(|source| ImageError::Task {
                 task: "Kernel import",
                 source,
-            })?;
+            })??;
+            let this = self.clone();
+            return spawn_import(operations, "kernel", &params.name, move |operation| {
+                this.import_debian_kernel_blocking(&name, package, agent, cmdline, operation)
+            });
         }
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let (kernel, initrd) = tokio::task::spawn_blocking(move || {
             let kernel = open_source(&peer, &params.path, "kernel", Some(MAX_KERNEL_BYTES))?;
+            check_kernel_image(&kernel)?;
             let initrd = params
                 .initrd
                 .as_deref()
                 .map(|path| open_source(&peer, path, "initrd", Some(MAX_INITRD_BYTES)))
                 .transpose()?;
-            this.import_kernel_blocking(&params.name, kernel, initrd, cmdline)
+            Ok::<_, ImageError>((kernel, initrd))
         })
         .await
         .map_err(|source| ImageError::Task {
             task: "Kernel import",
             source,
-        })?
+        })??;
+        let this = self.clone();
+        spawn_import(operations, "kernel", &params.name, move |operation| {
+            this.import_kernel_blocking(&name, kernel, initrd, cmdline, operation)
+        })
     }
 
-    /// Reads the package as the caller, beneath the directory they named
-    /// (or `/` for an installed release), then builds the initramfs and
-    /// registers both as root; see the module docs of `banger_disk::confined`.
+    /// Builds the vmlinux and the initramfs of a package read as the
+    /// caller (as root, in `tmp/`), then registers both as an import with
+    /// an initrd does.
     fn import_debian_kernel_blocking(
         &self,
-        peer: &Peer,
         name: &str,
-        source: &str,
+        package: DebianPackage,
+        agent: Vec<u8>,
         cmdline: String,
+        operation: &Arc<LiveOperation>,
     ) -> Result<Kernel, ImageError> {
-        let (root, release) = DebianKernel::root_of(source)?;
-        let (_, agent) = find_agent(&agent_candidates(self.agent_path.as_deref()))?;
-        // Everything of the package is opened on a thread with the caller's
-        // filesystem identity, beneath the directory it opened as them.
-        let package = as_peer(peer, || read_debian_package(&root, &release))
-            .map_err(ImageError::AssumeIdentity)??;
         let mut kernel = package.kernel;
         let initrd_path = self.paths.tmp().join(format!("initrd-{}", new_id()));
         let _initrd_guard = RemoveOnDrop(Some(initrd_path.clone()));
@@ -106,74 +126,117 @@ impl ImageService {
         // QEMU's microvm boots it through its PVH note.
         let vmlinux_path = self.paths.tmp().join(format!("vmlinux-{}", new_id()));
         let _vmlinux_guard = RemoveOnDrop(Some(vmlinux_path.clone()));
-        if let Some(file) = unpack_vmlinux(&mut kernel, &vmlinux_path)? {
-            kernel.file = file;
-        }
-        let build_error = |source: InitramfsError| ImageError::BuildInitramfs {
-            release: package.release.clone(),
-            source,
-        };
-        let (archive, _) = initramfs::agent_initramfs(&package.release, &package.modules, agent)
-            .map_err(build_error)?;
-        let output =
-            std::fs::File::create(&initrd_path).map_err(|source| ImageError::CreateFile {
-                path: initrd_path.clone(),
+        let initrd = stage(operation, "build initramfs", |_| {
+            if let Some(file) = unpack_vmlinux(&mut kernel, &vmlinux_path)? {
+                kernel.file = file;
+            }
+            let build_error = |source: InitramfsError| ImageError::BuildInitramfs {
+                release: package.release.clone(),
                 source,
-            })?;
-        archive
-            .write_gzip(std::io::BufWriter::new(output))
-            .map_err(build_error)?;
-        let file = std::fs::File::open(&initrd_path).map_err(|source| ImageError::ReopenFile {
-            path: initrd_path.clone(),
-            source,
+            };
+            let (archive, _) =
+                initramfs::agent_initramfs(&package.release, &package.modules, agent)
+                    .map_err(build_error)?;
+            let output =
+                std::fs::File::create(&initrd_path).map_err(|source| ImageError::CreateFile {
+                    path: initrd_path.clone(),
+                    source,
+                })?;
+            archive
+                .write_gzip(std::io::BufWriter::new(output))
+                .map_err(build_error)?;
+            let file =
+                std::fs::File::open(&initrd_path).map_err(|source| ImageError::ReopenFile {
+                    path: initrd_path.clone(),
+                    source,
+                })?;
+            check_kernel_image(&kernel)?;
+            Ok(OpenSource {
+                path: initrd_path.clone(),
+                file,
+                is_directory: false,
+            })
         })?;
-        let initrd = OpenSource {
-            path: initrd_path.clone(),
-            file,
-            is_directory: false,
-        };
-        self.import_kernel_blocking(name, kernel, Some(initrd), cmdline)
+        self.import_kernel_blocking(name, kernel, Some(initrd), cmdline, operation)
     }
 
+    /// Copies the kernel (and initrd) into a staging directory (stage
+    /// `copy kernel`, with the bytes of both), moves it into `kernels/`
+    /// and registers it (`register kernel`).
     fn import_kernel_blocking(
         &self,
         name: &str,
         mut kernel: OpenSource,
         initrd: Option<OpenSource>,
         cmdline: String,
+        operation: &Arc<LiveOperation>,
     ) -> Result<Kernel, ImageError> {
-        if !files::is_kernel_image(&kernel.file, &kernel.path).map_err(ImageError::ReadKernel)? {
-            return Err(ImageError::NotAKernel { path: kernel.path });
-        }
         let id = new_id();
         let staging = self.paths.tmp().join(format!("kernel-{id}"));
         let mut staging_guard = RemoveOnDrop(Some(staging.clone()));
         std::fs::create_dir(&staging).map_err(ImageError::CreateKernelStaging)?;
         crate::fault::pause_at(|| "kernel import:copy".to_owned());
-        files::copy_with_digest(&mut kernel.file, &kernel.path, &staging.join("vmlinux"))
-            .map_err(ImageError::CopyKernel)?;
         let has_initrd = initrd.is_some();
-        if let Some(mut initrd) = initrd {
-            files::copy_with_digest(&mut initrd.file, &initrd.path, &staging.join("initrd"))
-                .map_err(ImageError::CopyInitrd)?;
-        }
-        let destination = self.paths.kernels().join(&id);
-        std::fs::rename(&staging, &destination).map_err(ImageError::MoveKernel)?;
-        staging_guard.disarm();
-        let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
-        crate::fault::pause_at(|| "kernel import:register".to_owned());
-        let record = Kernel {
-            id,
-            name: name.to_owned(),
-            kernel_path: destination.join("vmlinux").display().to_string(),
-            initrd_path: has_initrd.then(|| destination.join("initrd").display().to_string()),
-            cmdline,
-            source: kernel.path.display().to_string(),
-            created_at: now(),
-        };
-        self.store.insert_kernel(&record)?;
-        destination_guard.disarm();
-        Ok(record)
+        stage(operation, "copy kernel", |stage| {
+            let length = |source: &OpenSource| source.file.metadata().map_or(0, |meta| meta.len());
+            let kernel_bytes = length(&kernel);
+            let total = kernel_bytes + initrd.as_ref().map_or(0, length);
+            let mut meter = operation.meter(stage);
+            let copied = copy_file(
+                operation,
+                &mut meter,
+                (0, total),
+                &mut kernel.file,
+                &kernel.path,
+                &staging.join("vmlinux"),
+            )
+            .map_err(ImageError::CopyKernel)
+            .and_then(|_| match initrd {
+                Some(mut initrd) => copy_file(
+                    operation,
+                    &mut meter,
+                    (kernel_bytes, total),
+                    &mut initrd.file,
+                    &initrd.path,
+                    &staging.join("initrd"),
+                )
+                .map(drop)
+                .map_err(ImageError::CopyInitrd),
+                None => Ok(()),
+            });
+            meter.finish();
+            copied
+        })?;
+        stage(operation, "register kernel", |_| {
+            let destination = self.paths.kernels().join(&id);
+            std::fs::rename(&staging, &destination).map_err(ImageError::MoveKernel)?;
+            staging_guard.disarm();
+            let mut destination_guard = RemoveOnDrop(Some(destination.clone()));
+            crate::fault::pause_at(|| "kernel import:register".to_owned());
+            let record = Kernel {
+                id: id.clone(),
+                name: name.to_owned(),
+                kernel_path: destination.join("vmlinux").display().to_string(),
+                initrd_path: has_initrd.then(|| destination.join("initrd").display().to_string()),
+                cmdline,
+                source: kernel.path.display().to_string(),
+                created_at: now(),
+            };
+            self.store.insert_kernel(&record)?;
+            destination_guard.disarm();
+            Ok(record)
+        })
+    }
+}
+
+/// Refuses a file that is neither an ELF vmlinux nor a bzImage.
+fn check_kernel_image(kernel: &OpenSource) -> Result<(), ImageError> {
+    if files::is_kernel_image(&kernel.file, &kernel.path).map_err(ImageError::ReadKernel)? {
+        Ok(())
+    } else {
+        Err(ImageError::NotAKernel {
+            path: kernel.path.clone(),
+        })
     }
 }
 

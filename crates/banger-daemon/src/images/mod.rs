@@ -1,7 +1,10 @@
 //! ImageService: registers root filesystem images and guest kernels.
 //!
 //! Import protocol, the same for both kinds:
-//! 1. Check the name and that the caller may read the source.
+//! 1. Check the name and that the caller may read the source (and what
+//!    else can be checked before copying); then answer with an operation
+//!    whose stages do steps 2-3, reporting the bytes copied
+//!    ([`operation`]).
 //! 2. Copy the source into `STATE_DIR/tmp/` (sparse) if it is an ext4
 //!    image; otherwise unpack it there (tarball, OCI layout, `docker save`
 //!    archive, directory; hostile entries refused) and build an ext4 image
@@ -26,12 +29,14 @@
 //! - [`kernel`]: kernel import, `--from-debian`, and where the guest agent
 //!   is found;
 //! - [`downloads`]: registering images and kernels the catalog downloaded;
+//! - [`operation`]: imports as operations with stages and byte progress;
 //! - [`error`]: [`ImageError`], what all of these fail with.
 
 mod downloads;
 mod error;
 mod import;
 mod kernel;
+mod operation;
 
 use std::path::{Path, PathBuf};
 

@@ -631,13 +631,20 @@ impl VmService {
             directory.to_owned(),
         );
         let cancellation = operation.cancellation();
+        // A copy reports its bytes; a reflink or dm-snapshot clone none.
+        let mut meter = operation.meter_named("clone root disk");
         let cloned = tokio::task::spawn_blocking(move || {
-            strategy.clone_image(&CloneRequest {
-                vm_id: &owned_vm_id,
-                image: &image,
-                vm_dir: &owned_directory,
-                cancelled: &|| cancellation.is_cancelled(),
-            })
+            let cloned = strategy.clone_image_reporting(
+                &CloneRequest {
+                    vm_id: &owned_vm_id,
+                    image: &image,
+                    vm_dir: &owned_directory,
+                    cancelled: &|| cancellation.is_cancelled(),
+                },
+                &mut |bytes, total| meter.update(bytes, Some(total)),
+            );
+            meter.finish();
+            cloned
         })
         .await
         .map_err(|source| VmError::Task {

@@ -34,8 +34,18 @@ impl CloneStrategy for Copy {
     }
 
     fn clone_image(&self, request: &CloneRequest<'_>) -> Result<RootDisk, CloneError> {
+        self.clone_image_reporting(request, &mut |_, _| {})
+    }
+
+    fn clone_image_reporting(
+        &self,
+        request: &CloneRequest<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RootDisk, CloneError> {
         let destination = request.vm_dir.join(ROOT_DISK_FILE);
-        if let Err(error) = sparse_copy(request.image, &destination, request.cancelled) {
+        if let Err(error) =
+            sparse_copy_reporting(request.image, &destination, request.cancelled, progress)
+        {
             // create_new failing means the file was someone else's: keep it.
             if !matches!(error, CloneError::Open { ref path, .. } if path == &destination) {
                 let _ = std::fs::remove_file(&destination);
@@ -84,6 +94,20 @@ pub fn sparse_copy(
     destination: &Path,
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<u64, CloneError> {
+    sparse_copy_reporting(source, destination, cancelled, &mut |_, _| {})
+}
+
+/// [`sparse_copy`], calling `progress(data bytes copied, data bytes in
+/// all)` after each chunk (holes are neither copied nor counted).
+///
+/// # Errors
+/// As [`sparse_copy`].
+pub fn sparse_copy_reporting(
+    source: &Path,
+    destination: &Path,
+    cancelled: &(dyn Fn() -> bool + Sync),
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, CloneError> {
     let read_error = |error| CloneError::Read {
         path: source.to_owned(),
         source: error,
@@ -106,6 +130,8 @@ pub fn sparse_copy(
             source: error,
         })?;
     output.set_len(length).map_err(write_error)?;
+    let total = data_bytes(&input, length).map_err(read_error)?;
+    let mut done = 0_u64;
     let mut buffer = Vec::new();
     let mut in_kernel = true;
     let mut offset = 0_u64;
@@ -129,6 +155,8 @@ pub fn sparse_copy(
                     Ok(0) => break,
                     Ok(copied) => {
                         position += copied as u64;
+                        done += copied as u64;
+                        progress(done, total);
                         continue;
                     }
                     Err(
@@ -156,11 +184,27 @@ pub fn sparse_copy(
                     .map_err(write_error)?;
             }
             position += read as u64;
+            done += read as u64;
+            progress(done, total);
         }
         offset = data_end;
     }
     output.sync_all().map_err(write_error)?;
     Ok(length)
+}
+
+/// The bytes in `file`'s data segments: what a sparse copy moves.
+fn data_bytes(file: &File, length: u64) -> std::io::Result<u64> {
+    let mut total = 0;
+    let mut offset = 0;
+    while offset < length {
+        let Some((start, end)) = next_data_segment(file, offset, length)? else {
+            break;
+        };
+        total += end.saturating_sub(start);
+        offset = end.max(offset + 1);
+    }
+    Ok(total)
 }
 
 /// Copies up to `length` bytes at `position` from `input` to the same
@@ -233,6 +277,36 @@ mod tests {
         Copy.remove("vm1", &vm_dir).unwrap();
         Copy.remove("vm1", &vm_dir).unwrap();
         assert_eq!(std::fs::read_dir(&vm_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn copy_reports_data_bytes_up_to_the_total() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = directory.path().join("image.ext4");
+        let file = File::create(&image).unwrap();
+        file.set_len(64 << 20).unwrap();
+        file.write_all_at(&vec![7_u8; 3 << 20], 0).unwrap();
+        file.write_all_at(&vec![9_u8; 1 << 20], 40 << 20).unwrap();
+        drop(file);
+        let vm_dir = directory.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let mut reports = Vec::new();
+        Copy.clone_image_reporting(
+            &CloneRequest {
+                vm_id: "vm1",
+                image: &image,
+                vm_dir: &vm_dir,
+                cancelled: &|| false,
+            },
+            &mut |done, total| reports.push((done, total)),
+        )
+        .unwrap();
+        let (last, total) = *reports.last().expect("progress was reported");
+        assert_eq!(last, total);
+        // The data, not the holes (a file system may round to its blocks).
+        assert!((4 << 20..8 << 20).contains(&total), "{total}");
+        assert!(reports.windows(2).all(|pair| pair[0].0 <= pair[1].0));
+        assert!(reports.iter().all(|&(_, each)| each == total));
     }
 
     #[test]

@@ -196,6 +196,21 @@ pub trait CloneStrategy: Send + Sync + fmt::Debug {
     /// [`CloneError`] naming the step that failed.
     fn clone_image(&self, request: &CloneRequest<'_>) -> Result<RootDisk, CloneError>;
 
+    /// [`Self::clone_image`], calling `progress(bytes copied, bytes to
+    /// copy)` as a copying strategy moves data. Strategies that copy nothing
+    /// (reflink, dm-snapshot) never call it.
+    ///
+    /// # Errors
+    /// As [`Self::clone_image`].
+    fn clone_image_reporting(
+        &self,
+        request: &CloneRequest<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RootDisk, CloneError> {
+        let _ = progress;
+        self.clone_image(request)
+    }
+
     /// Makes an existing clone usable again, e.g. after a host reboot removed
     /// a dm device but kept its exception store. File-backed clones only
     /// check that the file exists.

@@ -264,6 +264,27 @@ pub(crate) fn decompressed<'a>(
     }
 }
 
+/// A reader telling `progress` how many bytes were read through it; an
+/// error when `progress` answers `false`.
+struct Counting<'a, R> {
+    inner: R,
+    read: u64,
+    total: u64,
+    progress: &'a mut dyn FnMut(u64, u64) -> bool,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let count = self.inner.read(buffer)?;
+        self.read += count as u64;
+        if (self.progress)(self.read, self.total) {
+            Ok(count)
+        } else {
+            Err(std::io::Error::other("stopped"))
+        }
+    }
+}
+
 /// Removes the staging directory when dropped unless disarmed.
 struct RemoveOnDrop<'a>(Option<&'a Path>);
 
@@ -285,6 +306,22 @@ pub fn unpack(
     source: &Path,
     staging: &Path,
     options: &UnpackOptions,
+) -> Result<UnpackReport, UnpackError> {
+    unpack_reporting(source, staging, options, &mut |_, _| true)
+}
+
+/// [`unpack`], calling `progress(bytes of the archive read, its length)`
+/// as a tarball (plain or compressed) is read; OCI layouts, `docker save`
+/// archives and directories report nothing. When `progress` answers
+/// `false` the unpack stops with a read error (and `staging` is gone).
+///
+/// # Errors
+/// As [`unpack`].
+pub fn unpack_reporting(
+    source: &Path,
+    staging: &Path,
+    options: &UnpackOptions,
+    progress: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<UnpackReport, UnpackError> {
     let kind = detect(source)?;
     if kind == SourceKind::Ext4 {
@@ -314,7 +351,15 @@ pub fn unpack(
                 path: source.to_owned(),
                 source: error,
             })?;
-            let reader = decompressed(Box::new(BufReader::with_capacity(1 << 20, file)), source)?;
+            let total = file.metadata().map_or(0, |metadata| metadata.len());
+            let counted = Counting {
+                inner: file,
+                read: 0,
+                total,
+                progress,
+            };
+            let reader =
+                decompressed(Box::new(BufReader::with_capacity(1 << 20, counted)), source)?;
             archive::apply(reader, &mut tree, false)?;
             1
         }
