@@ -3,8 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::bail;
-use banger_agent_proto::client::ExecSession;
+use banger_agent_proto::client::{AgentClient, ExecSession};
 use banger_proto::agent::ExecRequest;
 use banger_proto::method;
 use tokio::io::AsyncWriteExt;
@@ -130,13 +129,17 @@ pub async fn logs(
             }
             Ok(None) => {
                 out(&printer.finish())?;
-                bail!("The daemon closed the console log stream early");
+                return Err(hinted(
+                    anyhow::anyhow!("The daemon closed the console log stream early"),
+                    "the daemon may have restarted; run the command again",
+                ));
             }
             Err(error) => {
                 out(&printer.finish())?;
-                return Err(
-                    anyhow::Error::new(error).context("Reading the console log stream failed")
-                );
+                return Err(hinted(
+                    anyhow::Error::new(error).context("Reading the console log stream failed"),
+                    "the daemon may have restarted; run the command again",
+                ));
             }
         }
     }
@@ -162,9 +165,54 @@ fn journal_error(vm: &str, error: banger_agent_proto::client::ClientError) -> an
     }
 }
 
+/// How long `vm logs --guest` waits for a booting guest's journald.
+const JOURNAL_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Exits 0 when there is nothing to wait for: no `journalctl` (the error
+/// comes from running it), not a guest booted by banger's initramfs (the
+/// agent's copy is missing), or journald runs (it makes its varlink socket
+/// itself, unlike the sockets systemd opens for it before it starts).
+const JOURNAL_PROBE: &str = "command -v journalctl >/dev/null 2>&1 || exit 0; \
+    [ -e /run/banger/agent ] || exit 0; \
+    [ -e /run/systemd/journal/io.systemd.journal ]";
+
+/// The agent answers as soon as the guest boots, before the image's init
+/// has started journald (under TCG, a minute before): until it runs,
+/// `journalctl` finds no journal files at all. Waits (up to
+/// [`JOURNAL_WAIT`], saying so once) until it runs; a guest whose agent
+/// cannot run the probe is not waited for.
+async fn wait_for_journal(agent: &AgentClient, vm: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + JOURNAL_WAIT;
+    let mut told = false;
+    loop {
+        let probe = agent
+            .exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), JOURNAL_PROBE.into()],
+                ..ExecRequest::default()
+            })
+            .await;
+        let Ok(probe) = probe else { return Ok(()) };
+        let output = probe
+            .output()
+            .await
+            .map_err(|error| agent_error(vm, error))?;
+        if output.status.code == Some(0) || std::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        if !told {
+            eprintln!(
+                "waiting up to {} s for {vm}'s journald (its init is still starting)…",
+                JOURNAL_WAIT.as_secs()
+            );
+            told = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 /// `vm logs --guest`: the guest's journal for this boot, read by running
 /// `journalctl` in the guest through the agent (`--lines=N` for `--tail`,
-/// `--follow` until Ctrl-C, which is passed on to it).
+/// `--follow` until Ctrl-C, which is passed on to it), once journald runs.
 pub async fn guest_logs(
     socket: &Path,
     reference: &str,
@@ -175,6 +223,7 @@ pub async fn guest_logs(
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
     let agent = connect(socket, reference).await?;
+    wait_for_journal(&agent, reference).await?;
     let mut argv: Vec<String> = ["journalctl", "--no-pager", "--boot", "--output=short-iso"]
         .map(str::to_owned)
         .to_vec();
