@@ -23,7 +23,7 @@ use banger_workspace::host::{self, Counters, HostError, Plan};
 use super::vm::StageView;
 use crate::args::{WorkspaceCommand, WorkspaceExportArgs, WorkspacePrepareArgs};
 use crate::client::Client;
-use crate::error::{hinted, UsageError};
+use crate::error::{hinted, Hint as _, UsageError};
 use crate::printer::Printer;
 use anyhow::{anyhow, Context as _};
 
@@ -385,8 +385,9 @@ async fn export_command(
             ));
             Ok(())
         }
-        _ => {
-            Err(UsageError("Pass exactly one of --patch FILE and --branch NAME".to_owned()).into())
-        }
+        _ => Err(UsageError(
+            "Pass exactly one of --patch FILE and --branch NAME".to_owned(),
+        ))
+        .hint("--patch writes a patch file; --branch makes a git branch in the repository"),
     }
 }

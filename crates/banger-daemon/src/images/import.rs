@@ -130,7 +130,13 @@ impl ImageService {
         };
         let kind = unpack::detect(&readable).map_err(|error| ImageError::UnknownFormat {
             path: source.to_owned(),
-            source: error,
+            // Read through its descriptor: name the file as the caller did.
+            source: match error {
+                unpack::UnpackError::UnknownFormat { .. } => unpack::UnpackError::UnknownFormat {
+                    path: source.to_owned(),
+                },
+                other => other,
+            },
         })?;
         let staging = self.paths.tmp().join(format!("unpack-{id}"));
         let _staging_guard = RemoveOnDrop(Some(staging.clone()));

@@ -8,7 +8,7 @@ use banger_proto::agent::ExecRequest;
 
 use super::{agent_error, connect};
 use crate::args::CpArgs;
-use crate::error::Hint as _;
+use crate::error::{hinted, Hint as _};
 use crate::printer::Printer;
 
 /// One side of `vm cp`.
@@ -74,9 +74,10 @@ pub async fn cp(socket: &Path, printer: Printer, args: CpArgs) -> anyhow::Result
             Err(anyhow::anyhow!("Neither side of `vm cp` is in a VM"))
                 .hint("write one side as NAME:/path, e.g. `banger vm cp ./src devbox:/root/`")
         }
-        (Location::Guest { .. }, Location::Guest { .. }) => {
-            bail!("`vm cp` copies between the host and a VM, not between two VMs")
-        }
+        (Location::Guest { .. }, Location::Guest { .. }) => Err(anyhow::anyhow!(
+            "`vm cp` copies between the host and a VM, not between two VMs"
+        ))
+        .hint("copy to the host first, then from the host to the other VM"),
     }
 }
 
@@ -105,7 +106,8 @@ async fn guest_is_dir(agent: &AgentClient, vm: &str, path: &str) -> anyhow::Resu
 /// directory there, else as `dest` (the source renamed).
 async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> anyhow::Result<u64> {
     let metadata = std::fs::symlink_metadata(source)
-        .with_context(|| format!("Cannot read {}", source.display()))?;
+        .with_context(|| format!("Cannot read {}", source.display()))
+        .hint("check the path; it is read by you, from this directory")?;
     let source_name = source
         .canonicalize()
         .ok()
@@ -113,15 +115,17 @@ async fn copy_in(agent: &AgentClient, vm: &str, source: &Path, dest: &str) -> an
             path.file_name()
                 .map(|name| name.to_string_lossy().into_owned())
         })
-        .with_context(|| format!("{} has no name to copy as", source.display()))?;
+        .with_context(|| format!("{} has no name to copy as", source.display()))
+        .hint("name the file or directory itself, not `/` or `..`")?;
     let (dest_dir, name) = if guest_is_dir(agent, vm, dest).await? {
         (dest.to_owned(), source_name)
     } else {
         let parent = Path::new(dest.trim_end_matches('/'))
             .parent()
             .map_or_else(|| "/".to_owned(), |parent| parent.display().to_string());
-        let name =
-            last_component(dest).with_context(|| format!("Invalid destination path `{dest}`"))?;
+        let name = last_component(dest)
+            .with_context(|| format!("Invalid destination path `{dest}`"))
+            .hint("give a directory or file path in the guest, e.g. NAME:/root/")?;
         (
             if parent.is_empty() {
                 ".".into()
@@ -199,7 +203,9 @@ async fn copy_out(
     destination: &Path,
     options: CopyOutOptions,
 ) -> anyhow::Result<()> {
-    let name = last_component(path).with_context(|| format!("Invalid guest path `{path}`"))?;
+    let name = last_component(path)
+        .with_context(|| format!("Invalid guest path `{path}`"))
+        .hint("name a file or directory in the guest, e.g. NAME:/root/file")?;
     let stream = agent
         .copy_out_with(path, options.follow_links)
         .await
@@ -231,10 +237,12 @@ async fn copy_out(
             };
             std::fs::rename(&unpacked, &target)
                 .with_context(|| format!("Cannot move the copy to {}", target.display()))
+                .hint("check that the destination's directory exists and you may write there")
         }
-        Ok(Err(error)) => {
-            Err(anyhow::Error::new(error).context(format!("Copy from VM `{vm}` failed")))
-        }
+        Ok(Err(error)) => Err(hinted(
+            anyhow::Error::new(error).context(format!("Copy from VM `{vm}` failed")),
+            format!("check the path in the guest: `banger vm run {vm} -- ls -ld {path}`"),
+        )),
         Err(error) => Err(error),
     };
     let _ = std::fs::remove_dir_all(&staging);
@@ -253,9 +261,11 @@ fn tempfile_dir(parent: &Path) -> anyhow::Result<PathBuf> {
             Ok(()) => return Ok(path),
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(error) => {
-                return Err(error).with_context(|| {
-                    format!("Cannot create a staging directory in {}", parent.display())
-                })
+                return Err(error)
+                    .with_context(|| {
+                        format!("Cannot create a staging directory in {}", parent.display())
+                    })
+                    .hint("check that the destination's directory exists and you may write there")
             }
         }
     }

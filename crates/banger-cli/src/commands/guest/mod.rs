@@ -18,6 +18,7 @@ use std::path::Path;
 use banger_agent_proto::client::AgentClient;
 
 use crate::client::Client;
+use crate::error::hinted;
 
 pub use cp::cp;
 pub use exec::run;
@@ -26,12 +27,49 @@ pub use ssh::{authsync, ssh, ssh_config, ssh_proxy};
 pub(crate) use ssh::{wait_listening, SSH_WAIT};
 pub use stats::stats;
 
-/// A failure of the agent of VM `vm`.
+/// A failure of the agent of VM `vm`, with what to do about its kind.
 pub(crate) fn agent_error(
     vm: &str,
     error: banger_agent_proto::client::ClientError,
 ) -> anyhow::Error {
-    anyhow::Error::new(error).context(format!("VM `{vm}`"))
+    let hint = agent_hint(vm, &error);
+    let error = anyhow::Error::new(error).context(format!("VM `{vm}`"));
+    match hint {
+        Some(hint) => hinted(error, hint),
+        None => error,
+    }
+}
+
+fn agent_hint(vm: &str, error: &banger_agent_proto::client::ClientError) -> Option<String> {
+    use banger_agent_proto::client::ClientError;
+    use banger_proto::agent::AgentErrorKind;
+    match error {
+        ClientError::Agent(refusal) => match refusal.kind {
+            AgentErrorKind::InvalidRequest => {
+                Some("check the command and paths: they are looked up in the guest".to_owned())
+            }
+            AgentErrorKind::UnsafeArchive => Some(
+                "the copy holds a link or entry pointing outside it; `-L` copies what links point to"
+                    .to_owned(),
+            ),
+            AgentErrorKind::PermissionDenied => Some(format!(
+                "check the owner and mode of the path in the guest: `banger vm run {vm} -- ls -ld PATH`"
+            )),
+            AgentErrorKind::Protocol => Some(
+                "the guest's agent is older or newer than this banger: recreate the VM, or import the kernel again to pack the current agent"
+                    .to_owned(),
+            ),
+            AgentErrorKind::Io => None,
+        },
+        ClientError::Connect { .. }
+        | ClientError::VsockHandshake(_)
+        | ClientError::Frame(_)
+        | ClientError::NoHelloReply
+        | ClientError::ConnectionClosed => Some(format!(
+            "the guest may have stopped or be rebooting: `banger vm show {vm}`, `banger vm logs {vm}`"
+        )),
+        ClientError::UnexpectedResult { .. } | ClientError::ReadLocal(_) => None,
+    }
 }
 
 pub(crate) async fn connect(socket: &Path, vm: &str) -> anyhow::Result<AgentClient> {

@@ -28,7 +28,8 @@ impl ManagedSsh {
             .or_else(|| {
                 std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share"))
             })
-            .context("Neither XDG_DATA_HOME nor HOME is set")?;
+            .context("Neither XDG_DATA_HOME nor HOME is set")
+            .hint("set HOME to your home directory")?;
         Ok(Self {
             dir: data.join("banger").join("ssh"),
         })
@@ -47,7 +48,8 @@ impl ManagedSsh {
         let public = self.dir.join("id_ed25519.pub");
         if !public.exists() {
             std::fs::create_dir_all(&self.dir)
-                .with_context(|| format!("Cannot create {}", self.dir.display()))?;
+                .with_context(|| format!("Cannot create {}", self.dir.display()))
+                .hint("check that your home directory is yours and writable")?;
             let _ = std::fs::set_permissions(
                 &self.dir,
                 std::os::unix::fs::PermissionsExt::from_mode(0o700),
@@ -68,12 +70,22 @@ impl ManagedSsh {
                 .context("Cannot run ssh-keygen")
                 .hint("install the OpenSSH client (apt install openssh-client)")?;
             if !status.success() {
-                bail!("ssh-keygen failed ({status})");
+                return Err(hinted(
+                    anyhow::anyhow!("ssh-keygen failed ({status})"),
+                    format!(
+                        "its message is above; check that {} is yours and writable",
+                        self.dir.display()
+                    ),
+                ));
             }
         }
         std::fs::read_to_string(&public)
             .map(|key| key.trim().to_owned())
             .with_context(|| format!("Cannot read {}", public.display()))
+            .hint(format!(
+                "remove {} to have banger make a new key pair",
+                self.dir.display()
+            ))
     }
 }
 
@@ -228,10 +240,13 @@ async fn pin_host_keys(
             break keys;
         }
         if std::time::Instant::now() >= deadline {
-            bail!(
-                "VM `{vm}` has no SSH host keys after {} s (is openssh-server installed in its image?)",
-                SSH_WAIT.as_secs()
-            );
+            return Err(hinted(
+                anyhow::anyhow!(
+                    "VM `{vm}` has no SSH host keys after {} s",
+                    SSH_WAIT.as_secs()
+                ),
+                format!("is openssh-server installed in its image? `banger vm logs {vm}` shows its boot"),
+            ));
         }
         if !told {
             eprintln!("waiting for {vm} to generate its SSH host keys…");
@@ -305,13 +320,17 @@ fn write_known_hosts(
     keys: &[banger_proto::agent::HostKey],
 ) -> anyhow::Result<()> {
     for key in keys {
-        check_host_key(key)?;
+        check_host_key(key).hint(
+            "regenerate the guest's host keys: `banger vm run NAME -- sh -c 'rm -f /etc/ssh/ssh_host_* && ssh-keygen -A'`",
+        )?;
     }
     let existing = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(error) => {
-            return Err(error).with_context(|| format!("Cannot read {}", path.display()));
+            return Err(error)
+                .with_context(|| format!("Cannot read {}", path.display()))
+                .hint("check that it is yours; banger rewrites it for each VM");
         }
     };
     let mut lines: Vec<String> = existing
@@ -331,6 +350,7 @@ fn write_known_hosts(
             let _ = std::fs::remove_file(&partial);
         })
         .with_context(|| format!("Cannot write {}", path.display()))
+        .hint("check that it and its directory are yours and writable")
 }
 
 async fn vm_of(socket: &Path, reference: &str) -> anyhow::Result<Vm> {
@@ -409,11 +429,18 @@ pub async fn ssh_proxy(socket: &Path, host: &str, port: u16) -> anyhow::Result<(
     let user = std::env::var("BANGER_SSH_USER").unwrap_or_else(|_| "root".to_owned());
     let (vm, _, _) = prepare_ssh(socket, name, &user, port).await?;
     let Some(network) = &vm.network else {
-        bail!("VM `{}` has no network interface", vm.name);
+        return Err(hinted(
+            anyhow::anyhow!("VM `{}` has no network interface", vm.name),
+            "the daemon runs with `[network] enabled = false`; use `banger vm run` instead",
+        ));
     };
     let mut stream = tokio::net::TcpStream::connect((network.ip.as_str(), port))
         .await
-        .with_context(|| format!("Cannot reach {}:{port}", network.ip))?;
+        .with_context(|| format!("Cannot reach {}:{port}", network.ip))
+        .hint(format!(
+            "`banger vm logs {}` shows whether sshd started",
+            vm.name
+        ))?;
     let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
     let _ = tokio::io::copy_bidirectional(&mut stream, &mut stdio).await;
     Ok(())
