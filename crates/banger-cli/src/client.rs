@@ -61,7 +61,7 @@ impl ClientError {
                 "the daemon may have stopped or restarted: `sudo systemctl status bangerd`, then run the command again".to_owned(),
             ),
             Self::Protocol(_) => Some(
-                "the daemon and this CLI may be different versions: `banger --version`, and restart bangerd after an upgrade".to_owned(),
+                "the daemon and this CLI may be different versions: compare `banger --version` with `banger daemon status`, and restart bangerd after an upgrade".to_owned(),
             ),
         }
     }

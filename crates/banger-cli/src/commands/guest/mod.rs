@@ -75,3 +75,36 @@ fn agent_hint(vm: &str, error: &banger_agent_proto::client::ClientError) -> Opti
 pub(crate) async fn connect(socket: &Path, vm: &str) -> anyhow::Result<AgentClient> {
     Ok(Client::connect(socket).await?.agent(vm).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_agent_proto::client::ClientError;
+    use banger_proto::agent::{AgentError, AgentErrorKind};
+
+    fn refusal(kind: AgentErrorKind) -> ClientError {
+        ClientError::Agent(AgentError {
+            kind,
+            message: "Failed to start x: No such file or directory".to_owned(),
+        })
+    }
+
+    #[test]
+    fn agent_errors_keep_their_message_and_get_the_hint_of_their_kind() {
+        let error = agent_error("dev", refusal(AgentErrorKind::InvalidRequest));
+        assert_eq!(
+            banger_proto::error_chain(error.as_ref()),
+            "VM `dev`: Agent refused: Failed to start x: No such file or directory"
+        );
+        assert_eq!(
+            crate::error::hint(&error).as_deref(),
+            Some("check the command and paths: they are looked up in the guest")
+        );
+        let gone = agent_error("dev", ClientError::ConnectionClosed);
+        assert!(crate::error::hint(&gone)
+            .unwrap()
+            .contains("`banger vm logs dev`"));
+        let io = agent_error("dev", refusal(AgentErrorKind::Io));
+        assert_eq!(crate::error::hint(&io), None);
+    }
+}
