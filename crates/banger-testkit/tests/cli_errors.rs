@@ -32,8 +32,23 @@ fn transcript(daemon: &TestDaemon, args: &[&str]) -> String {
         "$ banger {}\nexit {}\n{}",
         args.join(" ").replace(&dir, "[DIR]"),
         output.status.code().unwrap_or(-1),
-        stderr.replace(&dir, "[DIR]")
+        without_durations(&stderr.replace(&dir, "[DIR]"))
     )
+}
+
+/// Stage lines (`  ✗ workspace (0.000s): ...`) with `[TIME]` for the duration.
+fn without_durations(text: &str) -> String {
+    text.split_inclusive('\n')
+        .map(|line| {
+            let stage = line.starts_with("  ✗ ") || line.starts_with("  ✓ ");
+            match (stage, line.find(" ("), line.find("s)")) {
+                (true, Some(open), Some(close)) if open < close => {
+                    format!("{} ([TIME]){}", &line[..open], &line[close + 2..])
+                }
+                _ => line.to_owned(),
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -114,6 +129,16 @@ fn error_texts_say_the_cause_and_what_to_do() {
         &["vm", "cp", &missing, "dev:/root/"],
         &["vm", "cp", "dev:/", "out"],
         &["vm", "cp", "dev:/nonexistent", "out"],
+        &["vm", "workspace", "prepare", "dev", &notes],
+        &[
+            "vm",
+            "workspace",
+            "prepare",
+            "dev",
+            ".",
+            "--dest",
+            "relative",
+        ],
         // Images, kernels, disks, snapshots, the catalog.
         &["image", "import", "Bad/Name", &fixture],
         &["image", "import", "new", &notes],
