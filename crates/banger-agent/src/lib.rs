@@ -8,6 +8,7 @@
 //!   `banger_proto::agent`, the format in `docs/agent-protocol.md`.
 //! - [`transport`]: the guest's vsock listener and virtio-serial port.
 //! - [`init`]: PID 1 duties.
+//! - [`journal`]: the log, to the console and, once it runs, the guest's journal.
 //!
 //! - [`network`]: the guest network from `banger.net=`.
 //!
@@ -27,6 +28,7 @@ pub mod exec;
 pub mod grow;
 pub mod identity;
 pub mod init;
+pub mod journal;
 pub mod network;
 pub mod reaper;
 pub mod server;
@@ -35,7 +37,6 @@ pub mod transport;
 pub mod users;
 pub mod workdisk;
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -52,14 +53,7 @@ use crate::system::SystemPaths;
 /// Entry point of the `banger-agent` binary.
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BANGER_AGENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let journal = journal::init();
     let booted_as_init = std::process::id() == 1 && args.listen_unix.is_none();
     let mut is_init = booted_as_init;
     if booted_as_init {
@@ -135,6 +129,10 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         if booted_as_init {
             apply_network().await;
+        }
+        // The image's init was handed PID 1: its journald may come.
+        if booted_as_init && !is_init {
+            tokio::spawn(journal.attach_when_ready());
         }
         run(listen, args.announce_unix.clone(), paths, is_init).await
     });

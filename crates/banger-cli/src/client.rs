@@ -57,7 +57,12 @@ impl ClientError {
                 "run as root or join the daemon's access group (default `banger`): `sudo usermod -aG banger $USER`, then log in again".to_owned(),
             ),
             Self::Rpc(error) => error.hint().map(str::to_owned),
-            Self::Io { .. } | Self::Protocol(_) => None,
+            Self::Io { .. } => Some(
+                "the daemon may have stopped or restarted: `sudo systemctl status bangerd`, then run the command again".to_owned(),
+            ),
+            Self::Protocol(_) => Some(
+                "the daemon and this CLI may be different versions: compare `banger --version` with `banger daemon status`, and restart bangerd after an upgrade".to_owned(),
+            ),
         }
     }
 }

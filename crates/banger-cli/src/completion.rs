@@ -21,6 +21,7 @@ use clap_complete::env::{CompleteEnv, Shells};
 
 use crate::args::{Cli, DEFAULT_SOCKET};
 use crate::client::Client;
+use crate::error::Hint as _;
 
 /// The variable the registration script sets when it asks for completions.
 const COMPLETE_VAR: &str = "COMPLETE";
@@ -43,12 +44,10 @@ pub fn shell_names() -> Vec<&'static str> {
 /// Writes the registration script for `shell` to `out`.
 pub fn write_script(shell: &str, out: &mut dyn Write) -> anyhow::Result<()> {
     let shells = Shells::builtins();
-    let completer = shells.completer(shell).with_context(|| {
-        format!(
-            "Unknown shell `{shell}`: use one of {}",
-            shell_names().join(", ")
-        )
-    })?;
+    let completer = shells
+        .completer(shell)
+        .with_context(|| format!("Unknown shell `{shell}`"))
+        .hint(format!("use one of {}", shell_names().join(", ")))?;
     completer
         .write_registration(COMPLETE_VAR, "banger", "banger", "banger", out)
         .context("Failed to write the completion script")

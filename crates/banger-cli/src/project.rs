@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use crate::error::{hinted, UsageError};
+use crate::error::{hinted, Hint as _, UsageError};
 
 /// The file `vm create --workspace DIR` looks for in `DIR`.
 pub const FILE_NAME: &str = "banger.toml";
@@ -142,7 +142,8 @@ fn one_line(error: &toml::de::Error, text: &str) -> String {
 /// Reads and parses the project file at `path`.
 pub fn load(path: &Path) -> anyhow::Result<Loaded> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("Cannot read the project file {}", path.display()))?;
+        .with_context(|| format!("Cannot read the project file {}", path.display()))
+        .hint("check the path given to --project; it is read by you, from this directory")?;
     Ok(Loaded {
         path: path.to_owned(),
         project: parse(path, &text)?,

@@ -85,6 +85,13 @@ impl RpcFailure for AgentError {
 
     fn hint(&self) -> Option<String> {
         match self {
+            Self::VmmExited => {
+                Some("`banger vm logs NAME` shows the console up to the exit".to_owned())
+            }
+            Self::Deadline { .. } | Self::NotReady { .. } => Some(
+                "`banger vm logs NAME` shows the guest's boot; a slow host needs a larger `[agent] ready_timeout_seconds`"
+                    .to_owned(),
+            ),
             Self::NotAnswering { vm, .. } => Some(format!(
                 "the guest may still be booting or may not carry the agent; `banger vm show {vm}` and its console log say more"
             )),

@@ -126,6 +126,18 @@ impl RpcFailure for CatalogError {
                         .to_owned(),
                 )
             }
+            Self::NotInCatalog { .. } => Some(
+                "check the name and --catalog-version against the catalog at `[catalog] url`"
+                    .to_owned(),
+            ),
+            Self::Download { .. } => Some(
+                "check the host's network and the catalog's `[catalog] url`, then pull again"
+                    .to_owned(),
+            ),
+            Self::Signature { .. } => Some(
+                "the download or its signature was altered or the keyring is outdated; do not use it, and tell the catalog's publisher"
+                    .to_owned(),
+            ),
             Self::Image(error) => error.hint(),
             Self::Operation(error) => error.hint(),
             _ => None,

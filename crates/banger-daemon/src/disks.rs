@@ -160,6 +160,22 @@ impl RpcFailure for WorkDiskError {
                 "delete the VM with `banger vm delete {vm} --keep-work-disk` to detach it first"
             ),
             Self::InUse { vm, .. } => format!("stop it first with `banger vm stop {vm}`"),
+            Self::InvalidName(_) => {
+                "names are DNS labels: lowercase letters, digits and `-`".to_owned()
+            }
+            Self::OverMaximum { .. } => {
+                "pass a smaller size, or raise `[vm] max_disk_size` in the daemon's config"
+                    .to_owned()
+            }
+            Self::OverFreeSpace { dir, .. } => {
+                format!("pass a smaller size, or free space in {}", dir.display())
+            }
+            Self::AttachedMeanwhile { .. } => {
+                "`banger disk list` shows which VM has it now".to_owned()
+            }
+            Self::Shrink { .. } => {
+                "pass a size larger than the disk's; `banger disk list` shows it".to_owned()
+            }
             Self::InvalidSize { .. } | Self::SizeOutOfRange { .. } => {
                 "a size is a number with K, M, G or T: `10G`, `512M` (64M to 16T)".to_owned()
             }

@@ -174,6 +174,15 @@ impl RpcFailure for StoreFailure {
             Self::Database(_) => ErrorKind::Internal,
         }
     }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            Self::InUse(StoreError::InUse { users, .. }) => Some(format!(
+                "delete the VM(s) using it first (`banger vm delete NAME` for {users})"
+            )),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

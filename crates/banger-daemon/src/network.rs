@@ -148,6 +148,19 @@ impl RpcFailure for NetworkError {
             Self::PortTaken { .. } => {
                 Some("pick another host port, or stop what holds it".to_owned())
             }
+            Self::PortUnusable { .. } => Some(
+                "give a host IP the host has (`ip -brief addr`), or leave it out for 0.0.0.0"
+                    .to_owned(),
+            ),
+            Self::InvalidGroup { .. } => {
+                Some("use 1 to 32 lowercase letters, digits and `-`".to_owned())
+            }
+            Self::NoLease { vm } => Some(format!(
+                "start it with `banger vm start {vm}`; a VM gets its address when it starts"
+            )),
+            Self::PortNotPublished { .. } => {
+                Some("`banger vm port NAME list` shows the published ports".to_owned())
+            }
             Self::Store(error) => error.hint(),
             _ => None,
         }

@@ -233,9 +233,14 @@ fn params<M: Method>(raw: Option<Value>) -> DaemonResult<M::Params> {
         None | Some(Value::Null) => Value::Object(serde_json::Map::new()),
         Some(value) => value,
     };
-    serde_json::from_value(value)
-        .map_err(|error| DaemonError::invalid_params(format!("Invalid params: {error}")))
+    serde_json::from_value(value).map_err(|error| {
+        DaemonError::invalid_params(format!("Invalid params: {error}")).with_hint(VERSION_HINT)
+    })
 }
+
+/// For a request this daemon cannot read: a client of another version.
+const VERSION_HINT: &str =
+    "the client and the daemon may be different versions: compare `banger --version` with `banger daemon status`, and restart bangerd after an upgrade";
 
 fn encode<M: Method>(result: &M::Result) -> DaemonResult<Value> {
     serde_json::to_value(result)
@@ -538,7 +543,8 @@ async fn snapshot_dispatch(
         other => Err(DaemonError::new(
             ErrorKind::MethodNotFound,
             format!("Unknown method `{other}`"),
-        )),
+        )
+        .with_hint(VERSION_HINT)),
     }
 }
 

@@ -205,6 +205,7 @@ impl RpcFailure for WorkspaceError {
                 "`banger vm create --workspace` sends it; a client of `vm.create` sends it with `vm.workspace.upload`"
                     .to_owned(),
             ),
+            Self::NoStart => Some("drop --no-start, or drop the workspace".to_owned()),
             Self::Guest(error) => error.hint().map(str::to_owned),
             Self::Vm(error) => error.hint().map(str::to_owned),
             Self::Operation(error) => error.hint(),

@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use banger_testkit::test_daemon::TestDaemon;
 
-/// A `journalctl` that records its arguments and pid, prints two lines
-/// (one with an escape sequence) and, with `--follow`, a third after a
-/// moment, then waits to be interrupted.
+/// A `journalctl` that prints its arguments and two lines (one with an
+/// escape sequence) and, with `--follow`, a third after a moment, then
+/// waits to be interrupted, with its own directory as working directory
+/// (how the test finds it: its pid is another PID namespace's when the
+/// agent is jailed).
 const JOURNALCTL: &str = r#"#!/bin/sh
-echo "$$" > "$(dirname "$0")/pid"
+cd "$(dirname "$0")"
 echo "args: $*"
 printf '2026-01-01T00:00:00+0000 guest banger-agent[1]: ready \033[2J\n'
 case " $* " in
@@ -25,6 +27,16 @@ case " $* " in
     ;;
 esac
 "#;
+
+/// The processes whose working directory is `dir`.
+fn processes_in(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .collect()
+}
 
 fn daemon_with_journal(command_dir: &Path, with_journalctl: bool) -> TestDaemon {
     std::fs::create_dir_all(command_dir).unwrap();
@@ -97,11 +109,10 @@ fn guest_logs_print_the_journal_and_follow_until_ctrl_c() {
         assert!(started.elapsed() < Duration::from_secs(20), "{seen:?}");
     }
     assert!(seen[0].contains("--follow"), "{seen:?}");
-    let guest_pid: i32 = std::fs::read_to_string(commands.join("pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    assert!(
+        !processes_in(&commands).is_empty(),
+        "no guest journalctl found"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
         nix::sys::signal::Signal::SIGINT,
@@ -120,7 +131,7 @@ fn guest_logs_print_the_journal_and_follow_until_ctrl_c() {
     };
     assert!(status.success(), "{status:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Path::new(&format!("/proc/{guest_pid}")).exists() {
+    while !processes_in(&commands).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the guest's journalctl is still running"

@@ -575,6 +575,13 @@ fn params_are_checked_against_the_method_types() {
     }
     let response = daemon.raw_call(r#"{"jsonrpc":"2.0","id":4,"method":"vm.explode"}"#);
     assert_eq!(response["error"]["message"], "Unknown method `vm.explode`");
+    // From the CLI, both mean a client of another version.
+    assert!(
+        response["error"]["data"]["hint"]
+            .as_str()
+            .is_some_and(|hint| hint.contains("banger --version")),
+        "{response}"
+    );
     assert_eq!(daemon.banger_json(&["vm", "list"]), Value::Array(vec![]));
 }
 

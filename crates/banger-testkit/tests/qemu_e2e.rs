@@ -256,6 +256,28 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
         .to_owned();
     assert_eq!(out, format!("{kernel}\nalpha\n"), "host runs {release}");
 
+    // The guest's journal right after create: `vm logs --guest` waits for
+    // journald (the agent answers long before it runs), and the agent's own
+    // log reaches the journal once it does.
+    let started = Instant::now();
+    let output = daemon.banger(&["vm", "logs", "alpha", "--guest"]);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("No journal files"), "{stderr}");
+    assert!(!output.stdout.is_empty(), "{stderr}");
+    loop {
+        let journal = daemon.banger_ok(&["vm", "logs", "alpha", "--guest"]);
+        if journal.contains(" banger-agent[") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no banger-agent lines in the guest's journal:\n{journal}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    phase("guest journal", started);
+
     // Exit codes and signals pass through; stdin flows.
     let started = Instant::now();
     assert_eq!(sh(&daemon, "alpha", "exit 3").0, 3);

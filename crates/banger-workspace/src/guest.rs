@@ -104,6 +104,10 @@ impl GuestError {
             Self::NoWorkspace { .. } => {
                 Some("make one with `banger vm workspace prepare` (not with --no-git)")
             }
+            Self::InvalidDest { .. } => Some("pass an absolute guest path such as /root/repo"),
+            Self::NoUser { .. } => {
+                Some("pass --user with a user the guest has, or add it in the guest first")
+            }
             _ => None,
         }
     }

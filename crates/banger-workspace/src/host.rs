@@ -115,6 +115,10 @@ impl HostError {
             Self::BranchExists { .. } => "`--force` replaces it, or pick another name",
             Self::BranchCheckedOut { .. } => "export to another branch name",
             Self::MissingBase { .. } => "the workspace was prepared from another repository, or that commit is gone; `--patch FILE` needs no host repository",
+            Self::NotADirectory { .. } => "pass the repository's directory",
+            Self::InvalidBranch { .. } => "pick a name `git check-ref-format --branch NAME` accepts",
+            Self::Read { .. } => "check that you can read it",
+            Self::Write { .. } => "check that you can write there",
             Self::Daemon(error) => return error.hint().map(str::to_owned),
             _ => return None,
         };

@@ -23,6 +23,7 @@ pub fn absolute(path: &Path) -> anyhow::Result<String> {
         .to_str()
         .map(str::to_owned)
         .with_context(|| format!("{} is not valid UTF-8", absolute.display()))
+        .hint("rename the file (or a directory above it) to a UTF-8 name")
 }
 
 /// Starts an operation (an import or a pull) and follows it like `vm

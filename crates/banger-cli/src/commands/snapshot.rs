@@ -7,6 +7,7 @@ use banger_proto::{Snapshot, SnapshotRef, SnapshotVmParams};
 
 use crate::args::SnapshotCommand;
 use crate::client::Client;
+use crate::error::Hint as _;
 use crate::printer::{table, Printer};
 
 pub async fn run(socket: &Path, printer: Printer, command: SnapshotCommand) -> anyhow::Result<()> {
@@ -106,7 +107,9 @@ pub async fn fork(
     };
     for name in &names {
         if let Err(error) = banger_proto::validate_vm_name(name) {
-            return Err(crate::error::UsageError(error.to_string()).into());
+            return Err(crate::error::UsageError(error.to_string())).hint(
+                "VM names are DNS labels: lowercase letters, digits and `-` (with --count, NAME-1, NAME-2, …)",
+            );
         }
     }
     let snapshot = Client::connect(socket)

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use banger_proto::method::{self, Method, NoParams};
 use banger_proto::{
     CreateVmParams, CreateVmResult, DeleteVmParams, OperationRef, OperationState, SetVmParams,
@@ -500,7 +500,11 @@ async fn watch_until_done(
                         )),
                     };
                 }
-                None => bail!("The daemon closed the operation stream early"),
+                None => {
+                    return Err(anyhow::anyhow!("The daemon closed the operation stream early")).hint(
+                        format!("the daemon may have restarted; `banger operation show {operation_id}` says how it ended"),
+                    )
+                }
             },
             _ = interrupts.recv() => {
                 if cancelling {

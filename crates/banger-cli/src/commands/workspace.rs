@@ -23,7 +23,7 @@ use banger_workspace::host::{self, Counters, HostError, Plan};
 use super::vm::StageView;
 use crate::args::{WorkspaceCommand, WorkspaceExportArgs, WorkspacePrepareArgs};
 use crate::client::Client;
-use crate::error::{hinted, UsageError};
+use crate::error::{hinted, Hint as _, UsageError};
 use crate::printer::Printer;
 use anyhow::{anyhow, Context as _};
 
@@ -53,6 +53,14 @@ fn host_error(error: HostError, needs_git: &str) -> anyhow::Error {
         Some(hint) => hinted(error, hint),
         None => error.into(),
     }
+}
+
+/// `check_dest` with its hint.
+fn checked_dest(dest: &str) -> anyhow::Result<String> {
+    check_dest(dest).map_err(|error| match error.hint() {
+        Some(hint) => hinted(error, hint),
+        None => error.into(),
+    })
 }
 
 fn short(commit: &str) -> &str {
@@ -156,7 +164,7 @@ async fn prepare_command(
     printer: Printer,
     args: WorkspacePrepareArgs,
 ) -> anyhow::Result<()> {
-    let dest = check_dest(&args.dest)?;
+    let dest = checked_dest(&args.dest)?;
     let mut view = StageView::new(printer, args.json.json);
     let mut stage = LocalStage {
         view: &mut view,
@@ -255,7 +263,7 @@ pub(crate) async fn create_plan(path: &Path) -> anyhow::Result<Plan> {
 /// What `vm.create` is asked to do with the workspace.
 pub(crate) fn create_spec(plan: &Plan, dest: &str) -> anyhow::Result<WorkspaceSpec> {
     Ok(WorkspaceSpec {
-        dest: check_dest(dest)?,
+        dest: checked_dest(dest)?,
         user: "root".to_owned(),
         force: false,
         base: plan.base.clone(),
@@ -292,7 +300,7 @@ async fn export_command(
     printer: Printer,
     args: WorkspaceExportArgs,
 ) -> anyhow::Result<()> {
-    let dest = check_dest(&args.dest)?;
+    let dest = checked_dest(&args.dest)?;
     let vm = args.name.vm.clone();
     let params = |mode, identity: Option<(String, String)>| {
         let (git_name, git_email) = identity.unzip();
@@ -385,8 +393,9 @@ async fn export_command(
             ));
             Ok(())
         }
-        _ => {
-            Err(UsageError("Pass exactly one of --patch FILE and --branch NAME".to_owned()).into())
-        }
+        _ => Err(UsageError(
+            "Pass exactly one of --patch FILE and --branch NAME".to_owned(),
+        ))
+        .hint("--patch writes a patch file; --branch makes a git branch in the repository"),
     }
 }

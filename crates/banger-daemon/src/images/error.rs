@@ -267,6 +267,32 @@ impl RpcFailure for ImageError {
                 "pack it first: `tar -C {} -cf rootfs.tar .`, then import rootfs.tar",
                 path.display()
             ),
+            Self::InvalidName(_) => "pick a name such as `debian-12` or `golden.v2`".to_owned(),
+            Self::MultilineCommandLine => "pass --cmdline as one line of kernel arguments".to_owned(),
+            Self::DebianKernelWithFiles => "drop the kernel file and --initrd, or drop --from-debian".to_owned(),
+            Self::RelativePath { .. } => "pass an absolute path; `banger` makes relative paths absolute for you".to_owned(),
+            Self::OpenSource { source, .. } | Self::StatSource { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                "the file is read as you: make it readable by you, or copy it somewhere you can read".to_owned()
+            }
+            Self::OpenSource { .. } | Self::StatSource { .. } => {
+                "check the path; it is read by you, from this directory".to_owned()
+            }
+            Self::NotAFile { .. } => "pass a regular file (not a device, pipe or socket)".to_owned(),
+            Self::SourceTooLarge { .. } => "pass a smaller file; a kernel and its initrd are tens of MiB at most".to_owned(),
+            Self::NotAKernel { .. } => "pass the kernel image itself (`/boot/vmlinuz-*` or a vmlinux), or use `banger kernel import NAME --from-debian`".to_owned(),
+            Self::LocateDebianKernel(_) => "install one (`apt install linux-image-cloud-amd64`), or pass --from-debian a release from `ls /lib/modules` or an unpacked package (`dpkg-deb -x`)".to_owned(),
+            Self::Unpack {
+                source: UnpackError::UnsafeEntry { .. },
+                ..
+            } => "repack the archive without that entry".to_owned(),
+            Self::Unpack {
+                source: UnpackError::TooLarge { .. } | UnpackError::EntryTooLarge { .. },
+                ..
+            } => "trim the tree (caches, build outputs) before packing it, or import an ext4 image".to_owned(),
+            Self::NoSpace(_) => "free space in the daemon's state dir, or remove images and VMs you no longer need".to_owned(),
+            Self::DownloadNotExt4 { .. } | Self::DownloadNotAKernel { .. } => "the catalog entry is wrong; tell its publisher, or `banger image import` a local file".to_owned(),
             Self::UnknownFormat { .. } => "images are ext4 files, tarballs (plain, gzip, zstd), OCI layouts, `docker save` archives or directories".to_owned(),
             Self::AgentNotFound { .. } => {
                 "build a static one with scripts/build-agent.sh and set `[agent] path` or install it there"

@@ -79,12 +79,8 @@ impl ImageService {
                 length: Some(metadata.len()),
             });
         }
-        banger_disk::unpack::detect(&readable(&source)).map_err(|error| {
-            ImageError::UnknownFormat {
-                path: source.path.clone(),
-                source: error,
-            }
-        })?;
+        banger_disk::unpack::detect(&readable(&source))
+            .map_err(|error| unknown_format(&source.path, error))?;
         Ok(CheckedSource {
             source,
             length: None,
@@ -184,10 +180,8 @@ impl ImageService {
     ) -> Result<String, ImageError> {
         use banger_disk::unpack;
         let readable = readable(source);
-        let kind = unpack::detect(&readable).map_err(|error| ImageError::UnknownFormat {
-            path: source.path.clone(),
-            source: error,
-        })?;
+        let kind =
+            unpack::detect(&readable).map_err(|error| unknown_format(&source.path, error))?;
         let options = unpack::UnpackOptions {
             allow_devices: self.allow_device_nodes,
             ..unpack::UnpackOptions::default()
@@ -218,5 +212,20 @@ fn readable(source: &OpenSource) -> PathBuf {
         source.path.clone()
     } else {
         PathBuf::from(format!("/proc/self/fd/{}", source.file.as_raw_fd()))
+    }
+}
+
+/// A source no unpacker recognises. It is read through its descriptor
+/// (`/proc/self/fd/N`): the error names the file as the caller did.
+fn unknown_format(path: &Path, error: banger_disk::unpack::UnpackError) -> ImageError {
+    use banger_disk::unpack::UnpackError;
+    ImageError::UnknownFormat {
+        path: path.to_owned(),
+        source: match error {
+            UnpackError::UnknownFormat { .. } => UnpackError::UnknownFormat {
+                path: path.to_owned(),
+            },
+            other => other,
+        },
     }
 }

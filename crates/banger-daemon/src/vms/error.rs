@@ -224,7 +224,43 @@ impl RpcFailure for VmError {
 
     fn hint(&self) -> Option<String> {
         Some(match self {
-            Self::NotFound { .. } => "`banger vm list` shows the VMs".to_owned(),
+            Self::NotFound { .. } | Self::Deleted { .. } => {
+                "`banger vm list` shows the VMs".to_owned()
+            }
+            Self::Ambiguous { .. } => "give the full name; `banger vm list` shows them".to_owned(),
+            Self::InTransition { name, .. } => {
+                format!("try again when it is done; `banger vm show {name}` shows its state")
+            }
+            Self::InvalidName(_) => {
+                "names are DNS labels: lowercase letters, digits and `-`".to_owned()
+            }
+            Self::Vcpus { .. } => format!("pass --vcpus between 1 and {MAX_VCPUS}"),
+            Self::Memory { .. } => format!("pass --memory {MIN_MEMORY_MIB} or more (MiB)"),
+            Self::VcpusOverHost { host_cpus, .. } => {
+                format!("pass --vcpus {host_cpus} or fewer")
+            }
+            Self::MemoryOverHost { .. } => {
+                "pass a smaller --memory (MiB), or set a smaller `[vm] memory_mib` default"
+                    .to_owned()
+            }
+            Self::InvalidSize { .. } => {
+                "a size is a number with K, M, G or T: `20G`, `512M`".to_owned()
+            }
+            Self::NothingToChange => "pass --vcpus, --memory and/or --disk-size".to_owned(),
+            Self::ShrinkRootDisk { size_mib, .. } => {
+                format!("pass a --disk-size larger than {size_mib} MiB")
+            }
+            Self::NoSpace(_) => {
+                "free space in the daemon's state dir, or delete VMs and images you no longer need"
+                    .to_owned()
+            }
+            Self::StartVmm(_) | Self::Boot(_) | Self::ExitedAfterBoot => {
+                "`banger vm logs NAME` shows the VMM's output and the console; `banger doctor` checks the host"
+                    .to_owned()
+            }
+            Self::GuestStats { name, .. } => {
+                format!("`banger vm logs {name}` shows whether the guest booted")
+            }
             Self::BeingCreated { operation, .. } => format!(
                 "wait for it, cancel it with `banger operation cancel {operation}`, or pass --force to delete"
             ),
@@ -292,7 +328,10 @@ mod tests {
             name: "dev".to_owned(),
             state: VmState::Stopping,
         };
-        assert_eq!(transition.hint(), None);
+        assert_eq!(
+            transition.hint().as_deref(),
+            Some("try again when it is done; `banger vm show dev` shows its state")
+        );
     }
 
     #[test]

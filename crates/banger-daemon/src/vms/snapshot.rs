@@ -119,6 +119,15 @@ impl RpcFailure for SnapshotError {
             Self::Exists { .. } => {
                 Some("pick another name, or `banger snapshot rm` the old snapshot".to_owned())
             }
+            Self::InvalidName(_) => Some(
+                "names are lowercase letters, digits, `.`, `_` and `-`, starting with a letter or digit"
+                    .to_owned(),
+            ),
+            Self::RestoreConflict { what, .. } => Some(format!("drop the option that sets {what}")),
+            Self::RestoreDmSnapshot => Some(
+                "set `[storage] clone = \"copy\"` (or reflink on a file system that has it) in the daemon's config"
+                    .to_owned(),
+            ),
             _ => None,
         }
     }
