@@ -321,7 +321,10 @@ fn a_restored_vms_agent_takes_its_identity_before_it_is_ready() {
         return;
     }
     let mut daemon = TestDaemon::new(&[]);
-    daemon.with_agent();
+    // The test agents' stand-in for /etc/ssh (every fake guest shares it).
+    let ssh_dir = daemon.with_agent();
+    let host_key = || std::fs::read_to_string(ssh_dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    let source_key = host_key();
     daemon.start();
     daemon.import_fixtures();
     let output = daemon.banger_ok(&[
@@ -339,6 +342,26 @@ fn a_restored_vms_agent_takes_its_identity_before_it_is_ready() {
     // The copy's agent serves as usual once it took the identity.
     let run = daemon.banger_ok(&["vm", "run", "copy", "--", "echo", "copy"]);
     assert_eq!(run.trim(), "copy");
+    // By default the copy keeps the snapshot's SSH host keys.
+    assert_eq!(host_key(), source_key);
+
+    // With --regen-host-keys the agent makes new ones before it is ready.
+    let error = daemon.banger_err(&["vm", "create", "plain", "--regen-host-keys"]);
+    assert!(error.contains("--from-snapshot"), "{error}");
+    daemon.banger_ok(&[
+        "vm",
+        "create",
+        "rekeyed",
+        "--from-snapshot",
+        "base",
+        "--regen-host-keys",
+    ]);
+    let new_key = host_key();
+    assert_ne!(new_key, source_key);
+    assert!(new_key.starts_with("ssh-ed25519 "), "{new_key}");
+    assert!(new_key.trim_end().ends_with(" root@rekeyed"), "{new_key}");
+    assert!(ssh_dir.join("ssh_host_ed25519_key").is_file());
+    daemon.banger_ok(&["vm", "delete", "rekeyed", "--force"]);
 
     // Started again, it boots as itself.
     daemon.banger_ok(&["vm", "stop", "copy"]);

@@ -94,6 +94,9 @@ pub struct CreateOptions {
     pub egress: Option<banger_proto::EgressPolicy>,
     /// `--network-group`.
     pub network_group: Option<String>,
+    /// `--from-snapshot` with `--regen-host-keys`: the restored guest
+    /// replaces its SSH host keys.
+    pub regen_host_keys: bool,
 }
 
 impl CreateOptions {

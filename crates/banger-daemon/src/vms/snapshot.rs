@@ -30,6 +30,7 @@ use banger_vmm::{SnapshotInfo, VmmError, VmmHandle};
 use super::create::Step;
 use super::state::{self, Decision, Request};
 use super::{VmError, VmService};
+use crate::capabilities::CreateOptions;
 use crate::error::RpcFailure;
 use crate::ids::{new_id, now, validate_artifact_name, InvalidArtifactName};
 
@@ -90,6 +91,8 @@ pub enum SnapshotError {
         "Snapshot `{name}` holds a work disk; restoring one with a work disk is not supported yet"
     )]
     RestoreWorkDisk { name: String },
+    #[error("--regen-host-keys needs --from-snapshot: a booted VM makes its own keys")]
+    RegenWithoutSnapshot,
     #[error("Restoring snapshots needs the reflink or copy clone strategy, not dm-snapshot")]
     RestoreDmSnapshot,
     #[error("Could not restore VM `{name}` from snapshot `{snapshot}`")]
@@ -105,7 +108,9 @@ impl RpcFailure for SnapshotError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NotFound { .. } => ErrorKind::NotFound,
-            Self::InvalidName(_) | Self::RestoreConflict { .. } => ErrorKind::InvalidParams,
+            Self::InvalidName(_) | Self::RestoreConflict { .. } | Self::RegenWithoutSnapshot => {
+                ErrorKind::InvalidParams
+            }
             Self::RestoreWorkDisk { .. } | Self::RestoreDmSnapshot => ErrorKind::InvalidState,
             Self::Exists { .. } => ErrorKind::AlreadyExists,
             Self::NoProcess { .. } | Self::Task(_) => ErrorKind::Internal,
@@ -431,6 +436,7 @@ impl VmService {
         kernel: &Kernel,
         root_disk: &RootDisk,
         snapshot: &Snapshot,
+        options: &CreateOptions,
     ) -> Result<VmmHandle, VmError> {
         let spec = self.launch_spec(vm, kernel, root_disk).await?;
         let info = SnapshotInfo::in_dir(
@@ -459,7 +465,8 @@ impl VmService {
             return Err(error.into());
         }
         // The guest is its source's copy until its agent takes this VM's identity.
-        self.agents.expect_identity(&vm.id, &spec.kernel_cmdline);
+        self.agents
+            .expect_identity(&vm.id, &spec.kernel_cmdline, options.regen_host_keys);
         self.supervise(&vm.id, handle.clone());
         Ok(handle)
     }
