@@ -375,3 +375,114 @@ fn a_restored_vms_agent_takes_its_identity_before_it_is_ready() {
     daemon.banger_ok(&["snapshot", "rm", "base"]);
     daemon.assert_no_leaks();
 }
+
+fn work_disk(daemon: &TestDaemon, name: &str) -> Option<Value> {
+    daemon
+        .banger_json(&["disk", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|disk| disk["name"] == name)
+        .cloned()
+}
+
+#[test]
+fn a_snapshot_with_a_work_disk_restores_into_a_copy_of_it() {
+    if !require_root("a_snapshot_with_a_work_disk_restores_into_a_copy_of_it") {
+        return;
+    }
+    let mut daemon = TestDaemon::new(&[]);
+    daemon.start();
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm",
+        "create",
+        "src",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "--work-disk",
+        "64M",
+    ]);
+    // What the guest wrote to its work disk before the snapshot.
+    let source_disk = PathBuf::from(
+        work_disk(&daemon, "src-work").unwrap()["path"]
+            .as_str()
+            .unwrap(),
+    );
+    {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&source_disk)
+            .unwrap();
+        file.seek(std::io::SeekFrom::Start(40 << 20)).unwrap();
+        file.write_all(b"written before the snapshot").unwrap();
+    }
+    let snapshot = daemon.banger_json(&["vm", "snapshot", "src", "base"]);
+    assert_eq!(snapshot["has_work_disk"], true);
+    let snapshot_disk = PathBuf::from(snapshot["dir"].as_str().unwrap()).join("work.ext4");
+    assert_eq!(
+        std::fs::read(&snapshot_disk).unwrap(),
+        std::fs::read(&source_disk).unwrap()
+    );
+
+    // A work disk of its own cannot be asked for: it has the snapshot's.
+    let error = daemon.banger_err(&[
+        "vm",
+        "create",
+        "bad",
+        "--from-snapshot",
+        "base",
+        "--work-disk",
+        "64M",
+    ]);
+    assert!(error.contains("cannot be used with"), "{error}");
+
+    let output = daemon.banger_ok(&["vm", "create", "copy", "--from-snapshot", "base", "--json"]);
+    assert!(
+        output.contains("copied from the snapshot: copy-work"),
+        "{output}"
+    );
+    let copy = daemon.vm("copy");
+    assert_eq!(copy["state"], "running");
+    assert_eq!(copy["work_disk"], "copy-work");
+    let disk = work_disk(&daemon, "copy-work").unwrap();
+    assert_eq!(disk["vm"], "copy");
+    let copy_disk = PathBuf::from(disk["path"].as_str().unwrap());
+    assert_ne!(copy_disk, source_disk);
+    assert_eq!(
+        std::fs::read(&copy_disk).unwrap(),
+        std::fs::read(&snapshot_disk).unwrap()
+    );
+    // Firecracker reopened the drives the snapshot recorded: the copy's, in its jail.
+    let copy_id = copy["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        requests(&daemon, &copy_id).last().unwrap(),
+        "PUT /snapshot/load"
+    );
+    // Its disk is its own: the source's writes after the snapshot are not in it.
+    std::fs::write(&source_disk, b"after").unwrap();
+    assert_ne!(std::fs::read(&copy_disk).unwrap(), b"after");
+
+    // A failed restore rolls its work disk back with the rest.
+    daemon.terminate();
+    daemon.set_env("FAKE_FIRECRACKER_FAIL", "PUT /snapshot/load");
+    daemon.start();
+    let error = daemon.banger_err(&["vm", "create", "broken", "--from-snapshot", "base"]);
+    assert!(error.contains("Could not restore VM `broken`"), "{error}");
+    assert_eq!(work_disk(&daemon, "broken-work"), None);
+    daemon.banger_ok(&["vm", "delete", "broken"]);
+    daemon.terminate();
+    daemon.remove_env("FAKE_FIRECRACKER_FAIL");
+    daemon.start();
+
+    // Deleted with its VM.
+    daemon.banger_ok(&["vm", "delete", "copy", "--force"]);
+    assert_eq!(work_disk(&daemon, "copy-work"), None);
+    assert!(!copy_disk.exists());
+    daemon.banger_ok(&["vm", "delete", "src", "--force"]);
+    daemon.banger_ok(&["snapshot", "rm", "base"]);
+    daemon.assert_no_leaks();
+}

@@ -97,6 +97,9 @@ pub struct CreateOptions {
     /// `--from-snapshot` with `--regen-host-keys`: the restored guest
     /// replaces its SSH host keys.
     pub regen_host_keys: bool,
+    /// A restore from a snapshot holding a work disk: its copy there, which
+    /// the new VM's own work disk starts as.
+    pub restore_work_disk: Option<std::path::PathBuf>,
 }
 
 impl CreateOptions {

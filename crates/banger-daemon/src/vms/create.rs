@@ -153,6 +153,10 @@ impl VmService {
             egress: params.egress,
             network_group: params.network_group,
             regen_host_keys: params.regen_host_keys,
+            restore_work_disk: snapshot
+                .as_ref()
+                .filter(|snapshot| snapshot.has_work_disk)
+                .map(|snapshot| Path::new(&snapshot.dir).join(super::snapshot::WORK_DISK_FILE)),
         };
         if options.wants_network() && !self.capabilities.iter().any(|c| c.name() == "network") {
             return Err(crate::capabilities::CapabilityError::from(

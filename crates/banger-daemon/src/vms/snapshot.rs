@@ -87,10 +87,6 @@ pub enum SnapshotError {
     Task(#[source] tokio::task::JoinError),
     #[error("A VM restored from snapshot `{name}` cannot take {what}: it has the snapshot's")]
     RestoreConflict { name: String, what: &'static str },
-    #[error(
-        "Snapshot `{name}` holds a work disk; restoring one with a work disk is not supported yet"
-    )]
-    RestoreWorkDisk { name: String },
     #[error("--regen-host-keys needs --from-snapshot: a booted VM makes its own keys")]
     RegenWithoutSnapshot,
     #[error("Restoring snapshots needs the reflink or copy clone strategy, not dm-snapshot")]
@@ -111,7 +107,7 @@ impl RpcFailure for SnapshotError {
             Self::InvalidName(_) | Self::RestoreConflict { .. } | Self::RegenWithoutSnapshot => {
                 ErrorKind::InvalidParams
             }
-            Self::RestoreWorkDisk { .. } | Self::RestoreDmSnapshot => ErrorKind::InvalidState,
+            Self::RestoreDmSnapshot => ErrorKind::InvalidState,
             Self::Exists { .. } => ErrorKind::AlreadyExists,
             Self::NoProcess { .. } | Self::Task(_) => ErrorKind::Internal,
             _ => ErrorKind::Failed,
@@ -414,12 +410,6 @@ impl VmService {
         ];
         if let Some((_, what)) = differs.into_iter().find(|(differs, _)| *differs) {
             return Err(conflict(what).into());
-        }
-        if snapshot.has_work_disk {
-            return Err(SnapshotError::RestoreWorkDisk {
-                name: snapshot.name.clone(),
-            }
-            .into());
         }
         if self.clone.kind() == StrategyKind::DmSnapshot {
             return Err(SnapshotError::RestoreDmSnapshot.into());
