@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use banger_testkit::host_state::HostState;
 use banger_testkit::test_daemon::{require_root, TestDaemon};
 use serde_json::Value;
 
@@ -470,9 +471,17 @@ fn a_snapshot_with_a_work_disk_restores_into_a_copy_of_it() {
     daemon.terminate();
     daemon.set_env("FAKE_FIRECRACKER_FAIL", "PUT /snapshot/load");
     daemon.start();
+    let before = HostState::capture(&daemon).without(&["store:operations", "store:vms"]);
     let error = daemon.banger_err(&["vm", "create", "broken", "--from-snapshot", "base"]);
     assert!(error.contains("Could not restore VM `broken`"), "{error}");
     assert_eq!(work_disk(&daemon, "broken-work"), None);
+    // A failed create keeps only its row (with the error), as a failed
+    // plain create does: no files, disks, processes or devices.
+    assert_eq!(daemon.vm("broken")["state"], "failed");
+    before.assert_same(
+        &HostState::capture(&daemon).without(&["store:operations", "store:vms"]),
+        "failed restore",
+    );
     daemon.banger_ok(&["vm", "delete", "broken"]);
     daemon.terminate();
     daemon.remove_env("FAKE_FIRECRACKER_FAIL");
