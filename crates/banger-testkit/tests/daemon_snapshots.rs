@@ -240,6 +240,21 @@ fn create_from_snapshot_restores_with_its_own_disk_and_survives_snapshot_rm() {
         std::fs::read(&snapshot_disk).unwrap()
     );
 
+    // A snapshot of the copy is a new one: the files the copy was
+    // restored from (linked into its jail) are not written over.
+    let memory = PathBuf::from(snapshot["dir"].as_str().unwrap()).join("memory");
+    let original = std::fs::read(&memory).unwrap();
+    let second = daemon.banger_json(&["vm", "snapshot", "copy", "of-copy"]);
+    assert_eq!(std::fs::read(&memory).unwrap(), original);
+    let second_memory = PathBuf::from(second["dir"].as_str().unwrap()).join("memory");
+    assert!(
+        String::from_utf8_lossy(&std::fs::read(&second_memory).unwrap())
+            .starts_with(&format!("fake guest memory of {copy_id}")),
+        "the copy's own memory"
+    );
+    assert_eq!(daemon.vm("copy")["state"], "running");
+    daemon.banger_ok(&["snapshot", "rm", "of-copy"]);
+
     // Removing the snapshot is safe while the copy runs: the copy keeps
     // its own disk and its own link to the memory.
     daemon.banger_ok(&["snapshot", "rm", "base"]);
