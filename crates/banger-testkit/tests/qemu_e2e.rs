@@ -401,6 +401,14 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
     let started = Instant::now();
     let (code, _, err) = sh(&daemon, "beta", "echo before > /root/before.txt && sync");
     assert_eq!(code, 0, "{err}");
+    // The image makes its SSH host keys at first boot (slow under TCG):
+    // the snapshot is to hold them.
+    wait_in_guest(
+        &daemon,
+        "beta",
+        "systemctl is-active -q banger-ssh-keygen.service && test -s /etc/ssh/ssh_host_ed25519_key.pub",
+        Duration::from_secs(300),
+    );
     daemon.banger_ok(&["vm", "snapshot", "beta", "beta-snap"]);
     phase("snapshot", started);
     let (code, _, err) = sh(&daemon, "beta", "echo after > /root/after.txt && sync");
