@@ -11,11 +11,14 @@
 //!    are set, `/etc/resolv.conf` is rewritten;
 //! 3. sets the clock from the host;
 //! 4. mixes the host's random bytes into the pool and credits them
-//!    (`RNDADDENTROPY`).
+//!    (`RNDADDENTROPY`);
+//! 5. with `regen_host_keys`, replaces the SSH host keys and has a running
+//!    sshd load them ([`crate::host_keys`]); without it the keys are kept
+//!    and every copy of a snapshot answers with its source's keys.
 //!
-//! SSH host keys are kept: every copy of a snapshot answers with its
-//! source's keys. In host test mode nothing is changed; the identity is
-//! only recorded (and reported in the next `hello`).
+//! In host test mode nothing else is changed; the identity is recorded
+//! (and reported in the next `hello`), and host keys are replaced only in
+//! an `--ssh-config-dir` other than the host's own `/etc/ssh`.
 
 use std::path::Path;
 
@@ -40,10 +43,16 @@ pub enum IdentityError {
     Clock(#[from] system::SystemError),
     #[error("Failed to add the host's entropy to the random pool")]
     Entropy(#[source] std::io::Error),
+    #[error("Failed to replace the SSH host keys")]
+    HostKeys(#[from] crate::host_keys::HostKeyError),
 }
 
-/// Applies `request` to the guest (see the module docs); returns what it changed.
-pub async fn apply(request: &IdentityRequest) -> Result<Vec<String>, IdentityError> {
+/// Applies `request` to the guest (see the module docs), whose SSH host
+/// keys are in `ssh_dir`; returns what it changed.
+pub async fn apply(
+    request: &IdentityRequest,
+    ssh_dir: &Path,
+) -> Result<Vec<String>, IdentityError> {
     let mut applied = Vec::new();
     let hostname = init::parse_cmdline(&request.cmdline)
         .hostname
@@ -71,7 +80,31 @@ pub async fn apply(request: &IdentityRequest) -> Result<Vec<String>, IdentityErr
         add_entropy(&request.entropy).map_err(IdentityError::Entropy)?;
         applied.push("entropy".to_owned());
     }
+    if request.regen_host_keys {
+        let pid_files: Vec<std::path::PathBuf> = crate::host_keys::SSHD_PID_FILES
+            .iter()
+            .map(std::path::PathBuf::from)
+            .collect();
+        applied.push(regenerate_host_keys(ssh_dir, &hostname, &pid_files).await?);
+    }
     Ok(applied)
+}
+
+/// Step 5: new host keys in `ssh_dir`, loaded by the sshd one of
+/// `sshd_pid_files` names if it runs; returns what it did, for the
+/// applied list.
+pub async fn regenerate_host_keys(
+    ssh_dir: &Path,
+    hostname: &str,
+    sshd_pid_files: &[std::path::PathBuf],
+) -> Result<String, IdentityError> {
+    let types = crate::host_keys::regenerate(ssh_dir, &format!("root@{hostname}")).await?;
+    let reloaded = crate::host_keys::reload_sshd(sshd_pid_files, Path::new("/proc"))?;
+    Ok(format!(
+        "host keys ({}{})",
+        types.join(", "),
+        if reloaded { "; sshd reloaded" } else { "" }
+    ))
 }
 
 nix::ioctl_write_ptr!(rnd_add_entropy, b'R', 0x03, [libc::c_int; 2]);

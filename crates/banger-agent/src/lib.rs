@@ -26,6 +26,7 @@
 pub mod cli;
 pub mod exec;
 pub mod grow;
+pub mod host_keys;
 pub mod identity;
 pub mod init;
 pub mod journal;

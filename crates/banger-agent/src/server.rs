@@ -14,7 +14,7 @@
 //!    without the agent seeing a hang-up): as in 4, then back to 1.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use banger_agent_proto::files;
@@ -89,9 +89,19 @@ impl Agent {
         request: banger_proto::agent::IdentityRequest,
     ) -> Result<OperationResult, AgentError> {
         let applied = if self.in_guest {
-            crate::identity::apply(&request)
+            crate::identity::apply(&request, &self.paths.ssh_config_dir)
                 .await
                 .map_err(|error| failure(AgentErrorKind::Io, &error))?
+        } else if request.regen_host_keys && self.paths.ssh_config_dir != Path::new("/etc/ssh") {
+            // Host test mode: only a test's stand-in directory, never the host's keys.
+            let hostname = crate::init::parse_cmdline(&request.cmdline)
+                .hostname
+                .unwrap_or_else(|| "guest".to_owned());
+            vec![
+                crate::identity::regenerate_host_keys(&self.paths.ssh_config_dir, &hostname, &[])
+                    .await
+                    .map_err(|error| failure(AgentErrorKind::Io, &error))?,
+            ]
         } else {
             Vec::new()
         };

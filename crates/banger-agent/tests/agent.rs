@@ -853,6 +853,7 @@ async fn an_identity_is_reported_in_the_next_hello() {
             cmdline: "console=ttyS0 banger.name=copy".into(),
             unix_nanos: 1,
             entropy: vec![1; 64],
+            regen_host_keys: false,
         })
         .await
         .unwrap();

@@ -212,6 +212,10 @@ pub enum VmCommand {
         /// How many copies.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         count: u32,
+        /// Give each copy new SSH host keys (default: copies keep the
+        /// source's keys).
+        #[arg(long)]
+        regen_host_keys: bool,
         /// Print stage events and the VMs as JSON lines.
         #[arg(long)]
         json: bool,
@@ -452,6 +456,10 @@ pub struct CreateArgs {
     /// of booting; image, kernel, size and backend are the snapshot's.
     #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "kernel", "vcpus", "memory_mib", "no_start", "backend", "work_disk", "workspace", "project"])]
     pub from_snapshot: Option<String>,
+    /// With --from-snapshot: give the VM new SSH host keys (default: it
+    /// keeps the snapshot's, so every copy answers with the same keys).
+    #[arg(long, requires = "from_snapshot")]
+    pub regen_host_keys: bool,
     /// Print stage events and the VM as JSON lines.
     #[arg(long)]
     pub json: bool,

@@ -134,8 +134,9 @@ impl Agents {
     }
 
     /// Registers the identity the agent of restored VM `vm_id` is to take:
-    /// `cmdline` is the kernel command line the VM would boot with.
-    pub fn expect_identity(&self, vm_id: &str, cmdline: &str) {
+    /// `cmdline` is the kernel command line the VM would boot with;
+    /// `regen_host_keys` has the guest replace its SSH host keys.
+    pub fn expect_identity(&self, vm_id: &str, cmdline: &str, regen_host_keys: bool) {
         use rand::RngCore;
         let unix_nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -150,6 +151,7 @@ impl Agents {
             cmdline: cmdline.to_owned(),
             unix_nanos,
             entropy,
+            regen_host_keys,
         };
         lock(&self.identities).insert(vm_id.to_owned(), request);
     }

@@ -3,8 +3,9 @@
 //! A capability like the network one: a plain struct holding the store and
 //! its directory, hooked into the VM lifecycle by `VmService`:
 //! - create: [`WorkDisks::prepare`] makes a new disk (`--work-disk 10G`) or
-//!   attaches a detached one (`--work-disk NAME`); undone by
-//!   [`WorkDisks::release`] if a later stage fails;
+//!   attaches a detached one (`--work-disk NAME`); a restore from a snapshot
+//!   holding a work disk gets a copy of it ([`WorkDisks::copy_from`]); undone
+//!   by [`WorkDisks::release`] if a later stage fails;
 //! - launch: [`WorkDisks::drive`] adds it as the second drive, labelled
 //!   [`WORK_DISK_LABEL`] so the agent finds it whatever the device order;
 //! - delete: [`WorkDisks::release`] deletes it, or detaches it with
@@ -95,6 +96,12 @@ pub enum WorkDiskError {
     },
     #[error("Failed to make the work disk")]
     Make(#[source] Box<Ext4Error>),
+    #[error("Failed to copy the snapshot's work disk {}", path.display())]
+    Copy {
+        path: PathBuf,
+        #[source]
+        source: Box<banger_disk::clone::CloneError>,
+    },
     #[error("Failed to grow {path}")]
     Grow {
         path: PathBuf,
@@ -141,6 +148,7 @@ impl RpcFailure for WorkDiskError {
             Self::Store(error) => error.kind(),
             Self::CreateDirectory { .. }
             | Self::Make(_)
+            | Self::Copy { .. }
             | Self::Grow { .. }
             | Self::Remove { .. }
             | Self::Task { .. } => ErrorKind::Failed,
@@ -385,6 +393,77 @@ impl WorkDisks {
             disk,
             created: false,
         })
+    }
+
+    /// The create hook of a restore from a snapshot that holds a work disk:
+    /// a new disk `VM-work`, made by this create, whose file is a copy of
+    /// `from` (a reflink where the file system has them, else a sparse
+    /// copy).
+    pub async fn copy_from(&self, vm: &Vm, from: &Path) -> Result<Prepared, WorkDiskError> {
+        let name = format!("{}-work", vm.name);
+        if self.store.find_work_disk(&name)?.is_some() {
+            return Err(WorkDiskError::Exists { name });
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|source| WorkDiskError::CreateDirectory {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let copy_error = |source| WorkDiskError::Copy {
+            path: from.to_owned(),
+            source: Box::new(source),
+        };
+        let metadata = std::fs::metadata(from).map_err(|source| {
+            copy_error(banger_disk::clone::CloneError::Open {
+                path: from.to_owned(),
+                source,
+            })
+        })?;
+        // A sparse copy needs the allocated bytes; a reflink needs none.
+        let allocated = crate::files::allocated_bytes(&metadata);
+        check_disk_size(&self.dir, 0, allocated, None)?;
+        let id = new_id();
+        let path = self.dir.join(format!("{id}.ext4"));
+        let disk = WorkDisk {
+            id,
+            name,
+            path: path.display().to_string(),
+            size_bytes: metadata.len(),
+            vm_id: Some(vm.id.clone()),
+            vm: None,
+            created_at: now(),
+        };
+        let (source, destination) = (from.to_owned(), path.clone());
+        let copied = tokio::task::spawn_blocking(move || {
+            if banger_disk::clone::reflink_file(&source, &destination).is_err() {
+                let _ = std::fs::remove_file(&destination);
+                banger_disk::clone::sparse_copy(&source, &destination, &|| false)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|source| WorkDiskError::Task {
+            task: "Work disk copy",
+            source,
+        })?
+        .map_err(copy_error);
+        if let Err(error) = copied.and_then(|()| Ok(self.store.insert_work_disk(&disk)?)) {
+            let _ = std::fs::remove_file(&path);
+            return Err(error);
+        }
+        Ok(Prepared {
+            disk,
+            created: true,
+        })
+    }
+
+    /// Validates a restore's work disk (`VM-work` must be free) before
+    /// anything is made.
+    pub fn check_copy(&self, vm_name: &str) -> Result<(), WorkDiskError> {
+        let name = format!("{vm_name}-work");
+        if self.store.find_work_disk(&name)?.is_some() {
+            return Err(WorkDiskError::Exists { name });
+        }
+        Ok(())
     }
 
     /// Validates a create's `--work-disk` before anything is made.

@@ -10,7 +10,8 @@
 //! once its work is done (before the next step): `create:clone root disk`,
 //! `create:prepare work disk:done`, `start:boot`, `stop:kill`,
 //! `delete:remove disk`, `disk resize:grow`, `image import:register`,
-//! `kernel import:register`, … (see the callers).
+//! `kernel import:register`, `snapshot:write`, `snapshot:resume`, … (see
+//! the callers).
 
 use std::sync::OnceLock;
 

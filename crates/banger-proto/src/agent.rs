@@ -183,6 +183,10 @@ pub struct IdentityRequest {
     /// Host random bytes mixed into the guest's pool and credited
     /// (`RNDADDENTROPY`): a copy starts with its source's pool.
     pub entropy: Vec<u8>,
+    /// Replace the SSH host keys with new ones (and have a running sshd
+    /// take them); kept, the copy answers with its source's keys.
+    #[serde(default)]
+    pub regen_host_keys: bool,
 }
 
 /// A command to run in the guest.

@@ -221,6 +221,10 @@ pub struct CreateVmParams {
     /// image (image, kernel, size and backend are the snapshot's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// With `from_snapshot`: the guest regenerates its SSH host keys
+    /// instead of keeping the snapshot's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub regen_host_keys: bool,
 }
 
 /// Result of `vm.create`: the operation to watch.

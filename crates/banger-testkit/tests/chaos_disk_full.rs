@@ -5,9 +5,9 @@
 //! the size needed; nothing is registered or left; the daemon keeps
 //! serving; with the ballast gone the same command succeeds.
 //!
-//! Snapshots: a case for `vm snapshot` belongs here once that command
-//! exists (fill, snapshot, expect the error naming the snapshot dir and
-//! the memory + disk size, free, snapshot again).
+//! `vm snapshot` the same way: refused before the VM is paused, naming the
+//! snapshot dir and the memory + disk size; the source runs on; nothing
+//! is registered.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -113,7 +113,7 @@ fn full_state_dir_refuses_import_create_and_work_disk_cleanly_then_recovers() {
     if !require_root("full_state_dir_refuses_import_create_and_work_disk_cleanly_then_recovers") {
         return;
     }
-    let mut small = SmallStateDir::new(200);
+    let mut small = SmallStateDir::new(320);
     let state_dir = small.daemon().state_dir.clone();
     // An image with 30 MiB of data (copies keep holes, so data is what
     // they need).
@@ -213,5 +213,38 @@ fn full_state_dir_refuses_import_create_and_work_disk_cleanly_then_recovers() {
         .daemon()
         .banger_ok(&["disk", "create", "scratch", "64M"]);
     small.daemon().banger_ok(&["disk", "rm", "scratch"]);
+
+    // Snapshot: the guest's memory and a copy of the root disk.
+    small.daemon().banger_ok(&[
+        "vm", "create", "src", "--image", "image", "--kernel", "kernel", "--memory", "128",
+    ]);
+    let src = small.daemon().vm("src");
+    let root_disk = Path::new(src["dir"].as_str().expect("dir")).join("rootfs.ext4");
+    let needed = (128 << 20) + allocated(&root_disk);
+    small
+        .daemon()
+        .banger_ok(&["vm", "snapshot", "src", "first"]);
+    small.daemon().banger_ok(&["snapshot", "rm", "first"]);
+    let ballast = small.fill_leaving(10 << 20);
+    let before = HostState::capture(small.daemon()).without(&["store:operations"]);
+    let error = small
+        .daemon()
+        .banger_err(&["vm", "snapshot", "src", "full"]);
+    assert_no_space(&error, &state_dir.join("snapshots"), &needed.to_string());
+    assert_eq!(small.daemon().vm("src")["state"], "running");
+    assert_eq!(
+        small.daemon().banger_json(&["snapshot", "list"]),
+        serde_json::json!([])
+    );
+    before.assert_same(
+        &HostState::capture(small.daemon()).without(&["store:operations"]),
+        "failed snapshot",
+    );
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    small.daemon().banger_ok(&["vm", "snapshot", "src", "full"]);
+    small.daemon().banger_ok(&["snapshot", "rm", "full"]);
+    small
+        .daemon()
+        .banger_ok(&["vm", "delete", "src", "--force"]);
     small.daemon().banger_ok(&["image", "rm", "image"]);
 }

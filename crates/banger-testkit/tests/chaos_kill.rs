@@ -11,9 +11,9 @@
 //! Each point runs `BANGER_CHAOS_ITERATIONS` times (5 unless set; 100 in
 //! the long run).
 //!
-//! Snapshots: once `vm snapshot`/`restore` exist, their steps get fault
-//! points like the others and a test here in the shape of
-//! `kill_during_start_stop_and_delete_keeps_the_vm_consistent`.
+//! Snapshots: every step of `vm snapshot` (of `survivor`, which must then
+//! run again: resumed) and of `vm create --from-snapshot` (of a snapshot
+//! holding a work disk).
 
 use std::io::Read;
 use std::process::{Child, Stdio};
@@ -434,4 +434,113 @@ fn kill_during_disk_resize_and_imports_leaves_nothing_half_done() {
         }
     }
     eprintln!("disk resize/imports: {kills} kills survived");
+}
+
+/// The last `PATCH /vm` the VM's Firecracker took set this state.
+fn last_vm_state(harness: &Harness, vm_id: &str) -> String {
+    harness
+        .daemon
+        .requests_of(vm_id)
+        .iter()
+        .rev()
+        .find(|request| request["method"] == "PATCH" && request["path"] == "/vm")
+        .and_then(|request| request["body"]["state"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[test]
+fn kill_at_each_snapshot_step_resumes_the_source_and_registers_whole_snapshots_only() {
+    let mut harness = Harness::new();
+    let mut kills = 0;
+    let survivor_id = harness.vm_id("survivor");
+    // The snapshots directory itself stays once made.
+    harness
+        .daemon
+        .banger_ok(&["vm", "snapshot", "survivor", "chaos"]);
+    harness.daemon.banger_ok(&["snapshot", "rm", "chaos"]);
+    for point in [
+        "snapshot:pause",
+        "snapshot:write",
+        "snapshot:copy disks",
+        "snapshot:register",
+        "snapshot:resume",
+    ] {
+        for round in 0..iterations() {
+            let context = format!("{point} #{round}");
+            let before = harness.snapshot();
+            // `kill_at` checks the source runs again with the same VMM.
+            harness.kill_at(point, &["vm", "snapshot", "survivor", "chaos"]);
+            kills += 1;
+            assert_eq!(
+                last_vm_state(&harness, &survivor_id),
+                "Resumed",
+                "{context}: the source's vCPUs were left paused"
+            );
+            let snapshots = harness.daemon.banger_json(&["snapshot", "list"]);
+            let registered = snapshots.as_array().expect("array");
+            if let Some(snapshot) = registered.first() {
+                // Registered means whole.
+                assert_eq!(point, "snapshot:resume", "{context}: {snapshot}");
+                let dir = std::path::PathBuf::from(snapshot["dir"].as_str().expect("dir"));
+                for file in ["vmstate", "memory", "rootfs.ext4"] {
+                    assert!(dir.join(file).is_file(), "{context}: no {file}");
+                }
+                assert!(!dir.join("paused-vm").exists(), "{context}: marker left");
+                harness.daemon.banger_ok(&["snapshot", "rm", "chaos"]);
+            }
+            // The VM row may differ in its state's history only.
+            before.assert_same(&harness.snapshot(), &context);
+            // And a snapshot works afterwards.
+            harness
+                .daemon
+                .banger_ok(&["vm", "snapshot", "survivor", "chaos"]);
+            harness.daemon.banger_ok(&["snapshot", "rm", "chaos"]);
+        }
+    }
+    eprintln!("snapshot: {kills} kills survived");
+}
+
+/// The steps of a create from a snapshot that holds a work disk.
+const RESTORE_STEPS: [&str; 6] = [
+    "resolve image",
+    "clone root disk",
+    "prepare work disk",
+    "prepare agent",
+    "restore",
+    "ready",
+];
+
+#[test]
+fn kill_at_each_restore_step_leaves_nothing_but_finished_vms() {
+    let mut harness = Harness::new();
+    let mut kills = 0;
+    harness.daemon.banger_ok(&strs(&create_args("source")));
+    harness
+        .daemon
+        .banger_ok(&["vm", "snapshot", "source", "base", "--stop"]);
+    harness
+        .daemon
+        .banger_ok(&["vm", "delete", "source", "--force"]);
+    let args = ["vm", "create", "victim", "--from-snapshot", "base"];
+    for step in RESTORE_STEPS {
+        for suffix in ["", ":done"] {
+            let point = format!("create:{step}{suffix}");
+            for round in 0..iterations() {
+                let context = format!("{point} #{round}");
+                let before = harness.snapshot();
+                harness.kill_at(&point, &args);
+                kills += 1;
+                assert!(!harness.has_vm("victim"), "{context}: victim survived");
+                before.assert_same(&harness.snapshot(), &context);
+            }
+        }
+    }
+    // A restore runs normally afterwards, and the snapshot is intact.
+    harness.daemon.banger_ok(&args);
+    assert_eq!(harness.daemon.vm("victim")["state"], "running");
+    harness
+        .daemon
+        .banger_ok(&["vm", "delete", "victim", "--force"]);
+    harness.daemon.banger_ok(&["snapshot", "rm", "base"]);
+    eprintln!("restore: {kills} kills survived");
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use banger_testkit::host_state::HostState;
 use banger_testkit::test_daemon::{require_root, TestDaemon};
 use serde_json::Value;
 
@@ -239,6 +240,21 @@ fn create_from_snapshot_restores_with_its_own_disk_and_survives_snapshot_rm() {
         std::fs::read(&snapshot_disk).unwrap()
     );
 
+    // A snapshot of the copy is a new one: the files the copy was
+    // restored from (linked into its jail) are not written over.
+    let memory = PathBuf::from(snapshot["dir"].as_str().unwrap()).join("memory");
+    let original = std::fs::read(&memory).unwrap();
+    let second = daemon.banger_json(&["vm", "snapshot", "copy", "of-copy"]);
+    assert_eq!(std::fs::read(&memory).unwrap(), original);
+    let second_memory = PathBuf::from(second["dir"].as_str().unwrap()).join("memory");
+    assert!(
+        String::from_utf8_lossy(&std::fs::read(&second_memory).unwrap())
+            .starts_with(&format!("fake guest memory of {copy_id}")),
+        "the copy's own memory"
+    );
+    assert_eq!(daemon.vm("copy")["state"], "running");
+    daemon.banger_ok(&["snapshot", "rm", "of-copy"]);
+
     // Removing the snapshot is safe while the copy runs: the copy keeps
     // its own disk and its own link to the memory.
     daemon.banger_ok(&["snapshot", "rm", "base"]);
@@ -321,7 +337,10 @@ fn a_restored_vms_agent_takes_its_identity_before_it_is_ready() {
         return;
     }
     let mut daemon = TestDaemon::new(&[]);
-    daemon.with_agent();
+    // The test agents' stand-in for /etc/ssh (every fake guest shares it).
+    let ssh_dir = daemon.with_agent();
+    let host_key = || std::fs::read_to_string(ssh_dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    let source_key = host_key();
     daemon.start();
     daemon.import_fixtures();
     let output = daemon.banger_ok(&[
@@ -339,6 +358,26 @@ fn a_restored_vms_agent_takes_its_identity_before_it_is_ready() {
     // The copy's agent serves as usual once it took the identity.
     let run = daemon.banger_ok(&["vm", "run", "copy", "--", "echo", "copy"]);
     assert_eq!(run.trim(), "copy");
+    // By default the copy keeps the snapshot's SSH host keys.
+    assert_eq!(host_key(), source_key);
+
+    // With --regen-host-keys the agent makes new ones before it is ready.
+    let error = daemon.banger_err(&["vm", "create", "plain", "--regen-host-keys"]);
+    assert!(error.contains("--from-snapshot"), "{error}");
+    daemon.banger_ok(&[
+        "vm",
+        "create",
+        "rekeyed",
+        "--from-snapshot",
+        "base",
+        "--regen-host-keys",
+    ]);
+    let new_key = host_key();
+    assert_ne!(new_key, source_key);
+    assert!(new_key.starts_with("ssh-ed25519 "), "{new_key}");
+    assert!(new_key.trim_end().ends_with(" root@rekeyed"), "{new_key}");
+    assert!(ssh_dir.join("ssh_host_ed25519_key").is_file());
+    daemon.banger_ok(&["vm", "delete", "rekeyed", "--force"]);
 
     // Started again, it boots as itself.
     daemon.banger_ok(&["vm", "stop", "copy"]);
@@ -349,6 +388,125 @@ fn a_restored_vms_agent_takes_its_identity_before_it_is_ready() {
     for vm in ["copy", "src"] {
         daemon.banger_ok(&["vm", "delete", vm, "--force"]);
     }
+    daemon.banger_ok(&["snapshot", "rm", "base"]);
+    daemon.assert_no_leaks();
+}
+
+fn work_disk(daemon: &TestDaemon, name: &str) -> Option<Value> {
+    daemon
+        .banger_json(&["disk", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|disk| disk["name"] == name)
+        .cloned()
+}
+
+#[test]
+fn a_snapshot_with_a_work_disk_restores_into_a_copy_of_it() {
+    if !require_root("a_snapshot_with_a_work_disk_restores_into_a_copy_of_it") {
+        return;
+    }
+    let mut daemon = TestDaemon::new(&[]);
+    daemon.start();
+    daemon.import_fixtures();
+    daemon.banger_ok(&[
+        "vm",
+        "create",
+        "src",
+        "--image",
+        "image",
+        "--kernel",
+        "kernel",
+        "--work-disk",
+        "64M",
+    ]);
+    // What the guest wrote to its work disk before the snapshot.
+    let source_disk = PathBuf::from(
+        work_disk(&daemon, "src-work").unwrap()["path"]
+            .as_str()
+            .unwrap(),
+    );
+    {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&source_disk)
+            .unwrap();
+        file.seek(std::io::SeekFrom::Start(40 << 20)).unwrap();
+        file.write_all(b"written before the snapshot").unwrap();
+    }
+    let snapshot = daemon.banger_json(&["vm", "snapshot", "src", "base"]);
+    assert_eq!(snapshot["has_work_disk"], true);
+    let snapshot_disk = PathBuf::from(snapshot["dir"].as_str().unwrap()).join("work.ext4");
+    assert_eq!(
+        std::fs::read(&snapshot_disk).unwrap(),
+        std::fs::read(&source_disk).unwrap()
+    );
+
+    // A work disk of its own cannot be asked for: it has the snapshot's.
+    let error = daemon.banger_err(&[
+        "vm",
+        "create",
+        "bad",
+        "--from-snapshot",
+        "base",
+        "--work-disk",
+        "64M",
+    ]);
+    assert!(error.contains("cannot be used with"), "{error}");
+
+    let output = daemon.banger_ok(&["vm", "create", "copy", "--from-snapshot", "base", "--json"]);
+    assert!(
+        output.contains("copied from the snapshot: copy-work"),
+        "{output}"
+    );
+    let copy = daemon.vm("copy");
+    assert_eq!(copy["state"], "running");
+    assert_eq!(copy["work_disk"], "copy-work");
+    let disk = work_disk(&daemon, "copy-work").unwrap();
+    assert_eq!(disk["vm"], "copy");
+    let copy_disk = PathBuf::from(disk["path"].as_str().unwrap());
+    assert_ne!(copy_disk, source_disk);
+    assert_eq!(
+        std::fs::read(&copy_disk).unwrap(),
+        std::fs::read(&snapshot_disk).unwrap()
+    );
+    // Firecracker reopened the drives the snapshot recorded: the copy's, in its jail.
+    let copy_id = copy["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        requests(&daemon, &copy_id).last().unwrap(),
+        "PUT /snapshot/load"
+    );
+    // Its disk is its own: the source's writes after the snapshot are not in it.
+    std::fs::write(&source_disk, b"after").unwrap();
+    assert_ne!(std::fs::read(&copy_disk).unwrap(), b"after");
+
+    // A failed restore rolls its work disk back with the rest.
+    daemon.terminate();
+    daemon.set_env("FAKE_FIRECRACKER_FAIL", "PUT /snapshot/load");
+    daemon.start();
+    let before = HostState::capture(&daemon).without(&["store:operations", "store:vms"]);
+    let error = daemon.banger_err(&["vm", "create", "broken", "--from-snapshot", "base"]);
+    assert!(error.contains("Could not restore VM `broken`"), "{error}");
+    assert_eq!(work_disk(&daemon, "broken-work"), None);
+    // A failed create keeps only its row (with the error), as a failed
+    // plain create does: no files, disks, processes or devices.
+    assert_eq!(daemon.vm("broken")["state"], "failed");
+    before.assert_same(
+        &HostState::capture(&daemon).without(&["store:operations", "store:vms"]),
+        "failed restore",
+    );
+    daemon.banger_ok(&["vm", "delete", "broken"]);
+    daemon.terminate();
+    daemon.remove_env("FAKE_FIRECRACKER_FAIL");
+    daemon.start();
+
+    // Deleted with its VM.
+    daemon.banger_ok(&["vm", "delete", "copy", "--force"]);
+    assert_eq!(work_disk(&daemon, "copy-work"), None);
+    assert!(!copy_disk.exists());
+    daemon.banger_ok(&["vm", "delete", "src", "--force"]);
     daemon.banger_ok(&["snapshot", "rm", "base"]);
     daemon.assert_no_leaks();
 }

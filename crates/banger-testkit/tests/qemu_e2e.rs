@@ -423,13 +423,29 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
     let started = Instant::now();
     let (code, _, err) = sh(&daemon, "beta", "echo before > /root/before.txt && sync");
     assert_eq!(code, 0, "{err}");
+    // The image makes its SSH host keys at first boot (slow under TCG):
+    // the snapshot is to hold them.
+    wait_in_guest(
+        &daemon,
+        "beta",
+        "systemctl is-active -q banger-ssh-keygen.service && test -s /etc/ssh/ssh_host_ed25519_key.pub",
+        Duration::from_secs(300),
+    );
     daemon.banger_ok(&["vm", "snapshot", "beta", "beta-snap"]);
     phase("snapshot", started);
     let (code, _, err) = sh(&daemon, "beta", "echo after > /root/after.txt && sync");
     assert_eq!(code, 0, "{err}");
     let forks = [
         create(&daemon, &["fork-1", "--from-snapshot", "beta-snap"]),
-        create(&daemon, &["fork-2", "--from-snapshot", "beta-snap"]),
+        create(
+            &daemon,
+            &[
+                "fork-2",
+                "--from-snapshot",
+                "beta-snap",
+                "--regen-host-keys",
+            ],
+        ),
     ];
     let started = Instant::now();
     let beta_ip = beta["network"]["ip"].as_str().unwrap();
@@ -455,6 +471,34 @@ fn real_guests_run_copy_ssh_resolve_reach_out_keep_work_and_leave_nothing() {
         fork_ips.push(ip.to_owned());
     }
     assert_ne!(fork_ips[0], fork_ips[1]);
+    // fork-1 kept beta's SSH host key; fork-2 (--regen-host-keys) has its
+    // own, and its sshd serves it.
+    let host_key = |vm: &str| {
+        let (code, out, err) = sh(
+            &daemon,
+            vm,
+            "cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub",
+        );
+        assert_eq!(code, 0, "{vm}: {err}");
+        out.trim().to_owned()
+    };
+    let beta_key = host_key("beta");
+    assert!(!beta_key.is_empty());
+    assert_eq!(host_key("fork-1"), beta_key);
+    let fork_key = host_key("fork-2");
+    assert_ne!(fork_key, beta_key);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let scanned = Namespaces::run(NETNS, "ssh-keyscan", &["-t", "ed25519", &fork_ips[1]]);
+        if scanned.contains(&fork_key) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fork-2's sshd does not serve its new key: {scanned:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
     // Each name resolves to its own VM's address.
     let (code, out, err) = sh(&daemon, "alpha", "getent hosts fork-1.banger fork-2.banger");
     assert_eq!(code, 0, "{out}{err}");

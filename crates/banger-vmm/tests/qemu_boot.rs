@@ -241,6 +241,21 @@ fn guest(host: &Host, vm_id: &str, mode: &str) -> Guest {
     }
 }
 
+/// Adds a writable 1 MiB drive `work` (a work disk's place) to the guest.
+fn with_work_drive(guest: &mut Guest) {
+    let path = guest.runtime_dir.with_file_name("work.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1024 * 1024)
+        .unwrap();
+    guest.spec.drives.push(DriveSpec {
+        id: "work".into(),
+        path,
+        is_root: false,
+        read_only: false,
+    });
+}
+
 /// Kills the guest's QEMU if the test panics: it runs in its own session
 /// and would outlive the test.
 struct KillOnDrop(banger_vmm::VmmHandle);
@@ -377,7 +392,9 @@ async fn a_paused_guest_is_snapshotted_and_restored_into_a_new_qemu() {
     else {
         return;
     };
-    let source = guest(&host, "vm-qemu-snap-src", "stay");
+    let mut source = guest(&host, "vm-qemu-snap-src", "stay");
+    // A writable second disk, as a work disk is: the copy needs its own.
+    with_work_drive(&mut source);
     let vmm = backend();
     let handle = vmm.spawn(&source.spec).await.unwrap();
     let _guard = KillOnDrop(handle.clone());
@@ -409,7 +426,7 @@ async fn a_paused_guest_is_snapshotted_and_restored_into_a_new_qemu() {
     vmm.kill(&handle).await.unwrap();
 
     // Another version is refused, and leaves nothing running.
-    let copy = guest(&host, "vm-qemu-snap-copy", "stay");
+    let mut copy = guest(&host, "vm-qemu-snap-copy", "stay");
     let other = banger_vmm::SnapshotInfo {
         backend_version: "1.0.0".into(),
         ..info.clone()
@@ -422,6 +439,12 @@ async fn a_paused_guest_is_snapshotted_and_restored_into_a_new_qemu() {
         "{error}"
     );
     assert!(!copy.runtime_dir.join("qmp.sock").exists());
+
+    // The device state holds the work disk: a copy without one is refused.
+    let error = vmm.restore(&copy.spec, &info).await.unwrap_err();
+    eprintln!("restore without the work disk: {error}");
+    assert!(!copy.runtime_dir.join("qmp.sock").exists());
+    with_work_drive(&mut copy);
 
     // The copy runs the source's memory in its own QEMU, on its own disks.
     let started = Instant::now();

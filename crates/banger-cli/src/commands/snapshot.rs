@@ -92,14 +92,22 @@ pub async fn take(
 /// `banger vm fork VM NEW [--count N]`: a snapshot, N creates from it one
 /// after the other, then the snapshot is removed (each copy's disks are its
 /// own clones). The snapshot is removed whatever happens.
+/// What `vm fork` makes: how many copies, and whether each gets new SSH
+/// host keys.
+pub struct Copies {
+    pub count: u32,
+    pub regen_host_keys: bool,
+}
+
 pub async fn fork(
     socket: &Path,
     printer: Printer,
     vm: String,
     new: String,
-    count: u32,
+    copies: Copies,
     json: bool,
 ) -> anyhow::Result<()> {
+    let count = copies.count;
     let names: Vec<String> = if count == 1 {
         vec![new]
     } else {
@@ -139,6 +147,7 @@ pub async fn fork(
             egress: None,
             network_group: None,
             from_snapshot: Some(snapshot.name.clone()),
+            regen_host_keys: copies.regen_host_keys,
             json,
         };
         outcome = super::vm::create(socket, printer, args).await;

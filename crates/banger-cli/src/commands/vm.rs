@@ -144,8 +144,15 @@ pub async fn run(socket: &Path, printer: Printer, command: VmCommand) -> anyhow:
             name,
             new,
             count,
+            regen_host_keys,
             json,
-        } => super::snapshot::fork(socket, printer, name.vm, new, count, json).await,
+        } => {
+            let copies = super::snapshot::Copies {
+                count,
+                regen_host_keys,
+            };
+            super::snapshot::fork(socket, printer, name.vm, new, copies, json).await
+        }
     }
 }
 
@@ -321,6 +328,7 @@ pub(crate) async fn create(
             egress: args.egress,
             network_group: args.network_group,
             from_snapshot: args.from_snapshot,
+            regen_host_keys: args.regen_host_keys,
         })
         .await?;
     let watch = Client::connect(socket)

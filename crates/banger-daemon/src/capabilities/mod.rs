@@ -94,6 +94,12 @@ pub struct CreateOptions {
     pub egress: Option<banger_proto::EgressPolicy>,
     /// `--network-group`.
     pub network_group: Option<String>,
+    /// `--from-snapshot` with `--regen-host-keys`: the restored guest
+    /// replaces its SSH host keys.
+    pub regen_host_keys: bool,
+    /// A restore from a snapshot holding a work disk: its copy there, which
+    /// the new VM's own work disk starts as.
+    pub restore_work_disk: Option<std::path::PathBuf>,
 }
 
 impl CreateOptions {

@@ -1,6 +1,7 @@
 //! The work-disk capability: a persistent ext4 disk made or attached at
-//! create (stage `work disk`), given to the VMM at every launch, deleted or
-//! kept detached at delete. The disks themselves are [`WorkDisks`].
+//! create (stage `work disk`; a restore copies the snapshot's), given to
+//! the VMM at every launch, deleted or kept detached at delete. The disks
+//! themselves are [`WorkDisks`].
 
 use std::sync::Arc;
 
@@ -28,6 +29,9 @@ impl Capability for WorkDiskCapability {
     }
 
     fn check(&self, vm_name: &str, options: &CreateOptions) -> Result<(), CapabilityError> {
+        if options.restore_work_disk.is_some() {
+            return Ok(self.disks.check_copy(vm_name)?);
+        }
         match &options.work_disk {
             Some(spec) => Ok(self.disks.check(vm_name, spec)?),
             None => Ok(()),
@@ -35,7 +39,7 @@ impl Capability for WorkDiskCapability {
     }
 
     fn prepare_stage(&self, options: &CreateOptions) -> Option<&'static str> {
-        options.work_disk.as_ref().map(|_| "work disk")
+        (options.work_disk.is_some() || options.restore_work_disk.is_some()).then_some("work disk")
     }
 
     async fn prepare(
@@ -43,13 +47,18 @@ impl Capability for WorkDiskCapability {
         vm: &mut Vm,
         options: &CreateOptions,
     ) -> Result<Prepared, CapabilityError> {
-        let Some(spec) = &options.work_disk else {
-            return Ok(Prepared::default());
+        let prepared = match (&options.restore_work_disk, &options.work_disk) {
+            (Some(copy), _) => self.disks.copy_from(vm, copy).await?,
+            (None, Some(spec)) => self.disks.prepare(vm, spec).await?,
+            (None, None) => return Ok(Prepared::default()),
         };
-        let prepared = self.disks.prepare(vm, spec).await?;
         let detail = format!(
             "{} {} ({} MiB)",
-            if prepared.created { "made" } else { "attached" },
+            match (&options.restore_work_disk, prepared.created) {
+                (Some(_), _) => "copied from the snapshot:",
+                (None, true) => "made",
+                (None, false) => "attached",
+            },
             prepared.disk.name,
             prepared.disk.size_bytes >> 20
         );

@@ -130,6 +130,9 @@ impl VmService {
         validate_vm_name(&params.name)?;
         let snapshot = match &params.from_snapshot {
             Some(name) => Some(self.restorable_snapshot(name, &params, guest_stage.is_some())?),
+            None if params.regen_host_keys => {
+                return Err(super::snapshot::SnapshotError::RegenWithoutSnapshot.into())
+            }
             None => None,
         };
         let mut params = params;
@@ -149,6 +152,11 @@ impl VmService {
             ports: params.ports,
             egress: params.egress,
             network_group: params.network_group,
+            regen_host_keys: params.regen_host_keys,
+            restore_work_disk: snapshot
+                .as_ref()
+                .filter(|snapshot| snapshot.has_work_disk)
+                .map(|snapshot| Path::new(&snapshot.dir).join(super::snapshot::WORK_DISK_FILE)),
         };
         if options.wants_network() && !self.capabilities.iter().any(|c| c.name() == "network") {
             return Err(crate::capabilities::CapabilityError::from(
@@ -549,7 +557,7 @@ impl VmService {
                 // Not raced against a cancel: a restore takes milliseconds,
                 // and dropped halfway it could leave a VMM behind.
                 let handle = self
-                    .restore_vmm(run.vm, &run.kernel, &root_disk, &snapshot)
+                    .restore_vmm(run.vm, &run.kernel, &root_disk, &snapshot, run.options)
                     .await?;
                 run.vmm = Some(handle.clone());
                 let this = Arc::clone(self);

@@ -257,6 +257,7 @@ impl Fixture {
                     egress: None,
                     network_group: None,
                     from_snapshot: None,
+                    regen_host_keys: false,
                 },
                 guest_stage,
             )

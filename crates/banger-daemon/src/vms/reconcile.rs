@@ -8,7 +8,9 @@
 //!    [`super::state::after_restart`] gives.
 //! 2. VM directories and VMM processes no row accounts for are removed and
 //!    killed; images' and capabilities' orphans are removed.
-//! 3. Leaked dm and loop devices are released; operations left running are
+//! 3. Snapshots a killed daemon was taking: their VMs resumed, directories
+//!    no row accounts for removed ([`VmService::reconcile_snapshots`]).
+//! 4. Leaked dm and loop devices are released; operations left running are
 //!    marked failed.
 //!
 //! Failures to remove a leftover are logged and do not stop the daemon.
@@ -140,6 +142,9 @@ impl VmService {
                 }
             }
         }
+        report
+            .removed_orphan_dirs
+            .extend(self.reconcile_snapshots().await?);
         report.removed_orphan_files = self.images.remove_unreferenced_files()?;
         for capability in &self.capabilities {
             report
@@ -224,7 +229,7 @@ impl VmService {
         self.record_grown_root_disk(&mut vm)?;
         let Some(next) = state::after_restart(vm.state, adopted.is_some()) else {
             match adopted {
-                Some(handle) if vm.state == VmState::Running => {
+                Some(handle) if matches!(vm.state, VmState::Running | VmState::Paused) => {
                     self.processes().insert(vm.id.clone(), handle.clone());
                     self.supervise(&vm.id, handle);
                     report.adopted.push(vm.name);

@@ -4,17 +4,24 @@
 //! A snapshot is a directory `STATE_DIR/snapshots/ID/` (mode 0700, files
 //! 0600, root's: it holds guest memory) and a row in the store:
 //!
-//! 1. The VM's lock is taken; a running VM is paused (state `paused`).
+//! 1. The VM's lock is taken; the directory is made, holding the marker
+//!    [`PAUSED_MARKER_FILE`] (the VM's id) when the VM runs; a running VM
+//!    is paused (state `paused`).
 //! 2. The backend writes `vmstate` and `memory` ([`banger_vmm::Vmm::snapshot`]).
 //! 3. The root disk (and the work disk, if any) are copied as they are at
 //!    the pause: a reflink where the filesystem has them, else a sparse
 //!    copy. The guest's unwritten page cache is in `memory`, so memory and
 //!    disks agree.
-//! 4. The VM is resumed (or stopped with `--stop`); the row is inserted.
+//! 4. The row is inserted; the VM is resumed (or stopped with `--stop`);
+//!    the marker goes.
 //!
-//! A failure at any step removes the directory and resumes the VM: nothing
+//! A failure at any step resumes the VM and removes the directory: nothing
 //! is registered. The row is not tied to the VM's: a snapshot survives its
-//! source.
+//! source. A daemon killed meanwhile leaves a directory with the marker:
+//! reconciliation ([`VmService::reconcile_snapshots`]) resumes the VM it
+//! names and removes a directory no row accounts for. Fault points
+//! ([`crate::fault`]): `snapshot:pause`, `snapshot:write`, `snapshot:copy
+//! disks`, `snapshot:register`, `snapshot:resume`.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -30,11 +37,15 @@ use banger_vmm::{SnapshotInfo, VmmError, VmmHandle};
 use super::create::Step;
 use super::state::{self, Decision, Request};
 use super::{VmError, VmService};
+use crate::capabilities::CreateOptions;
 use crate::error::RpcFailure;
 use crate::ids::{new_id, now, validate_artifact_name, InvalidArtifactName};
 
 /// File name of the work disk's copy in a snapshot directory.
 pub const WORK_DISK_FILE: &str = "work.ext4";
+/// While a snapshot is taken of a running VM: a file in its directory
+/// naming the VM it paused (see the module docs).
+pub const PAUSED_MARKER_FILE: &str = "paused-vm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -86,10 +97,8 @@ pub enum SnapshotError {
     Task(#[source] tokio::task::JoinError),
     #[error("A VM restored from snapshot `{name}` cannot take {what}: it has the snapshot's")]
     RestoreConflict { name: String, what: &'static str },
-    #[error(
-        "Snapshot `{name}` holds a work disk; restoring one with a work disk is not supported yet"
-    )]
-    RestoreWorkDisk { name: String },
+    #[error("--regen-host-keys needs --from-snapshot: a booted VM makes its own keys")]
+    RegenWithoutSnapshot,
     #[error("Restoring snapshots needs the reflink or copy clone strategy, not dm-snapshot")]
     RestoreDmSnapshot,
     #[error("Could not restore VM `{name}` from snapshot `{snapshot}`")]
@@ -105,8 +114,10 @@ impl RpcFailure for SnapshotError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NotFound { .. } => ErrorKind::NotFound,
-            Self::InvalidName(_) | Self::RestoreConflict { .. } => ErrorKind::InvalidParams,
-            Self::RestoreWorkDisk { .. } | Self::RestoreDmSnapshot => ErrorKind::InvalidState,
+            Self::InvalidName(_) | Self::RestoreConflict { .. } | Self::RegenWithoutSnapshot => {
+                ErrorKind::InvalidParams
+            }
+            Self::RestoreDmSnapshot => ErrorKind::InvalidState,
             Self::Exists { .. } => ErrorKind::AlreadyExists,
             Self::NoProcess { .. } | Self::Task(_) => ErrorKind::Internal,
             _ => ErrorKind::Failed,
@@ -172,10 +183,22 @@ impl VmService {
         }
         let handle = self.process_for(&vm)?;
         let was_running = vm.state == VmState::Running;
+        let snapshots_dir = self.paths.root.join("snapshots");
+        self.check_snapshot_space(&vm, &snapshots_dir)?;
         let id = new_id();
-        let dir = self.paths.root.join("snapshots").join(&id);
+        let dir = snapshots_dir.join(&id);
         make_private_dir(&dir)?;
+        let marker = dir.join(PAUSED_MARKER_FILE);
         if was_running {
+            if let Err(source) = std::fs::write(&marker, &vm.id) {
+                remove_dir(&dir);
+                return Err(SnapshotError::Directory {
+                    path: marker,
+                    source,
+                }
+                .into());
+            }
+            crate::fault::pause_at(|| "snapshot:pause".to_owned());
             if let Err(error) = self.pause_vmm(&mut vm, &handle).await {
                 remove_dir(&dir);
                 return Err(error);
@@ -183,6 +206,7 @@ impl VmService {
         }
         let written = self.write_snapshot(&vm, &handle, &dir).await;
         let registered = written.and_then(|(info, has_work_disk)| {
+            crate::fault::pause_at(|| "snapshot:register".to_owned());
             let snapshot = Snapshot {
                 id: id.clone(),
                 name: name.clone(),
@@ -203,14 +227,24 @@ impl VmService {
             self.store.insert_snapshot(&snapshot)?;
             Ok(snapshot)
         });
-        if registered.is_err() {
-            remove_dir(&dir);
-        }
         if params.stop && registered.is_ok() {
+            remove_marker(&marker);
             drop(guard);
             self.stop(&vm.id, false).await?;
-        } else if was_running {
-            self.resume_vmm(&mut vm, &handle).await?;
+            return registered;
+        }
+        if was_running {
+            crate::fault::pause_at(|| "snapshot:resume".to_owned());
+            let resumed = self.resume_vmm(&mut vm, &handle).await;
+            if resumed.is_ok() {
+                remove_marker(&marker);
+            }
+            if registered.is_err() {
+                remove_dir(&dir);
+            }
+            resumed?;
+        } else if registered.is_err() {
+            remove_dir(&dir);
         }
         registered
     }
@@ -312,6 +346,7 @@ impl VmService {
         handle: &VmmHandle,
         dir: &Path,
     ) -> Result<(SnapshotInfo, bool), VmError> {
+        crate::fault::pause_at(|| "snapshot:write".to_owned());
         let info = self
             .backends
             .of(handle)
@@ -321,16 +356,13 @@ impl VmService {
                 name: vm.name.clone(),
                 source: Box::new(source),
             })?;
-        let root_disk = if self.clone.kind() == StrategyKind::DmSnapshot {
-            Path::new("/dev/mapper").join(dm_name(&vm.id))
-        } else {
-            Path::new(&vm.dir).join(ROOT_DISK_FILE)
-        };
-        let mut copies = vec![(root_disk, dir.join(ROOT_DISK_FILE))];
-        let work_disk = self.store.work_disk_of_vm(&vm.id)?;
-        if let Some(disk) = &work_disk {
-            copies.push((PathBuf::from(&disk.path), dir.join(WORK_DISK_FILE)));
-        }
+        let copies: Vec<(PathBuf, PathBuf)> = self
+            .disks_to_copy(vm)?
+            .into_iter()
+            .map(|(from, name)| (from, dir.join(name)))
+            .collect();
+        let has_work_disk = copies.len() > 1;
+        crate::fault::pause_at(|| "snapshot:copy disks".to_owned());
         tokio::task::spawn_blocking(move || {
             for (from, to) in copies {
                 copy_disk(&from, &to)?;
@@ -339,7 +371,42 @@ impl VmService {
         })
         .await
         .map_err(SnapshotError::Task)??;
-        Ok((info, work_disk.is_some()))
+        Ok((info, has_work_disk))
+    }
+
+    /// The VM's disks a snapshot copies, with their file names in it: the
+    /// root disk, then the work disk if it has one.
+    fn disks_to_copy(&self, vm: &Vm) -> Result<Vec<(PathBuf, &'static str)>, VmError> {
+        let root_disk = if self.clone.kind() == StrategyKind::DmSnapshot {
+            Path::new("/dev/mapper").join(dm_name(&vm.id))
+        } else {
+            Path::new(&vm.dir).join(ROOT_DISK_FILE)
+        };
+        let mut disks = vec![(root_disk, ROOT_DISK_FILE)];
+        if let Some(disk) = self.store.work_disk_of_vm(&vm.id)? {
+            disks.push((PathBuf::from(&disk.path), WORK_DISK_FILE));
+        }
+        Ok(disks)
+    }
+
+    /// Refuses a snapshot the state dir has no room for, before the VM is
+    /// paused: the guest's memory, plus the disks' allocated bytes unless
+    /// they are reflinked (a block device is read whole).
+    fn check_snapshot_space(&self, vm: &Vm, dir: &Path) -> Result<(), VmError> {
+        let mut needed = u64::from(vm.memory_mib) << 20;
+        if self.clone.kind() != StrategyKind::Reflink {
+            for (disk, _) in self.disks_to_copy(vm)? {
+                needed += std::fs::metadata(&disk).map_or(0, |metadata| {
+                    if metadata.is_file() {
+                        crate::files::allocated_bytes(&metadata)
+                    } else {
+                        vm.disk_bytes
+                    }
+                });
+            }
+        }
+        crate::files::check_free_space(dir, needed, "the snapshot")?;
+        Ok(())
     }
 
     /// `VM-1`, `VM-2`, …: the first name no snapshot has.
@@ -419,12 +486,6 @@ impl VmService {
         if let Some((_, what)) = differs.into_iter().find(|(differs, _)| *differs) {
             return Err(conflict(what).into());
         }
-        if snapshot.has_work_disk {
-            return Err(SnapshotError::RestoreWorkDisk {
-                name: snapshot.name.clone(),
-            }
-            .into());
-        }
         if self.clone.kind() == StrategyKind::DmSnapshot {
             return Err(SnapshotError::RestoreDmSnapshot.into());
         }
@@ -440,6 +501,7 @@ impl VmService {
         kernel: &Kernel,
         root_disk: &RootDisk,
         snapshot: &Snapshot,
+        options: &CreateOptions,
     ) -> Result<VmmHandle, VmError> {
         let spec = self.launch_spec(vm, kernel, root_disk).await?;
         let info = SnapshotInfo::in_dir(
@@ -468,7 +530,8 @@ impl VmService {
             return Err(error.into());
         }
         // The guest is its source's copy until its agent takes this VM's identity.
-        self.agents.expect_identity(&vm.id, &spec.kernel_cmdline);
+        self.agents
+            .expect_identity(&vm.id, &spec.kernel_cmdline, options.regen_host_keys);
         self.supervise(&vm.id, handle.clone());
         Ok(handle)
     }
@@ -511,6 +574,70 @@ fn make_private_dir(dir: &Path) -> Result<(), SnapshotError> {
     make(dir, false)
 }
 
+fn remove_marker(marker: &Path) {
+    if let Err(error) = std::fs::remove_file(marker) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            tracing::error!(path = %marker.display(), %error, "could not remove a snapshot's pause marker");
+        }
+    }
+}
+
+impl VmService {
+    /// Reconciliation of snapshots a killed daemon was taking: the VM a
+    /// directory's pause marker names is resumed if it is still paused (a
+    /// failure is logged: `vm resume` is left to the user); a directory
+    /// no row accounts for is removed. Returns the directories removed.
+    pub(super) async fn reconcile_snapshots(&self) -> Result<Vec<String>, VmError> {
+        let known: std::collections::HashSet<String> = self
+            .store
+            .list_snapshots()?
+            .into_iter()
+            .map(|snapshot| snapshot.dir)
+            .collect();
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.paths.root.join("snapshots")) else {
+            return Ok(removed);
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let marker = dir.join(PAUSED_MARKER_FILE);
+            if let Ok(vm_id) = std::fs::read_to_string(&marker) {
+                self.resume_interrupted(vm_id.trim()).await;
+                remove_marker(&marker);
+            }
+            if !known.contains(&dir.display().to_string()) {
+                tracing::warn!(path = %dir.display(), "removing an interrupted snapshot");
+                remove_dir(&dir);
+                removed.push(dir.display().to_string());
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Resumes the VM an interrupted snapshot paused, if it runs: its row
+    /// may say `paused`, or still `running` if the daemon died between the
+    /// pause and recording it.
+    async fn resume_interrupted(&self, vm_id: &str) {
+        let Ok(Some(mut vm)) = self.store.get_vm(vm_id) else {
+            return;
+        };
+        let Some(handle) = self.process_of(&vm.id) else {
+            return;
+        };
+        if !matches!(vm.state, VmState::Paused | VmState::Running) {
+            return;
+        }
+        match self.resume_vmm(&mut vm, &handle).await {
+            Ok(()) => {
+                tracing::info!(vm = %vm.name, "resumed the VM an interrupted snapshot paused")
+            }
+            Err(error) => {
+                tracing::error!(vm = %vm.name, error = %crate::error::chain(&error), "could not resume the VM an interrupted snapshot paused");
+            }
+        }
+    }
+}
+
 fn remove_dir(dir: &Path) {
     if let Err(error) = std::fs::remove_dir_all(dir) {
         if error.kind() != std::io::ErrorKind::NotFound {
@@ -526,6 +653,7 @@ pub fn bytes_on_disk(dir: &Path) -> u64 {
         .into_iter()
         .flatten()
         .flatten()
+        .filter(|entry| entry.file_name() != PAUSED_MARKER_FILE)
         .filter_map(|entry| entry.metadata().ok())
         .map(|metadata| metadata.blocks() * 512)
         .sum()

@@ -869,6 +869,18 @@ impl Vmm for Firecracker {
             (files.clone(), files)
         };
         let [state_given, memory_given] = given;
+        if jailed {
+            // A restored VM's jail holds read-only links to the snapshot it
+            // was restored from under these names: unlinked (its VMM keeps
+            // its mapping), never written through.
+            for path in &written {
+                remove_file_if_exists(path).map_err(|source| VmmError::SnapshotFile {
+                    vm_id: handle.vm_id().to_owned(),
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
         let created = client
             .create_snapshot(&SnapshotCreateParams {
                 mem_file_path: memory_given,
