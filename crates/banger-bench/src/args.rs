@@ -21,7 +21,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR", env = "BANGER_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
     /// Run only these cases (repeatable): create, concurrent, run,
-    /// workspace, list, rss, clone, firecracker, qemu.
+    /// workspace, list, rss, clone, firecracker, qemu,
+    /// snapshot.
     #[arg(long = "case", value_name = "CASE")]
     pub cases: Vec<String>,
     /// Real Firecracker binary for the `firecracker` case.

@@ -182,7 +182,7 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn reflink_unavailable() -> Option<String> {
+pub(super) fn reflink_unavailable() -> Option<String> {
     if !is_root() {
         return Some("needs root for an XFS loop mount".to_owned());
     }
@@ -214,14 +214,14 @@ fn device_mapper_unavailable() -> Option<String> {
 
 /// An XFS file system with reflink=1 on a sparse file, on a loop device,
 /// mounted for the run. Drop unmounts and detaches.
-struct XfsLoop {
-    mount_point: PathBuf,
+pub(super) struct XfsLoop {
+    pub(super) mount_point: PathBuf,
     loop_device: Option<String>,
     mounted: bool,
 }
 
 impl XfsLoop {
-    fn new(directory: &Path, size: u64) -> anyhow::Result<Self> {
+    pub(super) fn new(directory: &Path, size: u64) -> anyhow::Result<Self> {
         std::fs::create_dir_all(directory)?;
         let backing = directory.join("xfs.img");
         std::fs::File::create(&backing)?.set_len(size)?;

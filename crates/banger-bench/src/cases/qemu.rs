@@ -34,12 +34,13 @@ const CASE: &str = "qemu";
 /// The baseline's tap, in the run's namespace.
 const BASELINE_TAP: &str = "benchtap0";
 
-struct Inputs {
-    golden: PathBuf,
-    agent: PathBuf,
+pub(super) struct Inputs {
+    pub(super) golden: PathBuf,
+    pub(super) agent: PathBuf,
 }
 
-fn inputs(context: &Context) -> Result<Inputs, String> {
+/// The golden image and static agent, or why real guests cannot run here.
+pub(super) fn inputs(context: &Context) -> Result<Inputs, String> {
     if context.quick {
         return Err("real guests boot under TCG for minutes: full runs only".to_owned());
     }
@@ -308,7 +309,12 @@ fn in_guest(
     directory: &Path,
 ) -> anyhow::Result<Vec<Figure>> {
     daemon.banger(&["-q", "vm", "create", "bench", "--work-disk", "2G"])?;
-    wait_in_guest(daemon, "systemctl is-active ssh", Duration::from_secs(600))?;
+    wait_in_guest(
+        daemon,
+        "bench",
+        "systemctl is-active ssh",
+        Duration::from_secs(600),
+    )?;
     let home = directory.join("home");
     std::fs::create_dir_all(&home)?;
     // Installs banger's key in the guest and pins its host keys.
@@ -420,14 +426,19 @@ fn in_guest(
     ])
 }
 
-/// Polls `sh -c SCRIPT` in VM `bench` until it exits 0.
-fn wait_in_guest(daemon: &Daemon, script: &str, timeout: Duration) -> anyhow::Result<()> {
+/// Polls `sh -c SCRIPT` in VM `vm` until it exits 0.
+pub(super) fn wait_in_guest(
+    daemon: &Daemon,
+    vm: &str,
+    script: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         processes::check_interrupt()?;
         let output = daemon
             .command()
-            .args(["vm", "run", "bench", "--", "sh", "-c", script])
+            .args(["vm", "run", vm, "--", "sh", "-c", script])
             .output()?;
         if output.status.success() {
             return Ok(());
@@ -475,12 +486,12 @@ impl Ssh {
 /// A network namespace for the run: loopback, and an uplink with the
 /// default route the daemon's NAT wants. Deleting it takes the daemon's
 /// bridge, taps and nftables table with it.
-struct Namespace {
-    name: String,
+pub(super) struct Namespace {
+    pub(super) name: String,
 }
 
 impl Namespace {
-    fn new(name: &str) -> anyhow::Result<Self> {
+    pub(super) fn new(name: &str) -> anyhow::Result<Self> {
         fixtures::run(Command::new("ip").args(["netns", "add", name]))?;
         let namespace = Self {
             name: name.to_owned(),
