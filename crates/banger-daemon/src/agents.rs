@@ -283,6 +283,9 @@ impl Agents {
                                 if accepted.is_ok() {
                                     tracing::debug!(vm = vm_id, "guest agent announced");
                                     announced = true;
+                                    // It serves now: should this attempt
+                                    // still miss it, the next comes soon.
+                                    backoff = RETRY_BACKOFF_START;
                                 }
                             }
                         },

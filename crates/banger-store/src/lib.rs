@@ -274,11 +274,14 @@ impl Store {
     /// Writes every mutable field of `vm` (state, pid, sizes, times, error).
     /// Fails with [`StoreError::MissingVm`] if the row is gone.
     pub fn update_vm(&self, vm: &Vm) -> Result<(), StoreError> {
-        let changed = self.lock().execute(
-            "UPDATE vms SET state = ?2, vcpus = ?3, memory_mib = ?4, disk_bytes = ?5, pid = ?6,
+        let changed = self
+            .lock()
+            .prepare_cached(
+                "UPDATE vms SET state = ?2, vcpus = ?3, memory_mib = ?4, disk_bytes = ?5, pid = ?6,
                             started_at = ?7, error = ?8
              WHERE id = ?1",
-            params![
+            )?
+            .execute(params![
                 vm.id,
                 vm.state.as_str(),
                 vm.vcpus,
@@ -287,8 +290,7 @@ impl Store {
                 vm.pid,
                 vm.started_at,
                 vm.error
-            ],
-        )?;
+            ])?;
         if changed == 0 {
             return Err(StoreError::MissingVm {
                 name: vm.name.clone(),
@@ -513,11 +515,14 @@ impl Store {
                 table: "operations",
                 detail: error.to_string(),
             })?;
-        self.lock().execute(
+        // Cached: every stage event of every operation runs it.
+        self.lock().prepare_cached(
             "INSERT INTO operations (id, kind, vm_id, vm_name, state, stages, error, created_at, finished_at, subject)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, stages = excluded.stages,
                  error = excluded.error, finished_at = excluded.finished_at",
+        )?
+        .execute(
             params![
                 operation.id,
                 operation.kind,

@@ -650,11 +650,14 @@ fn run_guest_launcher(argv: &[OsString]) -> ! {
     {
         command.arg("--command-path").arg(path);
     }
+    let socket = PathBuf::from(line.trim_end());
+    // Watched before the agent starts, so its socket's creation wakes the
+    // wait below at once.
+    let created = watch_creations(&socket);
     match command.spawn() {
         Ok(mut agent) => {
             // The agent's socket is root's; the VMM bridging to it
             // is not. (In a real VM this is the vsock device.)
-            let socket = PathBuf::from(line.trim_end());
             for _ in 0..1000 {
                 if std::os::unix::fs::chown(&socket, Some(uid), Some(gid)).is_ok() {
                     break;
@@ -662,7 +665,7 @@ fn run_guest_launcher(argv: &[OsString]) -> ! {
                 if agent.try_wait().ok().flatten().is_some() {
                     break;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                wait_for_creation(created.as_ref());
             }
             let _ = agent.wait();
         }
@@ -670,6 +673,40 @@ fn run_guest_launcher(argv: &[OsString]) -> ! {
     }
     drop(launcher_end);
     std::process::exit(0);
+}
+
+/// Entries made in `path`'s directory, one message each, from an inotify
+/// watch read on a thread of its own; `None` where inotify is not available.
+fn watch_creations(path: &Path) -> Option<std::sync::mpsc::Receiver<()>> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
+    inotify
+        .add_watch(
+            path.parent()?,
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
+        )
+        .ok()?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        while inotify.read_events().is_ok() {
+            if sender.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Some(receiver)
+}
+
+/// Waits until an entry is made in the watched directory, at most 10 ms
+/// (the agent may exit without making one); 10 ms without a watch.
+fn wait_for_creation(watch: Option<&std::sync::mpsc::Receiver<()>>) {
+    let pause = std::time::Duration::from_millis(10);
+    match watch {
+        Some(created) => {
+            let _ = created.recv_timeout(pause);
+        }
+        None => std::thread::sleep(pause),
+    }
 }
 
 /// Step 7; returns only on failure.

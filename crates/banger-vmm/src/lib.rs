@@ -509,6 +509,8 @@ pub enum VmmError {
         #[source]
         source: ProcessError,
     },
+    #[error("The process {pid} the jailer started for VM {vm_name} is not its Firecracker")]
+    NotJailedFirecracker { vm_name: String, pid: u32 },
 }
 
 fn format_console_tail(console_tail: &str) -> String {

@@ -270,6 +270,36 @@ pub fn adopt(
     watch_process(pid, pidfd, true).map(Some)
 }
 
+/// Attaches to `pid` without looking at its command line: a process whose
+/// pid cannot have been reused, because it is our unreaped child or the
+/// child of one (a jailed VMM, orphaned to us as its subreaper, which may
+/// still be between `fork` and `exec`). The caller checks what it runs once
+/// it can tell. `Ok(None)` when it is gone.
+///
+/// # Errors
+/// When the pidfd cannot be opened or watched.
+pub fn adopt_descendant(pid: u32) -> Result<Option<ProcessHandle>, ProcessError> {
+    if pid == 0 || i32::try_from(pid).is_err() {
+        return Ok(None);
+    }
+    let pidfd = match pidfd_open(pid) {
+        Ok(pidfd) => pidfd,
+        Err(error) if error.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(source) => return Err(ProcessError::OpenPidfd { pid, source }),
+    };
+    if let Some((pidfd, exit)) = existing_watcher(pid) {
+        return Ok(Some(ProcessHandle {
+            inner: Arc::new(ProcessInner {
+                pid,
+                adopted: true,
+                pidfd,
+                exit,
+            }),
+        }));
+    }
+    watch_process(pid, pidfd, true).map(Some)
+}
+
 /// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): an
 /// orphaned descendant (a jailed VMM whose jailer exited) becomes its child
 /// rather than init's, so its exit status can be collected.

@@ -107,6 +107,9 @@ struct CreateRun<'a> {
     kernel: Kernel,
     options: &'a CreateOptions,
     root_disk: Option<RootDisk>,
+    /// A copied root disk's flush to the disk, run alongside the next
+    /// steps and awaited by `Ready`.
+    disk_flush: Option<tokio::task::JoinHandle<Result<(), CloneError>>>,
     vmm: Option<VmmHandle>,
     guest_stage: Option<Box<dyn GuestStage>>,
     snapshot: Option<banger_proto::Snapshot>,
@@ -355,6 +358,7 @@ impl VmService {
                 kernel,
                 options: &inputs.options,
                 root_disk: None,
+                disk_flush: None,
                 vmm: None,
                 guest_stage: inputs.guest_stage,
                 snapshot,
@@ -501,7 +505,7 @@ impl VmService {
                 Ok(StepDone::default())
             }
             Step::CloneRootDisk => {
-                let (root_disk, from_pool) = self
+                let (root_disk, from_pool, unsynced) = self
                     .clone_root_disk(
                         run.operation,
                         &run.vm.id,
@@ -509,6 +513,12 @@ impl VmService {
                         Path::new(&run.vm.dir),
                     )
                     .await?;
+                if unsynced {
+                    let disk = root_disk.clone();
+                    run.disk_flush = Some(tokio::task::spawn_blocking(move || {
+                        banger_disk::clone::sync_root_disk(&disk)
+                    }));
+                }
                 run.root_disk = Some(root_disk);
                 let this = Arc::clone(self);
                 let (vm_id, directory) = (run.vm.id.clone(), PathBuf::from(&run.vm.dir));
@@ -602,6 +612,15 @@ impl VmService {
                 Ok(StepDone::default())
             }
             Step::Ready => {
+                if let Some(flush) = run.disk_flush.take() {
+                    flush
+                        .await
+                        .map_err(|source| VmError::Task {
+                            task: "Root disk flush",
+                            source,
+                        })?
+                        .map_err(|error| VmError::CloneRootDisk(Box::new(error)))?;
+                }
                 if run.options.no_start {
                     run.vm.state = VmState::Stopped;
                     self.store.update_vm(run.vm)?;
@@ -616,21 +635,22 @@ impl VmService {
     }
 
     /// Makes the VM's directory and clones the image into it (or takes a
-    /// clone from the warm pool: then `true`); removes the directory again
-    /// when the clone fails.
+    /// clone from the warm pool: then the first `true`); removes the
+    /// directory again when the clone fails. The second `true`: a copy whose
+    /// data the caller must still flush ([`banger_disk::clone::sync_root_disk`]).
     async fn clone_root_disk(
         &self,
         operation: &Arc<LiveOperation>,
         vm_id: &str,
         image_path: &Path,
         directory: &Path,
-    ) -> Result<(RootDisk, bool), VmError> {
+    ) -> Result<(RootDisk, bool, bool), VmError> {
         std::fs::create_dir(directory).map_err(|source| VmError::CreateDirectory {
             path: directory.to_owned(),
             source,
         })?;
         if let Some(root_disk) = self.warm_pool.take(image_path, directory) {
-            return Ok((root_disk, true));
+            return Ok((root_disk, true, false));
         }
         let strategy = Arc::clone(&self.clone);
         let (owned_vm_id, image, owned_directory) = (
@@ -642,7 +662,7 @@ impl VmService {
         // A copy reports its bytes; a reflink or dm-snapshot clone none.
         let mut meter = operation.meter_named("clone root disk");
         let cloned = tokio::task::spawn_blocking(move || {
-            let cloned = strategy.clone_image_reporting(
+            let cloned = strategy.clone_image_unsynced(
                 &CloneRequest {
                     vm_id: &owned_vm_id,
                     image: &image,
@@ -660,7 +680,7 @@ impl VmService {
             source,
         });
         let outcome = match cloned {
-            Ok(Ok(root_disk)) => return Ok((root_disk, false)),
+            Ok(Ok((root_disk, unsynced))) => return Ok((root_disk, false, unsynced)),
             Ok(Err(CloneError::Cancelled { .. })) => Err(operation.cancelled_error().into()),
             Ok(Err(error)) => Err(VmError::CloneRootDisk(Box::new(error))),
             Err(error) => Err(error),

@@ -42,21 +42,35 @@ impl CloneStrategy for Copy {
         request: &CloneRequest<'_>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<RootDisk, CloneError> {
+        let (disk, _) = self.clone_image_unsynced(request, progress)?;
+        if let Err(error) = super::sync_root_disk(&disk) {
+            let _ = std::fs::remove_file(&disk.path);
+            return Err(error);
+        }
+        Ok(disk)
+    }
+
+    fn clone_image_unsynced(
+        &self,
+        request: &CloneRequest<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(RootDisk, bool), CloneError> {
         let destination = request.vm_dir.join(ROOT_DISK_FILE);
-        if let Err(error) =
-            sparse_copy_reporting(request.image, &destination, request.cancelled, progress)
-        {
+        if let Err(error) = copy_sparse(request.image, &destination, request.cancelled, progress) {
             // create_new failing means the file was someone else's: keep it.
             if !matches!(error, CloneError::Open { ref path, .. } if path == &destination) {
                 let _ = std::fs::remove_file(&destination);
             }
             return Err(error);
         }
-        Ok(RootDisk {
-            strategy: StrategyKind::Copy,
-            path: destination,
-            file_backed: true,
-        })
+        Ok((
+            RootDisk {
+                strategy: StrategyKind::Copy,
+                path: destination,
+                file_backed: true,
+            },
+            true,
+        ))
     }
 
     fn attach(&self, _vm_id: &str, _image: &Path, vm_dir: &Path) -> Result<RootDisk, CloneError> {
@@ -108,6 +122,22 @@ pub fn sparse_copy_reporting(
     cancelled: &(dyn Fn() -> bool + Sync),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, CloneError> {
+    let (length, output) = copy_sparse(source, destination, cancelled, progress)?;
+    output.sync_all().map_err(|error| CloneError::Write {
+        path: destination.to_owned(),
+        source: error,
+    })?;
+    Ok(length)
+}
+
+/// [`sparse_copy_reporting`] without the final `fsync`: returns the length
+/// and the new file.
+fn copy_sparse(
+    source: &Path,
+    destination: &Path,
+    cancelled: &(dyn Fn() -> bool + Sync),
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(u64, File), CloneError> {
     let read_error = |error| CloneError::Read {
         path: source.to_owned(),
         source: error,
@@ -189,8 +219,7 @@ pub fn sparse_copy_reporting(
         }
         offset = data_end;
     }
-    output.sync_all().map_err(write_error)?;
-    Ok(length)
+    Ok((length, output))
 }
 
 /// The bytes in `file`'s data segments: what a sparse copy moves.
@@ -277,6 +306,41 @@ mod tests {
         Copy.remove("vm1", &vm_dir).unwrap();
         Copy.remove("vm1", &vm_dir).unwrap();
         assert_eq!(std::fs::read_dir(&vm_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_unsynced_copy_says_its_flush_is_owed_and_the_flush_succeeds() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = directory.path().join("image.ext4");
+        let file = File::create(&image).unwrap();
+        file.set_len(8 << 20).unwrap();
+        file.write_all_at(b"data", 4 << 20).unwrap();
+        drop(file);
+        let vm_dir = directory.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let (disk, owed) = Copy
+            .clone_image_unsynced(
+                &CloneRequest {
+                    vm_id: "vm1",
+                    image: &image,
+                    vm_dir: &vm_dir,
+                    cancelled: &|| false,
+                },
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert!(owed, "a copy's flush is the caller's");
+        assert_eq!(
+            std::fs::read(&image).unwrap(),
+            std::fs::read(&disk.path).unwrap()
+        );
+        super::super::sync_root_disk(&disk).unwrap();
+        std::fs::remove_file(&disk.path).unwrap();
+        let error = super::super::sync_root_disk(&disk).unwrap_err();
+        assert!(
+            matches!(&error, CloneError::Write { path, .. } if path == &disk.path),
+            "{error}"
+        );
     }
 
     #[test]

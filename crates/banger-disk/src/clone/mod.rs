@@ -211,6 +211,22 @@ pub trait CloneStrategy: Send + Sync + fmt::Debug {
         self.clone_image(request)
     }
 
+    /// [`Self::clone_image_reporting`], but a copy's data may still be on
+    /// its way to the disk: `true` with the disk when the caller must make
+    /// it durable ([`sync_root_disk`]) before relying on it, so that the
+    /// flush can run alongside other work.
+    ///
+    /// # Errors
+    /// As [`Self::clone_image`].
+    fn clone_image_unsynced(
+        &self,
+        request: &CloneRequest<'_>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(RootDisk, bool), CloneError> {
+        self.clone_image_reporting(request, progress)
+            .map(|disk| (disk, false))
+    }
+
     /// Makes an existing clone usable again, e.g. after a host reboot removed
     /// a dm device but kept its exception store. File-backed clones only
     /// check that the file exists.
@@ -225,6 +241,20 @@ pub trait CloneStrategy: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`CloneError`] when a device or file exists but cannot be removed.
     fn remove(&self, vm_id: &str, vm_dir: &Path) -> Result<(), CloneError>;
+}
+
+/// Flushes a root disk file's data to the disk (`fsync`), for a clone made
+/// by [`CloneStrategy::clone_image_unsynced`].
+///
+/// # Errors
+/// [`CloneError::Write`] when the file cannot be opened or flushed.
+pub fn sync_root_disk(disk: &RootDisk) -> Result<(), CloneError> {
+    std::fs::File::open(&disk.path)
+        .and_then(|file| file.sync_all())
+        .map_err(|source| CloneError::Write {
+            path: disk.path.clone(),
+            source,
+        })
 }
 
 /// Picks the clone strategy for `config` (`auto`, `reflink`, `dm-snapshot`,

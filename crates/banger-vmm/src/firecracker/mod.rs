@@ -43,7 +43,10 @@
 //!    uid:gid, seccomp on); its pid is read from `<chroot>/firecracker.pid`.
 //!    The daemon is a child subreaper ([`crate::process::become_subreaper`]),
 //!    so the orphaned Firecracker becomes its child and its exit status is
-//!    known. Step 4 then names every file by its path inside the chroot, and
+//!    known; it is watched from then on (the jailer writes the pid before
+//!    its child has exec'd Firecracker, so nothing is polled for), and once
+//!    its API socket is up (step 3) its command line must be this VM's
+//!    jailed Firecracker, else it is killed. Step 4 then names every file by its path inside the chroot, and
 //!    the daemon reaches both sockets through `<runtime_dir>/jail/`.
 //!    Whenever the process is gone (stop, kill, a failed start,
 //!    [`Vmm::release`]) the chroot and the VM's cgroups are removed.
@@ -251,14 +254,15 @@ impl Firecracker {
     }
 
     /// Step 3: the socket becoming ready, the process exiting, or the
-    /// timeout, whichever comes first.
+    /// timeout, whichever comes first; jailed, then the process is checked
+    /// to be Firecracker.
     async fn wait_until_ready(
         &self,
         spec: &LaunchSpec,
         files: &RuntimeFiles,
         handle: &VmmHandle,
     ) -> Result<(), VmmError> {
-        tokio::select! {
+        let ready = tokio::select! {
             ready = wait_for_socket(&files.api_socket, self.config.startup_timeout) => {
                 ready.map_err(|source| VmmError::WaitForApi {
                     backend: BACKEND,
@@ -267,7 +271,11 @@ impl Firecracker {
                 })
             }
             status = handle.wait_exit() => Err(exited_during_startup(spec, files, status)),
+        };
+        if ready.is_ok() && self.config.jail.is_some() {
+            return Self::confirm_jailed(spec, handle);
         }
+        ready
     }
 
     /// Step 4.
@@ -554,7 +562,7 @@ impl Firecracker {
             .ok()
             .and_then(|text| text.trim().parse::<u32>().ok());
         let process = match (status.code(), pid) {
-            (Some(0), Some(pid)) => self.find_jailed(pid, &spec.vm_id).await.ok_or(pid),
+            (Some(0), Some(pid)) => Self::attach_jailed(pid, &spec.vm_id).ok_or(pid),
             _ => Err(0),
         };
         let process = match process {
@@ -580,29 +588,38 @@ impl Firecracker {
         Ok((handle, vmm_paths))
     }
 
-    /// Attaches to the Firecracker the jailer started as `pid`. The jailer
-    /// writes the pid before its child has exec'd Firecracker, so the
-    /// command line is checked again until it is Firecracker's, the process
-    /// is gone, or the startup timeout passes. The process is our child (we
-    /// are its subreaper) or the jailer's, so its pid is not reused meanwhile.
-    async fn find_jailed(&self, pid: u32, vm_id: &str) -> Option<process::ProcessHandle> {
-        let deadline = tokio::time::Instant::now() + self.config.startup_timeout;
-        loop {
-            match process::adopt(pid, |args| is_jailed_firecracker(args, vm_id)) {
-                Ok(Some(process)) => return Some(process),
-                Ok(None) => {
-                    let alive = process::is_running(pid);
-                    if !alive || tokio::time::Instant::now() >= deadline {
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err(error) => {
-                    tracing::warn!(pid, vm_id, %error, "could not attach to the jailed Firecracker");
-                    return None;
-                }
+    /// Attaches to the process the jailer started as `pid`, whatever it
+    /// runs yet: the jailer writes the pid before its child has exec'd
+    /// Firecracker. The process is our child (we are its subreaper) or the
+    /// jailer's, so its pid is not reused meanwhile; that it runs this VM's
+    /// Firecracker is checked once its API socket is up
+    /// ([`Self::confirm_jailed`]), which only Firecracker makes.
+    fn attach_jailed(pid: u32, vm_id: &str) -> Option<process::ProcessHandle> {
+        match process::adopt_descendant(pid) {
+            Ok(process) => process,
+            Err(error) => {
+                tracing::warn!(pid, vm_id, %error, "could not attach to the jailed Firecracker");
+                None
             }
         }
+    }
+
+    /// Checks that the process behind `handle` is the jailed Firecracker of
+    /// the VM (its command line), once its API socket is up.
+    fn confirm_jailed(spec: &LaunchSpec, handle: &VmmHandle) -> Result<(), VmmError> {
+        let command_line =
+            process::read_command_line(handle.pid()).map_err(|source| VmmError::AdoptProcess {
+                vm_id: spec.vm_id.clone(),
+                pid: handle.pid(),
+                source,
+            })?;
+        if command_line.is_some_and(|args| is_jailed_firecracker(&args, &spec.vm_id)) {
+            return Ok(());
+        }
+        Err(VmmError::NotJailedFirecracker {
+            vm_name: spec.vm_name.clone(),
+            pid: handle.pid(),
+        })
     }
 
     /// Links everything Firecracker opens into the jail.
