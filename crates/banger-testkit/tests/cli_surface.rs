@@ -122,7 +122,7 @@ fn completion_scripts_for_each_shell_register_banger() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(
-        stderr.starts_with("error: Unknown shell `tcsh`: use one of bash"),
+        stderr.starts_with("error: Unknown shell `tcsh`\nhint: use one of bash"),
         "{stderr}"
     );
 }
