@@ -257,17 +257,7 @@ pub fn adopt(
             return Err(ProcessError::WatchProcess { pid, source });
         }
     }
-    if let Some((pidfd, exit)) = existing_watcher(pid) {
-        return Ok(Some(ProcessHandle {
-            inner: Arc::new(ProcessInner {
-                pid,
-                adopted: true,
-                pidfd,
-                exit,
-            }),
-        }));
-    }
-    watch_process(pid, pidfd, true).map(Some)
+    adopted_handle(pid, pidfd).map(Some)
 }
 
 /// Attaches to `pid` without looking at its command line: a process whose
@@ -287,17 +277,23 @@ pub fn adopt_descendant(pid: u32) -> Result<Option<ProcessHandle>, ProcessError>
         Err(error) if error.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
         Err(source) => return Err(ProcessError::OpenPidfd { pid, source }),
     };
+    adopted_handle(pid, pidfd).map(Some)
+}
+
+/// The handle of an adopted `pid`: shares the watcher another handle of it
+/// already has, else starts one on `pidfd`.
+fn adopted_handle(pid: u32, pidfd: OwnedFd) -> Result<ProcessHandle, ProcessError> {
     if let Some((pidfd, exit)) = existing_watcher(pid) {
-        return Ok(Some(ProcessHandle {
+        return Ok(ProcessHandle {
             inner: Arc::new(ProcessInner {
                 pid,
                 adopted: true,
                 pidfd,
                 exit,
             }),
-        }));
+        });
     }
-    watch_process(pid, pidfd, true).map(Some)
+    watch_process(pid, pidfd, true)
 }
 
 /// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): an

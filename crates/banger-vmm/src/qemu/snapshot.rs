@@ -71,7 +71,6 @@ impl Qemu {
     /// sandbox forbids `exec:`), then `vmstate` records the format. The
     /// guest stays paused; `cont` runs it again.
     async fn migrate_out(&self, handle: &VmmHandle, info: &SnapshotInfo) -> Result<(), VmmError> {
-        use std::os::fd::AsFd;
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let file_error = |path: &Path| {
             let path = path.to_owned();
@@ -89,19 +88,9 @@ impl Qemu {
             .map_err(file_error(&info.memory_path))?;
         let control = |source| control_error(handle, "snapshot", source);
         let mut connection = self.client(handle).connect().await.map_err(control)?;
-        connection
-            .pass_fd(MIGRATION_FD, file.as_fd())
+        migrate_through_fd(&mut connection, "migrate", file)
             .await
             .map_err(control)?;
-        drop(file);
-        connection
-            .execute(
-                "migrate",
-                Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD}") })),
-            )
-            .await
-            .map_err(control)?;
-        wait_for_migration(&mut connection).await.map_err(control)?;
         std::fs::write(
             &info.state_path,
             format!(
@@ -123,7 +112,6 @@ impl Qemu {
         handle: &VmmHandle,
         snapshot: &SnapshotInfo,
     ) -> Result<(), VmmError> {
-        use std::os::fd::AsFd;
         let control = |source| control_error(handle, "restore", source);
         let version = self.version(handle).await.map_err(control)?;
         snapshot.check_restorable_by(BACKEND, Some(&version))?;
@@ -135,19 +123,9 @@ impl Qemu {
             }
         })?;
         let mut connection = self.client(handle).connect().await.map_err(control)?;
-        connection
-            .pass_fd(MIGRATION_FD, file.as_fd())
+        migrate_through_fd(&mut connection, "migrate-incoming", file)
             .await
             .map_err(control)?;
-        drop(file);
-        connection
-            .execute(
-                "migrate-incoming",
-                Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD}") })),
-            )
-            .await
-            .map_err(control)?;
-        wait_for_migration(&mut connection).await.map_err(control)?;
         connection.execute("cont", None).await.map_err(control)?;
         Ok(())
     }
@@ -157,6 +135,27 @@ impl Qemu {
 const MIGRATION_FD: &str = "banger-snapshot";
 /// How long a snapshot may take to write or load.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Hands QEMU `file` as the migration stream (`getfd`, SCM_RIGHTS), runs
+/// `command` (`migrate` or `migrate-incoming`) on it and waits until the
+/// migration is done. The daemon's copy of the descriptor is closed once
+/// QEMU holds its own.
+async fn migrate_through_fd(
+    connection: &mut qmp::QmpConnection,
+    command: &str,
+    file: std::fs::File,
+) -> Result<(), QmpError> {
+    use std::os::fd::AsFd;
+    connection.pass_fd(MIGRATION_FD, file.as_fd()).await?;
+    drop(file);
+    connection
+        .execute(
+            command,
+            Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+        )
+        .await?;
+    wait_for_migration(connection).await
+}
 
 /// Polls `query-migrate` until it is `completed` (or failed, or the
 /// timeout passes).
