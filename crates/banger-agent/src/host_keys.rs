@@ -265,7 +265,22 @@ mod tests {
         // A process whose name is `sshd`: `sleep` under that name.
         let sshd = dir.path().join("sshd");
         std::fs::copy("/bin/sleep", &sshd).unwrap();
-        let mut child = std::process::Command::new(&sshd).arg("30").spawn().unwrap();
+        // SIGHUP at its default action even when the test runs under
+        // `nohup` (an ignored signal stays ignored across exec).
+        let mut child = {
+            use std::os::unix::process::CommandExt;
+            let mut command = std::process::Command::new(&sshd);
+            command.arg("30");
+            // SAFETY: only async-signal-safe `signal` between fork and exec.
+            #[allow(unsafe_code)]
+            unsafe {
+                command.pre_exec(|| {
+                    libc::signal(libc::SIGHUP, libc::SIG_DFL);
+                    Ok(())
+                });
+            }
+            command.spawn().unwrap()
+        };
         let pid_file = dir.path().join("sshd.pid");
         let missing = dir.path().join("missing.pid");
         // A pid file naming a process that is not sshd is ignored.
