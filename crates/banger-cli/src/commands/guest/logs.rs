@@ -31,6 +31,23 @@ struct LogPrinter {
 }
 
 impl LogPrinter {
+    /// A printer of raw bytes, JSON lines or sanitized text.
+    fn new(raw: bool, json: bool) -> Self {
+        let format = if raw {
+            LogFormat::Raw
+        } else if json {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
+        Self {
+            format,
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl LogPrinter {
     fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
         if self.format == LogFormat::Raw {
             return bytes.to_vec();
@@ -102,17 +119,7 @@ pub async fn logs(
             follow,
         })
         .await?;
-    let format = if raw {
-        LogFormat::Raw
-    } else if json {
-        LogFormat::Json
-    } else {
-        LogFormat::Text
-    };
-    let mut printer = LogPrinter {
-        format,
-        pending: Vec::new(),
-    };
+    let mut printer = LogPrinter::new(raw, json);
     let mut stdout = std::io::stdout().lock();
     let mut out = |bytes: &[u8]| -> anyhow::Result<()> {
         stdout.write_all(bytes)?;
@@ -248,17 +255,7 @@ pub async fn guest_logs(
         exit,
     } = session;
     stdin.close();
-    let format = if raw {
-        LogFormat::Raw
-    } else if json {
-        LogFormat::Json
-    } else {
-        LogFormat::Text
-    };
-    let mut printer = LogPrinter {
-        format,
-        pending: Vec::new(),
-    };
+    let mut printer = LogPrinter::new(raw, json);
     let signals = tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut interrupt), Ok(mut terminate)) = (
